@@ -1,0 +1,635 @@
+"""Typed run configuration: schema, YAML loading, dotted overrides, validation.
+
+A run is described by one `RunConfig`, read from a YAML file and adjusted with dotted overrides::
+
+    cfg = load_config("configs/demo.yaml", ["policy=lru", "score.w1=0.5"])
+
+Why stdlib frozen dataclasses and not pydantic:
+  * no extra dependency for a layer every other room imports;
+  * frozen and hashable, so a config can key a dict of sweep results or a cache, and nobody mutates it mid-run;
+  * we write every error message ourselves: one line that names the file or override, the key, what was expected
+    and what was found (the CLI prints it without a traceback).
+
+Every problem raises `ConfigError` (a `ValueError`) whose message is one line, e.g.
+``configs/demo.yaml: unknown key 'polcy' at top level (did you mean 'policy'?)``.
+
+Rules worth knowing:
+  * Unknown keys fail at every level; a key set twice in one file fails with both line numbers.
+  * Types are strict: ``new_tokens: "ten"`` and ``lossy: 3`` fail. An int is accepted where a float is expected.
+    PyYAML reads YAML 1.1, where ``1e-3`` is a *string*; write ``1.0e-3``.
+  * Budgets (`hbm_budget`, `dram_budget`): a number is a fraction of the model's S0 (full-precision) bytes and
+    must lie in (0, 1]; a string is bytes, either plain (``"1024"``) or with a unit (``"300MiB"``, ``"1.5GB"``;
+    B, KB, MB, GB, TB are powers of 1000, KiB, MiB, GiB, TiB powers of 1024). `parse_budget` turns either
+    into bytes once the model's size is known; loading only checks the form.
+  * Overrides are ``key=value`` or ``section.key=value``. The value is read as YAML (``0.5`` is a float, ``true``
+    a bool, ``[{path: embed, state: S0}]`` a placement list) and then checked like a file value. For a field typed
+    ``str`` the raw text is kept when YAML would read something else, so ``prompt=yes`` is the string "yes".
+    ``key=`` (nothing after ``=``) sets the empty string.
+  * `placement` is stored as a tuple so the config stays hashable; a YAML list is accepted.
+  * Empty sections (``score:`` with nothing under it) mean "all defaults".
+
+Block states, as strings (the `State` enum itself lives in tiers/; this module imports nothing from the other rooms):
+S0 device full precision, S1 device int8, S2 device int4, S3 host DRAM, S4 NVMe, S5 in flight (transient, never
+requested), S6 low-rank fallback. S1, S2 and S6 are lossy. A rule's `floor` is the highest-numbered state a block may
+reach: ``floor: S1`` allows S0 and S1 only.
+
+Shipped config files start with a comment header of three labelled lines, checked by the tests::
+
+    # Measures: what the run measures
+    # Run: the command that runs it
+    # Takes: roughly how long
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import math
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "ScoreConfig",
+    "GuardrailConfig",
+    "QuantConfig",
+    "PlacementRule",
+    "RunConfig",
+    "MODELS",
+    "POLICIES",
+    "EXECUTORS",
+    "DTYPES",
+    "GROUP_SIZES",
+    "STATES",
+    "RULE_STATES",
+    "LOSSY_STATES",
+    "parse_budget",
+    "load_config",
+    "apply_overrides",
+    "config_from_dict",
+    "config_to_dict",
+]
+
+MODELS = ("smollm2-135m", "smollm2-135m-moe")
+POLICIES = ("resident", "static", "static-prefetch", "lru", "lfu", "scored", "belady")
+EXECUTORS = ("real", "sim")
+DTYPES = ("float32", "bfloat16")
+GROUP_SIZES = (32, 64, 128)
+STATES = ("S0", "S1", "S2", "S3", "S4", "S5", "S6")
+RULE_STATES = ("S0", "S1", "S2", "S3", "S4", "S6")  # S5 (in flight) is transient: no rule may ask for it
+LOSSY_STATES = ("S1", "S2", "S6")
+
+_BYTE_UNITS = {
+    "": 1, "b": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_BYTES_RE = re.compile(r"^\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
+
+
+class ConfigError(ValueError):
+    """Any problem with a run configuration. The message is one line, fit to print without a traceback.
+
+    `key` is the dotted key at fault when there is one (``"score.w1"``, ``"placement[2].state"``); `detail` is the
+    message without its location, used when an error is re-raised with the file or override that caused it.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, detail: str | None = None):
+        super().__init__(" ".join(str(message).split()))  # one line, always
+        self.key = key
+        self.detail = detail
+
+
+def _key_error(key: str, detail: str) -> ConfigError:
+    return ConfigError(f"key '{key}' {detail}", key=key, detail=detail)
+
+
+def _rekey(err: ConfigError, prefix: str) -> ConfigError:
+    """The same error with its key placed under `prefix` (``"score."``, ``"placement[2]."``)."""
+    if err.key is None or err.detail is None:
+        return ConfigError(f"{prefix.rstrip('.')}: {err}", key=prefix.rstrip("."), detail=str(err))
+    return _key_error(prefix + err.key, err.detail)
+
+
+# --------------------------------------------------------------------------------------------------------- types
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, types.UnionType):
+        return " or ".join(_type_name(t) for t in tp.__args__)
+    if typing.get_origin(tp) is tuple:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return tp.__name__
+    return {int: "int", float: "float", bool: "bool", str: "str"}.get(tp, getattr(tp, "__name__", str(tp)))
+
+
+def _got(value: Any) -> str:
+    kind = {dict: "mapping", list: "list", type(None): "null"}.get(type(value), type(value).__name__)
+    return kind if value is None else f"{kind} ({_show(value)})"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`; return it normalised (int -> float, list -> tuple)."""
+    if isinstance(tp, types.UnionType):
+        for option in tp.__args__:
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise _key_error(key, f"expects {_type_name(tp)}, got {_got(value)}")
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _looks_like_float(value):
+            raise _key_error(key, f"expects float, got str ({value!r}); YAML 1.1 reads '1e-3' as text, "
+                                  f"write '1.0e-3'")
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif typing.get_origin(tp) is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(item, item_tp, f"{key}[{i}]") for i, item in enumerate(value))
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+    else:  # pragma: no cover - a schema annotation this function was not taught
+        raise TypeError(f"unsupported annotation {tp!r} for {key}")
+    raise _key_error(key, f"expects {_type_name(tp)}, got {_got(value)}")
+
+
+def _looks_like_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_types(obj: Any) -> None:
+    """Type-check and normalise every field of a frozen dataclass instance in place (used by __post_init__)."""
+    hints = _hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = _coerce(getattr(obj, f.name), hints[f.name], f.name)
+        object.__setattr__(obj, f.name, value)
+
+
+def _require(ok: bool, key: str, detail: str) -> None:
+    if not ok:
+        raise _key_error(key, detail)
+
+
+def _finite(obj: Any, *names: str, min_value: float | None = None) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        _require(math.isfinite(value), name, f"must be a finite number, got {value}")
+        if min_value is not None:
+            _require(value >= min_value, name, f"must be >= {min_value}, got {value}")
+
+
+def _choice(obj: Any, name: str, choices: Sequence[Any]) -> None:
+    value = getattr(obj, name)
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise _key_error(name, f"must be one of {listed}; got {_show(value)}{suffix}")
+
+
+# -------------------------------------------------------------------------------------------------------- budgets
+
+
+def _num(value: float) -> str:
+    """2048.0 -> '2048', 0.5 -> '0.5' (budgets read from YAML ints arrive as floats)."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
+
+
+def _budget_spec(value: Any) -> tuple[str, Decimal]:
+    """Classify a budget: ``("fraction", f)`` with f in (0, 1], or ``("bytes", n)`` with n >= 1 (may be fractional).
+
+    Raises a keyless ConfigError whose message starts with a verb and shows the value, so callers can prefix it
+    with ``key 'hbm_budget'`` or ``budget``.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ConfigError(f"expects a fraction in (0, 1] or a byte string like '300MiB', got {_got(value)}")
+    if isinstance(value, (int, float)):
+        if not math.isfinite(value):
+            raise ConfigError(f"must be a finite fraction in (0, 1], got {value}")
+        if not 0 < value <= 1:
+            hint = f"; for bytes write a string with a unit, e.g. '{_num(value)}B' or '300MiB'" if value > 1 else ""
+            raise ConfigError(f"is a fraction of the model's S0 bytes and must be in (0, 1], got {_num(value)}{hint}")
+        return "fraction", Decimal(repr(float(value)))
+    match = _BYTES_RE.match(value)
+    if not match:
+        raise ConfigError(f"is not a byte size: {value!r} (examples: '1024', '300MiB', '1.5GB')")
+    sign, number, unit = match.groups()
+    if sign == "-":
+        raise ConfigError(f"must be positive, got {value!r}")
+    if unit.lower() not in _BYTE_UNITS:
+        hint = difflib.get_close_matches(unit, ["B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"], n=1)
+        suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(f"has unknown unit {unit!r} in {value!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB "
+                          f"or TiB{suffix}")
+    if not unit and "." in number:
+        raise ConfigError(f"must be whole bytes when it has no unit, got {value!r}; "
+                          f"for a fraction write the number unquoted")
+    amount = Decimal(number) * _BYTE_UNITS[unit.lower()]
+    if int(amount) < 1:
+        raise ConfigError(f"must be positive, got {value!r} (less than one byte)")
+    return "bytes", amount
+
+
+def parse_budget(value: float | str, model_bytes: int) -> int:
+    """Bytes meant by a budget: a fraction in (0, 1] of `model_bytes`, or a byte string (``"300MiB"``, ``"2048"``).
+
+    Rounds down to whole bytes. Raises ConfigError for zero, negative, NaN, a fraction above 1, an unknown unit,
+    or a result under one byte.
+
+    >>> parse_budget(0.5, 1000), parse_budget("300MiB", 0), parse_budget("1.5GB", 0)
+    (500, 314572800, 1500000000)
+    """
+    try:
+        kind, amount = _budget_spec(value)
+    except ConfigError as err:
+        raise ConfigError(f"budget {err}") from None
+    if kind == "bytes":
+        return int(amount)
+    if isinstance(model_bytes, bool) or not isinstance(model_bytes, int) or model_bytes <= 0:
+        raise ConfigError(f"budget {value} is a fraction and needs the model's S0 bytes, got {_show(model_bytes)}")
+    result = int(amount * model_bytes)
+    if result < 1:
+        raise ConfigError(f"budget {value} of {model_bytes} bytes is less than one byte")
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Weights of the residency score (w1..w4) and its shape parameters (alpha, beta)."""
+
+    w1: float = 1.0
+    w2: float = 1.0
+    w3: float = 1.0
+    w4: float = 1.0
+    alpha: float = 1.0
+    beta: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _finite(self, "w1", "w2", "w3", "w4", min_value=0.0)
+        _finite(self, "alpha", "beta")
+
+
+@dataclass(frozen=True)
+class GuardrailConfig:
+    """Hysteresis that stops the controller from flapping a block between states."""
+
+    psi_threshold: float = 0.7
+    min_dwell_ticks: int = 2
+    switch_margin: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _finite(self, "psi_threshold", "switch_margin", min_value=0.0)
+        _require(self.min_dwell_ticks >= 0, "min_dwell_ticks", f"must be >= 0, got {self.min_dwell_ticks}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Static facts of the lossy representations: int4 group size and low-rank fallback rank."""
+
+    int4_group_size: int = 64
+    lowrank_rank: int = 32
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _choice(self, "int4_group_size", GROUP_SIZES)
+        _require(self.lowrank_rank > 0, "lowrank_rank", f"must be > 0, got {self.lowrank_rank}")
+
+
+@dataclass(frozen=True)
+class PlacementRule:
+    """Where blocks whose id fully matches `path` start and how far they may fall.
+
+    `path` is a regex matched with `re.fullmatch` against block ids such as ``embed``, ``layers.3.attn``,
+    ``layers.12.mlp``, ``layers.4.expert.5``, ``final_norm``. `state` pins the initial state ("" lets the policy
+    decide); `protect` asks the guardrail to keep the block where it is; `floor` is the highest-numbered state the
+    block may reach ("" = no floor); `kappa` overrides the block's criticality (None = computed).
+    """
+
+    path: str
+    state: str = ""
+    protect: bool = False
+    floor: str = ""
+    kappa: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _require(self.path != "", "path", "must be a non-empty regex")
+        try:
+            re.compile(self.path)
+        except re.error as err:
+            raise _key_error("path", f"is not a valid regex: {self.path!r} ({err})") from None
+        for name in ("state", "floor"):
+            if getattr(self, name) == "S5":
+                raise _key_error(name, "cannot be S5: S5 (in flight) is transient and never requested")
+            _choice(self, name, ("",) + RULE_STATES)
+        if self.state and self.floor:
+            _require(STATES.index(self.state) <= STATES.index(self.floor), "state",
+                     f"{self.state} lies below the rule's floor {self.floor}")
+        if self.kappa is not None:
+            _finite(self, "kappa", min_value=0.0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One experiment: which model, which policy, under which budgets, for how many tokens."""
+
+    model: str = "smollm2-135m"
+    policy: str = "scored"
+    hbm_budget: float | str = 0.5
+    dram_budget: float | str = 1.0
+    lossy: bool = False
+    new_tokens: int = 16
+    prompt_tokens: int = 64
+    prompt: str = ""
+    tick_every_n_layers: int = 4
+    prefetch_depth: int = 2
+    nvme_dir: str = ""
+    seed: int = 0
+    executor: str = "real"
+    hardware: str = ""
+    eval_tokens: int = 256
+    dtype: str = "float32"
+    score: ScoreConfig = field(default_factory=ScoreConfig)
+    guardrail: GuardrailConfig = field(default_factory=GuardrailConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    placement: tuple[PlacementRule, ...] = ()
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _choice(self, "model", MODELS)
+        _choice(self, "policy", POLICIES)
+        _choice(self, "executor", EXECUTORS)
+        _choice(self, "dtype", DTYPES)
+        for name in ("hbm_budget", "dram_budget"):
+            try:
+                _budget_spec(getattr(self, name))
+            except ConfigError as err:
+                raise _key_error(name, str(err)) from None
+        for name in ("new_tokens", "prompt_tokens", "eval_tokens", "tick_every_n_layers"):
+            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+        for name in ("prefetch_depth", "seed"):
+            _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        if not self.lossy:
+            for i, rule in enumerate(self.placement):
+                if rule.state in LOSSY_STATES:
+                    raise _key_error(f"placement[{i}].state",
+                                     f"puts blocks matching {rule.path!r} in lossy state {rule.state} but lossy is "
+                                     f"false; set lossy: true or choose S0, S3 or S4")
+
+
+_SECTIONS: dict[str, type] = {"score": ScoreConfig, "guardrail": GuardrailConfig, "quant": QuantConfig}
+
+
+# ------------------------------------------------------------------------------------------------ dict -> config
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _unknown_key(key: Any, section: str, valid: Sequence[str]) -> ConfigError:
+    where = "at top level" if not section else f"in section '{section}'"
+    hint = difflib.get_close_matches(str(key), valid, n=1)
+    suffix = f" (did you mean '{hint[0]}'?)" if hint else f" (valid keys: {', '.join(valid)})"
+    full = f"{section}.{key}" if section else str(key)
+    return ConfigError(f"unknown key '{key}' {where}{suffix}", key=full, detail=None)
+
+
+def _build(cls: type, data: Any, section: str) -> Any:
+    """One dataclass from one mapping, refusing unknown keys; `section` is the dotted location ("" = top level)."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        where = f"section '{section}'" if section else "the top level"
+        raise ConfigError(f"{where} must be a mapping, got {_got(data)}", key=section or None)
+    valid = _field_names(cls)
+    for key in data:
+        if key not in valid:
+            raise _unknown_key(key, section, valid)
+    prefix = f"{section}." if section else ""
+    for f in dataclasses.fields(cls):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data:
+            raise _key_error(prefix + f.name, "is required but missing")
+    kwargs = dict(data)
+    if cls is RunConfig:
+        for name, section_cls in _SECTIONS.items():
+            if name in kwargs:
+                kwargs[name] = _build(section_cls, kwargs[name], name)
+        if "placement" in kwargs:
+            rules = kwargs["placement"] if kwargs["placement"] is not None else []
+            if not isinstance(rules, (list, tuple)):
+                raise _key_error("placement", f"expects a list of rules, got {_got(rules)}")
+            kwargs["placement"] = tuple(_build(PlacementRule, rule, f"placement[{i}]") for i, rule in enumerate(rules))
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise _rekey(err, prefix) if prefix else err from None
+
+
+def config_from_dict(data: Mapping[str, Any] | None, source: str = "<dict>") -> RunConfig:
+    """A RunConfig from a plain nested dict (the shape `config_to_dict` returns and YAML files hold).
+
+    Errors are prefixed with `source`, e.g. a file name.
+    """
+    try:
+        return _build(RunConfig, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}", key=err.key, detail=err.detail) from None
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """A JSON-able nested dict of `cfg` (placement as a list of dicts); `config_from_dict` turns it back."""
+    data = dataclasses.asdict(cfg)
+    data["placement"] = [dict(rule) for rule in data["placement"]]
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------- YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a mapping key set twice (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: let PyYAML report it
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise ConfigError(f"key '{key}' is set twice (lines {first} and {line})", key=str(key))
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    problem = getattr(err, "problem", None) or str(err)
+    context = getattr(err, "context", None)
+    text = f"{context}, {problem}" if context else problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark else text
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a directory, not a file: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}", key=err.key) from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML at {_yaml_error(err)}") from None
+
+
+# ------------------------------------------------------------------------------------------------------ overrides
+
+
+def _field_type(key: str, source: str) -> Any:
+    """The annotation of dotted `key` in the schema; ConfigError if it names no leaf field."""
+    parts = key.split(".")
+    cls: type = RunConfig
+    for depth, part in enumerate(parts):
+        section = ".".join(parts[:depth])
+        valid = _field_names(cls)
+        if part not in valid:
+            err = _unknown_key(part, section, valid)
+            raise ConfigError(f"{source}: {err}", key=key) from None
+        tp = _hints(cls)[part]
+        if depth == len(parts) - 1:
+            if tp in _SECTIONS.values():
+                raise ConfigError(f"{source}: '{key}' is a section; set one of its keys, e.g. "
+                                  f"'{key}.{_field_names(tp)[0]}=...'", key=key)
+            return tp
+        if tp not in _SECTIONS.values():
+            raise ConfigError(f"{source}: '{'.'.join(parts[:depth + 1])}' is not a section", key=key)
+        cls = tp
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _parse_override(text: str) -> tuple[str, Any, str]:
+    """``"score.w1=0.5"`` -> ``("score.w1", 0.5, "override 'score.w1=0.5'")``."""
+    source = f"override '{text}'"
+    if not isinstance(text, str) or "=" not in text:
+        raise ConfigError(f"{source}: expected key=value, e.g. 'policy=lru' or 'score.w1=0.5'")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    if not key:
+        raise ConfigError(f"{source}: missing key before '='")
+    tp = _field_type(key, source)
+    if raw == "":
+        return key, "", source
+    try:
+        value = yaml.load(raw, Loader=_StrictLoader)
+    except (ConfigError, yaml.YAMLError) as err:
+        detail = _yaml_error(err) if isinstance(err, yaml.YAMLError) else str(err)
+        if tp is str:
+            return key, raw, source
+        raise ConfigError(f"{source}: invalid YAML value: {detail}", key=key) from None
+    if tp is str and not isinstance(value, str):
+        value = raw  # a str field keeps its text: prompt=yes is "yes", not True
+    return key, value, source
+
+
+def apply_overrides(cfg: RunConfig, overrides: Sequence[str] = ()) -> RunConfig:
+    """`cfg` with dotted ``key=value`` overrides applied, validated like a file. Each key may appear once."""
+    if isinstance(overrides, str):
+        overrides = [overrides]
+    data = config_to_dict(cfg)
+    seen: dict[str, str] = {}
+    for text in overrides:
+        key, value, source = _parse_override(text)
+        if key in seen:
+            raise ConfigError(f"override '{key}' given twice: '{seen[key]}' and '{text}'", key=key)
+        seen[key] = text
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    if not seen:
+        return cfg
+    try:
+        return _build(RunConfig, data, "")
+    except ConfigError as err:
+        culprit = _blame(err.key, seen)
+        source = f"override '{culprit}'" if culprit else "overrides " + " ".join(f"'{t}'" for t in seen.values())
+        raise ConfigError(f"{source}: {err}", key=err.key, detail=err.detail) from None
+
+
+def _blame(key: str | None, seen: Mapping[str, str]) -> str | None:
+    """The override text that set `key` (or a section or list containing it), if any."""
+    if key is None:
+        return None
+    for candidate, text in seen.items():
+        if key == candidate or key.startswith(candidate + ".") or key.startswith(candidate + "["):
+            return text
+    return None
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """Read a YAML run config (None or an empty file = defaults) and apply dotted overrides.
+
+    >>> load_config(None, ["policy=lru", "score.w1=0.5"]).score.w1
+    0.5
+    """
+    if path is None:
+        cfg = RunConfig()
+    else:
+        path = Path(path)
+        cfg = config_from_dict(_read_yaml(path), source=str(path))
+    return apply_overrides(cfg, overrides)
