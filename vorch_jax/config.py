@@ -30,8 +30,9 @@ Rules worth knowing:
 
 Block states, as strings (the `State` enum itself lives in tiers/; this module imports nothing from the other rooms):
 S0 device full precision, S1 device int8, S2 device int4, S3 host DRAM, S4 NVMe, S5 in flight (transient, never
-requested), S6 low-rank fallback. S1, S2 and S6 are lossy. A rule's `floor` is the highest-numbered state a block may
-reach: ``floor: S1`` allows S0 and S1 only.
+requested), S6 low-rank fallback. S1, S2 and S6 are lossy. A rule's `floor` is the worst state a block may reach,
+ranked by quality for use, best first: S0, S1, S2, S6, S3, S4 (the ranking of `vorch_jax.state_ids.QUALITY_RANK`,
+copied by value and kept in sync by a test). ``floor: S1`` allows S0 and S1; ``floor: S3`` allows all but S4.
 
 Shipped config files start with a comment header of three labelled lines, checked by the tests::
 
@@ -72,6 +73,7 @@ __all__ = [
     "STATES",
     "RULE_STATES",
     "LOSSY_STATES",
+    "QUALITY_RANK",
     "parse_budget",
     "load_config",
     "apply_overrides",
@@ -87,6 +89,8 @@ GROUP_SIZES = (32, 64, 128)
 STATES = ("S0", "S1", "S2", "S3", "S4", "S5", "S6")
 RULE_STATES = ("S0", "S1", "S2", "S3", "S4", "S6")  # S5 (in flight) is transient: no rule may ask for it
 LOSSY_STATES = ("S1", "S2", "S6")
+# Higher is better to compute with; same values as vorch_jax.state_ids.QUALITY_RANK (tests check they agree).
+QUALITY_RANK = {"S0": 5, "S1": 4, "S2": 3, "S3": 1, "S4": 0, "S5": 1, "S6": 2}
 
 _BYTE_UNITS = {
     "": 1, "b": 1,
@@ -346,8 +350,9 @@ class PlacementRule:
 
     `path` is a regex matched with `re.fullmatch` against block ids such as ``embed``, ``layers.3.attn``,
     ``layers.12.mlp``, ``layers.4.expert.5``, ``final_norm``. `state` pins the initial state ("" lets the policy
-    decide); `protect` asks the guardrail to keep the block where it is; `floor` is the highest-numbered state the
-    block may reach ("" = no floor); `kappa` overrides the block's criticality (None = computed).
+    decide); `protect` asks the guardrail to keep the block where it is; `floor` is the worst state the block may
+    reach in quality order S0, S1, S2, S6, S3, S4 ("" = no floor); `kappa` overrides the block's criticality
+    (None = computed).
     """
 
     path: str
@@ -368,8 +373,8 @@ class PlacementRule:
                 raise _key_error(name, "cannot be S5: S5 (in flight) is transient and never requested")
             _choice(self, name, ("",) + RULE_STATES)
         if self.state and self.floor:
-            _require(STATES.index(self.state) <= STATES.index(self.floor), "state",
-                     f"{self.state} lies below the rule's floor {self.floor}")
+            _require(QUALITY_RANK[self.state] >= QUALITY_RANK[self.floor], "state",
+                     f"{self.state} lies below the rule's floor {self.floor} (quality order S0, S1, S2, S6, S3, S4)")
         if self.kappa is not None:
             _finite(self, "kappa", min_value=0.0)
 
