@@ -374,7 +374,7 @@ class PlacementRule:
             _choice(self, name, ("",) + RULE_STATES)
         if self.state and self.floor:
             _require(QUALITY_RANK[self.state] >= QUALITY_RANK[self.floor], "state",
-                     f"{self.state} lies below the rule's floor {self.floor} (quality order S0, S1, S2, S6, S3, S4)")
+                     f"is {self.state}, below the rule's floor {self.floor} (quality order S0, S1, S2, S6, S3, S4)")
         if self.kappa is not None:
             _finite(self, "kappa", min_value=0.0)
 
