@@ -47,7 +47,7 @@ def block_table(model: nnx.Module) -> list[BlockInfo]:
         row = rows.setdefault(meta["block"], {"kind": meta["kind"], "layer": meta["layer"], "nbytes": 0, "leaves": []})
         if (row["kind"], row["layer"]) != (meta["kind"], meta["layer"]):
             raise ValueError(f"block {meta['block']} has parameters of different kinds or layers")
-        row["nbytes"] += int(param.value.nbytes)
+        row["nbytes"] += int(param.get_value().nbytes)
         row["leaves"].append(str(path[-1]))
     table = [BlockInfo(b, r["kind"], r["layer"], r["nbytes"], tuple(r["leaves"])) for b, r in rows.items()]
     return sorted(table, key=lambda b: (b.layer, _natural_key(b.id)))

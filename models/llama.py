@@ -29,7 +29,7 @@ class Block(nnx.Module):
             setattr(self, name, block_param(jnp.asarray(value), block, kind, layer))
 
     def weights(self) -> dict:
-        return {name: getattr(self, name).value for name in self.leaf_names}
+        return {name: getattr(self, name).get_value() for name in self.leaf_names}
 
 
 @dataclasses.dataclass
