@@ -1,0 +1,379 @@
+"""The jitted state update: per block, the state on its ladder that maximises total value under the HBM budget.
+
+    target_state_B, reason_B, stats = tick(table, budget_bytes, weights, params, dram_budget_bytes)
+
+Order of decisions (one vectorised pass each, no Python loop over blocks):
+1. Guardrail. A block *must stay on device* if it is protected or its ladder has no off-device state. Its cheapest
+   allowed on-device state at or above `floor_state` is its *floor anchor*; all floor anchors are pinned first.
+   `check_budget` (host side) raises if they alone exceed the budget: never a silent over-budget result.
+2. Hysteresis lock. A block with `dwell < min_dwell` whose current state is still legal keeps it. If the locked
+   on-device blocks do not fit beside the floor anchors (the budget shrank), locks are released lowest value per
+   byte first: the only way a locked block moves is "for the budget".
+3. Knapsack over HBM (multiple-choice: each block picks one state). Every free block starts at its anchor (off device,
+   or its floor anchor) and may climb to any allowed on-device state. Per block we keep only the upper concave hull
+   of its (bytes, value) points above the anchor, so the steps along the hull have strictly decreasing value per byte
+   (gains are concave per block). Then ONE global order by value/byte over all (block, step) increments (argsort, or a
+   32-step bisection on the ratio's bits), and a prefix by cumsum of bytes within the remaining budget.
+   Why steps of one block are taken in order: on the hull a block's k-th step has a strictly higher ratio than its
+   (k+1)-th, so it sorts earlier, and any prefix of the global order holds a prefix of each block's steps. (Float
+   ties are cut explicitly: a step counts only if all cheaper hull steps of its block were taken.)
+   Why the budget holds: bytes are counted in integer quanta, each block's bytes rounded UP and the budget DOWN, so
+   the integer prefix sum <= budget implies the true float bytes <= budget; a step whose bytes alone exceed the
+   remaining budget is pruned before the hull.
+   Optimality: a single pass is the classic greedy for the LP relaxation of the multiple-choice knapsack, optimal up
+   to the first step that did not fit. That step can block smaller later ones, so `passes` (default 2) repeats the
+   hull + prefix from the chosen points with the leftover budget, pruning steps that no longer fit.
+4. DRAM. Blocks left off device go to S3 (staged in DRAM) or S4 (NVMe): a one-step knapsack of host bytes under
+   `dram_budget_bytes`, gain V(S3) - V(S4) per byte; the lowest-value blocks spill to S4. Blocks whose ladder has
+   only one of S3/S4 get that one (the DRAM budget is then best effort; `stats.dram_bytes` tells).
+Margin: the value of a block's *current* state is multiplied by (1 + margin), so a switch must beat staying put by
+that margin in the global objective. Blocks in S5 (in flight) are planned like free blocks (no lock, no bonus).
+
+Thrash bound (tested): `commit` sets dwell = 1 on a change and dwell + 1 otherwise, and a block with
+dwell < min_dwell is locked. So two changes of one block are >= min_dwell ticks apart, and over T ticks a block
+changes state at most ceil(T / min_dwell) times — on any input, as long as the budget does not shrink (a locked set
+always fits a budget that its own previous placement fitted, so no lock is ever released). A round trip
+S3 -> S4 -> S3 therefore takes >= 2·min_dwell ticks; with min_dwell >= 2 it can never happen within a tick pair.
+On a steady input the margin usually freezes the plan after the first tick (the tests report the observed count).
+
+Shapes: B blocks, 7 states, K = 4 on-device ladder states (S6, S2, S1, S0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vorch_jax import score as score_lib
+from vorch_jax import state_ids as sid
+from vorch_jax.block_table import SETTLED_DWELL, BlockTable
+
+# Reason codes, one per block per tick.
+KEEP, SCORE, BUDGET, GUARDRAIL_VETO, PREFETCH = range(5)
+REASON_NAMES = ("KEEP", "SCORE", "BUDGET", "GUARDRAIL_VETO", "PREFETCH")
+
+_LADDER = np.array(sid.DEVICE_LADDER)  # K=4 on-device states, worst to best
+_BIG_Q = 1 << 30  # "everything fits" budget in quanta
+
+
+@dataclasses.dataclass(frozen=True)
+class TickParams:
+    """Static knobs of the tick (hashable: a jit static argument; changing them recompiles).
+
+    min_dwell: ticks a block stays in a state before it may move again (>= 1; 1 disables the lock).
+    margin: bonus fraction on the current state's value; a switch must beat it (>= 0).
+    passes: knapsack passes (>= 1). method: "sort" (argsort + cumsum) or "bisect" (threshold on ratio bits).
+    lossy_loss: ((state, loss), ...) value fraction lost by lossy states, scaled by sensitivity ψ.
+    quantum_bits: bytes are counted in integer quanta of total_device_bytes / 2**quantum_bits.
+    """
+
+    min_dwell: int = 4
+    margin: float = 0.10
+    passes: int = 2
+    method: str = "sort"
+    lossy_loss: tuple = tuple(sorted(score_lib.DEFAULT_LOSSY_LOSS.items()))
+    quantum_bits: int = 22
+
+    def __post_init__(self):
+        if not (isinstance(self.min_dwell, int) and self.min_dwell >= 1):
+            raise ValueError(f"TickParams.min_dwell must be an int >= 1, got {self.min_dwell!r}")
+        if not (math.isfinite(self.margin) and self.margin >= 0):
+            raise ValueError(f"TickParams.margin must be finite and >= 0, got {self.margin!r}")
+        if not (isinstance(self.passes, int) and self.passes >= 1):
+            raise ValueError(f"TickParams.passes must be an int >= 1, got {self.passes!r}")
+        if self.method not in ("sort", "bisect"):
+            raise ValueError(f"TickParams.method must be 'sort' or 'bisect', got {self.method!r}")
+        for s, loss in self.lossy_loss:
+            if s not in sid.LOSSY or not (0 <= loss < 1):
+                raise ValueError(f"TickParams.lossy_loss: ({s!r}, {loss!r}) needs a lossy state and 0 <= loss < 1")
+        if not (isinstance(self.quantum_bits, int) and 8 <= self.quantum_bits <= 22):
+            raise ValueError("TickParams.quantum_bits must be an int in [8, 22] (float32 exactness of the quanta)")
+
+
+@flax.struct.dataclass
+class TickStats:
+    device_bytes: jax.Array  # float32[] HBM bytes of the targets
+    dram_bytes: jax.Array  # float32[] host bytes of targets in S3
+    pinned_bytes: jax.Array  # float32[] bytes of the floor anchors (protected set)
+    over_budget: jax.Array  # bool[] the pinned set alone exceeds the budget (check_budget would have raised)
+    n_changed: jax.Array  # int32[]
+    n_locked: jax.Array  # int32[] blocks held by hysteresis
+    n_released: jax.Array  # int32[] locks released for the budget
+    total_value: jax.Array  # float32[] Σ V(b, target)
+
+
+# ----------------------------------------------------------------------------------------------- selection
+def _select(ratio_N, cost_N, budget, method):
+    """bool[N]: the items of highest ratio whose costs (int32) sum to <= budget. ratio <= 0 marks invalid items."""
+    valid = ratio_N > 0
+    cost = jnp.where(valid, cost_N, 0)
+    if method == "sort":
+        order = jnp.argsort(-ratio_N, stable=True)
+        cum = jnp.cumsum(cost[order])
+        take_sorted = valid[order] & (cum <= budget)
+        return jnp.zeros_like(valid).at[order].set(take_sorted)
+    # bisect: smallest threshold t on the (monotone, for positive floats) int32 bits of the ratio that fits.
+    bits = jnp.where(valid, jax.lax.bitcast_convert_type(ratio_N.astype(jnp.float32), jnp.int32), -1)
+
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        fits = jnp.sum(jnp.where(bits >= mid, cost, 0)) <= budget
+        return jnp.where(fits, lo, mid), jnp.where(fits, mid, hi)
+
+    hi0 = jnp.int32(0x7F800001)  # above +inf's bits: takes nothing, always fits
+    _, hi = jax.lax.fori_loop(0, 31, body, (jnp.int32(0), hi0))
+    return valid & (bits >= hi) & (budget >= 0)
+
+
+def _quanta(bytes_x, q):
+    """int32 quanta, rounded up (floor + 1) so that sums of quanta over-count true bytes."""
+    return jnp.where(bytes_x > 0, jnp.floor(bytes_x / q).astype(jnp.int32) + 1, 0)
+
+
+def _budget_quanta(budget, total, q):
+    """int32 budget in quanta, rounded down; 'everything fits' when the budget covers the total."""
+    b = jnp.where(jnp.isfinite(budget) | (budget > 0), budget, 0.0)
+    b = jnp.where(jnp.isnan(budget), 0.0, b)
+    fits_all = b >= total * (1 + 1e-5)
+    return jnp.where(fits_all, _BIG_Q, jnp.maximum(jnp.floor(jnp.minimum(b, total) / q).astype(jnp.int32) - 1, -1))
+
+
+def _scale(total, bits):
+    return jnp.where(total > 0, total, 1.0) / (1 << bits)
+
+
+# ----------------------------------------------------------------------------------------------- knapsack
+def _hull_steps(a_b, a_v, X_BK, Y_BK, ok_BK):
+    """Upper concave hull of each block's points above its anchor (a_b, a_v).
+
+    Returns on_hull bool[B,K], prev_b int32[B,K], prev_v float32[B,K]: each hull point's predecessor on the hull.
+    A candidate is on the hull iff no other candidate has <= bytes and >= value (dominance, ties to lower k) and it
+    lies strictly above every chord between a point with fewer bytes (anchor included) and one with more.
+    """
+    K = X_BK.shape[1]
+    Xf, af = X_BK.astype(jnp.float32), a_b.astype(jnp.float32)[:, None]
+    kk = jnp.arange(K)
+    # dominance: j dominates k
+    Xj, Xk = Xf[:, :, None], Xf[:, None, :]  # [B,j,k]
+    Yj, Yk = Y_BK[:, :, None], Y_BK[:, None, :]
+    dom = ok_BK[:, :, None] & (Xj <= Xk) & (Yj >= Yk) & ((Xj < Xk) | (Yj > Yk) | (kk[:, None] < kk[None, :]))
+    alive = ok_BK & ~jnp.any(dom, axis=1)
+    # chords i -> j around k; i ranges over anchor (index K) and candidates
+    Xi = jnp.concatenate([Xf, af], axis=1)  # [B,K+1]
+    Yi = jnp.concatenate([Y_BK, a_v[:, None]], axis=1)
+    oki = jnp.concatenate([alive, jnp.ones_like(a_v, bool)[:, None]], axis=1)
+    xi, yi = Xi[:, :, None, None], Yi[:, :, None, None]  # [B,i,j,k]
+    xj, yj = Xf[:, None, :, None], Y_BK[:, None, :, None]
+    xk, yk = Xf[:, None, None, :], Y_BK[:, None, None, :]
+    between = oki[:, :, None, None] & alive[:, None, :, None] & (xi < xk) & (xk < xj)
+    below = (yk - yi) * (xj - xi) <= (yj - yi) * (xk - xi)
+    on_hull = alive & ~jnp.any(between & below, axis=(1, 2))
+    # predecessor: the hull point with the most bytes below X_k, else the anchor
+    lower = on_hull[:, :, None] & (Xj < Xk)  # [B,j,k]
+    cand = jnp.where(lower, Xj, -1.0)
+    pj = jnp.argmax(cand, axis=1)  # [B,k]
+    has = jnp.any(lower, axis=1)
+    prev_b = jnp.where(has, jnp.take_along_axis(X_BK, pj, axis=1), a_b[:, None])
+    prev_v = jnp.where(has, jnp.take_along_axis(Y_BK, pj, axis=1), a_v[:, None])
+    return on_hull, prev_b, prev_v
+
+
+def _knapsack_pass(a_b, a_v, a_state, X_BK, Y_BK, ok_BK, rem, method):
+    """One hull + global prefix pass. Returns the new (bytes, value, state) per block and the bytes used."""
+    B, K = X_BK.shape
+    ok = ok_BK & (X_BK > a_b[:, None]) & (Y_BK > a_v[:, None]) & (X_BK - a_b[:, None] <= rem)
+    on_hull, prev_b, prev_v = _hull_steps(a_b, a_v, X_BK, Y_BK, ok)
+    d_b = X_BK - prev_b
+    ratio = jnp.where(on_hull, (Y_BK - prev_v) / jnp.maximum(d_b, 1).astype(jnp.float32), -1.0)
+    taken = _select(ratio.reshape(-1), d_b.reshape(-1), rem, method).reshape(B, K)
+    # a step counts only if every cheaper hull step of its block was taken too (cuts float ties)
+    cheaper_untaken = on_hull[:, :, None] & ~taken[:, :, None] & (X_BK[:, :, None] < X_BK[:, None, :])
+    taken = taken & ~jnp.any(cheaper_untaken, axis=1)
+    best = jnp.argmax(jnp.where(taken, X_BK, -1), axis=1)  # [B]
+    any_taken = jnp.any(taken, axis=1)
+    pick = lambda M: jnp.take_along_axis(M, best[:, None], axis=1)[:, 0]  # noqa: E731
+    new_b = jnp.where(any_taken, pick(X_BK), a_b)
+    new_v = jnp.where(any_taken, pick(Y_BK), a_v)
+    new_s = jnp.where(any_taken, jnp.asarray(_LADDER, jnp.int32)[best], a_state)
+    return new_b, new_v, new_s, jnp.sum(new_b - a_b)
+
+
+# ----------------------------------------------------------------------------------------------- the tick
+@functools.partial(jax.jit, static_argnames=("params",))
+def tick(table: BlockTable, budget_bytes, weights: score_lib.ScoreWeights, params: TickParams = TickParams(),
+         dram_budget_bytes=jnp.inf):
+    """Decide a target state per block. Pure and deterministic; see the module docstring for the algorithm.
+
+    Returns (target_state int32[B], reason int32[B] (REASON_NAMES), TickStats). Call `check_budget` first (or use
+    `tick_checked`): inside jit an infeasible budget cannot raise, it sets `stats.over_budget` instead.
+    """
+    B = table.state.shape[0]
+    rows = jnp.arange(B)
+    cur = table.state
+    cur_c = jnp.where(cur == sid.S5, sid.S3, cur)  # index-safe stand-in for S5
+    rank_S = jnp.asarray(sid.QUALITY_RANK, jnp.int32)
+    on_S = jnp.asarray(sid.IS_ON_DEVICE)
+    allowed = table.allowed & (jnp.arange(sid.NUM_STATES) != sid.S5)[None, :]
+
+    # --- 1. guardrail: effective ladder and floor anchors
+    above_floor = rank_S[None, :] >= rank_S[table.floor_state][:, None]
+    off_ok_any = allowed[:, sid.S3] | allowed[:, sid.S4]
+    must_on = table.protected | ~off_ok_any
+    dev_ok = allowed & on_S[None, :] & above_floor  # [B,7]
+    offs_ok = allowed & ~on_S[None, :] & ~must_on[:, None]
+    eff = dev_ok | offs_ok
+    cur_ok = eff[rows, cur_c] & (cur != sid.S5)
+
+    bytes_S = jnp.where(jnp.isfinite(table.bytes_per_state), jnp.maximum(table.bytes_per_state, 0.0), 0.0)
+    total = jnp.sum(jnp.max(jnp.where(dev_ok, bytes_S, 0.0), axis=1))
+    q = _scale(total, params.quantum_bits)
+    bq = jnp.where(on_S[None, :], _quanta(bytes_S, q), 0)  # int32[B,7]
+    budget_q = _budget_quanta(jnp.asarray(budget_bytes, jnp.float32), total, q)
+
+    floor_anchor = jnp.argmin(jnp.where(dev_ok, bq, _BIG_Q), axis=1).astype(jnp.int32)
+    floor_bq = jnp.where(must_on, bq[rows, floor_anchor], 0)
+    pinned_q = jnp.sum(floor_bq)
+
+    # --- values, with the incumbent bonus
+    V = score_lib.value(table, weights, dict(params.lossy_loss))
+    is_cur = (jnp.arange(sid.NUM_STATES)[None, :] == cur[:, None]) & (cur != sid.S5)[:, None]
+    Vb = V * (1.0 + params.margin * is_cur)
+
+    # --- 2. hysteresis locks; release lowest value per byte if they no longer fit
+    locked = (table.dwell < params.min_dwell) & cur_ok
+    cur_on = on_S[cur_c] & (cur != sid.S5)
+    lock_on = locked & cur_on
+    lock_cost = jnp.where(lock_on, bq[rows, cur_c] - floor_bq, 0)
+    lock_fits = pinned_q + jnp.sum(lock_cost) <= budget_q
+    keep_ratio = jnp.where(lock_on, Vb[rows, cur_c] / jnp.maximum(lock_cost, 1).astype(jnp.float32) + 1e-30, -1.0)
+    kept_on = jax.lax.cond(lock_fits, lambda: lock_on,
+                           lambda: _select(keep_ratio, lock_cost, budget_q - pinned_q, params.method))
+    released_on = lock_on & ~kept_on
+    fixed = (locked & ~cur_on) | kept_on  # no candidates this tick
+
+    # --- 3. knapsack over HBM
+    v_off_cur = jnp.where(~cur_on & (cur != sid.S5) & cur_ok, Vb[rows, cur_c], -jnp.inf)
+    v_off = jnp.maximum(v_off_cur, jnp.max(jnp.where(offs_ok, V, -jnp.inf), axis=1))
+    a_state = jnp.where(fixed, cur_c, jnp.where(must_on, floor_anchor, sid.S3)).astype(jnp.int32)
+    a_on = fixed & cur_on | ~fixed & must_on
+    a_b = jnp.where(a_on, bq[rows, a_state], 0)
+    a_v = jnp.where(a_on, Vb[rows, a_state], jnp.where(jnp.isfinite(v_off), v_off, 0.0))
+    rem = budget_q - jnp.sum(a_b)
+    X = bq[:, _LADDER]
+    Y = Vb[:, _LADDER]
+    ok = dev_ok[:, _LADDER] & ~fixed[:, None]
+    s_b, s_v, s_state = a_b, a_v, a_state
+    for _ in range(params.passes):
+        s_b, s_v, s_state, used = _knapsack_pass(s_b, s_v, s_state, X, Y, ok, rem, params.method)
+        rem = rem - used
+    dev_final = on_S[s_state] & (a_on | (s_b > 0))
+
+    # --- 4. DRAM: S3 or S4 for blocks left off device
+    off = ~dev_final
+    can3, can4 = offs_ok[:, sid.S3], offs_ok[:, sid.S4]
+    hb = jnp.where(jnp.isfinite(table.host_bytes), jnp.maximum(table.host_bytes, 0.0), 0.0)
+    h_total = jnp.sum(jnp.where(off_ok_any, hb, 0.0))
+    hq_scale = _scale(h_total, params.quantum_bits)
+    hq = _quanta(hb, hq_scale)
+    dram_q = _budget_quanta(jnp.asarray(dram_budget_bytes, jnp.float32), h_total, hq_scale)
+    forced3 = off & can3 & ~can4
+    choice = off & can3 & can4
+    fixed_off = locked & ~cur_on
+    lock3 = choice & fixed_off & (cur == sid.S3)
+    lock4 = choice & fixed_off & (cur == sid.S4)
+    gain = Vb[:, sid.S3] - Vb[:, sid.S4]
+    r3 = jnp.where(gain > 0, gain / jnp.maximum(hq, 1).astype(jnp.float32), jnp.where(cur != sid.S4, 1e-30, -1.0))
+    r3 = jnp.where(lock3, jnp.inf, r3)
+    r3 = jnp.where(choice & ~lock4, r3, -1.0)
+    taken3 = _select(r3, hq, dram_q - jnp.sum(jnp.where(forced3, hq, 0)), params.method)
+    off_state = jnp.where(forced3 | taken3, sid.S3, sid.S4)
+    target = jnp.where(dev_final, s_state, off_state).astype(jnp.int32)
+    target = jnp.where(fixed & cur_on, cur_c, target)  # (already so; explicit for readers)
+
+    # --- reasons
+    changed = target != cur
+    released = released_on | (lock3 & ~taken3)
+    demoted = rank_S[target] < rank_S[cur_c]
+    prefetch = (table.lam > 0) & ((~cur_on & on_S[target]) | ((cur == sid.S4) & (target == sid.S3)))
+    cheaper_raw = jnp.any(table.allowed & (bq < floor_bq[:, None]), axis=1) | off_ok_any
+    veto = table.protected & (target == floor_anchor) & cheaper_raw
+    reason = jnp.full((B,), KEEP, jnp.int32)
+    reason = jnp.where(changed, jnp.where(prefetch, PREFETCH, SCORE), reason)
+    reason = jnp.where(changed & (demoted | released), BUDGET, reason)
+    reason = jnp.where(veto | (changed & ~cur_ok & (cur != sid.S5)), GUARDRAIL_VETO, reason)
+
+    dev_bytes = jnp.sum(bytes_S[rows, target])
+    stats = TickStats(
+        device_bytes=dev_bytes,
+        dram_bytes=jnp.sum(jnp.where(target == sid.S3, hb, 0.0)),
+        pinned_bytes=jnp.sum(jnp.where(must_on, bytes_S[rows, floor_anchor], 0.0)),
+        over_budget=pinned_q > budget_q,
+        n_changed=jnp.sum(changed).astype(jnp.int32),
+        n_locked=jnp.sum(locked).astype(jnp.int32),
+        n_released=jnp.sum(released).astype(jnp.int32),
+        total_value=jnp.sum(V[rows, target]),
+    )
+    return target, reason, stats
+
+
+@jax.jit
+def commit(table: BlockTable, new_state) -> BlockTable:
+    """The engine applied `new_state` (int32[B]): record it and advance the dwell counters (1 on change, else +1)."""
+    new_state = jnp.asarray(new_state, jnp.int32)
+    changed = new_state != table.state
+    dwell = jnp.where(changed, 1, jnp.minimum(table.dwell + 1, SETTLED_DWELL)).astype(jnp.int32)
+    return table.replace(state=new_state, dwell=dwell)
+
+
+# ----------------------------------------------------------------------------------------------- host side
+def check_budget(table: BlockTable, budget_bytes: float, dram_budget_bytes: float | None = None) -> float:
+    """Host-side config check; returns the bytes the pinned (protected / must-stay-on-device) set needs.
+
+    Raises ValueError if the budget is not a finite number > 0, or is below what the pinned set needs at its floor
+    anchors (cheapest allowed on-device state at or above each block's floor).
+    """
+    for name, b in (("budget_bytes", budget_bytes), ("dram_budget_bytes", dram_budget_bytes)):
+        if b is None and name == "dram_budget_bytes":
+            continue
+        try:
+            f = float(b)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {b!r}") from None
+        if math.isnan(f) or f <= 0 or (math.isinf(f) and name == "budget_bytes"):
+            raise ValueError(f"{name} must be a finite number > 0, got {f}")
+    allowed = np.asarray(table.allowed).copy()
+    allowed[:, sid.S5] = False
+    bps = np.asarray(table.bytes_per_state, np.float64)
+    rank = np.asarray(sid.QUALITY_RANK)
+    floor = np.asarray(table.floor_state)
+    on = np.asarray(sid.IS_ON_DEVICE)
+    must_on = np.asarray(table.protected) | ~(allowed[:, sid.S3] | allowed[:, sid.S4])
+    dev_ok = allowed & on[None, :] & (rank[None, :] >= rank[floor][:, None])
+    bad = np.nonzero(must_on & ~dev_ok.any(axis=1))[0]
+    if bad.size:
+        raise ValueError(f"block {bad[0]} must stay on device but has no allowed on-device state at or above its "
+                         f"floor {sid.STATE_NAMES[floor[bad[0]]]}")
+    need = float(np.sum(np.where(must_on, np.min(np.where(dev_ok, bps, np.inf), axis=1, initial=np.inf), 0.0)))
+    if need > float(budget_bytes):
+        raise ValueError(f"HBM budget {float(budget_bytes):.0f} bytes is below the protected set: its "
+                         f"{int(must_on.sum())} pinned blocks need {need:.0f} bytes at their floor states "
+                         f"({need / 2**20:.2f} MiB); raise the budget or relax protected/floor_state")
+    return need
+
+
+def tick_checked(table, budget_bytes, weights, params: TickParams = TickParams(), dram_budget_bytes=None):
+    """`check_budget` then `tick`: the entry point for callers that want errors instead of stats flags."""
+    check_budget(table, budget_bytes, dram_budget_bytes)
+    dram = jnp.inf if dram_budget_bytes is None else dram_budget_bytes
+    return tick(table, jnp.float32(budget_bytes), weights, params, jnp.float32(dram))
+
+
+def reason_names(reason) -> list[str]:
+    return [REASON_NAMES[int(r)] for r in np.asarray(reason)]
