@@ -1,0 +1,134 @@
+"""`vorch`: the command line, thin over the library. It parses, calls, prints; the work lives elsewhere.
+
+User errors (a missing model package, a damaged model file, a bad config, an unknown option) print one line
+`vorch: error: ...` and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+USAGE_ERROR = 2
+
+
+class UserError(Exception):
+    """A problem with what the user asked for, reported as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message
+        raise UserError(f"{message} (see `{self.prog} --help`)")
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from vorch_jax.config import ConfigError
+    from vorch_jax.corpus import CorpusError
+    from vorch_jax.models.gguf_source import ModelFileError
+
+    return (UserError, ConfigError, CorpusError, ModelFileError, FileNotFoundError, IsADirectoryError, PermissionError)
+
+
+def cmd_generate(args) -> int:
+    from vorch_jax.models.generate import generate_greedy
+    from vorch_jax.models.smollm2 import load_smollm2
+
+    if args.new_tokens < 1:
+        raise UserError(f"--new-tokens must be at least 1, got {args.new_tokens}")
+    model, tok, _ = load_smollm2()
+    ids = tok.encode(args.prompt).ids
+    if not ids:
+        raise UserError("--prompt is empty")
+    out = generate_greedy(model, ids, args.new_tokens, dtype=args.dtype)
+    print(args.prompt + tok.decode(out))
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    import math
+
+    from vorch_jax.corpus import kjv_text
+    from vorch_jax.models.generate import sequence_nll
+    from vorch_jax.models.smollm2 import bos_id, load_smollm2
+
+    if args.max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
+    if args.text == "kjv":
+        text = kjv_text(max_chars=args.max_tokens * 8)
+    else:
+        try:
+            with open(args.text, encoding="utf-8") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"cannot read --text {args.text}: {e}") from None
+    model, tok, _ = load_smollm2()
+    body = tok.encode(text).ids[: args.max_tokens]
+    if len(body) < args.max_tokens:
+        raise UserError(f"--text {args.text} has only {len(body)} tokens, fewer than --max-tokens {args.max_tokens}")
+    nll, n = sequence_nll(model, [bos_id(tok)] + body, dtype=args.dtype)
+    print(json.dumps({"ppl": math.exp(nll / n), "tokens": n, "nll": nll / n, "dtype": args.dtype}))
+    return 0
+
+
+def cmd_blocks(args) -> int:
+    from vorch_jax.config import load_config
+    from vorch_jax.models.blocks import block_table, summarize_blocks
+    from vorch_jax.models.smollm2 import load_smollm2
+    from vorch_jax.placement import resolve_placement
+
+    cfg = load_config(args.config, args.overrides)
+    model, _, _ = load_smollm2()
+    table = block_table(model)
+    placement = resolve_placement(cfg.placement, [b.id for b in table])
+    if args.json:
+        print(json.dumps(summarize_blocks(table), indent=2))
+        return 0
+    print(f"{'block':<18} {'kind':<6} {'layer':>5} {'bytes':>11}  placement")
+    for b in table:
+        p = placement[b.id]
+        where = "policy decides" if p.state is None else p.state
+        print(f"{b.id:<18} {b.kind:<6} {b.layer:>5} {b.nbytes:>11}  {where}{' protected' if p.protect else ''}")
+    s = summarize_blocks(table)
+    print(f"{s['blocks']} blocks, {s['total_bytes']} bytes")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="vorch", description="Dynamic multi-tier weight residency for LLM inference.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="greedy continuation of a prompt (all blocks resident)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--new-tokens", type=int, default=16)
+    g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    g.set_defaults(func=cmd_generate)
+
+    q = sub.add_parser("ppl", help="perplexity of the model on a text (BOS prepended), as one JSON line")
+    q.add_argument("--text", default="kjv", help="a UTF-8 file, or 'kjv' for the King James Bible (default)")
+    q.add_argument("--max-tokens", type=int, default=512)
+    q.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    q.set_defaults(func=cmd_ppl)
+
+    b = sub.add_parser("blocks", help="the model's residency blocks and where a config places them")
+    b.add_argument("config", nargs="?", default=None)
+    b.add_argument("overrides", nargs="*", help="dotted key=value overrides")
+    b.add_argument("--json", action="store_true", help="print count and bytes per kind as JSON")
+    b.set_defaults(func=cmd_blocks)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except _user_errors() as e:
+        print(f"vorch: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("vorch: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
