@@ -1,0 +1,355 @@
+"""The movement engine: asynchronous, measured transitions of weight blocks between the seven states.
+
+Design (the simplest honest one):
+  * States are EXCLUSIVE: a block is in exactly one representation at a time. While it moves it reads S5 and
+    cannot be used; its prior representation stays alive (and is what `bytes_in` counts) until the whole route
+    has landed, so an error anywhere (ENOSPC, EIO, a worker exception) leaves the block in its prior state.
+    Intermediate representations (e.g. S3 on the way S4 -> S0) are freed as soon as the next hop landed.
+  * Routes come from `state.ROUTES`. Lossy -> lossless (and lossy -> other lossy) re-reads the authoritative
+    `source` (the model file), since no lossless copy is kept beside a lossy one.
+  * A request for a block already in flight: the same target returns the pending handle; a different target
+    raises BlockInFlightError (no chaining: the caller waits first).
+  * A request for the state the block is already in returns a completed handle and records nothing.
+  * `register` is synchronous (it loads from the source, recording events with `src=None`).
+  * A corrupt S4 chunk found while reading is recovered: the block is re-read from the source and the store is
+    re-written (a `recovered` event naming block and leaf), then the route goes on with the source's bytes.
+  * Weights returned by `get` / `wait` are valid until the block's next transition: the engine deletes the old
+    arrays (`.delete()`) so the memory is really freed.
+
+Threads: a ThreadPoolExecutor of `workers` threads runs routes; tensorstore futures run the disk I/O of all
+leaves of a block together. A GGUF source (one with `nbytes_read`) is read under a lock so the file bytes
+read can be attributed to one block.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from vorch_jax.tiers.events import Event, EventLog
+from vorch_jax.tiers.full_precision import FullPrecisionBlock
+from vorch_jax.tiers.low_bit import LowBitBlock
+from vorch_jax.tiers.low_rank import LowRankBlock
+from vorch_jax.tiers.nvme_store import CorruptBlockError, NvmeBlock
+from vorch_jax.tiers.pinned_host import PinnedHostBlock
+from vorch_jax.tiers.state import (
+    BlockInFlightError, Hop, State, UnknownBlockError, UnknownStateError, route,
+)
+
+WHERES = ("device", "host", "disk")
+
+
+class Transition:
+    """Future-like handle of one requested transition. `.result()` returns the target state or raises the
+    worker's exception; `.cancel()` succeeds only while the transition is still queued."""
+
+    def __init__(self, block_id: str, src: State, dst: State, future: cf.Future):
+        self.block_id, self.src, self.dst = block_id, src, dst
+        self.requested_at = time.perf_counter()
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def running(self) -> bool:
+        return self._future.running()
+
+    def cancelled(self) -> bool:
+        return self._future.cancelled()
+
+    def cancel(self) -> bool:
+        return self._future.cancel()
+
+    def result(self, timeout: float | None = None) -> State:
+        self._future.result(timeout)
+        return self.dst
+
+    def exception(self, timeout: float | None = None):
+        return self._future.exception(timeout)
+
+    def __repr__(self) -> str:
+        status = "done" if self.done() else "running" if self.running() else "queued"
+        return f"Transition({self.block_id!r}, {self.src.name}->{self.dst.name}, {status})"
+
+
+@dataclasses.dataclass
+class _Entry:
+    rep: object                     # the block's current representation (its prior one while in flight)
+    pending: Transition | None = None
+
+
+class MovementEngine:
+    """Holds every registered block in one representation and moves it on request.
+
+    Args:
+      source: callable `block_id -> {leaf: float32 ndarray}`, the authoritative lossless copy.
+      store_dir: directory of the NVMe store (S4).
+      workers: threads running transitions concurrently.
+      int4_group_size: S2 group size along K (32, 64 or 128).
+      lowrank_rank: S6 rank (clamped per leaf to min(K, N)).
+      device: the jax device (default `jax.devices()[0]`).
+    """
+
+    def __init__(self, source, store_dir, *, workers: int = 2, int4_group_size: int = 64, lowrank_rank: int = 32,
+                 device: jax.Device | None = None):
+        from vorch_jax.tiers.quant_int4 import check_group_size
+
+        check_group_size(int4_group_size)
+        if lowrank_rank < 1:
+            raise ValueError(f"lowrank_rank must be >= 1, got {lowrank_rank}")
+        self.source = source
+        self.store_dir = Path(store_dir)
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.int4_group_size, self.lowrank_rank = int4_group_size, lowrank_rank
+        self.device = device if device is not None else jax.devices()[0]
+        self.events = EventLog()
+        self._entries: dict[str, _Entry] = {}
+        self._lock = threading.RLock()
+        self._source_lock = threading.Lock()
+        self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vorch-move")
+
+    # ---------------------------------------------------------------- public API
+    @property
+    def block_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._entries)
+
+    def register(self, block_id: str, state) -> None:
+        """Load `block_id` from the source into `state` (synchronously). Raises if already registered."""
+        dst = State.parse(state)
+        if dst == State.S5:
+            raise UnknownStateError("cannot register a block in S5 (in flight)")
+        with self._lock:
+            if block_id in self._entries:
+                raise ValueError(f"block '{block_id}' is already registered (in {self.state(block_id).name})")
+        rep = self._execute(block_id, None, None, dst)
+        with self._lock:
+            self._entries[block_id] = _Entry(rep)
+
+    def request(self, block_id: str, target) -> Transition:
+        """Start moving `block_id` to `target` asynchronously; the block reads S5 until it lands."""
+        dst = State.parse(target)
+        if dst == State.S5:
+            raise UnknownStateError("S5 (in flight) is not a target: request S0, S1, S2, S3, S4 or S6")
+        with self._lock:
+            entry = self._entry(block_id)
+            if entry.pending is not None:
+                if entry.pending.dst == dst:
+                    return entry.pending
+                raise BlockInFlightError(
+                    f"block '{block_id}' is in flight to {entry.pending.dst.name}; wait for it before requesting "
+                    f"{dst.name}"
+                )
+            src = entry.rep.state
+            if src == dst:
+                done = cf.Future()
+                done.set_result(dst)
+                return Transition(block_id, src, dst, done)
+            future: cf.Future = cf.Future()  # placeholder so the handle exists before the worker may start
+            transition = Transition(block_id, src, dst, future)
+            entry.pending = transition
+            transition._future = self._pool.submit(self._run, block_id, entry, transition)
+            transition._future.add_done_callback(lambda f, t=transition: self._on_done(t))
+            return transition
+
+    def state(self, block_id: str) -> State:
+        with self._lock:
+            entry = self._entry(block_id)
+            return State.S5 if entry.pending is not None else entry.rep.state
+
+    def states(self) -> dict[str, State]:
+        with self._lock:
+            return {b: self.state(b) for b in self._entries}
+
+    def get(self, block_id: str) -> dict:
+        """The block's weights for device compute, without waiting. Raises BlockInFlightError in S5 and
+        OffDeviceError in S3 / S4."""
+        with self._lock:
+            entry = self._entry(block_id)
+            if entry.pending is not None:
+                raise BlockInFlightError(f"block '{block_id}' is in flight (S5) to {entry.pending.dst.name}")
+            return entry.rep.materialize()
+
+    def wait(self, block_id: str) -> dict:
+        """Block until `block_id`'s pending transition lands (raising its error, if any), record the wait as a
+        `stall` event, and return the materialized weights."""
+        with self._lock:
+            pending = self._entry(block_id).pending
+        if pending is not None:
+            t0 = time.perf_counter()
+            try:
+                cf.wait([pending._future])
+            finally:
+                self.events.append(Event("stall", block_id, pending.src, pending.dst, t0, time.perf_counter()))
+            if not pending.cancelled():
+                pending.result()
+        return self.get(block_id)
+
+    def inspect(self, block_id: str) -> dict[str, np.ndarray]:
+        """Host numpy copy of the block's content in any settled state (lossy states dequantized); for tests
+        and debugging: moves nothing between tiers and records no event."""
+        with self._lock:
+            entry = self._entry(block_id)
+            if entry.pending is not None:
+                raise BlockInFlightError(f"block '{block_id}' is in flight (S5)")
+            rep = entry.rep
+        if isinstance(rep, NvmeBlock):
+            return rep.read()
+        if isinstance(rep, PinnedHostBlock):
+            return rep.to_numpy()
+        leaves = rep.dequantize() if hasattr(rep, "dequantize") else rep.leaves
+        return {k: np.asarray(v) for k, v in leaves.items()}
+
+    def representation(self, block_id: str):
+        """The live representation object (FullPrecisionBlock, LowBitBlock, ...): for accounting checks."""
+        with self._lock:
+            return self._entry(block_id).rep
+
+    def live_arrays(self) -> list[jax.Array]:
+        """Every jax.Array the engine's blocks hold right now (device and pinned host)."""
+        with self._lock:
+            return [a for e in self._entries.values() for a in e.rep.arrays()]
+
+    def bytes_in(self, where: str) -> int:
+        """Bytes held by blocks in 'device', 'host' or 'disk', from the live arrays / chunk files."""
+        if where not in WHERES:
+            raise ValueError(f"unknown place {where!r}: expected one of {WHERES}")
+        with self._lock:
+            reps = [e.rep for e in self._entries.values()]
+        return sum(r.nbytes for r in reps if r.where == where)
+
+    def drop(self, block_id: str) -> None:
+        """Forget a settled block and free its representation (arrays deleted, store files removed)."""
+        with self._lock:
+            entry = self._entry(block_id)
+            if entry.pending is not None:
+                raise BlockInFlightError(f"block '{block_id}' is in flight (S5); wait before dropping it")
+            del self._entries[block_id]
+        entry.rep.free()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # ---------------------------------------------------------------- internals
+    def _entry(self, block_id: str) -> _Entry:
+        try:
+            return self._entries[block_id]
+        except KeyError:
+            raise UnknownBlockError(
+                f"unknown block '{block_id}' (engine has {len(self._entries)} blocks: "
+                f"{', '.join(list(self._entries)[:4])}{', ...' if len(self._entries) > 4 else ''})"
+            ) from None
+
+    def _on_done(self, transition: Transition) -> None:
+        if transition.cancelled():  # never started: the block keeps its prior representation
+            with self._lock:
+                entry = self._entries.get(transition.block_id)
+                if entry is not None and entry.pending is transition:
+                    entry.pending = None
+            self.events.append(Event("cancelled", transition.block_id, transition.src, transition.dst,
+                                      transition.requested_at, time.perf_counter()))
+
+    def _run(self, block_id: str, entry: _Entry, transition: Transition) -> State:
+        origin = entry.rep
+        try:
+            new = self._execute(block_id, origin, transition.src, transition.dst)
+        except BaseException:
+            with self._lock:
+                entry.pending = None
+            raise
+        origin.free()
+        with self._lock:
+            entry.rep = new
+            entry.pending = None
+        return transition.dst
+
+    def _execute(self, block_id: str, origin, src: State | None, dst: State):
+        """Run the route src -> dst hop by hop; return the landed representation. `origin` is never freed here;
+        intermediates are. Records one `transition` event, or an `error` event and re-raises."""
+        t0 = time.perf_counter()
+        link_bytes: dict[str, int] = {}
+        cur = origin
+        try:
+            for hop in route(src, dst):
+                nxt = self._hop(block_id, cur, hop, link_bytes)
+                if cur is not origin:
+                    cur.free()
+                cur = nxt
+        except BaseException as e:
+            if cur is not origin and cur is not None:
+                cur.free()
+            self.events.append(Event("error", block_id, src, dst, t0, time.perf_counter(), link_bytes,
+                                     f"{type(e).__name__}: {e}"))
+            raise
+        self.events.append(Event("transition", block_id, src, dst, t0, time.perf_counter(), link_bytes))
+        return cur
+
+    def _hop(self, block_id: str, cur, hop: Hop, link_bytes: dict[str, int]):
+        def count(n: int) -> None:
+            link_bytes[hop.link] = link_bytes.get(hop.link, 0) + int(n)
+
+        if hop.link == "source->host":
+            leaves, n = self._read_source(block_id)
+            count(n)
+            return PinnedHostBlock.from_numpy(leaves, self.device)
+        if hop.link == "nvme->host":
+            try:
+                leaves = cur.read_async().result()
+            except CorruptBlockError as e:
+                leaves = self._recover(block_id, cur, e)
+            count(sum(a.nbytes for a in leaves.values()))
+            return PinnedHostBlock.from_numpy(leaves, self.device)
+        if hop.link == "device->host":
+            new = PinnedHostBlock.from_device(cur, self.device)
+            count(new.nbytes)
+            return new
+        if hop.link == "host->device":
+            new = FullPrecisionBlock.from_pinned_host(cur, self.device)
+            count(new.nbytes)
+            return new
+        if hop.link == "host->nvme":
+            new = NvmeBlock.write(block_id, cur.to_numpy(), self.store_dir)
+            count(new.nbytes)
+            return new
+        if hop.link == "device:convert":
+            count(cur.nbytes)  # bytes read by the conversion
+            if hop.lands_in == State.S1:
+                return LowBitBlock.from_full_precision(cur, bits=8)
+            if hop.lands_in == State.S2:
+                return LowBitBlock.from_full_precision(cur, bits=4, group_size=self.int4_group_size)
+            if hop.lands_in == State.S6:
+                return LowRankBlock.from_full_precision(cur, rank=self.lowrank_rank)
+        raise AssertionError(f"route table has a hop the engine cannot run: {hop}")
+
+    def _read_source(self, block_id: str) -> tuple[dict[str, np.ndarray], int]:
+        """Read the block from the authoritative source; bytes = file bytes read when the source counts them."""
+        if hasattr(self.source, "nbytes_read"):
+            with self._source_lock:
+                before = self.source.nbytes_read
+                leaves = self.source(block_id)
+                return leaves, self.source.nbytes_read - before
+        leaves = self.source(block_id)
+        return leaves, sum(np.asarray(a).nbytes for a in leaves.values())
+
+    def _recover(self, block_id: str, corrupt: NvmeBlock, error: CorruptBlockError) -> dict[str, np.ndarray]:
+        """Re-read a corrupt S4 block from the source and re-write the store; returns the source's bytes."""
+        t0 = time.perf_counter()
+        leaves, n_src = self._read_source(block_id)
+        leaves = {k: np.ascontiguousarray(v) for k, v in leaves.items()}
+        rewritten = NvmeBlock.write(block_id, leaves, self.store_dir)  # same directory: the old one is replaced
+        corrupt.meta = rewritten.meta
+        self.events.append(Event("recovered", block_id, State.S4, State.S4, t0, time.perf_counter(),
+                                 {"source->host": n_src, "host->nvme": rewritten.nbytes}, str(error)))
+        return leaves

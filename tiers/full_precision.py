@@ -1,0 +1,64 @@
+"""S0: the block in full precision (float32) in device memory.
+
+Invariant: every leaf is a `jax.Array` whose sharding has memory_kind "device", bit-identical to the source.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from vorch_jax.tiers.state import State
+
+
+def device_sharding(device: jax.Device) -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(device, memory_kind="device")
+
+
+def pinned_host_sharding(device: jax.Device) -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+
+
+def tree_nbytes(tree) -> int:
+    """Bytes of the arrays in a pytree, from the arrays themselves."""
+    return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
+
+
+def delete_arrays(tree) -> None:
+    """Free every jax.Array of `tree` now (not at garbage collection) and check it is gone."""
+    leaves = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+    for x in leaves:
+        x.delete()
+    still = [x.shape for x in leaves if not x.is_deleted()]
+    if still:
+        raise RuntimeError(f"arrays of shapes {still} were not freed")
+
+
+class FullPrecisionBlock:
+    """S0. `leaves: {name: f32[K, N] | f32[D]}` on device."""
+
+    state = State.S0
+    where = "device"
+
+    def __init__(self, leaves: dict[str, jax.Array]):
+        self.leaves = leaves
+
+    @classmethod
+    def from_pinned_host(cls, host, device: jax.Device) -> "FullPrecisionBlock":
+        """Copy an S3 block (PinnedHostBlock) host->device; the host copy is left for the caller to free."""
+        sharding = device_sharding(device)
+        leaves = {k: jax.device_put(v, sharding) for k, v in host.leaves.items()}
+        jax.block_until_ready(leaves)
+        return cls(leaves)
+
+    @property
+    def nbytes(self) -> int:
+        return tree_nbytes(self.leaves)
+
+    def arrays(self) -> list[jax.Array]:
+        return list(self.leaves.values())
+
+    def materialize(self) -> dict[str, jax.Array]:
+        return dict(self.leaves)
+
+    def free(self) -> None:
+        delete_arrays(self.leaves)
