@@ -130,10 +130,14 @@ def bench_shape(fmt: str, qw, w_full, x, paths: tuple[str, ...]) -> list[Row]:
 
 
 def run(dtype, ms: tuple[int, ...], shapes=SMOLLM2_KN, interpret_row: bool = True, group_size: int = 128,
-        seed: int = 0) -> tuple[list[Row], float]:
-    """All rows for this backend. On gpu/tpu: pallas, reference, full; on cpu: reference, full (+ one interpret)."""
-    backend = jax.default_backend()
-    quantized_paths = ("pallas", "reference") if backend in select.PALLAS_BACKENDS else ("reference",)
+        seed: int = 0, quantized_paths: tuple[str, ...] | None = None) -> tuple[list[Row], float]:
+    """All rows for this backend. On gpu/tpu: pallas, reference, full; on cpu: reference, full (+ one interpret).
+
+    ``quantized_paths`` overrides the quantized paths timed (e.g. ``("reference",)``).
+    """
+    if quantized_paths is None:
+        on_accelerator = jax.default_backend() in select.PALLAS_BACKENDS
+        quantized_paths = ("pallas", "reference") if on_accelerator else ("reference",)
     rng = np.random.default_rng(seed)
     rows: list[Row] = []
     for k, n in shapes:
