@@ -6,6 +6,7 @@ float32 activations, 1e-2 for bfloat16. Shapes are SmolLM2's (K, N) with decode 
 M in {128, 256}; the file runs in well under 60 s on a 2-core CPU.
 """
 
+import concurrent.futures
 import functools
 import logging
 
@@ -163,6 +164,21 @@ def test_mode_context_and_paths_logged_once(fresh_counts, caplog):
     assert select.kernel_paths_used() == {"int4:pallas_interpret": 2, "int8:reference": 1}
     messages = [r.getMessage() for r in caplog.records if r.name == select.__name__]
     assert len(messages) == 2 and any("pallas_interpret" in msg for msg in messages)
+
+
+def test_set_kernel_mode_is_process_wide_and_context_is_local():
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        with select.kernel_mode("interpret"):  # this thread only
+            assert pool.submit(select.get_kernel_mode).result() == "auto"
+        select.set_kernel_mode("reference")  # every thread
+        assert pool.submit(select.get_kernel_mode).result() == "reference"
+        with select.kernel_mode("interpret"):
+            assert select.get_kernel_mode() == "interpret"
+        assert select.get_kernel_mode() == "reference"
+    finally:
+        select.set_kernel_mode("auto")
+        pool.shutdown()
 
 
 def test_guard():

@@ -28,7 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from vorch_jax.tiers.kernels.int8_matmul import (
-    _dot_precision,
+    dot_precision,
     check_x,
     compiler_params_for,
     largest_pow2_block,
@@ -71,7 +71,7 @@ def _int4_matmul_kernel(xe_ref, xo_ref, p_ref, s_ref, z_ref, o_ref, *, group_siz
     # o_ref: [block_m, block_n] (x dtype).
     block_m, block_n = o_ref.shape
     x_dtype = xe_ref.dtype
-    precision = _dot_precision(x_dtype)
+    precision = dot_precision(x_dtype)
     half_g = group_size // 2
     groups_per_block = block_k // group_size
 
@@ -158,5 +158,5 @@ def int4_matmul_reference(x_MxK: jax.Array, w) -> jax.Array:
     """Pure jnp: dequantize to x's dtype, then ``jnp.dot`` with float32 accumulation; ``[..., N]`` in x's dtype."""
     check_x(x_MxK, w.k_true, "int4_matmul_reference")
     w_KxN = w.dequantize(x_MxK.dtype)
-    out = jnp.dot(x_MxK, w_KxN, precision=_dot_precision(x_MxK.dtype), preferred_element_type=jnp.float32)
+    out = jnp.dot(x_MxK, w_KxN, precision=dot_precision(x_MxK.dtype), preferred_element_type=jnp.float32)
     return out.astype(x_MxK.dtype)

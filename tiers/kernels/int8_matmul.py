@@ -73,8 +73,8 @@ def check_x(x_MxK: jax.Array, k: int, who: str) -> None:
         raise ValueError(f"{who}: x has K={x_MxK.shape[-1]} (shape {tuple(x_MxK.shape)}) but the weight has K={k}")
 
 
-def _dot_precision(dtype) -> lax.Precision:
-    # f32 activations must not silently drop to TF32 / bf16 passes.
+def dot_precision(dtype) -> lax.Precision:
+    """HIGHEST for float32 x (IEEE on Triton, not TF32 / bf16 passes), DEFAULT for bfloat16."""
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
 
 
@@ -83,7 +83,7 @@ def _int8_matmul_kernel(x_ref, q_ref, s_ref, o_ref, *, block_k: int, num_k_block
     # o_ref: [block_m, block_n] (x dtype).
     block_m, block_n = o_ref.shape
     x_dtype = x_ref.dtype
-    precision = _dot_precision(x_dtype)
+    precision = dot_precision(x_dtype)
 
     def body(kb, acc_MxN):
         k_slice = pl.ds(pl.multiple_of(kb * block_k, block_k), block_k)
@@ -159,5 +159,5 @@ def int8_matmul_reference(x_MxK: jax.Array, w) -> jax.Array:
     """Pure jnp: dequantize to x's dtype, then ``jnp.dot`` with float32 accumulation; ``[..., N]`` in x's dtype."""
     check_x(x_MxK, w.q_KxN.shape[0], "int8_matmul_reference")
     w_KxN = w.dequantize(x_MxK.dtype)
-    out = jnp.dot(x_MxK, w_KxN, precision=_dot_precision(x_MxK.dtype), preferred_element_type=jnp.float32)
+    out = jnp.dot(x_MxK, w_KxN, precision=dot_precision(x_MxK.dtype), preferred_element_type=jnp.float32)
     return out.astype(x_MxK.dtype)

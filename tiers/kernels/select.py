@@ -1,6 +1,7 @@
 """Which path runs a quantized matmul: compiled Pallas, interpret-mode Pallas, or the jnp reference.
 
-Mode (``kernel_mode(...)`` context manager or ``set_kernel_mode(...)``):
+Mode: ``set_kernel_mode(...)`` sets the process-wide default (seen by every thread, e.g. the engine's
+workers); the ``kernel_mode(...)`` context manager overrides it for the current thread / context only.
 
 * ``"auto"`` (default): compiled Pallas on gpu / tpu when :func:`can_use_pallas` says so, else the reference.
 * ``"pallas"``: compiled Pallas; raises ValueError where it cannot run (cpu backend, guard fails).
@@ -36,7 +37,8 @@ KERNEL_MODES: tuple[str, ...] = ("auto", "pallas", "interpret", "reference")
 PALLAS_BACKENDS: tuple[str, ...] = ("gpu", "tpu")
 
 _log = logging.getLogger(__name__)
-_mode: contextvars.ContextVar[str] = contextvars.ContextVar("vorch_kernel_mode", default="auto")
+_default_mode = "auto"
+_mode_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("vorch_kernel_mode", default=None)
 _path_counts: collections.Counter[str] = collections.Counter()
 _logged: set[str] = set()
 
@@ -47,25 +49,27 @@ def _check_mode(mode: str) -> None:
 
 
 def set_kernel_mode(mode: KernelMode) -> None:
-    """Set the kernel mode for the current context (see module docstring)."""
+    """Set the process-wide default kernel mode (see module docstring)."""
+    global _default_mode
     _check_mode(mode)
-    _mode.set(mode)
+    _default_mode = mode
 
 
 def get_kernel_mode() -> str:
-    """The kernel mode in force."""
-    return _mode.get()
+    """The kernel mode in force here: the innermost ``kernel_mode`` block, else the process-wide default."""
+    override = _mode_override.get()
+    return _default_mode if override is None else override
 
 
 @contextlib.contextmanager
 def kernel_mode(mode: KernelMode) -> Iterator[None]:
-    """Run the body under ``mode``; restores the previous mode on exit."""
+    """Run the body under ``mode`` (this thread / context only); restores the previous mode on exit."""
     _check_mode(mode)
-    token = _mode.set(mode)
+    token = _mode_override.set(mode)
     try:
         yield
     finally:
-        _mode.reset(token)
+        _mode_override.reset(token)
 
 
 def kernel_paths_used() -> dict[str, int]:
@@ -157,9 +161,10 @@ def _run(fmt: str, x_xK, w, k: int, kernel, reference, block_sizes):
         out_MxN = reference(x_MxK, w)
     else:
         block_m, block_n, block_k = block_sizes(x_MxK.shape[0])
-        out_MxN = kernel(
+        interpret = path == "pallas_interpret"
+        out_MxN = kernel(  # backend only picks compiler params, which interpret mode ignores
             x_MxK, w, block_m=block_m, block_n=block_n, block_k=block_k,
-            interpret=path == "pallas_interpret", backend=backend if backend in PALLAS_BACKENDS else "gpu",
+            interpret=interpret, backend=backend if backend in PALLAS_BACKENDS else "gpu",
         )
     return out_MxN.reshape(*lead_shape, out_MxN.shape[-1])
 
