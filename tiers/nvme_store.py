@@ -3,12 +3,12 @@
 Layout under `store_dir`:
     <block_id>/<leaf>/zarr.json       zarr3 metadata: ONE chunk per leaf (chunk shape = array shape), codecs=[bytes]
     <block_id>/<leaf>/c/0[/0]         the chunk: the raw little-endian bytes of the leaf, uncompressed
-    <block_id>/checksums.json         {leaf: {"blake2b": hex, "shape": [...], "dtype": "float32", "nbytes": n}}
+    <block_id>/checksums.json         {leaf: {"sha256": hex, "shape": [...], "dtype": "float32", "nbytes": n}}
 
 Invariants:
   * A block directory exists only complete: it is written under a temporary name and renamed into place after
     every chunk and the checksum file were written, so a failed write (ENOSPC, EIO) leaves nothing half-done.
-  * A read returns bytes whose blake2b equals the recorded one, or raises CorruptBlockError naming the block and leaf.
+  * A read returns bytes whose sha256 equals the recorded one, or raises CorruptBlockError naming the block and leaf.
   * `nbytes` is the sum of the chunk files' sizes on disk (stat), not a formula.
 """
 
@@ -38,7 +38,7 @@ class CorruptBlockError(TierError):
 
 
 def _digest(a: np.ndarray) -> str:
-    return hashlib.blake2b(np.ascontiguousarray(a).view(np.uint8).reshape(-1), digest_size=32).hexdigest()
+    return hashlib.sha256(np.ascontiguousarray(a).view(np.uint8).reshape(-1)).hexdigest()
 
 
 def _spec(path: Path, shape=None, dtype=None) -> dict:
@@ -85,8 +85,8 @@ class NvmeRead:
                 raise CorruptBlockError(self._block.block_id, leaf, f"unreadable ({type(e).__name__}: {e})") from e
             if not _chunk_files(self._block.path / leaf):
                 raise CorruptBlockError(self._block.block_id, leaf, "chunk file is missing")
-            if _digest(a) != meta["blake2b"]:
-                raise CorruptBlockError(self._block.block_id, leaf, "blake2b checksum mismatch")
+            if _digest(a) != meta["sha256"]:
+                raise CorruptBlockError(self._block.block_id, leaf, "sha256 checksum mismatch")
             out[leaf] = a
         return out
 
@@ -107,9 +107,16 @@ class NvmeBlock:
         store_dir = Path(store_dir)
         final = store_dir / block_id
         tmp = store_dir / f".tmp-{block_id}-{uuid.uuid4().hex[:8]}"
+        futures = {}
         try:
             tmp.mkdir(parents=True)
-            futures = {leaf: _write_leaf(tmp / leaf, np.ascontiguousarray(a)) for leaf, a in host_leaves.items()}
+            for leaf, a in host_leaves.items():
+                futures[leaf] = _write_leaf(tmp / leaf, np.ascontiguousarray(a))
+            meta = {  # hashed while tensorstore writes (hashlib releases the GIL)
+                leaf: {"sha256": _digest(a), "shape": list(a.shape), "dtype": np.dtype(a.dtype).name,
+                       "nbytes": int(a.nbytes)}
+                for leaf, a in host_leaves.items()
+            }
             for leaf, fut in futures.items():
                 try:
                     fut.result()
@@ -117,11 +124,6 @@ class NvmeBlock:
                     raise
                 except Exception as e:  # tensorstore reports I/O failures as ValueError with the errno text
                     raise OSError(f"writing leaf '{leaf}' of block '{block_id}' failed: {e}") from e
-            meta = {
-                leaf: {"blake2b": _digest(a), "shape": list(a.shape), "dtype": np.dtype(a.dtype).name,
-                       "nbytes": int(a.nbytes)}
-                for leaf, a in host_leaves.items()
-            }
             for leaf, m in meta.items():  # the chunk really landed with the right size
                 size = sum(p.stat().st_size for p in _chunk_files(tmp / leaf))
                 if size != m["nbytes"]:
@@ -135,6 +137,11 @@ class NvmeBlock:
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         except BaseException:
+            for fut in futures.values():  # let started writes finish before removing their directory
+                try:
+                    fut.result()
+                except Exception:
+                    pass
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return cls(block_id, final, meta)
