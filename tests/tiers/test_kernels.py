@@ -14,10 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 from vorch_jax.tiers.kernels import select
-from vorch_jax.tiers.kernels.int4_matmul import int4_matmul, int4_matmul_reference
-from vorch_jax.tiers.kernels.int8_matmul import int8_matmul, int8_matmul_reference
+from vorch_jax.tiers.kernels.int4_matmul import int4_block_sizes, int4_matmul, int4_matmul_reference
+from vorch_jax.tiers.kernels.int8_matmul import int8_block_sizes, int8_matmul, int8_matmul_reference
 from vorch_jax.tiers.quant_int4 import Int4Weight, quantize_int4
 from vorch_jax.tiers.quant_int8 import quantize_int8
 
@@ -125,6 +126,36 @@ def test_leading_dims(fmt):
         y = _call(qw, x, mode, jitted=False)
         assert y.shape == (2, 3, 192)
         assert _rel_err(y.reshape(6, 192), x.reshape(6, 576), qw) < TOLERANCE[jnp.float32]
+
+
+# (format, M, K, N, x dtype) lowered for a device this machine does not have.
+LOWERING_CASES = [
+    ("int8", 1, 576, 576, jnp.float32),
+    ("int8", 512, 1536, 576, jnp.bfloat16),
+    ("int4_g128", 1, 576, 1536, jnp.bfloat16),
+    ("int4_g32", 512, 576, 192, jnp.float32),
+]
+_CUSTOM_CALL = {"cuda": "__gpu$xla.gpu.triton", "tpu": "tpu_custom_call"}
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_kernels_lower_for_gpu_and_tpu(platform):
+    """Cross-lowering on CPU with jax.export: Pallas -> Triton IR (cuda) and Pallas -> Mosaic (tpu), with the
+    default block sizes. Catches lowering-rule errors (tile sizes, dtypes, ops); Triton's PTX compile and Mosaic's
+    compile run only on the device and are not covered here."""
+    backend = "gpu" if platform == "cuda" else "tpu"
+    checks = [export.DisabledSafetyCheck.custom_call(_CUSTOM_CALL[platform])]
+    for fmt, m, k, n, dtype in LOWERING_CASES:
+        qw = _quantized(fmt, k, n)
+        if fmt == "int8":
+            kernel, blocks = int8_matmul, int8_block_sizes(m, k, n, backend)
+        else:
+            kernel, blocks = int4_matmul, int4_block_sizes(m, qw.k_padded, n, qw.group_size, backend)
+        block_m, block_n, block_k = blocks
+        fn = jax.jit(functools.partial(kernel, block_m=block_m, block_n=block_n, block_k=block_k, backend=backend))
+        exported = export.export(fn, platforms=[platform], disabled_checks=checks)(
+            jax.ShapeDtypeStruct((m, k), dtype), qw)
+        assert _CUSTOM_CALL[platform] in exported.mlir_module()
 
 
 # ----------------------------------------------------------------------------------------------- selection

@@ -33,6 +33,7 @@ from vorch_jax.tiers.kernels.int8_matmul import (
     compiler_params_for,
     largest_pow2_block,
     pad_axis_to,
+    tpu_lane_block,
 )
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -50,13 +51,17 @@ def _check_group(group_size: int, block_k: int, who: str) -> None:
         raise ValueError(f"{who}: block_k={block_k} must be a multiple of group_size={group_size}")
 
 
-def int4_block_sizes(m: int, k_padded: int, n: int, group_size: int) -> tuple[int, int, int]:
+def int4_block_sizes(m: int, k_padded: int, n: int, group_size: int, backend: str = "gpu") -> tuple[int, int, int]:
     """Default ``(block_m, block_n, block_k)``: ``block_k`` the largest multiple of ``group_size`` that is
-    <= 256 and divides the stored K (so the weight is never re-padded); ``block_n`` a power of 2 dividing N."""
+    <= 256 and divides the stored K (so the weight is never re-padded); ``block_n`` a power of 2 dividing N on
+    gpu, a multiple of 128 or the full N on tpu."""
     block_m = 16 if m <= 16 else min(64, pl.next_power_of_2(m))
-    block_n = largest_pow2_block(n, 64 if m <= 16 else 128)
-    if m <= 16 and n // block_n < 16:
-        block_n = largest_pow2_block(n, 32)
+    if backend == "tpu":
+        block_n = tpu_lane_block(n)
+    else:
+        block_n = largest_pow2_block(n, 64 if m <= 16 else 128)
+        if m <= 16 and n // block_n < 16:
+            block_n = largest_pow2_block(n, 32)
     n_groups = k_padded // group_size
     groups_per_block = max(1, min(n_groups, 256 // group_size))
     while n_groups % groups_per_block:

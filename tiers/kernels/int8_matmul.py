@@ -50,12 +50,21 @@ def largest_pow2_block(size: int, cap: int, floor: int = 16) -> int:
     return block
 
 
-def int8_block_sizes(m: int, k: int, n: int) -> tuple[int, int, int]:
-    """Default ``(block_m, block_n, block_k)``: powers of 2 that divide N and K where possible.
+def tpu_lane_block(size: int, caps: tuple[int, ...] = (512, 256, 128)) -> int:
+    """Largest of ``caps`` (multiples of 128) dividing ``size``, else ``size``: a full-dimension block is always
+    legal on Mosaic TPU, which otherwise needs the last block dim to be a multiple of 128."""
+    return next((c for c in caps if size % c == 0), size)
 
-    Decode (M <= 16) gets narrower N tiles so that even N=576 spreads over >= 18 programs.
+
+def int8_block_sizes(m: int, k: int, n: int, backend: str = "gpu") -> tuple[int, int, int]:
+    """Default ``(block_m, block_n, block_k)`` that divide N and K where possible (so the weight is not padded).
+
+    gpu (Triton): powers of 2; decode (M <= 16) gets narrower N tiles so that even N=576 spreads over >= 18
+    programs. tpu (Mosaic): N and K blocks are multiples of 128 or the full dimension.
     """
     block_m = 16 if m <= 16 else min(64, pl.next_power_of_2(m))
+    if backend == "tpu":
+        return block_m, tpu_lane_block(n), tpu_lane_block(k)
     block_n = largest_pow2_block(n, 64 if m <= 16 else 128)
     if m <= 16 and n // block_n < 16:
         block_n = largest_pow2_block(n, 32)

@@ -160,7 +160,7 @@ def _run(fmt: str, x_xK, w, k: int, kernel, reference, block_sizes):
     if path == "reference":
         out_MxN = reference(x_MxK, w)
     else:
-        block_m, block_n, block_k = block_sizes(x_MxK.shape[0])
+        block_m, block_n, block_k = block_sizes(x_MxK.shape[0], backend)
         interpret = path == "pallas_interpret"
         out_MxN = kernel(  # backend only picks compiler params, which interpret mode ignores
             x_MxK, w, block_m=block_m, block_n=block_n, block_k=block_k,
@@ -173,7 +173,7 @@ def matmul_int8(x_xK: jax.Array, w) -> jax.Array:
     """``x[..., K] @ w`` for an ``Int8Weight`` through the selected path; ``[..., N]`` in x's dtype."""
     k, n = w.shape
     return _run("int8", x_xK, w, k, _int8.int8_matmul, _int8.int8_matmul_reference,
-                lambda m: _int8.int8_block_sizes(m, k, n))
+                lambda m, backend: _int8.int8_block_sizes(m, k, n, backend))
 
 
 def matmul_int4(x_xK: jax.Array, w) -> jax.Array:
@@ -181,4 +181,4 @@ def matmul_int4(x_xK: jax.Array, w) -> jax.Array:
     _int4.check_group_size(w.group_size, "int4 matmul")
     k, n = w.shape
     return _run("int4", x_xK, w, k, _int4.int4_matmul, _int4.int4_matmul_reference,
-                lambda m: _int4.int4_block_sizes(m, w.k_padded, n, w.group_size))
+                lambda m, backend: _int4.int4_block_sizes(m, w.k_padded, n, w.group_size, backend))
