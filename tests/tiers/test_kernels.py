@@ -240,6 +240,10 @@ def test_bad_input_raises_before_any_kernel(fresh_counts):
     assert select.kernel_paths_used() == {}
     with pytest.raises(ValueError, match="block_k=96 must be a multiple of group_size=128"):
         int4_matmul(jnp.ones((2, 576)), qw4, block_k=96, interpret=True)
+    with pytest.raises(ValueError, match="block_n=48 must be a power of 2"):
+        int8_matmul(jnp.ones((2, 576)), qw8, block_n=48, backend="gpu")
+    with pytest.raises(ValueError, match="block_m=8 must be a power of 2 >= 16"):
+        int4_matmul(jnp.ones((2, 576)), qw4, block_m=8, backend="gpu")
     with pytest.raises(ValueError, match="'cpu'"):
         with select.kernel_mode("pallas"):
             qw8.matmul(jnp.ones((2, 576), jnp.float32))

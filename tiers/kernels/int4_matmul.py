@@ -15,7 +15,8 @@ Same layout as ``int8_matmul`` (grid over M and N tiles, K walked in ``block_k``
 
 Triton needs power-of-2 tile sizes: the loads are ``[group_size/2, block_n]`` codes, ``[block_m, group_size/2]``
 x halves and ``[1, block_n]`` scale / zero rows, so ``block_n`` is a power of 2; ``block_k`` need not be.
-TPU (Mosaic): not tested; the 16/32/64-wide lane slices of x per group are likely to need relayouts there.
+TPU (Mosaic): the Pallas -> Mosaic lowering passes on CPU (jax.export), but compiling and running on a TPU has
+NOT been tested; the 16/32/64-wide lane slices of x per group may be rejected or need relayouts there.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jax.experimental import pallas as pl
 
 from vorch_jax.tiers.kernels.int8_matmul import (
     dot_precision,
+    check_triton_blocks,
     check_x,
     compiler_params_for,
     largest_pow2_block,
@@ -120,6 +122,8 @@ def int4_matmul(
     check_x(x_MxK, w.k_true, "int4_matmul")
     if x_MxK.ndim != 2:
         raise ValueError(f"int4_matmul: x must be 2-D [M, K], got shape {tuple(x_MxK.shape)}")
+    if backend == "gpu" and not interpret:
+        check_triton_blocks("int4_matmul", block_m=block_m, block_n=block_n)
     m = x_MxK.shape[0]
     n = w.packed_K2xN.shape[1]
     # Whole extra groups (codes 0, zero 0, scale 0) when block_k does not divide the stored K.

@@ -17,7 +17,9 @@ defaults to True) and deprecates that route in favour of ``plgpu.kernel``. This 
 BlockSpec + in-kernel-loop shape directly, handles bf16 and f32 dots (f32 with ``Precision.HIGHEST`` -> IEEE, not
 TF32) and needs every loaded tile to have a power-of-2 size and dot dims >= 16, hence ``block_m >= 16`` and
 power-of-2 ``block_n``/``block_k``. Triton does not mask ragged edge blocks, so the wrapper pads M, N, K.
-TPU: Mosaic, same body, ``dimension_semantics=("parallel", "parallel")``; NOT tested on a TPU.
+TPU: Mosaic, same body, ``dimension_semantics=("parallel", "parallel")``, N/K blocks a multiple of 128 or the
+full dimension (:func:`tpu_lane_block`). The Pallas -> Mosaic lowering is exercised on CPU (jax.export in
+tests/tiers/test_kernels.py); compiling and running on a TPU has NOT been tested.
 """
 
 from __future__ import annotations
@@ -82,6 +84,13 @@ def check_x(x_MxK: jax.Array, k: int, who: str) -> None:
         raise ValueError(f"{who}: x has K={x_MxK.shape[-1]} (shape {tuple(x_MxK.shape)}) but the weight has K={k}")
 
 
+def check_triton_blocks(who: str, **blocks: int) -> None:
+    """Raise ValueError unless every block is a power of 2 >= 16 (Triton's tile-size and dot-size rules)."""
+    for name, size in blocks.items():
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{who}: {name}={size} must be a power of 2 >= 16 for the Triton (gpu) lowering")
+
+
 def dot_precision(dtype) -> lax.Precision:
     """HIGHEST for float32 x (IEEE on Triton, not TF32 / bf16 passes), DEFAULT for bfloat16."""
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else lax.Precision.DEFAULT
@@ -138,6 +147,8 @@ def int8_matmul(
     check_x(x_MxK, k, "int8_matmul")
     if x_MxK.ndim != 2:
         raise ValueError(f"int8_matmul: x must be 2-D [M, K], got shape {tuple(x_MxK.shape)}")
+    if backend == "gpu" and not interpret:
+        check_triton_blocks("int8_matmul", block_m=block_m, block_n=block_n, block_k=block_k)
     m = x_MxK.shape[0]
     x_MpxKp = pad_axis_to(pad_axis_to(x_MxK, 0, block_m), 1, block_k)
     q_KpxNp = pad_axis_to(pad_axis_to(w.q_KxN, 0, block_k), 1, block_n)

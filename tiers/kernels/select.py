@@ -157,7 +157,7 @@ def _run(fmt: str, x_xK, w, k: int, kernel, reference, block_sizes):
     path, backend = _resolve_path(fmt, x_xK, w)
     lead_shape = x_xK.shape[:-1]
     x_MxK = x_xK.reshape(-1, k)
-    if path == "reference":
+    if path == "reference" or x_MxK.shape[0] == 0:  # an empty grid is not a kernel launch
         out_MxN = reference(x_MxK, w)
     else:
         block_m, block_n, block_k = block_sizes(x_MxK.shape[0], backend)
