@@ -132,6 +132,10 @@ class GGUFSource:
     def block_ids(self) -> list[str]:
         return list(self.layout)
 
+    def block_nbytes(self, block_id: str) -> int:
+        """Float32 bytes of a block, from the tensor shapes alone (nothing is read or dequantized)."""
+        return sum(4 * int(np.prod(self._tensors[name].shape)) for name, _ in self.layout[block_id].values())
+
     def metadata(self, key: str):
         return _field(self._reader, key)
 
