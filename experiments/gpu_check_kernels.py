@@ -183,7 +183,8 @@ def main(argv=None) -> int:
     print(f"python {sys.version.split()[0]}; jax {jax.__version__}; {flax_note}")
     print(f"device: {device.device_kind} (backend {backend}, platform_version "
           f"{getattr(device.client, 'platform_version', '?')})")
-    print(f"jax_pallas_use_mosaic_gpu={jax.config.jax_pallas_use_mosaic_gpu} (kernels pin Triton via CompilerParams)")
+    mosaic_default = getattr(jax.config, "jax_pallas_use_mosaic_gpu", "n/a")
+    print(f"jax_pallas_use_mosaic_gpu={mosaic_default} (the kernels pin Triton via CompilerParams)")
     print(f"modules from: {Path(quant_int8.__file__).parent}")
     if not args.cpu_smoke and backend not in select.PALLAS_BACKENDS:
         print(f"backend {backend!r} has no compiled Pallas; use --cpu-smoke for the interpret-mode smoke run")
@@ -209,6 +210,11 @@ def main(argv=None) -> int:
               f"{f'  RAISED={raised}' if raised else ''}")
 
     kernel_ok = all(c.ok for c in checks if c.path == kernel_path)
+    before = select.kernel_paths_used()
+    quant_int8.quantize_int8(jnp.ones((64, 64), jnp.float32)).matmul(jnp.ones((1, 64), jnp.bfloat16))
+    after = select.kernel_paths_used()
+    chosen = [key for key in after if after[key] != before.get(key, 0)]
+    print(f"\nmode 'auto' on backend {backend!r} chose: {chosen}")
     if not args.skip_timing:
         print("\n== timing (median ms per call after warm-up) ==", flush=True)
         t0 = time.perf_counter()

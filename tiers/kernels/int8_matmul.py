@@ -118,11 +118,13 @@ def compiler_params_for(backend: str, num_warps: int = 4, num_stages: int = 3):
     if backend == "gpu":
         from jax.experimental.pallas import triton as plgpu
 
-        return plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+        params_cls = getattr(plgpu, "CompilerParams", None) or plgpu.TritonCompilerParams  # name before jax 0.7
+        return params_cls(num_warps=num_warps, num_stages=num_stages)
     if backend == "tpu":
         from jax.experimental.pallas import tpu as pltpu
 
-        return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel"))
+        params_cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams  # name before jax 0.7
+        return params_cls(dimension_semantics=("parallel", "parallel"))
     return None
 
 
