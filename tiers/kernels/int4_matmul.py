@@ -33,9 +33,8 @@ from vorch_jax.tiers.kernels.int8_matmul import (
     check_triton_blocks,
     check_x,
     compiler_params_for,
-    largest_pow2_block,
+    mn_block_sizes,
     pad_axis_to,
-    tpu_lane_block,
 )
 
 SUPPORTED_GROUP_SIZES = (32, 64, 128)
@@ -54,16 +53,9 @@ def _check_group(group_size: int, block_k: int, who: str) -> None:
 
 
 def int4_block_sizes(m: int, k_padded: int, n: int, group_size: int, backend: str = "gpu") -> tuple[int, int, int]:
-    """Default ``(block_m, block_n, block_k)``: ``block_k`` the largest multiple of ``group_size`` that is
-    <= 256 and divides the stored K (so the weight is never re-padded); ``block_n`` a power of 2 dividing N on
-    gpu, a multiple of 128 or the full N on tpu."""
-    block_m = 16 if m <= 16 else min(64, pl.next_power_of_2(m))
-    if backend == "tpu":
-        block_n = tpu_lane_block(n)
-    else:
-        block_n = largest_pow2_block(n, 64 if m <= 16 else 128)
-        if m <= 16 and n // block_n < 16:
-            block_n = largest_pow2_block(n, 32)
+    """Default ``(block_m, block_n, block_k)``: ``mn_block_sizes`` and ``block_k`` the largest multiple of
+    ``group_size`` that is <= 256 and divides the stored K (so the weight is never re-padded)."""
+    block_m, block_n = mn_block_sizes(m, n, backend)
     n_groups = k_padded // group_size
     groups_per_block = max(1, min(n_groups, 256 // group_size))
     while n_groups % groups_per_block:

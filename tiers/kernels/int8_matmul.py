@@ -58,19 +58,26 @@ def tpu_lane_block(size: int, caps: tuple[int, ...] = (512, 256, 128)) -> int:
     return next((c for c in caps if size % c == 0), size)
 
 
-def int8_block_sizes(m: int, k: int, n: int, backend: str = "gpu") -> tuple[int, int, int]:
-    """Default ``(block_m, block_n, block_k)`` that divide N and K where possible (so the weight is not padded).
+def mn_block_sizes(m: int, n: int, backend: str = "gpu") -> tuple[int, int]:
+    """Default ``(block_m, block_n)`` shared by both kernels.
 
-    gpu (Triton): powers of 2; decode (M <= 16) gets narrower N tiles so that even N=576 spreads over >= 18
-    programs. tpu (Mosaic): N and K blocks are multiples of 128 or the full dimension.
+    gpu (Triton): powers of 2 dividing N where possible; decode (M <= 16) gets narrower N tiles so that even
+    N=576 spreads over >= 18 programs. tpu (Mosaic): block_n a multiple of 128 or the full N.
     """
     block_m = 16 if m <= 16 else min(64, pl.next_power_of_2(m))
     if backend == "tpu":
-        return block_m, tpu_lane_block(n), tpu_lane_block(k)
+        return block_m, tpu_lane_block(n)
     block_n = largest_pow2_block(n, 64 if m <= 16 else 128)
     if m <= 16 and n // block_n < 16:
         block_n = largest_pow2_block(n, 32)
-    block_k = largest_pow2_block(k, 256)
+    return block_m, block_n
+
+
+def int8_block_sizes(m: int, k: int, n: int, backend: str = "gpu") -> tuple[int, int, int]:
+    """Default ``(block_m, block_n, block_k)`` that divide N and K where possible (so the weight is not padded):
+    :func:`mn_block_sizes`, and block_k a power of 2 <= 256 (gpu) or a multiple of 128 / the full K (tpu)."""
+    block_m, block_n = mn_block_sizes(m, n, backend)
+    block_k = tpu_lane_block(k) if backend == "tpu" else largest_pow2_block(k, 256)
     return block_m, block_n, block_k
 
 
