@@ -5,10 +5,12 @@ so the runtime can call `update_rho` every step without recompiling.
 
 - ρ: rho' = decay·rho + count(accesses of b in this batch). With a steady stream of c accesses per step it converges
   to c / (1 - decay); the score max-normalises it, so only ratios between blocks matter.
-- λ: when the executor is about to run layer `current_layer`, a block of layer l is needed after
-  distance = (l - current_layer) mod num_layers layers (wrapping into the next decode step). Within the lookahead
-  window it gets λ = decay**distance (1 for the layer about to run), else 0. MoE experts are not all needed: the
-  router supplies their λ through `lam_override` where `override_mask` is set.
+- λ: layers follow models/: -1 is the embedding, 0..num_layers-1 the decoder layers, num_layers the final norm /
+  head, so one decode step visits num_layers + 2 positions. When the executor is about to run layer
+  `current_layer`, a block of layer l is needed after distance = (l - current_layer) mod (num_layers + 2) positions
+  (wrapping into the next decode step); within the lookahead window it gets λ = decay**distance (1 for the layer
+  about to run), else 0. MoE experts are not all needed: the router supplies their λ through `lam_override` where
+  `override_mask` is set.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ def pad_accesses(accessed, size):
 
 @jax.jit
 def lookahead_lambda(layer_B, current_layer, num_layers, window, decay, lam_override_B=None, override_mask_B=None):
-    """float32[B]: decay**distance for blocks within `window` layers ahead of `current_layer` (wrapping), else 0.
+    """float32[B]: decay**distance for blocks within `window` positions ahead of `current_layer` (wrapping), else 0.
 
-    lam_override_B float32[B] replaces the dense λ where override_mask_B is True (everywhere if no mask is given).
+    layer_B int32[B] in -1..num_layers (embedding -1, final norm num_layers). lam_override_B float32[B] replaces the
+    dense λ where override_mask_B is True (everywhere if no mask is given).
     """
-    L = jnp.maximum(jnp.asarray(num_layers, jnp.int32), 1)
-    dist = jnp.mod(jnp.asarray(layer_B, jnp.int32) - jnp.asarray(current_layer, jnp.int32), L)
+    period = jnp.maximum(jnp.asarray(num_layers, jnp.int32), 0) + 2
+    dist = jnp.mod(jnp.asarray(layer_B, jnp.int32) - jnp.asarray(current_layer, jnp.int32), period)
     lam = jnp.where(dist < window, jnp.power(jnp.asarray(decay, jnp.float32), dist.astype(jnp.float32)), 0.0)
     if lam_override_B is not None:
         ov = jnp.asarray(lam_override_B, jnp.float32)

@@ -39,7 +39,7 @@ class BlockTable:
     bytes_per_state: jax.Array  # float32[B,7] device (HBM) bytes in each state; 0 for S3, S4, S5
     host_bytes: jax.Array  # float32[B] DRAM bytes the block occupies in S3 (for the DRAM budget)
     kind: jax.Array  # int32[B]   index into KINDS
-    layer: jax.Array  # int32[B]   execution position (0-based layer; embedding 0)
+    layer: jax.Array  # int32[B]   execution position as models/ numbers it: -1 embedding, 0.. layers, L final norm
     protected: jax.Array  # bool[B]    guardrail: must stay on device, at or above floor_state
     floor_state: jax.Array  # int32[B]   lowest-quality on-device state the guardrail allows
     allowed: jax.Array  # bool[B,7]  the block's ladder (S5 is never allowed: it is not a target)
@@ -101,6 +101,8 @@ class BlockTable:
         kind_i = np.array([_kind_or_raise(k, label(i)) for i, k in enumerate(col(kind, None, object, "kind"))],
                           np.int32)
         layer_i = col(layer, None, np.int64, "layer").astype(np.int32)
+        for i in np.nonzero(layer_i < -1)[0]:
+            raise ValueError(f"layer of {label(i)} is {layer_i[i]}; layers run from -1 (embedding) upwards")
 
         bps = np.asarray(bytes_per_state, np.float64)
         if bps.ndim == 1:
@@ -245,3 +247,29 @@ def _nonneg_or_raise(arr, name, label):
 def _positive_scalar_or_raise(x, name):
     if not (np.isfinite(x) and x > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {x!r}")
+
+
+def pad_to(table: BlockTable, n: int) -> BlockTable:
+    """Append inert rows up to n blocks, so that tables of varying size share one compiled tick.
+
+    An inert row sits in S4 with only S4 on its ladder, 0 bytes anywhere and all score inputs 0: it never takes
+    budget, never moves (reason KEEP) and does not change any normalisation max. Drop its decisions: target[:B].
+    """
+    b = table.num_blocks
+    if n < b:
+        raise ValueError(f"pad_to: table has {b} blocks, cannot pad to {n}")
+    k = n - b
+    if k == 0:
+        return table
+
+    def cat(x, fill):
+        return jnp.concatenate([x, jnp.full((k,) + x.shape[1:], fill, x.dtype)], axis=0)
+
+    inert_allowed = jnp.zeros((k, sid.NUM_STATES), bool).at[:, sid.S4].set(True)
+    return table.replace(
+        state=cat(table.state, sid.S4), bytes_per_state=cat(table.bytes_per_state, 0),
+        host_bytes=cat(table.host_bytes, 0),
+        kind=cat(table.kind, KIND_NORM), layer=cat(table.layer, 0), protected=cat(table.protected, False),
+        floor_state=cat(table.floor_state, sid.S6), allowed=jnp.concatenate([table.allowed, inert_allowed], axis=0),
+        rho=cat(table.rho, 0), lam=cat(table.lam, 0), kappa=cat(table.kappa, 0), psi=cat(table.psi, 0),
+        delta=cat(table.delta, 0), tau=cat(table.tau, 0), dwell=cat(table.dwell, SETTLED_DWELL))

@@ -60,6 +60,7 @@ REASON_NAMES = ("KEEP", "SCORE", "BUDGET", "GUARDRAIL_VETO", "PREFETCH")
 
 _LADDER = np.array(sid.DEVICE_LADDER)  # K=4 on-device states, worst to best
 _BIG_Q = 1 << 30  # "everything fits" budget in quanta
+BISECT_STEPS = 16  # threshold resolution: (ratio bit range) >> 16 ulps, ~1e-4 relative
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +77,7 @@ class TickParams:
     min_dwell: int = 4
     margin: float = 0.10
     passes: int = 2
-    method: str = "sort"
+    method: str = "bisect"
     lossy_loss: tuple = tuple(sorted(score_lib.DEFAULT_LOSSY_LOSS.items()))
     quantum_bits: int = 22
 
@@ -101,7 +102,8 @@ class TickStats:
     device_bytes: jax.Array  # float32[] HBM bytes of the targets
     dram_bytes: jax.Array  # float32[] host bytes of targets in S3
     pinned_bytes: jax.Array  # float32[] bytes of the floor anchors (protected set)
-    over_budget: jax.Array  # bool[] the pinned set alone exceeds the budget (check_budget would have raised)
+    over_budget: jax.Array  # bool[] the pinned set alone exceeds the budget beyond float32 rounding
+    #                           (check_budget would have raised)
     n_changed: jax.Array  # int32[]
     n_locked: jax.Array  # int32[] blocks held by hysteresis
     n_released: jax.Array  # int32[] locks released for the budget
@@ -113,13 +115,23 @@ def _select(ratio_N, cost_N, budget, method):
     """bool[N]: the items of highest ratio whose costs (int32) sum to <= budget. ratio <= 0 marks invalid items."""
     valid = ratio_N > 0
     cost = jnp.where(valid, cost_N, 0)
+    # common case (budget not binding): take every valid item without searching
+    return jax.lax.cond(jnp.sum(cost) <= budget, lambda: valid, lambda: _search(ratio_N, valid, cost, budget, method))
+
+
+def _search(ratio_N, valid, cost, budget, method):
     if method == "sort":
         order = jnp.argsort(-ratio_N, stable=True)
         cum = jnp.cumsum(cost[order])
         take_sorted = valid[order] & (cum <= budget)
         return jnp.zeros_like(valid).at[order].set(take_sorted)
     # bisect: smallest threshold t on the (monotone, for positive floats) int32 bits of the ratio that fits.
+    # Invariant: items with bits >= hi fit. hi starts above every ratio (takes nothing); BISECT_STEPS halvings of
+    # [min bits, max bits + 1] leave a threshold band of (range >> steps) ulps: items inside it wait for the next
+    # pass. Any threshold keeps the budget, so fewer steps only under-fill.
     bits = jnp.where(valid, jax.lax.bitcast_convert_type(ratio_N.astype(jnp.float32), jnp.int32), -1)
+    lo0 = jnp.min(jnp.where(valid, bits, jnp.int32(0x7F800000)), initial=jnp.int32(0x7F800000)) - 1
+    hi0 = jnp.max(bits, initial=jnp.int32(0)) + 1
 
     def body(_, lohi):
         lo, hi = lohi
@@ -127,8 +139,7 @@ def _select(ratio_N, cost_N, budget, method):
         fits = jnp.sum(jnp.where(bits >= mid, cost, 0)) <= budget
         return jnp.where(fits, lo, mid), jnp.where(fits, mid, hi)
 
-    hi0 = jnp.int32(0x7F800001)  # above +inf's bits: takes nothing, always fits
-    _, hi = jax.lax.fori_loop(0, 31, body, (jnp.int32(0), hi0))
+    _, hi = jax.lax.fori_loop(0, BISECT_STEPS, body, (lo0, hi0))
     return valid & (bits >= hi) & (budget >= 0)
 
 
@@ -150,62 +161,114 @@ def _scale(total, bits):
 
 
 # ----------------------------------------------------------------------------------------------- knapsack
-def _hull_steps(a_b, a_v, X_BK, Y_BK, ok_BK):
-    """Upper concave hull of each block's points above its anchor (a_b, a_v).
+def _hull_steps(a_b, a_v, X, Y, ok):
+    """Upper concave hull of each block's points above its anchor (a_b, a_v), in O(K^2) per block.
 
-    Returns on_hull bool[B,K], prev_b int32[B,K], prev_v float32[B,K]: each hull point's predecessor on the hull.
-    A candidate is on the hull iff no other candidate has <= bytes and >= value (dominance, ties to lower k) and it
-    lies strictly above every chord between a point with fewer bytes (anchor included) and one with more.
+    X, Y, ok: lists of K columns (int32[B], float32[B], bool[B]); columns, not [B,K] arrays, so that XLA fuses the
+    whole hull into elementwise loops over B instead of tiny reductions over K.
+    Returns lists on_hull bool[B], prev_b int32[B], prev_v float32[B]: each hull point's predecessor on the hull.
+    First dominance: a candidate dies if another has <= bytes and >= value (exact ties: the lower k survives); the
+    survivors have distinct bytes and values increasing with bytes. Then a survivor k is on the hull iff
+    min over survivors/anchor i left of k of slope(i, k)  >  max over survivors j right of k of slope(k, j),
+    which is "k lies strictly above every chord i–j around it" (k below chord(i, j) <=> slope(i,k) <= slope(k,j)).
     """
-    K = X_BK.shape[1]
-    Xf, af = X_BK.astype(jnp.float32), a_b.astype(jnp.float32)[:, None]
-    kk = jnp.arange(K)
-    # dominance: j dominates k
-    Xj, Xk = Xf[:, :, None], Xf[:, None, :]  # [B,j,k]
-    Yj, Yk = Y_BK[:, :, None], Y_BK[:, None, :]
-    dom = ok_BK[:, :, None] & (Xj <= Xk) & (Yj >= Yk) & ((Xj < Xk) | (Yj > Yk) | (kk[:, None] < kk[None, :]))
-    alive = ok_BK & ~jnp.any(dom, axis=1)
-    # chords i -> j around k; i ranges over anchor (index K) and candidates
-    Xi = jnp.concatenate([Xf, af], axis=1)  # [B,K+1]
-    Yi = jnp.concatenate([Y_BK, a_v[:, None]], axis=1)
-    oki = jnp.concatenate([alive, jnp.ones_like(a_v, bool)[:, None]], axis=1)
-    xi, yi = Xi[:, :, None, None], Yi[:, :, None, None]  # [B,i,j,k]
-    xj, yj = Xf[:, None, :, None], Y_BK[:, None, :, None]
-    xk, yk = Xf[:, None, None, :], Y_BK[:, None, None, :]
-    between = oki[:, :, None, None] & alive[:, None, :, None] & (xi < xk) & (xk < xj)
-    below = (yk - yi) * (xj - xi) <= (yj - yi) * (xk - xi)
-    on_hull = alive & ~jnp.any(between & below, axis=(1, 2))
-    # predecessor: the hull point with the most bytes below X_k, else the anchor
-    lower = on_hull[:, :, None] & (Xj < Xk)  # [B,j,k]
-    cand = jnp.where(lower, Xj, -1.0)
-    pj = jnp.argmax(cand, axis=1)  # [B,k]
-    has = jnp.any(lower, axis=1)
-    prev_b = jnp.where(has, jnp.take_along_axis(X_BK, pj, axis=1), a_b[:, None])
-    prev_v = jnp.where(has, jnp.take_along_axis(Y_BK, pj, axis=1), a_v[:, None])
+    K = len(X)
+    Xf = [x.astype(jnp.float32) for x in X]
+    af = a_b.astype(jnp.float32)
+    alive = []
+    for k in range(K):
+        dead = jnp.zeros_like(ok[k])
+        for j in range(K):
+            if j != k:
+                tie_wins = (Xf[j] < Xf[k]) | (Y[j] > Y[k]) | (j < k)
+                dead = dead | (ok[j] & (Xf[j] <= Xf[k]) & (Y[j] >= Y[k]) & tie_wins)
+        alive.append(ok[k] & ~dead)
+    left = [[alive[j] & alive[k] & (Xf[j] < Xf[k]) for k in range(K)] for j in range(K)]  # left[j][k]: j left of k
+    slope = [[None] * K for _ in range(K)]  # symmetric: slope(j, k) = slope(k, j); computed once per pair
+    for j in range(K):
+        for k in range(j + 1, K):
+            dx = Xf[k] - Xf[j]
+            slope[j][k] = slope[k][j] = (Y[k] - Y[j]) / jnp.where(dx != 0, dx, 1.0)
+    on_hull, prev_b, prev_v = [], [], []
+    for k in range(K):
+        s_in = (Y[k] - a_v) / jnp.maximum(Xf[k] - af, 1.0)
+        s_out = jnp.full_like(s_in, -jnp.inf)
+        for j in range(K):
+            if j != k:
+                s_in = jnp.minimum(s_in, jnp.where(left[j][k], slope[j][k], jnp.inf))
+                s_out = jnp.maximum(s_out, jnp.where(left[k][j], slope[k][j], -jnp.inf))
+        on_hull.append(alive[k] & (s_in > s_out))
+    for k in range(K):  # predecessor: the hull point with the most bytes below X_k, else the anchor
+        pb, pv = a_b, a_v
+        for j in range(K):
+            better = on_hull[j] & (X[j] < X[k]) & (X[j] > pb)
+            pb, pv = jnp.where(better, X[j], pb), jnp.where(better, Y[j], pv)
+        prev_b.append(pb)
+        prev_v.append(pv)
     return on_hull, prev_b, prev_v
 
 
-def _knapsack_pass(a_b, a_v, a_state, X_BK, Y_BK, ok_BK, rem, method):
-    """One hull + global prefix pass. Returns the new (bytes, value, state) per block and the bytes used."""
-    B, K = X_BK.shape
-    ok = ok_BK & (X_BK > a_b[:, None]) & (Y_BK > a_v[:, None]) & (X_BK - a_b[:, None] <= rem)
-    on_hull, prev_b, prev_v = _hull_steps(a_b, a_v, X_BK, Y_BK, ok)
-    d_b = X_BK - prev_b
-    ratio = jnp.where(on_hull, (Y_BK - prev_v) / jnp.maximum(d_b, 1).astype(jnp.float32), -1.0)
-    taken = _select(ratio.reshape(-1), d_b.reshape(-1), rem, method).reshape(B, K)
-    # a step counts only if every cheaper hull step of its block was taken too (cuts float ties)
-    cheaper_untaken = on_hull[:, :, None] & ~taken[:, :, None] & (X_BK[:, :, None] < X_BK[:, None, :])
-    taken = taken & ~jnp.any(cheaper_untaken, axis=1)
-    best = jnp.argmax(jnp.where(taken, X_BK, -1), axis=1)  # [B]
-    any_taken = jnp.any(taken, axis=1)
-    pick = lambda M: jnp.take_along_axis(M, best[:, None], axis=1)[:, 0]  # noqa: E731
-    new_b = jnp.where(any_taken, pick(X_BK), a_b)
-    new_v = jnp.where(any_taken, pick(Y_BK), a_v)
-    new_s = jnp.where(any_taken, jnp.asarray(_LADDER, jnp.int32)[best], a_state)
-    return new_b, new_v, new_s, jnp.sum(new_b - a_b)
+def _hull_increments(a_b, a_v, X, Y, ok, rem):
+    """Per block, the steps along its hull above the anchor: lists on_hull bool[B], d_b int32[B], ratio f32[B]."""
+    K = len(X)
+    ok = [ok[k] & (X[k] > a_b) & (Y[k] > a_v) & (X[k] - a_b <= rem) for k in range(K)]
+    on_hull, prev_b, prev_v = _hull_steps(a_b, a_v, X, Y, ok)
+    d_b = [X[k] - prev_b[k] for k in range(K)]
+    ratio = [jnp.where(on_hull[k], (Y[k] - prev_v[k]) / jnp.maximum(d_b[k], 1).astype(jnp.float32), -1.0)
+             for k in range(K)]
+    return on_hull, d_b, ratio
 
 
-# ----------------------------------------------------------------------------------------------- the tick
+def _take_prefix(s_b, s_v, s_state, X, Y, on_hull, d_b, ratio, rem, method, first_only=False):
+    """Take the globally best hull steps that fit `rem`, from the current points (s_b, s_v, s_state).
+
+    Only untaken steps whose cumulative bytes from the current point fit are candidates; concavity makes the taken
+    set a per-block prefix. first_only (refill passes): each block offers only its next step, B items instead of
+    K·B — a step that does not fit blocks the later ones anyway, so only multi-step refills are given up.
+    Returns the new (bytes, value, state) per block and the bytes used.
+    """
+    K = len(X)
+    live = [on_hull[k] & (X[k] > s_b) & (X[k] - s_b <= rem) for k in range(K)]
+    if first_only:
+        nxt_b, nxt_v, nxt_s = jnp.full_like(s_b, _BIG_Q), s_v, s_state
+        nxt_d, nxt_r = jnp.zeros_like(s_b), jnp.full_like(s_v, -1.0)
+        for k in range(K):
+            better = live[k] & (X[k] < nxt_b)
+            nxt_b, nxt_v = jnp.where(better, X[k], nxt_b), jnp.where(better, Y[k], nxt_v)
+            nxt_s = jnp.where(better, jnp.int32(_LADDER[k]), nxt_s)
+            nxt_d, nxt_r = jnp.where(better, d_b[k], nxt_d), jnp.where(better, ratio[k], nxt_r)
+        t = _select(nxt_r, nxt_d, rem, method)
+        new_b = jnp.where(t, nxt_b, s_b)
+        return new_b, jnp.where(t, nxt_v, s_v), jnp.where(t, nxt_s, s_state), jnp.sum(new_b - s_b)
+    r = jnp.stack([jnp.where(live[k], ratio[k], -1.0) for k in range(K)]).reshape(-1)
+    taken_KB = _select(r, jnp.stack(d_b).reshape(-1), rem, method).reshape(K, -1)
+    taken = [taken_KB[k] for k in range(K)]
+    # a step counts only if every cheaper live step of its block was taken too (cuts float ties)
+    new_b, new_v, new_s = s_b, s_v, s_state
+    for k in range(K):
+        gap = jnp.zeros_like(taken[k])
+        for j in range(K):
+            if j != k:
+                gap = gap | (live[j] & ~taken[j] & (X[j] < X[k]))
+        t = taken[k] & ~gap & (X[k] > new_b)
+        new_b, new_v = jnp.where(t, X[k], new_b), jnp.where(t, Y[k], new_v)
+        new_s = jnp.where(t, jnp.int32(_LADDER[k]), new_s)
+    return new_b, new_v, new_s, jnp.sum(new_b - s_b)
+
+
+def _pick(cols, idx_B):
+    """cols[idx_B[b]][b] for a list of per-state columns, as an elementwise select chain (fuses; no gather)."""
+    out = cols[0]
+    for s in range(1, len(cols)):
+        out = jnp.where(idx_B == s, cols[s], out)
+    return out
+
+
+def _lookup(consts, idx_B):
+    """consts[idx_B[b]] for a tuple of Python constants, as a select chain."""
+    return _pick([jnp.asarray(c) for c in consts], idx_B)
+
+
 @functools.partial(jax.jit, static_argnames=("params",))
 def tick(table: BlockTable, budget_bytes, weights: score_lib.ScoreWeights, params: TickParams = TickParams(),
          dram_budget_bytes=jnp.inf):
@@ -213,71 +276,87 @@ def tick(table: BlockTable, budget_bytes, weights: score_lib.ScoreWeights, param
 
     Returns (target_state int32[B], reason int32[B] (REASON_NAMES), TickStats). Call `check_budget` first (or use
     `tick_checked`): inside jit an infeasible budget cannot raise, it sets `stats.over_budget` instead.
+    Internally per-state columns (lists of 7 [B] arrays): XLA:CPU fuses them into a few loops over B.
     """
     B = table.state.shape[0]
-    rows = jnp.arange(B)
+    S = sid.NUM_STATES
+    R = sid.QUALITY_RANK
     cur = table.state
-    cur_c = jnp.where(cur == sid.S5, sid.S3, cur)  # index-safe stand-in for S5
-    rank_S = jnp.asarray(sid.QUALITY_RANK, jnp.int32)
-    on_S = jnp.asarray(sid.IS_ON_DEVICE)
-    allowed = table.allowed & (jnp.arange(sid.NUM_STATES) != sid.S5)[None, :]
+    in_flight = cur == sid.S5
+    cur_c = jnp.where(in_flight, sid.S3, cur)  # index-safe stand-in for S5
+    false_B = jnp.zeros((B,), bool)
+    allowed = [table.allowed[:, s] if s != sid.S5 else false_B for s in range(S)]
 
     # --- 1. guardrail: effective ladder and floor anchors
-    above_floor = rank_S[None, :] >= rank_S[table.floor_state][:, None]
-    off_ok_any = allowed[:, sid.S3] | allowed[:, sid.S4]
+    floor_rank = _lookup(R, table.floor_state)
+    off_ok_any = allowed[sid.S3] | allowed[sid.S4]
     must_on = table.protected | ~off_ok_any
-    dev_ok = allowed & on_S[None, :] & above_floor  # [B,7]
-    offs_ok = allowed & ~on_S[None, :] & ~must_on[:, None]
-    eff = dev_ok | offs_ok
-    cur_ok = eff[rows, cur_c] & (cur != sid.S5)
+    dev_ok = [allowed[s] & (R[s] >= floor_rank) if sid.IS_ON_DEVICE[s] else false_B for s in range(S)]
+    offs_ok = [allowed[s] & ~must_on if s in sid.OFF_DEVICE else false_B for s in range(S)]
+    cur_ok = _pick([d | o for d, o in zip(dev_ok, offs_ok)], cur_c) & ~in_flight
+    cur_on = _lookup(sid.IS_ON_DEVICE, cur_c) & ~in_flight
 
-    bytes_S = jnp.where(jnp.isfinite(table.bytes_per_state), jnp.maximum(table.bytes_per_state, 0.0), 0.0)
-    total = jnp.sum(jnp.max(jnp.where(dev_ok, bytes_S, 0.0), axis=1))
+    bytes_ = [jnp.where(jnp.isfinite(c), jnp.maximum(c, 0.0), 0.0) if sid.IS_ON_DEVICE[s] else jnp.zeros((B,))
+              for s, c in enumerate(table.bytes_per_state.T)]
+    row_max = jnp.zeros((B,))
+    for s in sid.ON_DEVICE:
+        row_max = jnp.maximum(row_max, jnp.where(dev_ok[s], bytes_[s], 0.0))
+    total = jnp.sum(row_max)
     q = _scale(total, params.quantum_bits)
-    bq = jnp.where(on_S[None, :], _quanta(bytes_S, q), 0)  # int32[B,7]
+    bq = [_quanta(c, q) for c in bytes_]  # int32[B] per state, 0 off device
     budget_q = _budget_quanta(jnp.asarray(budget_bytes, jnp.float32), total, q)
 
-    floor_anchor = jnp.argmin(jnp.where(dev_ok, bq, _BIG_Q), axis=1).astype(jnp.int32)
-    floor_bq = jnp.where(must_on, bq[rows, floor_anchor], 0)
+    # cheapest allowed on-device state at/above the floor, in TRUE bytes (quanta may tie two sizes; check_budget
+    # promises the pinned set in true bytes), ties to the better state
+    floor_anchor = jnp.full((B,), sid.S0, jnp.int32)
+    floor_best = jnp.full((B,), jnp.inf)
+    for s in sid.ON_DEVICE:
+        better = dev_ok[s] & (bytes_[s] < floor_best)
+        floor_anchor, floor_best = jnp.where(better, s, floor_anchor), jnp.where(better, bytes_[s], floor_best)
+    floor_bq = jnp.where(must_on, _pick(bq, floor_anchor), 0)
     pinned_q = jnp.sum(floor_bq)
 
     # --- values, with the incumbent bonus
-    V = score_lib.value(table, weights, dict(params.lossy_loss))
-    is_cur = (jnp.arange(sid.NUM_STATES)[None, :] == cur[:, None]) & (cur != sid.S5)[:, None]
-    Vb = V * (1.0 + params.margin * is_cur)
+    V = score_lib.value_columns(table, weights, dict(params.lossy_loss))
+    Vb = [V[s] * jnp.where(cur == s, 1.0 + params.margin, 1.0) for s in range(S)]
 
     # --- 2. hysteresis locks; release lowest value per byte if they no longer fit
     locked = (table.dwell < params.min_dwell) & cur_ok
-    cur_on = on_S[cur_c] & (cur != sid.S5)
     lock_on = locked & cur_on
-    lock_cost = jnp.where(lock_on, bq[rows, cur_c] - floor_bq, 0)
+    cur_bq = _pick(bq, cur_c)
+    lock_cost = jnp.where(lock_on, cur_bq - floor_bq, 0)
     lock_fits = pinned_q + jnp.sum(lock_cost) <= budget_q
-    keep_ratio = jnp.where(lock_on, Vb[rows, cur_c] / jnp.maximum(lock_cost, 1).astype(jnp.float32) + 1e-30, -1.0)
+    Vb_cur = _pick(Vb, cur_c)
+    keep_ratio = jnp.where(lock_on, Vb_cur / jnp.maximum(lock_cost, 1).astype(jnp.float32) + 1e-30, -1.0)
     kept_on = jax.lax.cond(lock_fits, lambda: lock_on,
                            lambda: _select(keep_ratio, lock_cost, budget_q - pinned_q, params.method))
     released_on = lock_on & ~kept_on
     fixed = (locked & ~cur_on) | kept_on  # no candidates this tick
 
     # --- 3. knapsack over HBM
-    v_off_cur = jnp.where(~cur_on & (cur != sid.S5) & cur_ok, Vb[rows, cur_c], -jnp.inf)
-    v_off = jnp.maximum(v_off_cur, jnp.max(jnp.where(offs_ok, V, -jnp.inf), axis=1))
+    v_off = jnp.where(~cur_on & cur_ok, Vb_cur, -jnp.inf)
+    for s in sid.OFF_DEVICE:
+        v_off = jnp.maximum(v_off, jnp.where(offs_ok[s], V[s], -jnp.inf))
+    a_on = (fixed & cur_on) | (~fixed & must_on)
     a_state = jnp.where(fixed, cur_c, jnp.where(must_on, floor_anchor, sid.S3)).astype(jnp.int32)
-    a_on = fixed & cur_on | ~fixed & must_on
-    a_b = jnp.where(a_on, bq[rows, a_state], 0)
-    a_v = jnp.where(a_on, Vb[rows, a_state], jnp.where(jnp.isfinite(v_off), v_off, 0.0))
+    a_b = jnp.where(fixed, jnp.where(cur_on, cur_bq, 0), floor_bq)
+    a_v = jnp.where(a_on, jnp.where(fixed, Vb_cur, _pick(Vb, floor_anchor)),
+                    jnp.where(jnp.isfinite(v_off), v_off, 0.0))
     rem = budget_q - jnp.sum(a_b)
-    X = bq[:, _LADDER]
-    Y = Vb[:, _LADDER]
-    ok = dev_ok[:, _LADDER] & ~fixed[:, None]
+    X = [bq[s] for s in _LADDER]
+    Y = [Vb[s] for s in _LADDER]
+    ok = [dev_ok[s] & ~fixed for s in _LADDER]
+    on_hull, d_b, ratio = _hull_increments(a_b, a_v, X, Y, ok, rem)
     s_b, s_v, s_state = a_b, a_v, a_state
-    for _ in range(params.passes):
-        s_b, s_v, s_state, used = _knapsack_pass(s_b, s_v, s_state, X, Y, ok, rem, params.method)
+    for p in range(params.passes):  # pass 2+: refill the leftover with each block's next step that still fits
+        s_b, s_v, s_state, used = _take_prefix(s_b, s_v, s_state, X, Y, on_hull, d_b, ratio, rem, params.method,
+                                               first_only=p > 0)
         rem = rem - used
-    dev_final = on_S[s_state] & (a_on | (s_b > 0))
+    dev_final = a_on | (s_b > 0)
 
     # --- 4. DRAM: S3 or S4 for blocks left off device
     off = ~dev_final
-    can3, can4 = offs_ok[:, sid.S3], offs_ok[:, sid.S4]
+    can3, can4 = offs_ok[sid.S3], offs_ok[sid.S4]
     hb = jnp.where(jnp.isfinite(table.host_bytes), jnp.maximum(table.host_bytes, 0.0), 0.0)
     h_total = jnp.sum(jnp.where(off_ok_any, hb, 0.0))
     hq_scale = _scale(h_total, params.quantum_bits)
@@ -288,37 +367,39 @@ def tick(table: BlockTable, budget_bytes, weights: score_lib.ScoreWeights, param
     fixed_off = locked & ~cur_on
     lock3 = choice & fixed_off & (cur == sid.S3)
     lock4 = choice & fixed_off & (cur == sid.S4)
-    gain = Vb[:, sid.S3] - Vb[:, sid.S4]
+    gain = Vb[sid.S3] - Vb[sid.S4]
     r3 = jnp.where(gain > 0, gain / jnp.maximum(hq, 1).astype(jnp.float32), jnp.where(cur != sid.S4, 1e-30, -1.0))
     r3 = jnp.where(lock3, jnp.inf, r3)
     r3 = jnp.where(choice & ~lock4, r3, -1.0)
     taken3 = _select(r3, hq, dram_q - jnp.sum(jnp.where(forced3, hq, 0)), params.method)
     off_state = jnp.where(forced3 | taken3, sid.S3, sid.S4)
     target = jnp.where(dev_final, s_state, off_state).astype(jnp.int32)
-    target = jnp.where(fixed & cur_on, cur_c, target)  # (already so; explicit for readers)
 
     # --- reasons
     changed = target != cur
     released = released_on | (lock3 & ~taken3)
-    demoted = rank_S[target] < rank_S[cur_c]
-    prefetch = (table.lam > 0) & ((~cur_on & on_S[target]) | ((cur == sid.S4) & (target == sid.S3)))
-    cheaper_raw = jnp.any(table.allowed & (bq < floor_bq[:, None]), axis=1) | off_ok_any
+    demoted = _lookup(R, target) < _lookup(R, cur_c)
+    target_on = _lookup(sid.IS_ON_DEVICE, target)
+    prefetch = (table.lam > 0) & ((~cur_on & target_on) | ((cur == sid.S4) & (target == sid.S3)))
+    cheaper_raw = off_ok_any
+    for s_ in sid.ON_DEVICE:
+        cheaper_raw = cheaper_raw | (allowed[s_] & (bq[s_] < floor_bq))
     veto = table.protected & (target == floor_anchor) & cheaper_raw
     reason = jnp.full((B,), KEEP, jnp.int32)
     reason = jnp.where(changed, jnp.where(prefetch, PREFETCH, SCORE), reason)
     reason = jnp.where(changed & (demoted | released), BUDGET, reason)
-    reason = jnp.where(veto | (changed & ~cur_ok & (cur != sid.S5)), GUARDRAIL_VETO, reason)
+    reason = jnp.where(veto | (changed & ~cur_ok & ~in_flight), GUARDRAIL_VETO, reason)
 
-    dev_bytes = jnp.sum(bytes_S[rows, target])
+    pinned_bytes = jnp.sum(jnp.where(must_on, _pick(bytes_, floor_anchor), 0.0))
     stats = TickStats(
-        device_bytes=dev_bytes,
+        device_bytes=jnp.sum(_pick(bytes_, target)),
         dram_bytes=jnp.sum(jnp.where(target == sid.S3, hb, 0.0)),
-        pinned_bytes=jnp.sum(jnp.where(must_on, bytes_S[rows, floor_anchor], 0.0)),
-        over_budget=pinned_q > budget_q,
+        pinned_bytes=pinned_bytes,
+        over_budget=pinned_bytes > jnp.asarray(budget_bytes, jnp.float32) * (1 + 1e-5),
         n_changed=jnp.sum(changed).astype(jnp.int32),
         n_locked=jnp.sum(locked).astype(jnp.int32),
         n_released=jnp.sum(released).astype(jnp.int32),
-        total_value=jnp.sum(V[rows, target]),
+        total_value=jnp.sum(_pick(V, target)),
     )
     return target, reason, stats
 
