@@ -18,6 +18,9 @@ from vorch_jax.tiers.full_precision import delete_arrays, tree_nbytes
 from vorch_jax.tiers.state import State
 
 
+_HI = jax.lax.Precision.HIGHEST  # no TF32 on GPU: products with the factors are float32-accurate
+
+
 @struct.dataclass
 class LowRankWeight:
     """Rank-R factorisation of a `[K, N]` weight.
@@ -45,21 +48,18 @@ class LowRankWeight:
 
     def matmul(self, x_xK: jax.Array) -> jax.Array:
         """`x[..., K] @ W` as `(x @ a) @ b` -> `[..., N]` in x's dtype, float32 accumulation."""
-        h_xR = jnp.matmul(x_xK, self.a_KxR.astype(x_xK.dtype), preferred_element_type=jnp.float32)
-        y_xN = jnp.matmul(h_xR, self.b_RxN, preferred_element_type=jnp.float32)
+        h_xR = jnp.matmul(x_xK, self.a_KxR.astype(x_xK.dtype), preferred_element_type=jnp.float32, precision=_HI)
+        y_xN = jnp.matmul(h_xR, self.b_RxN, preferred_element_type=jnp.float32, precision=_HI)
         return y_xN.astype(x_xK.dtype)
 
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """`[K, N]` = `a @ b` in float32, returned in `dtype`."""
-        return jnp.matmul(self.a_KxR, self.b_RxN, preferred_element_type=jnp.float32).astype(dtype)
+        return jnp.matmul(self.a_KxR, self.b_RxN, preferred_element_type=jnp.float32, precision=_HI).astype(dtype)
 
     def take_columns(self, ids_I: jax.Array, dtype=jnp.float32) -> jax.Array:
         """Only output columns `ids`: `[len(ids), K]` = `dequantize()[:, ids].T` (same contract as Int8Weight)."""
         b_RxI = jnp.take(self.b_RxN, jnp.asarray(ids_I), axis=1)
-        return jnp.matmul(self.a_KxR, b_RxI, preferred_element_type=jnp.float32).T.astype(dtype)
-
-
-_HI = jax.lax.Precision.HIGHEST  # no TF32 shortcuts on GPU: the factors must be float32-accurate
+        return jnp.matmul(self.a_KxR, b_RxI, preferred_element_type=jnp.float32, precision=_HI).T.astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("rank",))
