@@ -21,8 +21,10 @@ Order of decisions (one vectorised pass each, no Python loop over blocks):
    the integer prefix sum <= budget implies the true float bytes <= budget; a step whose bytes alone exceed the
    remaining budget is pruned before the hull.
    Optimality: a single pass is the classic greedy for the LP relaxation of the multiple-choice knapsack, optimal up
-   to the first step that did not fit. That step can block smaller later ones, so `passes` (default 2) repeats the
-   hull + prefix from the chosen points with the leftover budget, pruning steps that no longer fit.
+   to the first step that did not fit. That step can block smaller later ones, and a point under a block's hull
+   (S1 under the chord to an S0 that no longer fits) never gets a chance. So passes 2.. (default passes=2) refill
+   the leftover: each block offers one step, to its best value-per-byte point among those that still fit (the
+   first vertex of its hull recomputed over the fitting points), and one more global prefix takes the best.
 4. DRAM. Blocks left off device go to S3 (staged in DRAM) or S4 (NVMe): a one-step knapsack of host bytes under
    `dram_budget_bytes`, gain V(S3) - V(S4) per byte; the lowest-value blocks spill to S4. Blocks whose ladder has
    only one of S3/S4 get that one (the DRAM budget is then best effort; `stats.dram_bytes` tells).
@@ -219,41 +221,47 @@ def _hull_increments(a_b, a_v, X, Y, ok, rem):
     return on_hull, d_b, ratio
 
 
-def _take_prefix(s_b, s_v, s_state, X, Y, on_hull, d_b, ratio, rem, method, first_only=False):
-    """Take the globally best hull steps that fit `rem`, from the current points (s_b, s_v, s_state).
+def _take_prefix(s_b, s_v, s_state, X, Y, on_hull, d_b, ratio, rem, method):
+    """Pass 1: take the globally best hull steps that fit `rem` (a per-block prefix, by concavity).
 
-    Only untaken steps whose cumulative bytes from the current point fit are candidates; concavity makes the taken
-    set a per-block prefix. first_only (refill passes): each block offers only its next step, B items instead of
-    K·B — a step that does not fit blocks the later ones anyway, so only multi-step refills are given up.
     Returns the new (bytes, value, state) per block and the bytes used.
     """
     K = len(X)
-    live = [on_hull[k] & (X[k] > s_b) & (X[k] - s_b <= rem) for k in range(K)]
-    if first_only:
-        nxt_b, nxt_v, nxt_s = jnp.full_like(s_b, _BIG_Q), s_v, s_state
-        nxt_d, nxt_r = jnp.zeros_like(s_b), jnp.full_like(s_v, -1.0)
-        for k in range(K):
-            better = live[k] & (X[k] < nxt_b)
-            nxt_b, nxt_v = jnp.where(better, X[k], nxt_b), jnp.where(better, Y[k], nxt_v)
-            nxt_s = jnp.where(better, jnp.int32(_LADDER[k]), nxt_s)
-            nxt_d, nxt_r = jnp.where(better, d_b[k], nxt_d), jnp.where(better, ratio[k], nxt_r)
-        t = _select(nxt_r, nxt_d, rem, method)
-        new_b = jnp.where(t, nxt_b, s_b)
-        return new_b, jnp.where(t, nxt_v, s_v), jnp.where(t, nxt_s, s_state), jnp.sum(new_b - s_b)
-    r = jnp.stack([jnp.where(live[k], ratio[k], -1.0) for k in range(K)]).reshape(-1)
+    r = jnp.stack([jnp.where(on_hull[k], ratio[k], -1.0) for k in range(K)]).reshape(-1)
     taken_KB = _select(r, jnp.stack(d_b).reshape(-1), rem, method).reshape(K, -1)
     taken = [taken_KB[k] for k in range(K)]
-    # a step counts only if every cheaper live step of its block was taken too (cuts float ties)
+    # a step counts only if every cheaper hull step of its block was taken too (cuts float ties)
     new_b, new_v, new_s = s_b, s_v, s_state
     for k in range(K):
         gap = jnp.zeros_like(taken[k])
         for j in range(K):
             if j != k:
-                gap = gap | (live[j] & ~taken[j] & (X[j] < X[k]))
+                gap = gap | (on_hull[j] & ~taken[j] & (X[j] < X[k]))
         t = taken[k] & ~gap & (X[k] > new_b)
         new_b, new_v = jnp.where(t, X[k], new_b), jnp.where(t, Y[k], new_v)
         new_s = jnp.where(t, jnp.int32(_LADDER[k]), new_s)
     return new_b, new_v, new_s, jnp.sum(new_b - s_b)
+
+
+def _refill(s_b, s_v, s_state, X, Y, ok, rem, method):
+    """Pass 2+: each block offers ONE step, to its best-slope point among those that still fit `rem` (the first
+    vertex of the hull recomputed over the points that fit: so a point under the pass-1 hull, e.g. S1 under the
+    chord to an S0 that no longer fits, gets its chance). B items instead of K·B; no pairwise hull needed.
+    """
+    K = len(X)
+    best_r = jnp.full_like(s_v, -1.0)
+    nxt_b, nxt_v, nxt_s = s_b, s_v, s_state
+    for k in range(K):
+        d = X[k] - s_b
+        live = ok[k] & (d > 0) & (d <= rem) & (Y[k] > s_v)
+        r = (Y[k] - s_v) / jnp.maximum(d, 1).astype(jnp.float32)
+        better = live & ((r > best_r) | ((r == best_r) & (X[k] > nxt_b)))  # collinear: the farther point
+        best_r = jnp.where(better, r, best_r)
+        nxt_b, nxt_v = jnp.where(better, X[k], nxt_b), jnp.where(better, Y[k], nxt_v)
+        nxt_s = jnp.where(better, jnp.int32(_LADDER[k]), nxt_s)
+    t = _select(best_r, nxt_b - s_b, rem, method)
+    new_b = jnp.where(t, nxt_b, s_b)
+    return new_b, jnp.where(t, nxt_v, s_v), jnp.where(t, nxt_s, s_state), jnp.sum(new_b - s_b)
 
 
 def _pick(cols, idx_B):
@@ -348,9 +356,10 @@ def tick(table: BlockTable, budget_bytes, weights: score_lib.ScoreWeights, param
     ok = [dev_ok[s] & ~fixed for s in _LADDER]
     on_hull, d_b, ratio = _hull_increments(a_b, a_v, X, Y, ok, rem)
     s_b, s_v, s_state = a_b, a_v, a_state
-    for p in range(params.passes):  # pass 2+: refill the leftover with each block's next step that still fits
-        s_b, s_v, s_state, used = _take_prefix(s_b, s_v, s_state, X, Y, on_hull, d_b, ratio, rem, params.method,
-                                               first_only=p > 0)
+    s_b, s_v, s_state, used = _take_prefix(s_b, s_v, s_state, X, Y, on_hull, d_b, ratio, rem, params.method)
+    rem = rem - used
+    for _ in range(params.passes - 1):  # refill the leftover: each block's best step that still fits
+        s_b, s_v, s_state, used = _refill(s_b, s_v, s_state, X, Y, ok, rem, params.method)
         rem = rem - used
     dev_final = a_on | (s_b > 0)
 
