@@ -1,11 +1,11 @@
 """The score R(b, s): how much block b is worth holding in state s, and the value V(b, s) the knapsack maximises.
 
-    R(b, s) = (w1·ρ̂ + w2·λ̂ + w3·κ̂ + w4·ψ̂) / (w1 + w2 + w3 + w4)  /  (c0 + α·δ̂(b, s) + β·τ̂(b, s))
-    V(b, s) = R(b, s) · q(b, s),   q = 1 for S0/S3/S4,   q = 1 - loss(s)·(1 + ψ̂)/2 for lossy s
+    R(b, s) = [(w1·ρ̂ + w2·λ̂ + w3·κ̂ + w4·ψ̂) / (w1 + w2 + w3 + w4)] / (c0 + α·δ̂(b, s) + β·τ̂(b, s))
+    V(b, s) = R(b, s)·q(b, s),  q = 1 for S0/S3/S4,  q = 1 - loss(s)·(1 + ψ̂)/2 for lossy s
 
 Normalisation (so no term silently dominates):
-- Each numerator term is divided by its max over the blocks (0 when the max is 0), so ρ̂, λ̂, κ̂, ψ̂ ∈ [0, 1] whatever
-  their units, and the weighted mean keeps the numerator in [0, 1]. Max, not rank: it is O(B), keeps ratios
+- Each numerator term is divided by its max over the blocks (0 when the max is 0), so ρ̂, λ̂, κ̂, ψ̂ ∈ [0, 1]
+  whatever their units, and the weighted mean keeps the numerator in [0, 1]. Max, not rank: it is O(B), keeps ratios
   (a block accessed twice as often stays twice as hot) and is monotone in each block's own term.
 - δ and τ are both seconds, so they share ONE scale: the max over allowed (block, state) entries of δ and τ
   together. Normalising them separately would make the slowest dequant (microseconds) count as much as the slowest

@@ -47,8 +47,8 @@ Thrash bound (tested): `commit` sets dwell = 1 on a change and dwell + 1 otherwi
 dwell < min_dwell is locked. So two changes of one block are >= min_dwell ticks apart, and over T ticks a block
 changes state at most ceil(T / min_dwell) times — on any input, as long as no lock is released for a budget. With
 constant budgets that only happens in one corner: DRAM claimed by a block leaving HBM whose ladder allows S3 but
-not S4. (An HBM lock set always fits: it is a subset of the previous placement, which fitted the same budget.) A round trip
-S3 -> S4 -> S3 therefore spans >= min_dwell ticks; with min_dwell >= 2 it can never happen on consecutive ticks.
+not S4. (An HBM lock set always fits: it is a subset of the previous placement, which fitted the same budget.)
+A round trip S3 -> S4 -> S3 therefore spans >= min_dwell ticks: with min_dwell >= 2, never on consecutive ticks.
 (The bound assumes the runtime commits the states it applies; a block reported in S5 is unlocked.)
 On a steady input the margin usually freezes the plan after the first tick (the tests report the observed count).
 
