@@ -130,3 +130,13 @@ def test_bad_table_rows_raise_naming_the_block(kw, msg):
 def test_errors_use_block_names_when_given():
     with pytest.raises(ValueError, match=r"block 2 \('layers.1.mlp'\)"):
         table(n=3, names=["embed", "layers.0.attn", "layers.1.mlp"], kappa=[0, 0, float("nan")])
+
+
+def test_state_codes_and_kinds_stay_in_sync_by_value_with_engine_and_model():
+    """The controller speaks ints; tiers/ owns the State enum and models/ the kinds. Same values, no import coupling."""
+    from vorch_jax.block_table import KINDS
+    from vorch_jax.models.blocks import BLOCK_KINDS
+    from vorch_jax.tiers.state import State
+
+    assert {s.name: int(s) for s in State} == {n: i for i, n in enumerate(sid.STATE_NAMES)}
+    assert tuple(KINDS) == tuple(BLOCK_KINDS)
