@@ -53,18 +53,45 @@ def check_content(block_id, state, got):
             assert np.sqrt((err**2).sum()) <= OPT_LOWRANK[(block_id, k)] * (1 + 1e-3) + 1e-3 * np.linalg.norm(ref)
 
 
+def buffers(arrays) -> dict[int, int]:
+    """{device buffer address: bytes} of distinct buffers (aliases of one buffer count once)."""
+    return {a.unsafe_buffer_pointer(): int(a.nbytes) for a in arrays}
+
+
 def check_accounting(engine, other_ids):
     gc.collect()
     live = [a for a in jax.live_arrays() if id(a) not in other_ids]
     owned = engine.live_arrays()
     for kind, where in (("device", "device"), ("pinned_host", "host")):
-        live_k = [a for a in live if a.sharding.memory_kind == kind]
-        assert {id(a) for a in live_k} == {id(a) for a in owned if a.sharding.memory_kind == kind}
-        assert engine.bytes_in(where) == sum(a.nbytes for a in live_k)
+        # compare BUFFERS, not Python wrappers: on GPU (jax 0.11) np.asarray(x) leaves a second ArrayImpl
+        # aliasing x's buffer alive until x is deleted (no extra bytes: checked with memory_stats).
+        live_k = buffers([a for a in live if a.sharding.memory_kind == kind])
+        owned_k = buffers([a for a in owned if a.sharding.memory_kind == kind])
+        assert live_k == owned_k, f"{kind} buffers alive that no block owns: {set(live_k) - set(owned_k)}"
+        assert engine.bytes_in(where) == sum(live_k.values())
     chunks = [p for p in engine.store_dir.rglob("*") if p.is_file() and p.name not in ("zarr.json", CHECKSUM_FILE)]
     assert engine.bytes_in("disk") == sum(p.stat().st_size for p in chunks)
     assert engine.bytes_in("device") + engine.bytes_in("host") + engine.bytes_in("disk") == sum(
         engine.representation(b).nbytes for b in engine.block_ids)
+
+
+_warm = []
+
+
+def warm_up():
+    """Run every conversion once per process, so arrays that jit caches keep (compiled constants) exist before
+    the test takes its baseline of foreign arrays."""
+    if _warm:
+        return
+    with tempfile.TemporaryDirectory() as store, \
+            MovementEngine(Source(), store, int4_group_size=GROUP, lowrank_rank=RANK) as eng:
+        for b in BLOCKS:
+            eng.register(b, State.S0)
+            for s in (State.S1, State.S2, State.S6, State.S3, State.S4, State.S0):
+                eng.request(b, s).result()
+                eng.inspect(b)
+            eng.drop(b)
+    _warm.append(True)
 
 
 states = st.sampled_from(TARGETS)
@@ -75,6 +102,8 @@ step = st.tuples(st.sampled_from(sorted(BLOCKS)), states)
 @given(initial=st.lists(states, min_size=4, max_size=4),
        batches=st.lists(st.lists(step, min_size=1, max_size=4), min_size=1, max_size=5))
 def test_random_transitions_keep_content_and_accounting(initial, batches):
+    warm_up()
+    gc.collect()
     others = list(jax.live_arrays())
     other_ids = {id(a) for a in others}
     with tempfile.TemporaryDirectory() as store, \
