@@ -15,6 +15,10 @@ Design (the simplest honest one):
     re-written (a `recovered` event naming block and leaf), then the route goes on with the source's bytes.
   * Weights returned by `get` / `wait` are valid until the block's next transition: the engine deletes the old
     arrays (`.delete()`) so the memory is really freed.
+  * `keep_home=True` (what the runtime uses): a block brought onto the device from S3 or S4 keeps that lossless
+    copy as its *home*. Going back to the home state then only frees the device arrays (a `transition` event with
+    no link bytes: weights are read-only, nothing needs writing back), and lossy -> other states route from the
+    home instead of the source. Home copies are counted in `bytes_in` and `live_arrays`.
 
 Threads: a ThreadPoolExecutor of `workers` threads runs routes; tensorstore futures run the disk I/O of all
 leaves of a block together. A GGUF source (one with `nbytes_read`) is read under a lock so the file bytes
@@ -82,6 +86,7 @@ class Transition:
 class _Entry:
     rep: object                     # the block's current representation (its prior one while in flight)
     pending: Transition | None = None
+    home: object | None = None      # keep_home: the lossless off-device copy kept while the block is on device
 
 
 class MovementEngine:
@@ -94,10 +99,11 @@ class MovementEngine:
       int4_group_size: S2 group size along K (32, 64 or 128).
       lowrank_rank: S6 rank (clamped per leaf to min(K, N)).
       device: the jax device (default `jax.devices()[0]`).
+      keep_home: keep the S3/S4 copy of a block brought onto the device (see the module docstring).
     """
 
     def __init__(self, source, store_dir, *, workers: int = 2, int4_group_size: int = 64, lowrank_rank: int = 32,
-                 device: jax.Device | None = None):
+                 device: jax.Device | None = None, keep_home: bool = False):
         from vorch_jax.tiers.quant_int4 import check_group_size
 
         check_group_size(int4_group_size)
@@ -107,6 +113,7 @@ class MovementEngine:
         self.store_dir = Path(store_dir)
         self.store_dir.mkdir(parents=True, exist_ok=True)
         self.int4_group_size, self.lowrank_rank = int4_group_size, lowrank_rank
+        self.keep_home = keep_home
         self.device = device if device is not None else jax.devices()[0]
         self.events = EventLog()
         self._entries: dict[str, _Entry] = {}
@@ -151,6 +158,8 @@ class MovementEngine:
                 done = cf.Future()
                 done.set_result(dst)
                 return Transition(block_id, src, dst, done)
+            if entry.home is not None and dst == entry.home.state:
+                return self._drop_to_home(block_id, entry)
             future: cf.Future = cf.Future()  # placeholder so the handle exists before the worker may start
             transition = Transition(block_id, src, dst, future)
             entry.pending = transition
@@ -214,14 +223,15 @@ class MovementEngine:
     def live_arrays(self) -> list[jax.Array]:
         """Every jax.Array the engine's blocks hold right now (device and pinned host)."""
         with self._lock:
-            return [a for e in self._entries.values() for a in e.rep.arrays()]
+            reps = [r for e in self._entries.values() for r in (e.rep, e.home) if r is not None]
+        return [a for r in reps for a in r.arrays()]
 
     def bytes_in(self, where: str) -> int:
         """Bytes held by blocks in 'device', 'host' or 'disk', from the live arrays / chunk files."""
         if where not in WHERES:
             raise ValueError(f"unknown place {where!r}: expected one of {WHERES}")
         with self._lock:
-            reps = [e.rep for e in self._entries.values()]
+            reps = [r for e in self._entries.values() for r in (e.rep, e.home) if r is not None]
         return sum(r.nbytes for r in reps if r.where == where)
 
     def drop(self, block_id: str) -> None:
@@ -232,6 +242,8 @@ class MovementEngine:
                 raise BlockInFlightError(f"block '{block_id}' is in flight (S5); wait before dropping it")
             del self._entries[block_id]
         entry.rep.free()
+        if entry.home is not None:
+            entry.home.free()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -261,18 +273,41 @@ class MovementEngine:
             self.events.append(Event("cancelled", transition.block_id, transition.src, transition.dst,
                                       transition.requested_at, time.perf_counter()))
 
+    def _drop_to_home(self, block_id: str, entry: _Entry) -> Transition:
+        """Free the device copy and fall back to the kept home copy: no bytes move (called under the lock)."""
+        t0 = time.perf_counter()
+        dropped, src = entry.rep, entry.rep.state
+        entry.rep, entry.home = entry.home, None
+        dropped.free()
+        self.events.append(Event("transition", block_id, src, entry.rep.state, t0, time.perf_counter(), {},
+                                 "device copy dropped; home copy kept"))
+        done = cf.Future()
+        done.set_result(entry.rep.state)
+        return Transition(block_id, src, entry.rep.state, done)
+
     def _run(self, block_id: str, entry: _Entry, transition: Transition) -> State:
-        origin = entry.rep
+        origin, src = entry.rep, transition.src
+        # A lossy device copy with a home: start from the home's lossless bytes, not from the model file.
+        start = entry.home if (entry.home is not None and not src.lossless) else origin
         try:
-            new = self._execute(block_id, origin, transition.src, transition.dst)
+            new = self._execute(block_id, start, start.state, transition.dst)
         except BaseException:
             with self._lock:
                 entry.pending = None
             raise
-        origin.free()
+        keep = self.keep_home and start is origin and not src.on_device and transition.dst.on_device
         with self._lock:
+            old_home = entry.home
+            if keep:
+                entry.home = origin
+            elif not transition.dst.on_device and old_home is not None:
+                entry.home = None  # the block landed off device: that copy is its home now
             entry.rep = new
             entry.pending = None
+        if not keep:
+            origin.free()
+        if old_home is not None and entry.home is None:
+            old_home.free()
         return transition.dst
 
     def _execute(self, block_id: str, origin, src: State | None, dst: State):
