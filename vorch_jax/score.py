@@ -7,12 +7,17 @@ Normalisation (so no term silently dominates):
 - Each numerator term is divided by its max over the blocks (0 when the max is 0), so ρ̂, λ̂, κ̂, ψ̂ ∈ [0, 1]
   whatever their units, and the weighted mean keeps the numerator in [0, 1]. Max, not rank: it is O(B), keeps ratios
   (a block accessed twice as often stays twice as hot) and is monotone in each block's own term.
-- δ and τ are both seconds, so they share ONE scale: the max over allowed (block, state) entries of δ and τ
-  together. Normalising them separately would make the slowest dequant (microseconds) count as much as the slowest
-  NVMe read (milliseconds) and rank S3 above S2. With the shared scale δ̂, τ̂ ∈ [0, 1] keep their measured ratio.
+- δ and τ are both seconds, so they share ONE scale: the *mean* transfer time over the allowed (block, state)
+  entries with τ > 0 (the typical cost of fetching a block; the max of δ when nothing needs a transfer).
+  Normalising them separately would make the slowest dequant (microseconds) count as much as the slowest NVMe read
+  (milliseconds) and rank S3 above S2. With the shared scale δ̂, τ̂ keep their measured ratio, and a typical
+  transfer costs exactly 1.
+  Why the mean and not the max: over the max, every block but the largest has τ̂ << 1, so beside c0 = 1 the cost
+  of streaming a typical block all but vanished (SmolLM2's embedding is 10x its MLP blocks: streaming an MLP block
+  cost 9% of its value, less than the hysteresis margin, and cheaper-looking than holding it int4 on device).
 - The constant c0 (default 1) replaces the original "+ eps": S0 has δ = τ = 0, so with a tiny eps its score was
-  ~1/eps and every other cost term vanished beside it. With c0 = 1 the cost divides value by between 1 and
-  1 + α + β, so δ and τ always matter and never explode.
+  ~1/eps and every other cost term vanished beside it. With c0 = 1 a typical transfer halves a block's value
+  (at α = β = 1), a block twice as slow to fetch loses two thirds; nothing explodes.
 The score is NaN-free by construction: non-finite or negative inputs count as 0, every division is guarded, and the
 denominator is >= c0 > 0 (ScoreWeights.validate). Host-side NaN inputs are rejected earlier by BlockTable.from_rows.
 
@@ -82,6 +87,13 @@ def _by_max(x_B):
     return jnp.where(m > 0, x_B / jnp.where(m > 0, m, 1.0), 0.0)
 
 
+def _inverse_cost_scale(delta, tau):
+    """1 / (mean τ over entries with τ > 0), or 1 / max δ when no entry needs a transfer; 0 when all costs are 0."""
+    n_tau = jnp.sum(tau > 0)
+    scale = jnp.where(n_tau > 0, jnp.sum(tau) / jnp.maximum(n_tau, 1), jnp.max(delta, initial=0.0))
+    return jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+
+
 def numerator(table: BlockTable, w: ScoreWeights) -> jax.Array:
     """float32[B] in [0, 1]: weighted mean of the max-normalised access terms."""
     ws = (_clean(w.w1), _clean(w.w2), _clean(w.w3), _clean(w.w4))
@@ -96,8 +108,7 @@ def denominator_SB(table: BlockTable, w: ScoreWeights) -> jax.Array:
     allowed_SB = table.allowed.T
     delta_SB = jnp.where(allowed_SB, _clean(table.delta.T), 0.0)
     tau_SB = jnp.where(allowed_SB, _clean(table.tau.T), 0.0)
-    scale = jnp.maximum(jnp.max(delta_SB, initial=0.0), jnp.max(tau_SB, initial=0.0))
-    inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+    inv = _inverse_cost_scale(delta_SB, tau_SB)
     c0 = jnp.where(jnp.isfinite(w.c0) & (w.c0 > 0), w.c0, 1.0)
     return c0 + _clean(w.alpha) * inv * delta_SB + _clean(w.beta) * inv * tau_SB
 
@@ -122,8 +133,7 @@ def value_columns(table: BlockTable, w: ScoreWeights, lossy_loss=None) -> list:
     num = numerator(table, w)
     delta = jnp.where(table.allowed, _clean(table.delta), 0.0)  # full-array reductions stay cheap
     tau = jnp.where(table.allowed, _clean(table.tau), 0.0)
-    scale = jnp.maximum(jnp.max(delta, initial=0.0), jnp.max(tau, initial=0.0))
-    inv = jnp.where(scale > 0, 1.0 / jnp.where(scale > 0, scale, 1.0), 0.0)
+    inv = _inverse_cost_scale(delta, tau)
     c0 = jnp.where(jnp.isfinite(w.c0) & (w.c0 > 0), w.c0, 1.0)
     a, b = _clean(w.alpha) * inv, _clean(w.beta) * inv
     psi_hat = _by_max(_clean(table.psi))

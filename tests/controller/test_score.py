@@ -73,10 +73,24 @@ def test_no_term_dominates_at_default_weights_each_can_flip_the_ranking(term):
 
 
 def test_cost_terms_do_not_vanish_beside_s0():
-    """The original's eps made S0 ~1/eps; here S0 beats S3 by at most 1 + α + β, and δ, τ visibly matter."""
-    s = np.asarray(score_jit(table(), W))
-    assert np.all(s[:, sid.S0] / s[:, sid.S3] <= 1 + 1 + 1)
+    """The original's eps made S0 ~1/eps; here a typical transfer (τ = the mean τ) halves the value at α = β = 1,
+    a transfer k times the typical one divides it by 1 + k, and δ, τ visibly matter."""
+    t = table()
+    s = np.asarray(score_jit(t, W))
+    tau = np.asarray(t.tau, np.float64)
+    allowed = np.asarray(t.allowed)
+    mean_tau = tau[(tau > 0) & allowed].mean()
+    np.testing.assert_allclose(s[:, sid.S0] / s[:, sid.S3], 1 + tau[:, sid.S3] / mean_tau, rtol=1e-5)
     assert np.all(s[:, sid.S0] > s[:, sid.S2]) and np.all(s[:, sid.S3] > s[:, sid.S4])
+
+
+def test_streaming_a_small_block_still_costs_beside_a_huge_one():
+    """One block 10x the others (SmolLM2's embedding beside its MLPs) must not make the others' transfers vanish."""
+    t = table(n=4)
+    tau = np.asarray(t.tau).copy()
+    tau[:, sid.S3] = [10.0, 1.0, 1.0, 1.0]
+    s = np.asarray(score_jit(t.replace(tau=jnp.asarray(tau, jnp.float32)), W))
+    assert np.all(s[1:, sid.S3] < 0.8 * s[1:, sid.S0])
 
 
 def test_score_and_tick_never_produce_nan_even_from_poisoned_arrays():
