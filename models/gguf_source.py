@@ -136,6 +136,16 @@ class GGUFSource:
         """Float32 bytes of a block, from the tensor shapes alone (nothing is read or dequantized)."""
         return sum(4 * int(np.prod(self._tensors[name].shape)) for name, _ in self.layout[block_id].values())
 
+    def block_shapes(self, block_id: str) -> dict:
+        """{leaf: jax.ShapeDtypeStruct} of a block as `__call__` returns it (float32, [in, out]), read from nothing."""
+        import jax
+
+        out = {}
+        for leaf, (name, transpose) in self.layout[block_id].items():
+            shape = tuple(int(d) for d in self._tensors[name].shape)  # GGUF lists ne0 (inner) first: [in, out]
+            out[leaf] = jax.ShapeDtypeStruct(shape if transpose else shape[::-1], np.float32)
+        return out
+
     def metadata(self, key: str):
         return _field(self._reader, key)
 

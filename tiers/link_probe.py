@@ -1,0 +1,49 @@
+"""A quick measurement of the links a plan depends on, through the tiers' own representations.
+
+Used when no calibration is stored: the scored policy's τ needs bytes/second for host→device and NVMe→host on
+this machine, now. Median of a few repetitions after one warm-up, on a probe block of `mib` MiB.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from vorch_jax.tiers.full_precision import FullPrecisionBlock
+from vorch_jax.tiers.nvme_store import NvmeBlock
+from vorch_jax.tiers.pinned_host import PinnedHostBlock
+
+
+def _median(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def probe_bandwidths(store_dir: str | Path | None = None, *, mib: int = 16, repeats: int = 3,
+                     device: jax.Device | None = None) -> dict[str, float]:
+    """{'host->device': bytes/s, 'nvme->host': bytes/s} measured on a `mib` MiB float32 probe."""
+    device = device or jax.devices()[0]
+    leaves = {"probe": np.random.default_rng(0).standard_normal(mib * 2**18, dtype=np.float32)}
+    nbytes = leaves["probe"].nbytes
+    host = PinnedHostBlock.from_numpy(leaves, device)
+
+    def h2d():
+        FullPrecisionBlock.from_pinned_host(host, device).free()
+
+    h2d_s = _median(h2d, repeats)
+    host.free()
+    with tempfile.TemporaryDirectory(dir=store_dir) as d:
+        stored = NvmeBlock.write("link-probe", leaves, Path(d))
+        nvme_s = _median(lambda: stored.read(), repeats)
+        stored.free()
+    return {"host->device": nbytes / h2d_s, "nvme->host": nbytes / nvme_s}
