@@ -25,9 +25,10 @@ class _Parser(argparse.ArgumentParser):
 def _user_errors() -> tuple[type[BaseException], ...]:
     from vorch_jax.config import ConfigError
     from vorch_jax.corpus import CorpusError
+    from vorch_jax.executor import BudgetError
     from vorch_jax.models.gguf_source import ModelFileError
 
-    return (UserError, ConfigError, CorpusError, ModelFileError, FileNotFoundError, IsADirectoryError, PermissionError)
+    return (UserError, BudgetError, ConfigError, CorpusError, ModelFileError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
 def cmd_generate(args) -> int:
@@ -94,6 +95,39 @@ def cmd_blocks(args) -> int:
     return 0
 
 
+def cmd_run(args) -> int:
+    from vorch_jax.config import load_config
+    from vorch_jax.runner import RunError, check_out_dir, run
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        check_out_dir(args.out)
+        summary = run(cfg, args.out, progress=lambda msg: print(f"[vorch] {msg}", file=sys.stderr, flush=True))
+    except RunError as e:
+        raise UserError(str(e)) from None
+    print(format_summary_row(summary, header=True))
+    return 0
+
+
+def format_summary_row(s: dict, header: bool = False) -> str:
+    cols = [
+        ("policy", f"{s['policy']:<16}"),
+        ("tok/s", f"{s['decode_tok_s']:>7.2f}"),
+        ("stall s", f"{s['stall_s']:>8.3f}"),
+        ("moved MB", f"{s['bytes_moved'] / 1e6:>9.1f}"),
+        ("/belady", f"{(s['bytes_moved'] / s['belady_bytes']) if s['belady_bytes'] else float('nan'):>8.3f}"),
+        ("peak MB", f"{s['peak_device_bytes'] / 1e6:>8.1f}"),
+        ("budget MB", f"{s['hbm_budget_bytes'] / 1e6:>9.1f}"),
+        ("ppl", f"{s['quality']['ppl']:>7.3f}"),
+        ("same tokens", f"{str(s['tokens_match_resident']):>11}"),
+    ]
+    row = " ".join(v for _, v in cols)
+    if not header:
+        return row
+    head = " ".join(f"{name:>{len(v)}}" if i else f"{name:<{len(v)}}" for i, (name, v) in enumerate(cols))
+    return head + "\n" + row
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vorch", description="Dynamic multi-tier weight residency for LLM inference.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -109,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--max-tokens", type=int, default=512)
     q.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     q.set_defaults(func=cmd_ppl)
+
+    r = sub.add_parser("run", help="generate under an HBM budget and a policy; write summary.json and traces")
+    r.add_argument("config")
+    r.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. policy=lru hbm_budget=0.3")
+    r.add_argument("--out", required=True, help="output directory")
+    r.set_defaults(func=cmd_run)
 
     b = sub.add_parser("blocks", help="the model's residency blocks and where a config places them")
     b.add_argument("config", nargs="?", default=None)

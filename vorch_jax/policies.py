@@ -1,0 +1,124 @@
+"""Residency policies: one interface, each a small class. The executor and the engine do the moving.
+
+A policy answers four questions, each from the block table and what it has observed:
+  * `initial_resident()`  which blocks start on the device (in order; the executor stops at the budget);
+  * `pinned`              blocks never evicted (static placements, protected blocks);
+  * `victim_order(t, candidates)`  which device blocks to evict first when room is needed at access `t`;
+  * `prefetch_depth`      how many upcoming schedule positions the executor may load ahead (0: none);
+  * `tick(t)`             an optional periodic re-plan returning target states (the scored controller).
+It observes every access through `on_access(t, block)`.
+
+Baselines and where they come from:
+  resident          everything on device (the reference run);
+  static            fill the budget in layer order, stream the rest each step, no prefetch (Accelerate device_map);
+  static-prefetch   the same, with lookahead prefetch of the streamed blocks;
+  lru               an LRU cache of blocks, no lookahead (the Mixtral-offloading cache, without its MoE prefetch);
+  lfu               least-frequently-used eviction (ties by recency);
+  belady            evict the block whose next use is furthest in the recorded future (see belady.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicyContext:
+    """What every policy may read: the blocks (in schedule order), their device bytes, the budget, the schedule."""
+
+    block_ids: tuple[str, ...]
+    device_bytes: dict  # block id -> bytes on device in its compute state
+    budget_bytes: int
+    schedule: tuple[str, ...]  # one forward pass
+    prefetch_depth: int
+    protected: frozenset = frozenset()
+    future: tuple[str, ...] = ()  # the recorded access stream; only the Belady oracle reads it
+
+
+class Policy:
+    name = "base"
+    prefetch_depth = 0
+
+    def __init__(self, ctx: PolicyContext):
+        self.ctx = ctx
+        self.pinned: frozenset = frozenset(ctx.protected)
+        self.last_use: dict[str, int] = {}
+        self.uses: dict[str, int] = {}
+
+    def initial_resident(self) -> list[str]:
+        """Protected blocks first, then the rest in schedule order; the executor stops at the budget."""
+        rest = [b for b in dict.fromkeys(self.ctx.schedule) if b not in self.pinned]
+        return sorted(self.pinned, key=self.ctx.block_ids.index) + rest
+
+    def on_access(self, t: int, block: str) -> None:
+        self.last_use[block] = t
+        self.uses[block] = self.uses.get(block, 0) + 1
+
+    def victim_order(self, t: int, candidates: list[str]) -> list[str]:
+        raise NotImplementedError
+
+    def device_state(self, block: str):
+        """The on-device state a block is loaded into (lossless S0 unless a policy plans a lossy state)."""
+        from vorch_jax.tiers.state import State
+
+        return State.S0
+
+    def tick(self, t: int):
+        return None
+
+
+class ResidentPolicy(Policy):
+    """Everything on the device: the reference. A budget below the model is a configuration error."""
+
+    name = "resident"
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.pinned = frozenset(ctx.block_ids)
+
+    def victim_order(self, t, candidates):
+        return []
+
+
+class StaticPolicy(Policy):
+    """Fill the budget in layer order, leaving room to stream the largest remaining block(s); never re-plan."""
+
+    name = "static"
+
+    def __init__(self, ctx, prefetch_depth: int = 0):
+        super().__init__(ctx)
+        self.prefetch_depth = prefetch_depth
+        self.pinned = frozenset(self._fill())
+
+    def _fill(self) -> list[str]:
+        order = super().initial_resident()
+        slots = self.prefetch_depth + 1  # blocks that must fit at once while streaming
+        for n in range(len(order), -1, -1):
+            kept, streamed = order[:n], order[n:]
+            stream_room = sum(sorted((self.ctx.device_bytes[b] for b in set(streamed)), reverse=True)[:slots])
+            if sum(self.ctx.device_bytes[b] for b in kept) + stream_room <= self.ctx.budget_bytes:
+                return kept
+        return []
+
+    def initial_resident(self):
+        return [b for b in self.ctx.schedule if b in self.pinned][: len(self.pinned)]
+
+    def victim_order(self, t, candidates):
+        # Streamed blocks only, the one used last goes first: a streamed layer is released right after its use
+        # (Accelerate's offload hook), which is also the furthest-next-use choice on a cyclic schedule.
+        return sorted((b for b in candidates if b not in self.pinned), key=lambda b: -self.last_use.get(b, -1))
+
+
+class LRUPolicy(Policy):
+    name = "lru"
+
+    def victim_order(self, t, candidates):
+        return sorted((b for b in candidates if b not in self.pinned), key=lambda b: self.last_use.get(b, -1))
+
+
+class LFUPolicy(Policy):
+    name = "lfu"
+
+    def victim_order(self, t, candidates):
+        free = [b for b in candidates if b not in self.pinned]
+        return sorted(free, key=lambda b: (self.uses.get(b, 0), self.last_use.get(b, -1)))

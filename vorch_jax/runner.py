@@ -1,0 +1,362 @@
+"""One run: a model under a budget and a policy, generating for real, measured; and the notebook API.
+
+`run(cfg, out_dir)` is what `vorch run` calls. It writes `summary.json` (last, atomically, with
+`"complete": true`), `trace.jsonl` and `trace.perfetto.json`. Phases, each timed on its own:
+set-up (register blocks at their homes, compile on zero weights: never timed), initial placement, prefill, decode,
+then the quality pass on the evaluation text (its traffic reported apart from generation's).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vorch_jax.config import RunConfig, parse_budget
+from vorch_jax.models.llama import KVCache, block_kind_layer, block_ids as model_block_ids
+from vorch_jax.placement import resolve_placement
+from vorch_jax.tiers import footprint
+from vorch_jax.tiers.dequant_cost import measure_dequant_seconds
+from vorch_jax.tiers.link_probe import probe_bandwidths
+from vorch_jax.tiers.state import State
+
+from . import block_compute as C
+from . import telemetry as T
+from .belady import BeladyPolicy, belady_bytes
+from .executor import BudgetError, Executor, check_fits, greedy_generate
+from .policies import LFUPolicy, LRUPolicy, PolicyContext, ResidentPolicy, StaticPolicy
+from .schedule import dense_schedule, future_stream
+
+
+class RunError(ValueError):
+    """A run that cannot start as configured (reported before any work)."""
+
+
+def scored_inputs(cfg: RunConfig, setup: "Setup", store_dir: Path) -> dict:
+    """The scored policy's measured inputs: link bandwidths now, and δ per kind when lossy states are allowed."""
+    bw = probe_bandwidths(store_dir)
+    delta = None
+    if cfg.lossy:
+        delta = {}
+        for b in ("embed", "layers.0.attn", "layers.0.mlp"):
+            delta[setup.kinds[b]] = measure_dequant_seconds(setup.source(b), int4_group_size=cfg.quant.int4_group_size,
+                                                            lowrank_rank=cfg.quant.lowrank_rank)
+    return dict(state_bytes=setup.state_bytes, homes=setup.homes, kinds=setup.kinds, layers=setup.layer_of,
+                placement=setup.placement, h2d_bytes_per_s=bw["host->device"], nvme_bytes_per_s=bw["nvme->host"],
+                delta=delta)
+
+
+def make_policy(cfg: RunConfig, ctx: PolicyContext, extras: dict | None = None):
+    name = cfg.policy
+    if name == "resident":
+        return ResidentPolicy(ctx)
+    if name == "static":
+        return StaticPolicy(ctx, prefetch_depth=0)
+    if name == "static-prefetch":
+        return StaticPolicy(ctx, prefetch_depth=cfg.prefetch_depth)
+    if name == "lru":
+        return LRUPolicy(ctx)
+    if name == "lfu":
+        return LFUPolicy(ctx)
+    if name == "belady":
+        return BeladyPolicy(ctx, prefetch_depth=cfg.prefetch_depth)
+    if name == "scored":
+        from .scored_policy import ScoredPolicy
+
+        return ScoredPolicy(ctx, cfg, **(extras or {}))
+    raise RunError(f"unknown policy '{name}'")
+
+
+def check_out_dir(out_dir: Path) -> Path:
+    out_dir = Path(out_dir)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise RunError(f"--out {out_dir} is not writable: {e.strerror or e}") from None
+    stale = out_dir / "summary.json"
+    if stale.exists():
+        stale.unlink()  # a re-run must not leave the old summary claiming to describe it
+    return out_dir
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs, built from the config before any timing."""
+
+    cfg: RunConfig
+    source: object
+    tokenizer: object
+    model_cfg: object
+    block_ids: list
+    device_bytes: dict
+    layer_of: dict
+    model_bytes: int
+    hbm_budget: int
+    dram_budget: int
+    homes: dict
+    protected: frozenset
+    placement: dict
+    kinds: dict
+    state_bytes: dict  # block -> {State: device bytes}, from the conversions' shapes
+    schedule: list
+    prompt_ids: list
+    eval_ids: list
+
+
+def prepare(cfg: RunConfig) -> Setup:
+    from vorch_jax.corpus import kjv_text
+    from vorch_jax.models.smollm2 import bos_id, load_smollm2_source
+    from vorch_jax.models.tokenizer import tokenizer_from_gguf_metadata
+
+    if cfg.model != "smollm2-135m":
+        raise RunError(f"model '{cfg.model}' is not available in this build (only smollm2-135m)")
+    if cfg.executor != "real":
+        raise RunError(f"executor '{cfg.executor}' is not available in this build (only real)")
+    source = load_smollm2_source()
+    tok = tokenizer_from_gguf_metadata(source.tokenizer_metadata())
+    mcfg = source.config
+    ids = model_block_ids(mcfg)
+    device_bytes = {b: source.block_nbytes(b) for b in ids}
+    layer_of = {b: block_kind_layer(mcfg, b)[1] for b in ids}
+    model_bytes = sum(device_bytes.values())
+    hbm = parse_budget(cfg.hbm_budget, model_bytes)
+    dram = parse_budget(cfg.dram_budget, model_bytes)
+    placement = resolve_placement(cfg.placement, ids)
+    protected = frozenset(b for b, p in placement.items() if p.protect or p.state == "S0")
+    if cfg.policy == "resident":
+        protected = frozenset(ids)
+    need = sum(device_bytes[b] for b in protected)
+    if need > hbm:
+        raise RunError(f"hbm_budget of {hbm} bytes is below the {need} bytes of the blocks that must stay on device "
+                       f"({len(protected)} protected or pinned blocks)")
+    schedule = dense_schedule(mcfg.n_layers)
+    homes, used = {}, 0
+    for b in dict.fromkeys(schedule):  # DRAM filled in schedule order; what does not fit spills to NVMe
+        forced = placement[b].state
+        if forced in ("S3", "S4"):
+            homes[b] = State.parse(forced)
+        elif used + device_bytes[b] <= dram:
+            homes[b] = State.S3
+        else:
+            homes[b] = State.S4
+        used += device_bytes[b] if homes[b] == State.S3 else 0
+    text_ids = tok.encode(kjv_text(max_chars=16 * (cfg.prompt_tokens + cfg.eval_tokens) + 1000)).ids
+    prompt_ids = tok.encode(cfg.prompt).ids if cfg.prompt else text_ids[: cfg.prompt_tokens]
+    if not prompt_ids:
+        raise RunError("the prompt is empty")
+    eval_ids = [bos_id(tok)] + text_ids[: cfg.eval_tokens]
+    kinds = {b: block_kind_layer(mcfg, b)[0] for b in ids}
+    state_bytes = {}
+    for b in ids:
+        shapes = source.block_shapes(b)
+        state_bytes[b] = {s: footprint.state_bytes(shapes, s, int4_group_size=cfg.quant.int4_group_size,
+                                                   lowrank_rank=cfg.quant.lowrank_rank)
+                          for s in (State.S0, State.S1, State.S2, State.S6)}
+    return Setup(cfg, source, tok, mcfg, ids, device_bytes, layer_of, model_bytes, hbm, dram, homes, protected,
+                 placement, kinds, state_bytes, schedule, [bos_id(tok)] + prompt_ids, eval_ids)
+
+
+def compile_on_zeros(mcfg, device_bytes_shapes: dict, seq_lens, max_len: int, dtype):
+    """Compile every block function for every sequence length on zero weights: the timed phases never compile."""
+    zeros = {b: {k: jnp.zeros(s.shape, s.dtype) for k, s in shapes.items()} for b, shapes in device_bytes_shapes.items()}
+    for T_ in seq_lens:
+        ids = jnp.zeros((1, T_), jnp.int32)
+        x = C.embed_lookup(zeros["embed"], ids, jnp.dtype(dtype).name)
+        k = jnp.zeros((1, max_len, mcfg.n_kv_heads, mcfg.head_dim), dtype)
+        x, k, v = C.attention(mcfg, zeros["attn"], x, k, jnp.zeros_like(k), jnp.int32(0))
+        x = C.mlp(mcfg, zeros["mlp"], x)
+        h = C.final_norm(mcfg, zeros["norm"], x)
+        C.tied_head(zeros["embed"], h).block_until_ready()
+    for z in zeros.values():
+        for a in z.values():
+            a.delete()
+
+
+def block_shapes(source) -> dict:
+    """Leaf shapes of one block of each kind (from one read of each)."""
+    out = {}
+    for b, kind in (("embed", "embed"), ("layers.0.attn", "attn"), ("layers.0.mlp", "mlp"), ("final_norm", "norm")):
+        out[kind] = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in source(b).items()}
+    return out
+
+
+def resident_logits_and_step(setup: Setup, dtype, new_tokens: int):
+    """The resident reference: eval-text logits, and the compute-only decode step time (median, compiled)."""
+    weights = {b: {k: jnp.asarray(v) for k, v in setup.source(b).items()} for b in setup.block_ids}
+
+    def forward(ids, cache, pos):
+        x = C.embed_lookup(weights["embed"], jnp.asarray(ids, jnp.int32), jnp.dtype(dtype).name)
+        ks, vs = list(cache.k), list(cache.v)
+        for i in range(setup.model_cfg.n_layers):
+            x, ks[i], vs[i] = C.attention(setup.model_cfg, weights[f"layers.{i}.attn"], x, ks[i], vs[i], jnp.int32(pos))
+            x = C.mlp(setup.model_cfg, weights[f"layers.{i}.mlp"], x)
+        h = C.final_norm(setup.model_cfg, weights["final_norm"], x)
+        return C.tied_head(weights["embed"], h), KVCache(ks, vs)
+
+    logits, _ = forward(np.asarray([setup.eval_ids[:-1]]), KVCache.zeros(setup.model_cfg, 1, len(setup.eval_ids) - 1, dtype), 0)
+    logits = np.asarray(logits[0])
+    P = len(setup.prompt_ids)
+    cache = KVCache.zeros(setup.model_cfg, 1, P + new_tokens, dtype)
+    lg, cache = forward(np.asarray([setup.prompt_ids]), cache, 0)
+    nxt, steps, tokens = int(jnp.argmax(lg[0, -1])), [], []
+    tokens.append(nxt)
+    for i in range(new_tokens - 1):
+        t0 = time.perf_counter()
+        lg, cache = forward(np.asarray([[nxt]]), cache, P + i)
+        nxt = int(jnp.argmax(lg[0, -1]))
+        steps.append(time.perf_counter() - t0)
+        tokens.append(nxt)
+    for w in weights.values():
+        for a in w.values():
+            a.delete()
+    return logits, (statistics.median(steps[1:] or steps) if steps else float("nan")), tokens
+
+
+def quality(logits_run: np.ndarray, logits_ref: np.ndarray, eval_ids: list) -> dict:
+    def logp(z):
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    lr, lp = logp(logits_run.astype(np.float64)), logp(logits_ref.astype(np.float64))
+    tgt = np.asarray(eval_ids[1:])
+    nll = -lr[np.arange(len(tgt)), tgt].mean()
+    nll_ref = -lp[np.arange(len(tgt)), tgt].mean()
+    kl = (np.exp(lp) * (lp - lr)).sum(-1)
+    return {"ppl": float(math.exp(nll)), "ppl_resident": float(math.exp(nll_ref)), "kl_mean": float(kl.mean()),
+            "top1_agree": float((lr.argmax(-1) == lp.argmax(-1)).mean()), "eval_tokens": int(len(tgt)),
+            "note": "SmolLM2 weights were 4-bit (Q4_1) to begin with; 'resident' is that model in float32"}
+
+
+def run(cfg: RunConfig, out_dir, *, progress=None) -> dict:
+    """Run `cfg`, write the outputs to `out_dir`, return the summary."""
+    out_dir = check_out_dir(Path(out_dir))
+    setup = prepare(cfg)
+    dtype = jnp.dtype(cfg.dtype)
+    say = progress or (lambda msg: None)
+
+    store_dir = Path(cfg.nvme_dir) if cfg.nvme_dir else out_dir / "nvme"
+    scratch = not cfg.nvme_dir
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"nvme_dir {store_dir} cannot be created: {e.strerror or e}") from None
+    extras = scored_inputs(cfg, setup, store_dir) if cfg.policy == "scored" else None
+    policy = make_policy(cfg, policy_context(cfg, setup), extras)
+    check_fits(policy, setup.device_bytes, setup.hbm_budget, setup.state_bytes)  # before any work
+    say("resident reference")
+    ref_logits, resident_step_s, ref_tokens = resident_logits_and_step(setup, dtype, cfg.new_tokens)
+
+    from vorch_jax.tiers.engine import MovementEngine
+
+    engine = MovementEngine(setup.source, store_dir, int4_group_size=cfg.quant.int4_group_size,
+                            lowrank_rank=cfg.quant.lowrank_rank, keep_home=True)
+    try:
+        return _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, ref_logits, resident_step_s, ref_tokens,
+                                say)
+    finally:
+        engine.close()
+        if scratch:
+            shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def policy_context(cfg: RunConfig, setup: Setup) -> PolicyContext:
+    passes = cfg.new_tokens  # prefill + (new_tokens - 1) decode steps; +1 for the quality pass
+    return PolicyContext(block_ids=tuple(setup.block_ids), device_bytes=setup.device_bytes,
+                         budget_bytes=setup.hbm_budget, schedule=tuple(setup.schedule),
+                         prefetch_depth=cfg.prefetch_depth, protected=setup.protected,
+                         future=tuple(future_stream(setup.schedule, passes + 1)))
+
+
+def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, ref_logits, resident_step_s, ref_tokens, say):
+    say("registering blocks at their homes")
+    for b in setup.block_ids:
+        engine.register(b, setup.homes[b])
+    ex = Executor(setup.model_cfg, engine, policy, budget_bytes=setup.hbm_budget, device_bytes=setup.device_bytes,
+                  homes=setup.homes, layer_of=setup.layer_of, tick_every_n_layers=cfg.tick_every_n_layers, dtype=dtype,
+                  state_bytes=setup.state_bytes)
+    say("compiling")
+    max_len = len(setup.prompt_ids) + cfg.new_tokens
+    compile_on_zeros(setup.model_cfg, block_shapes(setup.source), {len(setup.prompt_ids), 1}, max_len, dtype)
+    compile_on_zeros(setup.model_cfg, block_shapes(setup.source), {len(setup.eval_ids) - 1}, len(setup.eval_ids) - 1, dtype)
+
+    say("initial placement")
+    # Traffic is counted from a cold device: the initial placement's loads belong to the run (and the oracle starts
+    # from an empty device too), so policies that front-load bytes are not flattered.
+    t_gen0 = time.perf_counter()
+    ex.place_initial()
+    n_acc0 = len(ex.accesses)
+    say("generating")
+    tokens, prefill_s, step_s = greedy_generate(ex, setup.prompt_ids, cfg.new_tokens)
+    t_gen1 = time.perf_counter()
+    gen_accesses = ex.accesses[n_acc0:]
+    gen_counters = dataclasses.replace(ex.counters)
+    say("quality pass")
+    cache = KVCache.zeros(setup.model_cfg, 1, len(setup.eval_ids) - 1, dtype)
+    run_logits, _ = ex.forward(np.asarray([setup.eval_ids[:-1]]), cache, 0)
+    run_logits = np.asarray(run_logits[0])
+    t_q1 = time.perf_counter()
+
+    events = engine.events.snapshot()
+    gen_events = T.window(events, t_gen0, t_gen1)
+    stream = [a.block for a in gen_accesses]
+    moved = T.link_bytes(gen_events)
+    loads = sum(v for k, v in moved.items() if k in ("host->device",))
+    device_bytes_used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
+    bel = belady_bytes(stream, device_bytes_used, setup.hbm_budget, [], pinned=frozenset())
+    decode_s = sum(step_s[1:]) if len(step_s) > 1 else sum(step_s)  # the first decode step is dropped as warm-up
+    decode_n = max(1, len(step_s) - 1) if len(step_s) > 1 else len(step_s)
+    h2d_s = T.link_seconds(gen_events, "host->device")
+    h2d_bw = moved.get("host->device", 0) / h2d_s if h2d_s > 0 else float("nan")
+    missed_per_step = loads / max(1, cfg.new_tokens)
+    floor_s = max(resident_step_s, missed_per_step / h2d_bw if h2d_bw == h2d_bw and h2d_bw > 0 else 0.0)
+    stall_s = T.stall_seconds(gen_events)
+    wall_s = t_gen1 - t_gen0
+    summary = {
+        "complete": True,
+        "model": cfg.model,
+        "policy": cfg.policy,
+        "lossy": cfg.lossy,
+        "hbm_budget_bytes": setup.hbm_budget,
+        "dram_budget_bytes": setup.dram_budget,
+        "model_bytes": setup.model_bytes,
+        "prompt_tokens": len(setup.prompt_ids),
+        "tokens": tokens,
+        "tokens_match_resident": tokens == ref_tokens,
+        "text": setup.tokenizer.decode(tokens),
+        "prefill_s": prefill_s,
+        "decode_tok_s": decode_n / decode_s if decode_s > 0 else float("nan"),
+        "decode_step_s": decode_s / decode_n if decode_s > 0 else float("nan"),
+        "resident_step_s": resident_step_s,
+        "floor_step_s": floor_s,
+        "wall_s": wall_s,
+        "stall_s": stall_s,
+        "transfer_s": T.link_seconds(gen_events, "host->device") + T.link_seconds(gen_events, "nvme->host"),
+        "controller_s": gen_counters.controller_s,
+        "peak_device_bytes": gen_counters.peak_device_bytes,
+        "link_bytes": moved,
+        "bytes_moved": loads,
+        "belady_bytes": bel,
+        "hits": gen_counters.hits,
+        "misses": gen_counters.misses,
+        "prefetch": {"issued": gen_counters.prefetch_issued, "useful": gen_counters.prefetch_useful,
+                     "wasted_bytes": gen_counters.prefetch_wasted_bytes},
+        "transitions": T.transition_counts(gen_events),
+        "quality": quality(run_logits, ref_logits, setup.eval_ids),
+        "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
+        "host_to_device_gbps": h2d_bw / 1e9 if h2d_bw == h2d_bw else None,
+        "backend": jax.default_backend(),
+    }
+    records = T.trace_records(ex.accesses, events, t_gen0)
+    T.write_trace(out_dir, records)
+    T.write_json_atomic(out_dir / "summary.json", summary)  # last: its presence means the run completed
+    return summary

@@ -1,0 +1,147 @@
+"""The scored policy: the controller's jitted knapsack decides which blocks live on the device, and in which state.
+
+Division of labour, so that every term does one job:
+  * the tick (`state_update.tick`) chooses the *resident plan*: for each block a state on its ladder (S0, and with
+    `lossy` S1/S2/S6, on device; its home S3/S4 off device) maximising Σ R(b, s)·q(b, s) under the plan budget,
+    with guardrails and hysteresis. It runs every `tick_every_n_layers` layers on fresh ρ.
+  * the executor streams the blocks the plan leaves off device through a reserve of `prefetch_depth + 1` slots,
+    prefetching along the schedule, and releases a streamed block right after its use.
+Terms, all measured or configured, none keyword-guessed:
+  ρ  decayed access counts of this run (access_stats.update_rho);
+  λ  probability the block is needed within the next step: 1 for every block of a dense model (each token step reads
+     all of them); the MoE router supplies it for experts;
+  κ  from placement rules (`kappa`), else 1 for protected blocks and 0.5 otherwise;
+  ψ  calibrated sensitivity when a calibration exists, else 0 (then lossy states lose their default value share);
+  δ  measured seconds of one decode-shaped matmul through each lossy format, minus full precision's;
+  τ  block bytes over the link bandwidths measured in this run (host→device, NVMe→host).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+
+from vorch_jax import state_ids as sid
+from vorch_jax.access_stats import update_rho
+from vorch_jax.block_table import BlockTable
+from vorch_jax.score import ScoreWeights
+from vorch_jax.state_update import TickParams, check_budget, commit, tick
+from vorch_jax.tiers.state import State
+
+from .executor import BudgetError
+from .policies import Policy
+
+RHO_DECAY_PER_PASS = 0.9  # ρ forgets 10% per forward pass; per tick it decays by the pass's share of that
+
+
+@functools.partial(jax.jit, static_argnames=("params",))
+def _observe_and_tick(table, accessed_N, rho_decay, budget, weights, params):
+    """One dispatch per tick: fold the accesses into ρ, decide targets, commit them (dwell counters)."""
+    table = table.replace(rho=update_rho(table.rho, accessed_N, rho_decay))
+    target, _, _ = tick(table, budget, weights, params)
+    return commit(table, target), target
+
+
+class ScoredPolicy(Policy):
+    name = "scored"
+
+    def __init__(self, ctx, cfg, *, state_bytes: dict, homes: dict, kinds: dict, layers: dict, placement: dict,
+                 h2d_bytes_per_s: float, nvme_bytes_per_s: float, psi: dict | None = None,
+                 delta: dict | None = None):
+        super().__init__(ctx)
+        self.prefetch_depth = cfg.prefetch_depth
+        self.ids = list(ctx.block_ids)
+        self.index = {b: i for i, b in enumerate(self.ids)}
+        self.state_bytes = state_bytes
+        B = len(self.ids)
+        bps = np.zeros((B, sid.NUM_STATES), np.float64)
+        for i, b in enumerate(self.ids):
+            for s in (State.S0, State.S1, State.S2, State.S6):
+                bps[i, int(s)] = state_bytes[b][s]
+        allowed = np.zeros((B, sid.NUM_STATES), bool)
+        allowed[:, sid.S0] = True
+        if cfg.lossy:
+            allowed[:, [sid.S1, sid.S2, sid.S6]] = True
+        for i, b in enumerate(self.ids):
+            allowed[i, int(homes[b])] = True  # a block leaves the device only for its home
+        protected = [b in ctx.protected for b in self.ids]
+        floor = [State.parse(placement[b].floor).value if placement[b].floor else (sid.S0 if p else sid.S6)
+                 for b, p in zip(self.ids, protected)]
+        kappa = [placement[b].kappa if placement[b].kappa is not None else (1.0 if p else 0.5)
+                 for b, p in zip(self.ids, protected)]
+        delta_B7 = np.zeros((B, sid.NUM_STATES))
+        for i, b in enumerate(self.ids):
+            for s, sec in (delta or {}).get(kinds[b], {}).items():
+                delta_B7[i, int(s)] = max(0.0, sec)
+        s0 = bps[:, sid.S0]
+        tau = np.zeros((B, sid.NUM_STATES))
+        tau[:, sid.S3] = s0 / h2d_bytes_per_s
+        tau[:, sid.S4] = s0 / nvme_bytes_per_s + s0 / h2d_bytes_per_s
+        self.weights = ScoreWeights.make(w1=cfg.score.w1, w2=cfg.score.w2, w3=cfg.score.w3, w4=cfg.score.w4,
+                                         alpha=cfg.score.alpha, beta=cfg.score.beta)
+        self.params = TickParams(min_dwell=cfg.guardrail.min_dwell_ticks, margin=cfg.guardrail.switch_margin)
+        self.table = BlockTable.from_rows(
+            state=[int(homes[b]) for b in self.ids], bytes_per_state=bps, kind=[kinds[b] for b in self.ids],
+            layer=[layers[b] for b in self.ids], protected=protected, floor_state=floor, allowed=allowed,
+            lossy=cfg.lossy, rho=np.zeros(B), lam=np.ones(B), kappa=kappa,
+            psi=[(psi or {}).get(b, 0.0) for b in self.ids], delta=delta_B7, tau=tau,
+            host_bytes=[s0[i] if homes[b] == State.S3 else 0.0 for i, b in enumerate(self.ids)], names=self.ids,
+        )
+        self.plan_budget = self._plan_budget()
+        try:
+            check_budget(self.table, self.plan_budget)
+        except ValueError as e:
+            raise BudgetError(f"scored policy: {e}") from None
+        self._accessed: list[int] = []
+        self._pad = 2 * len(ctx.schedule)  # accesses between two ticks never exceed one pass; fixed size: one compile
+        n_layers = max(layers.values())
+        ticks_per_pass = max(1, n_layers // max(1, cfg.tick_every_n_layers))
+        # Decay per tick such that a whole pass decays by RHO_DECAY_PER_PASS: on a cyclic schedule ρ̂ then varies by
+        # about 1% across the pass instead of rotating with recency (which would churn the plan every tick).
+        self._rho_decay = np.float32(RHO_DECAY_PER_PASS ** (1.0 / ticks_per_pass))
+        self.targets: dict[str, State] = {}
+        # The first plan places blocks on an empty device: hysteresis (a margin over the current, off-device state)
+        # is about not bouncing between plans, so it does not apply to the first one.
+        self._replan(dataclasses.replace(self.params, margin=0.0))
+        _observe_and_tick(self.table, np.full(self._pad, -1, np.int32), self._rho_decay, np.float32(self.plan_budget),
+                          self.weights, self.params)[1].block_until_ready()  # compile the steady tick before any timing
+
+    def _plan_budget(self) -> int:
+        """The HBM budget less a streaming reserve: room for the `prefetch_depth + 1` largest unprotected blocks."""
+        free = sorted((self.ctx.device_bytes[b] for b in self.ids if b not in self.ctx.protected), reverse=True)
+        reserve = sum(free[: self.prefetch_depth + 1])
+        return max(1, self.ctx.budget_bytes - reserve)
+
+    def _replan(self, params: TickParams | None = None) -> dict:
+        accessed = np.full(self._pad, -1, np.int32)
+        accessed[: len(self._accessed[: self._pad])] = self._accessed[: self._pad]
+        self._accessed = []
+        self.table, target = _observe_and_tick(self.table, accessed, self._rho_decay, np.float32(self.plan_budget),
+                                               self.weights, params or self.params)
+        target = np.asarray(target)  # the hand-off: returning the array beat an io_callback (bench_tick)
+        new = {b: State(int(target[i])) for i, b in enumerate(self.ids)}
+        changed = {b: s for b, s in new.items() if self.targets.get(b) != s}
+        self.targets = new
+        self.pinned = frozenset(b for b, s in new.items() if s.on_device)
+        return changed
+
+    def initial_resident(self):
+        return [b for b in self.ids if self.targets[b].on_device]
+
+    def device_state(self, block):
+        s = self.targets.get(block, State.S0)
+        return s if s.on_device else State.S0
+
+    def on_access(self, t, block):
+        super().on_access(t, block)
+        self._accessed.append(self.index[block])
+
+    def victim_order(self, t, candidates):
+        # Blocks outside the plan first (streamed), released in most-recent-use order; the plan is kept.
+        return sorted((b for b in candidates if b not in self.pinned), key=lambda b: -self.last_use.get(b, -1))
+
+    def tick(self, t):
+        return self._replan()

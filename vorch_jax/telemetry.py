@@ -1,0 +1,118 @@
+"""Traces and the measured summary: every figure is computed from recorded events, never from the plan.
+
+Sources: the engine's events (transitions with bytes per link, stalls, recoveries) and the executor's accesses
+(one per schedule position: hit or miss, when the weights were ready).
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+
+def window(events, t_start: float, t_end: float):
+    """Engine events that started inside [t_start, t_end)."""
+    return [e for e in events if t_start <= e.start < t_end]
+
+
+def link_bytes(events) -> dict[str, int]:
+    out: Counter = Counter()
+    for e in events:
+        if e.kind in ("transition", "recovered"):
+            out.update(dict(e.link_bytes))
+    return dict(sorted(out.items()))
+
+
+def transition_counts(events) -> dict[str, int]:
+    c = Counter(f"{e.src.name if e.src is not None else 'source'}->{e.dst.name}" for e in events if e.kind == "transition")
+    return dict(sorted(c.items()))
+
+
+def stall_seconds(events) -> float:
+    return sum(e.duration for e in events if e.kind == "stall")
+
+
+def link_seconds(events, link: str) -> float:
+    """Wall seconds during which at least one transition used `link` (overlapping transfers counted once)."""
+    spans = sorted((e.start, e.end) for e in events if e.kind == "transition" and e.link_bytes.get(link))
+    total, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:
+        if cur_e is None or s > cur_e:
+            if cur_e is not None:
+                total += cur_e - cur_s
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    if cur_e is not None:
+        total += cur_e - cur_s
+    return total
+
+
+def trace_records(accesses, events, t0: float) -> list[dict]:
+    """One JSON-able record per access, per transition link and per stall, ordered by time."""
+    starts = [a.start for a in accesses]
+
+    def locate(t):
+        i = max(0, bisect.bisect_right(starts, t) - 1)
+        return (accesses[i].step, accesses[i].layer) if accesses else (None, None)
+
+    recs = []
+    for a in accesses:
+        recs.append({"t": a.start - t0, "step": a.step, "layer": a.layer, "block": a.block, "event": "access",
+                     "from": None, "to": a.state, "bytes": 0, "link": None, "dur_s": a.end - a.start,
+                     "hit": a.hit})
+    for e in events:
+        step, layer = locate(e.start)
+        base = {"t": e.start - t0, "step": step, "layer": layer, "block": e.block,
+                "from": e.src.name if e.src is not None else "source", "to": e.dst.name if e.dst is not None else None,
+                "dur_s": e.duration}
+        if e.kind == "stall":
+            recs.append({**base, "event": "stall", "bytes": 0, "link": None})
+        elif e.kind in ("transition", "recovered"):
+            links = dict(e.link_bytes) or {None: 0}
+            for link, n in links.items():
+                recs.append({**base, "event": "transition" if e.kind == "transition" else "recovered",
+                             "bytes": n, "link": link})
+        else:
+            recs.append({**base, "event": e.kind, "bytes": 0, "link": None, "detail": e.detail})
+    return sorted(recs, key=lambda r: r["t"])
+
+
+def perfetto(records: list[dict]) -> dict:
+    """Chrome/Perfetto trace: one track per link, one for stalls, one for the compute schedule."""
+    tracks = {"compute": 1, "stall": 2}
+    events = []
+    for r in records:
+        if r["event"] == "access":
+            track, name = "compute", r["block"]
+        elif r["event"] == "stall":
+            track, name = "stall", f"stall {r['block']}"
+        else:
+            track, name = (r["link"] or "drop"), f"{r['block']} {r['from']}->{r['to']}"
+        tid = tracks.setdefault(track, len(tracks) + 1)
+        events.append({"name": name, "ph": "X", "ts": r["t"] * 1e6, "dur": max(r["dur_s"], 0.0) * 1e6, "pid": 1,
+                       "tid": tid, "args": {k: r[k] for k in ("step", "layer", "bytes") if r.get(k) is not None}})
+    meta = [{"name": "thread_name", "ph": "M", "pid": 1, "tid": tid, "args": {"name": name}} for name, tid in tracks.items()]
+    return {"traceEvents": meta + events, "displayTimeUnit": "ms"}
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write to a temporary name and rename: a reader never sees a half-written file."""
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_trace(out_dir: Path, records: list[dict]) -> None:
+    tmp = out_dir / "trace.jsonl.tmp"
+    with open(tmp, "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, out_dir / "trace.jsonl")
+    write_json_atomic(out_dir / "trace.perfetto.json", perfetto(records))
