@@ -7,10 +7,13 @@ User errors (a missing model package, a damaged model file, a bad config, an unk
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import json
 import sys
 
 USAGE_ERROR = 2
+SUBCOMMAND_MODULES = ("vorch_jax.calibrate", "vorch_jax.sweep", "vorch_jax.report")
 
 
 class UserError(Exception):
@@ -155,6 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("overrides", nargs="*", help="dotted key=value overrides")
     b.add_argument("--json", action="store_true", help="print count and bytes per kind as JSON")
     b.set_defaults(func=cmd_blocks)
+
+    # Sub-commands that live beside their library module: each module's `add_cli(subparsers)` adds its parser.
+    for module in SUBCOMMAND_MODULES:
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module).add_cli(sub)
     return p
 
 
