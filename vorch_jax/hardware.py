@@ -1,0 +1,167 @@
+"""Hardware profiles: the numbers the simulator's cost model reads, one YAML file per machine in configs/hardware/.
+
+Every field is required (a missing one is an error naming the field and the file); unknown keys fail too. Each
+value carries its source in a comment in the YAML file: a vendor datasheet by name, or "measured here" with the
+command that measured it. Units are SI: bytes, seconds, bytes/s, FLOP/s.
+
+Schema (dotted names are the error messages' field names)::
+
+    name: str
+    device: str                                     # what the profile describes, in words
+    hbm.capacity_bytes                              # device memory
+    hbm.bandwidth_bytes_per_s                       # device memory read bandwidth (what decode matmuls stream at)
+    links.host_to_device.{bandwidth_bytes_per_s, latency_s}
+    links.device_to_host.{bandwidth_bytes_per_s, latency_s}
+    nvme.{read_bytes_per_s, write_bytes_per_s, latency_s}
+    compute.flops_per_s.{bf16, fp32, int8}          # dense matmul throughput per precision
+    compute.block_overhead_s                        # fixed device time per block (kernel launches, small ops)
+    compute.dequant_bytes_per_s.{int8, int4}        # bytes of low-bit weights dequantized per second
+    host.dispatch_s_per_block                       # host (Python + dispatch) time per schedule position
+
+The time model that reads these lives in `simulator.py` (`block_compute_s`, `transfer_s`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import yaml
+
+PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
+
+
+class ProfileError(ValueError):
+    """A hardware profile that is missing, malformed, or has a missing / unknown / non-positive field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Link:
+    bandwidth_bytes_per_s: float
+    latency_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    device: str
+    hbm_capacity_bytes: float
+    hbm_bandwidth_bytes_per_s: float
+    host_to_device: Link
+    device_to_host: Link
+    nvme_read_bytes_per_s: float
+    nvme_write_bytes_per_s: float
+    nvme_latency_s: float
+    flops_per_s: dict  # precision ("bf16" | "fp32" | "int8") -> FLOP/s
+    block_overhead_s: float
+    dequant_bytes_per_s: dict  # "int8" | "int4" -> bytes/s
+    dispatch_s_per_block: float
+    source: str = ""  # the file it was read from
+
+    def replace(self, **kw) -> "HardwareProfile":
+        return dataclasses.replace(self, **kw)
+
+    def flops(self, precision: str) -> float:
+        if precision not in self.flops_per_s:
+            raise ProfileError(f"{self.source or self.name}: no compute.flops_per_s.{precision}")
+        return self.flops_per_s[precision]
+
+
+_SCHEMA = {
+    "name": str,
+    "device": str,
+    "hbm": {"capacity_bytes": float, "bandwidth_bytes_per_s": float},
+    "links": {
+        "host_to_device": {"bandwidth_bytes_per_s": float, "latency_s": float},
+        "device_to_host": {"bandwidth_bytes_per_s": float, "latency_s": float},
+    },
+    "nvme": {"read_bytes_per_s": float, "write_bytes_per_s": float, "latency_s": float},
+    "compute": {
+        "flops_per_s": {"bf16": float, "fp32": float, "int8": float},
+        "block_overhead_s": float,
+        "dequant_bytes_per_s": {"int8": float, "int4": float},
+    },
+    "host": {"dispatch_s_per_block": float},
+}
+_MAY_BE_ZERO = {"links.host_to_device.latency_s", "links.device_to_host.latency_s", "nvme.latency_s",
+                "compute.block_overhead_s", "host.dispatch_s_per_block"}
+
+
+def _check(data, schema: dict, where: str, src: str) -> dict:
+    if not isinstance(data, dict):
+        raise ProfileError(f"{src}: '{where or 'top level'}' must be a mapping, got {type(data).__name__}")
+    for key in data:
+        if key not in schema:
+            raise ProfileError(f"{src}: unknown field '{where + key}' (valid: {', '.join(schema)})")
+    out = {}
+    for key, tp in schema.items():
+        name = where + key
+        if key not in data:
+            raise ProfileError(f"{src}: missing field '{name}'")
+        value = data[key]
+        if isinstance(tp, dict):
+            out[key] = _check(value, tp, name + ".", src)
+        elif tp is str:
+            if not isinstance(value, str) or not value:
+                raise ProfileError(f"{src}: field '{name}' must be a non-empty string, got {value!r}")
+            out[key] = value
+        else:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ProfileError(f"{src}: field '{name}' must be a number, got {value!r} (write 1.0e-6, not 1e-6)")
+            value = float(value)
+            low_ok = value >= 0 if name in _MAY_BE_ZERO else value > 0
+            if not (low_ok and (math.isfinite(value) or value == math.inf)):
+                raise ProfileError(f"{src}: field '{name}' must be {'>= 0' if name in _MAY_BE_ZERO else '> 0'}, "
+                                   f"got {value}")
+            out[key] = value
+    return out
+
+
+def profile_from_dict(data, source: str = "<dict>") -> HardwareProfile:
+    """A checked profile from the nested mapping a YAML file holds; errors name `source` and the dotted field."""
+    d = _check(data, _SCHEMA, "", source)
+    links = d["links"]
+    return HardwareProfile(
+        name=d["name"], device=d["device"],
+        hbm_capacity_bytes=d["hbm"]["capacity_bytes"], hbm_bandwidth_bytes_per_s=d["hbm"]["bandwidth_bytes_per_s"],
+        host_to_device=Link(**links["host_to_device"]), device_to_host=Link(**links["device_to_host"]),
+        nvme_read_bytes_per_s=d["nvme"]["read_bytes_per_s"], nvme_write_bytes_per_s=d["nvme"]["write_bytes_per_s"],
+        nvme_latency_s=d["nvme"]["latency_s"], flops_per_s=dict(d["compute"]["flops_per_s"]),
+        block_overhead_s=d["compute"]["block_overhead_s"],
+        dequant_bytes_per_s=dict(d["compute"]["dequant_bytes_per_s"]),
+        dispatch_s_per_block=d["host"]["dispatch_s_per_block"], source=source)
+
+
+def load_profile(name_or_path) -> HardwareProfile:
+    """A profile by name (`h100-sxm` -> configs/hardware/h100-sxm.yaml) or by path; a HardwareProfile passes."""
+    if isinstance(name_or_path, HardwareProfile):
+        return name_or_path
+    if not name_or_path:
+        raise ProfileError("no hardware profile given (set `hardware:` in the run config, e.g. 'this-machine')")
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
+        raise ProfileError(f"hardware profile {path} not found (known: {known})")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ProfileError(f"{path}: invalid YAML: {e}") from None
+    return profile_from_dict(data, str(path))
+
+
+def profile_to_dict(p: HardwareProfile) -> dict:
+    """The nested mapping `profile_from_dict` reads (what calibrate_hardware writes)."""
+    return {
+        "name": p.name, "device": p.device,
+        "hbm": {"capacity_bytes": p.hbm_capacity_bytes, "bandwidth_bytes_per_s": p.hbm_bandwidth_bytes_per_s},
+        "links": {"host_to_device": dataclasses.asdict(p.host_to_device),
+                  "device_to_host": dataclasses.asdict(p.device_to_host)},
+        "nvme": {"read_bytes_per_s": p.nvme_read_bytes_per_s, "write_bytes_per_s": p.nvme_write_bytes_per_s,
+                 "latency_s": p.nvme_latency_s},
+        "compute": {"flops_per_s": dict(p.flops_per_s), "block_overhead_s": p.block_overhead_s,
+                    "dequant_bytes_per_s": dict(p.dequant_bytes_per_s)},
+        "host": {"dispatch_s_per_block": p.dispatch_s_per_block},
+    }
