@@ -1,0 +1,157 @@
+"""MoE SmolLM2 quality and routing: ppl vs dense per top-k, expert usage per layer, speculative next-layer routing.
+
+    .venv/bin/python experiments/moe_quality.py configs/moe/router.yaml [--rebuild]
+
+Builds (or loads) the MoE model of the router config, then on BOS + the first `eval_tokens` tokens of KJV:
+  1. ppl of the MoE model for each k in `eval_top_ks` beside the dense model's (k = E must equal dense), with the
+     relative logit error vs dense and top-1 agreement;
+  2. router recall on the evaluation text: the router's top-k vs the experts with most activation mass (oracle);
+  3. per-layer expert usage under top-`target_top_k` routing: entropy / log E, max and min share;
+  4. speculative routing: layer l+1's router on layer l's residual state vs the experts layer l+1 actually picks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vorch_jax.corpus import kjv_text
+from vorch_jax.models import llama_layers as Lay
+from vorch_jax.models import moe
+from vorch_jax.models import moe_build as mb
+from vorch_jax.models.gguf_source import load_smollm2_source
+from vorch_jax.models.llama import KVCache, LlamaModel
+from vorch_jax.models.smollm2 import bos_id
+from vorch_jax.models.tokenizer import tokenizer_from_gguf_metadata
+
+moe_forward = jax.jit(moe.moe_forward, static_argnames=("cfg", "top_k", "collect"))
+
+
+def nll(logits_TxV: np.ndarray, ids_T: np.ndarray) -> float:
+    """Mean negative log-likelihood of ids[1:] given the logits at positions [:-1]."""
+    z = logits_TxV[:-1].astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+    return float(-logp[np.arange(len(ids_T) - 1), ids_T[1:]].mean())
+
+
+def topk_np(scores_NxE: np.ndarray, k: int) -> np.ndarray:
+    """bool [N, E] of each row's top-k (same tie order as `moe.topk_mask`)."""
+    return np.asarray(moe.topk_mask(jnp.asarray(scores_NxE), k))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", help="router config, e.g. configs/moe/router.yaml")
+    ap.add_argument("--rebuild", action="store_true", help="rebuild even if a stored result exists")
+    ap.add_argument("--json", help="also write the numbers to this JSON file")
+    args = ap.parse_args(argv)
+    rcfg = mb.load_router_config(args.config)
+
+    src = load_smollm2_source()
+    cfg = src.config
+    tok = tokenizer_from_gguf_metadata(src.tokenizer_metadata())
+    bos = bos_id(tok)
+    t0 = time.perf_counter()
+    partition, routers = mb.build_or_load(src, tok, lambda n: kjv_text(max_chars=n), bos, rcfg, rebuild=args.rebuild)
+    print(f"build/load: {time.perf_counter() - t0:.1f} s")
+    meta = json.loads((mb.default_store_dir(rcfg) / "meta.json").read_text())
+    if "stats" in meta:
+        s = meta["stats"]
+        print(f"stored build: partition {s['partition_seconds']:.1f} s, calibration {s['calibration_seconds']:.1f} s,"
+              f" router training {s['seconds']:.1f} s; train top-{rcfg.target_top_k} recall mean "
+              f"{np.mean(s['recall_L']):.3f}")
+
+    E, L = rcfg.n_experts, cfg.n_layers
+    ms = moe.moe_source(src, partition, routers)
+    blocks = {b: ms(b) for b in ms.block_ids}
+    text_ids = tok.encode(kjv_text(max_chars=16 * rcfg.eval_tokens + 1000)).ids
+    ids_T = np.asarray([bos] + text_ids[: rcfg.eval_tokens], np.int32)
+    ids = jnp.asarray(ids_T[None])
+
+    dense_blocks = {b: src(b) for b in ["embed", "final_norm"] + [f"layers.{i}.{k}" for i in range(L)
+                                                                 for k in ("attn", "mlp")]}
+    model = LlamaModel(cfg, lambda b: dense_blocks[b])
+    dense_logits, _ = jax.jit(lambda m, i: m(i, KVCache.zeros(cfg, 1, i.shape[1]), 0))(model, ids)
+    dense_logits = np.asarray(dense_logits[0])
+    nll_dense = nll(dense_logits, ids_T)
+    out = {"dense_ppl": math.exp(nll_dense), "eval_tokens": int(len(ids_T) - 1), "n_experts": E, "rows": []}
+
+    print(f"\n== ppl on BOS + {len(ids_T) - 1} KJV tokens (dense: {math.exp(nll_dense):.3f}) ==")
+    print(f"{'top_k':>5} {'expert frac':>11} {'ppl':>9} {'ppl/dense':>9} {'rel logit err':>13} {'top1 agree':>10}")
+    collected = {}
+    for k in rcfg.eval_top_ks:
+        logits, moe_in, moe_out = moe_forward(cfg, blocks, ids, top_k=k, collect=True)
+        lg = np.asarray(logits[0])
+        collected[k] = (moe_in, moe_out)
+        rel = float(np.linalg.norm(lg - dense_logits) / np.linalg.norm(dense_logits))
+        agree = float((lg.argmax(-1) == dense_logits.argmax(-1)).mean())
+        ppl = math.exp(nll(lg, ids_T))
+        out["rows"].append({"top_k": k, "ppl": ppl, "rel_logit_err": rel, "top1_agree": agree})
+        print(f"{k:>5} {k / E:>11.3f} {ppl:>9.3f} {ppl / out['dense_ppl']:>9.3f} {rel:>13.2e} {agree:>10.3f}")
+
+    kr = rcfg.target_top_k
+    # Router vs oracle on the evaluation text, on the dense model's hidden states (k = E run is the dense model).
+    dense_in = collected[E][0] if E in collected else moe_forward(cfg, blocks, ids, top_k=E, collect=True)[1]
+    rec = []
+    for i in range(L):
+        gw = blocks[moe.gate_block_id(i)]
+        h = Lay.rms_norm(dense_in[i], gw["ffn_norm"], cfg.norm_eps).reshape(-1, cfg.d_model)
+        mass = np.asarray(mb.expert_mass(dense_blocks[f"layers.{i}.mlp"], partition.neurons_LxExFe[i], h))
+        pred = topk_np(np.asarray(moe.moe_router_probs(gw, h)), kr)
+        rec.append(float((pred & topk_np(mass, kr)).sum() / (kr * len(h))))
+    out["router_eval_recall_L"] = rec
+    print(f"\n== router top-{kr} vs activation-mass top-{kr} on the evaluation text (dense hidden states) ==")
+    print(f"recall mean {np.mean(rec):.3f}, min {np.min(rec):.3f} (layer {int(np.argmin(rec))}), max {np.max(rec):.3f}")
+
+    # Usage and speculative routing, in the top-kr routed model.
+    moe_in, moe_out = collected[kr] if kr in collected else moe_forward(cfg, blocks, ids, top_k=kr, collect=True)[1:]
+    masks = []
+    for i in range(L):
+        gw = blocks[moe.gate_block_id(i)]
+        h = Lay.rms_norm(moe_in[i], gw["ffn_norm"], cfg.norm_eps)
+        masks.append(np.asarray(moe.topk_mask(moe.moe_router_probs(gw, h), kr)).reshape(-1, E))
+    print(f"\n== expert usage under top-{kr} routing (share of token-slots; uniform = {1 / E:.3f}) ==")
+    print(f"{'layer':>5} {'H/logE':>6} {'max':>6} {'min':>6}  shares e0..e{E - 1}")
+    usage = []
+    for i, m in enumerate(masks):
+        share = m.sum(0) / m.sum()
+        p = share[share > 0]
+        ent = float(-(p * np.log(p)).sum() / math.log(E))
+        usage.append({"layer": i, "entropy_over_logE": ent, "max": float(share.max()), "min": float(share.min()),
+                      "shares": share.round(4).tolist()})
+        print(f"{i:>5} {ent:>6.3f} {share.max():>6.3f} {share.min():>6.3f}  " + " ".join(f"{s:.2f}" for s in share))
+    ents = [u["entropy_over_logE"] for u in usage]
+    print(f"entropy/logE mean {np.mean(ents):.3f} (min {np.min(ents):.3f}); max/min share ratio median "
+          f"{np.median([u['max'] / max(u['min'], 1e-9) for u in usage]):.1f}")
+    out["usage"] = usage
+
+    print(f"\n== speculative routing: layer l+1's router on layer l's state vs layer l+1's actual top-{kr} ==")
+    print(f"{'state used':>28} {'predicted':>9} {'recall':>7} {'precision':>9}")
+    spec = []
+    for name, states in (("input of layer l's MoE", moe_in), ("output of layer l's MoE", moe_out)):
+        for kp in (kr, kr + 1, 2 * kr):
+            hit = n_act = n_pred = 0
+            for i in range(L - 1):
+                probs = moe.speculative_expert_probs(blocks[moe.gate_block_id(i + 1)], states[i], cfg.norm_eps)
+                pred = topk_np(np.asarray(probs).reshape(-1, E), kp)
+                hit += int((pred & masks[i + 1]).sum())
+                n_act += int(masks[i + 1].sum())
+                n_pred += int(pred.sum())
+            spec.append({"state": name, "predicted_k": kp, "recall": hit / n_act, "precision": hit / n_pred})
+            print(f"{name:>28} {kp:>9} {hit / n_act:>7.3f} {hit / n_pred:>9.3f}")
+    out["speculative"] = spec
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+"""Build the MoE SmolLM2: balanced k-means expert partition, routers trained with optax, stored with orbax.
+
+Partition: per layer, balanced spherical k-means on each neuron's weight vector [w_gate[:, n]; w_up[:, n]] (2D
+floats). Chosen over co-activation clustering because it needs no calibration pass (the partition is a function
+of the weights and the seed alone, so routers trained on different texts share it) and is cheap; co-activation
+would likely group neurons that fire together better, and is the first thing to try if small-k quality matters.
+Balance: each Lloyd step assigns greedily by decreasing cosine similarity under a capacity of F/E per expert, so
+every expert has exactly F/E neurons. Deterministic for a fixed seed (numpy RNG, stable sorts).
+
+Routers: per layer, a linear map [D, E] (+ bias [E]) on the dense model's normed MLP input h, trained to predict
+the `target_top_k` experts carrying the most activation mass Σ_{n in e} |silu(h·g_n)·(h·u_n)| (soft cross-entropy
+against the multi-hot target / k). All layers train at once (vmap), full batch, adam; fixed seed ⇒ identical
+routers.
+
+The router config (`configs/moe/router.yaml`) has its own small schema, validated as strictly as `RunConfig`:
+unknown keys, keys set twice and wrong types fail with one line naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+import typing
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from . import llama_layers as Lay
+from .moe import ExpertPartition, MoEError, Routers
+
+FORMAT_VERSION = 1
+MOE_MODELS = {"smollm2-135m-moe": "smollm2-135m"}  # MoE model key -> the dense model it is built from
+
+
+# ------------------------------------------------------------------------------------------------------- config
+
+
+class RouterConfigError(ValueError):
+    """A router-training config problem; the message is one line naming the file and key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """How to build and measure the MoE model (see configs/moe/router.yaml for what each key means)."""
+
+    model: str = "smollm2-135m-moe"
+    n_experts: int = 8
+    seed: int = 0
+    kmeans_iters: int = 20
+    target_top_k: int = 2
+    calib_tokens: int = 2048
+    calib_seq_len: int = 256
+    calib_char_offset: int = 200_000
+    steps: int = 300
+    learning_rate: float = 3.0e-3
+    log_every: int = 50
+    out_dir: str = ""
+    eval_tokens: int = 256
+    eval_top_ks: tuple[int, ...] = (1, 2, 4, 8)
+
+    def training_key(self) -> dict:
+        """What a stored result must agree on to be reused (evaluation keys excluded)."""
+        skip = {"log_every", "out_dir", "eval_tokens", "eval_top_ks"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def _check_router_config(cfg: RouterConfig, where: str) -> RouterConfig:
+    def bad(key, detail):
+        return RouterConfigError(f"{where}: key '{key}' {detail}")
+
+    if cfg.model not in MOE_MODELS:
+        raise bad("model", f"must be one of {sorted(MOE_MODELS)}, got {cfg.model!r}")
+    for key in ("n_experts", "kmeans_iters", "target_top_k", "calib_tokens", "calib_seq_len", "steps", "log_every",
+                "eval_tokens"):
+        if getattr(cfg, key) < 1:
+            raise bad(key, f"must be >= 1, got {getattr(cfg, key)}")
+    for key in ("seed", "calib_char_offset"):
+        if getattr(cfg, key) < 0:
+            raise bad(key, f"must be >= 0, got {getattr(cfg, key)}")
+    if not cfg.learning_rate > 0:
+        raise bad("learning_rate", f"must be > 0, got {cfg.learning_rate}")
+    if cfg.target_top_k > cfg.n_experts:
+        raise bad("target_top_k", f"must be <= n_experts ({cfg.n_experts}), got {cfg.target_top_k}")
+    if cfg.calib_tokens % cfg.calib_seq_len:
+        raise bad("calib_tokens", f"must be a multiple of calib_seq_len ({cfg.calib_seq_len}), got {cfg.calib_tokens}")
+    for k in cfg.eval_top_ks:
+        if not 1 <= k <= cfg.n_experts:
+            raise bad("eval_top_ks", f"entries must lie in [1, n_experts={cfg.n_experts}], got {k}")
+    return cfg
+
+
+def _coerce(key: str, value, tp, where: str):
+    def bad():
+        return RouterConfigError(f"{where}: key '{key}' expects {getattr(tp, '__name__', tp)}, got "
+                                 f"{type(value).__name__} ({value!r})")
+
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad()
+    elif tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad()
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise bad()
+    elif typing.get_origin(tp) is tuple:
+        if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):
+            raise RouterConfigError(f"{where}: key '{key}' expects a list of ints, got {value!r}")
+        value = tuple(value)
+    return value
+
+
+def router_config_from_dict(data, where: str = "<dict>") -> RouterConfig:
+    """A RouterConfig from a mapping; unknown keys and wrong types fail naming the key and `where`."""
+    data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise RouterConfigError(f"{where}: the top level must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(RouterConfig)
+    for key in data:
+        if key not in hints:
+            raise RouterConfigError(f"{where}: unknown key '{key}' (valid keys: {', '.join(hints)})")
+    kwargs = {k: _coerce(k, v, hints[k], where) for k, v in data.items()}
+    return _check_router_config(RouterConfig(**kwargs), where)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key set twice (PyYAML silently keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise RouterConfigError(f"key '{key}' is set twice (lines {seen[key]} and {key_node.start_mark.line + 1})")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_router_config(path: str | Path) -> RouterConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise RouterConfigError(f"cannot read router config {path}: {e}") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
+    except RouterConfigError as e:
+        raise RouterConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        raise RouterConfigError(f"{path}: invalid YAML ({' '.join(str(e).split())})") from None
+    return router_config_from_dict(data, str(path))
+
+
+# ---------------------------------------------------------------------------------------------------- partition
+
+
+def _balanced_assign(sim_NxE: np.ndarray, capacity: int) -> np.ndarray:
+    """Greedy capacity-constrained assignment: pairs by decreasing similarity, each cluster takes `capacity`."""
+    N, E = sim_NxE.shape
+    order = np.argsort(-sim_NxE, axis=None, kind="stable")
+    assign = np.full(N, -1, np.int64)
+    room = np.full(E, capacity, np.int64)
+    left = N
+    for flat in order:
+        n, e = divmod(int(flat), E)
+        if assign[n] < 0 and room[e] > 0:
+            assign[n] = e
+            room[e] -= 1
+            left -= 1
+            if left == 0:
+                break
+    return assign
+
+
+def balanced_kmeans(x_NxK: np.ndarray, n_clusters: int, seed: int, iters: int) -> np.ndarray:
+    """int64 [N]: cluster of each row, exactly N / n_clusters rows per cluster (spherical k-means, cosine)."""
+    N = x_NxK.shape[0]
+    if N % n_clusters:
+        raise MoEError(f"{N} neurons do not split into {n_clusters} equal experts (need F % E == 0)")
+    xn = x_NxK / np.maximum(np.linalg.norm(x_NxK, axis=1, keepdims=True), 1e-12)
+    rng = np.random.default_rng(seed)
+    centers = xn[rng.choice(N, n_clusters, replace=False)]
+    assign = None
+    for _ in range(iters):
+        new = _balanced_assign(xn @ centers.T, N // n_clusters)
+        if assign is not None and np.array_equal(new, assign):
+            break
+        assign = new
+        centers = np.stack([xn[assign == e].mean(0) for e in range(n_clusters)])
+        centers /= np.maximum(np.linalg.norm(centers, axis=1, keepdims=True), 1e-12)
+    return assign
+
+
+def partition_layer(dense_mlp: dict, n_experts: int, seed: int, iters: int) -> np.ndarray:
+    """int32 [E, Fe]: neuron ids per expert (sorted), from the [gate col; up col] vectors of one dense MLP."""
+    feats_FxK = np.concatenate([dense_mlp["w_gate"].T, dense_mlp["w_up"].T], axis=1)
+    assign = balanced_kmeans(feats_FxK, n_experts, seed, iters)
+    return np.stack([np.flatnonzero(assign == e) for e in range(n_experts)]).astype(np.int32)
+
+
+def build_partition(dense_source, n_experts: int, seed: int, iters: int, layers=None) -> ExpertPartition:
+    """Partition every layer (or only `layers`, the others keep neurons in order: for fast tests)."""
+    cfg = dense_source.config
+    if cfg.d_ff % n_experts:
+        raise MoEError(f"d_ff = {cfg.d_ff} is not divisible by n_experts = {n_experts}")
+    fe = cfg.d_ff // n_experts
+    out = np.arange(cfg.d_ff, dtype=np.int32).reshape(1, n_experts, fe).repeat(cfg.n_layers, 0)
+    for i in range(cfg.n_layers) if layers is None else layers:
+        out[i] = partition_layer(dense_source(f"layers.{i}.mlp"), n_experts, seed + i, iters)
+    return ExpertPartition(out).check(cfg.n_layers, cfg.d_ff)
+
+
+# ----------------------------------------------------------------------------------------------- router targets
+
+
+def dense_mlp_inputs(cfg, blocks: dict, ids_BxT) -> list:
+    """Per layer, the dense model's normed MLP input h [B, T, D] on ids_BxT (fresh sequence, float32)."""
+
+    @jax.jit
+    def run(blocks, ids):
+        B, T = ids.shape
+        x = Lay.embed_tokens(blocks["embed"], ids, jnp.float32)
+        kv = jnp.zeros((B, T, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
+        hs = []
+        for i in range(cfg.n_layers):
+            x, _, _ = Lay.attention_block(cfg, blocks[f"layers.{i}.attn"], x, kv, kv, 0)
+            hs.append(Lay.rms_norm(x, blocks[f"layers.{i}.mlp"]["ffn_norm"], cfg.norm_eps))
+            x = Lay.mlp_block(cfg, blocks[f"layers.{i}.mlp"], x)
+        return hs
+
+    return run(blocks, jnp.asarray(ids_BxT))
+
+
+@jax.jit
+def expert_mass(mlp_w: dict, neurons_ExFe, h_NxD):
+    """float32 [N, E]: Σ_{n in expert e} |silu(h·w_gate[:, n]) · (h·w_up[:, n])| per token."""
+    act_NxF = jnp.abs(jax.nn.silu(h_NxD @ mlp_w["w_gate"]) * (h_NxD @ mlp_w["w_up"]))
+    return act_NxF[:, neurons_ExFe].sum(-1)
+
+
+# ------------------------------------------------------------------------------------------------ router training
+
+
+def _topk_hot(scores_NxE, k):
+    _, idx = jax.lax.top_k(scores_NxE, k)
+    return jax.nn.one_hot(idx, scores_NxE.shape[-1]).sum(-2)
+
+
+def train_routers(h_LxNxD, mass_LxNxE, *, top_k: int, steps: int, learning_rate: float, seed: int,
+                  log_every: int = 50, say=print) -> tuple[Routers, dict]:
+    """Train one linear router per layer (vmapped) to predict each token's top_k experts by activation mass.
+
+    Returns (routers, stats) with stats: final per-layer loss and top-k recall on the training tokens, seconds.
+    """
+    import optax
+
+    h = jnp.asarray(h_LxNxD, jnp.float32)
+    L, N, D = h.shape
+    E = mass_LxNxE.shape[-1]
+    target_LxNxE = jax.vmap(lambda m: _topk_hot(m, top_k))(jnp.asarray(mass_LxNxE)) / top_k
+    kw, _ = jax.random.split(jax.random.PRNGKey(seed))
+    params = {"w": 0.01 * jax.random.normal(kw, (L, D, E), jnp.float32), "b": jnp.zeros((L, E), jnp.float32)}
+    opt = optax.adam(learning_rate)
+    state = opt.init(params)
+
+    def layer_loss(w, b, h_NxD, t_NxE):
+        logits = h_NxD @ w + b
+        return optax.softmax_cross_entropy(logits, t_NxE).mean()
+
+    def loss_fn(p):
+        per_layer = jax.vmap(layer_loss)(p["w"], p["b"], h, target_LxNxE)
+        return per_layer.sum(), per_layer
+
+    def recall_L(p):
+        logits = jnp.einsum("lnd,lde->lne", h, p["w"]) + p["b"][:, None, :]
+        pred = jax.vmap(lambda z: _topk_hot(z, top_k))(logits)
+        return (pred * (target_LxNxE > 0)).sum((1, 2)) / (N * top_k)
+
+    @functools.partial(jax.jit, static_argnums=2)
+    def run_chunk(p, s, n_steps):
+        def step(carry, _):
+            p, s = carry
+            (_, per_layer), g = jax.value_and_grad(loss_fn, has_aux=True)(p)
+            upd, s = opt.update(g, s, p)
+            return (optax.apply_updates(p, upd), s), per_layer
+
+        (p, s), losses = jax.lax.scan(step, (p, s), None, length=n_steps)
+        return p, s, losses[-1], recall_L(p)
+
+    t0 = time.perf_counter()
+    done, loss_L, rec_L = 0, None, None
+    while done < steps:
+        n = min(log_every, steps - done)
+        params, state, loss_L, rec_L = run_chunk(params, state, n)
+        done += n
+        say(f"  router step {done:4d}/{steps}: loss {float(loss_L.mean()):.4f}  top-{top_k} recall "
+            f"mean {float(rec_L.mean()):.3f} (min {float(rec_L.min()):.3f} over {L} layers)")
+    stats = {"loss_L": np.asarray(loss_L), "recall_L": np.asarray(rec_L), "seconds": time.perf_counter() - t0}
+    return Routers(np.asarray(params["w"]), np.asarray(params["b"])), stats
+
+
+# -------------------------------------------------------------------------------------------- calibration, build
+
+
+def calibration_ids(tokenizer, text: str, bos: int, cfg: RouterConfig) -> np.ndarray:
+    """int32 [calib_tokens / calib_seq_len, calib_seq_len]: BOS + text tokens, from `calib_char_offset` on.
+
+    The evaluation text is the start of the corpus; calibrating after the offset keeps the two apart.
+    """
+    n_seq, seq = cfg.calib_tokens // cfg.calib_seq_len, cfg.calib_seq_len
+    ids = tokenizer.encode(text[cfg.calib_char_offset:]).ids
+    need = n_seq * (seq - 1)
+    if len(ids) < need:
+        raise MoEError(f"calibration text has {len(ids)} tokens after char {cfg.calib_char_offset}, need {need}")
+    body = np.asarray(ids[:need], np.int32).reshape(n_seq, seq - 1)
+    return np.concatenate([np.full((n_seq, 1), bos, np.int32), body], axis=1)
+
+
+def calibration_chars(cfg: RouterConfig) -> int:
+    """How many corpus characters `calibration_ids` needs (a generous 8 chars per token)."""
+    return cfg.calib_char_offset + 8 * cfg.calib_tokens + 1000
+
+
+def build_moe(dense_source, tokenizer, text: str, bos: int, cfg: RouterConfig, *, layers=None,
+              say=print) -> tuple[ExpertPartition, Routers, dict]:
+    """Partition every layer (or `layers`) and train the routers on calibration text. Returns (partition, routers,
+    stats) where stats holds seconds per phase and the routers' training loss / recall per layer."""
+    mcfg = dense_source.config
+    t0 = time.perf_counter()
+    partition = build_partition(dense_source, cfg.n_experts, cfg.seed, cfg.kmeans_iters, layers)
+    t_part = time.perf_counter() - t0
+    say(f"partition: {mcfg.n_layers} layers × {cfg.n_experts} experts of {mcfg.d_ff // cfg.n_experts} neurons "
+        f"({t_part:.1f} s)")
+    blocks = {b: dense_source(b) for b in ["embed"] + [f"layers.{i}.{k}" for i in range(mcfg.n_layers)
+                                                       for k in ("attn", "mlp")]}
+    ids = calibration_ids(tokenizer, text, bos, cfg)
+    t1 = time.perf_counter()
+    hs = dense_mlp_inputs(mcfg, blocks, ids)
+    h_LxNxD = np.stack([np.asarray(h).reshape(-1, mcfg.d_model) for h in hs])
+    mass_LxNxE = np.stack([np.asarray(expert_mass(blocks[f"layers.{i}.mlp"], partition.neurons_LxExFe[i], h_LxNxD[i]))
+                           for i in range(mcfg.n_layers)])
+    t_calib = time.perf_counter() - t1
+    say(f"calibration: {ids.size} tokens of dense hidden states and expert masses ({t_calib:.1f} s)")
+    routers, stats = train_routers(h_LxNxD, mass_LxNxE, top_k=cfg.target_top_k, steps=cfg.steps,
+                                   learning_rate=cfg.learning_rate, seed=cfg.seed, log_every=cfg.log_every, say=say)
+    stats.update(partition_seconds=t_part, calibration_seconds=t_calib)
+    return partition, routers, stats
+
+
+# -------------------------------------------------------------------------------------------------- store, load
+
+
+def default_store_dir(cfg: RouterConfig) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir).expanduser()
+    return Path("~/.cache/vorch_jax/moe").expanduser() / f"{cfg.model}-E{cfg.n_experts}"
+
+
+def _expected_meta(dense_config, cfg: RouterConfig) -> dict:
+    return {"format": FORMAT_VERSION, "dense_model": MOE_MODELS[cfg.model],
+            "n_layers": dense_config.n_layers, "d_model": dense_config.d_model, "d_ff": dense_config.d_ff,
+            "training": cfg.training_key()}
+
+
+def save_moe(store_dir: str | Path, dense_config, cfg: RouterConfig, partition: ExpertPartition,
+             routers: Routers, stats: dict | None = None) -> Path:
+    """Write `meta.json` and an orbax checkpoint `state/` (neurons, router_w, router_b) under store_dir."""
+    import orbax.checkpoint as ocp
+
+    store_dir = Path(store_dir).expanduser().absolute()
+    store_dir.mkdir(parents=True, exist_ok=True)
+    tree = {"neurons": np.asarray(partition.neurons_LxExFe, np.int32),
+            "router_w": np.asarray(routers.w_LxDxE, np.float32), "router_b": np.asarray(routers.b_LxE, np.float32)}
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(store_dir / "state", tree, force=True)
+    meta = _expected_meta(dense_config, cfg)
+    if stats:
+        meta["stats"] = {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v) for k, v in stats.items()}
+    (store_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    return store_dir
+
+
+def load_moe(store_dir: str | Path, dense_config, cfg: RouterConfig) -> tuple[ExpertPartition, Routers]:
+    """Read a stored MoE; MoEError (naming what differs) if it was built for another model, shape or training."""
+    import orbax.checkpoint as ocp
+
+    store_dir = Path(store_dir).expanduser().absolute()
+    meta_path = store_dir / "meta.json"
+    if not meta_path.is_file():
+        raise MoEError(f"no stored MoE at {store_dir} (meta.json missing)")
+    meta = json.loads(meta_path.read_text())
+    want = _expected_meta(dense_config, cfg)
+    for key in ("format", "dense_model", "n_layers", "d_model", "d_ff"):
+        if meta.get(key) != want[key]:
+            raise MoEError(f"stored MoE at {store_dir} has {key} = {meta.get(key)!r}, this model needs {want[key]!r}; "
+                           "delete it or choose another out_dir")
+    diff = {k: (meta["training"].get(k), v) for k, v in want["training"].items() if meta["training"].get(k) != v}
+    if diff:
+        shown = ", ".join(f"{k}: stored {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise MoEError(f"stored MoE at {store_dir} was built with other settings ({shown}); rebuild it or choose "
+                       "another out_dir")
+    with ocp.StandardCheckpointer() as ckpt:
+        tree = ckpt.restore(store_dir / "state")
+    partition = ExpertPartition(np.asarray(tree["neurons"], np.int32)).check(dense_config.n_layers, dense_config.d_ff)
+    if partition.n_experts != cfg.n_experts:
+        raise MoEError(f"stored MoE at {store_dir} has {partition.n_experts} experts, config asks {cfg.n_experts}")
+    routers = Routers(np.asarray(tree["router_w"], np.float32), np.asarray(tree["router_b"], np.float32))
+    return partition, routers.check(dense_config.n_layers, dense_config.d_model, cfg.n_experts)
+
+
+def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig, *, rebuild: bool = False,
+                  say=print) -> tuple[ExpertPartition, Routers]:
+    """The stored MoE for `cfg` if there is one (a mismatching one raises), else build and store it.
+
+    `text_fn(max_chars) -> str` supplies calibration text (e.g. `vorch_jax.corpus.kjv_text`); models/ does not
+    import the corpus itself.
+    """
+    store = default_store_dir(cfg)
+    if (store / "meta.json").is_file() and not rebuild:
+        say(f"loading stored MoE from {store}")
+        return load_moe(store, dense_source.config, cfg)
+    partition, routers, stats = build_moe(dense_source, tokenizer, text_fn(calibration_chars(cfg)), bos, cfg, say=say)
+    save_moe(store, dense_source.config, cfg, partition, routers, stats)
+    say(f"stored MoE in {store}")
+    return partition, routers
