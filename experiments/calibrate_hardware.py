@@ -1,0 +1,247 @@
+"""Measure this machine and write configs/hardware/this-machine.yaml (the simulator's profile of it).
+
+Run:   .venv/bin/python experiments/calibrate_hardware.py [--out configs/hardware/this-machine.yaml]
+Takes: about half a minute on 2 CPU cores. Medians of a few repetitions after a warm-up.
+
+What is measured, and how each number feeds the profile:
+  * matmul FLOP/s per precision: a jitted [1024, 1024] @ [1024, 1024] in float32, bfloat16 and int8 (int32 accum);
+  * device memory bandwidth and fixed per-block overhead: the runtime's own jitted block functions
+    (`block_compute.attention`, `.mlp`, `.tied_head`) decode-shaped (M = 1) on SmolLM2-shaped zero weights, fitted
+    by least squares to `overhead + weight bytes / bandwidth` (two parameters of the machine, shared by every block);
+  * host dispatch per block: the host-side seconds of one asynchronous block call (returns before compute ends);
+  * host->device and NVMe->host: `tiers.link_probe.probe_bandwidths` (the tiers' own representations), latency from
+    a 4 KiB probe; device->host from `PinnedHostBlock.from_device`; NVMe write from `NvmeBlock.write`;
+  * dequant throughput: int8 / int4 decode-shaped matmuls through the tiers' formats (bytes of low-bit weight / s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+CMD = "python experiments/calibrate_hardware.py"
+
+
+def _median(fn, repeats=7):
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def matmul_flops() -> dict:
+    n = 1024
+    out = {}
+    for name, dt in (("fp32", jnp.float32), ("bf16", jnp.bfloat16), ("int8", jnp.int8)):
+        a = jnp.ones((n, n), dt)
+        pref = jnp.int32 if dt == jnp.int8 else jnp.float32
+        f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=pref))
+        out[name] = 2 * n**3 / _median(lambda: f(a, a).block_until_ready())
+    return out
+
+
+def block_fit() -> tuple[float, float, dict]:
+    """(bandwidth bytes/s, overhead s, {kind: seconds}) from the runtime's decode-shaped block functions."""
+    from vorch_jax import block_compute as C
+    from vorch_jax.model_shapes import model_shape
+
+    shape = model_shape("smollm2-135m")
+    cfg = shape.cfg
+    n = 16  # distinct copies per kind, cycled, so weights stream from memory as in a pass (not from cache)
+    rng = np.random.default_rng(0)
+    w = {b: [{k: jnp.asarray(rng.standard_normal(s.shape, np.float32)) for k, s in shape.leaves[b].items()}
+             for _ in range(1 if b == "embed" else n)] for b in ("embed", "layers.0.attn", "layers.0.mlp")}
+    x = jnp.zeros((1, 1, cfg.d_model), jnp.float32)
+    k = jnp.zeros((1, 24, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
+
+    def chain(fn, ws):
+        y = x
+        for wi in ws:
+            y = fn(wi, y)
+        y.block_until_ready()
+
+    times = {"attn": _median(lambda: chain(lambda wi, y: C.attention(cfg, wi, y, jnp.zeros_like(k), jnp.zeros_like(k),
+                                                                      jnp.int32(3))[0], w["layers.0.attn"]), 5) / n,
+             "mlp": _median(lambda: chain(lambda wi, y: C.mlp(cfg, wi, y), w["layers.0.mlp"]), 5) / n,
+             "head": _median(lambda: C.tied_head(w["embed"][0], x).block_until_ready(), 7)}
+    nbytes = {"attn": shape.device_bytes["layers.0.attn"], "mlp": shape.device_bytes["layers.0.mlp"],
+              "head": shape.device_bytes["embed"]}
+    A = np.array([[1.0, nbytes[kd]] for kd in times])
+    y = np.array([times[kd] for kd in times])
+    (overhead, inv_bw), *_ = np.linalg.lstsq(A, y, rcond=None)
+    # Async dispatch: the host-side cost of one block call.
+    n = 32
+    t0 = time.perf_counter()
+    outs = [C.mlp(cfg, w["layers.0.mlp"][i % len(w["layers.0.mlp"])], x) for i in range(n)]
+    dispatch = (time.perf_counter() - t0) / n
+    jax.block_until_ready(outs)
+    return 1.0 / inv_bw, max(0.0, overhead), {**times, "dispatch": dispatch}
+
+
+def links(store_dir) -> dict:
+    from vorch_jax.tiers.full_precision import FullPrecisionBlock
+    from vorch_jax.tiers.link_probe import probe_bandwidths
+    from vorch_jax.tiers.nvme_store import NvmeBlock
+    from vorch_jax.tiers.pinned_host import PinnedHostBlock
+
+    dev = jax.devices()[0]
+    bw = probe_bandwidths(store_dir, mib=16, repeats=5)
+    small = PinnedHostBlock.from_numpy({"p": np.zeros(1024, np.float32)}, dev)
+    lat = _median(lambda: FullPrecisionBlock.from_pinned_host(small, dev).free(), 15)
+    big = {"p": np.random.default_rng(0).standard_normal(16 * 2**18, dtype=np.float32)}
+    on_dev = FullPrecisionBlock.from_pinned_host(PinnedHostBlock.from_numpy(big, dev), dev)
+    d2h = big["p"].nbytes / _median(lambda: PinnedHostBlock.from_device(on_dev, dev).free(), 5)
+    with tempfile.TemporaryDirectory(dir=store_dir) as d:
+        i = iter(range(100))
+        write = big["p"].nbytes / _median(lambda: NvmeBlock.write(f"w{next(i)}", big, Path(d)), 3)
+        tiny = NvmeBlock.write("tiny", {"p": np.zeros(1024, np.float32)}, Path(d))
+        nvme_lat = _median(lambda: tiny.read(), 7)
+    return {"h2d": bw["host->device"], "h2d_lat": lat, "d2h": d2h, "nvme_read": bw["nvme->host"],
+            "nvme_write": write, "nvme_lat": nvme_lat}
+
+
+def dequant() -> dict:
+    from vorch_jax.tiers.quant_int4 import quantize_int4
+    from vorch_jax.tiers.quant_int8 import quantize_int8
+
+    w = jnp.asarray(np.random.default_rng(0).standard_normal((1536, 1536), dtype=np.float32))
+    x = jnp.ones((1, 1536), jnp.float32)
+    f = jax.jit(lambda q, x: q.matmul(x))
+    out = {}
+    for name, q in (("int8", quantize_int8(w)), ("int4", quantize_int4(w, 64))):
+        nbytes = sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(q))
+        out[name] = nbytes / _median(lambda: f(q, x).block_until_ready(), 15)
+    return out
+
+
+CALIBRATION_POINTS = (("resident", 1.0), ("static", 0.4))  # outside sim_validate's grid (static/lru/scored at .3/.5/.8)
+
+
+def real_run(policy: str, budget, out_dir, new_tokens: int = 6) -> tuple[dict, list]:
+    """One real run (vorch_jax.runner.run) at validation size; returns (summary, trace records)."""
+    import json
+
+    from vorch_jax.config import load_config
+    from vorch_jax.runner import run
+
+    cfg = load_config(None, [f"policy={policy}", f"hbm_budget={budget}", f"new_tokens={new_tokens}",
+                             "prompt_tokens=16", "eval_tokens=16"])
+    summary = run(cfg, out_dir)
+    records = [json.loads(line) for line in open(Path(out_dir) / "trace.jsonl")]
+    return summary, records
+
+
+def fit_from_runs(runs: list[tuple[dict, list]], shape) -> dict:
+    """Machine parameters from measured runs, pooled (never per run or per policy):
+      * host->device bandwidth and latency from every decode-window host->device transition: latency = median
+        duration of the transfers under 64 KiB, bandwidth = Σ bytes / Σ (duration - latency) of the others;
+      * host seconds per schedule position: median gap between consecutive hit accesses of one pass;
+      * device memory bandwidth: bytes a decode pass streams / the measured resident decode step (median of runs),
+        with the per-block overhead folded in (a CPU has no kernel launch to separate it from)."""
+    h2d = [(r["bytes"], r["dur_s"]) for _, recs in runs for r in recs
+           if r["event"] == "transition" and r["link"] == "host->device" and r["t"] > 0]
+    small = [d for b, d in h2d if b < 65536]
+    lat = statistics.median(small) if small else 0.0
+    big = [(b, d) for b, d in h2d if b >= 65536]
+    bw = sum(b for b, _ in big) / max(1e-12, sum(max(d - lat, 1e-9) for _, d in big)) if big else float("nan")
+    gaps = []
+    for _, recs in runs:
+        acc = [r for r in recs if r["event"] == "access" and r["t"] > 0]
+        gaps += [b["t"] - a["t"] for a, b in zip(acc, acc[1:]) if a["hit"] and b["hit"] and a["step"] == b["step"]]
+    resident = statistics.median(s["resident_step_s"] for s, _ in runs)
+    positions = shape.pass_positions()
+    P = 17 + 5
+    streamed = sum(shape.bytes_read(b, op, 1, P) for b, op in positions)
+    return {"h2d": bw, "h2d_lat": lat, "dispatch": statistics.median(gaps), "hbm_bw": streamed / resident,
+            "resident_step_s": resident, "transfers": len(big), "gaps": len(gaps)}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "configs/hardware/this-machine.yaml"))
+    ap.add_argument("--from-runs", type=int, default=0, metavar="R",
+                    help="also run the real runner R times at each calibration point and take link bandwidth, host "
+                         "time per position and memory bandwidth from those runs (what sim_validate uses)")
+    args = ap.parse_args(argv)
+    import os
+    import platform
+
+    fl = matmul_flops()
+    bw, overhead, blk = block_fit()
+    ln = links(None)
+    dq = dequant()
+    cal = None
+    if args.from_runs:
+        from vorch_jax.model_shapes import model_shape
+
+        runs = []
+        with tempfile.TemporaryDirectory() as d:
+            for r in range(args.from_runs):
+                for policy, budget in CALIBRATION_POINTS:
+                    runs.append(real_run(policy, budget, Path(d) / f"{policy}-{budget}-{r}"))
+        cal = fit_from_runs(runs, model_shape("smollm2-135m"))
+        print("calibration from runs:", cal)
+        bw, overhead = cal["hbm_bw"], 0.0
+        ln["h2d"], ln["h2d_lat"] = cal["h2d"], cal["h2d_lat"]
+        blk["dispatch"] = cal["dispatch"]
+    cpu = platform.processor() or platform.machine()
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    m = f"measured here ({when}, `{CMD}`"
+    pts = ", ".join(f"{p} at {b}" for p, b in CALIBRATION_POINTS)
+    r = f"calibrated here from real runs ({when}, `{CMD} --from-runs {args.from_runs}`: vorch_jax.runner.run, {pts}"
+    src = {"hbm": f"{r}: decode-pass bytes / measured resident decode step {cal['resident_step_s'] * 1e3:.2f} ms)"
+           if cal else f"{m}: least-squares fit of decode block times attn {blk['attn']*1e3:.3f} ms, mlp "
+                       f"{blk['mlp']*1e3:.3f} ms, head {blk['head']*1e3:.3f} ms)",
+           "h2d": f"{r}: Σ bytes / Σ (duration - latency) of {cal['transfers']} host->device transfers)" if cal
+           else f"{m}: tiers.link_probe.probe_bandwidths, 16 MiB)",
+           "lat": f"{r}: median duration of transfers under 64 KiB)" if cal else f"{m}: 4 KiB pinned_host->device)",
+           "ovh": f"{r}: folded into the bandwidth above)" if cal else f"{m}: intercept of the block-time fit above)",
+           "disp": f"{r}: median gap between consecutive hit accesses, {cal['gaps']} gaps)" if cal
+           else f"{m}: host seconds of one async block call)"}
+    text = f"""# Hardware profile of the machine this repository runs on ({cpu}, {os.cpu_count()} cores, jax {jax.__version__},
+# backend {jax.default_backend()}): the 'device' is the CPU and its memory; pinned_host and device memory are the same DRAM.
+# Every number below was {m[:-1]}); rerun the command to refresh. Units: bytes, seconds, bytes/s, FLOP/s.
+name: this-machine
+device: "{jax.devices()[0].device_kind} via jax {jax.default_backend()} ({os.cpu_count()} cores)"
+hbm:
+  capacity_bytes: {16e9:.6e}  # not measured: a budget ceiling for simulated runs (the runs here use < 1 GB)
+  bandwidth_bytes_per_s: {bw:.6e}  # {src['hbm']}
+links:
+  host_to_device:
+    bandwidth_bytes_per_s: {ln['h2d']:.6e}  # {src['h2d']}
+    latency_s: {ln['h2d_lat']:.6e}  # {src['lat']}
+  device_to_host:
+    bandwidth_bytes_per_s: {ln['d2h']:.6e}  # {m}: PinnedHostBlock.from_device, 16 MiB)
+    latency_s: {ln['h2d_lat']:.6e}  # taken equal to host->device's latency above
+nvme:
+  read_bytes_per_s: {ln['nvme_read']:.6e}  # {m}: tiers.link_probe.probe_bandwidths, 16 MiB, page cache warm)
+  write_bytes_per_s: {ln['nvme_write']:.6e}  # {m}: NvmeBlock.write, 16 MiB)
+  latency_s: {ln['nvme_lat']:.6e}  # {m}: NvmeBlock.read of 4 KiB)
+compute:
+  flops_per_s:
+    bf16: {fl['bf16']:.6e}  # {m}: jitted 1024^3 matmul)
+    fp32: {fl['fp32']:.6e}  # {m}: jitted 1024^3 matmul)
+    int8: {fl['int8']:.6e}  # {m}: jitted 1024^3 matmul, int32 accumulation)
+  block_overhead_s: {overhead:.6e}  # {src['ovh']}
+  dequant_bytes_per_s:
+    int8: {dq['int8']:.6e}  # {m}: int8 [1536, 1536] decode matmul, low-bit bytes / s)
+    int4: {dq['int4']:.6e}  # {m}: int4/g64 [1536, 1536] decode matmul, low-bit bytes / s)
+host:
+  dispatch_s_per_block: {blk['dispatch']:.6e}  # {src['disp']}
+"""
+    Path(args.out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,481 @@
+"""The simulated executor: the same controller, policies, ledger and schedule as the real one, with time modelled.
+
+`simulate(cfg, out_dir, hardware=..., model_shape=...)` replays what `runner.run` does (initial placement from a
+cold device, prefill, `new_tokens - 1` decode steps) through `SimExecutor`, a subclass of the real `Executor`
+that keeps its ledger code (`_make_room`, `_evict`, `_load`, `prefetch`, `apply_targets`, `place_initial`: budget
+never exceeded, eviction in the policy's `victim_order`, a prefetch only evicts blocks needed after the prefetched
+one) and replaces the three things that touch real hardware: the engine (`SimEngine`: transfers on modelled links),
+the compute of a position (a roofline), and the clock.
+
+Time model (one host thread, one compute stream, one FIFO queue per link and direction):
+  * host: each schedule position costs `host.dispatch_s_per_block`; the host waits (a `stall` event) when a block it
+    needs is still in flight, and at the end of each pass for the compute stream (the sampled token); a scored
+    policy's tick costs its measured wall time (it is the real controller, run here).
+  * compute stream: a position starts when the host dispatched it and the previous one finished, and lasts
+    `block_overhead_s + max(FLOPs / flops_per_s[precision], bytes read / hbm bandwidth, low-bit bytes / dequant)`,
+    FLOPs and bytes for M = the pass's new tokens (`model_shapes.ModelShape.flops / bytes_read`).
+  * links: `nvme->host`, `host->device`, `device->host` each carry one transfer at a time (FIFO: a transfer starts
+    when requested or when the previous one on that link ends, whichever is later) and take latency +
+    bytes / bandwidth. Routes are the engine's (`tiers.state.route`): S4 -> S0 is nvme->host then host->device.
+    Evicting to a kept home copy is free (as in the real engine with `keep_home`).
+So prefetches overlap with compute, and stalls appear exactly when a needed block has not landed.
+
+Outputs: `summary.json` with the real runner's fields where they make sense (`tokens: null`, `"simulated": true`,
+quality not simulated), `trace.jsonl` and `trace.perfetto.json` via `telemetry`, from the simulated events.
+MoE models replay a routing trace (`routing_trace` / `zipf_routing`): per pass, per layer, the experts run.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vorch_jax.config import RunConfig, parse_budget
+from vorch_jax.placement import resolve_placement
+from vorch_jax.tiers import footprint
+from vorch_jax.tiers.events import Event, EventLog
+from vorch_jax.tiers.state import State, route
+
+from . import telemetry as T
+from .belady import belady_bytes
+from .executor import Access, BudgetError, Executor, check_fits
+from .hardware import HardwareProfile, load_profile
+from .model_shapes import ModelShape, model_shape as get_model_shape
+from .policies import PolicyContext
+
+PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
+LOWBIT = {State.S1: "int8", State.S2: "int4"}
+
+
+# ---------------------------------------------------------------------------------------------------------- engine
+@dataclasses.dataclass
+class _Rep:
+    state: State
+    nbytes: int
+
+
+class _Handle:
+    """A transition's handle, like `tiers.engine.Transition`: already decided, lands at `land`."""
+
+    def __init__(self, block: str, src: State, dst: State, land: float):
+        self.block_id, self.src, self.dst, self.land = block, src, dst, land
+
+    def result(self, timeout=None) -> State:
+        return self.dst
+
+    def done(self) -> bool:
+        return True
+
+
+class SimEngine:
+    """The movement engine's interface (request / wait / state / representation / bytes_in / events) on a modelled
+    clock. `clock.now` is the host's time; links are FIFO queues (`link_free[link]`: when the last transfer ends)."""
+
+    def __init__(self, hw: HardwareProfile, state_bytes: dict, homes: dict, clock):
+        self.hw, self.state_bytes, self.homes, self.clock = hw, state_bytes, homes, clock
+        self.events = EventLog()
+        self.rep = {b: _Rep(homes[b], 0) for b in homes}  # off device: no device bytes
+        self.pending: dict[str, _Handle] = {}
+        self.link_free = {"nvme->host": 0.0, "host->device": 0.0, "device->host": 0.0}
+
+    def _link(self, link: str) -> tuple[float, float]:
+        hw = self.hw
+        if link == "host->device":
+            return hw.host_to_device.bandwidth_bytes_per_s, hw.host_to_device.latency_s
+        if link == "device->host":
+            return hw.device_to_host.bandwidth_bytes_per_s, hw.device_to_host.latency_s
+        if link == "nvme->host":
+            return hw.nvme_read_bytes_per_s, hw.nvme_latency_s
+        if link == "host->nvme":
+            return hw.nvme_write_bytes_per_s, hw.nvme_latency_s
+        raise AssertionError(link)
+
+    def request(self, block: str, target) -> _Handle:
+        dst = State.parse(target)
+        self._settle(block)
+        if block in self.pending:
+            return self.pending[block]
+        src = self.rep[block].state
+        now = self.clock.now
+        if src == dst:
+            return _Handle(block, src, dst, now)
+        if not dst.on_device:  # back to the kept home copy: free, no traffic
+            self.events.append(Event("transition", block, src, dst, now, now, {}, "device copy dropped; home kept"))
+            self.rep[block] = _Rep(dst, 0)
+            return _Handle(block, src, dst, now)
+        start = self.homes[block] if src.on_device else src  # lossy/other device states route from the home
+        t, first, link_bytes = now, None, {}
+        s0 = self.state_bytes[block][State.S0]
+        for hop in route(start, dst):
+            if hop.link == "device:convert":
+                t += s0 / self.hw.hbm_bandwidth_bytes_per_s
+                link_bytes[hop.link] = link_bytes.get(hop.link, 0) + s0
+                continue
+            bw, lat = self._link(hop.link)
+            begin = max(t, self.link_free[hop.link])
+            t = begin + lat + s0 / bw
+            self.link_free[hop.link] = t
+            first = begin if first is None else first
+            link_bytes[hop.link] = link_bytes.get(hop.link, 0) + s0
+        self.events.append(Event("transition", block, start, dst, first if first is not None else now, t, link_bytes))
+        h = _Handle(block, src, dst, t)
+        self.pending[block] = h
+        return h
+
+    def _settle(self, block: str) -> None:
+        h = self.pending.get(block)
+        if h is not None and h.land <= self.clock.now:
+            self.pending.pop(block)
+            self.rep[block] = _Rep(h.dst, self.state_bytes[block][h.dst])
+
+    def wait(self, block: str):
+        h = self.pending.get(block)
+        if h is not None and h.land > self.clock.now:
+            self.events.append(Event("stall", block, h.src, h.dst, self.clock.now, h.land))
+            self.clock.now = h.land
+        self._settle(block)
+        return None
+
+    def state(self, block: str) -> State:
+        self._settle(block)
+        return State.S5 if block in self.pending else self.rep[block].state
+
+    def representation(self, block: str) -> _Rep:
+        self._settle(block)
+        return self.rep[block]
+
+    def bytes_in(self, where: str) -> int:
+        if where != "device":
+            raise ValueError("the simulated engine tracks device bytes only")
+        for b in list(self.pending):
+            self._settle(b)
+        return sum(r.nbytes for r in self.rep.values())
+
+
+@dataclasses.dataclass
+class Clock:
+    now: float = 0.0  # the host thread
+    gpu: float = 0.0  # when the compute stream is free
+
+
+# -------------------------------------------------------------------------------------------------------- cost model
+def block_compute_s(hw: HardwareProfile, shape: ModelShape, block: str, op: str, state: State, tokens: int,
+                    context: int, state_bytes: dict) -> float:
+    """Device seconds of one position: overhead + max(FLOPs / throughput, bytes / HBM bandwidth, dequant)."""
+    s0 = shape.device_bytes[block]
+    wbytes = state_bytes[block].get(state, s0) if state.on_device else s0
+    flops = shape.flops(block, op, tokens, context)
+    if state == State.S6 and s0:
+        flops *= wbytes / s0  # low-rank: the factors' products
+    t = max(flops / hw.flops(PRECISION[shape.dtype]),
+            shape.bytes_read(block, op, tokens, context, wbytes) / hw.hbm_bandwidth_bytes_per_s)
+    if state in LOWBIT and op not in ("lookup", "norm"):
+        t = max(t, wbytes / hw.dequant_bytes_per_s[LOWBIT[state]])
+    return hw.block_overhead_s + t
+
+
+# ------------------------------------------------------------------------------------------------------- executor
+class SimExecutor(Executor):
+    """The real executor's ledger and policy calls, on a modelled clock (see the module docstring)."""
+
+    def __init__(self, shape: ModelShape, engine: SimEngine, policy, hw: HardwareProfile, *, stream: list[str],
+                 cyclic: bool, tick_every_n_layers: int, budget_bytes: int, homes: dict, state_bytes: dict):
+        super().__init__(shape.cfg, engine, policy, budget_bytes=budget_bytes, device_bytes=shape.device_bytes,
+                         homes=homes, layer_of=shape.layers, tick_every_n_layers=tick_every_n_layers,
+                         state_bytes=state_bytes)
+        self.shape, self.hw, self.clock = shape, hw, engine.clock
+        # Dense: the one-pass schedule, read cyclically as the real executor does. MoE: the whole routed stream.
+        if not cyclic:
+            self.schedule = list(stream)
+        self._positions: dict[str, list[int]] = {}
+        for i, b in enumerate(self.schedule):
+            self._positions.setdefault(b, []).append(i)
+        self.compute_spans: list[tuple[str, float, float]] = []
+
+    def _next_use(self, block: str) -> int:
+        """As Executor._next_use (smallest k >= 1 with schedule[(t + k) % n] == block, else n + 1), by bisection."""
+        n = len(self.schedule)
+        pos = self._positions.get(block)
+        if not pos:
+            return n + 1
+        cur = self.t % n
+        i = bisect.bisect_right(pos, cur)
+        nxt = pos[i] if i < len(pos) else pos[0] + n
+        return nxt - cur
+
+    def _sample_peak(self):
+        self.counters.peak_device_bytes = max(self.counters.peak_device_bytes, self.engine.bytes_in("device"))
+
+    def ensure(self, block: str):
+        t0 = self.clock.now
+        hit = block in self.on_device
+        if hit:
+            if block in self.prefetched:
+                self.prefetched.discard(block)
+                self.counters.prefetch_useful += 1
+            self.counters.hits += 1
+        else:
+            self.counters.misses += 1
+            self._make_room(block, self._bytes(block, self.policy.device_state(block)), strict=True,
+                            keep=self._window())
+            self._load(block)
+        self.engine.wait(block)
+        if block in self.inflight:
+            self.inflight.pop(block)
+            self.on_device[block] = self.engine.representation(block).nbytes
+        self.policy.on_access(self.t, block)
+        self._sample_peak()
+        self.accesses.append(Access(self.t, self.step, self.layer_of[block], block, hit, t0, self.clock.now,
+                                    self.engine.state(block).name))
+
+    def maybe_tick(self):
+        t0 = time.perf_counter()
+        targets = self.policy.tick(self.t)
+        spent = time.perf_counter() - t0  # the real controller ran: its wall time is host time
+        self.counters.controller_s += spent
+        self.clock.now += spent
+        if targets:
+            self.apply_targets(targets)
+
+    def run_pass(self, positions: list[tuple[str, str]], tokens: int, context: int) -> None:
+        """One forward pass: ensure; prefetch; compute (async on the stream); tick after every N-th layer's FFN."""
+        last_ffn = {}
+        for i, (b, op) in enumerate(positions):
+            if op in ("mlp", "expert"):
+                last_ffn[self.layer_of[b]] = i
+        hw = self.hw
+        for i, (block, op) in enumerate(positions):
+            self.ensure(block)
+            self.prefetch()
+            self.clock.now += hw.dispatch_s_per_block
+            state = self.engine.state(block)
+            dur = block_compute_s(hw, self.shape, block, op, state, tokens, context, self.state_bytes)
+            start = max(self.clock.now, self.clock.gpu)
+            self.clock.gpu = start + dur
+            self.compute_spans.append((block, start, self.clock.gpu))
+            layer = self.layer_of[block]
+            if op in ("mlp", "expert") and last_ffn.get(layer) == i and (layer + 1) % self.tick_every == 0:
+                self.maybe_tick()
+            self.t += 1
+        self.clock.now = max(self.clock.now, self.clock.gpu)  # the sampled token: host waits for the stream
+        self.step += 1
+
+
+# ------------------------------------------------------------------------------------------------------- routing
+def zipf_routing(shape: ModelShape, passes: int, *, exponent: float = 1.0, seed: int = 0,
+                 tokens_per_pass=None) -> list[list[list[int]]]:
+    """A routing trace drawn per token from a Zipf law over each layer's experts (a seeded random rank order per
+    layer), top-k without replacement; a pass of several tokens (prefill) runs the union of their experts.
+    Returns [pass][layer] -> sorted expert ids."""
+    rng = np.random.default_rng(seed)
+    E, k, L = shape.n_experts, shape.top_k, shape.cfg.n_layers
+    weights = 1.0 / np.arange(1, E + 1) ** exponent
+    perms = [rng.permutation(E) for _ in range(L)]
+    p = weights / weights.sum()
+    out = []
+    for j in range(passes):
+        n_tok = tokens_per_pass[j] if tokens_per_pass else 1
+        layers = []
+        for i in range(L):
+            chosen = set()
+            for _ in range(n_tok):
+                chosen.update(int(perms[i][r]) for r in rng.choice(E, size=k, replace=False, p=p))
+            layers.append(sorted(chosen))
+        out.append(layers)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------- simulate
+def _placement_and_homes(cfg: RunConfig, shape: ModelShape, hbm: int, dram: int, schedule_blocks):
+    placement = resolve_placement(cfg.placement, list(shape.block_ids))
+    protected = frozenset(b for b, p in placement.items() if p.protect or p.state == "S0")
+    if cfg.policy == "resident":
+        protected = frozenset(shape.block_ids)
+    need = sum(shape.device_bytes[b] for b in protected)
+    if need > hbm:
+        raise BudgetError(f"hbm_budget of {hbm} bytes is below the {need} bytes of the blocks that must stay on device "
+                          f"({len(protected)} protected or pinned blocks) of {shape.name}")
+    homes, used = {}, 0
+    for b in dict.fromkeys(list(schedule_blocks) + list(shape.block_ids)):  # DRAM in schedule order, then NVMe
+        forced = placement[b].state
+        if forced in ("S3", "S4"):
+            homes[b] = State.parse(forced)
+        elif used + shape.device_bytes[b] <= dram:
+            homes[b] = State.S3
+        else:
+            homes[b] = State.S4
+        used += shape.device_bytes[b] if homes[b] == State.S3 else 0
+    return placement, protected, homes
+
+
+def _state_bytes(shape: ModelShape, cfg: RunConfig) -> dict:
+    """{block: {State: device bytes}} from the conversions' shapes (tiers.footprint), one eval per distinct shape."""
+    cache, out = {}, {}
+    for b in shape.block_ids:
+        key = tuple((k, v.shape, str(v.dtype)) for k, v in shape.leaves[b].items())
+        if key not in cache:
+            cache[key] = {State.S0: shape.device_bytes[b]}
+            if cfg.lossy:
+                for s in (State.S1, State.S2, State.S6):
+                    cache[key][s] = footprint.state_bytes(shape.leaves[b], s, int4_group_size=cfg.quant.int4_group_size,
+                                                          lowrank_rank=cfg.quant.lowrank_rank)
+            else:
+                for s in (State.S1, State.S2, State.S6):
+                    cache[key][s] = shape.device_bytes[b]
+        out[b] = cache[key]
+    return out
+
+
+def _scored_extras(cfg, shape, hw, state_bytes, homes, placement) -> dict:
+    """The scored policy's measured inputs, replaced by the profile: link bandwidths and dequant seconds (δ)."""
+    delta = None
+    if cfg.lossy:
+        delta = {}
+        for b in shape.block_ids:
+            kind = shape.kinds[b]
+            if kind in delta:
+                continue
+            delta[kind] = {State.S0: 0.0, State.S6: 0.0}
+            for s, fmt in LOWBIT.items():
+                delta[kind][s] = state_bytes[b][s] / hw.dequant_bytes_per_s[fmt]
+    return dict(state_bytes=state_bytes, homes=homes, kinds=dict(shape.kinds), layers=dict(shape.layers),
+                placement=placement, h2d_bytes_per_s=hw.host_to_device.bandwidth_bytes_per_s,
+                nvme_bytes_per_s=hw.nvme_read_bytes_per_s, delta=delta)
+
+
+def _passes(shape: ModelShape, cfg: RunConfig, routing) -> list[list[tuple[str, str]]]:
+    n = cfg.new_tokens  # prefill + (new_tokens - 1) decode steps
+    if not shape.n_experts:
+        one = shape.pass_positions()
+        return [one] * n
+    if routing is None:
+        routing = zipf_routing(shape, n, seed=cfg.seed, tokens_per_pass=[cfg.prompt_tokens + 1] + [1] * (n - 1))
+    if len(routing) < n:
+        raise ValueError(f"the routing trace has {len(routing)} passes; the run needs {n}")
+    return [shape.pass_positions(routing[j]) for j in range(n)]
+
+
+def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape | None = None, routing=None,
+             progress=None) -> dict:
+    """Simulate `cfg` on `hardware` (a profile, its name or path; default `cfg.hardware`) and write the outputs.
+
+    `model_shape`: the block table (default: `model_shapes.model_shape(cfg.model, cfg.dtype)`); `routing`: for an
+    MoE model, [pass][layer] -> expert ids (default: Zipf, seeded by `cfg.seed`). Returns the summary.
+    """
+    from .runner import check_out_dir, make_policy
+
+    out_dir = check_out_dir(Path(out_dir))
+    hw = load_profile(hardware if hardware is not None else cfg.hardware)
+    shape = model_shape or get_model_shape(cfg.model, "float32" if cfg.model.startswith("smollm2") else cfg.dtype)
+    hbm = parse_budget(cfg.hbm_budget, shape.model_bytes)
+    dram = parse_budget(cfg.dram_budget, shape.model_bytes)
+    if hbm > hw.hbm_capacity_bytes:
+        raise BudgetError(f"hbm_budget of {hbm} bytes exceeds {hw.name}'s {hw.hbm_capacity_bytes:.0f} bytes of HBM")
+    passes = _passes(shape, cfg, routing)
+    stream = [b for p in passes for b, _ in p]
+    cyclic = not shape.n_experts
+    placement, protected, homes = _placement_and_homes(cfg, shape, hbm, dram, stream)
+    state_bytes = _state_bytes(shape, cfg)
+    if shape.n_experts:  # one pass touching every block in layer order: what static fills from
+        one = ["embed"] + [b for b in shape.block_ids if b not in ("embed", "final_norm", "lm_head")] + \
+              ["final_norm", shape.head_block()]
+    else:
+        one = [b for b, _ in passes[0]]
+    ctx = PolicyContext(block_ids=tuple(shape.block_ids), device_bytes=dict(shape.device_bytes), budget_bytes=hbm,
+                        schedule=tuple(one), prefetch_depth=cfg.prefetch_depth, protected=protected,
+                        future=tuple(stream))
+    extras = _scored_extras(cfg, shape, hw, state_bytes, homes, placement) if cfg.policy == "scored" else None
+    policy = make_policy(cfg, ctx, extras)
+    check_fits(policy, shape.device_bytes, hbm, state_bytes)
+    clock = Clock()
+    engine = SimEngine(hw, state_bytes, homes, clock)
+    ex = SimExecutor(shape, engine, policy, hw, stream=stream, cyclic=cyclic,
+                     tick_every_n_layers=cfg.tick_every_n_layers, budget_bytes=hbm, homes=homes,
+                     state_bytes=state_bytes)
+    wall0 = time.perf_counter()
+    ex.place_initial()
+    n_acc0 = len(ex.accesses)
+    gen0 = 0.0  # traffic counted from a cold device, as the real runner does
+    step_s, P = [], cfg.prompt_tokens + 1  # the real runner prepends BOS
+    ctr0 = dataclasses.replace(ex.counters)
+    del ctr0
+    for j, positions in enumerate(passes):
+        t0 = clock.now
+        tokens, context = (P, P) if j == 0 else (1, P + j)
+        ex.run_pass(positions, tokens, context)
+        step_s.append(clock.now - t0)
+        if progress:
+            progress(j + 1)
+    gen1 = clock.now
+    prefill_s, dec = step_s[0], step_s[1:]
+    decode_s = sum(dec[1:]) if len(dec) > 1 else sum(dec)  # the first decode step is dropped, as in the runner
+    decode_n = max(1, len(dec) - 1) if len(dec) > 1 else len(dec)
+    events = engine.events.snapshot()
+    gen_events = T.window(events, gen0, gen1 + 1e-12)
+    gen_stream = [a.block for a in ex.accesses[n_acc0:]]
+    moved = T.link_bytes(gen_events)
+    loads = moved.get("host->device", 0)
+    used_bytes = {b: state_bytes[b][policy.device_state(b)] for b in shape.block_ids}
+    bel = belady_bytes(gen_stream, used_bytes, hbm, [], pinned=frozenset())
+    resident_step = _resident_step_s(hw, shape, passes, P, state_bytes)
+    h2d = hw.host_to_device.bandwidth_bytes_per_s
+    floor_s = max(resident_step, loads / max(1, cfg.new_tokens) / h2d)
+    h2d_s = T.link_seconds(gen_events, "host->device")
+    summary = {
+        "complete": True,
+        "simulated": True,
+        "executor": "sim",
+        "hardware": hw.name,
+        "model": shape.name,
+        "policy": cfg.policy,
+        "lossy": cfg.lossy,
+        "hbm_budget_bytes": hbm,
+        "dram_budget_bytes": dram,
+        "model_bytes": shape.model_bytes,
+        "prompt_tokens": P,
+        "tokens": None,
+        "tokens_match_resident": None,
+        "text": None,
+        "prefill_s": prefill_s,
+        "decode_tok_s": decode_n / decode_s if decode_s > 0 else float("nan"),
+        "decode_step_s": decode_s / decode_n if decode_s > 0 else float("nan"),
+        "resident_step_s": resident_step,
+        "floor_step_s": floor_s,
+        "wall_s": gen1 - gen0,
+        "stall_s": T.stall_seconds(gen_events),
+        "transfer_s": h2d_s + T.link_seconds(gen_events, "nvme->host"),
+        "controller_s": ex.counters.controller_s,
+        "peak_device_bytes": ex.counters.peak_device_bytes,
+        "link_bytes": moved,
+        "bytes_moved": loads,
+        "belady_bytes": bel,
+        "hits": ex.counters.hits,
+        "misses": ex.counters.misses,
+        "prefetch": {"issued": ex.counters.prefetch_issued, "useful": ex.counters.prefetch_useful,
+                     "wasted_bytes": ex.counters.prefetch_wasted_bytes},
+        "transitions": T.transition_counts(gen_events),
+        "quality": {"simulated": True, "note": "quality is not simulated",
+                    "psi_estimate": None, "psi_note": f"none: no ψ calibration exists for {shape.name}"},
+        "quality_pass_link_bytes": None,
+        "host_to_device_gbps": loads / h2d_s / 1e9 if h2d_s > 0 else None,
+        "backend": "sim",
+        "sim_wall_s": time.perf_counter() - wall0,
+    }
+    records = T.trace_records(ex.accesses, events, gen0)
+    T.write_trace(out_dir, records)
+    T.write_json_atomic(out_dir / "summary.json", summary)
+    return summary
+
+
+def _resident_step_s(hw, shape, passes, P, state_bytes) -> float:
+    """Compute-only decode step of the all-resident model on this profile (the floor's compute term)."""
+    if len(passes) < 2:
+        return float("nan")
+    positions = passes[-1]
+    dev = sum(block_compute_s(hw, shape, b, op, State.S0, 1, P + len(passes) - 1, state_bytes) for b, op in positions)
+    host = hw.dispatch_s_per_block * len(positions)
+    return max(dev, host)
