@@ -190,8 +190,17 @@ def block_shapes(source) -> dict:
     return out
 
 
-def resident_logits_and_step(setup: Setup, dtype, new_tokens: int):
-    """The resident reference: eval-text logits, and the compute-only decode step time (median, compiled)."""
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The all-resident run a policy is compared with: same prompt, same evaluation text."""
+
+    logits: np.ndarray  # [T, V] float32 logits on the evaluation text
+    step_s: float  # median compute-only decode step (compiled, every block resident)
+    tokens: list  # greedy tokens
+
+
+def resident_reference(setup: Setup, dtype, new_tokens: int) -> Reference:
+    """The resident reference: eval-text logits, greedy tokens and the compute-only decode step time."""
     weights = {b: {k: jnp.asarray(v) for k, v in setup.source(b).items()} for b in setup.block_ids}
 
     def forward(ids, cache, pos):
@@ -219,7 +228,7 @@ def resident_logits_and_step(setup: Setup, dtype, new_tokens: int):
     for w in weights.values():
         for a in w.values():
             a.delete()
-    return logits, (statistics.median(steps[1:] or steps) if steps else float("nan")), tokens
+    return Reference(logits, statistics.median(steps[1:] or steps) if steps else float("nan"), tokens)
 
 
 def quality(logits_run: np.ndarray, logits_ref: np.ndarray, eval_ids: list) -> dict:
@@ -237,8 +246,12 @@ def quality(logits_run: np.ndarray, logits_ref: np.ndarray, eval_ids: list) -> d
             "note": "SmolLM2 weights were 4-bit (Q4_1) to begin with; 'resident' is that model in float32"}
 
 
-def run(cfg: RunConfig, out_dir, *, progress=None) -> dict:
-    """Run `cfg`, write the outputs to `out_dir`, return the summary."""
+def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None = None) -> dict:
+    """Run `cfg`, write the outputs to `out_dir`, return the summary.
+
+    `reference`: a resident reference computed earlier for the same model, prompt, evaluation text and token count
+    (a sweep or a test may share it); computed here when None.
+    """
     out_dir = check_out_dir(Path(out_dir))
     setup = prepare(cfg)
     dtype = jnp.dtype(cfg.dtype)
@@ -253,16 +266,16 @@ def run(cfg: RunConfig, out_dir, *, progress=None) -> dict:
     extras = scored_inputs(cfg, setup, store_dir) if cfg.policy == "scored" else None
     policy = make_policy(cfg, policy_context(cfg, setup), extras)
     check_fits(policy, setup.device_bytes, setup.hbm_budget, setup.state_bytes)  # before any work
-    say("resident reference")
-    ref_logits, resident_step_s, ref_tokens = resident_logits_and_step(setup, dtype, cfg.new_tokens)
+    if reference is None:
+        say("resident reference")
+        reference = resident_reference(setup, dtype, cfg.new_tokens)
 
     from vorch_jax.tiers.engine import MovementEngine
 
     engine = MovementEngine(setup.source, store_dir, int4_group_size=cfg.quant.int4_group_size,
                             lowrank_rank=cfg.quant.lowrank_rank, keep_home=True)
     try:
-        return _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, ref_logits, resident_step_s, ref_tokens,
-                                say)
+        return _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference, say)
     finally:
         engine.close()
         if scratch:
@@ -277,7 +290,7 @@ def policy_context(cfg: RunConfig, setup: Setup) -> PolicyContext:
                          future=tuple(future_stream(setup.schedule, passes + 1)))
 
 
-def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, ref_logits, resident_step_s, ref_tokens, say):
+def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Reference, say):
     say("registering blocks at their homes")
     for b in setup.block_ids:
         engine.register(b, setup.homes[b])
@@ -312,13 +325,14 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, ref_logits, res
     moved = T.link_bytes(gen_events)
     loads = sum(v for k, v in moved.items() if k in ("host->device",))
     device_bytes_used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
-    bel = belady_bytes(stream, device_bytes_used, setup.hbm_budget, [], pinned=frozenset())
+    # The oracle obeys the same guardrails as every policy (protected blocks never leave) and starts cold.
+    bel = belady_bytes(stream, device_bytes_used, setup.hbm_budget, [], pinned=setup.protected)
     decode_s = sum(step_s[1:]) if len(step_s) > 1 else sum(step_s)  # the first decode step is dropped as warm-up
     decode_n = max(1, len(step_s) - 1) if len(step_s) > 1 else len(step_s)
     h2d_s = T.link_seconds(gen_events, "host->device")
     h2d_bw = moved.get("host->device", 0) / h2d_s if h2d_s > 0 else float("nan")
     missed_per_step = loads / max(1, cfg.new_tokens)
-    floor_s = max(resident_step_s, missed_per_step / h2d_bw if h2d_bw == h2d_bw and h2d_bw > 0 else 0.0)
+    floor_s = max(reference.step_s, missed_per_step / h2d_bw if h2d_bw == h2d_bw and h2d_bw > 0 else 0.0)
     stall_s = T.stall_seconds(gen_events)
     wall_s = t_gen1 - t_gen0
     summary = {
@@ -331,12 +345,12 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, ref_logits, res
         "model_bytes": setup.model_bytes,
         "prompt_tokens": len(setup.prompt_ids),
         "tokens": tokens,
-        "tokens_match_resident": tokens == ref_tokens,
+        "tokens_match_resident": tokens == reference.tokens,
         "text": setup.tokenizer.decode(tokens),
         "prefill_s": prefill_s,
         "decode_tok_s": decode_n / decode_s if decode_s > 0 else float("nan"),
         "decode_step_s": decode_s / decode_n if decode_s > 0 else float("nan"),
-        "resident_step_s": resident_step_s,
+        "resident_step_s": reference.step_s,
         "floor_step_s": floor_s,
         "wall_s": wall_s,
         "stall_s": stall_s,
@@ -351,7 +365,7 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, ref_logits, res
         "prefetch": {"issued": gen_counters.prefetch_issued, "useful": gen_counters.prefetch_useful,
                      "wasted_bytes": gen_counters.prefetch_wasted_bytes},
         "transitions": T.transition_counts(gen_events),
-        "quality": quality(run_logits, ref_logits, setup.eval_ids),
+        "quality": quality(run_logits, reference.logits, setup.eval_ids),
         "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
         "host_to_device_gbps": h2d_bw / 1e9 if h2d_bw == h2d_bw else None,
         "backend": jax.default_backend(),
