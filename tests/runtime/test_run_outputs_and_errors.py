@@ -1,0 +1,94 @@
+"""What `vorch run` writes (summary, trace, Perfetto), and the bad inputs it refuses before any work."""
+
+import json
+import os
+
+import pytest
+
+from vorch_jax import runner
+from vorch_jax.cli import main
+from vorch_jax.config import ConfigError
+from vorch_jax.runner import RunError, run
+
+TRACE_KEYS = {"t", "step", "layer", "block", "event", "from", "to", "bytes", "link", "dur_s"}
+
+
+@pytest.fixture(scope="module")
+def lru_run(reference, small_config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("lru")
+    return out, run(small_config("policy=lru", "hbm_budget=0.5"), out, reference=reference)
+
+
+def test_summary_has_every_field_and_figures_come_from_events(lru_run):
+    out, s = lru_run
+    on_disk = json.loads((out / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(s))
+    for key in ("model", "policy", "hbm_budget_bytes", "dram_budget_bytes", "model_bytes", "tokens", "prefill_s",
+                "decode_tok_s", "wall_s", "stall_s", "controller_s", "peak_device_bytes", "link_bytes", "bytes_moved",
+                "belady_bytes", "hits", "misses", "prefetch", "transitions", "quality"):
+        assert key in s, key
+    assert set(s["prefetch"]) == {"issued", "useful", "wasted_bytes"}
+    assert set(s["quality"]) >= {"ppl", "ppl_resident", "kl_mean", "top1_agree"}
+    # The trace accounts for exactly the summary's traffic during generation.
+    recs = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
+    gen_h2d = sum(r["bytes"] for r in recs if r["event"] == "transition" and r["link"] == "host->device"
+                  and 0 <= r["t"] <= s["wall_s"])
+    assert gen_h2d == s["link_bytes"]["host->device"]
+    assert sum(r["event"] == "access" and not r["hit"] and 0 <= r["t"] <= s["wall_s"] for r in recs) == s["misses"]
+
+
+def test_trace_lines_and_perfetto_tracks(lru_run):
+    out, _ = lru_run
+    lines = (out / "trace.jsonl").read_text().splitlines()
+    assert lines and all(TRACE_KEYS <= set(json.loads(line)) for line in lines)
+    events = {json.loads(line)["event"] for line in lines}
+    assert {"access", "transition"} <= events
+    perfetto = json.loads((out / "trace.perfetto.json").read_text())
+    tracks = {e["args"]["name"] for e in perfetto["traceEvents"] if e["ph"] == "M"}
+    assert {"compute", "stall", "host->device"} <= tracks
+    assert all(e["dur"] >= 0 for e in perfetto["traceEvents"] if e["ph"] == "X")
+
+
+def test_unknown_policy_and_unknown_key_fail_at_load(small_config):
+    with pytest.raises(ConfigError, match="policy"):
+        small_config("policy=fifo")
+    with pytest.raises(ConfigError, match="hbm_budgte"):
+        small_config("hbm_budgte=0.5")
+
+
+def test_budget_below_protected_set_fails_before_any_work(small_config, tmp_path, monkeypatch):
+    def no_reference(*a, **k):
+        raise AssertionError("the run started working before checking the budget")
+
+    monkeypatch.setattr(runner, "resident_reference", no_reference)
+    with pytest.raises(RunError, match="protected"):
+        run(small_config("policy=static", "hbm_budget=50MiB"), tmp_path)
+    assert not (tmp_path / "summary.json").exists()
+
+
+def test_unwritable_out_is_a_clear_one_line_error(capsys, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o500)
+    try:
+        if os.access(locked / "x", os.W_OK) or os.geteuid() == 0:
+            target = "/proc/vorch-not-writable"  # root ignores permission bits: use a path nobody can create
+        else:
+            target = str(locked / "out")
+        rc = main(["run", "configs/smoke.yaml", "--out", target])
+    finally:
+        os.chmod(locked, 0o700)
+    err = capsys.readouterr().err
+    assert rc == 2 and "not writable" in err and err.count("\n") == 1
+
+
+def test_interrupt_mid_run_leaves_no_summary(reference, small_config, tmp_path, monkeypatch):
+    (tmp_path / "summary.json").write_text('{"complete": true, "stale": true}')  # from an earlier run
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runner, "greedy_generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run(small_config("policy=static"), tmp_path, reference=reference)
+    assert not (tmp_path / "summary.json").exists(), "a stale or partial summary must not claim completion"
