@@ -1,0 +1,581 @@
+"""Calibration: each block's measured sensitivity ψ to its lossy states, the links and δ of this machine, cached.
+
+What is measured, on `tokens` tokens of the KJV text (BOS prepended), all in float32 on the default device:
+  * ΔKL(b, s): mean over tokens of KL(full ‖ perturbed) when block b ALONE is held in lossy state s (S1 int8, S2
+    int4, S6 low-rank, through the tiers' own conversions; 1-D leaves stay exact). The full model's KL to itself is
+    0, so the "increase" is the KL itself. The forward is per block over `block_compute` (the executor's jitted
+    functions): one compile per (kind, format); the activations entering every block are recorded once at full
+    precision, so swapping block b re-runs only b and what follows it (plus the tied head).
+  * est(b, s): a cheap second-order estimate from gradients, ½ Σ F̂ ⊙ (W − deq_s(W))², with F̂ the diagonal
+    empirical Fisher of the mean NLL. Why this and not the first-order |Σ g·ΔW|: KL(full ‖ perturbed) is minimal
+    (zero) at ΔW = 0, so its first-order term vanishes identically; what the KL sees is ½ ΔWᵀ F ΔW. The data
+    gradient's first-order term predicts the change of NLL on this text, not the KL (it can even be negative).
+    F̂ is estimated as `n_c · mean_c g_c²` over `grad_chunks` chunks of tokens (g_c: gradient of chunk c's mean
+    NLL; n_c tokens per chunk, the factor undoes the averaging inside a chunk), so the estimate is in nats like
+    ΔKL. With grad_chunks=1 it is ½·T·Σ (g ⊙ ΔW)², the brief's Fisher-weighted error up to a constant; more chunks
+    estimate the diagonal better for one backward pass per chunk (the forward is shared by `jax.vjp`).
+  * Spearman rank correlation of ΔKL against est, per state and over all (block, state) pairs.
+  * link bandwidths (`tiers.link_probe`) and δ per kind (`tiers.dequant_cost`) on this machine.
+
+ψ(b) = ΔKL(b, S2): int4 is the middle state, the one whose loss the controller trades against bytes most often.
+S1's ΔKL is tiny everywhere (its ranking is mostly rounding noise) and S6's saturates on the few blocks it breaks
+(the embedding), so S2 ranks blocks best. lossy_loss(s) = min(0.95, m_s / (m_s + kl_tolerance)), m_s the median
+over blocks of ΔKL(b, s): a saturating map from nats to the value fraction TickParams.lossy_loss expects in [0, 1);
+a state whose typical block costs `kl_tolerance` nats loses half its value; the median keeps the embedding's outlier
+from setting the state's loss (ψ then scales it per block in `score.quality`).
+
+Stored with orbax (`checkpoints.py`) per (model, machine): `load_or_calibrate` reuses a record that covers the
+request; a record whose blocks or shapes differ from the current model raises CalibrationMismatchError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import hashlib
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vorch_jax import block_compute as C
+from vorch_jax.checkpoints import RecordMismatchError, cache_root, restore_record, save_record
+from vorch_jax.models.llama import block_ids as model_block_ids, block_kind_layer
+
+STATES = ("S1", "S2", "S6")
+PSI_STATE = "S2"
+KL_TOLERANCE = 0.01  # nats: the ΔKL at which a state keeps half its value
+MAX_LOSSY_LOSS = 0.95
+FORMAT_VERSION = 1
+
+
+class CalibrationMismatchError(RecordMismatchError):
+    """A stored calibration describes other blocks or shapes than the current model."""
+
+
+@dataclasses.dataclass
+class Calibration:
+    """One calibration. Keys: block ids (execution order), state names 'S1' | 'S2' | 'S6', kinds."""
+
+    psi: dict           # block -> ΔKL at PSI_STATE (nats)
+    kl: dict            # block -> {state: ΔKL nats}
+    grad_estimate: dict  # block -> {state: ½ Σ F̂ ΔW² nats}
+    spearman: dict      # state | 'all' -> rank correlation of kl and grad_estimate
+    bandwidths: dict    # 'host->device' | 'nvme->host' -> bytes/s
+    delta: dict         # kind -> {state: extra seconds per decode-shaped use}
+    lossy_loss: dict    # state -> value fraction lost, in [0, 1)
+    tokens: int
+    model_key: str
+    machine_key: str
+    created: str
+    settings: dict = dataclasses.field(default_factory=dict)  # int4_group_size, lowrank_rank, kl_tolerance, ...
+    block_shapes: dict = dataclasses.field(default_factory=dict)  # block -> {leaf: [dims]}
+    elapsed_s: float = 0.0
+    reused: bool = False  # set by load_or_calibrate; never stored
+
+    @property
+    def states(self) -> tuple:
+        return tuple(self.settings.get("states", STATES))
+
+    def policy_delta(self) -> dict:
+        """δ as `ScoredPolicy(delta=...)` takes it: {kind: {State: seconds}}."""
+        from vorch_jax.tiers.state import State
+
+        return {k: {State.parse(s): v for s, v in d.items()} for k, d in self.delta.items()}
+
+    def tick_lossy_loss(self) -> tuple:
+        """`TickParams.lossy_loss`: ((state code, loss), ...) sorted."""
+        from vorch_jax.tiers.state import State
+
+        return tuple(sorted((int(State.parse(s)), v) for s, v in self.lossy_loss.items()))
+
+
+# ---------------------------------------------------------------- keys
+
+def model_key(source) -> str:
+    """Model name + sha256 of the file's first MiB and its size: stable across reinstalls, changes with the file."""
+    path = Path(source.path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+    h.update(str(path.stat().st_size).encode())
+    try:
+        name = str(source.metadata("general.name"))
+    except Exception:  # noqa: BLE001 - a file without a name field keys by its file name
+        name = path.stem
+    return f"{name}-{h.hexdigest()[:16]}"
+
+
+def machine_key() -> str:
+    dev = jax.devices()[0]
+    return f"{platform.node()}-{jax.default_backend()}-{dev.device_kind}"
+
+
+# ---------------------------------------------------------------- statistics
+
+def rankdata(x) -> np.ndarray:
+    """Ranks 1..n of x, ties given their average rank (as scipy.stats.rankdata 'average')."""
+    x = np.asarray(x, np.float64)
+    order = np.argsort(x, kind="mergesort")
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.arange(1, len(x) + 1)
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return sums[inverse] / counts[inverse]
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation (Pearson of average ranks); NaN with < 3 points or a constant side."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) != len(y):
+        raise ValueError(f"spearman: {len(x)} vs {len(y)} values")
+    if len(x) < 3:
+        return float("nan")
+    rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
+    den = np.sqrt((rx * rx).sum() * (ry * ry).sum())
+    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+
+
+# ---------------------------------------------------------------- the per-block forward
+
+def calibration_ids(source, tokens: int) -> np.ndarray:
+    """int32[tokens + 1]: BOS then the first `tokens` tokens of the KJV text."""
+    from vorch_jax.corpus import kjv_text
+    from vorch_jax.models.smollm2 import bos_id
+    from vorch_jax.models.tokenizer import tokenizer_from_gguf_metadata
+
+    if tokens < 2:
+        raise ValueError(f"calibration needs at least 2 tokens, got {tokens}")
+    tok = tokenizer_from_gguf_metadata(source.tokenizer_metadata())
+    body = tok.encode(kjv_text(max_chars=8 * tokens + 1000)).ids[:tokens]
+    if len(body) < tokens:
+        raise ValueError(f"the calibration text has only {len(body)} tokens, fewer than {tokens}")
+    return np.asarray([bos_id(tok)] + body, np.int32)
+
+
+def _run(cfg, W: dict, order: list, ids_1xT, start: int = 0, x_1xTxD=None, record: list | None = None):
+    """Logits [1, T, V] from schedule position `start` on (x_1xTxD: the activation entering it; None at 0).
+
+    `record`, if given, receives the activation entering each position from `start` (the embed position: None).
+    """
+    T = ids_1xT.shape[1]
+    x = x_1xTxD
+    for i in range(start, len(order) - 1):
+        b = order[i]
+        if record is not None:
+            record.append(x)
+        kind, _ = block_kind_layer(cfg, b)
+        if kind == "embed":
+            x = C.embed_lookup(W[b], ids_1xT, "float32")
+        elif kind == "attn":
+            kv = jnp.zeros((1, T, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
+            x, _, _ = C.attention(cfg, W[b], x, kv, jnp.zeros_like(kv), jnp.int32(0))
+        else:
+            x = C.mlp(cfg, W[b], x)
+    if record is not None:
+        record.append(x)
+    return C.tied_head(W["embed"], C.final_norm(cfg, W[order[-1]], x))
+
+
+@jax.jit
+def _kl_mean(ref_TxV, logits_TxV):
+    """Mean over T of KL(p ‖ q), p = softmax(ref), q = softmax(logits), from the logit difference d = logits − ref:
+
+        KL_t = log E_p[exp(d − m)],  m = E_p[d]      (E_p with p renormalised, so E_p[d − m] = 0 exactly)
+
+    evaluated as log1p(E_p[expm1(d − m)]): accurate for tiny KL in float32, and exactly 0 when q's logits are p's
+    (a log-prob formulation leaves ~1e-6 nats of rounding, the size of S1's smallest effects)."""
+    p = jnp.exp(ref_TxV - jnp.max(ref_TxV, axis=-1, keepdims=True))
+    p = p / jnp.sum(p, axis=-1, keepdims=True)
+    psum = jnp.sum(p, axis=-1, keepdims=True)
+    d = logits_TxV - ref_TxV
+    m = jnp.sum(p * d, axis=-1, keepdims=True) / psum
+    kl_T = jnp.log1p(jnp.sum(p * jnp.expm1(d - m), axis=-1) / psum[:, 0])
+    return jnp.mean(jnp.maximum(kl_T, 0.0))
+
+
+def convert(w: dict, state: str, *, int4_group_size: int, lowrank_rank: int) -> dict:
+    """A block's weight dict in `state` (2-D leaves converted by the tiers' formats; 1-D leaves unchanged)."""
+    from vorch_jax.tiers.low_rank import factorize
+    from vorch_jax.tiers.quant_int4 import quantize_int4
+    from vorch_jax.tiers.quant_int8 import quantize_int8
+
+    fn = {"S0": lambda a: a, "S1": quantize_int8, "S2": lambda a: quantize_int4(a, int4_group_size),
+          "S6": lambda a: factorize(a, lowrank_rank)}[state]
+    return {k: fn(v) if v.ndim == 2 else v for k, v in w.items()}
+
+
+def _dequantized(leaf):
+    return leaf.dequantize() if hasattr(leaf, "dequantize") else leaf
+
+
+@jax.jit
+def _fisher_term(f, w, deq):
+    return 0.5 * jnp.sum(f * jnp.square(w - deq))
+
+
+def _block_apply(cfg, kind: str, w, x_1xTxD):
+    """One layer block's output for input x (the executor's jitted functions; inlined when traced)."""
+    if kind == "attn":
+        kv = jnp.zeros((1, x_1xTxD.shape[1], cfg.n_kv_heads, cfg.head_dim), jnp.float32)
+        return C.attention(cfg, w, x_1xTxD, kv, jnp.zeros_like(kv), jnp.int32(0))[0]
+    return C.mlp(cfg, w, x_1xTxD)
+
+
+def _fisher(g_Kx, n_K):
+    """Σ_k n_k g_k² / K over the leading chunk axis: the diagonal empirical Fisher from chunk gradients."""
+    return jnp.tensordot(n_K, jnp.square(g_Kx), axes=1) / n_K.shape[0]
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "kind", "want_w"))
+def _block_vjp(cfg, kind, want_w, w, x_1xTxD, ct_Kx1xTxD, n_K):
+    """Backward through one layer block for K cotangents at once: (F̂ of its leaves or None, input cotangents)."""
+    _, vjp = jax.vjp(lambda w_, x_: _block_apply(cfg, kind, w_, x_), w, x_1xTxD)
+    gw_K, gx_K = jax.vmap(vjp)(ct_Kx1xTxD)
+    return (jax.tree.map(lambda g: _fisher(g, n_K), gw_K) if want_w else None), gx_K
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _head_vjp(cfg, w_embed, w_norm, x_1xTxD, tgt_T, weights_KxT):
+    """Backward of Σ_t weights[k, t]·NLL_t through the final norm and tied head, for each k: per-chunk gradients
+    of the embedding [K, D, V] (kept: the lookup adds to them), F̂ of the norm, input cotangents [K, 1, T, D]."""
+    def token_nll(we, wn, x):
+        logits_TxV = C.tied_head(we, C.final_norm(cfg, wn, x))[0]
+        return -jnp.take_along_axis(jax.nn.log_softmax(logits_TxV, axis=-1), tgt_T[:, None], axis=-1)[:, 0]
+
+    _, vjp = jax.vjp(token_nll, w_embed, w_norm, x_1xTxD)
+    return jax.vmap(vjp)(weights_KxT)
+
+
+@jax.jit
+def _embed_fisher(g_head_K, ids_T, ct_Kx1xTxD, n_K):
+    """F̂ of the embedding [D, V]: per chunk, head gradient + the lookup's (cotangents scattered to their columns)."""
+    g_K = g_head_K["embedding"].at[:, :, ids_T].add(jnp.swapaxes(ct_Kx1xTxD[:, 0], 1, 2))
+    return {"embedding": _fisher(g_K, n_K)}
+
+
+def _fisher_diag(cfg, W: dict, order: list, record: list, ids, blocks: list, chunks: int) -> dict:
+    """{block: {leaf: F̂}} for `blocks`: F̂ = n_c · mean_c g_c², g_c the gradient of chunk c's mean NLL.
+
+    A hand-written backward over the schedule, from the recorded activations: one jitted vjp per kind (the block's
+    forward is recomputed inside it), all chunks at once (vmap over the cotangents); it stops at the earliest block
+    asked for."""
+    tgt = jnp.asarray(ids[1:])
+    T = tgt.shape[0]
+    parts = np.array_split(np.arange(T), max(1, min(chunks, T)))
+    weights_KxT = np.zeros((len(parts), T), np.float32)
+    for k, c in enumerate(parts):
+        weights_KxT[k, c] = 1.0 / len(c)
+    n_K = jnp.asarray([len(c) for c in parts], jnp.float32)
+    g_embed_K, g_norm_K, ct = _head_vjp(cfg, W["embed"], W[order[-1]], record[-1], tgt, jnp.asarray(weights_KxT))
+    F = {}
+    if order[-1] in blocks:
+        F[order[-1]] = jax.tree.map(lambda g: _fisher(g, n_K), g_norm_K)
+    del g_norm_K
+    first = min(order.index(b) for b in blocks)
+    for i in range(len(order) - 2, max(first, 1) - 1, -1):
+        b = order[i]
+        kind, _ = block_kind_layer(cfg, b)
+        F_b, ct = _block_vjp(cfg, kind, b in blocks, W[b], record[i], ct, n_K)
+        if F_b is not None:
+            F[b] = F_b
+    if "embed" in blocks:
+        F["embed"] = _embed_fisher(g_embed_K, jnp.asarray(ids[:-1]), ct, n_K)
+    return F
+
+
+# ---------------------------------------------------------------- calibrate
+
+def calibrate(source, *, tokens: int = 64, states=STATES, blocks=None, int4_group_size: int = 64,
+              lowrank_rank: int = 32, grad_chunks: int = 8, kl_tolerance: float = KL_TOLERANCE,
+              probe_links: bool = True, store_dir=None, progress=None) -> Calibration:
+    """Measure ΔKL, the gradient estimate, Spearman, links and δ for `blocks` (default: all) of `source`.
+
+    progress: callable(str) told after the set-up and each block (done / total, elapsed).
+    store_dir: where the NVMe link probe writes its scratch file (default: the system temp dir).
+    """
+    t0 = time.perf_counter()
+    say = progress or (lambda msg: None)
+    states = tuple(states)
+    bad = [s for s in states if s not in ("S0",) + STATES]
+    if bad:
+        raise ValueError(f"unknown state(s) {bad}: expected a subset of {STATES} (or S0, the identity control)")
+    cfg = source.config
+    order = model_block_ids(cfg)
+    blocks = list(order if blocks is None else blocks)
+    unknown = [b for b in blocks if b not in order]
+    if unknown:
+        raise ValueError(f"unknown block(s) {unknown[:3]} (the model has {len(order)} blocks)")
+    blocks = [b for b in order if b in set(blocks)]  # execution order, no duplicates
+    ids = calibration_ids(source, tokens)
+    inp = jnp.asarray(ids[None, :-1])
+    W = {b: {k: jnp.asarray(v) for k, v in source(b).items()} for b in order}
+    shapes = {b: {k: list(v.shape) for k, v in W[b].items()} for b in blocks}
+
+    record: list = []
+    ref = _run(cfg, W, order, inp, record=record)[0]  # logits [T, V] at full precision
+    say(f"weights and reference ready ({time.perf_counter() - t0:.1f} s)")
+    F = _fisher_diag(cfg, W, order, record, ids, blocks, grad_chunks)
+    say(f"gradients ready ({time.perf_counter() - t0:.1f} s)")
+
+    kl, est = {}, {}
+    for n, b in enumerate(blocks):
+        pos = order.index(b)
+        start, x_in = (0, None) if b == "embed" else (pos, record[pos])  # the embedding also feeds the tied head
+        kl[b], est[b] = {}, {}
+        for s in states:
+            ws = convert(W[b], s, int4_group_size=int4_group_size, lowrank_rank=lowrank_rank)
+            logits = _run(cfg, {**W, b: ws}, order, inp, start=start, x_1xTxD=x_in)[0]
+            kl[b][s] = float(_kl_mean(ref, logits))
+            est[b][s] = float(sum(_fisher_term(F[b][k], W[b][k], _dequantized(ws[k])) for k in ws if W[b][k].ndim == 2))
+            del ws, logits
+        say(f"blocks {n + 1}/{len(blocks)} ({b}) {time.perf_counter() - t0:.1f} s")
+    del F, record
+
+    lossy = [b for b in blocks if any(len(v) == 2 for v in shapes[b].values())]  # blocks a lossy state changes
+    ranked = [s for s in states if s != "S0"]  # S0 is the identity control: 0 everywhere, nothing to rank
+    rho = {s: spearman([kl[b][s] for b in lossy], [est[b][s] for b in lossy]) for s in ranked}
+    rho["all"] = spearman([kl[b][s] for b in lossy for s in ranked], [est[b][s] for b in lossy for s in ranked])
+    psi_state = PSI_STATE if PSI_STATE in ranked else (ranked[len(ranked) // 2] if ranked else states[0])
+    loss = {}
+    for s in ranked:
+        m = float(np.median([kl[b][s] for b in lossy])) if lossy else 0.0
+        loss[s] = min(MAX_LOSSY_LOSS, m / (m + kl_tolerance)) if m > 0 else 0.0
+
+    bandwidths, delta = {}, {}
+    if probe_links:
+        say("probing links and dequant cost")
+        bandwidths = {k: float(v) for k, v in _probe(store_dir).items()}
+        delta = _measure_delta(source, cfg, int4_group_size, lowrank_rank, states)
+    for w in W.values():
+        for a in w.values():
+            a.delete()
+    return Calibration(
+        psi={b: kl[b][psi_state] for b in blocks}, kl=kl, grad_estimate=est, spearman=rho, bandwidths=bandwidths,
+        delta=delta, lossy_loss=loss, tokens=tokens, model_key=model_key(source), machine_key=machine_key(),
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        settings=dict(states=list(states), int4_group_size=int4_group_size, lowrank_rank=lowrank_rank,
+                      grad_chunks=grad_chunks, kl_tolerance=kl_tolerance, psi_state=psi_state),
+        block_shapes=shapes, elapsed_s=time.perf_counter() - t0)
+
+
+def _probe(store_dir):
+    from vorch_jax.tiers.link_probe import probe_bandwidths
+
+    if store_dir is not None:
+        Path(store_dir).mkdir(parents=True, exist_ok=True)
+    return probe_bandwidths(store_dir)
+
+
+def _measure_delta(source, cfg, int4_group_size, lowrank_rank, states) -> dict:
+    """{kind: {state: seconds}} from one representative block per kind (embed, layer 0's attn and mlp)."""
+    from vorch_jax.tiers.dequant_cost import measure_dequant_seconds
+
+    out = {}
+    for b in ("embed", "layers.0.attn", "layers.0.mlp"):
+        sec = measure_dequant_seconds(source(b), int4_group_size=int4_group_size, lowrank_rank=lowrank_rank)
+        out[block_kind_layer(cfg, b)[0]] = {s.name: float(v) for s, v in sec.items() if s.name in states and s.name != "S0"}
+    return out
+
+
+# ---------------------------------------------------------------- storage
+
+def _to_record(cal: Calibration) -> tuple[dict, dict]:
+    blocks, states = list(cal.kl), list(cal.states)
+    arrays = {"kl_BxS": np.asarray([[cal.kl[b][s] for s in states] for b in blocks], np.float64).reshape(-1, len(states)),
+              "grad_BxS": np.asarray([[cal.grad_estimate[b][s] for s in states] for b in blocks],
+                                     np.float64).reshape(-1, len(states)),
+              "psi_B": np.asarray([cal.psi[b] for b in blocks], np.float64)}
+    meta = dict(format_version=FORMAT_VERSION, blocks=blocks, states=states, block_shapes=cal.block_shapes,
+                spearman=cal.spearman, bandwidths=cal.bandwidths, delta=cal.delta, lossy_loss=cal.lossy_loss,
+                tokens=cal.tokens, created=cal.created, settings=cal.settings, elapsed_s=cal.elapsed_s)
+    return arrays, meta
+
+
+def save_calibration(cal: Calibration, dir=None) -> Path:
+    """Save under `dir` (default: $VORCH_CACHE/calibration or ~/.cache/vorch_jax/calibration); returns the step dir."""
+    arrays, meta = _to_record(cal)
+    return save_record(_root(dir), cal.model_key, cal.machine_key, arrays, meta)
+
+
+def _root(dir) -> Path:
+    return cache_root(dir, "calibration") if dir is None else Path(dir).expanduser()
+
+
+def current_shapes(source) -> dict:
+    """{block: {leaf: [dims]}} of the model as it is now (from the GGUF header; nothing is read)."""
+    return {b: {k: list(v.shape) for k, v in source.block_shapes(b).items()} for b in source.block_ids}
+
+
+def _check_model(meta: dict, arrays: dict, shapes_now: dict) -> None:
+    blocks = meta["blocks"]
+    for b in blocks:
+        if b not in shapes_now:
+            raise CalibrationMismatchError(f"stored calibration has block '{b}', which the current model lacks "
+                                           f"({len(shapes_now)} blocks): recalibrate with --force")
+        stored = meta["block_shapes"].get(b)
+        if stored is None:
+            raise CalibrationMismatchError(f"stored calibration lists block '{b}' without its shapes")
+        for leaf in sorted(set(stored) | set(shapes_now[b])):
+            have, want = stored.get(leaf), shapes_now[b].get(leaf)
+            if have != want:
+                raise CalibrationMismatchError(f"stored calibration's block '{b}' leaf '{leaf}' has shape {have}, "
+                                               f"the current model {want}: recalibrate with --force")
+    n, S = len(blocks), len(meta["states"])
+    for name in ("kl_BxS", "grad_BxS"):
+        if arrays[name].shape != (n, S):
+            raise CalibrationMismatchError(f"stored '{name}' has shape {arrays[name].shape}, expected {(n, S)}")
+
+
+def load_calibration(dir, model_key: str, machine_key: str, *, source=None) -> Calibration | None:
+    """The stored calibration for (model, machine), or None. With `source`, its blocks and shapes are checked against
+    the current model (CalibrationMismatchError on any difference)."""
+    try:
+        got = restore_record(_root(dir), model_key, machine_key)
+    except RecordMismatchError as e:
+        raise CalibrationMismatchError(str(e)) from None
+    if got is None:
+        return None
+    arrays, meta = got
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise CalibrationMismatchError(f"stored calibration has format {meta.get('format_version')}, this code reads "
+                                       f"{FORMAT_VERSION}: recalibrate with --force")
+    if source is not None:
+        _check_model(meta, arrays, current_shapes(source))
+    blocks, states = meta["blocks"], meta["states"]
+    kl = {b: {s: float(arrays["kl_BxS"][i, j]) for j, s in enumerate(states)} for i, b in enumerate(blocks)}
+    est = {b: {s: float(arrays["grad_BxS"][i, j]) for j, s in enumerate(states)} for i, b in enumerate(blocks)}
+    return Calibration(psi={b: float(arrays["psi_B"][i]) for i, b in enumerate(blocks)}, kl=kl, grad_estimate=est,
+                       spearman=meta["spearman"], bandwidths=meta["bandwidths"], delta=meta["delta"],
+                       lossy_loss=meta["lossy_loss"], tokens=meta["tokens"], model_key=meta["model_key"],
+                       machine_key=meta["machine_key"], created=meta["created"], settings=meta["settings"],
+                       block_shapes=meta["block_shapes"], elapsed_s=meta["elapsed_s"])
+
+
+def covers(cal: Calibration, *, tokens: int = 64, states=STATES, blocks=None, int4_group_size: int = 64,
+           lowrank_rank: int = 32, **_ignored) -> str | None:
+    """None when `cal` answers this request; else why not (one line)."""
+    s = cal.settings
+    if cal.tokens != tokens:
+        return f"stored calibration used {cal.tokens} tokens, {tokens} asked"
+    for key, want in (("int4_group_size", int4_group_size), ("lowrank_rank", lowrank_rank)):
+        if s.get(key) != want:
+            return f"stored calibration used {key}={s.get(key)}, {want} asked"
+    missing = [x for x in states if x not in cal.states]
+    if missing:
+        return f"stored calibration lacks state(s) {missing}"
+    if blocks is not None and [b for b in blocks if b not in cal.kl]:
+        return "stored calibration lacks some of the asked blocks"
+    return None
+
+
+def load_or_calibrate(source, dir=None, *, force: bool = False, progress=None, **kw) -> Calibration:
+    """The stored calibration for this model and machine when it covers the request, else a fresh one (saved).
+
+    `kw` as for `calibrate`. With blocks=None a stored calibration must cover every block of the model.
+    Sets `reused` on the result.
+    """
+    say = progress or (lambda msg: None)
+    root = _root(dir)
+    mk, hk = model_key(source), machine_key()
+    if not force:
+        cal = load_calibration(root, mk, hk, source=source)
+        if cal is not None:
+            want = dict(kw)
+            want.setdefault("blocks", None)
+            if want["blocks"] is None:
+                want["blocks"] = source.block_ids
+            why = covers(cal, **want)
+            if why is None:
+                cal.reused = True
+                return cal
+            say(f"recalibrating: {why}")
+    kw.setdefault("store_dir", root)  # the NVMe probe writes where the cache lives
+    cal = calibrate(source, progress=progress, **kw)
+    save_calibration(cal, root)
+    return cal
+
+
+# ---------------------------------------------------------------- report and CLI
+
+def format_table(cal: Calibration, n: int = 10) -> str:
+    """Top and bottom `n` blocks by ψ, with ΔKL and the gradient estimate per state; Spearman, links and δ."""
+    states = cal.states
+    head = f"{'block':<16} " + " ".join(f"{'ΔKL ' + s:>11}" for s in states) + " " + \
+        " ".join(f"{'est ' + s:>11}" for s in states)
+
+    def row(b):
+        return f"{b:<16} " + " ".join(f"{cal.kl[b][s]:>11.3e}" for s in states) + " " + \
+            " ".join(f"{cal.grad_estimate[b][s]:>11.3e}" for s in states)
+
+    ranked = sorted(cal.psi, key=lambda b: -cal.psi[b])
+    psi_state = cal.settings.get("psi_state", PSI_STATE)
+    lines = [f"calibration of {cal.model_key} on {cal.machine_key}: {cal.tokens} tokens, {len(ranked)} blocks, "
+             f"{cal.elapsed_s:.1f} s, {cal.created}",
+             f"ψ = ΔKL at {psi_state} (nats, mean per token); est = ½ Σ F̂ ΔW² (diagonal empirical Fisher)",
+             f"top {min(n, len(ranked))} by ψ", head] + [row(b) for b in ranked[:n]]
+    if len(ranked) > n:
+        lines += [f"bottom {min(n, len(ranked) - n)} by ψ", head] + [row(b) for b in ranked[-n:][::-1]]
+    lines.append("spearman(ΔKL, est): " + ", ".join(f"{k} {v:+.3f}" for k, v in cal.spearman.items()))
+    lines.append("lossy_loss: " + ", ".join(f"{k} {v:.3f}" for k, v in cal.lossy_loss.items()))
+    if cal.bandwidths:
+        lines.append("links: " + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in cal.bandwidths.items()))
+    for kind, d in cal.delta.items():
+        lines.append(f"δ {kind:<6}: " + ", ".join(f"{s} {v * 1e6:8.1f} µs" for s, v in d.items()))
+    return "\n".join(lines)
+
+
+def cmd_calibrate(args) -> int:
+    from vorch_jax.cli import UserError
+    from vorch_jax.models.gguf_source import load_smollm2_source
+
+    if args.tokens < 2:
+        raise UserError(f"--tokens must be at least 2, got {args.tokens}")
+    states = tuple(s.strip().upper() for s in args.states.split(",") if s.strip())
+    if not states or any(s not in STATES for s in states):
+        raise UserError(f"--states must be a comma list drawn from {','.join(STATES)}, got '{args.states}'")
+    source = load_smollm2_source()
+    blocks = None
+    if args.blocks:
+        try:
+            pat = re.compile(args.blocks)
+        except re.error as e:
+            raise UserError(f"--blocks '{args.blocks}' is not a regular expression: {e}") from None
+        blocks = [b for b in source.block_ids if pat.search(b)]
+        if not blocks:
+            raise UserError(f"--blocks '{args.blocks}' matches none of the model's {len(source.block_ids)} blocks")
+    t0 = time.perf_counter()
+
+    def say(msg):
+        print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
+
+    try:
+        cal = load_or_calibrate(source, args.dir, force=args.force, progress=say, tokens=args.tokens, states=states,
+                                blocks=blocks)
+    except CalibrationMismatchError as e:
+        raise UserError(str(e)) from None
+    if cal.reused:
+        say(f"reused the stored calibration from {cal.created} (pass --force to recompute)")
+    else:
+        say(f"calibrated in {time.perf_counter() - t0:.1f} s; saved under {_root(args.dir)}")
+    if blocks is not None:
+        cal = dataclasses.replace(cal, psi={b: cal.psi[b] for b in blocks})
+    print(format_table(cal))
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    p = subparsers.add_parser("calibrate", help="measure per-block sensitivity ψ, links and δ on this machine; cache")
+    p.add_argument("--tokens", type=int, default=64, help="calibration tokens of the KJV text (default 64)")
+    p.add_argument("--blocks", default=None, help="regex: calibrate only the matching block ids")
+    p.add_argument("--states", default=",".join(STATES), help="comma list of lossy states (default S1,S2,S6)")
+    p.add_argument("--dir", default=None, help="cache directory (default $VORCH_CACHE/calibration or "
+                                               "~/.cache/vorch_jax/calibration)")
+    p.add_argument("--force", action="store_true", help="recompute even when a stored calibration covers the request")
+    p.set_defaults(func=cmd_calibrate)
