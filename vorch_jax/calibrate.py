@@ -12,8 +12,10 @@ What is measured, on `tokens` tokens of the KJV text (BOS prepended), all in flo
     gradient's first-order term predicts the change of NLL on this text, not the KL (it can even be negative).
     F̂ is estimated as `n_c · mean_c g_c²` over `grad_chunks` chunks of tokens (g_c: gradient of chunk c's mean
     NLL; n_c tokens per chunk, the factor undoes the averaging inside a chunk), so the estimate is in nats like
-    ΔKL. With grad_chunks=1 it is ½·T·Σ (g ⊙ ΔW)², the brief's Fisher-weighted error up to a constant; more chunks
-    estimate the diagonal better for one backward pass per chunk (the forward is shared by `jax.vjp`).
+    ΔKL. With grad_chunks=1 it is ½·T·Σ (g ⊙ ΔW)², the Fisher-weighted error of one mean gradient up to a
+    constant; more chunks estimate the diagonal better (a square of one mean gradient is a rank-1 Fisher). The
+    backward is hand-written over the schedule from the recorded activations (one jitted vjp per kind, the chunks'
+    cotangents batched by vmap), so it compiles per kind like the forward.
   * Spearman rank correlation of ΔKL against est, per state and over all (block, state) pairs.
   * link bandwidths (`tiers.link_probe`) and δ per kind (`tiers.dequant_cost`) on this machine.
 
@@ -380,7 +382,8 @@ def _measure_delta(source, cfg, int4_group_size, lowrank_rank, states) -> dict:
     out = {}
     for b in ("embed", "layers.0.attn", "layers.0.mlp"):
         sec = measure_dequant_seconds(source(b), int4_group_size=int4_group_size, lowrank_rank=lowrank_rank)
-        out[block_kind_layer(cfg, b)[0]] = {s.name: float(v) for s, v in sec.items() if s.name in states and s.name != "S0"}
+        kind = block_kind_layer(cfg, b)[0]
+        out[kind] = {s.name: float(v) for s, v in sec.items() if s.name in states and s.name != "S0"}
     return out
 
 
@@ -388,9 +391,10 @@ def _measure_delta(source, cfg, int4_group_size, lowrank_rank, states) -> dict:
 
 def _to_record(cal: Calibration) -> tuple[dict, dict]:
     blocks, states = list(cal.kl), list(cal.states)
-    arrays = {"kl_BxS": np.asarray([[cal.kl[b][s] for s in states] for b in blocks], np.float64).reshape(-1, len(states)),
-              "grad_BxS": np.asarray([[cal.grad_estimate[b][s] for s in states] for b in blocks],
-                                     np.float64).reshape(-1, len(states)),
+    def table(d):  # float64[B, S]
+        return np.asarray([[d[b][s] for s in states] for b in blocks], np.float64).reshape(-1, len(states))
+
+    arrays = {"kl_BxS": table(cal.kl), "grad_BxS": table(cal.grad_estimate),
               "psi_B": np.asarray([cal.psi[b] for b in blocks], np.float64)}
     meta = dict(format_version=FORMAT_VERSION, blocks=blocks, states=states, block_shapes=cal.block_shapes,
                 spearman=cal.spearman, bandwidths=cal.bandwidths, delta=cal.delta, lossy_loss=cal.lossy_loss,
@@ -401,10 +405,10 @@ def _to_record(cal: Calibration) -> tuple[dict, dict]:
 def save_calibration(cal: Calibration, dir=None) -> Path:
     """Save under `dir` (default: $VORCH_CACHE/calibration or ~/.cache/vorch_jax/calibration); returns the step dir."""
     arrays, meta = _to_record(cal)
-    return save_record(_root(dir), cal.model_key, cal.machine_key, arrays, meta)
+    return save_record(calibration_dir(dir), cal.model_key, cal.machine_key, arrays, meta)
 
 
-def _root(dir) -> Path:
+def calibration_dir(dir) -> Path:
     return cache_root(dir, "calibration") if dir is None else Path(dir).expanduser()
 
 
@@ -437,7 +441,7 @@ def load_calibration(dir, model_key: str, machine_key: str, *, source=None) -> C
     """The stored calibration for (model, machine), or None. With `source`, its blocks and shapes are checked against
     the current model (CalibrationMismatchError on any difference)."""
     try:
-        got = restore_record(_root(dir), model_key, machine_key)
+        got = restore_record(calibration_dir(dir), model_key, machine_key)
     except RecordMismatchError as e:
         raise CalibrationMismatchError(str(e)) from None
     if got is None:
@@ -482,7 +486,7 @@ def load_or_calibrate(source, dir=None, *, force: bool = False, progress=None, *
     Sets `reused` on the result.
     """
     say = progress or (lambda msg: None)
-    root = _root(dir)
+    root = calibration_dir(dir)
     mk, hk = model_key(source), machine_key()
     if not force:
         cal = load_calibration(root, mk, hk, source=source)
@@ -563,7 +567,7 @@ def cmd_calibrate(args) -> int:
     if cal.reused:
         say(f"reused the stored calibration from {cal.created} (pass --force to recompute)")
     else:
-        say(f"calibrated in {time.perf_counter() - t0:.1f} s; saved under {_root(args.dir)}")
+        say(f"calibrated in {time.perf_counter() - t0:.1f} s; saved under {calibration_dir(args.dir)}")
     if blocks is not None:
         cal = dataclasses.replace(cal, psi={b: cal.psi[b] for b in blocks})
     print(format_table(cal))

@@ -104,11 +104,13 @@ def test_load_or_calibrate_reuses_the_stored_result(cal, smollm2_source, tmp_pat
         K.load_or_calibrate(smollm2_source, tmp_path, tokens=TOKENS + 1, blocks=BLOCKS)
 
 
-def test_cli_second_invocation_reuses(cal, tmp_path, monkeypatch, capsys):
+def test_cli_second_invocation_reuses(cal, smollm2_source, tmp_path, monkeypatch, capsys):
     from vorch_jax.cli import main
+    from vorch_jax.models import gguf_source
 
     K.save_calibration(cal, tmp_path)
     monkeypatch.setattr(K, "calibrate", _no_calibrate)
+    monkeypatch.setattr(gguf_source, "load_smollm2_source", lambda: smollm2_source)  # the session's open file
     rc = main(["calibrate", "--tokens", str(TOKENS), "--blocks", r"^layers\.2[06]\.", "--dir", str(tmp_path)])
     out, err = capsys.readouterr()
     assert rc == 0, err
