@@ -8,6 +8,7 @@ Builds (or loads) the MoE model of the router config, then on BOS + the first `e
   2. router recall on the evaluation text: the router's top-k vs the experts with most activation mass (oracle);
   3. per-layer expert usage under top-`target_top_k` routing: entropy / log E, max and min share;
   4. speculative routing: layer l+1's router on layer l's residual state vs the experts layer l+1 actually picks.
+  3 and 4 are measured twice: in the top-`target_top_k` model, and on the dense model's hidden states (k = E).
 """
 
 from __future__ import annotations
@@ -44,6 +45,59 @@ def nll(logits_TxV: np.ndarray, ids_T: np.ndarray) -> float:
 def topk_np(scores_NxE: np.ndarray, k: int) -> np.ndarray:
     """bool [N, E] of each row's top-k (same tie order as `moe.topk_mask`)."""
     return np.asarray(moe.topk_mask(jnp.asarray(scores_NxE), k))
+
+
+def routed_masks(cfg, blocks, moe_in: list, k: int) -> list:
+    """Per layer, bool [B*T, E]: each token's top-k experts by the router at that layer's MoE input."""
+    masks = []
+    for i, x in enumerate(moe_in):
+        gw = blocks[moe.gate_block_id(i)]
+        h = Lay.rms_norm(x, gw["ffn_norm"], cfg.norm_eps)
+        mask = moe.topk_mask(moe.moe_router_probs(gw, h), k)
+        masks.append(np.asarray(mask).reshape(-1, mask.shape[-1]))
+    return masks
+
+
+def usage_table(masks: list, k: int, run_k: int, verbose: bool) -> list:
+    """Per-layer share of token-slots per expert: entropy / log E, max, min; printed per layer when verbose."""
+    E = masks[0].shape[-1]
+    print(f"\n== expert usage, top-{k} routing, hidden states of the top-{run_k} model (uniform share = {1 / E:.3f}) ==")
+    if verbose:
+        print(f"{'layer':>5} {'H/logE':>6} {'max':>6} {'min':>6}  shares e0..e{E - 1}")
+    usage = []
+    for i, m in enumerate(masks):
+        share = m.sum(0) / m.sum()
+        p = share[share > 0]
+        ent = float(-(p * np.log(p)).sum() / math.log(E))
+        usage.append({"layer": i, "entropy_over_logE": ent, "max": float(share.max()), "min": float(share.min()),
+                      "shares": share.round(4).tolist()})
+        if verbose:
+            print(f"{i:>5} {ent:>6.3f} {share.max():>6.3f} {share.min():>6.3f}  " + " ".join(f"{s:.2f}" for s in share))
+    ents = [u["entropy_over_logE"] for u in usage]
+    print(f"entropy/logE mean {np.mean(ents):.3f} (min {np.min(ents):.3f}); max share mean "
+          f"{np.mean([u['max'] for u in usage]):.3f}, min share mean {np.mean([u['min'] for u in usage]):.3f}; "
+          f"max/min ratio median {np.median([u['max'] / max(u['min'], 1e-9) for u in usage]):.1f}")
+    return usage
+
+
+def speculative_table(cfg, blocks, moe_in, moe_out, masks, k: int, run_k: int) -> list:
+    """Layer l+1's router on a layer-l state, its top-kp vs layer l+1's actual top-k: recall and precision."""
+    E, L = masks[0].shape[-1], len(masks)
+    print(f"\n== speculative routing (top-{run_k} model): layer l+1's router on layer l's state vs its actual top-{k} ==")
+    print(f"{'state used':>28} {'predicted':>9} {'recall':>7} {'precision':>9}")
+    spec = []
+    for name, states in (("input of layer l's MoE", moe_in), ("output of layer l's MoE", moe_out)):
+        for kp in (k, k + 1, 2 * k):
+            hit = n_act = n_pred = 0
+            for i in range(L - 1):
+                probs = moe.speculative_expert_probs(blocks[moe.gate_block_id(i + 1)], states[i], cfg.norm_eps)
+                pred = topk_np(np.asarray(probs).reshape(-1, E), kp)
+                hit += int((pred & masks[i + 1]).sum())
+                n_act += int(masks[i + 1].sum())
+                n_pred += int(pred.sum())
+            spec.append({"state": name, "predicted_k": kp, "recall": hit / n_act, "precision": hit / n_pred})
+            print(f"{name:>28} {kp:>9} {hit / n_act:>7.3f} {hit / n_pred:>9.3f}")
+    return spec
 
 
 def main(argv=None) -> dict:
@@ -110,43 +164,14 @@ def main(argv=None) -> dict:
     print(f"\n== router top-{kr} vs activation-mass top-{kr} on the evaluation text (dense hidden states) ==")
     print(f"recall mean {np.mean(rec):.3f}, min {np.min(rec):.3f} (layer {int(np.argmin(rec))}), max {np.max(rec):.3f}")
 
-    # Usage and speculative routing, in the top-kr routed model.
-    moe_in, moe_out = collected[kr] if kr in collected else moe_forward(cfg, blocks, ids, top_k=kr, collect=True)[1:]
-    masks = []
-    for i in range(L):
-        gw = blocks[moe.gate_block_id(i)]
-        h = Lay.rms_norm(moe_in[i], gw["ffn_norm"], cfg.norm_eps)
-        masks.append(np.asarray(moe.topk_mask(moe.moe_router_probs(gw, h), kr)).reshape(-1, E))
-    print(f"\n== expert usage under top-{kr} routing (share of token-slots; uniform = {1 / E:.3f}) ==")
-    print(f"{'layer':>5} {'H/logE':>6} {'max':>6} {'min':>6}  shares e0..e{E - 1}")
-    usage = []
-    for i, m in enumerate(masks):
-        share = m.sum(0) / m.sum()
-        p = share[share > 0]
-        ent = float(-(p * np.log(p)).sum() / math.log(E))
-        usage.append({"layer": i, "entropy_over_logE": ent, "max": float(share.max()), "min": float(share.min()),
-                      "shares": share.round(4).tolist()})
-        print(f"{i:>5} {ent:>6.3f} {share.max():>6.3f} {share.min():>6.3f}  " + " ".join(f"{s:.2f}" for s in share))
-    ents = [u["entropy_over_logE"] for u in usage]
-    print(f"entropy/logE mean {np.mean(ents):.3f} (min {np.min(ents):.3f}); max/min share ratio median "
-          f"{np.median([u['max'] / max(u['min'], 1e-9) for u in usage]):.1f}")
-    out["usage"] = usage
-
-    print(f"\n== speculative routing: layer l+1's router on layer l's state vs layer l+1's actual top-{kr} ==")
-    print(f"{'state used':>28} {'predicted':>9} {'recall':>7} {'precision':>9}")
-    spec = []
-    for name, states in (("input of layer l's MoE", moe_in), ("output of layer l's MoE", moe_out)):
-        for kp in (kr, kr + 1, 2 * kr):
-            hit = n_act = n_pred = 0
-            for i in range(L - 1):
-                probs = moe.speculative_expert_probs(blocks[moe.gate_block_id(i + 1)], states[i], cfg.norm_eps)
-                pred = topk_np(np.asarray(probs).reshape(-1, E), kp)
-                hit += int((pred & masks[i + 1]).sum())
-                n_act += int(masks[i + 1].sum())
-                n_pred += int(pred.sum())
-            spec.append({"state": name, "predicted_k": kp, "recall": hit / n_act, "precision": hit / n_pred})
-            print(f"{name:>28} {kp:>9} {hit / n_act:>7.3f} {hit / n_pred:>9.3f}")
-    out["speculative"] = spec
+    # Usage and speculative routing in the top-kr routed model, and in the dense model (k = E: what a runtime that
+    # keeps quality would see; the routed model's hidden states drift far from the dense ones at small k).
+    for run_k in dict.fromkeys((kr, E)):
+        moe_in, moe_out = collected[run_k] if run_k in collected else \
+            moe_forward(cfg, blocks, ids, top_k=run_k, collect=True)[1:]
+        masks = routed_masks(cfg, blocks, moe_in, kr)
+        out[f"usage_run_k{run_k}"] = usage_table(masks, kr, run_k, verbose=run_k == kr)
+        out[f"speculative_run_k{run_k}"] = speculative_table(cfg, blocks, moe_in, moe_out, masks, kr, run_k)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -3,7 +3,10 @@
 Partition: per layer, balanced spherical k-means on each neuron's weight vector [w_gate[:, n]; w_up[:, n]] (2D
 floats). Chosen over co-activation clustering because it needs no calibration pass (the partition is a function
 of the weights and the seed alone, so routers trained on different texts share it) and is cheap; co-activation
-would likely group neurons that fire together better, and is the first thing to try if small-k quality matters.
+would group neurons that fire together, but measured on SmolLM2 it barely helps: on held-out KJV tokens of layers
+0, 5, 13, 20, 28 the oracle top-2 of 8 experts carry 29-40 % of the activation mass (|act|·‖w_down row‖) with
+this partition and 31-43 % with balanced k-means on co-activation profiles (top-4: 55-63 % vs 56-67 %). SwiGLU
+activations here are dense, so any k < E drops much of each MLP's output (see experiments/moe_quality.py).
 Balance: each Lloyd step assigns greedily by decreasing cosine similarity under a capacity of F/E per expert, so
 every expert has exactly F/E neurons. Deterministic for a fixed seed (numpy RNG, stable sorts).
 
