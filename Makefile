@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/vorch generate --prompt "The capital of France is" --new-tokens 24
-	$(VENV)/bin/vorch ppl --text kjv --max-tokens 512
+	$(VENV)/bin/vorch compare configs/demo.yaml --policies resident,static,lru,scored --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

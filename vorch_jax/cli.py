@@ -112,6 +112,42 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_compare(args) -> int:
+    """Several policies on one config, sharing the resident reference; one table side by side."""
+    from vorch_jax.config import apply_overrides, load_config
+    from vorch_jax.runner import RunError, check_out_dir, compare
+
+    cfg = load_config(args.config, args.overrides)
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    try:
+        check_out_dir(args.out)
+        for p in policies:  # every policy name checked before any work
+            apply_overrides(cfg, [f"policy={p}"])
+        summaries = compare(cfg, policies, args.out,
+                            progress=lambda msg: print(f"[vorch] {msg}", file=sys.stderr, flush=True))
+    except RunError as e:
+        raise UserError(str(e)) from None
+    print(format_comparison(summaries))
+    return 0
+
+
+def format_comparison(summaries: list[dict]) -> str:
+    lines = [format_summary_row(summaries[0], header=True).splitlines()[0]]
+    lines += [format_summary_row(s) for s in summaries]
+    by = {s["policy"]: s for s in summaries}
+    static = by.get("static")
+    lines.append("")
+    lines.append(f"{'policy':<16} {'tok/s / static':>14} {'decode / floor':>14} {'exposed stall':>13} "
+                 f"{'ctrl / wall':>11} {'ppl delta':>9}")
+    for s in summaries:
+        over_static = s["decode_tok_s"] / static["decode_tok_s"] if static else float("nan")
+        exposed = s["stall_s"] / s["transfer_s"] if s.get("transfer_s") else float("nan")
+        lines.append(f"{s['policy']:<16} {over_static:>14.3f} {s['decode_step_s'] / s['floor_step_s']:>14.3f} "
+                     f"{exposed:>13.3f} {s['controller_s'] / s['wall_s']:>11.4f} "
+                     f"{s['quality']['ppl'] - s['quality']['ppl_resident']:>9.4f}")
+    return "\n".join(lines)
+
+
 def format_summary_row(s: dict, header: bool = False) -> str:
     cols = [
         ("policy", f"{s['policy']:<16}"),
@@ -152,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. policy=lru hbm_budget=0.3")
     r.add_argument("--out", required=True, help="output directory")
     r.set_defaults(func=cmd_run)
+
+    c = sub.add_parser("compare", help="several policies on one config, side by side (shares the resident run)")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every policy")
+    c.add_argument("--policies", default="resident,static,lru,scored")
+    c.add_argument("--out", required=True, help="output directory; one sub-directory per policy")
+    c.set_defaults(func=cmd_compare)
 
     b = sub.add_parser("blocks", help="the model's residency blocks and where a config places them")
     b.add_argument("config", nargs="?", default=None)

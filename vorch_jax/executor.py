@@ -70,6 +70,9 @@ class Executor:
         self.tick_every = max(1, tick_every_n_layers)
         self.dtype = dtype
         self.schedule = list(policy.ctx.schedule)
+        self._positions: dict[str, list[int]] = {}
+        for i, b in enumerate(self.schedule):
+            self._positions.setdefault(b, []).append(i)
         self.on_device: dict[str, int] = {}  # ledger: landed or in flight to device
         self.inflight: dict[str, object] = {}  # block -> Transition to device
         self.prefetched: set[str] = set()  # loaded ahead, not yet used
@@ -257,11 +260,10 @@ class Executor:
         return True
 
     def _next_use(self, block: str) -> int:
+        """Positions until the schedule next reads `block` (1 = the next position; n = a full pass away)."""
         n = len(self.schedule)
-        for k in range(1, n + 1):
-            if self.schedule[(self.t + k) % n] == block:
-                return k
-        return n + 1
+        here = self.t % n
+        return min(((p - here - 1) % n) + 1 for p in self._positions.get(block, (here - 1 + n,)))
 
     def _sample_peak(self):
         self.counters.peak_device_bytes = max(self.counters.peak_device_bytes, self.engine.bytes_in("device"))

@@ -291,6 +291,7 @@ def policy_context(cfg: RunConfig, setup: Setup) -> PolicyContext:
 
 
 def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Reference, say):
+    link_bw = probe_bandwidths(engine.store_dir)  # for the floor: the links' speed measured now, not a datasheet
     say("registering blocks at their homes")
     for b in setup.block_ids:
         engine.register(b, setup.homes[b])
@@ -305,11 +306,13 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Refe
     say("initial placement")
     # Traffic is counted from a cold device: the initial placement's loads belong to the run (and the oracle starts
     # from an empty device too), so policies that front-load bytes are not flattered.
-    t_gen0 = time.perf_counter()
+    t_place0 = time.perf_counter()
     ex.place_initial()
+    t_gen0 = time.perf_counter()
     n_acc0 = len(ex.accesses)
     say("generating")
     tokens, prefill_s, step_s = greedy_generate(ex, setup.prompt_ids, cfg.new_tokens)
+    t_decode0 = t_gen0 + prefill_s
     t_gen1 = time.perf_counter()
     gen_accesses = ex.accesses[n_acc0:]
     gen_counters = dataclasses.replace(ex.counters)
@@ -322,17 +325,17 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Refe
     events = engine.events.snapshot()
     gen_events = T.window(events, t_gen0, t_gen1)
     stream = [a.block for a in gen_accesses]
-    moved = T.link_bytes(gen_events)
+    moved = T.link_bytes(T.window(events, t_place0, t_gen1))  # cold start: the initial placement counts
     loads = sum(v for k, v in moved.items() if k in ("host->device",))
     device_bytes_used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
     # The oracle obeys the same guardrails as every policy (protected blocks never leave) and starts cold.
     bel = belady_bytes(stream, device_bytes_used, setup.hbm_budget, [], pinned=setup.protected)
     decode_s = sum(step_s[1:]) if len(step_s) > 1 else sum(step_s)  # the first decode step is dropped as warm-up
     decode_n = max(1, len(step_s) - 1) if len(step_s) > 1 else len(step_s)
-    h2d_s = T.link_seconds(gen_events, "host->device")
-    h2d_bw = moved.get("host->device", 0) / h2d_s if h2d_s > 0 else float("nan")
-    missed_per_step = loads / max(1, cfg.new_tokens)
-    floor_s = max(reference.step_s, missed_per_step / h2d_bw if h2d_bw == h2d_bw and h2d_bw > 0 else 0.0)
+    h2d_bw = link_bw["host->device"]
+    decode_events = T.window(events, t_decode0, t_gen1)
+    missed_per_step = T.link_bytes(decode_events).get("host->device", 0) / max(1, len(step_s))
+    floor_s = max(reference.step_s, missed_per_step / h2d_bw)
     stall_s = T.stall_seconds(gen_events)
     wall_s = t_gen1 - t_gen0
     summary = {
@@ -367,10 +370,27 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Refe
         "transitions": T.transition_counts(gen_events),
         "quality": quality(run_logits, reference.logits, setup.eval_ids),
         "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
-        "host_to_device_gbps": h2d_bw / 1e9 if h2d_bw == h2d_bw else None,
+        "link_gbps": {k: v / 1e9 for k, v in link_bw.items()},
+        "initial_placement_s": t_gen0 - t_place0,
         "backend": jax.default_backend(),
     }
     records = T.trace_records(ex.accesses, events, t_gen0)
     T.write_trace(out_dir, records)
     T.write_json_atomic(out_dir / "summary.json", summary)  # last: its presence means the run completed
     return summary
+
+
+def compare(cfg: RunConfig, policies: list[str], out_dir, *, progress=None) -> list[dict]:
+    """Run `cfg` under each policy (resident at the full budget), sharing one resident reference."""
+    from vorch_jax.config import apply_overrides
+
+    out_dir = check_out_dir(Path(out_dir))
+    say = progress or (lambda msg: None)
+    say("resident reference")
+    reference = resident_reference(prepare(cfg), jnp.dtype(cfg.dtype), cfg.new_tokens)
+    summaries = []
+    for p in policies:
+        overrides = [f"policy={p}"] + (["hbm_budget=1.0"] if p == "resident" else [])
+        say(f"policy {p}")
+        summaries.append(run(apply_overrides(cfg, overrides), out_dir / p, progress=progress, reference=reference))
+    return summaries
