@@ -117,8 +117,14 @@ class ModelShape:
                 out.append((f"layers.{i}.mlp", "mlp"))
         return out + [("final_norm", "norm"), (self.head_block(), "head")]
 
+    @functools.cached_property
+    def _matmul_params(self) -> dict:
+        return {b: sum(int(np.prod(s.shape)) for s in self.leaves[b].values() if len(s.shape) == 2)
+                for b in self.block_ids}
+
     def matmul_params(self, block: str) -> int:
-        return sum(int(np.prod(s.shape)) for s in self.leaves[block].values() if len(s.shape) == 2)
+        """Parameters of the block's 2-D (matmul) leaves."""
+        return self._matmul_params[block]
 
     def flops(self, block: str, op: str, tokens: int, context: int) -> float:
         """FLOPs of one position for `tokens` new tokens attending to `context` cached positions."""

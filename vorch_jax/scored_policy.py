@@ -115,6 +115,10 @@ class ScoredPolicy(Policy):
         """The HBM budget less a streaming reserve: room for the `prefetch_depth + 1` largest unprotected blocks."""
         free = sorted((self.ctx.device_bytes[b] for b in self.ids if b not in self.ctx.protected), reverse=True)
         reserve = sum(free[: self.prefetch_depth + 1])
+        protected = sum(self.state_bytes[b][State.S0] for b in self.ctx.protected)
+        # A tight budget shrinks the reserve (fewer blocks in flight at once) before it starves the protected set;
+        # if not even the largest streamed block fits beside the protected set, check_fits says so.
+        reserve = min(reserve, max(self.ctx.budget_bytes - protected, 0))
         return max(1, self.ctx.budget_bytes - reserve)
 
     def _dispatch(self, params: TickParams | None = None) -> None:

@@ -79,6 +79,7 @@ class SimEngine:
         self.hw, self.state_bytes, self.homes, self.clock = hw, state_bytes, homes, clock
         self.events = EventLog()
         self.rep = {b: _Rep(homes[b], 0) for b in homes}  # off device: no device bytes
+        self.device_total = 0  # Σ rep.nbytes, kept as reps change
         self.pending: dict[str, _Handle] = {}
         self.link_free = {"nvme->host": 0.0, "host->device": 0.0, "device->host": 0.0}
 
@@ -105,7 +106,7 @@ class SimEngine:
             return _Handle(block, src, dst, now)
         if not dst.on_device:  # back to the kept home copy: free, no traffic
             self.events.append(Event("transition", block, src, dst, now, now, {}, "device copy dropped; home kept"))
-            self.rep[block] = _Rep(dst, 0)
+            self._set(block, _Rep(dst, 0))
             return _Handle(block, src, dst, now)
         start = self.homes[block] if src.on_device else src  # lossy/other device states route from the home
         t, first, link_bytes = now, None, {}
@@ -130,7 +131,11 @@ class SimEngine:
         h = self.pending.get(block)
         if h is not None and h.land <= self.clock.now:
             self.pending.pop(block)
-            self.rep[block] = _Rep(h.dst, self.state_bytes[block][h.dst])
+            self._set(block, _Rep(h.dst, self.state_bytes[block][h.dst]))
+
+    def _set(self, block: str, rep: _Rep) -> None:
+        self.device_total += rep.nbytes - self.rep[block].nbytes
+        self.rep[block] = rep
 
     def wait(self, block: str):
         h = self.pending.get(block)
@@ -153,7 +158,7 @@ class SimEngine:
             raise ValueError("the simulated engine tracks device bytes only")
         for b in list(self.pending):
             self._settle(b)
-        return sum(r.nbytes for r in self.rep.values())
+        return self.device_total
 
 
 @dataclasses.dataclass
@@ -360,11 +365,13 @@ def _passes(shape: ModelShape, cfg: RunConfig, routing) -> list[list[tuple[str, 
 
 
 def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape | None = None, routing=None,
-             progress=None) -> dict:
+             progress=None, write_traces: bool = True) -> dict:
     """Simulate `cfg` on `hardware` (a profile, its name or path; default `cfg.hardware`) and write the outputs.
 
     `model_shape`: the block table (default: `model_shapes.model_shape(cfg.model, cfg.dtype)`); `routing`: for an
-    MoE model, [pass][layer] -> expert ids (default: Zipf, seeded by `cfg.seed`). Returns the summary.
+    MoE model, [pass][layer] -> expert ids (default: Zipf, seeded by `cfg.seed`). `write_traces=False` writes only
+    `summary.json` (sweeps that need no trace: serialising ~10^5 records costs more than simulating them).
+    Returns the summary.
     """
     from .runner import check_out_dir, make_policy
 
@@ -401,8 +408,6 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
     n_acc0 = len(ex.accesses)
     gen0 = 0.0  # traffic counted from a cold device, as the real runner does
     step_s, P = [], cfg.prompt_tokens + 1  # the real runner prepends BOS
-    ctr0 = dataclasses.replace(ex.counters)
-    del ctr0
     for j, positions in enumerate(passes):
         t0 = clock.now
         tokens, context = (P, P) if j == 0 else (1, P + j)
@@ -465,8 +470,8 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
         "backend": "sim",
         "sim_wall_s": time.perf_counter() - wall0,
     }
-    records = T.trace_records(ex.accesses, events, gen0)
-    T.write_trace(out_dir, records)
+    if write_traces:
+        T.write_trace(out_dir, T.trace_records(ex.accesses, events, gen0))
     T.write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
