@@ -61,7 +61,8 @@ def routed_masks(cfg, blocks, moe_in: list, k: int) -> list:
 def usage_table(masks: list, k: int, run_k: int, verbose: bool) -> list:
     """Per-layer share of token-slots per expert: entropy / log E, max, min; printed per layer when verbose."""
     E = masks[0].shape[-1]
-    print(f"\n== expert usage, top-{k} routing, hidden states of the top-{run_k} model (uniform share = {1 / E:.3f}) ==")
+    print(f"\n== expert usage, top-{k} routing, hidden states of the top-{run_k} model "
+          f"(uniform share = {1 / E:.3f}) ==")
     if verbose:
         print(f"{'layer':>5} {'H/logE':>6} {'max':>6} {'min':>6}  shares e0..e{E - 1}")
     usage = []
@@ -83,7 +84,8 @@ def usage_table(masks: list, k: int, run_k: int, verbose: bool) -> list:
 def speculative_table(cfg, blocks, moe_in, moe_out, masks, k: int, run_k: int) -> list:
     """Layer l+1's router on a layer-l state, its top-kp vs layer l+1's actual top-k: recall and precision."""
     E, L = masks[0].shape[-1], len(masks)
-    print(f"\n== speculative routing (top-{run_k} model): layer l+1's router on layer l's state vs its actual top-{k} ==")
+    print(f"\n== speculative routing (top-{run_k} model): layer l+1's router on layer l's state "
+          f"vs its actual top-{k} ==")
     print(f"{'state used':>28} {'predicted':>9} {'recall':>7} {'precision':>9}")
     spec = []
     for name, states in (("input of layer l's MoE", moe_in), ("output of layer l's MoE", moe_out)):

@@ -140,7 +140,8 @@ class _StrictLoader(yaml.SafeLoader):
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=True)
             if key in seen:
-                raise RouterConfigError(f"key '{key}' is set twice (lines {seen[key]} and {key_node.start_mark.line + 1})")
+                line = key_node.start_mark.line + 1
+                raise RouterConfigError(f"key '{key}' is set twice (lines {seen[key]} and {line})")
             seen[key] = key_node.start_mark.line + 1
         return super().construct_mapping(node, deep=deep)
 
