@@ -4,7 +4,7 @@
 
 Builds (or loads) the MoE model of the router config, then on BOS + the first `eval_tokens` tokens of KJV:
   1. ppl of the MoE model for each k in `eval_top_ks` beside the dense model's (k = E must equal dense), with the
-     relative logit error vs dense and top-1 agreement;
+     relative logit error vs dense, top-1 agreement, and the ppl under oracle routing (top-k by activation mass);
   2. router recall on the evaluation text: the router's top-k vs the experts with most activation mass (oracle);
   3. per-layer expert usage under top-`target_top_k` routing: entropy / log E, max and min share;
   4. speculative routing: layer l+1's router on layer l's residual state vs the experts layer l+1 actually picks.
@@ -45,6 +45,25 @@ def nll(logits_TxV: np.ndarray, ids_T: np.ndarray) -> float:
 def topk_np(scores_NxE: np.ndarray, k: int) -> np.ndarray:
     """bool [N, E] of each row's top-k (same tie order as `moe.topk_mask`)."""
     return np.asarray(moe.topk_mask(jnp.asarray(scores_NxE), k))
+
+
+def oracle_forward(cfg, blocks, ids_BxT, top_k: int):
+    """Logits of the MoE model routed by an oracle: each token's top-k experts by their activation mass
+    Σ_n |silu(h·g_n)·(h·u_n)| at the model's own hidden state. Separates the partition's limit from router error."""
+    E = blocks[moe.gate_block_id(0)]["router_b"].shape[-1]
+    B, T = ids_BxT.shape
+    x = Lay.embed_tokens(blocks["embed"], ids_BxT, jnp.float32)
+    kv = jnp.zeros((B, T, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
+    for i in range(cfg.n_layers):
+        x, _, _ = Lay.attention_block(cfg, blocks[f"layers.{i}.attn"], x, kv, kv, 0)
+        gw, ews = blocks[moe.gate_block_id(i)], [blocks[moe.expert_block_id(i, e)] for e in range(E)]
+        h = Lay.rms_norm(x, gw["ffn_norm"], cfg.norm_eps)
+        mass_BxTxE = jnp.stack([jnp.abs(jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])).sum(-1) for w in ews], -1)
+        x = moe.moe_combine(x, h, ews, moe.topk_mask(mass_BxTxE, top_k))
+    return Lay.lm_head(cfg, blocks["final_norm"], blocks["embed"], x)
+
+
+oracle_forward_jit = jax.jit(oracle_forward, static_argnames=("cfg", "top_k"))
 
 
 def routed_masks(cfg, blocks, moe_in: list, k: int) -> list:
@@ -140,7 +159,8 @@ def main(argv=None) -> dict:
     out = {"dense_ppl": math.exp(nll_dense), "eval_tokens": int(len(ids_T) - 1), "n_experts": E, "rows": []}
 
     print(f"\n== ppl on BOS + {len(ids_T) - 1} KJV tokens (dense: {math.exp(nll_dense):.3f}) ==")
-    print(f"{'top_k':>5} {'expert frac':>11} {'ppl':>9} {'ppl/dense':>9} {'rel logit err':>13} {'top1 agree':>10}")
+    print(f"{'top_k':>5} {'expert frac':>11} {'ppl':>9} {'ppl/dense':>9} {'rel logit err':>13} {'top1 agree':>10}"
+          f" {'oracle-routed ppl':>17}")
     collected = {}
     for k in rcfg.eval_top_ks:
         logits, moe_in, moe_out = moe_forward(cfg, blocks, ids, top_k=k, collect=True)
@@ -149,8 +169,11 @@ def main(argv=None) -> dict:
         rel = float(np.linalg.norm(lg - dense_logits) / np.linalg.norm(dense_logits))
         agree = float((lg.argmax(-1) == dense_logits.argmax(-1)).mean())
         ppl = math.exp(nll(lg, ids_T))
-        out["rows"].append({"top_k": k, "ppl": ppl, "rel_logit_err": rel, "top1_agree": agree})
-        print(f"{k:>5} {k / E:>11.3f} {ppl:>9.3f} {ppl / out['dense_ppl']:>9.3f} {rel:>13.2e} {agree:>10.3f}")
+        ppl_oracle = math.exp(nll(np.asarray(oracle_forward_jit(cfg, blocks, ids, top_k=k)[0]), ids_T))
+        out["rows"].append({"top_k": k, "ppl": ppl, "rel_logit_err": rel, "top1_agree": agree,
+                            "ppl_oracle_routing": ppl_oracle})
+        print(f"{k:>5} {k / E:>11.3f} {ppl:>9.3f} {ppl / out['dense_ppl']:>9.3f} {rel:>13.2e} {agree:>10.3f}"
+              f" {ppl_oracle:>17.3f}")
 
     kr = rcfg.target_top_k
     # Router vs oracle on the evaluation text, on the dense model's hidden states (k = E run is the dense model).
