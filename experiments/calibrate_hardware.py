@@ -143,13 +143,17 @@ def real_run(policy: str, budget, out_dir, new_tokens: int = 6) -> tuple[dict, l
 
 def fit_from_runs(runs: list[tuple[dict, list]], shape) -> dict:
     """Machine parameters from measured runs, pooled (never per run or per policy):
-      * host->device bandwidth and latency from every decode-window host->device transition: latency = median
-        duration of the transfers under 64 KiB, bandwidth = Σ bytes / Σ (duration - latency) of the others;
+      * host->device bandwidth and latency as the host sees them, from every decode-window miss (request to usable
+        weights: eviction, hand-off to the engine's worker, the copy, the wake-up): latency = median of the misses
+        under 64 KiB, bandwidth = Σ bytes / Σ (duration - latency) of the others;
       * host seconds per schedule position: median gap between consecutive hit accesses of one pass;
       * device memory bandwidth: bytes a decode pass streams / the measured resident decode step (median of runs),
         with the per-block overhead folded in (a CPU has no kernel launch to separate it from)."""
-    h2d = [(r["bytes"], r["dur_s"]) for _, recs in runs for r in recs
-           if r["event"] == "transition" and r["link"] == "host->device" and r["t"] > 0]
+    h2d = []  # (bytes, seconds from the host's request to usable weights) of every decode-window miss
+    for _, recs in runs:
+        nbytes = {r["block"]: r["bytes"] for r in recs if r["event"] == "transition" and r["link"] == "host->device"}
+        h2d += [(nbytes[r["block"]], r["dur_s"]) for r in recs
+                if r["event"] == "access" and not r["hit"] and r["t"] > 0 and r["block"] in nbytes]
     small = [d for b, d in h2d if b < 65536]
     lat = statistics.median(small) if small else 0.0
     big = [(b, d) for b, d in h2d if b >= 65536]
@@ -202,9 +206,9 @@ def main(argv=None):
     src = {"hbm": f"{r}: decode-pass bytes / measured resident decode step {cal['resident_step_s'] * 1e3:.2f} ms)"
            if cal else f"{m}: least-squares fit of decode block times attn {blk['attn']*1e3:.3f} ms, mlp "
                        f"{blk['mlp']*1e3:.3f} ms, head {blk['head']*1e3:.3f} ms)",
-           "h2d": f"{r}: Σ bytes / Σ (duration - latency) of {cal['transfers']} host->device transfers)" if cal
+           "h2d": f"{r}: Σ bytes / Σ (duration - latency) of {cal['transfers']} misses, host's view)" if cal
            else f"{m}: tiers.link_probe.probe_bandwidths, 16 MiB)",
-           "lat": f"{r}: median duration of transfers under 64 KiB)" if cal else f"{m}: 4 KiB pinned_host->device)",
+           "lat": f"{r}: median request-to-usable time of misses under 64 KiB)" if cal else f"{m}: 4 KiB pinned_host->device)",
            "ovh": f"{r}: folded into the bandwidth above)" if cal else f"{m}: intercept of the block-time fit above)",
            "disp": f"{r}: median gap between consecutive hit accesses, {cal['gaps']} gaps)" if cal
            else f"{m}: host seconds of one async block call)"}

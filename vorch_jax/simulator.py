@@ -369,7 +369,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
     """Simulate `cfg` on `hardware` (a profile, its name or path; default `cfg.hardware`) and write the outputs.
 
     `model_shape`: the block table (default: `model_shapes.model_shape(cfg.model, cfg.dtype)`); `routing`: for an
-    MoE model, [pass][layer] -> expert ids (default: Zipf, seeded by `cfg.seed`). `write_traces=False` writes only
+    MoE model, [pass][layer] -> expert ids (default: Zipf, seeded by `cfg.seed`). `progress(msg)` as in `runner.run`. `write_traces=False` writes only
     `summary.json` (sweeps that need no trace: serialising ~10^5 records costs more than simulating them).
     Returns the summary.
     """
@@ -414,7 +414,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
         ex.run_pass(positions, tokens, context)
         step_s.append(clock.now - t0)
         if progress:
-            progress(j + 1)
+            progress(f"simulated pass {j + 1}/{len(passes)}")
     gen1 = clock.now
     prefill_s, dec = step_s[0], step_s[1:]
     decode_s = sum(dec[1:]) if len(dec) > 1 else sum(dec)  # the first decode step is dropped, as in the runner
