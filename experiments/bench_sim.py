@@ -48,7 +48,8 @@ def main(argv=None):
                 s = simulate(cfg, Path(d) / f"{policy}-{run}", hardware=hw, model_shape=shape, write_traces=False)
                 wall = time.perf_counter() - t0
                 n = args.tokens + 1
-                print(f"{policy:8s} {run:>5s} {wall:7.2f} {n / wall:16.1f} {n * len(shape.pass_positions()) / wall:18.0f} "
+                per_pass = len(shape.pass_positions())
+                print(f"{policy:8s} {run:>5s} {wall:7.2f} {n / wall:16.1f} {n * per_pass / wall:18.0f} "
                       f"{s['decode_tok_s']:15.2f}")
 
 

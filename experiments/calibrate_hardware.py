@@ -208,12 +208,14 @@ def main(argv=None):
                        f"{blk['mlp']*1e3:.3f} ms, head {blk['head']*1e3:.3f} ms)",
            "h2d": f"{r}: Σ bytes / Σ (duration - latency) of {cal['transfers']} misses, host's view)" if cal
            else f"{m}: tiers.link_probe.probe_bandwidths, 16 MiB)",
-           "lat": f"{r}: median request-to-usable time of misses under 64 KiB)" if cal else f"{m}: 4 KiB pinned_host->device)",
+           "lat": f"{r}: median request-to-usable time of misses under 64 KiB)" if cal
+           else f"{m}: 4 KiB pinned_host->device)",
            "ovh": f"{r}: folded into the bandwidth above)" if cal else f"{m}: intercept of the block-time fit above)",
            "disp": f"{r}: median gap between consecutive hit accesses, {cal['gaps']} gaps)" if cal
            else f"{m}: host seconds of one async block call)"}
-    text = f"""# Hardware profile of the machine this repository runs on ({cpu}, {os.cpu_count()} cores, jax {jax.__version__},
-# backend {jax.default_backend()}): the 'device' is the CPU and its memory; pinned_host and device memory are the same DRAM.
+    text = f"""# Hardware profile of the machine this repository runs on ({cpu}, {os.cpu_count()} cores,
+# jax {jax.__version__}, backend {jax.default_backend()}): the 'device' is the CPU and its memory; pinned_host and
+# device memory are the same DRAM.
 # Every number below was {m[:-1]}); rerun the command to refresh. Units: bytes, seconds, bytes/s, FLOP/s.
 name: this-machine
 device: "{jax.devices()[0].device_kind} via jax {jax.default_backend()} ({os.cpu_count()} cores)"

@@ -369,8 +369,9 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
     """Simulate `cfg` on `hardware` (a profile, its name or path; default `cfg.hardware`) and write the outputs.
 
     `model_shape`: the block table (default: `model_shapes.model_shape(cfg.model, cfg.dtype)`); `routing`: for an
-    MoE model, [pass][layer] -> expert ids (default: Zipf, seeded by `cfg.seed`). `progress(msg)` as in `runner.run`. `write_traces=False` writes only
-    `summary.json` (sweeps that need no trace: serialising ~10^5 records costs more than simulating them).
+    MoE model, [pass][layer] -> expert ids (default: Zipf, seeded by `cfg.seed`). `progress(msg)` as in
+    `runner.run`. `write_traces=False` writes only `summary.json` (sweeps that need no trace: serialising ~10^5
+    records costs more than simulating them).
     Returns the summary.
     """
     from .runner import check_out_dir, make_policy
