@@ -4,10 +4,12 @@ Every function returns a `matplotlib.figure.Figure` (save it with `save(fig, pat
 they are safe in scripts, tests and notebooks alike. Trace derivations (states, device bytes, link bytes) are plain
 functions beside the figures that draw them.
 
-Trace conventions (see `vorch_jax.telemetry.trace_records`): `t` is seconds from the start of generation (set-up
-events have t < 0); transition records carry one link each (a multi-hop transition has one record per link, all
-with the same from/to); steps 0..n-1 are prefill and decode, step n (= number of generated tokens) is the quality
-pass. A transition takes effect when it ends (t + dur_s).
+Trace conventions (see `vorch_jax.telemetry.trace_records`): `t` is seconds from the start of generation; set-up
+(registering every block at its home: `source->host` reads) and the initial placement come before, with t < 0.
+The initial placement is taken to start at the first transfer over any other link (`placement_start`). Transition
+records carry one link each (a multi-hop transition has one record per link, all with the same from/to); steps
+0..n-1 are prefill and decode, step n (= number of generated tokens) is the quality pass. A transition takes effect
+when it ends (t + dur_s).
 """
 
 from __future__ import annotations
@@ -68,6 +70,13 @@ def read_trace(path: str | Path) -> list[dict]:
 def block_order(records: Sequence[dict]) -> list[str]:
     """Blocks in the order they first appear (registration follows the model's order)."""
     return list(dict.fromkeys(r["block"] for r in records if r.get("block")))
+
+
+def placement_start(records: Sequence[dict]) -> float:
+    """Trace time of the first transfer that is not a set-up read of the model file (the initial placement's
+    first load); 0.0 when there is none."""
+    times = [r["t"] for r in records if r["event"] in _STATE_EVENTS and r["link"] and r["link"] != "source->host"]
+    return min(min(times), 0.0) if times else 0.0
 
 
 def quality_pass_start(records: Sequence[dict], n_tokens: int | None) -> float:
@@ -145,8 +154,10 @@ def occupancy_series(records: Sequence[dict], state_bytes: Mapping[str, Mapping[
     return np.asarray(times, float), np.asarray(values, float), approximated
 
 
-def link_cumulative(records: Sequence[dict], t_min: float = 0.0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """{link: (end times, cumulative bytes)} for transfers that start at or after `t_min`."""
+def link_cumulative(records: Sequence[dict], t_min: float | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{link: (end times, cumulative bytes)} for transfers that start at or after `t_min` (default: the initial
+    placement's start, so set-up reads of the model file are left out)."""
+    t_min = placement_start(records) if t_min is None else t_min
     per: dict[str, list] = defaultdict(list)
     for r in records:
         if r["event"] in _STATE_EVENTS and r["link"] and r["t"] >= t_min:
@@ -159,12 +170,14 @@ def link_cumulative(records: Sequence[dict], t_min: float = 0.0) -> dict[str, tu
 
 
 def transition_counts_by_phase(records: Sequence[dict], n_tokens: int | None) -> dict[str, Counter]:
-    """{phase: Counter('S3->S0': n)} with phases 'set-up' (t < 0), 'generation' and 'quality pass'.
+    """{phase: Counter('S3->S0': n)}: 'set-up', 'initial placement', 'generation' and 'quality pass'.
 
     A multi-hop transition is counted once (its records share block, start and from/to).
     """
     tq = quality_pass_start(records, n_tokens)
-    seen, out = set(), {"set-up": Counter(), "generation": Counter(), "quality pass": Counter()}
+    tp = placement_start(records)
+    seen = set()
+    out = {"set-up": Counter(), "initial placement": Counter(), "generation": Counter(), "quality pass": Counter()}
     for r in records:
         if r["event"] != "transition":
             continue
@@ -172,7 +185,12 @@ def transition_counts_by_phase(records: Sequence[dict], n_tokens: int | None) ->
         if key in seen:
             continue
         seen.add(key)
-        phase = "set-up" if r["t"] < 0 else ("quality pass" if r["t"] >= tq else "generation")
+        if r["t"] < tp:
+            phase = "set-up"
+        elif r["t"] < 0:
+            phase = "initial placement"
+        else:
+            phase = "quality pass" if r["t"] >= tq else "generation"
         out[phase][f"{r['from']}->{r['to']}"] += 1
     return out
 
@@ -241,7 +259,7 @@ def score_evolution(records: Sequence[dict], title: str = "") -> Figure | None:
 
 
 def action_counts(records: Sequence[dict], n_tokens: int | None = None, title: str = "") -> Figure:
-    """Transitions per from->to, one bar per phase (set-up, generation, quality pass)."""
+    """Transitions per from->to, one bar per phase (set-up, initial placement, generation, quality pass)."""
     by_phase = transition_counts_by_phase(records, n_tokens)
     kinds = sorted({k for c in by_phase.values() for k in c})
     fig = _figure(9, 4.5)
@@ -263,18 +281,24 @@ def action_counts(records: Sequence[dict], n_tokens: int | None = None, title: s
 def device_occupancy(records: Sequence[dict], budget_bytes: int | None,
                      state_bytes: Mapping[str, Mapping[str, int]] | None = None, n_tokens: int | None = None,
                      title: str = "") -> Figure:
-    """Bytes on device after each state change (from t = 0), with the HBM budget as a line."""
+    """Bytes on device after each state change (from the initial placement on), with the HBM budget as a line."""
     sizes = state_bytes if state_bytes is not None else device_bytes_from_trace(records)
     t, v, approx = occupancy_series(records, sizes)
-    keep = t >= 0
+    tp = placement_start(records)
+    keep = t >= tp
     fig = _figure(9, 4.5)
     ax = fig.add_subplot()
-    ax.step(t[keep], v[keep] / MB, where="post", lw=1.0, label="device bytes (reconstructed from transitions)")
+    t_end = max((r["t"] + max(r.get("dur_s") or 0.0, 0.0) for r in records), default=0.0)
+    last = v[keep][-1] if keep.any() else 0.0
+    ax.step(np.r_[tp, t[keep], t_end], np.r_[0.0, v[keep], last] / MB, where="post", lw=1.0,
+            label="device bytes (reconstructed from transitions)")
+    if tp < 0:
+        ax.axvspan(tp, 0.0, color="gold", alpha=0.15, label="initial placement")
     if budget_bytes:
         ax.axhline(budget_bytes / MB, color="red", ls="--", lw=1.0, label=f"HBM budget {budget_bytes / MB:.1f} MB")
     tq = quality_pass_start(records, n_tokens)
     if math.isfinite(tq):
-        ax.axvspan(tq, t.max() if len(t) else tq, color="grey", alpha=0.15, label="quality pass")
+        ax.axvspan(tq, t_end, color="grey", alpha=0.15, label="quality pass")
     ax.set_xlabel("time since generation start (s)")
     ax.set_ylabel("device bytes (MB)")
     note = " (lossy sizes approximated by S0)" if approx else ""
@@ -285,13 +309,15 @@ def device_occupancy(records: Sequence[dict], budget_bytes: int | None,
 
 
 def link_bytes_over_time(records: Sequence[dict], n_tokens: int | None = None, title: str = "") -> Figure:
-    """Cumulative bytes per link from generation start (set-up traffic excluded)."""
-    series = link_cumulative(records, t_min=0.0)
+    """Cumulative bytes per link from the initial placement on (set-up reads of the model file excluded)."""
+    series = link_cumulative(records)
     fig = _figure(9, 4.5)
     ax = fig.add_subplot()
+    t_end = max((r["t"] + max(r.get("dur_s") or 0.0, 0.0) for r in records), default=0.0)
     for link, (t, cum) in series.items():
-        ax.step(t, cum / MB, where="post", label=f"{link} ({cum[-1] / MB:.0f} MB)")
+        ax.step(np.r_[t, t_end], np.r_[cum, cum[-1]] / MB, where="post", label=f"{link} ({cum[-1] / MB:.0f} MB)")
     tq = quality_pass_start(records, n_tokens)
+    ax.axvline(0.0, color="black", ls=":", lw=0.8, label="generation starts")
     if math.isfinite(tq):
         ax.axvline(tq, color="grey", ls=":", label="quality pass starts")
     ax.set_xlabel("time since generation start (s)")
@@ -327,13 +353,18 @@ def belady_ratio(row: Mapping) -> float:
 
 
 def budget_curves(rows: Sequence[Mapping], title: str = "") -> Figure:
-    """Decode tok/s, bytes moved / Belady bytes and perplexity delta against the HBM budget, a line per variant."""
+    """Decode tok/s, bytes moved / Belady bytes, perplexity delta and KL against the HBM budget, a line per variant.
+
+    The KL panel is there because a perplexity delta on a short text can be negative for a lossy run (the
+    perturbation happens to fit the text better); the KL to the resident model cannot.
+    """
     done = _complete(rows)
     panels = (("decode_tok_s", "decode throughput (tokens/s)", lambda r: r["decode_tok_s"]),
               ("belady", "bytes moved / Belady bytes (ratio)", belady_ratio),
-              ("ppl", "perplexity - resident perplexity", ppl_delta))
-    fig = _figure(13, 4.4)
-    axes = fig.subplots(1, 3)
+              ("ppl", "perplexity - resident perplexity", ppl_delta),
+              ("kl", "mean KL(resident || run) per token (nats)", lambda r: r["quality.kl_mean"]))
+    fig = _figure(16, 4.4)
+    axes = fig.subplots(1, 4)
     names = sorted({variant(r) for r in done})
     for ax, (_, ylabel, get) in zip(axes, panels):
         for name in names:
@@ -346,7 +377,8 @@ def budget_curves(rows: Sequence[Mapping], title: str = "") -> Figure:
     axes[1].axhline(1.0, color="black", lw=0.6, ls=":")
     axes[0].set_title("Decode throughput")
     axes[1].set_title("Traffic vs Belady's optimum")
-    axes[2].set_title("Quality loss")
+    axes[2].set_title("Quality: perplexity delta")
+    axes[3].set_title("Quality: KL to the resident model")
     axes[0].legend(fontsize=8)
     fig.suptitle(title or "Budget curves")
     return fig

@@ -130,9 +130,10 @@ def report_run(directory: str | Path) -> Path:
                      "and engine events only).")
     t, v, _ = plots.occupancy_series(records, sizes)
     tq = plots.quality_pass_start(records, n_tokens)
-    gen = v[(t >= 0) & (t < tq)]
+    gen = v[(t >= plots.placement_start(records)) & (t < tq)]
     if len(gen):
-        notes.append(f"Reconstructed peak device bytes during generation: {gen.max() / 1e6:.1f} MB (the summary's "
+        notes.append(f"Reconstructed peak device bytes from the initial placement to the end of generation: "
+                     f"{gen.max() / 1e6:.1f} MB (the summary's "
                      f"sampled peak: {summary['peak_device_bytes'] / 1e6:.1f} MB; budget "
                      f"{summary['hbm_budget_bytes'] / 1e6:.1f} MB).")
     for file, (_, fig) in figures.items():

@@ -422,9 +422,11 @@ def _finish(r: _Running, out_dir: Path) -> str:
     else:
         status = "failed"
         error = _last_line(pdir / "log.txt") or f"exit status {r.proc.returncode}"
-        if summary is not None:
+        if r.proc.returncode < 0:  # e.g. the OOM killer: the log's last line is only where it got to
+            error = f"killed by {signal.Signals(-r.proc.returncode).name}; last output: {error}"
+        elif summary is not None:
             error = f"exit status {r.proc.returncode} after writing its summary: {error}"
-            summary = None
+        summary = None
         (pdir / "error.txt").write_text(error + "\n")
     _write_atomic(pdir / "row.json", json.dumps(_make_row(r.point, status, elapsed, error, summary)))
     return status
@@ -479,8 +481,22 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, resume: bool = False, jobs: 
         lock.close()
 
 
+def _code_version() -> dict:
+    """The git commit the points run (and whether the working tree had changes), when there is a git checkout."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if head.returncode != 0:
+        return {}
+    return {"commit": head.stdout.strip(), "modified": dirty.stdout.split()[1::2]}
+
+
 def _run_locked(sweep: Sweep, out_dir: Path, resume: bool, jobs: int, stream, sweep_arg: str | None) -> int:
-    manifest = {"name": sweep.name, "sweep_file": str(sweep.path) if sweep.path else None,
+    manifest = {"name": sweep.name, "sweep_file": str(sweep.path) if sweep.path else None, "code": _code_version(),
                 "points": [{"id": p.id, "overrides": dict(p.overrides)} for p in sweep.points]}
     _write_atomic(out_dir / "sweep.json", json.dumps(manifest, indent=2))
     todo = []
