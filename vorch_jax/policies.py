@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from vorch_jax.tiers.state import State
+
 
 @dataclasses.dataclass(frozen=True)
 class PolicyContext:
@@ -33,6 +35,8 @@ class PolicyContext:
     prefetch_depth: int
     protected: frozenset = frozenset()
     future: tuple[str, ...] = ()  # the recorded access stream; only the Belady oracle reads it
+    forced: dict = dataclasses.field(default_factory=dict)  # block -> on-device State a placement rule fixes
+    state_bytes: dict | None = None  # block -> {State: device bytes}; None: only S0 (device_bytes)
 
 
 class Policy:
@@ -58,10 +62,14 @@ class Policy:
         raise NotImplementedError
 
     def device_state(self, block: str):
-        """The on-device state a block is loaded into (lossless S0 unless a policy plans a lossy state)."""
-        from vorch_jax.tiers.state import State
+        """The on-device state a block is loaded into: the one a placement rule fixes, else lossless S0."""
+        return self.ctx.forced.get(block, State.S0)
 
-        return State.S0
+    def held_bytes(self, block: str) -> int:
+        """Device bytes of `block` in the state this policy loads it into."""
+        if self.ctx.state_bytes is None:
+            return self.ctx.device_bytes[block]
+        return self.ctx.state_bytes[block][self.device_state(block)]
 
     def tick(self, t: int):
         return None
@@ -95,8 +103,8 @@ class StaticPolicy(Policy):
         slots = self.prefetch_depth + 1  # blocks that must fit at once while streaming
         for n in range(len(order), -1, -1):
             kept, streamed = order[:n], order[n:]
-            stream_room = sum(sorted((self.ctx.device_bytes[b] for b in set(streamed)), reverse=True)[:slots])
-            if sum(self.ctx.device_bytes[b] for b in kept) + stream_room <= self.ctx.budget_bytes:
+            stream_room = sum(sorted((self.held_bytes(b) for b in set(streamed)), reverse=True)[:slots])
+            if sum(self.held_bytes(b) for b in kept) + stream_room <= self.ctx.budget_bytes:
                 return kept
         return []
 

@@ -108,6 +108,7 @@ class Setup:
     placement: dict
     kinds: dict
     state_bytes: dict  # block -> {State: device bytes}, from the conversions' shapes
+    forced: dict  # block -> on-device State fixed by a placement rule
     schedule: list
     prompt_ids: list
     eval_ids: list
@@ -132,19 +133,28 @@ def prepare(cfg: RunConfig) -> Setup:
     hbm = parse_budget(cfg.hbm_budget, model_bytes)
     dram = parse_budget(cfg.dram_budget, model_bytes)
     placement = resolve_placement(cfg.placement, ids)
-    protected = frozenset(b for b, p in placement.items() if p.protect or p.state == "S0")
+    # A rule that fixes an on-device state pins the block there in that state; `protect` pins it in S0 (or its state).
+    forced = {b: State.parse(p.state) for b, p in placement.items() if p.state in ("S0", "S1", "S2", "S6")}
+    protected = frozenset(b for b, p in placement.items() if p.protect) | frozenset(forced)
     if cfg.policy == "resident":
         protected = frozenset(ids)
-    need = sum(device_bytes[b] for b in protected)
+    kinds = {b: block_kind_layer(mcfg, b)[0] for b in ids}
+    state_bytes = {}
+    for b in ids:
+        shapes = source.block_shapes(b)
+        state_bytes[b] = {s: footprint.state_bytes(shapes, s, int4_group_size=cfg.quant.int4_group_size,
+                                                   lowrank_rank=cfg.quant.lowrank_rank)
+                          for s in (State.S0, State.S1, State.S2, State.S6)}
+    need = sum(state_bytes[b][forced.get(b, State.S0)] for b in protected)
     if need > hbm:
         raise RunError(f"hbm_budget of {hbm} bytes is below the {need} bytes of the blocks that must stay on device "
                        f"({len(protected)} protected or pinned blocks)")
     schedule = dense_schedule(mcfg.n_layers)
     homes, used = {}, 0
     for b in dict.fromkeys(schedule):  # DRAM filled in schedule order; what does not fit spills to NVMe
-        forced = placement[b].state
-        if forced in ("S3", "S4"):
-            homes[b] = State.parse(forced)
+        ruled = placement[b].state
+        if ruled in ("S3", "S4"):
+            homes[b] = State.parse(ruled)
         elif used + device_bytes[b] <= dram:
             homes[b] = State.S3
         else:
@@ -155,15 +165,8 @@ def prepare(cfg: RunConfig) -> Setup:
     if not prompt_ids:
         raise RunError("the prompt is empty")
     eval_ids = [bos_id(tok)] + text_ids[: cfg.eval_tokens]
-    kinds = {b: block_kind_layer(mcfg, b)[0] for b in ids}
-    state_bytes = {}
-    for b in ids:
-        shapes = source.block_shapes(b)
-        state_bytes[b] = {s: footprint.state_bytes(shapes, s, int4_group_size=cfg.quant.int4_group_size,
-                                                   lowrank_rank=cfg.quant.lowrank_rank)
-                          for s in (State.S0, State.S1, State.S2, State.S6)}
     return Setup(cfg, source, tok, mcfg, ids, device_bytes, layer_of, model_bytes, hbm, dram, homes, protected,
-                 placement, kinds, state_bytes, schedule, [bos_id(tok)] + prompt_ids, eval_ids)
+                 placement, kinds, state_bytes, forced, schedule, [bos_id(tok)] + prompt_ids, eval_ids)
 
 
 def compile_on_zeros(mcfg, device_bytes_shapes: dict, seq_lens, max_len: int, dtype):
@@ -287,7 +290,8 @@ def policy_context(cfg: RunConfig, setup: Setup) -> PolicyContext:
     return PolicyContext(block_ids=tuple(setup.block_ids), device_bytes=setup.device_bytes,
                          budget_bytes=setup.hbm_budget, schedule=tuple(setup.schedule),
                          prefetch_depth=cfg.prefetch_depth, protected=setup.protected,
-                         future=tuple(future_stream(setup.schedule, passes + 1)))
+                         future=tuple(future_stream(setup.schedule, passes + 1)), forced=setup.forced,
+                         state_bytes=setup.state_bytes)
 
 
 def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Reference, say):

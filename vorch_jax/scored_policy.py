@@ -67,8 +67,13 @@ class ScoredPolicy(Policy):
             allowed[:, [sid.S1, sid.S2, sid.S6]] = True
         for i, b in enumerate(self.ids):
             allowed[i, int(homes[b])] = True  # a block leaves the device only for its home
+        for i, b in enumerate(self.ids):
+            if b in ctx.forced:  # a rule fixed this block's on-device state: no other device state (it is
+                allowed[i, [sid.S0, sid.S1, sid.S2, sid.S6]] = False  # protected, so it never stays home)
+                allowed[i, int(ctx.forced[b])] = True
         protected = [b in ctx.protected for b in self.ids]
-        floor = [State.parse(placement[b].floor).value if placement[b].floor else (sid.S0 if p else sid.S6)
+        floor = [int(ctx.forced[b]) if b in ctx.forced else
+                 State.parse(placement[b].floor).value if placement[b].floor else (sid.S0 if p else sid.S6)
                  for b, p in zip(self.ids, protected)]
         kappa = [placement[b].kappa if placement[b].kappa is not None else (1.0 if p else 0.5)
                  for b, p in zip(self.ids, protected)]
@@ -90,6 +95,7 @@ class ScoredPolicy(Policy):
             psi=[(psi or {}).get(b, 0.0) for b in self.ids], delta=delta_B7, tau=tau,
             host_bytes=[s0[i] if homes[b] == State.S3 else 0.0 for i, b in enumerate(self.ids)], names=self.ids,
         )
+        self.targets: dict[str, State] = {}
         self.plan_budget = self._plan_budget()
         try:
             check_budget(self.table, self.plan_budget)
@@ -115,7 +121,7 @@ class ScoredPolicy(Policy):
         """The HBM budget less a streaming reserve: room for the `prefetch_depth + 1` largest unprotected blocks."""
         free = sorted((self.ctx.device_bytes[b] for b in self.ids if b not in self.ctx.protected), reverse=True)
         reserve = sum(free[: self.prefetch_depth + 1])
-        protected = sum(self.state_bytes[b][State.S0] for b in self.ctx.protected)
+        protected = sum(self.held_bytes(b) for b in self.ctx.protected)
         # A tight budget shrinks the reserve (fewer blocks in flight at once) before it starves the protected set;
         # if not even the largest streamed block fits beside the protected set, check_fits says so.
         reserve = min(reserve, max(self.ctx.budget_bytes - protected, 0))
@@ -146,7 +152,7 @@ class ScoredPolicy(Policy):
         return [b for b in self.ids if self.targets[b].on_device]
 
     def device_state(self, block):
-        s = self.targets.get(block, State.S0)
+        s = self.targets.get(block, self.ctx.forced.get(block, State.S0))
         return s if s.on_device else State.S0
 
     def on_access(self, t, block):

@@ -23,7 +23,7 @@ from vorch_jax.config import (
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"
 # Sub-folders with their own schema (sweep grids, hardware profiles) belong to their owners' tests.
-OTHER_SCHEMAS = ("sweeps", "hardware")
+OTHER_SCHEMAS = ("sweeps", "hardware", "moe")
 
 
 def _run_configs() -> list[Path]:
