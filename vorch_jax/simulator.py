@@ -48,6 +48,7 @@ from .model_shapes import ModelShape, model_shape as get_model_shape
 from .policies import PolicyContext
 
 PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
+ON_DEVICE_RULE_STATES = ("S0", "S1", "S2", "S6")
 LOWBIT = {State.S1: "int8", State.S2: "int4"}
 
 
@@ -297,7 +298,8 @@ def zipf_routing(shape: ModelShape, passes: int, *, exponent: float = 1.0, seed:
 # ----------------------------------------------------------------------------------------------------- simulate
 def _placement_and_homes(cfg: RunConfig, shape: ModelShape, hbm: int, dram: int, schedule_blocks):
     placement = resolve_placement(cfg.placement, list(shape.block_ids))
-    protected = frozenset(b for b, p in placement.items() if p.protect or p.state == "S0")
+    # As runner.prepare: a rule fixing an on-device state pins the block; `protect` pins it too.
+    protected = frozenset(b for b, p in placement.items() if p.protect or p.state in ON_DEVICE_RULE_STATES)
     if cfg.policy == "resident":
         protected = frozenset(shape.block_ids)
     need = sum(shape.device_bytes[b] for b in protected)
@@ -393,9 +395,15 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
               ["final_norm", shape.head_block()]
     else:
         one = [b for b, _ in passes[0]]
+    fields = {f.name for f in dataclasses.fields(PolicyContext)}
+    newer = {}  # PolicyContext fields that are being added (placement-forced states, per-state bytes)
+    if "forced" in fields:
+        newer["forced"] = {b: State.parse(p.state) for b, p in placement.items() if p.state in ON_DEVICE_RULE_STATES}
+    if "state_bytes" in fields:
+        newer["state_bytes"] = state_bytes
     ctx = PolicyContext(block_ids=tuple(shape.block_ids), device_bytes=dict(shape.device_bytes), budget_bytes=hbm,
                         schedule=tuple(one), prefetch_depth=cfg.prefetch_depth, protected=protected,
-                        future=tuple(stream))
+                        future=tuple(stream), **newer)
     extras = _scored_extras(cfg, shape, hw, state_bytes, homes, placement) if cfg.policy == "scored" else None
     policy = make_policy(cfg, ctx, extras)
     check_fits(policy, shape.device_bytes, hbm, state_bytes)
