@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import inspect
 import time
 from pathlib import Path
 
@@ -48,6 +49,10 @@ from .model_shapes import ModelShape, model_shape as get_model_shape
 from .policies import PolicyContext
 
 PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
+# The executor and the event record are gaining a `reason` per transition; follow whichever version is installed.
+_EVENT_HAS_REASON = "reason" in {f.name for f in dataclasses.fields(Event)}
+_LOAD_TAKES_REASON = "reason" in inspect.signature(Executor._load).parameters
+_APPLY_TAKES_REASONS = "reasons" in inspect.signature(Executor.apply_targets).parameters
 ON_DEVICE_RULE_STATES = ("S0", "S1", "S2", "S6")
 LOWBIT = {State.S1: "int8", State.S2: "int4"}
 
@@ -96,7 +101,10 @@ class SimEngine:
             return hw.nvme_write_bytes_per_s, hw.nvme_latency_s
         raise AssertionError(link)
 
-    def request(self, block: str, target) -> _Handle:
+    def _event(self, *args, reason: str = "", **kw) -> None:
+        self.events.append(Event(*args, **kw, **({"reason": reason} if _EVENT_HAS_REASON else {})))
+
+    def request(self, block: str, target, reason: str = "") -> _Handle:
         dst = State.parse(target)
         self._settle(block)
         if block in self.pending:
@@ -106,7 +114,7 @@ class SimEngine:
         if src == dst:
             return _Handle(block, src, dst, now)
         if not dst.on_device:  # back to the kept home copy: free, no traffic
-            self.events.append(Event("transition", block, src, dst, now, now, {}, "device copy dropped; home kept"))
+            self._event("transition", block, src, dst, now, now, {}, "device copy dropped; home kept", reason=reason)
             self._set(block, _Rep(dst, 0))
             return _Handle(block, src, dst, now)
         start = self.homes[block] if src.on_device else src  # lossy/other device states route from the home
@@ -123,7 +131,8 @@ class SimEngine:
             self.link_free[hop.link] = t
             first = begin if first is None else first
             link_bytes[hop.link] = link_bytes.get(hop.link, 0) + s0
-        self.events.append(Event("transition", block, start, dst, first if first is not None else now, t, link_bytes))
+        self._event("transition", block, start, dst, first if first is not None else now, t, link_bytes,
+                    reason=reason)
         h = _Handle(block, src, dst, t)
         self.pending[block] = h
         return h
@@ -228,7 +237,7 @@ class SimExecutor(Executor):
             self.counters.misses += 1
             self._make_room(block, self._bytes(block, self.policy.device_state(block)), strict=True,
                             keep=self._window())
-            self._load(block)
+            self._load(block, "miss") if _LOAD_TAKES_REASON else self._load(block)
         self.engine.wait(block)
         if block in self.inflight:
             self.inflight.pop(block)
@@ -245,7 +254,10 @@ class SimExecutor(Executor):
         self.counters.controller_s += spent
         self.clock.now += spent
         if targets:
-            self.apply_targets(targets)
+            if _APPLY_TAKES_REASONS:
+                self.apply_targets(targets, getattr(self.policy, "reasons", None))
+            else:
+                self.apply_targets(targets)
 
     def run_pass(self, positions: list[tuple[str, str]], tokens: int, context: int) -> None:
         """One forward pass: ensure; prefetch; compute (async on the stream); tick after every N-th layer's FFN."""
@@ -296,13 +308,14 @@ def zipf_routing(shape: ModelShape, passes: int, *, exponent: float = 1.0, seed:
 
 
 # ----------------------------------------------------------------------------------------------------- simulate
-def _placement_and_homes(cfg: RunConfig, shape: ModelShape, hbm: int, dram: int, schedule_blocks):
+def _placement_and_homes(cfg: RunConfig, shape: ModelShape, hbm: int, dram: int, schedule_blocks, state_bytes):
     placement = resolve_placement(cfg.placement, list(shape.block_ids))
     # As runner.prepare: a rule fixing an on-device state pins the block; `protect` pins it too.
     protected = frozenset(b for b, p in placement.items() if p.protect or p.state in ON_DEVICE_RULE_STATES)
     if cfg.policy == "resident":
         protected = frozenset(shape.block_ids)
-    need = sum(shape.device_bytes[b] for b in protected)
+    need = sum(state_bytes[b][State.parse(placement[b].state)] if placement[b].state in ON_DEVICE_RULE_STATES
+               else state_bytes[b][State.S0] for b in protected)
     if need > hbm:
         raise BudgetError(f"hbm_budget of {hbm} bytes is below the {need} bytes of the blocks that must stay on device "
                           f"({len(protected)} protected or pinned blocks) of {shape.name}")
@@ -388,8 +401,8 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
     passes = _passes(shape, cfg, routing)
     stream = [b for p in passes for b, _ in p]
     cyclic = not shape.n_experts
-    placement, protected, homes = _placement_and_homes(cfg, shape, hbm, dram, stream)
     state_bytes = _state_bytes(shape, cfg)
+    placement, protected, homes = _placement_and_homes(cfg, shape, hbm, dram, stream, state_bytes)
     if shape.n_experts:  # one pass touching every block in layer order: what static fills from
         one = ["embed"] + [b for b in shape.block_ids if b not in ("embed", "final_norm", "lm_head")] + \
               ["final_norm", shape.head_block()]
@@ -413,9 +426,10 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
                      tick_every_n_layers=cfg.tick_every_n_layers, budget_bytes=hbm, homes=homes,
                      state_bytes=state_bytes)
     wall0 = time.perf_counter()
-    ex.place_initial()
+    place0 = clock.now
+    ex.place_initial()  # traffic counted from a cold device, as the real runner does; timed apart (t < 0 in traces)
+    gen0 = clock.now
     n_acc0 = len(ex.accesses)
-    gen0 = 0.0  # traffic counted from a cold device, as the real runner does
     step_s, P = [], cfg.prompt_tokens + 1  # the real runner prepends BOS
     for j, positions in enumerate(passes):
         t0 = clock.now
@@ -429,16 +443,18 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
     decode_s = sum(dec[1:]) if len(dec) > 1 else sum(dec)  # the first decode step is dropped, as in the runner
     decode_n = max(1, len(dec) - 1) if len(dec) > 1 else len(dec)
     events = engine.events.snapshot()
-    gen_events = T.window(events, gen0, gen1 + 1e-12)
+    end = gen1 + 1e-9  # window() is half-open; the last drop happens at gen1
+    gen_events = T.window(events, gen0, end)
     gen_stream = [a.block for a in ex.accesses[n_acc0:]]
-    moved = T.link_bytes(gen_events)
+    moved = T.link_bytes(T.window(events, place0, end))
     loads = moved.get("host->device", 0)
     used_bytes = {b: state_bytes[b][policy.device_state(b)] for b in shape.block_ids}
-    bel = belady_bytes(gen_stream, used_bytes, hbm, [], pinned=frozenset())
+    bel = belady_bytes(gen_stream, used_bytes, hbm, [], pinned=protected)  # same guardrails, cold start (runner)
     resident_step = _resident_step_s(hw, shape, passes, P, state_bytes)
     h2d = hw.host_to_device.bandwidth_bytes_per_s
-    floor_s = max(resident_step, loads / max(1, cfg.new_tokens) / h2d)
-    h2d_s = T.link_seconds(gen_events, "host->device")
+    decode_bytes = T.link_bytes(T.window(events, gen0 + prefill_s, end)).get("host->device", 0)
+    floor_s = max(resident_step, decode_bytes / max(1, len(dec)) / h2d)
+    link_gbps = {"host->device": h2d / 1e9, "nvme->host": hw.nvme_read_bytes_per_s / 1e9}
     summary = {
         "complete": True,
         "simulated": True,
@@ -461,7 +477,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
         "floor_step_s": floor_s,
         "wall_s": gen1 - gen0,
         "stall_s": T.stall_seconds(gen_events),
-        "transfer_s": h2d_s + T.link_seconds(gen_events, "nvme->host"),
+        "transfer_s": T.link_seconds(gen_events, "host->device") + T.link_seconds(gen_events, "nvme->host"),
         "controller_s": ex.counters.controller_s,
         "peak_device_bytes": ex.counters.peak_device_bytes,
         "link_bytes": moved,
@@ -475,7 +491,8 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
         "quality": {"simulated": True, "note": "quality is not simulated",
                     "psi_estimate": None, "psi_note": f"none: no ψ calibration exists for {shape.name}"},
         "quality_pass_link_bytes": None,
-        "host_to_device_gbps": loads / h2d_s / 1e9 if h2d_s > 0 else None,
+        "link_gbps": link_gbps,  # the profile's (the real runner reports the probe's)
+        "initial_placement_s": gen0 - place0,
         "backend": "sim",
         "sim_wall_s": time.perf_counter() - wall0,
     }
