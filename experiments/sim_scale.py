@@ -8,9 +8,10 @@ Budgets are given two ways, and the table says which: `frac` = a fraction 0.3 / 
 Policies static, lru, scored, belady; `--tokens` decode tokens after a 16-token prompt (prefill is one pass).
 Mixtral replays a Zipf(1.0) routing trace over each layer's 8 experts, top-2, seeded (`simulator.zipf_routing`).
 
-Columns: decode tok/s; GB moved host->device per generated token (prefill and the initial fill included, as in the
-real runner's `bytes_moved`); that traffic over the Belady oracle's for the same stream and budget; the floor
-`bytes per token / link bandwidth` beside the simulated ms per token; stall share of the run.
+Columns: decode tok/s; GB moved host->device per decode step (decode window only); the run's whole traffic (initial
+fill and prefill included, the real runner's `bytes_moved`) over the Belady oracle's for the same stream, budget and
+guardrails; the floor `decode bytes per step / link bandwidth` beside the simulated ms per decode step; the stall
+share of the run.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def main(argv=None):
     t_all = time.perf_counter()
     print(f"profile {hw.name}: HBM {hw.hbm_capacity_bytes / 1e9:.0f} GB at {hw.hbm_bandwidth_bytes_per_s / 1e12:.2f} "
           f"TB/s, host->device {bw / 1e9:.1f} GB/s; {args.tokens} decode tokens after a 16-token prompt")
-    hdr = (f"{'model':13s} {'budget':>12s} {'policy':7s} {'tok/s':>7s} {'GB/tok':>7s} {'/belady':>7s} "
+    hdr = (f"{'model':13s} {'budget':>17s} {'policy':7s} {'tok/s':>7s} {'GB/tok':>7s} {'/belady':>7s} "
            f"{'floor ms/tok':>12s} {'sim ms/tok':>10s} {'stall%':>6s}")
     with tempfile.TemporaryDirectory() as d:
         for name in args.models.split(","):
@@ -74,17 +75,16 @@ def main(argv=None):
             print(hdr)
             for kind, budget in budgets():
                 gb = (budget * shape.model_bytes if kind == "frac" else float(budget[:-2]) * 1e9) / 1e9
-                label = f"{kind} {budget if kind == 'frac' else ''}{gb:.0f}GB".replace("frac 0", "frac 0")
-                label = f"{kind} {gb:5.1f}GB" if kind == "abs" else f"{budget:.1f}={gb:5.1f}GB"
+                label = f"abs {gb:5.1f}GB" if kind == "abs" else f"frac {budget:.1f}={gb:5.1f}GB"
                 for policy in POLICIES:
                     s = run_one(name, budget, policy, args.tokens, hw, Path(d) / f"{name}-{kind}-{budget}-{policy}",
                                 routing)
                     if isinstance(s, str):
-                        print(f"{name:13s} {label:>12s} {policy:7s}  -- {s[:90]}")
+                        print(f"{name:13s} {label:>17s} {policy:7s}  -- {s[:90]}")
                         continue
-                    per_tok = s["bytes_moved"] / (args.tokens + 1)
+                    per_tok = s["decode_h2d_bytes_per_step"]
                     ratio = s["bytes_moved"] / s["belady_bytes"] if s["belady_bytes"] else float("nan")
-                    print(f"{name:13s} {label:>12s} {policy:7s} {s['decode_tok_s']:7.2f} {per_tok / 1e9:7.1f} "
+                    print(f"{name:13s} {label:>17s} {policy:7s} {s['decode_tok_s']:7.2f} {per_tok / 1e9:7.1f} "
                           f"{ratio:7.2f} {per_tok / bw * 1e3:12.1f} {s['decode_step_s'] * 1e3:10.1f} "
                           f"{100 * s['stall_s'] / s['wall_s']:6.0f}")
     print(f"\n(wall {time.perf_counter() - t_all:.1f} s)")

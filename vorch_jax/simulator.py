@@ -493,6 +493,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
         "quality_pass_link_bytes": None,
         "link_gbps": link_gbps,  # the profile's (the real runner reports the probe's)
         "initial_placement_s": gen0 - place0,
+        "decode_h2d_bytes_per_step": decode_bytes / max(1, len(dec)),  # sim only: the floor's numerator
         "backend": "sim",
         "sim_wall_s": time.perf_counter() - wall0,
     }
