@@ -53,8 +53,9 @@ class Transition:
     """Future-like handle of one requested transition. `.result()` returns the target state or raises the
     worker's exception; `.cancel()` succeeds only while the transition is still queued."""
 
-    def __init__(self, block_id: str, src: State, dst: State, future: cf.Future):
+    def __init__(self, block_id: str, src: State, dst: State, future: cf.Future, reason: str = ""):
         self.block_id, self.src, self.dst = block_id, src, dst
+        self.reason = reason
         self.requested_at = time.perf_counter()
         self._future = future
 
@@ -139,8 +140,9 @@ class MovementEngine:
         with self._lock:
             self._entries[block_id] = _Entry(rep)
 
-    def request(self, block_id: str, target) -> Transition:
-        """Start moving `block_id` to `target` asynchronously; the block reads S5 until it lands."""
+    def request(self, block_id: str, target, reason: str = "") -> Transition:
+        """Start moving `block_id` to `target` asynchronously; the block reads S5 until it lands. `reason` is
+        recorded on the transition's event (the runtime says why it asked: miss, prefetch, plan:SCORE, ...)."""
         dst = State.parse(target)
         if dst == State.S5:
             raise UnknownStateError("S5 (in flight) is not a target: request S0, S1, S2, S3, S4 or S6")
@@ -159,9 +161,9 @@ class MovementEngine:
                 done.set_result(dst)
                 return Transition(block_id, src, dst, done)
             if entry.home is not None and dst == entry.home.state:
-                return self._drop_to_home(block_id, entry)
+                return self._drop_to_home(block_id, entry, reason)
             future: cf.Future = cf.Future()  # placeholder so the handle exists before the worker may start
-            transition = Transition(block_id, src, dst, future)
+            transition = Transition(block_id, src, dst, future, reason)
             entry.pending = transition
             transition._future = self._pool.submit(self._run, block_id, entry, transition)
             transition._future.add_done_callback(lambda f, t=transition: self._on_done(t))
@@ -273,14 +275,14 @@ class MovementEngine:
             self.events.append(Event("cancelled", transition.block_id, transition.src, transition.dst,
                                       transition.requested_at, time.perf_counter()))
 
-    def _drop_to_home(self, block_id: str, entry: _Entry) -> Transition:
+    def _drop_to_home(self, block_id: str, entry: _Entry, reason: str = "") -> Transition:
         """Free the device copy and fall back to the kept home copy: no bytes move (called under the lock)."""
         t0 = time.perf_counter()
         dropped, src = entry.rep, entry.rep.state
         entry.rep, entry.home = entry.home, None
         dropped.free()
         self.events.append(Event("transition", block_id, src, entry.rep.state, t0, time.perf_counter(), {},
-                                 "device copy dropped; home copy kept"))
+                                 "device copy dropped; home copy kept", reason))
         done = cf.Future()
         done.set_result(entry.rep.state)
         return Transition(block_id, src, entry.rep.state, done)
@@ -290,7 +292,7 @@ class MovementEngine:
         # A lossy device copy with a home: start from the home's lossless bytes, not from the model file.
         start = entry.home if (entry.home is not None and not src.lossless) else origin
         try:
-            new = self._execute(block_id, start, start.state, transition.dst)
+            new = self._execute(block_id, start, start.state, transition.dst, transition.reason)
         except BaseException:
             with self._lock:
                 entry.pending = None
@@ -310,7 +312,7 @@ class MovementEngine:
             old_home.free()
         return transition.dst
 
-    def _execute(self, block_id: str, origin, src: State | None, dst: State):
+    def _execute(self, block_id: str, origin, src: State | None, dst: State, reason: str = ""):
         """Run the route src -> dst hop by hop; return the landed representation. `origin` is never freed here;
         intermediates are. Records one `transition` event, or an `error` event and re-raises."""
         t0 = time.perf_counter()
@@ -326,9 +328,10 @@ class MovementEngine:
             if cur is not origin and cur is not None:
                 cur.free()
             self.events.append(Event("error", block_id, src, dst, t0, time.perf_counter(), link_bytes,
-                                     f"{type(e).__name__}: {e}"))
+                                     f"{type(e).__name__}: {e}", reason))
             raise
-        self.events.append(Event("transition", block_id, src, dst, t0, time.perf_counter(), link_bytes))
+        self.events.append(Event("transition", block_id, src, dst, t0, time.perf_counter(), link_bytes,
+                                 reason=reason))
         return cur
 
     def _hop(self, block_id: str, cur, hop: Hop, link_bytes: dict[str, int]):

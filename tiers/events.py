@@ -26,6 +26,7 @@ class Event:
     end: float
     link_bytes: Mapping[str, int] = dataclasses.field(default_factory=lambda: types.MappingProxyType({}))
     detail: str = ""               # error / recovery message (names the block and leaf)
+    reason: str = ""               # why the caller asked for it (miss, prefetch, plan:SCORE, evict, ...)
 
     def __post_init__(self):
         if self.kind not in KINDS:

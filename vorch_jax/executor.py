@@ -98,7 +98,7 @@ class Executor:
                     raise BudgetError(f"pinned block '{b}' does not fit in the HBM budget")
                 continue
             used += need
-            self._load(b)
+            self._load(b, "placement")
         for b in list(self.on_device):
             self.engine.wait(b)
         self._sample_peak()
@@ -147,7 +147,7 @@ class Executor:
             self.counters.misses += 1
             self._make_room(block, self._bytes(block, self.policy.device_state(block)), strict=True,
                             keep=self._window())
-            self._load(block)
+            self._load(block, "miss")
         w = self.engine.wait(block)  # records a stall event only when it had to wait
         if block in self.inflight:
             self.inflight.pop(block)
@@ -170,7 +170,7 @@ class Executor:
             horizon = {self.schedule[(self.t + k) % n] for k in range(0, j + 1)}
             if not self._make_room(u, self._bytes(u, self.policy.device_state(u)), strict=False, keep=horizon):
                 return
-            self._load(u)
+            self._load(u, "prefetch")
             self.prefetched.add(u)
             self.counters.prefetch_issued += 1
 
@@ -179,14 +179,16 @@ class Executor:
         targets = self.policy.tick(self.t)
         self.counters.controller_s += time.perf_counter() - t0
         if targets:
-            self.apply_targets(targets)
+            self.apply_targets(targets, getattr(self.policy, "reasons", None))
 
-    def apply_targets(self, targets: dict):
-        """Carry out a policy's target states: evict what should leave, load (as prefetch) what should come."""
+    def apply_targets(self, targets: dict, reasons: dict | None = None):
+        """Carry out a policy's target states: evict what should leave, load (as prefetch) what should come.
+        `reasons`: the controller's reason per block (SCORE, BUDGET, PREFETCH, ...), recorded on each transition."""
+        why = {b: f"plan:{(reasons or {}).get(b, 'SCORE')}" for b in targets}
         for b, s in targets.items():
             s = State(int(s))
             if not s.on_device and b in self.on_device and b not in self.inflight:
-                self._evict(b)
+                self._evict(b, why[b])
         keep = set(targets_on(targets)) | self._window()
         for b, s in targets.items():
             s = State(int(s))
@@ -196,10 +198,10 @@ class Executor:
                 grow = self._bytes(b, s) - self.on_device[b]  # an on-device conversion (e.g. S0 -> S2)
                 if grow <= 0 or self._make_room(b, grow, strict=False, keep=keep):
                     self.on_device[b] = max(self.on_device[b], self._bytes(b, s))
-                    self.inflight[b] = self.engine.request(b, s)
+                    self.inflight[b] = self.engine.request(b, s, why[b])
             elif b not in self.on_device:
                 if self._make_room(b, self._bytes(b, s), strict=False, keep=keep):
-                    self._load(b)
+                    self._load(b, why[b])
                     self.prefetched.add(b)
                     self.counters.prefetch_issued += 1
 
@@ -212,19 +214,19 @@ class Executor:
         n = len(self.schedule)
         return {self.schedule[(self.t + k) % n] for k in range(self.policy.prefetch_depth + 1)}
 
-    def _load(self, block: str):
+    def _load(self, block: str, reason: str):
         state = self.policy.device_state(block)
         self.on_device[block] = self._bytes(block, state)
-        self.inflight[block] = self.engine.request(block, state)
+        self.inflight[block] = self.engine.request(block, state, reason)
 
-    def _evict(self, block: str):
+    def _evict(self, block: str, reason: str):
         if block in self.prefetched:  # loaded ahead and never used: wasted
             self.prefetched.discard(block)
             self.counters.prefetch_wasted_bytes += self.device_bytes[block]
         if block in self.inflight:
             self.engine.wait(block)
             self.inflight.pop(block, None)
-        self.engine.request(block, self.homes[block]).result()  # with a kept home copy: a free drop
+        self.engine.request(block, self.homes[block], reason).result()  # with a kept home copy: a free drop
         self.on_device.pop(block, None)
 
     def _make_room(self, block: str, need: int, *, strict: bool, keep=frozenset()) -> bool:
@@ -256,7 +258,7 @@ class Executor:
                                   f"only {freed}")
             return False
         for v in victims:
-            self._evict(v)
+            self._evict(v, f"evict:{'miss' if strict else 'prefetch'}")
         return True
 
     def _next_use(self, block: str) -> int:

@@ -372,6 +372,8 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Refe
         "prefetch": {"issued": gen_counters.prefetch_issued, "useful": gen_counters.prefetch_useful,
                      "wasted_bytes": gen_counters.prefetch_wasted_bytes},
         "transitions": T.transition_counts(gen_events),
+        "transition_reasons": T.transition_reasons(gen_events),
+        "controller_decisions": dict(getattr(policy, "decisions", {})),
         "quality": quality(run_logits, reference.logits, setup.eval_ids),
         "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
         "link_gbps": {k: v / 1e9 for k, v in link_bw.items()},

@@ -28,7 +28,7 @@ from vorch_jax import state_ids as sid
 from vorch_jax.access_stats import update_rho
 from vorch_jax.block_table import BlockTable
 from vorch_jax.score import ScoreWeights
-from vorch_jax.state_update import TickParams, check_budget, commit, tick
+from vorch_jax.state_update import REASON_NAMES, TickParams, check_budget, commit, tick
 from vorch_jax.tiers.state import State
 
 from .executor import BudgetError
@@ -41,8 +41,8 @@ RHO_DECAY_PER_PASS = 0.9  # ρ forgets 10% per forward pass; per tick it decays 
 def _observe_and_tick(table, accessed_N, rho_decay, budget, weights, params):
     """One dispatch per tick: fold the accesses into ρ, decide targets, commit them (dwell counters)."""
     table = table.replace(rho=update_rho(table.rho, accessed_N, rho_decay))
-    target, _, _ = tick(table, budget, weights, params)
-    return commit(table, target), target
+    target, reason, _ = tick(table, budget, weights, params)
+    return commit(table, target), (target, reason)
 
 
 class ScoredPolicy(Policy):
@@ -112,10 +112,12 @@ class ScoredPolicy(Policy):
         # The first plan places blocks on an empty device: hysteresis (a margin over the current, off-device state)
         # is about not bouncing between plans, so it does not apply to the first one.
         self._pending = None
+        self.reasons: dict[str, str] = {}
+        self.decisions: dict[str, int] = {}  # reason name -> block decisions over all ticks (KEEP included)
         self._dispatch(dataclasses.replace(self.params, margin=0.0))
         self._adopt()
         _observe_and_tick(self.table, np.full(self._pad, -1, np.int32), self._rho_decay, np.float32(self.plan_budget),
-                          self.weights, self.params)[1].block_until_ready()  # compile the steady tick before any timing
+                          self.weights, self.params)[1][0].block_until_ready()  # compile the steady tick now
 
     def _plan_budget(self) -> int:
         """The HBM budget less a streaming reserve: room for the `prefetch_depth + 1` largest unprotected blocks."""
@@ -140,8 +142,11 @@ class ScoredPolicy(Policy):
         """Take the targets of the tick dispatched last time; returns the blocks whose target changed."""
         if self._pending is None:
             return {}
-        target = np.asarray(self._pending)  # the hand-off: returning the array beat an io_callback (bench_tick)
+        target, reason = (np.asarray(a) for a in self._pending)  # hand-off: returning arrays beat an io_callback
         self._pending = None
+        self.reasons = {b: REASON_NAMES[int(reason[i])] for i, b in enumerate(self.ids)}
+        for r in reason:
+            self.decisions[REASON_NAMES[int(r)]] = self.decisions.get(REASON_NAMES[int(r)], 0) + 1
         new = {b: State(int(target[i])) for i, b in enumerate(self.ids)}
         changed = {b: s for b, s in new.items() if self.targets.get(b) != s}
         self.targets = new

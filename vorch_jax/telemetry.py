@@ -31,6 +31,11 @@ def transition_counts(events) -> dict[str, int]:
     return dict(sorted(c.items()))
 
 
+def transition_reasons(events) -> dict[str, int]:
+    c = Counter(e.reason or "unspecified" for e in events if e.kind == "transition")
+    return dict(sorted(c.items()))
+
+
 def stall_seconds(events) -> float:
     return sum(e.duration for e in events if e.kind == "stall")
 
@@ -68,7 +73,7 @@ def trace_records(accesses, events, t0: float) -> list[dict]:
         step, layer = locate(e.start)
         base = {"t": e.start - t0, "step": step, "layer": layer, "block": e.block,
                 "from": e.src.name if e.src is not None else "source", "to": e.dst.name if e.dst is not None else None,
-                "dur_s": e.duration}
+                "dur_s": e.duration, "reason": e.reason}
         if e.kind == "stall":
             recs.append({**base, "event": "stall", "bytes": 0, "link": None})
         elif e.kind in ("transition", "recovered"):
