@@ -1,0 +1,322 @@
+"""The routed executor: the MoE model's forward pass under an HBM budget, with the router choosing the schedule.
+
+One pass reads, per layer l: `layers.l.attn`, `layers.l.moe_gate`, then only the experts the router selected for
+this step's tokens (ascending expert index), then `final_norm` and `embed` (the tied head). The loop still reads as
+the schedule:
+
+    for each position:  w = ensure(block); prefetch(); compute(block, w); maybe_tick()
+
+with two MoE additions right after layer l's gate is computed:
+  * the router's decision comes to the host (one small sync per layer, as in every MoE offloading runtime) and the
+    selected experts become the *known* next positions that `prefetch()` loads ahead;
+  * speculative prefetch: layer l+1's router applied to layer l's MoE input (Mixtral-offloading's trick,
+    `moe.speculative_expert_probs`) predicts layer l+1's experts; their loads are issued at once, while layer l's
+    experts and layer l+1's attention compute, within the budget and evicting only blocks needed later.
+The router probabilities also feed the scored controller's λ (`lam_for_tick`): expert blocks get P(selected)
+decayed with layer distance, dense blocks 1.
+
+`RoutedForward` is the schedule alone, shared by the executor and by the resident reference (`ResidentMoE`): both run
+the same jitted block functions in the same order, so a lossless run routes exactly as the reference and its access
+stream (`accesses`) equals the reference's `stream` position for position (what the Belady oracle is fed).
+
+Shapes: B batch, T tokens, D model width, E experts per layer, L layers, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vorch_jax.access_stats import lookahead_lambda
+from vorch_jax.models import moe
+from vorch_jax.models.llama import KVCache
+
+from . import block_compute as C
+from .executor import Executor
+
+_LOAD_TAKES_REASON = "reason" in inspect.signature(Executor._load).parameters
+
+
+# ------------------------------------------------------------------------------------------------ block compute
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
+def route(cfg, gate_w, x_BxTxD, top_k):
+    """(h [B,T,D], mask [B,T,E], selected bool[E], mean probs float32[E]) of one layer's router."""
+    h, mask, probs = moe.moe_route(cfg, gate_w, x_BxTxD, top_k)
+    return h, mask, mask.any((0, 1)), probs.mean((0, 1))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
+def speculate(cfg, gate_next_w, x_BxTxD, top_k):
+    """(predicted bool[E], mean probs float32[E]): layer l+1's router on layer l's MoE input, each token's top_k."""
+    probs = moe.speculative_expert_probs(gate_next_w, x_BxTxD, cfg.norm_eps)
+    return moe.topk_mask(probs, top_k).any((0, 1)), probs.mean((0, 1))
+
+
+@jax.jit
+def expert_add(w, h_BxTxD, x_BxTxD, mask_BxTxE, e):
+    """x + [token chose e]·expert_e(h): one expert's contribution (`moe.moe_combine`, one expert at a time)."""
+    y = moe.expert_mlp(w, h_BxTxD)
+    chose = jax.lax.dynamic_slice_in_dim(mask_BxTxE, e, 1, axis=-1)
+    return x_BxTxD + jnp.where(chose, y, jnp.zeros_like(y))
+
+
+def compile_on_zeros(cfg, source, n_experts: int, top_k: int, seq_lens, max_len: int, dtype):
+    """Compile every MoE block function for each sequence length on zero weights (the timed phases never compile)."""
+    one = {"embed": "embed", "attn": "layers.0.attn", "gate": moe.gate_block_id(0),
+           "expert": moe.expert_block_id(0, 0), "norm": "final_norm"}
+    z = {k: {n: jnp.zeros(s.shape, s.dtype) for n, s in source.block_shapes(b).items()} for k, b in one.items()}
+    for T_ in seq_lens:
+        x = C.embed_lookup(z["embed"], jnp.zeros((1, T_), jnp.int32), jnp.dtype(dtype).name)
+        k = jnp.zeros((1, max_len, cfg.n_kv_heads, cfg.head_dim), dtype)
+        x, k, v = C.attention(cfg, z["attn"], x, k, jnp.zeros_like(k), jnp.int32(0))
+        h, mask, sel, p = route(cfg, z["gate"], x, top_k)
+        speculate(cfg, z["gate"], x, top_k)
+        x = expert_add(z["expert"], h, x, mask, jnp.int32(0))
+        C.tied_head(z["embed"], C.final_norm(cfg, z["norm"], x)).block_until_ready()
+    for w in z.values():
+        for a in w.values():
+            a.delete()
+
+
+# ------------------------------------------------------------------------------------------------ the schedule
+
+
+class RoutedForward:
+    """The routed schedule of one forward pass. Subclasses supply `fetch(block, ahead)` (the weights, after making
+    sure they are on device; `ahead` = the blocks known to come next, in order), and may react to a layer's routing
+    (`after_route`) and to a layer's end (`after_layer`)."""
+
+    top_k: int
+    n_experts: int
+
+    def fetch(self, block: str, ahead: list):
+        raise NotImplementedError
+
+    def after_route(self, layer: int, x_BxTxD, selected_E: np.ndarray, probs_E: np.ndarray) -> None:
+        pass
+
+    def after_layer(self, layer: int) -> None:
+        pass
+
+    def forward(self, ids_BxT, cache: KVCache, pos: int):
+        """One pass; returns (logits [B, T, V] float32, cache)."""
+        cfg, E, L = self.cfg, self.n_experts, self.cfg.n_layers
+        ks, vs = list(cache.k), list(cache.v)
+        pos_arr = jnp.int32(pos)
+        w = self.fetch("embed", ["layers.0.attn", moe.gate_block_id(0)])
+        x = C.embed_lookup(w, jnp.asarray(ids_BxT, jnp.int32), jnp.dtype(self.dtype).name)
+        for i in range(L):
+            w = self.fetch(f"layers.{i}.attn", [moe.gate_block_id(i)])
+            x, ks[i], vs[i] = C.attention(cfg, w, x, ks[i], vs[i], pos_arr)
+            w = self.fetch(moe.gate_block_id(i), [])
+            h, mask, sel, probs = route(cfg, w, x, self.top_k)
+            sel, probs = jax.device_get((sel, probs))  # the router's decision: the one host sync per layer
+            chosen = [moe.expert_block_id(i, e) for e in range(E) if sel[e]]
+            tail = [f"layers.{i + 1}.attn", moe.gate_block_id(i + 1)] if i + 1 < L else ["final_norm", "embed"]
+            self.after_route(i, x, sel, probs)
+            for j, b in enumerate(chosen):
+                w = self.fetch(b, chosen[j + 1:] + tail)
+                x = expert_add(w, h, x, mask, jnp.int32(int(b.rsplit(".", 1)[1])))
+            self.after_layer(i)
+        w = self.fetch("final_norm", ["embed"])
+        hN = C.final_norm(cfg, w, x)
+        w = self.fetch("embed", [])
+        logits = C.tied_head(w, hN)
+        self.end_pass()
+        return logits, KVCache(ks, vs)
+
+    def end_pass(self) -> None:
+        pass
+
+
+class ResidentMoE(RoutedForward):
+    """Every block on device (plain arrays): the reference run. Records the access stream it reads."""
+
+    def __init__(self, cfg, weights: dict, n_experts: int, top_k: int, dtype=jnp.float32):
+        self.cfg, self.weights, self.n_experts, self.top_k, self.dtype = cfg, weights, n_experts, top_k, dtype
+        self.stream: list[str] = []
+
+    def fetch(self, block, ahead):
+        self.stream.append(block)
+        return self.weights[block]
+
+
+# ------------------------------------------------------------------------------------------------ the executor
+
+
+class RoutedExecutor(RoutedForward, Executor):
+    """`Executor`'s ledger, ensure, eviction and targets, over the routed schedule.
+
+    The policy's `ctx.schedule` is the full pass order with every expert (`moe.moe_block_ids` + the head's `embed`):
+    what static placement fills in order, and the cyclic order `_next_use` measures distances in. Positions known
+    for sure (`ahead`) come first; an expert its layer's router did not select is a whole pass away.
+
+    `speculative`: issue speculative loads of layer l+1's predicted experts (`spec_top_k` per token).
+    `lam_decay`: per-layer decay of expert λ for the scored controller (λ of an expert = P(selected)·decay^distance).
+    """
+
+    def __init__(self, cfg, engine, policy, *, n_experts: int, top_k: int, speculative: bool = True,
+                 spec_top_k: int | None = None, lam_decay: float | None = None, **kw):
+        Executor.__init__(self, cfg, engine, policy, **kw)
+        self.n_experts, self.top_k = n_experts, top_k
+        self.speculative = speculative
+        self.spec_top_k = spec_top_k or top_k
+        L = cfg.n_layers
+        self.lam_decay = lam_decay if lam_decay is not None else 0.5 ** (1.0 / (L + 2))  # halves over one pass
+        self._slot = {}
+        for i, b in enumerate(self.schedule):
+            self._slot.setdefault(b, i)
+        self._ahead: list[str] = []
+        self._cur = "embed"
+        self._cur_slot = 0
+        self._unselected: set[str] = set()  # experts of the current layer the router did not choose
+        # Router statistics per (layer, expert): P(selected) estimates, refreshed by routing and speculation.
+        self.p_sel_LxE = np.full((L, n_experts), top_k / n_experts, np.float64)
+        self.spec = {"predicted": 0, "actual": 0, "predicted_and_actual": 0, "issued": 0, "issued_bytes": 0,
+                     "used": 0, "loads": []}  # loads: (layer, block) of every speculative load issued
+        self._spec_pending: dict[str, int] = {}  # block -> layer, speculatively loaded and not yet read
+        self._spec_pred: tuple[int, np.ndarray] | None = None
+
+    # -------------------------------------------------------------- the schedule's hooks
+    def fetch(self, block, ahead):
+        self._cur, self._ahead = block, list(ahead)
+        self._cur_slot = len(self.schedule) - 1 if (block == "embed" and not ahead) else self._slot[block]
+        w = self.ensure(block)
+        if block in self._spec_pending:
+            self._spec_pending.pop(block)
+            self.spec["used"] += 1
+        self.prefetch()
+        self.t += 1
+        return w
+
+    def after_route(self, layer, x, selected, probs):
+        E = self.n_experts
+        self._unselected = {moe.expert_block_id(layer, e) for e in range(E) if not selected[e]}
+        self.p_sel_LxE[layer] = 0.5 * self.p_sel_LxE[layer] + 0.5 * selected.astype(np.float64)
+        if self._spec_pred is not None and self._spec_pred[0] == layer:  # score the prediction made a layer ago
+            pred = self._spec_pred[1]
+            self.spec["predicted"] += int(pred.sum())
+            self.spec["actual"] += int(selected.sum())
+            self.spec["predicted_and_actual"] += int((pred & selected).sum())
+        self._spec_pred = None
+        nxt = layer + 1
+        gate = moe.gate_block_id(nxt) if nxt < self.cfg.n_layers else None
+        if not self.speculative or gate is None or gate not in self.on_device or gate in self.inflight:
+            return  # (speculation reads the next router only where it already sits on device)
+        pred, sprobs = jax.device_get(speculate(self.cfg, self.engine.get(gate), x, self.spec_top_k))
+        self._spec_pred = (nxt, pred)
+        self.p_sel_LxE[nxt] = 0.5 * self.p_sel_LxE[nxt] + 0.5 * np.minimum(1.0, self.top_k * sprobs)
+        for e in np.flatnonzero(pred)[np.argsort(-sprobs[pred])]:
+            self._speculative_load(nxt, moe.expert_block_id(nxt, int(e)))
+
+    def _speculative_load(self, layer: int, block: str):
+        if block in self.on_device:
+            return
+        need = self._bytes(block, self.policy.device_state(block))
+        if not self._make_room(block, need, strict=False, keep=self._window() | {block}):
+            return
+        self._load_for(block, "prefetch:speculative")
+        self.prefetched.add(block)
+        self.counters.prefetch_issued += 1
+        self._spec_pending[block] = layer
+        self.spec["issued"] += 1
+        self.spec["issued_bytes"] += need
+        self.spec["loads"].append((layer, block))
+
+    def _evict(self, block, *reason):
+        self._spec_pending.pop(block, None)  # evicted before its layer read it: not a used prefetch
+        super()._evict(block, *reason)
+
+    def _load_for(self, block: str, reason: str):
+        """`Executor._load`, with the movement's reason where the executor records reasons."""
+        if _LOAD_TAKES_REASON:
+            self._load(block, reason)
+        else:
+            self._load(block)
+
+    def after_layer(self, layer):
+        self._unselected = set()
+        if (layer + 1) % self.tick_every == 0:
+            self.set_lambda(layer + 1)
+            self.maybe_tick()
+
+    def end_pass(self):
+        self.step += 1
+        for b in list(self._spec_pending):  # a prediction for a pass that ended: no longer pending
+            self._spec_pending.pop(b)
+
+    # -------------------------------------------------------------- λ for the scored controller
+    def set_lambda(self, current_layer: int):
+        """Write λ into the scored policy's block table (other policies have no table: nothing to do)."""
+        table = getattr(self.policy, "table", None)
+        if table is None:
+            return
+        lam = lam_for_tick(self.policy.ids, self.p_sel_LxE, current_layer, self.cfg.n_layers, self.lam_decay)
+        self.policy.table = table.replace(lam=jnp.asarray(lam, jnp.float32))
+
+    # -------------------------------------------------------------- the executor's schedule queries, routed
+    def prefetch(self):
+        """Load the next `prefetch_depth` known positions (this layer's selected experts, the next attn and gate)."""
+        for j, u in enumerate(self._ahead[: self.policy.prefetch_depth]):
+            if u in self.on_device:
+                continue
+            horizon = {self._cur, *self._ahead[: j + 1]}
+            if not self._make_room(u, self._bytes(u, self.policy.device_state(u)), strict=False, keep=horizon):
+                return
+            self._load_for(u, "prefetch")
+            self.prefetched.add(u)
+            self.counters.prefetch_issued += 1
+
+    def _window(self):
+        return {self._cur, *self._ahead[: self.policy.prefetch_depth]}
+
+    def _next_use(self, block):
+        """Positions until `block` is next read: exact for known positions, else its slot's cyclic distance (an
+        expert its router just passed over: a pass later)."""
+        if block in self._ahead:
+            return self._ahead.index(block) + 1
+        n = len(self.schedule)
+        d = ((self._slot[block] - self._cur_slot - 1) % n) + 1
+        if block == "embed":
+            d = min(d, (n - 1 - self._cur_slot - 1) % n + 1)
+        return d + (n if block in self._unselected else 0) + len(self._ahead)
+
+
+def lam_for_tick(ids, p_sel_LxE: np.ndarray, current_layer: int, n_layers: int, decay: float) -> np.ndarray:
+    """float32[B]: λ of every block for a tick at `current_layer`: 1 for dense blocks, P(selected)·decay^distance
+    for experts (distance in layers ahead, wrapping into the next step; `access_stats.lookahead_lambda`)."""
+    layer_B, p_B, is_expert_B = [], [], []
+    for b in ids:
+        kind, layer = moe.moe_block_kind_layer(n_layers, b)
+        layer_B.append(layer)
+        is_expert_B.append(kind == "expert")
+        p_B.append(p_sel_LxE[layer, int(b.rsplit(".", 1)[1])] if kind == "expert" else 1.0)
+    is_expert_B = np.asarray(is_expert_B)
+    decayed = lookahead_lambda(np.asarray(layer_B, np.int32), current_layer, n_layers, n_layers + 2, decay,
+                               np.ones(len(ids), np.float32), ~is_expert_B)
+    return np.asarray(decayed) * np.asarray(p_B, np.float32)
+
+
+def greedy_generate(ex, prompt_ids: list[int], new_tokens: int):
+    """Prefill then greedy decode through a routed forward; returns (tokens, prefill_s, [decode step seconds])."""
+    cache = KVCache.zeros(ex.cfg, 1, len(prompt_ids) + new_tokens, ex.dtype)
+    t0 = time.perf_counter()
+    logits, cache = ex.forward(np.asarray([prompt_ids]), cache, 0)
+    nxt = int(jnp.argmax(logits[0, -1]))
+    prefill_s = time.perf_counter() - t0
+    tokens, step_s, pos = [nxt], [], len(prompt_ids)
+    for _ in range(new_tokens - 1):
+        t0 = time.perf_counter()
+        logits, cache = ex.forward(np.asarray([[nxt]]), cache, pos)
+        nxt = int(jnp.argmax(logits[0, -1]))
+        step_s.append(time.perf_counter() - t0)
+        tokens.append(nxt)
+        pos += 1
+    return tokens, prefill_s, step_s
