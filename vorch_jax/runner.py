@@ -39,8 +39,27 @@ class RunError(ValueError):
     """A run that cannot start as configured (reported before any work)."""
 
 
+def stored_calibration(cfg: RunConfig, setup: "Setup"):
+    """This model's and machine's calibration (`vorch calibrate`) when it exists and matches the run's formats."""
+    from vorch_jax.calibrate import covers, load_calibration, machine_key, model_key
+
+    cal = load_calibration(None, model_key(setup.source), machine_key(), source=setup.source)
+    if cal is None or covers(cal, tokens=cal.tokens, blocks=setup.block_ids, int4_group_size=cfg.quant.int4_group_size,
+                             lowrank_rank=cfg.quant.lowrank_rank) is not None:
+        return None
+    return cal
+
+
 def scored_inputs(cfg: RunConfig, setup: "Setup", store_dir: Path) -> dict:
-    """The scored policy's measured inputs: link bandwidths now, and δ per kind when lossy states are allowed."""
+    """The scored policy's measured inputs. From the stored calibration when there is one (ψ, δ, per-state value loss,
+    link bandwidths); otherwise the links are probed now, δ is measured when lossy states are allowed, and ψ is
+    absent (0): lossy states then lose only the default value share, so run `vorch calibrate` before lossy studies."""
+    cal = stored_calibration(cfg, setup)
+    if cal is not None:
+        return dict(state_bytes=setup.state_bytes, homes=setup.homes, kinds=setup.kinds, layers=setup.layer_of,
+                    placement=setup.placement, h2d_bytes_per_s=cal.bandwidths["host->device"],
+                    nvme_bytes_per_s=cal.bandwidths["nvme->host"], psi=cal.psi, delta=cal.policy_delta(),
+                    lossy_loss=cal.tick_lossy_loss(), calibration=f"{cal.model_key} @ {cal.machine_key}, {cal.created}")
     bw = probe_bandwidths(store_dir)
     delta = None
     if cfg.lossy:
@@ -50,7 +69,7 @@ def scored_inputs(cfg: RunConfig, setup: "Setup", store_dir: Path) -> dict:
                                                             lowrank_rank=cfg.quant.lowrank_rank)
     return dict(state_bytes=setup.state_bytes, homes=setup.homes, kinds=setup.kinds, layers=setup.layer_of,
                 placement=setup.placement, h2d_bytes_per_s=bw["host->device"], nvme_bytes_per_s=bw["nvme->host"],
-                delta=delta)
+                delta=delta, calibration=None)
 
 
 def make_policy(cfg: RunConfig, ctx: PolicyContext, extras: dict | None = None):
@@ -374,6 +393,7 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Refe
         "transitions": T.transition_counts(gen_events),
         "transition_reasons": T.transition_reasons(gen_events),
         "controller_decisions": dict(getattr(policy, "decisions", {})),
+        "calibration": getattr(policy, "calibration", None),
         "quality": quality(run_logits, reference.logits, setup.eval_ids),
         "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
         "link_gbps": {k: v / 1e9 for k, v in link_bw.items()},

@@ -11,9 +11,10 @@ Terms, all measured or configured, none keyword-guessed:
   λ  probability the block is needed within the next step: 1 for every block of a dense model (each token step reads
      all of them); the MoE router supplies it for experts;
   κ  from placement rules (`kappa`), else 1 for protected blocks and 0.5 otherwise;
-  ψ  calibrated sensitivity when a calibration exists, else 0 (then lossy states lose their default value share);
+  ψ  calibrated sensitivity (ΔKL at S2, `vorch calibrate`) when a calibration exists, else 0 (then lossy states lose
+     only their default value share); the calibration also sets each lossy state's value loss from measured KL;
   δ  measured seconds of one decode-shaped matmul through each lossy format, minus full precision's;
-  τ  block bytes over the link bandwidths measured in this run (host→device, NVMe→host).
+  τ  block bytes over the measured link bandwidths (the calibration's, else probed at the start of the run).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ class ScoredPolicy(Policy):
 
     def __init__(self, ctx, cfg, *, state_bytes: dict, homes: dict, kinds: dict, layers: dict, placement: dict,
                  h2d_bytes_per_s: float, nvme_bytes_per_s: float, psi: dict | None = None,
-                 delta: dict | None = None):
+                 delta: dict | None = None, lossy_loss: tuple | None = None, calibration: str | None = None):
         super().__init__(ctx)
         self.prefetch_depth = cfg.prefetch_depth
         self.ids = list(ctx.block_ids)
@@ -87,7 +88,9 @@ class ScoredPolicy(Policy):
         tau[:, sid.S4] = s0 / nvme_bytes_per_s + s0 / h2d_bytes_per_s
         self.weights = ScoreWeights.make(w1=cfg.score.w1, w2=cfg.score.w2, w3=cfg.score.w3, w4=cfg.score.w4,
                                          alpha=cfg.score.alpha, beta=cfg.score.beta)
-        self.params = TickParams(min_dwell=cfg.guardrail.min_dwell_ticks, margin=cfg.guardrail.switch_margin)
+        self.calibration = calibration  # which stored calibration supplied ψ, δ and the value loss (None: none)
+        extra = {} if lossy_loss is None else {"lossy_loss": tuple(lossy_loss)}
+        self.params = TickParams(min_dwell=cfg.guardrail.min_dwell_ticks, margin=cfg.guardrail.switch_margin, **extra)
         self.table = BlockTable.from_rows(
             state=[int(homes[b]) for b in self.ids], bytes_per_state=bps, kind=[kinds[b] for b in self.ids],
             layer=[layers[b] for b in self.ids], protected=protected, floor_state=floor, allowed=allowed,
