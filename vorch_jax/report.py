@@ -85,7 +85,8 @@ def run_table(s: Mapping) -> list[tuple[str, str]]:
         ("HBM budget", f"{_mb(s['hbm_budget_bytes'])} MB ({s['hbm_budget_bytes'] / s['model_bytes']:.2f} of "
                        f"{_mb(s['model_bytes'])} MB)"),
         ("decode", f"{_num(s['decode_tok_s'], '.2f')} tok/s, {_num(s['decode_step_s'] * 1e3, '.1f')} ms/step "
-                   f"(resident {_num(s['resident_step_s'] * 1e3, '.1f')} ms, floor {_num(s['floor_step_s'] * 1e3, '.1f')} ms)"),
+                   f"(resident {_num(s['resident_step_s'] * 1e3, '.1f')} ms, "
+                   f"floor {_num(s['floor_step_s'] * 1e3, '.1f')} ms)"),
         ("prefill", f"{_num(s['prefill_s'], '.3f')} s for {s['prompt_tokens']} tokens"),
         ("stall / transfer", f"{_num(s['stall_s'], '.3f')} s / {_num(s['transfer_s'], '.3f')} s"),
         ("bytes moved", f"{_mb(s['bytes_moved'])} MB host->device, {_num(ratio, '.3f')} x Belady "
@@ -116,11 +117,14 @@ def report_run(directory: str | Path) -> Path:
         notes.append("Lossy device sizes (S1, S2, S6) computed from the model's tensor shapes "
                      "(`tiers.footprint`); full-precision sizes agree with the trace's host->device bytes.")
     figures = {
-        "state_timeline.png": ("State timeline", plots.state_timeline(records, n_tokens, f"Block state at each access ({name})")),
-        "action_counts.png": ("Action counts", plots.action_counts(records, n_tokens, f"Transitions per kind and phase ({name})")),
+        "state_timeline.png": ("State timeline", plots.state_timeline(
+            records, n_tokens, f"Block state at each access ({name})")),
+        "action_counts.png": ("Action counts", plots.action_counts(
+            records, n_tokens, f"Transitions per kind and phase ({name})")),
         "device_occupancy.png": ("Device occupancy", plots.device_occupancy(
             records, summary["hbm_budget_bytes"], sizes, n_tokens, f"Device occupancy vs budget ({name})")),
-        "link_bytes.png": ("Bytes per link", plots.link_bytes_over_time(records, n_tokens, f"Cumulative bytes per link ({name})")),
+        "link_bytes.png": ("Bytes per link", plots.link_bytes_over_time(
+            records, n_tokens, f"Cumulative bytes per link ({name})")),
     }
     scores = plots.score_evolution(records, f"Score evolution ({name})")
     if scores is not None:
@@ -200,6 +204,12 @@ def report_sweep(directory: str | Path) -> Path:
              f"/belady = bytes moved / Belady's bytes for the same access stream.", "",
              "| " + " | ".join(SWEEP_COLUMNS) + " |", "|" + "---|" * len(SWEEP_COLUMNS)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in sweep_table(rows)]
+    negative = [r for r in done if plots.ppl_delta(r) < 0]
+    if negative:
+        where = ", ".join(f"{plots.variant(r)} @ {r['hbm_budget_bytes'] / r['model_bytes']:.2f}" for r in negative)
+        lines += ["", f"Note: Δppl < 0 at {len(negative)} point(s) ({where}"
+                      + "): on a short evaluation text a lossy perturbation can fit the text better by chance; "
+                        "the KL to the resident model (> 0 there) is the reliable measure of what changed."]
     lines += ["", "Pareto front (decode step time vs Δppl): " +
               (", ".join(f"{plots.variant(r)} @ {r['hbm_budget_bytes'] / r['model_bytes']:.2f}" for r in front) or "-"),
               "", "## Budget curves", "", "![Budget curves](budget_curves.png)", "",
