@@ -37,8 +37,11 @@ from vorch_jax.models import moe
 from vorch_jax.models.llama import KVCache
 
 from . import block_compute as C
-from .executor import Executor
+from vorch_jax.tiers.state import State
 
+from .executor import BudgetError, Executor
+
+P_EMA = 0.2  # weight of the newest observation in P(expert selected): routing, or the next layer's speculation
 _LOAD_TAKES_REASON = "reason" in inspect.signature(Executor._load).parameters
 
 
@@ -160,16 +163,26 @@ class RoutedExecutor(RoutedForward, Executor):
 
     `speculative`: issue speculative loads of layer l+1's predicted experts (`spec_top_k` per token).
     `lam_decay`: per-layer decay of expert λ for the scored controller (λ of an expert = P(selected)·decay^distance).
+    `eager_plan_loads`: load a block as soon as the controller's plan takes it in (`Executor.apply_targets`). Off by
+    default for the MoE: the plan then decides what is *kept* (blocks outside it are evicted first) and experts come
+    on demand or by (speculative) prefetch; an expert loaded on plan entry may well be evicted before its router
+    selects it, which is bytes for nothing. On-device conversions (lossy plans) are applied either way.
+    Initial placement loads only the protected blocks (and a static policy's fixed placement): filling the rest of
+    the budget with experts in layer order would load experts no token may select.
     """
 
     def __init__(self, cfg, engine, policy, *, n_experts: int, top_k: int, speculative: bool = True,
-                 spec_top_k: int | None = None, lam_decay: float | None = None, **kw):
+                 spec_top_k: int | None = None, lam_decay: float | None = None, eager_plan_loads: bool = False,
+                 **kw):
         Executor.__init__(self, cfg, engine, policy, **kw)
+        self.eager_plan_loads = eager_plan_loads
         self.n_experts, self.top_k = n_experts, top_k
         self.speculative = speculative
         self.spec_top_k = spec_top_k or top_k
         L = cfg.n_layers
-        self.lam_decay = lam_decay if lam_decay is not None else 0.5 ** (1.0 / (L + 2))  # halves over one pass
+        # Mild by default: λ loses 10% over a whole pass. On a cyclic schedule every layer comes round once per step,
+        # so a steep decay would only rotate the plan with the layer position (churn, i.e. bytes).
+        self.lam_decay = lam_decay if lam_decay is not None else 0.9 ** (1.0 / (L + 2))
         self._slot = {}
         for i, b in enumerate(self.schedule):
             self._slot.setdefault(b, i)
@@ -199,7 +212,7 @@ class RoutedExecutor(RoutedForward, Executor):
     def after_route(self, layer, x, selected, probs):
         E = self.n_experts
         self._unselected = {moe.expert_block_id(layer, e) for e in range(E) if not selected[e]}
-        self.p_sel_LxE[layer] = 0.5 * self.p_sel_LxE[layer] + 0.5 * selected.astype(np.float64)
+        self.p_sel_LxE[layer] = (1 - P_EMA) * self.p_sel_LxE[layer] + P_EMA * selected.astype(np.float64)
         if self._spec_pred is not None and self._spec_pred[0] == layer:  # score the prediction made a layer ago
             pred = self._spec_pred[1]
             self.spec["predicted"] += int(pred.sum())
@@ -212,7 +225,7 @@ class RoutedExecutor(RoutedForward, Executor):
             return  # (speculation reads the next router only where it already sits on device)
         pred, sprobs = jax.device_get(speculate(self.cfg, self.engine.get(gate), x, self.spec_top_k))
         self._spec_pred = (nxt, pred)
-        self.p_sel_LxE[nxt] = 0.5 * self.p_sel_LxE[nxt] + 0.5 * np.minimum(1.0, self.top_k * sprobs)
+        self.p_sel_LxE[nxt] = (1 - P_EMA) * self.p_sel_LxE[nxt] + P_EMA * np.minimum(1.0, self.top_k * sprobs)
         for e in np.flatnonzero(pred)[np.argsort(-sprobs[pred])]:
             self._speculative_load(nxt, moe.expert_block_id(nxt, int(e)))
 
@@ -229,6 +242,26 @@ class RoutedExecutor(RoutedForward, Executor):
         self.spec["issued"] += 1
         self.spec["issued_bytes"] += need
         self.spec["loads"].append((layer, block))
+
+    def place_initial(self):
+        keep = self.policy.pinned if self.policy.name == "static" else self.policy.ctx.protected
+        used = 0
+        for b in self.policy.initial_resident():
+            if b in self.on_device or b not in keep:
+                continue
+            used += self._bytes(b, self.policy.device_state(b))
+            if used > self.budget:
+                raise BudgetError(f"pinned block '{b}' does not fit in the HBM budget")
+            self._load_for(b, "placement")
+        for b in list(self.on_device):
+            self.engine.wait(b)
+        self._sample_peak()
+
+    def apply_targets(self, targets, *reasons):
+        if not self.eager_plan_loads:
+            targets = {b: s for b, s in targets.items() if b in self.on_device and State(int(s)).on_device}
+        if targets:
+            super().apply_targets(targets, *reasons)
 
     def _evict(self, block, *reason):
         self._spec_pending.pop(block, None)  # evicted before its layer read it: not a used prefetch

@@ -1,0 +1,83 @@
+"""The MoE model under a budget (vorch_jax/moe_run.py, moe_executor.py): lossless policies, recorded stream,
+speculative prefetch really issued, outputs as runner.run's.
+
+Small on purpose: 8 prompt tokens, 3 new tokens, 16 evaluation tokens; one resident reference for the module.
+"""
+
+import dataclasses
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vorch_jax import moe_run as M
+from vorch_jax.config import RunConfig
+from vorch_jax.moe_executor import lam_for_tick
+from vorch_jax.runner import RunError
+
+BASE = RunConfig(model=M.MOE_MODEL, policy="lru", hbm_budget=1.0, new_tokens=3, prompt_tokens=8, eval_tokens=16,
+                 placement=M.dense_protect_rules())
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return M.prepare_moe(BASE)
+
+
+@pytest.fixture(scope="module")
+def reference(setup):
+    return M.moe_reference(setup, jnp.float32, BASE.new_tokens)
+
+
+@pytest.fixture(scope="module")
+def budget(setup):
+    return M.expert_budget(setup, 0.25, 5)[0]
+
+
+def test_reference_stream_is_the_routed_schedule(setup, reference):
+    L, k = setup.model_cfg.n_layers, setup.top_k
+    s = list(reference.stream)
+    assert s[0] == "embed" and s[reference.gen_positions - 1] == "embed"
+    decode = s[reference.gen_positions - (1 + L * (2 + k) + 2): reference.gen_positions]  # last decode step: T = 1
+    assert decode[0] == "embed" and decode[-2:] == ["final_norm", "embed"]
+    assert sum(".expert." in b for b in decode) == L * k  # one token: exactly top_k experts per layer
+    assert len(reference.tokens) == BASE.new_tokens
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "scored", "belady", "static"])
+def test_lossless_policies_generate_the_resident_tokens(tmp_path, setup, reference, budget, policy):
+    cfg = dataclasses.replace(BASE, policy=policy, hbm_budget=str(budget))
+    s = M.run_moe(cfg, tmp_path, reference=reference)
+    assert s["tokens"] == reference.tokens and s["tokens_match_resident"]
+    assert s["stream_matches_resident"]  # same routing, position for position: Belady's future is exact
+    assert s["peak_device_bytes"] <= budget
+    assert s["quality"]["kl_mean"] < 1e-6
+    assert s["bytes_moved"] >= s["belady_bytes"] * 0.999 or policy == "belady"
+    assert json.loads((tmp_path / "summary.json").read_text())["complete"]
+    assert (tmp_path / "trace.jsonl").stat().st_size > 0 and (tmp_path / "trace.perfetto.json").exists()
+    sp = s["moe"]["speculative"]
+    if policy == "scored":  # speculative prefetch on: loads really issued, each one an engine transition
+        assert sp["enabled"] and sp["issued"] > 0 and sp["issued_with_engine_event"] == sp["issued"]
+        assert 0 < sp["precision"] <= 1 and 0 < sp["prediction_recall"] <= 1
+    else:
+        assert not sp["enabled"] and sp["issued"] == 0
+
+
+def test_lambda_is_router_probability_decayed_with_distance(setup):
+    L, E = setup.model_cfg.n_layers, setup.n_experts
+    p = np.full((L, E), 0.25)
+    p[3, 1] = 1.0
+    lam = dict(zip(setup.block_ids, lam_for_tick(setup.block_ids, p, 3, L, 0.9)))
+    assert lam["layers.3.attn"] == 1.0 and lam["embed"] == 1.0
+    assert lam["layers.3.expert.1"] == pytest.approx(1.0) and lam["layers.3.expert.0"] == pytest.approx(0.25)
+    assert lam["layers.5.expert.0"] == pytest.approx(0.25 * 0.9 ** 2)
+    assert lam["layers.2.expert.0"] == pytest.approx(0.25 * 0.9 ** (L + 1))  # behind: next step
+
+
+def test_budget_below_the_dense_blocks_and_wrong_model_fail_before_work(tmp_path, reference):
+    with pytest.raises(RunError, match="protected"):
+        M.run_moe(dataclasses.replace(BASE, hbm_budget="100MiB"), tmp_path, reference=reference)
+    with pytest.raises(RunError, match="not the MoE model"):
+        M.prepare_moe(dataclasses.replace(BASE, model="smollm2-135m"))
+    assert not (tmp_path / "summary.json").exists()
