@@ -46,8 +46,12 @@ class BeladyPolicy(Policy):
         return sorted(free, key=lambda b: -self.next_use.after(b, t))
 
 
-def belady_bytes(stream, device_bytes: dict, budget_bytes: int, initial: list[str], pinned=frozenset()) -> int:
+def belady_bytes(stream, device_bytes: dict, budget_bytes: int, initial: list[str], pinned=frozenset(),
+                 load_bytes: dict | None = None) -> int:
     """Bytes loaded onto the device by furthest-next-use eviction replaying `stream` under `budget_bytes`.
+
+    `device_bytes`: what each block occupies on device (capacity); `load_bytes`: what loading it moves over the link
+    (default the same; a block held int8 on device is still carried full precision and converted there).
 
     `initial`: the blocks on device before the first access (the run's initial placement, in order, kept while they
     fit). A block loaded on a miss costs its device bytes; a block that cannot fit even with everything else evicted
@@ -75,5 +79,5 @@ def belady_bytes(stream, device_bytes: dict, budget_bytes: int, initial: list[st
             raise ValueError(f"block '{b}' ({need} bytes) cannot fit under the budget of {budget_bytes} bytes")
         resident.add(b)
         used += need
-        loaded += need
+        loaded += need if load_bytes is None else load_bytes[b]
     return loaded

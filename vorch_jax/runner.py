@@ -18,8 +18,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
-from vorch_jax.config import RunConfig, parse_budget
+from vorch_jax.config import RunConfig, config_to_dict, parse_budget
 from vorch_jax.models.llama import KVCache, block_kind_layer, block_ids as model_block_ids
 from vorch_jax.placement import resolve_placement
 from vorch_jax.tiers import footprint
@@ -276,6 +277,7 @@ def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None =
     """
     out_dir = check_out_dir(Path(out_dir))
     setup = prepare(cfg)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # what this run was
     dtype = jnp.dtype(cfg.dtype)
     say = progress or (lambda msg: None)
 
@@ -352,7 +354,8 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Refe
     loads = sum(v for k, v in moved.items() if k in ("host->device",))
     device_bytes_used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
     # The oracle obeys the same guardrails as every policy (protected blocks never leave) and starts cold.
-    bel = belady_bytes(stream, device_bytes_used, setup.hbm_budget, [], pinned=setup.protected)
+    bel = belady_bytes(stream, device_bytes_used, setup.hbm_budget, [], pinned=setup.protected,
+                       load_bytes=setup.device_bytes)  # a lossy block travels full precision, converts on device
     decode_s = sum(step_s[1:]) if len(step_s) > 1 else sum(step_s)  # the first decode step is dropped as warm-up
     decode_n = max(1, len(step_s) - 1) if len(step_s) > 1 else len(step_s)
     h2d_bw = link_bw["host->device"]
@@ -363,6 +366,7 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Refe
     wall_s = t_gen1 - t_gen0
     summary = {
         "complete": True,
+        "config": config_to_dict(cfg),
         "model": cfg.model,
         "policy": cfg.policy,
         "lossy": cfg.lossy,
