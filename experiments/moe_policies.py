@@ -31,7 +31,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--eval-tokens", type=int, default=16)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--policies", nargs="+", default=["lru", "lfu", "scored", "belady"])
+    ap.add_argument("--policies", nargs="+", default=["lru", "lfu", "scored", "scored-nospec", "belady"],
+                    help="'scored-nospec': scored without speculative prefetch (to show what speculation costs)")
     ap.add_argument("--reserve", type=int, default=5, help="streaming reserve, in experts")
     ap.add_argument("--out", default="runs/moe_policies")
     args = ap.parse_args(argv)
@@ -51,8 +52,9 @@ def main(argv=None) -> list[dict]:
         budget, how = M.expert_budget(setup, frac, args.reserve)
         print(f"\nbudget at {frac:.0%} of experts: {how}")
         for pol in args.policies:
-            cfg = dataclasses.replace(base, policy=pol, hbm_budget=str(budget))
-            s = M.run_moe(cfg, Path(args.out) / f"f{int(frac * 100)}" / pol, reference=ref)
+            cfg = dataclasses.replace(base, policy=pol.removesuffix("-nospec"), hbm_budget=str(budget))
+            s = M.run_moe(cfg, Path(args.out) / f"f{int(frac * 100)}" / pol, reference=ref,
+                          speculative=False if pol.endswith("-nospec") else None)
             m = s["moe"]
             rows.append({"fraction": frac, "policy": pol, "budget": budget, "hit_rate": s["hits"] / max(1, s["hits"] + s["misses"]),
                          "expert_hit_rate": m["expert_hit_rate"], "bytes_moved": s["bytes_moved"],
@@ -62,10 +64,10 @@ def main(argv=None) -> list[dict]:
                          "stream_match": s["stream_matches_resident"], "speculative": m["speculative"]})
             print(f"  {pol} done: {rows[-1]['ratio']:.2f} x belady, tokens match {s['tokens_match_resident']}",
                   flush=True)
-    print(f"\n{'experts':>7} {'policy':>7} {'hit':>5} {'exp hit':>7} {'MB moved':>9} {'expert MB':>9} "
+    print(f"\n{'experts':>7} {'policy':>13} {'hit':>5} {'exp hit':>7} {'MB moved':>9} {'expert MB':>9} "
           f"{'belady MB':>9} {'/belady':>7} {'tok/s':>6} {'stall s':>7} {'lossless':>8}")
     for r in rows:
-        print(f"{r['fraction']:>7.0%} {r['policy']:>7} {r['hit_rate']:>5.2f} {r['expert_hit_rate']:>7.2f} "
+        print(f"{r['fraction']:>7.0%} {r['policy']:>13} {r['hit_rate']:>5.2f} {r['expert_hit_rate']:>7.2f} "
               f"{r['bytes_moved'] / 1e6:>9.1f} {r['expert_bytes_moved'] / 1e6:>9.1f} {r['belady_bytes'] / 1e6:>9.1f} "
               f"{r['ratio']:>7.2f} {r['decode_tok_s']:>6.2f} {r['stall_s']:>7.2f} "
               f"{str(r['tokens_match'] and r['stream_match']):>8}")

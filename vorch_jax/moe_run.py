@@ -41,6 +41,7 @@ from . import telemetry as T
 from .belady import belady_bytes
 from .executor import check_fits
 from .policies import PolicyContext
+from .scored_policy import ScoredPolicy
 from .runner import RunError, Setup, check_out_dir, make_policy, quality
 
 MOE_MODEL = "smollm2-135m-moe"
@@ -197,6 +198,15 @@ def moe_scored_inputs(cfg: RunConfig, setup: MoESetup, store_dir: Path) -> dict:
                 delta=delta)
 
 
+class MoEScoredPolicy(ScoredPolicy):
+    """The scored policy, evicting blocks outside its plan least recently used first (the dense `ScoredPolicy`
+    evicts them most recently used first: right for layers streamed cyclically, wrong for experts, whose router
+    tends to pick again what it picked for the previous token)."""
+
+    def victim_order(self, t, candidates):
+        return sorted((b for b in candidates if b not in self.pinned), key=lambda b: self.last_use.get(b, -1))
+
+
 def run_moe(cfg: RunConfig, out_dir, *, progress=None, reference: MoEReference | None = None,
             router_config=None, top_k: int | None = None, speculative: bool | None = None) -> dict:
     """Run `cfg` on the MoE model, write summary.json (last), trace.jsonl, trace.perfetto.json; return the summary.
@@ -223,7 +233,7 @@ def run_moe(cfg: RunConfig, out_dir, *, progress=None, reference: MoEReference |
                         prefetch_depth=cfg.prefetch_depth, protected=setup.protected, future=reference.stream,
                         forced=setup.forced, state_bytes=setup.state_bytes)
     extras = moe_scored_inputs(cfg, setup, store_dir) if cfg.policy == "scored" else None
-    policy = make_policy(cfg, ctx, extras)
+    policy = MoEScoredPolicy(ctx, cfg, **extras) if cfg.policy == "scored" else make_policy(cfg, ctx, extras)
     check_fits(policy, setup.device_bytes, setup.hbm_budget, setup.state_bytes)
 
     from vorch_jax.tiers.engine import MovementEngine
