@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vorch_jax.tiers.full_precision import FullPrecisionBlock
+from vorch_jax.tiers.link_probe import median_seconds
 from vorch_jax.tiers.low_bit import LowBitBlock
 from vorch_jax.tiers.low_rank import LowRankBlock
 from vorch_jax.tiers.nvme_store import NvmeBlock
@@ -39,14 +40,6 @@ from vorch_jax.tiers.pinned_host import PinnedHostBlock
 K = 1024  # rows of the benchmark weight; columns = size / (4 K)
 
 
-def _median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up (compilation, allocator, first-touch)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _drop_page_cache(paths) -> None:
@@ -73,17 +66,17 @@ def bench_size(size_mib: int, repeats: int, store: Path, dev) -> dict[str, float
     def h2d():
         FullPrecisionBlock.from_pinned_host(host, dev).free()
 
-    out["device->host"] = nbytes / _median_seconds(d2h, repeats)
-    out["host->device"] = nbytes / _median_seconds(h2d, repeats)
+    out["device->host"] = nbytes / median_seconds(d2h, repeats)
+    out["host->device"] = nbytes / median_seconds(h2d, repeats)
 
     written: list[NvmeBlock] = []
 
     def write():
         written.append(NvmeBlock.write(f"bench{size_mib}", {"w": w_KxN}, store))  # from host memory
 
-    out["host->nvme"] = nbytes / _median_seconds(write, repeats)
+    out["host->nvme"] = nbytes / median_seconds(write, repeats)
     blk = written[-1]
-    out["nvme->host:cached"] = nbytes / _median_seconds(blk.read, repeats)
+    out["nvme->host:cached"] = nbytes / median_seconds(blk.read, repeats)
 
     def cold_read():
         _drop_page_cache(blk.chunk_files())
@@ -100,7 +93,7 @@ def bench_size(size_mib: int, repeats: int, store: Path, dev) -> dict[str, float
         ("device:convert:int4g64", lambda: LowBitBlock.from_full_precision(s0, bits=4, group_size=64)),
         ("device:convert:lowrank32", lambda: LowRankBlock.from_full_precision(s0, rank=32)),
     ):
-        out[name] = nbytes / _median_seconds(lambda: convert().free(), repeats)
+        out[name] = nbytes / median_seconds(lambda: convert().free(), repeats)
     s0.free()
     host.free()
     return {k: v / 1e9 for k, v in out.items()}
@@ -122,7 +115,7 @@ def bench_source(repeats: int) -> float | None:
     before = src.nbytes_read
     read()
     per_run = (src.nbytes_read - before)
-    return per_run / _median_seconds(read, repeats) / 1e9
+    return per_run / median_seconds(read, repeats) / 1e9
 
 
 def main(argv=None) -> dict:

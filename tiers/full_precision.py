@@ -33,11 +33,33 @@ def delete_arrays(tree) -> None:
         raise RuntimeError(f"arrays of shapes {still} were not freed")
 
 
-class FullPrecisionBlock:
+class DeviceBlock:
+    """What every on-device representation shares: a dict of leaves (arrays or low-bit / low-rank weights)."""
+
+    where = "device"
+
+    @property
+    def nbytes(self) -> int:
+        return tree_nbytes(self.leaves)
+
+    def arrays(self) -> list[jax.Array]:
+        return jax.tree.leaves(self.leaves)
+
+    def dequantize(self) -> dict[str, jax.Array]:
+        """Float32 `[K, N]` / `[D]` approximations of the source leaves (the leaves themselves when exact)."""
+        return {k: v if isinstance(v, jax.Array) else v.dequantize() for k, v in self.leaves.items()}
+
+    def materialize(self) -> dict:
+        return dict(self.leaves)
+
+    def free(self) -> None:
+        delete_arrays(self.leaves)
+
+
+class FullPrecisionBlock(DeviceBlock):
     """S0. `leaves: {name: f32[K, N] | f32[D]}` on device."""
 
     state = State.S0
-    where = "device"
 
     def __init__(self, leaves: dict[str, jax.Array]):
         self.leaves = leaves
@@ -49,16 +71,3 @@ class FullPrecisionBlock:
         leaves = {k: jax.device_put(v, sharding) for k, v in host.leaves.items()}
         jax.block_until_ready(leaves)
         return cls(leaves)
-
-    @property
-    def nbytes(self) -> int:
-        return tree_nbytes(self.leaves)
-
-    def arrays(self) -> list[jax.Array]:
-        return list(self.leaves.values())
-
-    def materialize(self) -> dict[str, jax.Array]:
-        return dict(self.leaves)
-
-    def free(self) -> None:
-        delete_arrays(self.leaves)

@@ -19,7 +19,8 @@ from vorch_jax.tiers.nvme_store import NvmeBlock
 from vorch_jax.tiers.pinned_host import PinnedHostBlock
 
 
-def _median(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall seconds of `fn()` over `repeats` calls, after one untimed warm-up call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -40,10 +41,10 @@ def probe_bandwidths(store_dir: str | Path | None = None, *, mib: int = 16, repe
     def h2d():
         FullPrecisionBlock.from_pinned_host(host, device).free()
 
-    h2d_s = _median(h2d, repeats)
+    h2d_s = median_seconds(h2d, repeats)
     host.free()
     with tempfile.TemporaryDirectory(dir=store_dir) as d:
         stored = NvmeBlock.write("link-probe", leaves, Path(d))
-        nvme_s = _median(lambda: stored.read(), repeats)
+        nvme_s = median_seconds(lambda: stored.read(), repeats)
         stored.free()
     return {"host->device": nbytes / h2d_s, "nvme->host": nbytes / nvme_s}

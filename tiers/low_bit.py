@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 
-from vorch_jax.tiers.full_precision import delete_arrays, tree_nbytes
+from vorch_jax.tiers.full_precision import DeviceBlock
 from vorch_jax.tiers.state import State
 
 
@@ -26,10 +26,9 @@ def _quantizer(bits: int, group_size: int):
     raise ValueError(f"low-bit block supports bits 8 (S1) or 4 (S2), got {bits}")
 
 
-class LowBitBlock:
+class LowBitBlock(DeviceBlock):
     """S1 (bits=8) or S2 (bits=4). `leaves: {name: Int8Weight | Int4Weight | f32[D]}` on device."""
 
-    where = "device"
 
     def __init__(self, leaves: dict, bits: int, group_size: int | None):
         self.leaves, self.bits, self.group_size = leaves, bits, group_size
@@ -46,20 +45,3 @@ class LowBitBlock:
         }
         jax.block_until_ready(leaves)
         return cls(leaves, bits, group_size if bits == 4 else None)
-
-    @property
-    def nbytes(self) -> int:
-        return tree_nbytes(self.leaves)
-
-    def arrays(self) -> list[jax.Array]:
-        return jax.tree.leaves(self.leaves)
-
-    def dequantize(self) -> dict[str, jax.Array]:
-        """Float32 `[K, N]` / `[D]` approximations of the source leaves (new arrays)."""
-        return {k: v if isinstance(v, jax.Array) else v.dequantize() for k, v in self.leaves.items()}
-
-    def materialize(self) -> dict:
-        return dict(self.leaves)
-
-    def free(self) -> None:
-        delete_arrays(self.leaves)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from vorch_jax.tiers.full_precision import delete_arrays, tree_nbytes
+from vorch_jax.tiers.full_precision import DeviceBlock
 from vorch_jax.tiers.state import State
 
 
@@ -89,11 +89,10 @@ def factorize(w_KxN: jax.Array, rank: int) -> LowRankWeight:
     return _factorize(w_KxN, rank=min(rank, *w_KxN.shape))
 
 
-class LowRankBlock:
+class LowRankBlock(DeviceBlock):
     """S6. `leaves: {name: LowRankWeight | f32[D]}` on device."""
 
     state = State.S6
-    where = "device"
 
     def __init__(self, leaves: dict, rank: int):
         self.leaves, self.rank = leaves, rank
@@ -104,19 +103,3 @@ class LowRankBlock:
         leaves = {k: factorize(v, rank) if v.ndim == 2 else v.copy() for k, v in block.leaves.items()}
         jax.block_until_ready(leaves)
         return cls(leaves, rank)
-
-    @property
-    def nbytes(self) -> int:
-        return tree_nbytes(self.leaves)
-
-    def arrays(self) -> list[jax.Array]:
-        return jax.tree.leaves(self.leaves)
-
-    def dequantize(self) -> dict[str, jax.Array]:
-        return {k: v if isinstance(v, jax.Array) else v.dequantize() for k, v in self.leaves.items()}
-
-    def materialize(self) -> dict:
-        return dict(self.leaves)
-
-    def free(self) -> None:
-        delete_arrays(self.leaves)
