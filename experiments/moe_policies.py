@@ -25,6 +25,48 @@ from vorch_jax import moe_run as M
 from vorch_jax.config import RunConfig
 
 
+def replay_bounds(stream, n_slots: int, horizons=(1, 4, 8)) -> dict:
+    """Expert loads of a cache of `n_slots` experts replaying the recorded expert stream (generation only), for LRU,
+    Belady, and `lookahead{d}`: LRU steered by a *perfect* router prediction of the next `d` layers (experts those
+    layers will not use are evicted first, those they will use last). Pure bookkeeping, no timing: how much of the
+    gap to Belady even an error-free speculation of that horizon closes (a heuristic, not a bound)."""
+    from vorch_jax.belady import NextUse
+
+    layer = [int(b.split(".")[1]) for b in stream]
+    visit, p = [], 0
+    for t, lay in enumerate(layer):
+        p += t > 0 and lay < layer[t - 1]
+        visit.append(p)
+    chosen = {}
+    for t, b in enumerate(stream):
+        chosen.setdefault((visit[t], layer[t]), set()).add(b)
+
+    def run(victim):
+        cache, last, loads = set(), {}, 0
+        for t, b in enumerate(stream):
+            last[b] = t
+            if b in cache:
+                continue
+            loads += 1
+            if len(cache) >= n_slots:
+                cache.remove(min(cache - {b}, key=lambda c: victim(c, t, last)))
+            cache.add(b)
+        return loads
+
+    def lookahead(d):
+        def key(c, t, last):
+            ahead = int(c.split(".")[1]) - layer[t]
+            if 0 < ahead <= d:
+                return (0 if c not in chosen.get((visit[t], layer[t] + ahead), ()) else 2, last[c])
+            return (1, last[c])
+        return key
+
+    nu = NextUse(stream)
+    out = {"lru": run(lambda c, t, last: last[c]), "belady": run(lambda c, t, last: -nu.after(c, t))}
+    out.update({f"lookahead{d}": run(lookahead(d)) for d in horizons})
+    return out
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=24)
@@ -56,7 +98,8 @@ def main(argv=None) -> list[dict]:
             s = M.run_moe(cfg, Path(args.out) / f"f{int(frac * 100)}" / pol, reference=ref,
                           speculative=False if pol.endswith("-nospec") else None)
             m = s["moe"]
-            rows.append({"fraction": frac, "policy": pol, "budget": budget, "hit_rate": s["hits"] / max(1, s["hits"] + s["misses"]),
+            hit = s["hits"] / max(1, s["hits"] + s["misses"])
+            rows.append({"fraction": frac, "policy": pol, "budget": budget, "hit_rate": hit,
                          "expert_hit_rate": m["expert_hit_rate"], "bytes_moved": s["bytes_moved"],
                          "expert_bytes_moved": m["expert_bytes_moved"], "belady_bytes": s["belady_bytes"],
                          "ratio": s["bytes_moved"] / s["belady_bytes"], "decode_tok_s": s["decode_tok_s"],
@@ -81,6 +124,14 @@ def main(argv=None) -> list[dict]:
                   f"({sp['issued_with_engine_event']} seen as engine transitions), precision {sp['precision']:.2f}, "
                   f"recall {sp['recall']:.2f} (prediction alone: precision {sp['prediction_precision']:.2f}, "
                   f"recall {sp['prediction_recall']:.2f})")
+    experts = [b for b in ref.stream[: ref.gen_positions] if ".expert." in b]
+    print(f"\nreplay of the recorded expert stream ({len(experts)} expert reads in generation): expert loads of a "
+          "cache of n experts; lookahead-d = LRU that also knows exactly which experts the next d layers will use")
+    for frac in args.fractions:
+        slots = int(frac * setup.model_cfg.n_layers * setup.n_experts) + args.reserve
+        r = replay_bounds(experts, slots)
+        print(f"{frac:.0%} ({slots} slots): " + ", ".join(f"{k} {v} ({v / r['belady']:.2f} x belady)"
+                                                          for k, v in r.items()))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "moe_policies.json").write_text(json.dumps(rows, indent=1))

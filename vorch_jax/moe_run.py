@@ -212,8 +212,8 @@ def run_moe(cfg: RunConfig, out_dir, *, progress=None, reference: MoEReference |
     """Run `cfg` on the MoE model, write summary.json (last), trace.jsonl, trace.perfetto.json; return the summary.
 
     `reference`: a resident MoE reference for the same prompt, evaluation text and token count (shared by a sweep
-    or tests); computed here when None. `speculative`: speculative expert prefetch (default: on for `scored`, off otherwise, so
-    the baselines are the plain caches).
+    or tests); computed here when None. `speculative`: speculative expert prefetch (default: on for `scored`,
+    off otherwise, so the baselines are the plain caches). `router_config`, `top_k`: see the module docstring.
     """
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
