@@ -26,8 +26,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import yaml
 
-from vorch_jax.config import RunConfig, parse_budget
+from vorch_jax.config import RunConfig, config_to_dict, parse_budget
 from vorch_jax.models import moe
 from vorch_jax.models import moe_build as mb
 from vorch_jax.models.llama import KVCache
@@ -195,7 +196,7 @@ def moe_scored_inputs(cfg: RunConfig, setup: MoESetup, store_dir: Path) -> dict:
                  for b in ("embed", "layers.0.attn", moe.expert_block_id(0, 0))}
     return dict(state_bytes=setup.state_bytes, homes=setup.homes, kinds=setup.kinds, layers=setup.layer_of,
                 placement=setup.placement, h2d_bytes_per_s=bw["host->device"], nvme_bytes_per_s=bw["nvme->host"],
-                delta=delta)
+                delta=delta, calibration=None)
 
 
 class MoEScoredPolicy(ScoredPolicy):
@@ -218,6 +219,7 @@ def run_moe(cfg: RunConfig, out_dir, *, progress=None, reference: MoEReference |
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
     setup = prepare_moe(cfg, router_config=router_config, top_k=top_k, say=say)
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # what this run was
     dtype = jnp.dtype(cfg.dtype)
     if reference is None:
         say("resident reference")
@@ -306,7 +308,8 @@ def build_summary(cfg, setup, policy, reference, events, accesses, counters, lin
     moved = T.link_bytes(T.window(events, t_place0, t_gen1))  # cold start: the initial placement counts
     loads = sum(v for k, v in moved.items() if k in ("host->device",))
     device_bytes_used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
-    bel = belady_bytes(stream, device_bytes_used, setup.hbm_budget, [], pinned=setup.protected)
+    bel = belady_bytes(stream, device_bytes_used, setup.hbm_budget, [], pinned=setup.protected,
+                       load_bytes=setup.device_bytes)  # a lossy block travels full precision, converts on device
     decode_s = sum(step_s[1:]) if len(step_s) > 1 else sum(step_s)  # the first decode step is warm-up
     decode_n = max(1, len(step_s) - 1) if len(step_s) > 1 else len(step_s)
     t_decode0 = t_gen0 + prefill_s
@@ -314,6 +317,7 @@ def build_summary(cfg, setup, policy, reference, events, accesses, counters, lin
     h2d_bw = link_bw["host->device"]
     return {
         "complete": True,
+        "config": config_to_dict(cfg),
         "model": cfg.model,
         "policy": cfg.policy,
         "lossy": cfg.lossy,
@@ -342,6 +346,9 @@ def build_summary(cfg, setup, policy, reference, events, accesses, counters, lin
         "prefetch": {"issued": counters.prefetch_issued, "useful": counters.prefetch_useful,
                      "wasted_bytes": counters.prefetch_wasted_bytes},
         "transitions": T.transition_counts(gen_events),
+        "transition_reasons": T.transition_reasons(gen_events),
+        "controller_decisions": dict(getattr(policy, "decisions", {})),
+        "calibration": getattr(policy, "calibration", None),
         "quality": quality(run_logits, reference.logits, setup.eval_ids),
         "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
         "link_gbps": {k: v / 1e9 for k, v in link_bw.items()},
