@@ -29,9 +29,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from vorch_jax.config import ConfigError
     from vorch_jax.corpus import CorpusError
     from vorch_jax.executor import BudgetError
+    from vorch_jax.hardware import ProfileError
     from vorch_jax.models.gguf_source import ModelFileError
 
-    return (UserError, BudgetError, ConfigError, CorpusError, ModelFileError, FileNotFoundError, IsADirectoryError, PermissionError)
+    return (UserError, BudgetError, ProfileError, ConfigError, CorpusError, ModelFileError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
 def cmd_generate(args) -> int:
@@ -144,11 +145,13 @@ def format_comparison(summaries: list[dict]) -> str:
         exposed = s["stall_s"] / s["transfer_s"] if s.get("transfer_s") else float("nan")
         lines.append(f"{s['policy']:<16} {over_static:>14.3f} {s['decode_step_s'] / s['floor_step_s']:>14.3f} "
                      f"{exposed:>13.3f} {s['controller_s'] / s['wall_s']:>11.4f} "
-                     f"{s['quality']['ppl'] - s['quality']['ppl_resident']:>9.4f}")
+                     + (f"{s['quality']['ppl'] - s['quality']['ppl_resident']:>9.4f}" if "ppl" in s["quality"] else
+                        f"{'not simulated':>13}"))
     return "\n".join(lines)
 
 
 def format_summary_row(s: dict, header: bool = False) -> str:
+    q = s.get("quality") or {}
     cols = [
         ("policy", f"{s['policy']:<16}"),
         ("tok/s", f"{s['decode_tok_s']:>7.2f}"),
@@ -157,8 +160,8 @@ def format_summary_row(s: dict, header: bool = False) -> str:
         ("/belady", f"{(s['bytes_moved'] / s['belady_bytes']) if s['belady_bytes'] else float('nan'):>8.3f}"),
         ("peak MB", f"{s['peak_device_bytes'] / 1e6:>8.1f}"),
         ("budget MB", f"{s['hbm_budget_bytes'] / 1e6:>9.1f}"),
-        ("ppl", f"{s['quality']['ppl']:>7.3f}"),
-        ("same tokens", f"{str(s['tokens_match_resident']):>11}"),
+        ("ppl", f"{q['ppl']:>7.3f}" if "ppl" in q else f"{'sim':>7}"),
+        ("same tokens", f"{str(s.get('tokens_match_resident', '-')):>11}"),
     ]
     row = " ".join(v for _, v in cols)
     if not header:

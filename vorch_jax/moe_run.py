@@ -43,7 +43,7 @@ from .belady import belady_bytes
 from .executor import check_fits
 from .policies import PolicyContext
 from .scored_policy import ScoredPolicy
-from .runner import RunError, Setup, check_out_dir, make_policy, quality
+from .runner import RunError, Setup, build_summary, check_out_dir, make_policy
 
 MOE_MODEL = "smollm2-135m-moe"
 ROUTER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "moe" / "router.yaml"
@@ -294,67 +294,6 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference, say,
     T.write_trace(out_dir, records)
     T.write_json_atomic(out_dir / "summary.json", summary)  # last: its presence means the run completed
     return summary
-
-
-def build_summary(cfg, setup, policy, reference, events, accesses, counters, link_bw, *, tokens, prefill_s, step_s,
-                  t_place0, t_gen0, t_gen1, t_q1, run_logits, n_gen) -> dict:
-    """The summary fields of `runner._run_with_engine`, computed the same way from the same events. (Factored here
-    because the runner builds its summary inline; both should call one such function.)
-
-    `accesses`: the executor's accesses from generation on (generation first, then the quality pass); `n_gen`: how
-    many of them belong to generation (what the oracle replays, as in the dense run)."""
-    gen_events = T.window(events, t_gen0, t_gen1)
-    stream = [a.block for a in accesses[:n_gen]]
-    moved = T.link_bytes(T.window(events, t_place0, t_gen1))  # cold start: the initial placement counts
-    loads = sum(v for k, v in moved.items() if k in ("host->device",))
-    device_bytes_used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
-    bel = belady_bytes(stream, device_bytes_used, setup.hbm_budget, [], pinned=setup.protected,
-                       load_bytes=setup.device_bytes)  # a lossy block travels full precision, converts on device
-    decode_s = sum(step_s[1:]) if len(step_s) > 1 else sum(step_s)  # the first decode step is warm-up
-    decode_n = max(1, len(step_s) - 1) if len(step_s) > 1 else len(step_s)
-    t_decode0 = t_gen0 + prefill_s
-    missed_per_step = T.link_bytes(T.window(events, t_decode0, t_gen1)).get("host->device", 0) / max(1, len(step_s))
-    h2d_bw = link_bw["host->device"]
-    return {
-        "complete": True,
-        "config": config_to_dict(cfg),
-        "model": cfg.model,
-        "policy": cfg.policy,
-        "lossy": cfg.lossy,
-        "hbm_budget_bytes": setup.hbm_budget,
-        "dram_budget_bytes": setup.dram_budget,
-        "model_bytes": setup.model_bytes,
-        "prompt_tokens": len(setup.prompt_ids),
-        "tokens": tokens,
-        "tokens_match_resident": tokens == reference.tokens,
-        "text": setup.tokenizer.decode(tokens),
-        "prefill_s": prefill_s,
-        "decode_tok_s": decode_n / decode_s if decode_s > 0 else float("nan"),
-        "decode_step_s": decode_s / decode_n if decode_s > 0 else float("nan"),
-        "resident_step_s": reference.step_s,
-        "floor_step_s": max(reference.step_s, missed_per_step / h2d_bw),
-        "wall_s": t_gen1 - t_gen0,
-        "stall_s": T.stall_seconds(gen_events),
-        "transfer_s": T.link_seconds(gen_events, "host->device") + T.link_seconds(gen_events, "nvme->host"),
-        "controller_s": counters.controller_s,
-        "peak_device_bytes": counters.peak_device_bytes,
-        "link_bytes": moved,
-        "bytes_moved": loads,
-        "belady_bytes": bel,
-        "hits": counters.hits,
-        "misses": counters.misses,
-        "prefetch": {"issued": counters.prefetch_issued, "useful": counters.prefetch_useful,
-                     "wasted_bytes": counters.prefetch_wasted_bytes},
-        "transitions": T.transition_counts(gen_events),
-        "transition_reasons": T.transition_reasons(gen_events),
-        "controller_decisions": dict(getattr(policy, "decisions", {})),
-        "calibration": getattr(policy, "calibration", None),
-        "quality": quality(run_logits, reference.logits, setup.eval_ids),
-        "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
-        "link_gbps": {k: v / 1e9 for k, v in link_bw.items()},
-        "initial_placement_s": t_gen0 - t_place0,
-        "backend": jax.default_backend(),
-    }
 
 
 def moe_section(setup, ex, spec, spec0, events, t_gen0, t_gen1, speculative) -> dict:

@@ -141,8 +141,6 @@ def prepare(cfg: RunConfig) -> Setup:
 
     if cfg.model != "smollm2-135m":
         raise RunError(f"model '{cfg.model}' is not available in this build (only smollm2-135m)")
-    if cfg.executor != "real":
-        raise RunError(f"executor '{cfg.executor}' is not available in this build (only real)")
     source = load_smollm2_source()
     tok = tokenizer_from_gguf_metadata(source.tokenizer_metadata())
     mcfg = source.config
@@ -275,6 +273,14 @@ def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None =
     `reference`: a resident reference computed earlier for the same model, prompt, evaluation text and token count
     (a sweep or a test may share it); computed here when None.
     """
+    if cfg.executor == "sim":  # the same policies against a modelled machine (hardware profile)
+        from .simulator import simulate
+
+        return simulate(cfg, out_dir, progress=progress)
+    if cfg.model == "smollm2-135m-moe":  # routed schedule, speculative expert prefetch (moe_run imports this module)
+        from . import moe_run
+
+        return moe_run.run_moe(cfg, out_dir, progress=progress, reference=reference)
     out_dir = check_out_dir(Path(out_dir))
     setup = prepare(cfg)
     (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # what this run was
@@ -315,6 +321,67 @@ def policy_context(cfg: RunConfig, setup: Setup) -> PolicyContext:
                          state_bytes=setup.state_bytes)
 
 
+def build_summary(cfg, setup, policy, reference, events, accesses, counters, link_bw, *, tokens, prefill_s, step_s,
+                  t_place0, t_gen0, t_gen1, t_q1, run_logits, n_gen) -> dict:
+    """The summary of a run, every figure computed from the recorded events and accesses (dense and MoE runs alike).
+
+    `accesses`: the executor's accesses from generation on (generation first, then the quality pass); `n_gen`: how
+    many of them belong to generation (what the oracle replays, as in the dense run)."""
+    gen_events = T.window(events, t_gen0, t_gen1)
+    stream = [a.block for a in accesses[:n_gen]]
+    moved = T.link_bytes(T.window(events, t_place0, t_gen1))  # cold start: the initial placement counts
+    loads = sum(v for k, v in moved.items() if k in ("host->device",))
+    device_bytes_used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
+    bel = belady_bytes(stream, device_bytes_used, setup.hbm_budget, [], pinned=setup.protected,
+                       load_bytes=setup.device_bytes)  # a lossy block travels full precision, converts on device
+    decode_s = sum(step_s[1:]) if len(step_s) > 1 else sum(step_s)  # the first decode step is warm-up
+    decode_n = max(1, len(step_s) - 1) if len(step_s) > 1 else len(step_s)
+    t_decode0 = t_gen0 + prefill_s
+    missed_per_step = T.link_bytes(T.window(events, t_decode0, t_gen1)).get("host->device", 0) / max(1, len(step_s))
+    h2d_bw = link_bw["host->device"]
+    return {
+        "complete": True,
+        "config": config_to_dict(cfg),
+        "model": cfg.model,
+        "policy": cfg.policy,
+        "lossy": cfg.lossy,
+        "hbm_budget_bytes": setup.hbm_budget,
+        "dram_budget_bytes": setup.dram_budget,
+        "model_bytes": setup.model_bytes,
+        "prompt_tokens": len(setup.prompt_ids),
+        "tokens": tokens,
+        "tokens_match_resident": tokens == reference.tokens,
+        "text": setup.tokenizer.decode(tokens),
+        "prefill_s": prefill_s,
+        "decode_tok_s": decode_n / decode_s if decode_s > 0 else float("nan"),
+        "decode_step_s": decode_s / decode_n if decode_s > 0 else float("nan"),
+        "resident_step_s": reference.step_s,
+        "floor_step_s": max(reference.step_s, missed_per_step / h2d_bw),
+        "wall_s": t_gen1 - t_gen0,
+        "stall_s": T.stall_seconds(gen_events),
+        "transfer_s": T.link_seconds(gen_events, "host->device") + T.link_seconds(gen_events, "nvme->host"),
+        "controller_s": counters.controller_s,
+        "peak_device_bytes": counters.peak_device_bytes,
+        "link_bytes": moved,
+        "bytes_moved": loads,
+        "belady_bytes": bel,
+        "hits": counters.hits,
+        "misses": counters.misses,
+        "prefetch": {"issued": counters.prefetch_issued, "useful": counters.prefetch_useful,
+                     "wasted_bytes": counters.prefetch_wasted_bytes},
+        "transitions": T.transition_counts(gen_events),
+        "transition_reasons": T.transition_reasons(gen_events),
+        "controller_decisions": dict(getattr(policy, "decisions", {})),
+        "calibration": getattr(policy, "calibration", None),
+        "quality": quality(run_logits, reference.logits, setup.eval_ids),
+        "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
+        "link_gbps": {k: v / 1e9 for k, v in link_bw.items()},
+        "initial_placement_s": t_gen0 - t_place0,
+        "backend": jax.default_backend(),
+    }
+
+
+
 def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Reference, say):
     link_bw = probe_bandwidths(engine.store_dir)  # for the floor: the links' speed measured now, not a datasheet
     say("registering blocks at their homes")
@@ -337,7 +404,6 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Refe
     n_acc0 = len(ex.accesses)
     say("generating")
     tokens, prefill_s, step_s = greedy_generate(ex, setup.prompt_ids, cfg.new_tokens)
-    t_decode0 = t_gen0 + prefill_s
     t_gen1 = time.perf_counter()
     gen_accesses = ex.accesses[n_acc0:]
     gen_counters = dataclasses.replace(ex.counters)
@@ -348,62 +414,9 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Refe
     t_q1 = time.perf_counter()
 
     events = engine.events.snapshot()
-    gen_events = T.window(events, t_gen0, t_gen1)
-    stream = [a.block for a in gen_accesses]
-    moved = T.link_bytes(T.window(events, t_place0, t_gen1))  # cold start: the initial placement counts
-    loads = sum(v for k, v in moved.items() if k in ("host->device",))
-    device_bytes_used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
-    # The oracle obeys the same guardrails as every policy (protected blocks never leave) and starts cold.
-    bel = belady_bytes(stream, device_bytes_used, setup.hbm_budget, [], pinned=setup.protected,
-                       load_bytes=setup.device_bytes)  # a lossy block travels full precision, converts on device
-    decode_s = sum(step_s[1:]) if len(step_s) > 1 else sum(step_s)  # the first decode step is dropped as warm-up
-    decode_n = max(1, len(step_s) - 1) if len(step_s) > 1 else len(step_s)
-    h2d_bw = link_bw["host->device"]
-    decode_events = T.window(events, t_decode0, t_gen1)
-    missed_per_step = T.link_bytes(decode_events).get("host->device", 0) / max(1, len(step_s))
-    floor_s = max(reference.step_s, missed_per_step / h2d_bw)
-    stall_s = T.stall_seconds(gen_events)
-    wall_s = t_gen1 - t_gen0
-    summary = {
-        "complete": True,
-        "config": config_to_dict(cfg),
-        "model": cfg.model,
-        "policy": cfg.policy,
-        "lossy": cfg.lossy,
-        "hbm_budget_bytes": setup.hbm_budget,
-        "dram_budget_bytes": setup.dram_budget,
-        "model_bytes": setup.model_bytes,
-        "prompt_tokens": len(setup.prompt_ids),
-        "tokens": tokens,
-        "tokens_match_resident": tokens == reference.tokens,
-        "text": setup.tokenizer.decode(tokens),
-        "prefill_s": prefill_s,
-        "decode_tok_s": decode_n / decode_s if decode_s > 0 else float("nan"),
-        "decode_step_s": decode_s / decode_n if decode_s > 0 else float("nan"),
-        "resident_step_s": reference.step_s,
-        "floor_step_s": floor_s,
-        "wall_s": wall_s,
-        "stall_s": stall_s,
-        "transfer_s": T.link_seconds(gen_events, "host->device") + T.link_seconds(gen_events, "nvme->host"),
-        "controller_s": gen_counters.controller_s,
-        "peak_device_bytes": gen_counters.peak_device_bytes,
-        "link_bytes": moved,
-        "bytes_moved": loads,
-        "belady_bytes": bel,
-        "hits": gen_counters.hits,
-        "misses": gen_counters.misses,
-        "prefetch": {"issued": gen_counters.prefetch_issued, "useful": gen_counters.prefetch_useful,
-                     "wasted_bytes": gen_counters.prefetch_wasted_bytes},
-        "transitions": T.transition_counts(gen_events),
-        "transition_reasons": T.transition_reasons(gen_events),
-        "controller_decisions": dict(getattr(policy, "decisions", {})),
-        "calibration": getattr(policy, "calibration", None),
-        "quality": quality(run_logits, reference.logits, setup.eval_ids),
-        "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
-        "link_gbps": {k: v / 1e9 for k, v in link_bw.items()},
-        "initial_placement_s": t_gen0 - t_place0,
-        "backend": jax.default_backend(),
-    }
+    summary = build_summary(cfg, setup, policy, reference, events, ex.accesses[n_acc0:], gen_counters, link_bw,
+                            tokens=tokens, prefill_s=prefill_s, step_s=step_s, t_place0=t_place0, t_gen0=t_gen0,
+                            t_gen1=t_gen1, t_q1=t_q1, run_logits=run_logits, n_gen=len(gen_accesses))
     records = T.trace_records(ex.accesses, events, t_gen0)
     T.write_trace(out_dir, records)
     T.write_json_atomic(out_dir / "summary.json", summary)  # last: its presence means the run completed
@@ -417,7 +430,14 @@ def compare(cfg: RunConfig, policies: list[str], out_dir, *, progress=None) -> l
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
     say("resident reference")
-    reference = resident_reference(prepare(cfg), jnp.dtype(cfg.dtype), cfg.new_tokens)
+    if cfg.executor == "sim":
+        reference = None  # nothing to compare against: quality is not simulated
+    elif cfg.model == "smollm2-135m-moe":
+        from . import moe_run
+
+        reference = moe_run.moe_reference(moe_run.prepare_moe(cfg), jnp.dtype(cfg.dtype), cfg.new_tokens)
+    else:
+        reference = resident_reference(prepare(cfg), jnp.dtype(cfg.dtype), cfg.new_tokens)
     summaries = []
     for p in policies:
         overrides = [f"policy={p}"] + (["hbm_budget=1.0"] if p == "resident" else [])
