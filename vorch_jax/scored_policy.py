@@ -72,6 +72,16 @@ class ScoredPolicy(Policy):
             if b in ctx.forced:  # a rule fixed this block's on-device state: no other device state (it is
                 allowed[i, [sid.S0, sid.S1, sid.S2, sid.S6]] = False  # protected, so it never stays home)
                 allowed[i, int(ctx.forced[b])] = True
+        # Guardrail on quality: a block whose calibrated sensitivity ψ (normalised by the largest) exceeds
+        # guardrail.psi_threshold may not be held below int8 (S2 and S6 leave its ladder); going off device is lossless
+        # and stays allowed. Without a calibration there is no ψ, and this guardrail has nothing to act on.
+        psi_B = np.asarray([(psi or {}).get(b, 0.0) for b in self.ids], np.float64)
+        self.sensitive = frozenset()
+        if psi_B.max(initial=0.0) > 0:
+            hot = (psi_B / psi_B.max() > cfg.guardrail.psi_threshold) & np.asarray([b not in ctx.forced for b in self.ids])
+            allowed[hot, sid.S2] = False
+            allowed[hot, sid.S6] = False
+            self.sensitive = frozenset(b for b, h in zip(self.ids, hot) if h)
         protected = [b in ctx.protected for b in self.ids]
         floor = [int(ctx.forced[b]) if b in ctx.forced else
                  State.parse(placement[b].floor).value if placement[b].floor else (sid.S0 if p else sid.S6)
