@@ -56,6 +56,15 @@ def link_seconds(events, link: str) -> float:
     return total
 
 
+def link_throughput(events, link: str, t_start: float, t_end: float) -> float | None:
+    """Bytes per second one transfer on `link` achieved, over the transitions that started in [t_start, t_end):
+    their bytes over their summed durations (None when nothing crossed the link)."""
+    moved = [(e.link_bytes[link], e.duration) for e in window(events, t_start, t_end)
+             if e.kind == "transition" and e.link_bytes.get(link)]
+    seconds = sum(d for _, d in moved)
+    return sum(n for n, _ in moved) / seconds if seconds > 0 else None
+
+
 def trace_records(accesses, events, t0: float) -> list[dict]:
     """One JSON-able record per access, per transition link and per stall, ordered by time."""
     starts = [a.start for a in accesses]
