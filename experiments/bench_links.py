@@ -27,7 +27,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vorch_jax.tiers.full_precision import FullPrecisionBlock

@@ -26,7 +26,6 @@ Shapes: B batch, T tokens, D model width, E experts per layer, L layers, V vocab
 from __future__ import annotations
 
 import functools
-import inspect
 import time
 
 import jax
@@ -43,7 +42,6 @@ from vorch_jax.tiers.state import State
 from .executor import BudgetError, Executor
 
 P_EMA = 0.2  # weight of the newest observation in P(expert selected): routing, or the next layer's speculation
-_LOAD_TAKES_REASON = "reason" in inspect.signature(Executor._load).parameters
 
 
 # ------------------------------------------------------------------------------------------------ block compute
@@ -241,7 +239,7 @@ class RoutedExecutor(RoutedForward, Executor):
         need = self._bytes(block, self.policy.device_state(block))
         if not self._make_room(block, need, strict=False, keep=self._window() | {block}):
             return
-        self._load_for(block, "prefetch:speculative")
+        self._load(block, "prefetch:speculative")
         self.prefetched.add(block)
         self.counters.prefetch_issued += 1
         self._spec_pending[block] = layer
@@ -258,7 +256,7 @@ class RoutedExecutor(RoutedForward, Executor):
             used += self._bytes(b, self.policy.device_state(b))
             if used > self.budget:
                 raise BudgetError(f"pinned block '{b}' does not fit in the HBM budget")
-            self._load_for(b, "placement")
+            self._load(b, "placement")
         for b in list(self.on_device):
             self.engine.wait(b)
         self._sample_peak()
@@ -272,13 +270,6 @@ class RoutedExecutor(RoutedForward, Executor):
     def _evict(self, block, *reason):
         self._spec_pending.pop(block, None)  # evicted before its layer read it: not a used prefetch
         super()._evict(block, *reason)
-
-    def _load_for(self, block: str, reason: str):
-        """`Executor._load`, with the movement's reason where the executor records reasons."""
-        if _LOAD_TAKES_REASON:
-            self._load(block, reason)
-        else:
-            self._load(block)
 
     def after_layer(self, layer):
         self._unselected = set()
@@ -309,7 +300,7 @@ class RoutedExecutor(RoutedForward, Executor):
             horizon = {self._cur, *self._ahead[: j + 1]}
             if not self._make_room(u, self._bytes(u, self.policy.device_state(u)), strict=False, keep=horizon):
                 return
-            self._load_for(u, "prefetch")
+            self._load(u, "prefetch")
             self.prefetched.add(u)
             self.counters.prefetch_issued += 1
 

@@ -23,7 +23,6 @@ import statistics
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import yaml
@@ -39,7 +38,6 @@ from vorch_jax.tiers.state import State
 
 from . import moe_executor as MX
 from . import telemetry as T
-from .belady import belady_bytes
 from .executor import check_fits
 from .policies import PolicyContext
 from .scored_policy import ScoredPolicy

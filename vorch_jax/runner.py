@@ -31,7 +31,7 @@ from vorch_jax.tiers.state import State
 from . import block_compute as C
 from . import telemetry as T
 from .belady import BeladyPolicy, belady_bytes
-from .executor import BudgetError, Executor, check_fits, greedy_generate
+from .executor import Executor, check_fits, greedy_generate
 from .policies import LFUPolicy, LRUPolicy, PolicyContext, ResidentPolicy, StaticPolicy
 from .schedule import dense_schedule, future_stream
 

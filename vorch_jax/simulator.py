@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import inspect
 import time
 from pathlib import Path
 
@@ -49,10 +48,6 @@ from .model_shapes import ModelShape, model_shape as get_model_shape
 from .policies import PolicyContext
 
 PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
-# The executor and the event record are gaining a `reason` per transition; follow whichever version is installed.
-_EVENT_HAS_REASON = "reason" in {f.name for f in dataclasses.fields(Event)}
-_LOAD_TAKES_REASON = "reason" in inspect.signature(Executor._load).parameters
-_APPLY_TAKES_REASONS = "reasons" in inspect.signature(Executor.apply_targets).parameters
 ON_DEVICE_RULE_STATES = ("S0", "S1", "S2", "S6")
 LOWBIT = {State.S1: "int8", State.S2: "int4"}
 
@@ -102,7 +97,7 @@ class SimEngine:
         raise AssertionError(link)
 
     def _event(self, *args, reason: str = "", **kw) -> None:
-        self.events.append(Event(*args, **kw, **({"reason": reason} if _EVENT_HAS_REASON else {})))
+        self.events.append(Event(*args, **kw, reason=reason))
 
     def request(self, block: str, target, reason: str = "") -> _Handle:
         dst = State.parse(target)
@@ -237,7 +232,7 @@ class SimExecutor(Executor):
             self.counters.misses += 1
             self._make_room(block, self._bytes(block, self.policy.device_state(block)), strict=True,
                             keep=self._window())
-            self._load(block, "miss") if _LOAD_TAKES_REASON else self._load(block)
+            self._load(block, "miss")
         self.engine.wait(block)
         if block in self.inflight:
             self.inflight.pop(block)
@@ -254,10 +249,7 @@ class SimExecutor(Executor):
         self.counters.controller_s += spent
         self.clock.now += spent
         if targets:
-            if _APPLY_TAKES_REASONS:
-                self.apply_targets(targets, getattr(self.policy, "reasons", None))
-            else:
-                self.apply_targets(targets)
+            self.apply_targets(targets, getattr(self.policy, "reasons", None))
 
     def run_pass(self, positions: list[tuple[str, str]], tokens: int, context: int) -> None:
         """One forward pass: ensure; prefetch; compute (async on the stream); tick after every N-th layer's FFN."""
@@ -408,15 +400,10 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
               ["final_norm", shape.head_block()]
     else:
         one = [b for b, _ in passes[0]]
-    fields = {f.name for f in dataclasses.fields(PolicyContext)}
-    newer = {}  # PolicyContext fields that are being added (placement-forced states, per-state bytes)
-    if "forced" in fields:
-        newer["forced"] = {b: State.parse(p.state) for b, p in placement.items() if p.state in ON_DEVICE_RULE_STATES}
-    if "state_bytes" in fields:
-        newer["state_bytes"] = state_bytes
+    forced = {b: State.parse(p.state) for b, p in placement.items() if p.state in ON_DEVICE_RULE_STATES}
     ctx = PolicyContext(block_ids=tuple(shape.block_ids), device_bytes=dict(shape.device_bytes), budget_bytes=hbm,
                         schedule=tuple(one), prefetch_depth=cfg.prefetch_depth, protected=protected,
-                        future=tuple(stream), **newer)
+                        future=tuple(stream), forced=forced, state_bytes=state_bytes)
     extras = _scored_extras(cfg, shape, hw, state_bytes, homes, placement) if cfg.policy == "scored" else None
     policy = make_policy(cfg, ctx, extras)
     check_fits(policy, shape.device_bytes, hbm, state_bytes)
