@@ -27,12 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 import yaml
 
-from vorch_jax.config import RunConfig, config_to_dict, parse_budget
+from vorch_jax.config import RunConfig, config_to_dict
 from vorch_jax.models import moe
 from vorch_jax.models import moe_build as mb
 from vorch_jax.models.llama import KVCache
-from vorch_jax.placement import resolve_placement
-from vorch_jax.tiers import footprint
 from vorch_jax.tiers.link_probe import probe_bandwidths
 from vorch_jax.tiers.state import State
 
@@ -41,7 +39,7 @@ from . import telemetry as T
 from .executor import check_fits
 from .policies import PolicyContext
 from .scored_policy import ScoredPolicy
-from .runner import RunError, Setup, build_summary, check_out_dir, make_policy
+from .runner import RunError, Setup, build_setup, build_summary, check_out_dir, make_policy
 
 MOE_MODEL = "smollm2-135m-moe"
 ROUTER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "moe" / "router.yaml"
@@ -77,9 +75,6 @@ def load_moe_model(router_config: str, say=lambda m: None):
 
 def prepare_moe(cfg: RunConfig, *, router_config=None, top_k: int | None = None, say=lambda m: None) -> MoESetup:
     """Everything the run needs, before any timing (the MoE is built on first use: about 2 minutes)."""
-    from vorch_jax.corpus import kjv_text
-    from vorch_jax.models.smollm2 import bos_id
-
     if cfg.model != MOE_MODEL:
         raise RunError(f"model '{cfg.model}' is not the MoE model ({MOE_MODEL})")
     if cfg.executor != "real":
@@ -89,43 +84,8 @@ def prepare_moe(cfg: RunConfig, *, router_config=None, top_k: int | None = None,
     if not 1 <= k <= rcfg.n_experts:
         raise RunError(f"top_k must lie in [1, {rcfg.n_experts}], got {k}")
     source, tok = load_moe_model(str(Path(router_config or ROUTER_CONFIG).resolve()), say)
-    mcfg = source.config
-    ids = source.block_ids
-    device_bytes = {b: source.block_nbytes(b) for b in ids}
-    layer_of = {b: source.block_kind_layer(b)[1] for b in ids}
-    kinds = {b: source.block_kind_layer(b)[0] for b in ids}
-    model_bytes = sum(device_bytes.values())
-    hbm = parse_budget(cfg.hbm_budget, model_bytes)
-    dram = parse_budget(cfg.dram_budget, model_bytes)
-    placement = resolve_placement(cfg.placement, ids)
-    forced = {b: State.parse(p.state) for b, p in placement.items() if p.state in ("S0", "S1", "S2", "S6")}
-    protected = frozenset(b for b, p in placement.items() if p.protect) | frozenset(forced)
-    if cfg.policy == "resident":
-        protected = frozenset(ids)
-    state_bytes = {b: {s: footprint.state_bytes(source.block_shapes(b), s, int4_group_size=cfg.quant.int4_group_size,
-                                                lowrank_rank=cfg.quant.lowrank_rank)
-                       for s in (State.S0, State.S1, State.S2, State.S6)} for b in ids}
-    need = sum(state_bytes[b][forced.get(b, State.S0)] for b in protected)
-    if need > hbm:
-        raise RunError(f"hbm_budget of {hbm} bytes is below the {need} bytes of the blocks that must stay on device "
-                       f"({len(protected)} protected or pinned blocks)")
-    schedule = ids + ["embed"]
-    homes, used = {}, 0
-    for b in ids:  # DRAM filled in pass order; what does not fit spills to NVMe
-        ruled = placement[b].state
-        if ruled in ("S3", "S4"):
-            homes[b] = State.parse(ruled)
-        else:
-            homes[b] = State.S3 if used + device_bytes[b] <= dram else State.S4
-        used += device_bytes[b] if homes[b] == State.S3 else 0
-    text_ids = tok.encode(kjv_text(max_chars=16 * (cfg.prompt_tokens + cfg.eval_tokens) + 1000)).ids
-    prompt_ids = tok.encode(cfg.prompt).ids if cfg.prompt else text_ids[: cfg.prompt_tokens]
-    if not prompt_ids:
-        raise RunError("the prompt is empty")
-    eval_ids = [bos_id(tok)] + text_ids[: cfg.eval_tokens]
-    return MoESetup(cfg, source, tok, mcfg, ids, device_bytes, layer_of, model_bytes, hbm, dram, homes, protected,
-                    placement, kinds, state_bytes, forced, schedule, [bos_id(tok)] + prompt_ids, eval_ids,
-                    n_experts=rcfg.n_experts, top_k=k)
+    return build_setup(cfg, source, tok, source.block_ids, source.block_kind_layer, source.block_ids + ["embed"],
+                       setup_cls=MoESetup, n_experts=rcfg.n_experts, top_k=k)
 
 
 def dense_protect_rules():

@@ -135,8 +135,7 @@ class Setup:
 
 
 def prepare(cfg: RunConfig) -> Setup:
-    from vorch_jax.corpus import kjv_text
-    from vorch_jax.models.smollm2 import bos_id, load_smollm2_source
+    from vorch_jax.models.smollm2 import load_smollm2_source
     from vorch_jax.models.tokenizer import tokenizer_from_gguf_metadata
 
     if cfg.model != "smollm2-135m":
@@ -144,9 +143,21 @@ def prepare(cfg: RunConfig) -> Setup:
     source = load_smollm2_source()
     tok = tokenizer_from_gguf_metadata(source.tokenizer_metadata())
     mcfg = source.config
-    ids = model_block_ids(mcfg)
+    return build_setup(cfg, source, tok, model_block_ids(mcfg), lambda b: block_kind_layer(mcfg, b),
+                       dense_schedule(mcfg.n_layers))
+
+
+def build_setup(cfg: RunConfig, source, tok, ids: list, kind_layer, schedule: list, setup_cls=None, **extra):
+    """Budgets, placement, homes, per-state bytes, prompt and evaluation text: shared by the dense and MoE runs.
+
+    `kind_layer(block) -> (kind, layer)`; `schedule`: one pass's access order; `setup_cls` (default `Setup`) and
+    `extra` let a model family add its own fields."""
+    from vorch_jax.corpus import kjv_text
+    from vorch_jax.models.smollm2 import bos_id
+
     device_bytes = {b: source.block_nbytes(b) for b in ids}
-    layer_of = {b: block_kind_layer(mcfg, b)[1] for b in ids}
+    kinds = {b: kind_layer(b)[0] for b in ids}
+    layer_of = {b: kind_layer(b)[1] for b in ids}
     model_bytes = sum(device_bytes.values())
     hbm = parse_budget(cfg.hbm_budget, model_bytes)
     dram = parse_budget(cfg.dram_budget, model_bytes)
@@ -156,35 +167,29 @@ def prepare(cfg: RunConfig) -> Setup:
     protected = frozenset(b for b, p in placement.items() if p.protect) | frozenset(forced)
     if cfg.policy == "resident":
         protected = frozenset(ids)
-    kinds = {b: block_kind_layer(mcfg, b)[0] for b in ids}
-    state_bytes = {}
-    for b in ids:
-        shapes = source.block_shapes(b)
-        state_bytes[b] = {s: footprint.state_bytes(shapes, s, int4_group_size=cfg.quant.int4_group_size,
-                                                   lowrank_rank=cfg.quant.lowrank_rank)
-                          for s in (State.S0, State.S1, State.S2, State.S6)}
+    state_bytes = {b: {s: footprint.state_bytes(source.block_shapes(b), s, int4_group_size=cfg.quant.int4_group_size,
+                                                lowrank_rank=cfg.quant.lowrank_rank)
+                       for s in (State.S0, State.S1, State.S2, State.S6)} for b in ids}
     need = sum(state_bytes[b][forced.get(b, State.S0)] for b in protected)
     if need > hbm:
         raise RunError(f"hbm_budget of {hbm} bytes is below the {need} bytes of the blocks that must stay on device "
                        f"({len(protected)} protected or pinned blocks)")
-    schedule = dense_schedule(mcfg.n_layers)
     homes, used = {}, 0
-    for b in dict.fromkeys(schedule):  # DRAM filled in schedule order; what does not fit spills to NVMe
+    for b in ids:  # DRAM filled in execution order; what does not fit spills to NVMe
         ruled = placement[b].state
         if ruled in ("S3", "S4"):
             homes[b] = State.parse(ruled)
-        elif used + device_bytes[b] <= dram:
-            homes[b] = State.S3
         else:
-            homes[b] = State.S4
+            homes[b] = State.S3 if used + device_bytes[b] <= dram else State.S4
         used += device_bytes[b] if homes[b] == State.S3 else 0
     text_ids = tok.encode(kjv_text(max_chars=16 * (cfg.prompt_tokens + cfg.eval_tokens) + 1000)).ids
     prompt_ids = tok.encode(cfg.prompt).ids if cfg.prompt else text_ids[: cfg.prompt_tokens]
     if not prompt_ids:
         raise RunError("the prompt is empty")
     eval_ids = [bos_id(tok)] + text_ids[: cfg.eval_tokens]
-    return Setup(cfg, source, tok, mcfg, ids, device_bytes, layer_of, model_bytes, hbm, dram, homes, protected,
-                 placement, kinds, state_bytes, forced, schedule, [bos_id(tok)] + prompt_ids, eval_ids)
+    return (setup_cls or Setup)(cfg, source, tok, source.config, ids, device_bytes, layer_of, model_bytes, hbm, dram,
+                                homes, protected, placement, kinds, state_bytes, forced, schedule,
+                                [bos_id(tok)] + prompt_ids, eval_ids, **extra)
 
 
 def compile_on_zeros(mcfg, device_bytes_shapes: dict, seq_lens, max_len: int, dtype):
