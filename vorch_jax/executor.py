@@ -133,9 +133,13 @@ class Executor:
         self.step += 1
         return logits, KVCache(ks, vs)
 
+    def now(self) -> float:
+        """The executor's clock (wall seconds here; the simulator's modelled time there)."""
+        return time.perf_counter()
+
     def ensure(self, block: str):
         """The block's weights on the device; a miss loads it now, an in-flight block is waited for."""
-        t0 = time.perf_counter()
+        t0 = self.now()
         hit = block in self.on_device
         if hit:
             if block in self.prefetched:
@@ -153,7 +157,7 @@ class Executor:
             self.on_device[block] = self.engine.representation(block).nbytes  # the landed arrays' real size
         self.policy.on_access(self.t, block)
         self._sample_peak()
-        self.accesses.append(Access(self.t, self.step, self.layer_of[block], block, hit, t0, time.perf_counter(),
+        self.accesses.append(Access(self.t, self.step, self.layer_of[block], block, hit, t0, self.now(),
                                     self.engine.state(block).name))
         return w
 

@@ -42,7 +42,7 @@ from vorch_jax.tiers.state import State, route
 
 from . import telemetry as T
 from .belady import belady_bytes
-from .executor import Access, BudgetError, Executor, check_fits
+from .executor import BudgetError, Executor, check_fits
 from .hardware import HardwareProfile, load_profile
 from .model_shapes import ModelShape, model_shape as get_model_shape
 from .policies import PolicyContext
@@ -220,27 +220,8 @@ class SimExecutor(Executor):
     def _sample_peak(self):
         self.counters.peak_device_bytes = max(self.counters.peak_device_bytes, self.engine.bytes_in("device"))
 
-    def ensure(self, block: str):
-        t0 = self.clock.now
-        hit = block in self.on_device
-        if hit:
-            if block in self.prefetched:
-                self.prefetched.discard(block)
-                self.counters.prefetch_useful += 1
-            self.counters.hits += 1
-        else:
-            self.counters.misses += 1
-            self._make_room(block, self._bytes(block, self.policy.device_state(block)), strict=True,
-                            keep=self._window())
-            self._load(block, "miss")
-        self.engine.wait(block)
-        if block in self.inflight:
-            self.inflight.pop(block)
-            self.on_device[block] = self.engine.representation(block).nbytes
-        self.policy.on_access(self.t, block)
-        self._sample_peak()
-        self.accesses.append(Access(self.t, self.step, self.layer_of[block], block, hit, t0, self.clock.now,
-                                    self.engine.state(block).name))
+    def now(self) -> float:
+        return self.clock.now
 
     def maybe_tick(self):
         t0 = time.perf_counter()
