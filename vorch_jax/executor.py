@@ -164,13 +164,11 @@ class Executor:
     def prefetch(self):
         """Issue loads for the next `prefetch_depth` positions that are off device, if room can be made without
         evicting anything needed before them."""
-        depth = self.policy.prefetch_depth
-        n = len(self.schedule)
-        for j in range(1, depth + 1):
-            u = self.schedule[(self.t + j) % n]
+        here, ahead = self.current(), self.upcoming()
+        for j, u in enumerate(ahead):
             if u in self.on_device:
                 continue
-            horizon = {self.schedule[(self.t + k) % n] for k in range(0, j + 1)}
+            horizon = {here, *ahead[: j + 1]}
             if not self._make_room(u, self._bytes(u, self.policy.device_state(u)), strict=False, keep=horizon):
                 return
             self._load(u, "prefetch")
@@ -212,10 +210,18 @@ class Executor:
     def _bytes(self, block: str, state) -> int:
         return self.state_bytes[block][State(int(state))]
 
+    def current(self) -> str:
+        """The block of the position being executed."""
+        return self.schedule[self.t % len(self.schedule)]
+
+    def upcoming(self) -> list[str]:
+        """The next `prefetch_depth` positions' blocks, in order (a routed executor knows them only as it routes)."""
+        n = len(self.schedule)
+        return [self.schedule[(self.t + j) % n] for j in range(1, self.policy.prefetch_depth + 1)]
+
     def _window(self) -> set:
         """The blocks of the current position and the prefetch window: never evicted to make room."""
-        n = len(self.schedule)
-        return {self.schedule[(self.t + k) % n] for k in range(self.policy.prefetch_depth + 1)}
+        return {self.current(), *self.upcoming()}
 
     def _load(self, block: str, reason: str):
         state = self.policy.device_state(block)

@@ -292,20 +292,12 @@ class RoutedExecutor(RoutedForward, Executor):
         self.policy.table = table.replace(lam=jnp.asarray(lam, jnp.float32))
 
     # -------------------------------------------------------------- the executor's schedule queries, routed
-    def prefetch(self):
-        """Load the next `prefetch_depth` known positions (this layer's selected experts, the next attn and gate)."""
-        for j, u in enumerate(self._ahead[: self.policy.prefetch_depth]):
-            if u in self.on_device:
-                continue
-            horizon = {self._cur, *self._ahead[: j + 1]}
-            if not self._make_room(u, self._bytes(u, self.policy.device_state(u)), strict=False, keep=horizon):
-                return
-            self._load(u, "prefetch")
-            self.prefetched.add(u)
-            self.counters.prefetch_issued += 1
+    def current(self):
+        return self._cur
 
-    def _window(self):
-        return {self._cur, *self._ahead[: self.policy.prefetch_depth]}
+    def upcoming(self):
+        """The next `prefetch_depth` known positions (this layer's selected experts, the next attn and gate)."""
+        return self._ahead[: self.policy.prefetch_depth]
 
     def _next_use(self, block):
         """Positions until `block` is next read: exact for known positions, else its slot's cyclic distance (an
