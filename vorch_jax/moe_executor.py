@@ -26,7 +26,6 @@ Shapes: B batch, T tokens, D model width, E experts per layer, L layers, V vocab
 from __future__ import annotations
 
 import functools
-import time
 
 import jax
 import jax.numpy as jnp
@@ -324,21 +323,3 @@ def lam_for_tick(ids, p_sel_LxE: np.ndarray, current_layer: int, n_layers: int, 
     decayed = lookahead_lambda(np.asarray(layer_B, np.int32), current_layer, n_layers, n_layers + 2, decay,
                                np.ones(len(ids), np.float32), ~is_expert_B)
     return np.asarray(decayed) * np.asarray(p_B, np.float32)
-
-
-def greedy_generate(ex, prompt_ids: list[int], new_tokens: int):
-    """Prefill then greedy decode through a routed forward; returns (tokens, prefill_s, [decode step seconds])."""
-    cache = KVCache.zeros(ex.cfg, 1, len(prompt_ids) + new_tokens, ex.dtype)
-    t0 = time.perf_counter()
-    logits, cache = ex.forward(np.asarray([prompt_ids]), cache, 0)
-    nxt = int(jnp.argmax(logits[0, -1]))
-    prefill_s = time.perf_counter() - t0
-    tokens, step_s, pos = [nxt], [], len(prompt_ids)
-    for _ in range(new_tokens - 1):
-        t0 = time.perf_counter()
-        logits, cache = ex.forward(np.asarray([[nxt]]), cache, pos)
-        nxt = int(jnp.argmax(logits[0, -1]))
-        step_s.append(time.perf_counter() - t0)
-        tokens.append(nxt)
-        pos += 1
-    return tokens, prefill_s, step_s

@@ -36,10 +36,10 @@ from vorch_jax.tiers.state import State
 
 from . import moe_executor as MX
 from . import telemetry as T
-from .executor import check_fits
+from .executor import check_fits, greedy_generate
 from .policies import PolicyContext
 from .scored_policy import ScoredPolicy
-from .runner import RunError, Setup, build_setup, build_summary, check_out_dir, make_policy
+from .runner import RunError, Setup, build_setup, build_summary, check_out_dir, make_policy, nvme_store_dir
 
 MOE_MODEL = "smollm2-135m-moe"
 ROUTER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "moe" / "router.yaml"
@@ -127,7 +127,7 @@ class MoEReference:
 def moe_reference(setup: MoESetup, dtype, new_tokens: int) -> MoEReference:
     weights = {b: {k: jnp.asarray(v) for k, v in setup.source(b).items()} for b in setup.block_ids}
     ref = MX.ResidentMoE(setup.model_cfg, weights, setup.n_experts, setup.top_k, dtype)
-    tokens, _, step_s = MX.greedy_generate(ref, setup.prompt_ids, new_tokens)
+    tokens, _, step_s = greedy_generate(ref, setup.prompt_ids, new_tokens)
     n_gen = len(ref.stream)
     cache = KVCache.zeros(setup.model_cfg, 1, len(setup.eval_ids) - 1, dtype)
     logits, _ = ref.forward(np.asarray([setup.eval_ids[:-1]]), cache, 0)
@@ -182,12 +182,7 @@ def run_moe(cfg: RunConfig, out_dir, *, progress=None, reference: MoEReference |
     if reference is None:
         say("resident reference")
         reference = moe_reference(setup, dtype, cfg.new_tokens)
-    store_dir = Path(cfg.nvme_dir) if cfg.nvme_dir else out_dir / "nvme"
-    scratch = not cfg.nvme_dir
-    try:
-        store_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"nvme_dir {store_dir} cannot be created: {e.strerror or e}") from None
+    store_dir, scratch = nvme_store_dir(cfg, out_dir)
     ctx = PolicyContext(block_ids=tuple(setup.block_ids), device_bytes=setup.device_bytes,
                         budget_bytes=setup.hbm_budget, schedule=tuple(setup.schedule),
                         prefetch_depth=cfg.prefetch_depth, protected=setup.protected, future=reference.stream,
@@ -230,7 +225,7 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference, say,
     t_gen0 = time.perf_counter()
     n_acc0, spec0 = len(ex.accesses), len(ex.spec["loads"])
     say("generating")
-    tokens, prefill_s, step_s = MX.greedy_generate(ex, setup.prompt_ids, cfg.new_tokens)
+    tokens, prefill_s, step_s = greedy_generate(ex, setup.prompt_ids, cfg.new_tokens)
     t_gen1 = time.perf_counter()
     n_gen = len(ex.accesses) - n_acc0
     gen_counters = dataclasses.replace(ex.counters)

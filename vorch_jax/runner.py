@@ -109,6 +109,16 @@ def check_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
+def nvme_store_dir(cfg: RunConfig, out_dir: Path) -> tuple[Path, bool]:
+    """The NVMe (S4) store of a run: `nvme_dir`, or a scratch folder under the output removed afterwards."""
+    store_dir = Path(cfg.nvme_dir) if cfg.nvme_dir else out_dir / "nvme"
+    try:
+        store_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"nvme_dir {store_dir} cannot be created: {e.strerror or e}") from None
+    return store_dir, not cfg.nvme_dir
+
+
 @dataclasses.dataclass
 class Setup:
     """Everything a run needs, built from the config before any timing."""
@@ -292,12 +302,7 @@ def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None =
     dtype = jnp.dtype(cfg.dtype)
     say = progress or (lambda msg: None)
 
-    store_dir = Path(cfg.nvme_dir) if cfg.nvme_dir else out_dir / "nvme"
-    scratch = not cfg.nvme_dir
-    try:
-        store_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"nvme_dir {store_dir} cannot be created: {e.strerror or e}") from None
+    store_dir, scratch = nvme_store_dir(cfg, out_dir)
     extras = scored_inputs(cfg, setup, store_dir) if cfg.policy == "scored" else None
     policy = make_policy(cfg, policy_context(cfg, setup), extras)
     check_fits(policy, setup.device_bytes, setup.hbm_budget, setup.state_bytes)  # before any work
