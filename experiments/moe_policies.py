@@ -14,56 +14,88 @@ Takes: about 1 min per run on 2 busy CPU cores at the defaults.
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import json
 import time
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 
 from vorch_jax import moe_run as M
 from vorch_jax.config import RunConfig
 
 
-def replay_bounds(stream, n_slots: int, horizons=(1, 4, 8)) -> dict:
-    """Expert loads of a cache of `n_slots` experts replaying the recorded expert stream (generation only), for LRU,
-    Belady, and `lookahead{d}`: LRU steered by a *perfect* router prediction of the next `d` layers (experts those
-    layers will not use are evicted first, those they will use last). Pure bookkeeping, no timing: how much of the
-    gap to Belady even an error-free speculation of that horizon closes (a heuristic, not a bound)."""
+def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: float = 0.4) -> dict:
+    """Expert loads of a cache of `n_slots` experts replaying the recorded expert stream (generation only). Pure
+    bookkeeping, no timing; each rule evicts the cached expert with the largest (estimated) wait until its next read:
+      * `lru`: the longest unused;  `belady`: the true next read (the recorded future);
+      * `expected`: Belady's rule on an estimate, as `MoEScoredPolicy` does: layer distance to the expert's next
+        visit plus (1/q - 1) passes, q = its selection frequency at that layer so far (an EMA of weight `ema`);
+      * `expected-oracle`: the same with q = the expert's true frequency over the whole stream *and* perfect
+        knowledge of which experts the rest of the current pass selects: a ceiling for any policy that knows the
+        current token's routing exactly but later tokens only by frequency.
+    Each pass reads every layer's selected experts in layer order."""
     from vorch_jax.belady import NextUse
 
+    L, E = n_layers, n_experts
     layer = [int(b.split(".")[1]) for b in stream]
+    expert = [int(b.rsplit(".", 1)[1]) for b in stream]
     visit, p = [], 0
     for t, lay in enumerate(layer):
         p += t > 0 and lay < layer[t - 1]
         visit.append(p)
     chosen = {}
     for t, b in enumerate(stream):
-        chosen.setdefault((visit[t], layer[t]), set()).add(b)
+        chosen.setdefault((visit[t], layer[t]), set()).add(expert[t])
+    true_q = {b: n / (visit[-1] + 1) for b, n in collections.Counter(stream).items()}
+    nu = NextUse(stream)
 
-    def run(victim):
-        cache, last, loads = set(), {}, 0
+    def run(wait, observe=lambda t: None):
+        cache, loads = set(), 0
         for t, b in enumerate(stream):
-            last[b] = t
+            observe(t)
             if b in cache:
                 continue
             loads += 1
             if len(cache) >= n_slots:
-                cache.remove(min(cache - {b}, key=lambda c: victim(c, t, last)))
+                cache.remove(max(cache - {b}, key=lambda c: wait(c, t)))
             cache.add(b)
         return loads
 
-    def lookahead(d):
-        def key(c, t, last):
-            ahead = int(c.split(".")[1]) - layer[t]
-            if 0 < ahead <= d:
-                return (0 if c not in chosen.get((visit[t], layer[t] + ahead), ()) else 2, last[c])
-            return (1, last[c])
-        return key
+    last = {}
 
-    nu = NextUse(stream)
-    out = {"lru": run(lambda c, t, last: last[c]), "belady": run(lambda c, t, last: -nu.after(c, t))}
-    out.update({f"lookahead{d}": run(lookahead(d)) for d in horizons})
+    def lru_wait(c, t):
+        return t - last[c]
+
+    def lru_observe(t):
+        last[stream[t]] = t
+
+    def estimated(c, t, q, oracle):
+        lc, ec = int(c.split(".")[1]), int(c.rsplit(".", 1)[1])
+        if lc == layer[t] and ec in chosen[(visit[t], lc)]:
+            return -1.0  # read later in this very layer (known once the router ran)
+        dist = (lc - layer[t]) % L or L
+        if oracle and lc > layer[t]:  # the rest of this pass is known
+            return dist if ec in chosen.get((visit[t], lc), ()) else dist + L / max(q, 1e-3)
+        return dist + L * (1 / max(q, 1e-3) - 1)
+
+    q_LxE = np.full((L, E), 1.0 / E)
+    current = []
+
+    def freq_observe(t):
+        key = (visit[t], layer[t])
+        if current and current[0] != key:  # a layer visit ended: fold its routing into that layer's q
+            sel = np.zeros(E)
+            sel[list(chosen[current[0]])] = 1
+            q_LxE[current[0][1]] = (1 - ema) * q_LxE[current[0][1]] + ema * sel
+        current[:] = [key]
+
+    out = {"lru": run(lru_wait, lru_observe), "belady": run(lambda c, t: nu.after(c, t))}
+    out["expected"] = run(lambda c, t: estimated(c, t, q_LxE[int(c.split(".")[1]), int(c.rsplit(".", 1)[1])], False),
+                          freq_observe)
+    out["expected-oracle"] = run(lambda c, t: estimated(c, t, true_q[c], True))
     return out
 
 
@@ -126,10 +158,11 @@ def main(argv=None) -> list[dict]:
                   f"recall {sp['prediction_recall']:.2f})")
     experts = [b for b in ref.stream[: ref.gen_positions] if ".expert." in b]
     print(f"\nreplay of the recorded expert stream ({len(experts)} expert reads in generation): expert loads of a "
-          "cache of n experts; lookahead-d = LRU that also knows exactly which experts the next d layers will use")
+          "cache of n experts (see replay_bounds: expected = Belady's rule on online router frequencies, as scored "
+          "evicts; expected-oracle = true frequencies and the current pass's routing known exactly)")
     for frac in args.fractions:
         slots = int(frac * setup.model_cfg.n_layers * setup.n_experts) + args.reserve
-        r = replay_bounds(experts, slots)
+        r = replay_bounds(experts, slots, setup.model_cfg.n_layers, setup.n_experts)
         print(f"{frac:.0%} ({slots} slots): " + ", ".join(f"{k} {v} ({v / r['belady']:.2f} x belady)"
                                                           for k, v in r.items()))
     out = Path(args.out)

@@ -160,9 +160,10 @@ class RoutedExecutor(RoutedForward, Executor):
     for sure (`ahead`) come first; an expert its layer's router did not select is a whole pass away.
 
     `speculative`: issue speculative loads of layer l+1's predicted experts (`spec_top_k` per token, and only those
-    whose speculative probability, averaged over the step's tokens, is at least `spec_min_prob`). Measured at 25% of
-    the experts, 24 new tokens: 0 -> 636 loads, precision 0.63, 1.95 x Belady's bytes; 0.3 -> 261 loads, precision
-    0.81, 1.64 x; 0.45 -> 103 loads, precision 0.90, 1.56 x (= no speculation); stalls rise as it loads less.
+    whose speculative probability, averaged over the step's tokens, is at least `spec_min_prob`). Every wrong guess
+    is bytes for nothing, so the threshold is high. Measured with `MoEScoredPolicy`'s expected-next-use eviction
+    (`experiments/moe_policies.py --new-tokens 24 --fractions 0.25 0.5`), bytes / Belady's: 0.3 -> 1.52 at 25% of the
+    experts, 1.34 at 50%; 0.45 -> 1.37 and 1.29; without speculation 1.38 and 1.29.
     `lam_decay`: per-layer decay of expert λ for the scored controller (λ of an expert = P(selected)·decay^distance).
     `eager_plan_loads`: load a block as soon as the controller's plan takes it in (`Executor.apply_targets`). Off by
     default for the MoE: the plan then decides what is *kept* (blocks outside it are evicted first) and experts come
@@ -173,9 +174,10 @@ class RoutedExecutor(RoutedForward, Executor):
     """
 
     def __init__(self, cfg, engine, policy, *, n_experts: int, top_k: int, speculative: bool = True,
-                 spec_top_k: int | None = None, spec_min_prob: float = 0.3, lam_decay: float | None = None,
+                 spec_top_k: int | None = None, spec_min_prob: float = 0.45, lam_decay: float | None = None,
                  eager_plan_loads: bool = False, **kw):
         Executor.__init__(self, cfg, engine, policy, **kw)
+        policy.run_by(self)
         self.eager_plan_loads = eager_plan_loads
         self.n_experts, self.top_k = n_experts, top_k
         self.speculative = speculative
@@ -297,6 +299,18 @@ class RoutedExecutor(RoutedForward, Executor):
     def upcoming(self):
         """The next `prefetch_depth` known positions (this layer's selected experts, the next attn and gate)."""
         return self._ahead[: self.policy.prefetch_depth]
+
+    def expected_next_use(self, block) -> float:
+        """Expected positions until `block` is next read: `_next_use` (the cyclic distance, exact where known), plus,
+        for an expert, the passes its layer is expected to go by without selecting it: with q = P(selected) per
+        visit from the router statistics, (1/q - 1) whole passes (a geometric wait). What Belady knows from the
+        recorded future, estimated from the router."""
+        d = float(self._next_use(block))
+        kind, layer = moe.moe_block_kind_layer(self.cfg.n_layers, block)
+        if kind != "expert" or block in self._ahead:
+            return d
+        q = max(float(self.p_sel_LxE[layer, int(block.rsplit(".", 1)[1])]), 1e-3)
+        return d + len(self.schedule) * (1.0 / q - 1.0)
 
     def _next_use(self, block):
         """Positions until `block` is next read: exact for known positions, else its slot's cyclic distance (an

@@ -74,6 +74,14 @@ class Policy:
     def tick(self, t: int):
         return None
 
+    def settle(self) -> None:
+        """Wait for any decision still being computed asynchronously (the simulator calls it before each tick: on
+        its modelled clock a tick has long finished, while the host that runs the simulation may not be there yet)."""
+
+    def run_by(self, executor) -> None:
+        """Called once by an executor that offers its schedule queries to the policy it runs (the routed MoE
+        executor: expected next use from the router). Most policies need nothing from it."""
+
 
 class ResidentPolicy(Policy):
     """Everything on the device: the reference. A budget below the model is a configuration error."""

@@ -6,6 +6,7 @@ Small on purpose: 8 prompt tokens, 3 new tokens, 16 evaluation tokens; one resid
 
 import dataclasses
 import json
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import numpy as np
@@ -81,3 +82,27 @@ def test_budget_below_the_dense_blocks_and_wrong_model_fail_before_work(tmp_path
     with pytest.raises(RunError, match="not the MoE model"):
         M.prepare_moe(dataclasses.replace(BASE, model="smollm2-135m"))
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_expected_next_use_adds_the_passes_the_router_is_expected_to_skip(setup):
+    """Belady's rule on the router's estimate: distance + (1/q - 1) passes for an expert selected with q per visit;
+    known positions (`_ahead`) and dense blocks keep their exact distance."""
+    from vorch_jax.moe_executor import RoutedExecutor
+
+    L, E = setup.model_cfg.n_layers, setup.n_experts
+    p = np.full((L, E), 0.5)
+    p[4, 2] = 0.1
+    fake = SimpleNamespace(cfg=setup.model_cfg, schedule=list(range(100)), p_sel_LxE=p, _ahead=["layers.4.expert.3"],
+                           _next_use=lambda b: 7)
+    gap = lambda b: RoutedExecutor.expected_next_use(fake, b)  # noqa: E731
+    assert gap("layers.4.attn") == 7 and gap("layers.4.expert.3") == 7  # dense; known to come next
+    assert gap("layers.4.expert.1") == pytest.approx(7 + 100 * (1 / 0.5 - 1))
+    assert gap("layers.4.expert.2") == pytest.approx(7 + 100 * (1 / 0.1 - 1))
+
+
+def test_moe_scored_evicts_the_furthest_expected_use_first_and_never_a_protected_block(setup):
+    policy = object.__new__(M.MoEScoredPolicy)  # the rule alone, without a controller
+    policy.ctx = SimpleNamespace(protected=frozenset({"layers.0.attn"}))
+    waits = {"layers.0.attn": 1e9, "layers.1.expert.0": 5.0, "layers.1.expert.1": 80.0, "layers.2.expert.0": 30.0}
+    policy._expected_next_use = waits.__getitem__
+    assert policy.victim_order(0, list(waits)) == ["layers.1.expert.1", "layers.2.expert.0", "layers.1.expert.0"]
