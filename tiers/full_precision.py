@@ -5,6 +5,8 @@ Invariant: every leaf is a `jax.Array` whose sharding has memory_kind "device", 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 
 from vorch_jax.tiers.state import State
@@ -38,8 +40,10 @@ class DeviceBlock:
 
     where = "device"
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
+        """Bytes of the leaves' arrays, read once: a representation's arrays never change (the ledger reads this at
+        every access; summing ~200 jax `nbytes` each time cost 0.7 ms an access on a 62-block model)."""
         return tree_nbytes(self.leaves)
 
     def arrays(self) -> list[jax.Array]:

@@ -6,6 +6,8 @@ pinned_host and a device operand fails), so `materialize()` raises: move the blo
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 
@@ -39,8 +41,10 @@ class PinnedHostBlock:
         jax.block_until_ready(out)
         return cls(out)
 
-    @property
+    @functools.cached_property
     def nbytes(self) -> int:
+        """Bytes of the leaves' arrays, read once: a representation's arrays never change (the ledger reads this at
+        every access; summing ~200 jax `nbytes` each time cost 0.7 ms an access on a 62-block model)."""
         return tree_nbytes(self.leaves)
 
     def arrays(self) -> list[jax.Array]:
