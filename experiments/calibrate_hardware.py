@@ -11,6 +11,8 @@ What is measured, and how each number feeds the profile:
   * host dispatch per block: the host-side seconds of one asynchronous block call (returns before compute ends);
   * host->device and NVMe->host: `tiers.link_probe.probe_bandwidths` (the tiers' own representations), latency from
     a 4 KiB probe; device->host from `PinnedHostBlock.from_device`; NVMe write from `NvmeBlock.write`;
+  * fresh-allocation rate: a 64 MiB block landing on device, above glibc's 32 MiB mmap threshold, so each copy lands
+    in freshly mapped pages (2.2 GB/s here against ~15 GB/s into reused memory; the embedding is such a block);
   * dequant throughput: int8 / int4 decode-shaped matmuls through the tiers' formats (bytes of low-bit weight / s).
 """
 
@@ -107,7 +109,21 @@ def links(store_dir) -> dict:
         tiny = NvmeBlock.write("tiny", {"p": np.zeros(1024, np.float32)}, Path(d))
         nvme_lat = _median(lambda: tiny.read(), 7)
     return {"h2d": bw["host->device"], "h2d_lat": lat, "d2h": d2h, "nvme_read": bw["nvme->host"],
-            "nvme_write": write, "nvme_lat": nvme_lat}
+            "nvme_write": write, "nvme_lat": nvme_lat, "fresh": fresh_alloc_rate(dev)}
+
+
+FRESH_ALLOC_THRESHOLD = 32 * 2**20  # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+
+
+def fresh_alloc_rate(dev, mib: int = 64) -> float:
+    """bytes/s of pinned_host->device into a buffer above glibc's mmap threshold: every allocation of that size is
+    a fresh mapping whose pages are faulted in as the copy touches them (the previous copy is freed first)."""
+    from vorch_jax.tiers.full_precision import FullPrecisionBlock
+    from vorch_jax.tiers.pinned_host import PinnedHostBlock
+
+    assert mib * 2**20 > FRESH_ALLOC_THRESHOLD
+    host = PinnedHostBlock.from_numpy({"p": np.ones(mib * 2**18, np.float32)}, dev)
+    return mib * 2**20 / _median(lambda: FullPrecisionBlock.from_pinned_host(host, dev).free(), 5)
 
 
 def dequant() -> dict:
@@ -124,7 +140,9 @@ def dequant() -> dict:
     return out
 
 
-CALIBRATION_POINTS = (("resident", 1.0), ("static", 0.4))  # outside sim_validate's grid (static/lru/scored at .3/.5/.8)
+# Outside sim_validate's grid (static / lru / scored at 0.3 / 0.5 / 0.8): resident for the compute speed, static
+# (no prefetch: every copy seen whole by the host) for the link, static-prefetch (copies beside compute) for contention.
+CALIBRATION_POINTS = (("resident", 1.0), ("static", 0.4), ("static-prefetch", 0.4))
 
 
 def real_run(policy: str, budget, out_dir, new_tokens: int = 6) -> tuple[dict, list]:
@@ -141,79 +159,130 @@ def real_run(policy: str, budget, out_dir, new_tokens: int = 6) -> tuple[dict, l
     return summary, records
 
 
-def fit_from_runs(runs: list[tuple[dict, list]], shape) -> dict:
-    """Machine parameters from measured runs, pooled (never per run or per policy):
-      * host->device bandwidth and latency as the host sees them, from every decode-window miss (request to usable
-        weights: eviction, hand-off to the engine's worker, the copy, the wake-up): latency = median of the misses
-        under 64 KiB, bandwidth = Σ bytes / Σ (duration - latency) of the others;
+def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6) -> dict:
+    """Machine parameters from measured runs {(policy, budget): [(summary, trace records), ...]} at the calibration
+    points, pooled over repeats (never per row of a validation grid):
+      * host->device latency and bandwidth as the host sees them (request to usable weights: eviction, hand-off to
+        the engine's worker, the copy, the wake-up): least squares `duration = intercept + bytes / bandwidth` over
+        every decode-window miss of a block up to the profile's fresh-allocation threshold; latency = intercept less
+        the host seconds per position (which the simulator charges every position, misses included);
       * host seconds per schedule position: median gap between consecutive hit accesses of one pass;
-      * device memory bandwidth: bytes a decode pass streams / the measured resident decode step (median of runs),
-        with the per-block overhead folded in (a CPU has no kernel launch to separate it from)."""
+      * device memory bandwidth: bytes a decode pass streams / the measured decode step of the resident run (its
+        per-block overhead and the host's share of the cores folded in: a CPU has no launch to separate it from);
+      * copy contention: the value in [0, 2] for which the simulator, with the parameters above, reproduces the
+        static-prefetch run's decode step (bisection; the simulated step grows with it)."""
+    def pooled(policy):
+        return [x for (p, _), lst in runs.items() if p == policy for x in lst]
+
     h2d = []  # (bytes, seconds from the host's request to usable weights) of every decode-window miss
-    for _, recs in runs:
+    for _, recs in pooled("static") + pooled("resident"):
         nbytes = {r["block"]: r["bytes"] for r in recs if r["event"] == "transition" and r["link"] == "host->device"}
         h2d += [(nbytes[r["block"]], r["dur_s"]) for r in recs
-                if r["event"] == "access" and not r["hit"] and r["t"] > 0 and r["block"] in nbytes]
-    small = [d for b, d in h2d if b < 65536]
-    lat = statistics.median(small) if small else 0.0
-    big = [(b, d) for b, d in h2d if b >= 65536]
-    bw = sum(b for b, _ in big) / max(1e-12, sum(max(d - lat, 1e-9) for _, d in big)) if big else float("nan")
+                if r["event"] == "access" and not r["hit"] and r["t"] > 0 and r["block"] in nbytes
+                and nbytes[r["block"]] <= profile.fresh_alloc_threshold_bytes]
+    x, y = np.asarray([b for b, _ in h2d], np.float64), np.asarray([d for _, d in h2d], np.float64)
+    slope, lat = np.polyfit(x, y, 1)
     gaps = []
-    for _, recs in runs:
+    for _, recs in [r for lst in runs.values() for r in lst]:
         acc = [r for r in recs if r["event"] == "access" and r["t"] > 0]
         gaps += [b["t"] - a["t"] for a, b in zip(acc, acc[1:]) if a["hit"] and b["hit"] and a["step"] == b["step"]]
-    resident = statistics.median(s["resident_step_s"] for s, _ in runs)
-    positions = shape.pass_positions()
-    P = 17 + 5
-    streamed = sum(shape.bytes_read(b, op, 1, P) for b, op in positions)
-    return {"h2d": bw, "h2d_lat": lat, "dispatch": statistics.median(gaps), "hbm_bw": streamed / resident,
-            "resident_step_s": resident, "transfers": len(big), "gaps": len(gaps)}
+    resident = statistics.median(s["decode_step_s"] for s, _ in pooled("resident"))
+    P = 17 + new_tokens - 1  # context of the last decode step: BOS + 16 prompt tokens + the tokens before it
+    streamed = sum(shape.bytes_read(b, op, 1, P) for b, op in shape.pass_positions())
+    dispatch = statistics.median(gaps)
+    # A miss's duration runs from the end of the previous position to usable weights, so it holds that position's
+    # host work too; the simulator charges `dispatch` to every position, so the link keeps only the rest.
+    cal = {"h2d": 1.0 / slope, "h2d_lat": max(0.0, float(lat) - dispatch), "dispatch": dispatch,
+           "hbm_bw": streamed / resident, "resident_step_s": resident, "transfers": len(h2d), "gaps": len(gaps),
+           "contention": 0.0}
+    target = statistics.median(s["decode_step_s"] for s, _ in pooled("static-prefetch"))
+    budget = next(b for p, b in runs if p == "static-prefetch")
+    lo, hi = 0.0, 2.0
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(12):
+            cal["contention"] = (lo + hi) / 2
+            sim = sim_step("static-prefetch", budget, new_tokens, apply_calibration(profile, cal), Path(d) / str(i))
+            lo, hi = (cal["contention"], hi) if sim < target else (lo, cal["contention"])
+    cal["contention"] = (lo + hi) / 2
+    cal["static_prefetch_step_s"] = target
+    return cal
+
+
+def apply_calibration(profile, cal: dict):
+    """`profile` with the machine parameters `fit_from_runs` measured."""
+    from vorch_jax.hardware import Link
+
+    return profile.replace(
+        host_to_device=Link(cal["h2d"], cal["h2d_lat"]), dispatch_s_per_block=cal["dispatch"],
+        hbm_bandwidth_bytes_per_s=cal["hbm_bw"], block_overhead_s=0.0, copy_contention=cal["contention"])
+
+
+def sim_step(policy: str, budget, tokens: int, profile, out_dir) -> float:
+    """Simulated decode step of the validation-size run (as `real_run`) on `profile`."""
+    from vorch_jax.config import load_config
+    from vorch_jax.simulator import simulate
+
+    cfg = load_config(None, [f"policy={policy}", f"hbm_budget={budget}", f"new_tokens={tokens}", "prompt_tokens=16",
+                             "eval_tokens=16", "executor=sim", "hardware=this-machine"])
+    return simulate(cfg, out_dir, hardware=profile)["decode_step_s"]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "configs/hardware/this-machine.yaml"))
     ap.add_argument("--from-runs", type=int, default=0, metavar="R",
-                    help="also run the real runner R times at each calibration point and take link bandwidth, host "
-                         "time per position and memory bandwidth from those runs (what sim_validate uses)")
+                    help="also run the real runner R times at each calibration point and take link latency and "
+                         "bandwidth, host time per position, memory bandwidth and copy contention from those runs "
+                         "(what sim_validate does each round)")
     args = ap.parse_args(argv)
-    import os
-    import platform
-
-    fl = matmul_flops()
-    bw, overhead, blk = block_fit()
-    ln = links(None)
-    dq = dequant()
-    cal = None
+    measured = {"fl": matmul_flops(), "blk": block_fit(), "ln": links(None), "dq": dequant()}
+    Path(args.out).write_text(profile_text(**measured, cal=None, from_runs=0))
     if args.from_runs:
+        from vorch_jax.hardware import load_profile
         from vorch_jax.model_shapes import model_shape
 
-        runs = []
+        runs = {}
         with tempfile.TemporaryDirectory() as d:
             for r in range(args.from_runs):
                 for policy, budget in CALIBRATION_POINTS:
-                    runs.append(real_run(policy, budget, Path(d) / f"{policy}-{budget}-{r}"))
-        cal = fit_from_runs(runs, model_shape("smollm2-135m"))
+                    runs.setdefault((policy, budget), []).append(
+                        real_run(policy, budget, Path(d) / f"{policy}-{budget}-{r}"))
+        cal = fit_from_runs(runs, model_shape("smollm2-135m"), load_profile(args.out))
         print("calibration from runs:", cal)
-        bw, overhead = cal["hbm_bw"], 0.0
+        Path(args.out).write_text(profile_text(**measured, cal=cal, from_runs=args.from_runs))
+    print(Path(args.out).read_text())
+
+
+def profile_text(fl, blk, ln, dq, cal, from_runs) -> str:
+    """The YAML profile, each value with its source; `cal` (from `fit_from_runs`) replaces the parameters it fits."""
+    import os
+    import platform
+
+    bw, overhead, blk = blk
+    ln = dict(ln)
+    contention = 0.0
+    if cal:
+        bw, overhead, contention = cal["hbm_bw"], 0.0, cal["contention"]
         ln["h2d"], ln["h2d_lat"] = cal["h2d"], cal["h2d_lat"]
-        blk["dispatch"] = cal["dispatch"]
+        blk = {**blk, "dispatch": cal["dispatch"]}
     cpu = platform.processor() or platform.machine()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     m = f"measured here ({when}, `{CMD}`"
     pts = ", ".join(f"{p} at {b}" for p, b in CALIBRATION_POINTS)
-    r = f"calibrated here from real runs ({when}, `{CMD} --from-runs {args.from_runs}`: vorch_jax.runner.run, {pts}"
-    src = {"hbm": f"{r}: decode-pass bytes / measured resident decode step {cal['resident_step_s'] * 1e3:.2f} ms)"
+    r = f"calibrated here from real runs ({when}, `{CMD} --from-runs {from_runs}`: vorch_jax.runner.run, {pts}"
+    src = {"hbm": f"{r}: decode-pass bytes / measured decode step of the resident run {cal['resident_step_s'] * 1e3:.2f} ms)"
            if cal else f"{m}: least-squares fit of decode block times attn {blk['attn']*1e3:.3f} ms, mlp "
                        f"{blk['mlp']*1e3:.3f} ms, head {blk['head']*1e3:.3f} ms)",
-           "h2d": f"{r}: Σ bytes / Σ (duration - latency) of {cal['transfers']} misses, host's view)" if cal
+           "h2d": f"{r}: least squares latency + bytes / bandwidth over {cal['transfers']} misses, host's view)" if cal
            else f"{m}: tiers.link_probe.probe_bandwidths, 16 MiB)",
-           "lat": f"{r}: median request-to-usable time of misses under 64 KiB)" if cal
-           else f"{m}: 4 KiB pinned_host->device)",
+           "lat": f"{r}: intercept of the same fit)" if cal else f"{m}: 4 KiB pinned_host->device)",
            "ovh": f"{r}: folded into the bandwidth above)" if cal else f"{m}: intercept of the block-time fit above)",
            "disp": f"{r}: median gap between consecutive hit accesses, {cal['gaps']} gaps)" if cal
-           else f"{m}: host seconds of one async block call)"}
-    text = f"""# Hardware profile of the machine this repository runs on ({cpu}, {os.cpu_count()} cores,
+           else f"{m}: host seconds of one async block call)",
+           "cont": f"{r}: the value with which the simulator reproduces the static-prefetch run's decode step "
+                   f"{cal['static_prefetch_step_s'] * 1e3:.2f} ms)" if cal
+           else "not measured without --from-runs: copies assumed not to slow compute"}
+    return f"""# Hardware profile of the machine this repository runs on ({cpu}, {os.cpu_count()} cores,
 # jax {jax.__version__}, backend {jax.default_backend()}): the 'device' is the CPU and its memory; pinned_host and
 # device memory are the same DRAM.
 # Every number below was {m[:-1]}); rerun the command to refresh. Units: bytes, seconds, bytes/s, FLOP/s.
@@ -222,6 +291,8 @@ device: "{jax.devices()[0].device_kind} via jax {jax.default_backend()} ({os.cpu
 hbm:
   capacity_bytes: {16e9:.6e}  # not measured: a budget ceiling for simulated runs (the runs here use < 1 GB)
   bandwidth_bytes_per_s: {bw:.6e}  # {src['hbm']}
+  fresh_alloc_threshold_bytes: {FRESH_ALLOC_THRESHOLD:.6e}  # glibc: buffers above its 32 MiB mmap threshold are mapped afresh on every allocation
+  fresh_alloc_bytes_per_s: {ln['fresh']:.6e}  # {m}: 64 MiB pinned_host->device into a fresh buffer, each copy freed before the next)
 links:
   host_to_device:
     bandwidth_bytes_per_s: {ln['h2d']:.6e}  # {src['h2d']}
@@ -242,11 +313,10 @@ compute:
   dequant_bytes_per_s:
     int8: {dq['int8']:.6e}  # {m}: int8 [1536, 1536] decode matmul, low-bit bytes / s)
     int4: {dq['int4']:.6e}  # {m}: int4/g64 [1536, 1536] decode matmul, low-bit bytes / s)
+  copy_contention: {contention:.6e}  # {src['cont']}
 host:
   dispatch_s_per_block: {blk['dispatch']:.6e}  # {src['disp']}
 """
-    Path(args.out).write_text(text)
-    print(text)
 
 
 if __name__ == "__main__":

@@ -1,20 +1,25 @@
-"""Validate the simulator against the real runner on SmolLM2: measured vs simulated decode time per token.
+"""Validate the simulator against the real runner on SmolLM2, dense and MoE: measured vs simulated decode time per token.
 
-Run:   .venv/bin/python experiments/sim_validate.py [--repeats 3] [--tokens 6]
-Takes: about (repeats x 11) real runs of ~10 s each on 2 idle CPU cores (3 to 6 minutes; longer under load).
+Run:   .venv/bin/python experiments/sim_validate.py [--repeats 3] [--tokens 6] [--models dense moe]
+Takes: about repeats x (3 + 9 + 9) real runs of 5-20 s on 2 idle CPU cores (5 to 8 minutes at 3 repeats).
 
-For policies static, lru, scored at hbm budgets 0.3 / 0.5 / 0.8 it runs `vorch_jax.runner.run` (new_tokens 6,
-prompt_tokens 16, eval_tokens 16) `--repeats` times and takes the median decode step; then `simulator.simulate`
-with the same config on the `this-machine` profile.
+Dense rows: policies static, lru, scored at hbm budgets 0.3 / 0.5 / 0.8 of the model, `vorch_jax.runner.run`
+(new_tokens 6, prompt_tokens 16, eval_tokens 16), `--repeats` times, the median decode step; then
+`simulator.simulate` with the same config on the `this-machine` profile.
+MoE rows: the MoE SmolLM2 (`moe_run.run_moe`, E = 8, top-2), policies static, lru, scored with every dense block
+protected and 30 / 50 / 80% of the expert bytes (+ 5 experts of streaming room, `moe_run.expert_budget`); the
+simulator replays the routing the real run recorded (`routing_from_stream`: same experts per pass and layer) on the
+model's shape `smollm2-135m-moe`. The simulator has no router: the scored row runs the dense `ScoredPolicy` with the
+recorded future as its schedule, without the routed executor's speculative prefetch and expected-next-use eviction.
 
 Calibration (the "calibrated cost model"): other engineers share these 2 cores, so the machine's speed drifts by
 2x over minutes and a profile measured at another time misses. Each repeat round therefore first runs the
-calibration points of `calibrate_hardware.CALIBRATION_POINTS` (resident at 1.0 and static at 0.4: not rows of
-the grid), and `calibrate_hardware.fit_from_runs` takes, pooled over all calibration runs, the host->device
-bandwidth and latency, the host seconds per schedule position and the device memory bandwidth (from the measured
-resident decode step). Those four machine parameters replace the profile's; the other fields stay as measured by
-`calibrate_hardware.py`. No factor is fitted per row, per policy or per budget. `--no-calibrate` simulates with the
-profile file as it is.
+calibration points of `calibrate_hardware.CALIBRATION_POINTS` (resident at 1.0, static and static-prefetch at 0.4:
+not rows of the grid), and `calibrate_hardware.fit_from_runs` takes, pooled over all calibration runs, the
+host->device latency and bandwidth, the host seconds per schedule position, the device memory bandwidth and the
+copy contention. Those parameters replace the profile's; the other fields (the fresh-allocation rate among them)
+stay as measured by `calibrate_hardware.py`. No factor is fitted per row, per policy, per model or per budget.
+`--no-calibrate` simulates with the profile file as it is.
 """
 
 from __future__ import annotations
@@ -27,61 +32,114 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from experiments.calibrate_hardware import CALIBRATION_POINTS, fit_from_runs, real_run  # noqa: E402
-from vorch_jax.config import load_config  # noqa: E402
-from vorch_jax.hardware import Link, load_profile  # noqa: E402
+from experiments.calibrate_hardware import (CALIBRATION_POINTS, apply_calibration, fit_from_runs,  # noqa: E402
+                                            real_run, sim_step)
+from vorch_jax.hardware import load_profile  # noqa: E402
 from vorch_jax.model_shapes import model_shape  # noqa: E402
-from vorch_jax.simulator import simulate  # noqa: E402
 
 POLICIES = ("static", "lru", "scored")
 BUDGETS = (0.3, 0.5, 0.8)
+MOE_RESERVE = 5  # experts of streaming room beside the expert cache (as experiments/moe_policies.py)
 
 
-def calibrated(profile, cal: dict):
-    return profile.replace(
-        host_to_device=Link(cal["h2d"], cal["h2d_lat"]), dispatch_s_per_block=cal["dispatch"],
-        hbm_bandwidth_bytes_per_s=cal["hbm_bw"], block_overhead_s=0.0)
+def routing_from_stream(stream) -> list[list[list[int]]]:
+    """[pass][layer] -> expert ids, from a routed access stream (embed, per layer attn, gate, experts, final_norm,
+    embed): the routing trace the simulator replays."""
+    passes, cur = [], None
+    for b in stream:
+        if b == "embed" and cur is None:
+            cur = {}
+        elif b == "final_norm":
+            n = 1 + max(cur) if cur else 0
+            passes.append([sorted(cur.get(i, [])) for i in range(n)])
+            cur = None
+        elif ".expert." in b:
+            _, layer, _, e = b.split(".")
+            cur.setdefault(int(layer), []).append(int(e))
+    return passes
 
 
-def sim_step(policy: str, budget, tokens: int, profile, out_dir) -> float:
-    cfg = load_config(None, [f"policy={policy}", f"hbm_budget={budget}", f"new_tokens={tokens}", "prompt_tokens=16",
-                             "eval_tokens=16", "executor=sim", "hardware=this-machine"])
-    return simulate(cfg, out_dir, hardware=profile)["decode_step_s"]
+class MoERows:
+    """Real and simulated runs of the MoE SmolLM2 at validation size (one resident reference shared by all)."""
+
+    def __init__(self, tokens: int):
+        import jax.numpy as jnp
+
+        from vorch_jax import moe_run as M
+        from vorch_jax.config import RunConfig
+
+        self.M, self.tokens = M, tokens
+        self.base = RunConfig(model=M.MOE_MODEL, policy="lru", hbm_budget=1.0, new_tokens=tokens, prompt_tokens=16,
+                              eval_tokens=16, placement=M.dense_protect_rules())
+        self.setup = M.prepare_moe(self.base)
+        self.ref = M.moe_reference(self.setup, jnp.float32, tokens)
+        self.routing = routing_from_stream(self.ref.stream[: self.ref.gen_positions])
+
+    def budget(self, fraction: float) -> int:
+        return self.M.expert_budget(self.setup, fraction, MOE_RESERVE)[0]
+
+    def real(self, policy: str, fraction: float, out_dir) -> dict:
+        import dataclasses
+
+        cfg = dataclasses.replace(self.base, policy=policy, hbm_budget=str(self.budget(fraction)))
+        s = self.M.run_moe(cfg, out_dir, reference=self.ref)
+        assert s["stream_matches_resident"], "a lossless MoE run must read the reference's routing"
+        return s
+
+    def sim(self, policy: str, fraction: float, profile, out_dir) -> float:
+        import dataclasses
+
+        from vorch_jax.config import PlacementRule
+        from vorch_jax.simulator import simulate
+
+        # The same protection by the simulator's block names (its routers are `layers.{i}.router`).
+        protect = PlacementRule(path=r"embed|final_norm|layers\.\d+\.(attn|router)", state="S0", protect=True)
+        cfg = dataclasses.replace(self.base, policy=policy, hbm_budget=str(self.budget(fraction)), executor="sim",
+                                  hardware="this-machine", placement=(protect,))
+        return simulate(cfg, out_dir, hardware=profile, routing=self.routing)["decode_step_s"]
 
 
 def validate(rows, *, repeats: int, tokens: int, profile="this-machine", calibrate: bool = True, say=print) -> dict:
-    """{(policy, budget): {measured, simulated, rel_err, ...}} and the calibration, measured then simulated."""
+    """{(model, policy, budget): {measured, simulated, rel_err, ...}} and the calibration: measured, then simulated.
+    `rows`: (model "dense" | "moe", policy, budget fraction)."""
     base = load_profile(profile)
     measured = {row: [] for row in rows}
-    cal_runs = []
+    cal_runs: dict = {}
+    moe = MoERows(tokens) if any(m == "moe" for m, _, _ in rows) else None
     with tempfile.TemporaryDirectory() as d:
         for r in range(repeats):
             if calibrate:
                 for policy, budget in CALIBRATION_POINTS:
-                    cal_runs.append(real_run(policy, budget, Path(d) / f"cal-{policy}-{budget}-{r}", tokens))
-            for policy, budget in rows:
-                s, _ = real_run(policy, budget, Path(d) / f"{policy}-{budget}-{r}", tokens)
-                measured[(policy, budget)].append(s["decode_step_s"])
-                say(f"  round {r + 1}/{repeats} {policy:7s} {budget}: {s['decode_step_s'] * 1e3:.1f} ms/token")
-        cal = fit_from_runs(cal_runs, model_shape("smollm2-135m")) if calibrate else None
-        prof = calibrated(base, cal) if cal else base
+                    cal_runs.setdefault((policy, budget), []).append(
+                        real_run(policy, budget, Path(d) / f"cal-{policy}-{budget}-{r}", tokens))
+            for model, policy, budget in rows:
+                out = Path(d) / f"{model}-{policy}-{budget}-{r}"
+                s = moe.real(policy, budget, out) if model == "moe" else real_run(policy, budget, out, tokens)[0]
+                measured[(model, policy, budget)].append(s["decode_step_s"])
+                say(f"  round {r + 1}/{repeats} {model:5s} {policy:7s} {budget}: {s['decode_step_s'] * 1e3:.1f} ms/token")
+        cal = fit_from_runs(cal_runs, model_shape("smollm2-135m"), base, tokens) if calibrate else None
+        prof = apply_calibration(base, cal) if cal else base
         out = {}
-        for policy, budget in rows:
-            m = statistics.median(measured[(policy, budget)])
-            sim = sim_step(policy, budget, tokens, prof, Path(d) / f"sim-{policy}-{budget}")
-            raw = sim_step(policy, budget, tokens, base, Path(d) / f"raw-{policy}-{budget}")
-            out[(policy, budget)] = {"measured": m, "runs": measured[(policy, budget)], "simulated": sim,
-                                     "rel_err": (sim - m) / m, "uncalibrated": raw}
+        for model, policy, budget in rows:
+            m = statistics.median(measured[(model, policy, budget)])
+            if model == "moe":
+                sim = moe.sim(policy, budget, prof, Path(d) / f"sim-moe-{policy}-{budget}")
+                raw = moe.sim(policy, budget, base, Path(d) / f"raw-moe-{policy}-{budget}")
+            else:
+                sim = sim_step(policy, budget, tokens, prof, Path(d) / f"sim-{policy}-{budget}")
+                raw = sim_step(policy, budget, tokens, base, Path(d) / f"raw-{policy}-{budget}")
+            out[(model, policy, budget)] = {"measured": m, "runs": measured[(model, policy, budget)],
+                                            "simulated": sim, "rel_err": (sim - m) / m, "uncalibrated": raw}
     return {"rows": out, "calibration": cal}
 
 
 def table(result: dict) -> str:
-    lines = [f"{'policy':8s} {'budget':>6s} {'measured ms/tok':>16s} {'simulated':>10s} {'rel err':>8s} "
+    lines = [f"{'model':5s} {'policy':8s} {'budget':>6s} {'measured ms/tok':>16s} {'simulated':>10s} {'rel err':>8s} "
              f"{'(profile file as is)':>20s}  runs (ms)"]
     errs = []
-    for (policy, budget), r in result["rows"].items():
+    for (model, policy, budget), r in result["rows"].items():
         errs.append(abs(r["rel_err"]))
-        lines.append(f"{policy:8s} {budget:6.1f} {r['measured'] * 1e3:16.1f} {r['simulated'] * 1e3:10.1f} "
+        lines.append(f"{model:5s} {policy:8s} {budget:6.1f} {r['measured'] * 1e3:16.1f} {r['simulated'] * 1e3:10.1f} "
                      f"{r['rel_err'] * 100:+7.1f}% {r['uncalibrated'] * 1e3:20.1f}  "
                      + " ".join(f"{x * 1e3:.0f}" for x in r["runs"]))
     lines.append(f"median |rel err| {statistics.median(errs) * 100:.1f}%   max {max(errs) * 100:.1f}%   "
@@ -91,7 +149,8 @@ def table(result: dict) -> str:
         lines.append(f"calibration (pooled over {cal['transfers']} transfers, {cal['gaps']} host gaps): host->device "
                      f"{cal['h2d'] / 1e9:.2f} GB/s + {cal['h2d_lat'] * 1e3:.2f} ms, host {cal['dispatch'] * 1e3:.3f} "
                      f"ms/position, memory {cal['hbm_bw'] / 1e9:.1f} GB/s (resident step "
-                     f"{cal['resident_step_s'] * 1e3:.1f} ms)")
+                     f"{cal['resident_step_s'] * 1e3:.1f} ms), copy contention {cal['contention']:.2f} (static-prefetch "
+                     f"step {cal['static_prefetch_step_s'] * 1e3:.1f} ms)")
     return "\n".join(lines)
 
 
@@ -101,8 +160,9 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=6)
     ap.add_argument("--profile", default="this-machine")
     ap.add_argument("--no-calibrate", action="store_true")
+    ap.add_argument("--models", nargs="+", default=["dense", "moe"], choices=["dense", "moe"])
     args = ap.parse_args(argv)
-    rows = [(p, b) for p in POLICIES for b in BUDGETS]
+    rows = [(m, p, b) for m in args.models for p in POLICIES for b in BUDGETS]
     result = validate(rows, repeats=args.repeats, tokens=args.tokens, profile=args.profile,
                       calibrate=not args.no_calibrate)
     print(table(result))

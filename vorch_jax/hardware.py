@@ -10,12 +10,16 @@ Schema (dotted names are the error messages' field names)::
     device: str                                     # what the profile describes, in words
     hbm.capacity_bytes                              # device memory
     hbm.bandwidth_bytes_per_s                       # device memory read bandwidth (what decode matmuls stream at)
+    hbm.fresh_alloc_threshold_bytes                 # a block landing on device above this size gets fresh pages
+    hbm.fresh_alloc_bytes_per_s                     # ... and lands no faster than this (page faults + zeroing)
     links.host_to_device.{bandwidth_bytes_per_s, latency_s}
     links.device_to_host.{bandwidth_bytes_per_s, latency_s}
     nvme.{read_bytes_per_s, write_bytes_per_s, latency_s}
     compute.flops_per_s.{bf16, fp32, int8}          # dense matmul throughput per precision
     compute.block_overhead_s                        # fixed device time per block (kernel launches, small ops)
     compute.dequant_bytes_per_s.{int8, int4}        # bytes of low-bit weights dequantized per second
+    compute.copy_contention                         # device seconds compute loses per second of a copy beside it
+                                                    # (0: copy engines apart from the compute units, as on GPUs)
     host.dispatch_s_per_block                       # host (Python + dispatch) time per schedule position
 
 The time model that reads these lives in `simulator.py` (`block_compute_s`, `transfer_s`).
@@ -48,6 +52,8 @@ class HardwareProfile:
     device: str
     hbm_capacity_bytes: float
     hbm_bandwidth_bytes_per_s: float
+    fresh_alloc_threshold_bytes: float  # .inf where device memory comes from a preallocated pool (GPU/TPU)
+    fresh_alloc_bytes_per_s: float
     host_to_device: Link
     device_to_host: Link
     nvme_read_bytes_per_s: float
@@ -56,6 +62,7 @@ class HardwareProfile:
     flops_per_s: dict  # precision ("bf16" | "fp32" | "int8") -> FLOP/s
     block_overhead_s: float
     dequant_bytes_per_s: dict  # "int8" | "int4" -> bytes/s
+    copy_contention: float  # compute seconds lost per second of an overlapping copy (CPU: copies share the cores)
     dispatch_s_per_block: float
     source: str = ""  # the file it was read from
 
@@ -71,7 +78,8 @@ class HardwareProfile:
 _SCHEMA = {
     "name": str,
     "device": str,
-    "hbm": {"capacity_bytes": float, "bandwidth_bytes_per_s": float},
+    "hbm": {"capacity_bytes": float, "bandwidth_bytes_per_s": float, "fresh_alloc_threshold_bytes": float,
+            "fresh_alloc_bytes_per_s": float},
     "links": {
         "host_to_device": {"bandwidth_bytes_per_s": float, "latency_s": float},
         "device_to_host": {"bandwidth_bytes_per_s": float, "latency_s": float},
@@ -81,11 +89,13 @@ _SCHEMA = {
         "flops_per_s": {"bf16": float, "fp32": float, "int8": float},
         "block_overhead_s": float,
         "dequant_bytes_per_s": {"int8": float, "int4": float},
+        "copy_contention": float,
     },
     "host": {"dispatch_s_per_block": float},
 }
 _MAY_BE_ZERO = {"links.host_to_device.latency_s", "links.device_to_host.latency_s", "nvme.latency_s",
-                "compute.block_overhead_s", "host.dispatch_s_per_block"}
+                "compute.block_overhead_s", "host.dispatch_s_per_block",
+                "compute.copy_contention"}
 
 
 def _check(data, schema: dict, where: str, src: str) -> dict:
@@ -125,11 +135,14 @@ def profile_from_dict(data, source: str = "<dict>") -> HardwareProfile:
     return HardwareProfile(
         name=d["name"], device=d["device"],
         hbm_capacity_bytes=d["hbm"]["capacity_bytes"], hbm_bandwidth_bytes_per_s=d["hbm"]["bandwidth_bytes_per_s"],
+        fresh_alloc_threshold_bytes=d["hbm"]["fresh_alloc_threshold_bytes"],
+        fresh_alloc_bytes_per_s=d["hbm"]["fresh_alloc_bytes_per_s"],
         host_to_device=Link(**links["host_to_device"]), device_to_host=Link(**links["device_to_host"]),
         nvme_read_bytes_per_s=d["nvme"]["read_bytes_per_s"], nvme_write_bytes_per_s=d["nvme"]["write_bytes_per_s"],
         nvme_latency_s=d["nvme"]["latency_s"], flops_per_s=dict(d["compute"]["flops_per_s"]),
         block_overhead_s=d["compute"]["block_overhead_s"],
         dequant_bytes_per_s=dict(d["compute"]["dequant_bytes_per_s"]),
+        copy_contention=d["compute"]["copy_contention"],
         dispatch_s_per_block=d["host"]["dispatch_s_per_block"], source=source)
 
 
@@ -156,12 +169,14 @@ def profile_to_dict(p: HardwareProfile) -> dict:
     """The nested mapping `profile_from_dict` reads (what calibrate_hardware writes)."""
     return {
         "name": p.name, "device": p.device,
-        "hbm": {"capacity_bytes": p.hbm_capacity_bytes, "bandwidth_bytes_per_s": p.hbm_bandwidth_bytes_per_s},
+        "hbm": {"capacity_bytes": p.hbm_capacity_bytes, "bandwidth_bytes_per_s": p.hbm_bandwidth_bytes_per_s,
+                "fresh_alloc_threshold_bytes": p.fresh_alloc_threshold_bytes,
+                "fresh_alloc_bytes_per_s": p.fresh_alloc_bytes_per_s},
         "links": {"host_to_device": dataclasses.asdict(p.host_to_device),
                   "device_to_host": dataclasses.asdict(p.device_to_host)},
         "nvme": {"read_bytes_per_s": p.nvme_read_bytes_per_s, "write_bytes_per_s": p.nvme_write_bytes_per_s,
                  "latency_s": p.nvme_latency_s},
         "compute": {"flops_per_s": dict(p.flops_per_s), "block_overhead_s": p.block_overhead_s,
-                    "dequant_bytes_per_s": dict(p.dequant_bytes_per_s)},
+                    "dequant_bytes_per_s": dict(p.dequant_bytes_per_s), "copy_contention": p.copy_contention},
         "host": {"dispatch_s_per_block": p.dispatch_s_per_block},
     }

@@ -34,12 +34,16 @@ LLAMA2_70B = LlamaConfig(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64
                          rope_base=10000.0, norm_eps=1e-5, context_length=4096)
 LLAMA3_8B = LlamaConfig(vocab_size=128256, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
                         rope_base=500000.0, norm_eps=1e-5, context_length=8192)
+# The MoE SmolLM2 built here (models/moe_build.py, configs/moe/router.yaml): each layer's 1536 neurons in 8 experts
+# of 192; d_ff below is one expert's.
+SMOLLM2_135M_MOE = dataclasses.replace(SMOLLM2_135M, d_ff=1536 // 8)
 MIXTRAL_8X7B = LlamaConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
                            rope_base=1e6, norm_eps=1e-5, context_length=32768)
 
 # name -> (config, tied embedding?, experts, experts per token)
 MODELS = {
     "smollm2-135m": (SMOLLM2_135M, True, 0, 0),
+    "smollm2-135m-moe": (SMOLLM2_135M_MOE, True, 8, 2),
     "llama-2-70b": (LLAMA2_70B, False, 0, 0),
     "llama-3-8b": (LLAMA3_8B, False, 0, 0),
     "mixtral-8x7b": (MIXTRAL_8X7B, False, 8, 2),

@@ -184,6 +184,10 @@ class ScoredPolicy(Policy):
         # Blocks outside the plan first (streamed), released in most-recent-use order; the plan is kept.
         return sorted((b for b in candidates if b not in self.pinned), key=lambda b: -self.last_use.get(b, -1))
 
+    def settle(self):
+        if self._pending is not None:
+            jax.block_until_ready(self._pending)
+
     def tick(self, t):
         """Adopt the previous tick's decisions and dispatch the next one. The device runs computations in order, so
         reading a tick's result at once would wait for every layer queued before it (measured: 11% of wall time on

@@ -9,15 +9,23 @@ the compute of a position (a roofline), and the clock.
 
 Time model (one host thread, one compute stream, one FIFO queue per link and direction):
   * host: each schedule position costs `host.dispatch_s_per_block`; the host waits (a `stall` event) when a block it
-    needs is still in flight, and at the end of each pass for the compute stream (the sampled token); a scored
+    needs is still in flight, at the end of each pass for the compute stream (the sampled token), and, in a MoE,
+    after each router for the compute stream (the routing decision comes to the host, as in the real routed
+    executor and every MoE offloading runtime); a scored
     policy's tick costs its measured wall time (it is the real controller, run here).
   * compute stream: a position starts when the host dispatched it and the previous one finished, and lasts
     `block_overhead_s + max(FLOPs / flops_per_s[precision], bytes read / hbm bandwidth, low-bit bytes / dequant)`,
     FLOPs and bytes for M = the pass's new tokens (`model_shapes.ModelShape.flops / bytes_read`).
   * links: `nvme->host`, `host->device`, `device->host` each carry one transfer at a time (FIFO: a transfer starts
     when requested or when the previous one on that link ends, whichever is later) and take latency +
-    bytes / bandwidth. Routes are the engine's (`tiers.state.route`): S4 -> S0 is nvme->host then host->device.
+    bytes / bandwidth; a host->device transfer of a block above `hbm.fresh_alloc_threshold_bytes` lands no faster than
+    `hbm.fresh_alloc_bytes_per_s` (on the CPU backend a buffer above glibc's 32 MiB mmap threshold is mapped afresh
+    on every allocation, and first touching its pages runs at ~2.2 GB/s against ~15 GB/s into reused memory: a
+    measured 4x; GPU/TPU profiles say .inf, their allocators pool device memory). Routes are the engine's
+    (`tiers.state.route`): S4 -> S0 is nvme->host then host->device.
     Evicting to a kept home copy is free (as in the real engine with `keep_home`).
+  * contention: where copies and compute share the same cores (a CPU), compute loses `compute.copy_contention`
+    seconds per second of copy beside it (`SimEngine._contend`, `compute_slowdown`); GPU/TPU profiles say 0.
 So prefetches overlap with compute, and stalls appear exactly when a needed block has not landed.
 
 Outputs: `summary.json` with the real runner's fields where they make sense (`tokens: null`, `"simulated": true`,
@@ -83,6 +91,7 @@ class SimEngine:
         self.device_total = 0  # Σ rep.nbytes, kept as reps change
         self.pending: dict[str, _Handle] = {}
         self.link_free = {"nvme->host": 0.0, "host->device": 0.0, "device->host": 0.0}
+        self.copy_spans: list[tuple[float, float]] = []  # copies not yet over (for `copy_contention`)
 
     def _link(self, link: str) -> tuple[float, float]:
         hw = self.hw
@@ -121,9 +130,12 @@ class SimEngine:
                 link_bytes[hop.link] = link_bytes.get(hop.link, 0) + s0
                 continue
             bw, lat = self._link(hop.link)
+            if hop.link == "host->device" and s0 > self.hw.fresh_alloc_threshold_bytes:
+                bw = min(bw, self.hw.fresh_alloc_bytes_per_s)  # lands in freshly mapped pages
             begin = max(t, self.link_free[hop.link])
             t = begin + lat + s0 / bw
             self.link_free[hop.link] = t
+            self._contend(begin, t)
             first = begin if first is None else first
             link_bytes[hop.link] = link_bytes.get(hop.link, 0) + s0
         self._event("transition", block, start, dst, first if first is not None else now, t, link_bytes,
@@ -131,6 +143,27 @@ class SimEngine:
         h = _Handle(block, src, dst, t)
         self.pending[block] = h
         return h
+
+    def _contend(self, begin: float, end: float) -> None:
+        """A copy over [begin, end]: compute already queued beside it loses `copy_contention` of the overlap (the
+        queued work runs from now, or from `begin`, to `clock.gpu`). Compute queued later is charged for the copies
+        already running by `compute_slowdown`, so each (copy, compute) overlap is counted once."""
+        c = self.hw.copy_contention
+        if c <= 0:
+            return
+        self.copy_spans.append((begin, end))
+        overlap = min(end, self.clock.gpu) - max(begin, self.clock.now)
+        if overlap > 0:
+            self.clock.gpu += c * overlap
+
+    def compute_slowdown(self, start: float, dur: float) -> float:
+        """Extra device seconds for a compute span [start, start + dur] that copies in flight run beside."""
+        c = self.hw.copy_contention
+        if c <= 0:
+            return 0.0
+        self.copy_spans = [(b, e) for b, e in self.copy_spans if e > self.clock.now]
+        overlap = sum(max(0.0, min(e, start + dur) - max(b, start)) for b, e in self.copy_spans)
+        return c * overlap
 
     def _settle(self, block: str) -> None:
         h = self.pending.get(block)
@@ -224,6 +257,7 @@ class SimExecutor(Executor):
         return self.clock.now
 
     def maybe_tick(self):
+        self.policy.settle()  # the previous tick had a simulated 15 layers to finish: it is ready, as in real runs
         t0 = time.perf_counter()
         targets = self.policy.tick(self.t)
         spent = time.perf_counter() - t0  # the real controller ran: its wall time is host time
@@ -246,8 +280,11 @@ class SimExecutor(Executor):
             state = self.engine.state(block)
             dur = block_compute_s(hw, self.shape, block, op, state, tokens, context, self.state_bytes)
             start = max(self.clock.now, self.clock.gpu)
+            dur += self.engine.compute_slowdown(start, dur)
             self.clock.gpu = start + dur
             self.compute_spans.append((block, start, self.clock.gpu))
+            if op == "router":  # the routing decision comes to the host (moe_executor.RoutedForward): it waits
+                self.clock.now = max(self.clock.now, self.clock.gpu)
             layer = self.layer_of[block]
             if op in ("mlp", "expert") and last_ffn.get(layer) == i and (layer + 1) % self.tick_every == 0:
                 self.maybe_tick()
@@ -323,8 +360,26 @@ def _state_bytes(shape: ModelShape, cfg: RunConfig) -> dict:
     return out
 
 
-def _scored_extras(cfg, shape, hw, state_bytes, homes, placement) -> dict:
-    """The scored policy's measured inputs, replaced by the profile: link bandwidths and dequant seconds (δ)."""
+def model_calibration(cfg: RunConfig, shape: ModelShape):
+    """The calibration (`vorch calibrate`) a real run of this model reads on this machine, or None. Only models whose
+    weights are here have one (SmolLM2). ψ and the value lost per lossy state are properties of the weights, so the
+    simulator uses them on every profile; bandwidths and δ come from the profile."""
+    if shape.name != "smollm2-135m":
+        return None
+    from vorch_jax.calibrate import covers, load_calibration, machine_key, model_key
+    from vorch_jax.models.smollm2 import load_smollm2_source
+
+    source = load_smollm2_source()
+    cal = load_calibration(None, model_key(source), machine_key(), source=source)
+    if cal is None or covers(cal, tokens=cal.tokens, blocks=list(shape.block_ids),
+                             int4_group_size=cfg.quant.int4_group_size, lowrank_rank=cfg.quant.lowrank_rank) is not None:
+        return None
+    return cal
+
+
+def _scored_extras(cfg, shape, hw, state_bytes, homes, placement, cal) -> dict:
+    """The scored policy's inputs: link bandwidths and dequant seconds (δ) from the profile; ψ and the per-state value
+    loss from the model's calibration when there is one (as the real runner does, so both plan alike)."""
     delta = None
     if cfg.lossy:
         delta = {}
@@ -335,9 +390,20 @@ def _scored_extras(cfg, shape, hw, state_bytes, homes, placement) -> dict:
             delta[kind] = {State.S0: 0.0, State.S6: 0.0}
             for s, fmt in LOWBIT.items():
                 delta[kind][s] = state_bytes[b][s] / hw.dequant_bytes_per_s[fmt]
+    from_cal = {} if cal is None else dict(psi=cal.psi, lossy_loss=cal.tick_lossy_loss(),
+                                           calibration=f"ψ: {cal.model_key} @ {cal.machine_key}, {cal.created}")
     return dict(state_bytes=state_bytes, homes=homes, kinds=dict(shape.kinds), layers=dict(shape.layers),
                 placement=placement, h2d_bytes_per_s=hw.host_to_device.bandwidth_bytes_per_s,
-                nvme_bytes_per_s=hw.nvme_read_bytes_per_s, delta=delta)
+                nvme_bytes_per_s=hw.nvme_read_bytes_per_s, delta=delta, **from_cal)
+
+
+def psi_quality_estimate(cal, accesses) -> dict:
+    """ΔKL estimated from the calibration: Σ over blocks of the measured ΔKL of the lossy state each block was last
+    read in (an additive, first-order estimate; lossless states add 0)."""
+    last = {a.block: a.state for a in accesses}
+    lossy = {b: st for b, st in last.items() if st in cal.states and b in cal.kl}
+    return {"kl_estimate": float(sum(cal.kl[b][st] for b, st in lossy.items())), "lossy_blocks": len(lossy),
+            "source": f"{cal.model_key} @ {cal.machine_key}, {cal.created}"}
 
 
 def _passes(shape: ModelShape, cfg: RunConfig, routing) -> list[list[tuple[str, str]]]:
@@ -385,7 +451,8 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
     ctx = PolicyContext(block_ids=tuple(shape.block_ids), device_bytes=dict(shape.device_bytes), budget_bytes=hbm,
                         schedule=tuple(one), prefetch_depth=cfg.prefetch_depth, protected=protected,
                         future=tuple(stream), forced=forced, state_bytes=state_bytes)
-    extras = _scored_extras(cfg, shape, hw, state_bytes, homes, placement) if cfg.policy == "scored" else None
+    cal = model_calibration(cfg, shape)
+    extras = _scored_extras(cfg, shape, hw, state_bytes, homes, placement, cal) if cfg.policy == "scored" else None
     policy = make_policy(cfg, ctx, extras)
     check_fits(policy, shape.device_bytes, hbm, state_bytes)
     clock = Clock()
@@ -457,7 +524,9 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
                      "wasted_bytes": ex.counters.prefetch_wasted_bytes},
         "transitions": T.transition_counts(gen_events),
         "quality": {"simulated": True, "note": "quality is not simulated",
-                    "psi_estimate": None, "psi_note": f"none: no ψ calibration exists for {shape.name}"},
+                    "psi_estimate": psi_quality_estimate(cal, ex.accesses[n_acc0:]) if cal is not None else None,
+                    "psi_note": f"none: no ψ calibration exists for {shape.name}" if cal is None else
+                    "calibrated ΔKL per block and state (vorch calibrate), summed over the states blocks were read in"},
         "quality_pass_link_bytes": None,
         "link_gbps": link_gbps,  # the profile's (the real runner reports the probe's)
         "initial_placement_s": gen0 - place0,

@@ -29,7 +29,7 @@ def cfg_for(policy="lru", budget=0.5, tokens=4, **kw):
 def fast(**kw):
     """this-machine with a clean set of numbers (no calibration noise in unit tests)."""
     base = dict(host_to_device=Link(2e9, 1e-4), hbm_bandwidth_bytes_per_s=2e10, block_overhead_s=0.0,
-                dispatch_s_per_block=1e-4)
+                dispatch_s_per_block=1e-4, fresh_alloc_threshold_bytes=math.inf, copy_contention=0.0)
     return load_profile("this-machine").replace(**{**base, **kw})
 
 
@@ -174,3 +174,30 @@ def test_sim_replays_the_real_runs_traffic_exactly(policy, tmp_path):
     sim = simulate(cfg_for(policy, 0.5, tokens=3), tmp_path / "sim", hardware=fast())
     for key in ("bytes_moved", "belady_bytes", "hits", "misses", "peak_device_bytes"):
         assert sim[key] == real[key], (key, sim[key], real[key])
+
+
+def _h2d_transitions(path, block):
+    recs = [json.loads(x) for x in (path / "trace.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["event"] == "transition" and r["block"] == block and r["link"] == "host->device"
+            and r["t"] >= 0]
+
+
+def test_blocks_above_the_fresh_allocation_threshold_land_at_its_rate(tmp_path):
+    """lru reloads the 113 MB embedding every step; above the threshold it lands at fresh_alloc_bytes_per_s."""
+    plain = simulate(cfg_for("lru", 0.5, 3), tmp_path / "p", hardware=fast())
+    fresh = simulate(cfg_for("lru", 0.5, 3), tmp_path / "f",
+                     hardware=fast(fresh_alloc_threshold_bytes=32 * 2**20, fresh_alloc_bytes_per_s=1e9))
+    embed = _h2d_transitions(tmp_path / "f", "embed")
+    assert embed and all(r["dur_s"] == pytest.approx(1e-4 + r["bytes"] / 1e9, rel=1e-6) for r in embed)
+    mlp = _h2d_transitions(tmp_path / "f", "layers.3.mlp")  # under the threshold: the link's own rate
+    assert mlp and all(r["dur_s"] == pytest.approx(1e-4 + r["bytes"] / 2e9, rel=1e-6) for r in mlp)
+    assert fresh["decode_step_s"] > plain["decode_step_s"] and fresh["bytes_moved"] == plain["bytes_moved"]
+
+
+def test_copy_contention_slows_compute_beside_copies_only(tmp_path):
+    """With copies beside compute (static-prefetch) contention lengthens the step; all-resident it changes nothing."""
+    def step(policy, budget, c, name):
+        return simulate(cfg_for(policy, budget, 3), tmp_path / name, hardware=fast(copy_contention=c))["decode_step_s"]
+
+    assert step("static-prefetch", 0.4, 1.0, "a") > step("static-prefetch", 0.4, 0.0, "b")
+    assert step("resident", 1.0, 1.0, "c") == pytest.approx(step("resident", 1.0, 0.0, "d"))
