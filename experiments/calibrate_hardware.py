@@ -159,7 +159,7 @@ def real_run(policy: str, budget, out_dir, new_tokens: int = 6) -> tuple[dict, l
     return summary, records
 
 
-def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6) -> dict:
+def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=()) -> dict:
     """Machine parameters from measured runs {(policy, budget): [(summary, trace records), ...]} at the calibration
     points, pooled over repeats (never per row of a validation grid):
       * host->device latency and bandwidth as the host sees them (request to usable weights: eviction, hand-off to
@@ -169,6 +169,7 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6) -> dict:
       * host seconds per schedule position: median gap between consecutive hit accesses of one pass;
       * device memory bandwidth: bytes a decode pass streams / the measured decode step of the resident run (its
         per-block overhead and the host's share of the cores folded in: a CPU has no launch to separate it from);
+      * fresh-allocation rate: the median of `fresh_rates` (`fresh_alloc_rate` measured beside the runs) if given;
       * copy contention: the value in [0, 2] for which the simulator, with the parameters above, reproduces the
         static-prefetch run's decode step (bisection; the simulated step grows with it)."""
     def pooled(policy):
@@ -195,6 +196,8 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6) -> dict:
     cal = {"h2d": 1.0 / slope, "h2d_lat": max(0.0, float(lat) - dispatch), "dispatch": dispatch,
            "hbm_bw": streamed / resident, "resident_step_s": resident, "transfers": len(h2d), "gaps": len(gaps),
            "contention": 0.0}
+    if fresh_rates:
+        cal["fresh"] = statistics.median(fresh_rates)
     target = statistics.median(s["decode_step_s"] for s, _ in pooled("static-prefetch"))
     budget = next(b for p, b in runs if p == "static-prefetch")
     lo, hi = 0.0, 2.0
@@ -212,9 +215,10 @@ def apply_calibration(profile, cal: dict):
     """`profile` with the machine parameters `fit_from_runs` measured."""
     from vorch_jax.hardware import Link
 
+    fresh = {"fresh_alloc_bytes_per_s": cal["fresh"]} if "fresh" in cal else {}
     return profile.replace(
         host_to_device=Link(cal["h2d"], cal["h2d_lat"]), dispatch_s_per_block=cal["dispatch"],
-        hbm_bandwidth_bytes_per_s=cal["hbm_bw"], block_overhead_s=0.0, copy_contention=cal["contention"])
+        hbm_bandwidth_bytes_per_s=cal["hbm_bw"], block_overhead_s=0.0, copy_contention=cal["contention"], **fresh)
 
 
 def sim_step(policy: str, budget, tokens: int, profile, out_dir) -> float:
@@ -270,7 +274,8 @@ def profile_text(fl, blk, ln, dq, cal, from_runs) -> str:
     m = f"measured here ({when}, `{CMD}`"
     pts = ", ".join(f"{p} at {b}" for p, b in CALIBRATION_POINTS)
     r = f"calibrated here from real runs ({when}, `{CMD} --from-runs {from_runs}`: vorch_jax.runner.run, {pts}"
-    src = {"hbm": f"{r}: decode-pass bytes / measured decode step of the resident run {cal['resident_step_s'] * 1e3:.2f} ms)"
+    src = {"hbm": f"{r}: decode-pass bytes / measured decode step of the resident run "
+                  f"{cal['resident_step_s'] * 1e3:.2f} ms)"
            if cal else f"{m}: least-squares fit of decode block times attn {blk['attn']*1e3:.3f} ms, mlp "
                        f"{blk['mlp']*1e3:.3f} ms, head {blk['head']*1e3:.3f} ms)",
            "h2d": f"{r}: least squares latency + bytes / bandwidth over {cal['transfers']} misses, host's view)" if cal

@@ -1,4 +1,4 @@
-"""Validate the simulator against the real runner on SmolLM2, dense and MoE: measured vs simulated decode time per token.
+"""Validate the simulator against real runs of SmolLM2, dense and MoE: measured vs simulated decode time per token.
 
 Run:   .venv/bin/python experiments/sim_validate.py [--repeats 3] [--tokens 6] [--models dense moe]
 Takes: about repeats x (3 + 9 + 9) real runs of 5-20 s on 2 idle CPU cores (5 to 8 minutes at 3 repeats).
@@ -16,9 +16,10 @@ Calibration (the "calibrated cost model"): other engineers share these 2 cores, 
 2x over minutes and a profile measured at another time misses. Each repeat round therefore first runs the
 calibration points of `calibrate_hardware.CALIBRATION_POINTS` (resident at 1.0, static and static-prefetch at 0.4:
 not rows of the grid), and `calibrate_hardware.fit_from_runs` takes, pooled over all calibration runs, the
-host->device latency and bandwidth, the host seconds per schedule position, the device memory bandwidth and the
-copy contention. Those parameters replace the profile's; the other fields (the fresh-allocation rate among them)
-stay as measured by `calibrate_hardware.py`. No factor is fitted per row, per policy, per model or per budget.
+host->device latency and bandwidth, the host seconds per schedule position, the device memory bandwidth, the
+copy contention and (from `calibrate_hardware.fresh_alloc_rate`, measured at the start of each round) the
+fresh-allocation rate. Those parameters replace the profile's; the other fields stay as measured by
+`calibrate_hardware.py`. No factor is fitted per row, per policy, per model or per budget.
 `--no-calibrate` simulates with the profile file as it is.
 """
 
@@ -32,8 +33,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import jax  # noqa: E402
+
 from experiments.calibrate_hardware import (CALIBRATION_POINTS, apply_calibration, fit_from_runs,  # noqa: E402
-                                            real_run, sim_step)
+                                            fresh_alloc_rate, real_run, sim_step)
 from vorch_jax.hardware import load_profile  # noqa: E402
 from vorch_jax.model_shapes import model_shape  # noqa: E402
 
@@ -105,10 +108,12 @@ def validate(rows, *, repeats: int, tokens: int, profile="this-machine", calibra
     base = load_profile(profile)
     measured = {row: [] for row in rows}
     cal_runs: dict = {}
+    fresh_rates: list = []
     moe = MoERows(tokens) if any(m == "moe" for m, _, _ in rows) else None
     with tempfile.TemporaryDirectory() as d:
         for r in range(repeats):
             if calibrate:
+                fresh_rates.append(fresh_alloc_rate(jax.devices()[0]))
                 for policy, budget in CALIBRATION_POINTS:
                     cal_runs.setdefault((policy, budget), []).append(
                         real_run(policy, budget, Path(d) / f"cal-{policy}-{budget}-{r}", tokens))
@@ -116,8 +121,9 @@ def validate(rows, *, repeats: int, tokens: int, profile="this-machine", calibra
                 out = Path(d) / f"{model}-{policy}-{budget}-{r}"
                 s = moe.real(policy, budget, out) if model == "moe" else real_run(policy, budget, out, tokens)[0]
                 measured[(model, policy, budget)].append(s["decode_step_s"])
-                say(f"  round {r + 1}/{repeats} {model:5s} {policy:7s} {budget}: {s['decode_step_s'] * 1e3:.1f} ms/token")
-        cal = fit_from_runs(cal_runs, model_shape("smollm2-135m"), base, tokens) if calibrate else None
+                say(f"  round {r + 1}/{repeats} {model:5s} {policy:7s} {budget}: "
+                    f"{s['decode_step_s'] * 1e3:.1f} ms/token")
+        cal = fit_from_runs(cal_runs, model_shape("smollm2-135m"), base, tokens, fresh_rates) if calibrate else None
         prof = apply_calibration(base, cal) if cal else base
         out = {}
         for model, policy, budget in rows:
@@ -149,8 +155,9 @@ def table(result: dict) -> str:
         lines.append(f"calibration (pooled over {cal['transfers']} transfers, {cal['gaps']} host gaps): host->device "
                      f"{cal['h2d'] / 1e9:.2f} GB/s + {cal['h2d_lat'] * 1e3:.2f} ms, host {cal['dispatch'] * 1e3:.3f} "
                      f"ms/position, memory {cal['hbm_bw'] / 1e9:.1f} GB/s (resident step "
-                     f"{cal['resident_step_s'] * 1e3:.1f} ms), copy contention {cal['contention']:.2f} (static-prefetch "
-                     f"step {cal['static_prefetch_step_s'] * 1e3:.1f} ms)")
+                     f"{cal['resident_step_s'] * 1e3:.1f} ms), copy contention {cal['contention']:.2f} "
+                     f"(static-prefetch step {cal['static_prefetch_step_s'] * 1e3:.1f} ms), fresh allocation "
+                     f"{cal.get('fresh', float('nan')) / 1e9:.2f} GB/s")
     return "\n".join(lines)
 
 

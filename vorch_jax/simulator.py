@@ -371,8 +371,10 @@ def model_calibration(cfg: RunConfig, shape: ModelShape):
 
     source = load_smollm2_source()
     cal = load_calibration(None, model_key(source), machine_key(), source=source)
-    if cal is None or covers(cal, tokens=cal.tokens, blocks=list(shape.block_ids),
-                             int4_group_size=cfg.quant.int4_group_size, lowrank_rank=cfg.quant.lowrank_rank) is not None:
+    why_not = None if cal is None else covers(cal, tokens=cal.tokens, blocks=list(shape.block_ids),
+                                              int4_group_size=cfg.quant.int4_group_size,
+                                              lowrank_rank=cfg.quant.lowrank_rank)
+    if cal is None or why_not is not None:
         return None
     return cal
 
@@ -526,7 +528,8 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
         "quality": {"simulated": True, "note": "quality is not simulated",
                     "psi_estimate": psi_quality_estimate(cal, ex.accesses[n_acc0:]) if cal is not None else None,
                     "psi_note": f"none: no ψ calibration exists for {shape.name}" if cal is None else
-                    "calibrated ΔKL per block and state (vorch calibrate), summed over the states blocks were read in"},
+                    "calibrated ΔKL per block and state (vorch calibrate), summed over the states blocks were read "
+                    "in"},
         "quality_pass_link_bytes": None,
         "link_gbps": link_gbps,  # the profile's (the real runner reports the probe's)
         "initial_placement_s": gen0 - place0,
