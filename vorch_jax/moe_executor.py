@@ -187,6 +187,8 @@ class RoutedExecutor(RoutedForward, Executor):
         # Mild by default: λ loses 10% over a whole pass. On a cyclic schedule every layer comes round once per step,
         # so a steep decay would only rotate the plan with the layer position (churn, i.e. bytes).
         self.lam_decay = lam_decay if lam_decay is not None else 0.9 ** (1.0 / (L + 2))
+        self._expert_coords = {b: (layer, int(b.rsplit(".", 1)[1])) for b in self.schedule
+                               for kind, layer in [moe.moe_block_kind_layer(L, b)] if kind == "expert"}
         self._slot = {}
         for i, b in enumerate(self.schedule):
             self._slot.setdefault(b, i)
@@ -306,10 +308,10 @@ class RoutedExecutor(RoutedForward, Executor):
         visit from the router statistics, (1/q - 1) whole passes (a geometric wait). What Belady knows from the
         recorded future, estimated from the router."""
         d = float(self._next_use(block))
-        kind, layer = moe.moe_block_kind_layer(self.cfg.n_layers, block)
-        if kind != "expert" or block in self._ahead:
+        coords = self._expert_coords.get(block)
+        if coords is None or block in self._ahead:  # a dense block, or known to come next
             return d
-        q = max(float(self.p_sel_LxE[layer, int(block.rsplit(".", 1)[1])]), 1e-3)
+        q = max(float(self.p_sel_LxE[coords]), 1e-3)
         return d + len(self.schedule) * (1.0 / q - 1.0)
 
     def _next_use(self, block):
@@ -327,13 +329,23 @@ class RoutedExecutor(RoutedForward, Executor):
 def lam_for_tick(ids, p_sel_LxE: np.ndarray, current_layer: int, n_layers: int, decay: float) -> np.ndarray:
     """float32[B]: λ of every block for a tick at `current_layer`: 1 for dense blocks, P(selected)·decay^distance
     for experts (distance in layers ahead, wrapping into the next step; `access_stats.lookahead_lambda`)."""
-    layer_B, p_B, is_expert_B = [], [], []
+    layer_B, expert_B, is_expert_B = _block_coords(tuple(ids), n_layers)
+    p_B = np.where(is_expert_B, p_sel_LxE[np.clip(layer_B, 0, n_layers - 1), expert_B], 1.0).astype(np.float32)
+    decayed = _lookahead_lambda(layer_B, np.int32(current_layer), n_layers, n_layers + 2, np.float32(decay),
+                                np.ones(len(ids), np.float32), ~is_expert_B)
+    return np.asarray(decayed) * p_B
+
+
+_lookahead_lambda = jax.jit(lookahead_lambda, static_argnums=(2, 3))  # one dispatch per tick, not ten eager ops
+
+
+@functools.lru_cache(maxsize=8)
+def _block_coords(ids: tuple, n_layers: int):
+    """(layer int32[B], expert index int32[B] (0 for dense blocks), is_expert bool[B]) of block ids, parsed once."""
+    layer_B, expert_B, is_expert_B = [], [], []
     for b in ids:
         kind, layer = moe.moe_block_kind_layer(n_layers, b)
         layer_B.append(layer)
         is_expert_B.append(kind == "expert")
-        p_B.append(p_sel_LxE[layer, int(b.rsplit(".", 1)[1])] if kind == "expert" else 1.0)
-    is_expert_B = np.asarray(is_expert_B)
-    decayed = lookahead_lambda(np.asarray(layer_B, np.int32), current_layer, n_layers, n_layers + 2, decay,
-                               np.ones(len(ids), np.float32), ~is_expert_B)
-    return np.asarray(decayed) * np.asarray(p_B, np.float32)
+        expert_B.append(int(b.rsplit(".", 1)[1]) if kind == "expert" else 0)
+    return np.asarray(layer_B, np.int32), np.asarray(expert_B, np.int32), np.asarray(is_expert_B)

@@ -92,8 +92,9 @@ def test_expected_next_use_adds_the_passes_the_router_is_expected_to_skip(setup)
     L, E = setup.model_cfg.n_layers, setup.n_experts
     p = np.full((L, E), 0.5)
     p[4, 2] = 0.1
+    coords = {f"layers.4.expert.{e}": (4, e) for e in range(E)}
     fake = SimpleNamespace(cfg=setup.model_cfg, schedule=list(range(100)), p_sel_LxE=p, _ahead=["layers.4.expert.3"],
-                           _next_use=lambda b: 7)
+                           _next_use=lambda b: 7, _expert_coords=coords)
     gap = lambda b: RoutedExecutor.expected_next_use(fake, b)  # noqa: E731
     assert gap("layers.4.attn") == 7 and gap("layers.4.expert.3") == 7  # dense; known to come next
     assert gap("layers.4.expert.1") == pytest.approx(7 + 100 * (1 / 0.5 - 1))
