@@ -42,10 +42,15 @@ class RunError(ValueError):
 
 def stored_calibration(cfg: RunConfig, setup: "Setup"):
     """This model's and machine's calibration (`vorch calibrate`) when it exists and matches the run's formats."""
+    return calibration_for(cfg, setup.source, setup.block_ids)
+
+
+def calibration_for(cfg: RunConfig, source, block_ids):
+    """The stored calibration of `source`'s model on this machine covering `block_ids` in `cfg`'s formats, or None."""
     from vorch_jax.calibrate import covers, load_calibration, machine_key, model_key
 
-    cal = load_calibration(None, model_key(setup.source), machine_key(), source=setup.source)
-    if cal is None or covers(cal, tokens=cal.tokens, blocks=setup.block_ids, int4_group_size=cfg.quant.int4_group_size,
+    cal = load_calibration(None, model_key(source), machine_key(), source=source)
+    if cal is None or covers(cal, tokens=cal.tokens, blocks=list(block_ids), int4_group_size=cfg.quant.int4_group_size,
                              lowrank_rank=cfg.quant.lowrank_rank) is not None:
         return None
     return cal

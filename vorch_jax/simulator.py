@@ -366,17 +366,10 @@ def model_calibration(cfg: RunConfig, shape: ModelShape):
     simulator uses them on every profile; bandwidths and δ come from the profile."""
     if shape.name != "smollm2-135m":
         return None
-    from vorch_jax.calibrate import covers, load_calibration, machine_key, model_key
     from vorch_jax.models.smollm2 import load_smollm2_source
+    from vorch_jax.runner import calibration_for
 
-    source = load_smollm2_source()
-    cal = load_calibration(None, model_key(source), machine_key(), source=source)
-    why_not = None if cal is None else covers(cal, tokens=cal.tokens, blocks=list(shape.block_ids),
-                                              int4_group_size=cfg.quant.int4_group_size,
-                                              lowrank_rank=cfg.quant.lowrank_rank)
-    if cal is None or why_not is not None:
-        return None
-    return cal
+    return calibration_for(cfg, load_smollm2_source(), shape.block_ids)
 
 
 def _scored_extras(cfg, shape, hw, state_bytes, homes, placement, cal) -> dict:

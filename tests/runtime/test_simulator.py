@@ -201,3 +201,16 @@ def test_copy_contention_slows_compute_beside_copies_only(tmp_path):
 
     assert step("static-prefetch", 0.4, 1.0, "a") > step("static-prefetch", 0.4, 0.0, "b")
     assert step("resident", 1.0, 1.0, "c") == pytest.approx(step("resident", 1.0, 0.0, "d"))
+
+
+def test_psi_quality_estimate_sums_the_calibrated_kl_of_the_lossy_states_blocks_were_read_in():
+    from types import SimpleNamespace
+
+    from vorch_jax.simulator import psi_quality_estimate
+
+    cal = SimpleNamespace(states=("S1", "S2", "S6"), kl={"a": {"S1": 0.01, "S2": 0.1}, "b": {"S1": 0.02, "S2": 0.3}},
+                          model_key="m", machine_key="x", created="t")
+    reads = [SimpleNamespace(block="a", state="S2"), SimpleNamespace(block="a", state="S1"),  # last read: S1
+             SimpleNamespace(block="b", state="S2"), SimpleNamespace(block="c", state="S0")]
+    est = psi_quality_estimate(cal, reads)
+    assert est["kl_estimate"] == pytest.approx(0.01 + 0.3) and est["lossy_blocks"] == 2
