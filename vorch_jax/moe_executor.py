@@ -187,8 +187,9 @@ class RoutedExecutor(RoutedForward, Executor):
         # Mild by default: λ loses 10% over a whole pass. On a cyclic schedule every layer comes round once per step,
         # so a steep decay would only rotate the plan with the layer position (churn, i.e. bytes).
         self.lam_decay = lam_decay if lam_decay is not None else 0.9 ** (1.0 / (L + 2))
-        self._expert_coords = {b: (layer, int(b.rsplit(".", 1)[1])) for b in self.schedule
-                               for kind, layer in [moe.moe_block_kind_layer(L, b)] if kind == "expert"}
+        layer_S, expert_S, is_expert_S = _block_coords(tuple(self.schedule), L)  # the parse lam_for_tick uses
+        self._expert_coords = {b: (int(layer), int(e)) for b, layer, e, x in
+                               zip(self.schedule, layer_S, expert_S, is_expert_S) if x}
         self._slot = {}
         for i, b in enumerate(self.schedule):
             self._slot.setdefault(b, i)
