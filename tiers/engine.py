@@ -119,6 +119,7 @@ class MovementEngine:
         self.events = EventLog()
         self._entries: dict[str, _Entry] = {}
         self._lock = threading.RLock()
+        self._device_bytes = 0  # Σ nbytes of the device representations, kept as entries change (read every access)
         self._source_lock = threading.Lock()
         self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vorch-move")
 
@@ -139,6 +140,7 @@ class MovementEngine:
         rep = self._execute(block_id, None, None, dst)
         with self._lock:
             self._entries[block_id] = _Entry(rep)
+            self._device_bytes += self._on_device(self._entries[block_id])
 
     def request(self, block_id: str, target, reason: str = "") -> Transition:
         """Start moving `block_id` to `target` asynchronously; the block reads S5 until it lands. `reason` is
@@ -233,6 +235,8 @@ class MovementEngine:
         if where not in WHERES:
             raise ValueError(f"unknown place {where!r}: expected one of {WHERES}")
         with self._lock:
+            if where == "device":
+                return self._device_bytes
             reps = [r for e in self._entries.values() for r in (e.rep, e.home) if r is not None]
         return sum(r.nbytes for r in reps if r.where == where)
 
@@ -243,6 +247,7 @@ class MovementEngine:
             if entry.pending is not None:
                 raise BlockInFlightError(f"block '{block_id}' is in flight (S5); wait before dropping it")
             del self._entries[block_id]
+            self._device_bytes -= self._on_device(entry)
         entry.rep.free()
         if entry.home is not None:
             entry.home.free()
@@ -257,6 +262,10 @@ class MovementEngine:
         self.close()
 
     # ---------------------------------------------------------------- internals
+    @staticmethod
+    def _on_device(entry: _Entry) -> int:
+        return sum(r.nbytes for r in (entry.rep, entry.home) if r is not None and r.where == "device")
+
     def _entry(self, block_id: str) -> _Entry:
         try:
             return self._entries[block_id]
@@ -279,7 +288,9 @@ class MovementEngine:
         """Free the device copy and fall back to the kept home copy: no bytes move (called under the lock)."""
         t0 = time.perf_counter()
         dropped, src = entry.rep, entry.rep.state
+        self._device_bytes -= self._on_device(entry)
         entry.rep, entry.home = entry.home, None
+        self._device_bytes += self._on_device(entry)
         dropped.free()
         self.events.append(Event("transition", block_id, src, entry.rep.state, t0, time.perf_counter(), {},
                                  "device copy dropped; home copy kept", reason))
@@ -299,6 +310,7 @@ class MovementEngine:
             raise
         keep = self.keep_home and start is origin and not src.on_device and transition.dst.on_device
         with self._lock:
+            self._device_bytes -= self._on_device(entry)
             old_home = entry.home
             if keep:
                 entry.home = origin
@@ -306,6 +318,7 @@ class MovementEngine:
                 entry.home = None  # the block landed off device: that copy is its home now
             entry.rep = new
             entry.pending = None
+            self._device_bytes += self._on_device(entry)
         if not keep:
             origin.free()
         if old_home is not None and entry.home is None:
