@@ -9,8 +9,9 @@ Dense rows: policies static, lru, scored at hbm budgets 0.3 / 0.5 / 0.8 of the m
 MoE rows: the MoE SmolLM2 (`moe_run.run_moe`, E = 8, top-2), policies static, lru, scored with every dense block
 protected and 30 / 50 / 80% of the expert bytes (+ 5 experts of streaming room, `moe_run.expert_budget`); the
 simulator replays the routing the real run recorded (`routing_from_stream`: same experts per pass and layer) on the
-model's shape `smollm2-135m-moe`. The simulator has no router: the scored row runs the dense `ScoredPolicy` with the
-recorded future as its schedule, without the routed executor's speculative prefetch and expected-next-use eviction.
+model's shape `smollm2-135m-moe` on `simulator.SimRoutedExecutor` (the real routed executor's bookkeeping:
+`MoEScoredPolicy`'s expected-next-use eviction, λ from router statistics, and the speculative predictions the
+resident reference recorded, so the scored row speculates as the real one does).
 
 Calibration (the "calibrated cost model"): other engineers share these 2 cores, so the machine's speed drifts by
 2x over minutes and a profile measured at another time misses. Each repeat round therefore first runs the
@@ -39,27 +40,11 @@ from experiments.calibrate_hardware import (CALIBRATION_POINTS, apply_calibratio
                                             fresh_alloc_rate, real_run, sim_step)
 from vorch_jax.hardware import load_profile  # noqa: E402
 from vorch_jax.model_shapes import model_shape  # noqa: E402
+from vorch_jax.simulator import routing_from_stream  # noqa: E402
 
 POLICIES = ("static", "lru", "scored")
 BUDGETS = (0.3, 0.5, 0.8)
 MOE_RESERVE = 5  # experts of streaming room beside the expert cache (as experiments/moe_policies.py)
-
-
-def routing_from_stream(stream) -> list[list[list[int]]]:
-    """[pass][layer] -> expert ids, from a routed access stream (embed, per layer attn, gate, experts, final_norm,
-    embed): the routing trace the simulator replays."""
-    passes, cur = [], None
-    for b in stream:
-        if b == "embed" and cur is None:
-            cur = {}
-        elif b == "final_norm":
-            n = 1 + max(cur) if cur else 0
-            passes.append([sorted(cur.get(i, [])) for i in range(n)])
-            cur = None
-        elif ".expert." in b:
-            _, layer, _, e = b.split(".")
-            cur.setdefault(int(layer), []).append(int(e))
-    return passes
 
 
 class MoERows:
@@ -75,7 +60,7 @@ class MoERows:
         self.base = RunConfig(model=M.MOE_MODEL, policy="lru", hbm_budget=1.0, new_tokens=tokens, prompt_tokens=16,
                               eval_tokens=16, placement=M.dense_protect_rules())
         self.setup = M.prepare_moe(self.base)
-        self.ref = M.moe_reference(self.setup, jnp.float32, tokens)
+        self.ref = M.moe_reference(self.setup, jnp.float32, tokens, speculation=True)
         self.routing = routing_from_stream(self.ref.stream[: self.ref.gen_positions])
 
     def budget(self, fraction: float) -> int:
@@ -92,14 +77,13 @@ class MoERows:
     def sim(self, policy: str, fraction: float, profile, out_dir) -> float:
         import dataclasses
 
-        from vorch_jax.config import PlacementRule
         from vorch_jax.simulator import simulate
 
-        # The same protection by the simulator's block names (its routers are `layers.{i}.router`).
-        protect = PlacementRule(path=r"embed|final_norm|layers\.\d+\.(attn|router)", state="S0", protect=True)
+        # The same placement rules: the simulator's block table names the dense blocks as the real MoE does.
         cfg = dataclasses.replace(self.base, policy=policy, hbm_budget=str(self.budget(fraction)), executor="sim",
-                                  hardware="this-machine", placement=(protect,))
-        return simulate(cfg, out_dir, hardware=profile, routing=self.routing)["decode_step_s"]
+                                  hardware="this-machine")
+        return simulate(cfg, out_dir, hardware=profile, routing=self.routing,
+                        speculation=self.ref.speculation)["decode_step_s"]
 
 
 def validate(rows, *, repeats: int, tokens: int, profile="this-machine", calibrate: bool = True, say=print) -> dict:

@@ -243,7 +243,7 @@ class Executor:
         if used + need <= self.budget:
             return True
         candidates = [b for b in self.on_device if b != block and b not in keep and b not in self.inflight]
-        order = self.policy.victim_order(self.t, candidates)
+        order = self._victim_order(candidates)
         if not strict:
             # A prefetch may only evict blocks the schedule needs after the prefetched one.
             order = [v for v in order if self._next_use(v) > self._next_use(block)]
@@ -269,6 +269,10 @@ class Executor:
         for v in victims:
             self._evict(v, f"evict:{'miss' if strict else 'prefetch'}")
         return True
+
+    def _victim_order(self, candidates: list) -> list:
+        """The policy's eviction order over `candidates` (the simulator charges the host the time it takes)."""
+        return self.policy.victim_order(self.t, candidates)
 
     def _next_use(self, block: str) -> int:
         """Positions until the schedule next reads `block` (1 = the next position; n = a full pass away)."""

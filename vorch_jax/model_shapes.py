@@ -6,7 +6,7 @@ modules: an untied LM head, MoE routers and experts) inside `nnx.eval_shape`, wh
 kinds and layers are read back from the parameters' residency metadata (`models.blocks.block_param`), so the table is
 the one the runtime would see.
 
-Block ids: `embed`, `layers.{i}.attn`, `layers.{i}.mlp` (dense), `layers.{i}.router` and `layers.{i}.expert.{e}`
+Block ids: `embed`, `layers.{i}.attn`, `layers.{i}.mlp` (dense), `layers.{i}.moe_gate` and `layers.{i}.expert.{e}`
 (MoE: the router holds the FFN norm and the gate [D, E]; each expert its SwiGLU), `final_norm`, `lm_head` (untied).
 
 A forward pass is a list of positions `(block, op)`: op is `lookup` (embedding rows), `attn`, `mlp`, `router`,
@@ -48,9 +48,11 @@ MODELS = {
     "llama-3-8b": (LLAMA3_8B, False, 0, 0),
     "mixtral-8x7b": (MIXTRAL_8X7B, False, 8, 2),
 }
+# MoE models whose routers carry a bias [E] (models/moe.py's trained routers do; Mixtral's router is a bare linear).
+ROUTER_BIAS = frozenset({"smollm2-135m-moe"})
 
 
-def _leaf_shapes(cfg: LlamaConfig, n_experts: int) -> dict[str, dict[str, tuple]]:
+def _leaf_shapes(cfg: LlamaConfig, n_experts: int, router_bias: bool = False) -> dict[str, dict[str, tuple]]:
     """{block kind: {leaf: shape}} in the runtime's layout ([in, out]; the embedding in head layout [D, V])."""
     D, F, V = cfg.d_model, cfg.d_ff, cfg.vocab_size
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
@@ -58,7 +60,8 @@ def _leaf_shapes(cfg: LlamaConfig, n_experts: int) -> dict[str, dict[str, tuple]
         "embed": {"embedding": (D, V)},
         "attn": {"attn_norm": (D,), "wq": (D, q), "wk": (D, kv), "wv": (D, kv), "wo": (q, D)},
         "mlp": {"ffn_norm": (D,), "w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)},
-        "router": {"ffn_norm": (D,), "gate": (D, max(1, n_experts))},
+        "moe_gate": {"ffn_norm": (D,), "router_w": (D, max(1, n_experts)),
+                     **({"router_b": (max(1, n_experts),)} if router_bias else {})},
         "expert": {"w_gate": (D, F), "w_up": (D, F), "w_down": (F, D)},
         "norm": {"norm": (D,)},
         "lm_head": {"embedding": (D, V)},
@@ -70,7 +73,7 @@ class _Extra(nnx.Module):
 
     def __init__(self, cfg: LlamaConfig, source, tied: bool, n_experts: int):
         self.head = None if tied else Block("lm_head", "embed", cfg.n_layers + 1, source("lm_head"))
-        self.routers = nnx.List([Block(f"layers.{i}.router", "mlp", i, source(f"layers.{i}.router"))
+        self.routers = nnx.List([Block(f"layers.{i}.moe_gate", "mlp", i, source(f"layers.{i}.moe_gate"))
                                  for i in range(cfg.n_layers)] if n_experts else [])
         self.experts = nnx.List([Block(f"layers.{i}.expert.{e}", "expert", i, source(f"layers.{i}.expert.{e}"))
                                  for i in range(cfg.n_layers) for e in range(n_experts)])
@@ -115,7 +118,7 @@ class ModelShape:
             if self.n_experts:
                 if experts_per_layer is None:
                     raise ValueError(f"{self.name} is a mixture of experts: a pass needs the experts each layer runs")
-                out.append((f"layers.{i}.router", "router"))
+                out.append((f"layers.{i}.moe_gate", "router"))
                 out += [(f"layers.{i}.expert.{e}", "expert") for e in sorted(experts_per_layer[i])]
             else:
                 out.append((f"layers.{i}.mlp", "mlp"))
@@ -149,8 +152,9 @@ class ModelShape:
         return float(w)
 
 
-def _shapes_of(cfg: LlamaConfig, tied: bool, n_experts: int, dtype) -> tuple[dict, dict, dict, list]:
-    kinds_leaves = _leaf_shapes(cfg, n_experts)
+def _shapes_of(cfg: LlamaConfig, tied: bool, n_experts: int, dtype, router_bias: bool = False
+               ) -> tuple[dict, dict, dict, list]:
+    kinds_leaves = _leaf_shapes(cfg, n_experts, router_bias)
 
     def kind_of(block: str) -> str:
         if block in ("embed", "lm_head"):
@@ -204,12 +208,13 @@ def model_shape(name: str, dtype: str = "float32") -> ModelShape:
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}' (known: {', '.join(MODELS)})")
     cfg, tied, n_experts, top_k = MODELS[name]
-    return shape_from_config(name, cfg, dtype=dtype, tied=tied, n_experts=n_experts, top_k=top_k)
+    return shape_from_config(name, cfg, dtype=dtype, tied=tied, n_experts=n_experts, top_k=top_k,
+                             router_bias=name in ROUTER_BIAS)
 
 
 def shape_from_config(name: str, cfg: LlamaConfig, *, dtype: str = "float32", tied: bool = True, n_experts: int = 0,
-                      top_k: int = 0) -> ModelShape:
-    leaves, kinds, layers, order = _shapes_of(cfg, tied, n_experts, jnp.dtype(dtype))
+                      top_k: int = 0, router_bias: bool = False) -> ModelShape:
+    leaves, kinds, layers, order = _shapes_of(cfg, tied, n_experts, jnp.dtype(dtype), router_bias)
     rank = {"embed": 0, "attn": 1, "mlp": 2, "expert": 3, "norm": 4}
-    order = sorted(order, key=lambda b: (layers[b], rank[kinds[b]] - (b.endswith("router")), _natural(b)))
+    order = sorted(order, key=lambda b: (layers[b], rank[kinds[b]] - (b.endswith("moe_gate")), _natural(b)))
     return ModelShape(name, cfg, jnp.dtype(dtype).name, tied, n_experts, top_k, tuple(order), leaves, kinds, layers)

@@ -138,26 +138,50 @@ class RoutedForward:
 
 
 class ResidentMoE(RoutedForward):
-    """Every block on device (plain arrays): the reference run. Records the access stream it reads."""
+    """Every block on device (plain arrays): the reference run. Records the access stream it reads and, with
+    `record_speculation`, what speculation would predict: `speculation[pass][layer]` = (expert ids, mean
+    probabilities [E]) of layer `layer`'s router applied to layer - 1's MoE input (`spec_top_k` per token), the
+    prediction `RoutedExecutor` makes at that point (it depends only on the activations, which a lossless run shares
+    with the reference); the simulator replays it. Layer 0 has no prediction (None)."""
 
-    def __init__(self, cfg, weights: dict, n_experts: int, top_k: int, dtype=jnp.float32):
+    def __init__(self, cfg, weights: dict, n_experts: int, top_k: int, dtype=jnp.float32, *,
+                 record_speculation: bool = False, spec_top_k: int | None = None):
         self.cfg, self.weights, self.n_experts, self.top_k, self.dtype = cfg, weights, n_experts, top_k, dtype
         self.stream: list[str] = []
+        self.record_speculation, self.spec_top_k = record_speculation, spec_top_k or top_k
+        self.speculation: list[list] = []
+        self._spec_pass: list = []
 
     def fetch(self, block, ahead):
         self.stream.append(block)
         return self.weights[block]
 
+    def after_route(self, layer, x, selected, probs):
+        if not self.record_speculation:
+            return
+        if layer == 0:
+            self._spec_pass = [None]
+        if layer + 1 < self.cfg.n_layers:
+            pred, sprobs = jax.device_get(speculate(self.cfg, self.weights[moe.gate_block_id(layer + 1)], x,
+                                                    self.spec_top_k))
+            self._spec_pass.append((np.flatnonzero(pred).tolist(), np.asarray(sprobs, np.float64).tolist()))
+
+    def end_pass(self):
+        if self.record_speculation:
+            self.speculation.append(self._spec_pass)
+            self._spec_pass = []
+
 
 # ------------------------------------------------------------------------------------------------ the executor
 
 
-class RoutedExecutor(RoutedForward, Executor):
-    """`Executor`'s ledger, ensure, eviction and targets, over the routed schedule.
+class RoutedLedger:
+    """The routed executor's bookkeeping over `Executor`'s ledger, shared by the real `RoutedExecutor` and the
+    simulator's `simulator.SimRoutedExecutor` (which replays recorded routing instead of computing it).
 
-    The policy's `ctx.schedule` is the full pass order with every expert (`moe.moe_block_ids` + the head's `embed`):
-    what static placement fills in order, and the cyclic order `_next_use` measures distances in. Positions known
-    for sure (`ahead`) come first; an expert its layer's router did not select is a whole pass away.
+    The policy's `ctx.schedule` is the full pass order with every expert (`moe.moe_block_ids` + the head): what
+    static placement fills in order, and the cyclic order `_next_use` measures distances in. Positions known for
+    sure (`ahead`) come first; an expert its layer's router did not select is a whole pass away.
 
     `speculative`: issue speculative loads of layer l+1's predicted experts (`spec_top_k` per token, and only those
     whose speculative probability, averaged over the step's tokens, is at least `spec_min_prob`). Every wrong guess
@@ -171,19 +195,21 @@ class RoutedExecutor(RoutedForward, Executor):
     selects it, which is bytes for nothing. On-device conversions (lossy plans) are applied either way.
     Initial placement loads only the protected blocks (and a static policy's fixed placement): filling the rest of
     the budget with experts in layer order would load experts no token may select.
+
+    The order of one position: `_enter(block, ahead)`, `ensure(block)`, `_fetched(block)`, `prefetch()`, compute;
+    after a layer's router: `observe_routing`, then (where `speculation_gate` names a gate) `observe_speculation`
+    with that gate's prediction; after a layer's experts: `after_layer`; after the head: `end_pass`.
     """
 
-    def __init__(self, cfg, engine, policy, *, n_experts: int, top_k: int, speculative: bool = True,
-                 spec_top_k: int | None = None, spec_min_prob: float = 0.45, lam_decay: float | None = None,
-                 eager_plan_loads: bool = False, **kw):
-        Executor.__init__(self, cfg, engine, policy, **kw)
-        policy.run_by(self)
+    def _init_routed(self, *, n_experts: int, top_k: int, speculative: bool = True, spec_top_k: int | None = None,
+                     spec_min_prob: float = 0.45, lam_decay: float | None = None, eager_plan_loads: bool = False):
+        self.policy.run_by(self)
         self.eager_plan_loads = eager_plan_loads
         self.n_experts, self.top_k = n_experts, top_k
         self.speculative = speculative
         self.spec_top_k = spec_top_k or top_k
         self.spec_min_prob = spec_min_prob
-        L = cfg.n_layers
+        L = self.cfg.n_layers
         # Mild by default: λ loses 10% over a whole pass. On a cyclic schedule every layer comes round once per step,
         # so a steep decay would only rotate the plan with the layer position (churn, i.e. bytes).
         self.lam_decay = lam_decay if lam_decay is not None else 0.9 ** (1.0 / (L + 2))
@@ -193,8 +219,9 @@ class RoutedExecutor(RoutedForward, Executor):
         self._slot = {}
         for i, b in enumerate(self.schedule):
             self._slot.setdefault(b, i)
+        self._head = self.schedule[-1]  # the head's block (the tied `embed` is read first and last)
         self._ahead: list[str] = []
-        self._cur = "embed"
+        self._cur = self.schedule[0]
         self._cur_slot = 0
         self._unselected: set[str] = set()  # experts of the current layer the router did not choose
         # Router statistics per (layer, expert): P(selected) estimates, refreshed by routing and speculation.
@@ -204,38 +231,49 @@ class RoutedExecutor(RoutedForward, Executor):
         self._spec_pending: dict[str, int] = {}  # block -> layer, speculatively loaded and not yet read
         self._spec_pred: tuple[int, np.ndarray] | None = None
 
-    # -------------------------------------------------------------- the schedule's hooks
-    def fetch(self, block, ahead):
+    # -------------------------------------------------------------- one position
+    def _enter(self, block, ahead):
+        """The position of `block` begins; `ahead`: the blocks known to come next, in order."""
         self._cur, self._ahead = block, list(ahead)
-        self._cur_slot = len(self.schedule) - 1 if (block == "embed" and not ahead) else self._slot[block]
-        w = self.ensure(block)
+        last = block == self._head and not ahead
+        self._cur_slot = len(self.schedule) - 1 if last else self._slot[block]
+
+    def _fetched(self, block):
+        """`block` was read: a speculative load of it was used."""
         if block in self._spec_pending:
             self._spec_pending.pop(block)
             self.spec["used"] += 1
-        self.prefetch()
-        self.t += 1
-        return w
 
-    def after_route(self, layer, x, selected, probs):
+    # -------------------------------------------------------------- routing and speculation
+    def observe_routing(self, layer: int, selected_E: np.ndarray) -> None:
+        """Layer `layer`'s router chose `selected_E` (bool [E]): the statistics, and the prediction made a layer ago."""
         E = self.n_experts
-        self._unselected = {moe.expert_block_id(layer, e) for e in range(E) if not selected[e]}
-        self.p_sel_LxE[layer] = (1 - P_EMA) * self.p_sel_LxE[layer] + P_EMA * selected.astype(np.float64)
+        self._unselected = {moe.expert_block_id(layer, e) for e in range(E) if not selected_E[e]}
+        self.p_sel_LxE[layer] = (1 - P_EMA) * self.p_sel_LxE[layer] + P_EMA * selected_E.astype(np.float64)
         if self._spec_pred is not None and self._spec_pred[0] == layer:  # score the prediction made a layer ago
             pred = self._spec_pred[1]
             self.spec["predicted"] += int(pred.sum())
-            self.spec["actual"] += int(selected.sum())
-            self.spec["predicted_and_actual"] += int((pred & selected).sum())
+            self.spec["actual"] += int(selected_E.sum())
+            self.spec["predicted_and_actual"] += int((pred & selected_E).sum())
         self._spec_pred = None
+
+    def speculation_gate(self, layer: int) -> str | None:
+        """The gate whose router predicts layer + 1's experts after layer `layer` routed, or None (speculation off,
+        the last layer, or that gate not sitting on device: speculation never loads a gate)."""
         nxt = layer + 1
         gate = moe.gate_block_id(nxt) if nxt < self.cfg.n_layers else None
         if not self.speculative or gate is None or gate not in self.on_device or gate in self.inflight:
-            return  # (speculation reads the next router only where it already sits on device)
-        pred, sprobs = jax.device_get(speculate(self.cfg, self.engine.get(gate), x, self.spec_top_k))
-        self._spec_pred = (nxt, pred)
-        self.p_sel_LxE[nxt] = (1 - P_EMA) * self.p_sel_LxE[nxt] + P_EMA * np.minimum(1.0, self.top_k * sprobs)
-        sure = pred & (sprobs >= self.spec_min_prob)
-        for e in np.flatnonzero(sure)[np.argsort(-sprobs[sure])]:
-            self._speculative_load(nxt, moe.expert_block_id(nxt, int(e)))
+            return None
+        return gate
+
+    def observe_speculation(self, layer: int, predicted_E: np.ndarray, probs_E: np.ndarray) -> None:
+        """Layer `layer`'s router, applied a layer early, predicted `predicted_E` (bool [E]) with mean probabilities
+        `probs_E`: update P(selected) and load the sure predictions now."""
+        self._spec_pred = (layer, predicted_E)
+        self.p_sel_LxE[layer] = (1 - P_EMA) * self.p_sel_LxE[layer] + P_EMA * np.minimum(1.0, self.top_k * probs_E)
+        sure = predicted_E & (probs_E >= self.spec_min_prob)
+        for e in np.flatnonzero(sure)[np.argsort(-probs_E[sure])]:
+            self._speculative_load(layer, moe.expert_block_id(layer, int(e)))
 
     def _speculative_load(self, layer: int, block: str):
         if block in self.on_device:
@@ -251,6 +289,7 @@ class RoutedExecutor(RoutedForward, Executor):
         self.spec["issued_bytes"] += need
         self.spec["loads"].append((layer, block))
 
+    # -------------------------------------------------------------- the ledger, routed
     def place_initial(self):
         keep = self.policy.pinned if self.policy.name == "static" else self.policy.ctx.protected
         used = 0
@@ -322,9 +361,38 @@ class RoutedExecutor(RoutedForward, Executor):
             return self._ahead.index(block) + 1
         n = len(self.schedule)
         d = ((self._slot[block] - self._cur_slot - 1) % n) + 1
-        if block == "embed":
+        if block == self._head and self._slot[block] == 0:  # the tied head: read at the pass's end too
             d = min(d, (n - 1 - self._cur_slot - 1) % n + 1)
         return d + (n if block in self._unselected else 0) + len(self._ahead)
+
+
+class RoutedExecutor(RoutedLedger, RoutedForward, Executor):
+    """`Executor`'s ledger, ensure, eviction and targets, over the routed schedule, with the router computed here
+    (`RoutedForward.forward`) and speculation run on the next gate's real weights. See `RoutedLedger` for the
+    knobs (`speculative`, `spec_top_k`, `spec_min_prob`, `lam_decay`, `eager_plan_loads`)."""
+
+    def __init__(self, cfg, engine, policy, *, n_experts: int, top_k: int, speculative: bool = True,
+                 spec_top_k: int | None = None, spec_min_prob: float = 0.45, lam_decay: float | None = None,
+                 eager_plan_loads: bool = False, **kw):
+        Executor.__init__(self, cfg, engine, policy, **kw)
+        self._init_routed(n_experts=n_experts, top_k=top_k, speculative=speculative, spec_top_k=spec_top_k,
+                          spec_min_prob=spec_min_prob, lam_decay=lam_decay, eager_plan_loads=eager_plan_loads)
+
+    def fetch(self, block, ahead):
+        self._enter(block, ahead)
+        w = self.ensure(block)
+        self._fetched(block)
+        self.prefetch()
+        self.t += 1
+        return w
+
+    def after_route(self, layer, x, selected, probs):
+        self.observe_routing(layer, selected)
+        gate = self.speculation_gate(layer)
+        if gate is None:
+            return
+        pred, sprobs = jax.device_get(speculate(self.cfg, self.engine.get(gate), x, self.spec_top_k))
+        self.observe_speculation(layer + 1, pred, sprobs)
 
 
 def lam_for_tick(ids, p_sel_LxE: np.ndarray, current_layer: int, n_layers: int, decay: float) -> np.ndarray:
@@ -342,10 +410,11 @@ _lookahead_lambda = jax.jit(lookahead_lambda, static_argnums=(2, 3))  # one disp
 
 @functools.lru_cache(maxsize=8)
 def _block_coords(ids: tuple, n_layers: int):
-    """(layer int32[B], expert index int32[B] (0 for dense blocks), is_expert bool[B]) of block ids, parsed once."""
+    """(layer int32[B], expert index int32[B] (0 for dense blocks), is_expert bool[B]) of block ids, parsed once.
+    An untied model's `lm_head` (simulated shapes) sits after the final norm."""
     layer_B, expert_B, is_expert_B = [], [], []
     for b in ids:
-        kind, layer = moe.moe_block_kind_layer(n_layers, b)
+        kind, layer = ("head", n_layers + 1) if b == "lm_head" else moe.moe_block_kind_layer(n_layers, b)
         layer_B.append(layer)
         is_expert_B.append(kind == "expert")
         expert_B.append(int(b.rsplit(".", 1)[1]) if kind == "expert" else 0)

@@ -38,7 +38,7 @@ from . import moe_executor as MX
 from . import telemetry as T
 from .executor import check_fits, greedy_generate
 from .policies import PolicyContext
-from .scored_policy import ScoredPolicy
+from .moe_policy import MoEScoredPolicy
 from .runner import RunError, Setup, build_setup, build_summary, check_out_dir, make_policy, nvme_store_dir
 
 MOE_MODEL = "smollm2-135m-moe"
@@ -122,13 +122,19 @@ class MoEReference:
     tokens: list
     stream: tuple  # block ids, one per position
     gen_positions: int  # positions of generation (the rest is the quality pass)
+    speculation: tuple | None = None  # generation's passes: ResidentMoE.speculation (with speculation=True)
 
 
-def moe_reference(setup: MoESetup, dtype, new_tokens: int) -> MoEReference:
+def moe_reference(setup: MoESetup, dtype, new_tokens: int, *, speculation: bool = False) -> MoEReference:
+    """`speculation`: also record the speculative predictions of generation (for the simulator; each layer then
+    runs one more router call, so the reference step time includes them)."""
     weights = {b: {k: jnp.asarray(v) for k, v in setup.source(b).items()} for b in setup.block_ids}
-    ref = MX.ResidentMoE(setup.model_cfg, weights, setup.n_experts, setup.top_k, dtype)
+    ref = MX.ResidentMoE(setup.model_cfg, weights, setup.n_experts, setup.top_k, dtype,
+                         record_speculation=speculation)
     tokens, _, step_s = greedy_generate(ref, setup.prompt_ids, new_tokens)
     n_gen = len(ref.stream)
+    spec = tuple(ref.speculation) if speculation else None
+    ref.record_speculation = False
     cache = KVCache.zeros(setup.model_cfg, 1, len(setup.eval_ids) - 1, dtype)
     logits, _ = ref.forward(np.asarray([setup.eval_ids[:-1]]), cache, 0)
     logits = np.asarray(logits[0])
@@ -136,7 +142,7 @@ def moe_reference(setup: MoESetup, dtype, new_tokens: int) -> MoEReference:
         for a in w.values():
             a.delete()
     step = statistics.median(step_s[1:] or step_s) if step_s else float("nan")
-    return MoEReference(logits, step, tokens, tuple(ref.stream), n_gen)
+    return MoEReference(logits, step, tokens, tuple(ref.stream), n_gen, spec)
 
 
 # ------------------------------------------------------------------------------------------------ the run
@@ -155,28 +161,6 @@ def moe_scored_inputs(cfg: RunConfig, setup: MoESetup, store_dir: Path) -> dict:
     return dict(state_bytes=setup.state_bytes, homes=setup.homes, kinds=setup.kinds, layers=setup.layer_of,
                 placement=setup.placement, h2d_bytes_per_s=bw["host->device"], nvme_bytes_per_s=bw["nvme->host"],
                 delta=delta, calibration=None)
-
-
-class MoEScoredPolicy(ScoredPolicy):
-    """The scored policy over experts. A victim is the block whose *expected* next read lies furthest ahead
-    (`RoutedExecutor.expected_next_use`: its cyclic distance plus the passes its router is expected to skip it, from
-    P(selected), the router statistics λ is made of): Belady's rule on the router's estimate instead of the recorded
-    future. Every unprotected block is a candidate, the controller's plan included: the plan (a knapsack on R, whose
-    ρ and λ are long-run frequencies) then only chooses each block's on-device state. Letting the plan pin experts
-    left the streaming to the few slots beside it; measured at 25% of the experts, 24 tokens, without speculation:
-    1.48 x Belady's bytes with the plan pinned, 1.38 x without (LRU 1.44 x). The dense `ScoredPolicy` evicts blocks
-    outside its plan most recently used first: right for layers streamed cyclically, wrong for experts."""
-
-    _expected_next_use = None  # block -> expected positions until its next read, from the executor running this
-
-    def run_by(self, executor):
-        self._expected_next_use = executor.expected_next_use
-
-    def victim_order(self, t, candidates):
-        free = [b for b in candidates if b not in self.ctx.protected]
-        if self._expected_next_use is None:  # not run by the routed executor: least recently used first
-            return sorted(free, key=lambda b: self.last_use.get(b, -1))
-        return sorted(free, key=lambda b: -self._expected_next_use(b))
 
 
 def run_moe(cfg: RunConfig, out_dir, *, progress=None, reference: MoEReference | None = None,

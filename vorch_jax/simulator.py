@@ -51,6 +51,8 @@ from vorch_jax.tiers.state import State, route
 from . import telemetry as T
 from .belady import belady_bytes
 from .executor import BudgetError, Executor, check_fits
+from .moe_executor import RoutedLedger
+from .moe_policy import MoEScoredPolicy
 from .hardware import HardwareProfile, load_profile
 from .model_shapes import ModelShape, model_shape as get_model_shape
 from .policies import PolicyContext
@@ -223,17 +225,15 @@ def block_compute_s(hw: HardwareProfile, shape: ModelShape, block: str, op: str,
 
 # ------------------------------------------------------------------------------------------------------- executor
 class SimExecutor(Executor):
-    """The real executor's ledger and policy calls, on a modelled clock (see the module docstring)."""
+    """The real executor's ledger and policy calls, on a modelled clock (see the module docstring). The schedule is
+    the policy's one-pass schedule, read cyclically as the real executor does."""
 
-    def __init__(self, shape: ModelShape, engine: SimEngine, policy, hw: HardwareProfile, *, stream: list[str],
-                 cyclic: bool, tick_every_n_layers: int, budget_bytes: int, homes: dict, state_bytes: dict):
+    def __init__(self, shape: ModelShape, engine: SimEngine, policy, hw: HardwareProfile, *, tick_every_n_layers: int,
+                 budget_bytes: int, homes: dict, state_bytes: dict):
         super().__init__(shape.cfg, engine, policy, budget_bytes=budget_bytes, device_bytes=shape.device_bytes,
                          homes=homes, layer_of=shape.layers, tick_every_n_layers=tick_every_n_layers,
                          state_bytes=state_bytes)
         self.shape, self.hw, self.clock = shape, hw, engine.clock
-        # Dense: the one-pass schedule, read cyclically as the real executor does. MoE: the whole routed stream.
-        if not cyclic:
-            self.schedule = list(stream)
         self._positions: dict[str, list[int]] = {}
         for i, b in enumerate(self.schedule):
             self._positions.setdefault(b, []).append(i)
@@ -266,31 +266,113 @@ class SimExecutor(Executor):
         if targets:
             self.apply_targets(targets, getattr(self.policy, "reasons", None))
 
+    def _victim_order(self, candidates):
+        t0 = time.perf_counter()
+        order = super()._victim_order(candidates)
+        self.clock.now += time.perf_counter() - t0  # the real policy ran on the host: its wall time is host time
+        return order
+
+    def _compute(self, block: str, op: str, tokens: int, context: int) -> None:
+        """Dispatch one position (host) and queue its compute on the stream."""
+        hw = self.hw
+        self.clock.now += hw.dispatch_s_per_block
+        state = self.engine.state(block)
+        dur = block_compute_s(hw, self.shape, block, op, state, tokens, context, self.state_bytes)
+        start = max(self.clock.now, self.clock.gpu)
+        dur += self.engine.compute_slowdown(start, dur)
+        self.clock.gpu = start + dur
+        self.compute_spans.append((block, start, self.clock.gpu))
+
+    def _sync(self) -> None:
+        """The host waits for the compute stream (a value it needs comes back from the device)."""
+        self.clock.now = max(self.clock.now, self.clock.gpu)
+
     def run_pass(self, positions: list[tuple[str, str]], tokens: int, context: int) -> None:
         """One forward pass: ensure; prefetch; compute (async on the stream); tick after every N-th layer's FFN."""
         last_ffn = {}
         for i, (b, op) in enumerate(positions):
             if op in ("mlp", "expert"):
                 last_ffn[self.layer_of[b]] = i
-        hw = self.hw
         for i, (block, op) in enumerate(positions):
             self.ensure(block)
             self.prefetch()
-            self.clock.now += hw.dispatch_s_per_block
-            state = self.engine.state(block)
-            dur = block_compute_s(hw, self.shape, block, op, state, tokens, context, self.state_bytes)
-            start = max(self.clock.now, self.clock.gpu)
-            dur += self.engine.compute_slowdown(start, dur)
-            self.clock.gpu = start + dur
-            self.compute_spans.append((block, start, self.clock.gpu))
+            self._compute(block, op, tokens, context)
             if op == "router":  # the routing decision comes to the host (moe_executor.RoutedForward): it waits
-                self.clock.now = max(self.clock.now, self.clock.gpu)
+                self._sync()
             layer = self.layer_of[block]
             if op in ("mlp", "expert") and last_ffn.get(layer) == i and (layer + 1) % self.tick_every == 0:
                 self.maybe_tick()
             self.t += 1
-        self.clock.now = max(self.clock.now, self.clock.gpu)  # the sampled token: host waits for the stream
+        self._sync()  # the sampled token: host waits for the stream
         self.step += 1
+
+
+class SimRoutedExecutor(RoutedLedger, SimExecutor):
+    """The routed executor on the modelled clock: `moe_executor.RoutedLedger`'s bookkeeping (known positions only
+    as the router reveals them, P(selected) statistics, expected-next-use for `MoEScoredPolicy`, λ per tick,
+    speculative loads, initial placement of the protected blocks only), with the routing replayed from a trace.
+
+    Per pass, as `moe_executor.RoutedForward.forward`: each position knows the blocks up to and including the next
+    router (a router itself knows nothing ahead: its decision is not made yet); after a router the host syncs with
+    the stream, the executor observes the layer's selected experts (the experts of the trace's pass), and, where
+    `speculation` holds the real run's prediction for the next layer and the next gate is on device, it dispatches
+    the speculative router call (a router's compute on the stream), syncs again and observes that prediction
+    (`observe_speculation`: statistics and speculative loads). Ticks come after a layer's experts
+    (`RoutedLedger.after_layer`); their λ update is host time like the tick itself.
+
+    `speculation`: [pass][layer] -> (predicted expert ids, mean probabilities [E]) for the layer predicted, as
+    recorded by `moe_executor.ResidentMoE(record_speculation=True)`; None: no speculation."""
+
+    def __init__(self, shape: ModelShape, engine: SimEngine, policy, hw: HardwareProfile, *, speculation=None,
+                 speculative: bool = False, **kw):
+        SimExecutor.__init__(self, shape, engine, policy, hw, **kw)
+        self.speculation = speculation
+        self._init_routed(n_experts=shape.n_experts, top_k=shape.top_k,
+                          speculative=speculative and speculation is not None)
+
+    def set_lambda(self, current_layer: int):
+        t0 = time.perf_counter()
+        super().set_lambda(current_layer)
+        self.clock.now += time.perf_counter() - t0
+
+    def run_pass(self, positions, tokens: int, context: int) -> None:
+        E = self.n_experts
+        layer_end = {}
+        for i, (b, op) in enumerate(positions):
+            if op in ("attn", "router", "expert"):
+                layer_end[self.layer_of[b]] = i
+        for i, (block, op) in enumerate(positions):
+            ahead = []
+            if op != "router":
+                for b, o in positions[i + 1:]:
+                    ahead.append(b)
+                    if o == "router":
+                        break
+            self._enter(block, ahead)
+            self.ensure(block)
+            self._fetched(block)
+            self.prefetch()
+            self._compute(block, op, tokens, context)
+            self.t += 1
+            layer = self.layer_of[block]
+            if op == "router":
+                self._sync()
+                selected = np.zeros(E, bool)
+                selected[[int(b.rsplit(".", 1)[1]) for b, o in positions if o == "expert"
+                          and self.layer_of[b] == layer]] = True
+                self.observe_routing(layer, selected)
+                gate = self.speculation_gate(layer)
+                if gate is not None:
+                    self._compute(gate, "router", tokens, context)
+                    self._sync()
+                    ids, probs = self.speculation[self.step][layer + 1]
+                    pred = np.zeros(E, bool)
+                    pred[list(ids)] = True
+                    self.observe_speculation(layer + 1, pred, np.asarray(probs, np.float64))
+            if op in ("router", "expert") and layer_end.get(layer) == i:
+                self.after_layer(layer)
+        self._sync()
+        self.end_pass()
 
 
 # ------------------------------------------------------------------------------------------------------- routing
@@ -315,6 +397,24 @@ def zipf_routing(shape: ModelShape, passes: int, *, exponent: float = 1.0, seed:
             layers.append(sorted(chosen))
         out.append(layers)
     return out
+
+
+def routing_from_stream(stream) -> list[list[list[int]]]:
+    """[pass][layer] -> expert ids, from a routed access stream (embed, per layer attn, gate, experts, final_norm,
+    embed), e.g. a real MoE run's or its resident reference's (`moe_run.MoEReference.stream`): the routing trace
+    the simulator replays."""
+    passes, cur = [], None
+    for b in stream:
+        if b == "embed" and cur is None:
+            cur = {}
+        elif b == "final_norm":
+            n = 1 + max(cur) if cur else 0
+            passes.append([sorted(cur.get(i, [])) for i in range(n)])
+            cur = None
+        elif ".expert." in b:
+            _, layer, _, e = b.split(".")
+            cur.setdefault(int(layer), []).append(int(e))
+    return passes
 
 
 # ----------------------------------------------------------------------------------------------------- simulate
@@ -414,11 +514,15 @@ def _passes(shape: ModelShape, cfg: RunConfig, routing) -> list[list[tuple[str, 
 
 
 def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape | None = None, routing=None,
-             progress=None, write_traces: bool = True) -> dict:
+             speculation=None, progress=None, write_traces: bool = True) -> dict:
     """Simulate `cfg` on `hardware` (a profile, its name or path; default `cfg.hardware`) and write the outputs.
 
     `model_shape`: the block table (default: `model_shapes.model_shape(cfg.model, cfg.dtype)`); `routing`: for an
-    MoE model, [pass][layer] -> expert ids (default: Zipf, seeded by `cfg.seed`). `progress(msg)` as in
+    MoE model, [pass][layer] -> expert ids (default: Zipf, seeded by `cfg.seed`); `speculation`: the real run's
+    speculative predictions for the same passes ([pass][layer] -> (expert ids, mean probabilities), see
+    `SimRoutedExecutor`), used by the scored policy as the real MoE run does (no trace: no speculation).
+    An MoE model runs on `SimRoutedExecutor` (the real routed executor's bookkeeping), a scored policy as
+    `MoEScoredPolicy`. `progress(msg)` as in
     `runner.run`. `write_traces=False` writes only `summary.json` (sweeps that need no trace: serialising ~10^5
     records costs more than simulating them).
     Returns the summary.
@@ -434,7 +538,6 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
         raise BudgetError(f"hbm_budget of {hbm} bytes exceeds {hw.name}'s {hw.hbm_capacity_bytes:.0f} bytes of HBM")
     passes = _passes(shape, cfg, routing)
     stream = [b for p in passes for b, _ in p]
-    cyclic = not shape.n_experts
     state_bytes = _state_bytes(shape, cfg)
     placement, protected, homes = _placement_and_homes(cfg, shape, hbm, dram, stream, state_bytes)
     if shape.n_experts:  # one pass touching every block in layer order: what static fills from
@@ -448,13 +551,19 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
                         future=tuple(stream), forced=forced, state_bytes=state_bytes)
     cal = model_calibration(cfg, shape)
     extras = _scored_extras(cfg, shape, hw, state_bytes, homes, placement, cal) if cfg.policy == "scored" else None
-    policy = make_policy(cfg, ctx, extras)
+    if shape.n_experts and cfg.policy == "scored":
+        policy = MoEScoredPolicy(ctx, cfg, **extras)
+    else:
+        policy = make_policy(cfg, ctx, extras)
     check_fits(policy, shape.device_bytes, hbm, state_bytes)
     clock = Clock()
     engine = SimEngine(hw, state_bytes, homes, clock)
-    ex = SimExecutor(shape, engine, policy, hw, stream=stream, cyclic=cyclic,
-                     tick_every_n_layers=cfg.tick_every_n_layers, budget_bytes=hbm, homes=homes,
-                     state_bytes=state_bytes)
+    common = dict(tick_every_n_layers=cfg.tick_every_n_layers, budget_bytes=hbm, homes=homes, state_bytes=state_bytes)
+    if shape.n_experts:  # as moe_run.run_moe: speculative prefetch for the scored policy
+        ex = SimRoutedExecutor(shape, engine, policy, hw, speculation=speculation,
+                               speculative=cfg.policy == "scored", **common)
+    else:
+        ex = SimExecutor(shape, engine, policy, hw, **common)
     wall0 = time.perf_counter()
     place0 = clock.now
     ex.place_initial()  # traffic counted from a cold device, as the real runner does; timed apart (t < 0 in traces)

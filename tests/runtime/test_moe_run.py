@@ -28,7 +28,7 @@ def setup():
 
 @pytest.fixture(scope="module")
 def reference(setup):
-    return M.moe_reference(setup, jnp.float32, BASE.new_tokens)
+    return M.moe_reference(setup, jnp.float32, BASE.new_tokens, speculation=True)
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +107,23 @@ def test_moe_scored_evicts_the_furthest_expected_use_first_and_never_a_protected
     waits = {"layers.0.attn": 1e9, "layers.1.expert.0": 5.0, "layers.1.expert.1": 80.0, "layers.2.expert.0": 30.0}
     policy._expected_next_use = waits.__getitem__
     assert policy.victim_order(0, list(waits)) == ["layers.1.expert.1", "layers.2.expert.0", "layers.1.expert.0"]
+
+
+@pytest.mark.parametrize("policy", ["lru", "scored", "static"])
+def test_simulator_replays_a_real_moe_run_move_for_move(tmp_path, setup, reference, budget, policy):
+    """The simulator's routed executor, fed the reference's routing and speculative predictions, makes the real
+    run's decisions: the same hits, misses, prefetches (speculative ones included) and bytes on every link. Time is
+    modelled, traffic is not: this is what the timing validation (experiments/sim_validate.py) stands on."""
+    from vorch_jax.simulator import routing_from_stream, simulate
+
+    cfg = dataclasses.replace(BASE, policy=policy, hbm_budget=str(budget))
+    real = M.run_moe(cfg, tmp_path / "real", reference=reference)
+    routing = routing_from_stream(reference.stream[: reference.gen_positions])
+    sim = simulate(dataclasses.replace(cfg, executor="sim"), tmp_path / "sim", hardware="this-machine",
+                   routing=routing, speculation=reference.speculation)
+    assert (sim["hits"], sim["misses"]) == (real["hits"], real["misses"])
+    assert sim["prefetch"]["issued"] == real["prefetch"]["issued"]
+    assert sim["bytes_moved"] == real["bytes_moved"] and sim["belady_bytes"] == real["belady_bytes"]
+    assert sim["link_bytes"]["host->device"] == real["link_bytes"]["host->device"]
+    if policy == "scored":
+        assert real["moe"]["speculative"]["issued"] > 0  # the replay includes speculative loads
