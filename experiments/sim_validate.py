@@ -40,7 +40,7 @@ from experiments.calibrate_hardware import (CALIBRATION_POINTS, apply_calibratio
                                             fresh_alloc_rate, real_run, sim_step)
 from vorch_jax.hardware import load_profile  # noqa: E402
 from vorch_jax.model_shapes import model_shape  # noqa: E402
-from vorch_jax.simulator import routing_from_stream  # noqa: E402
+from vorch_jax.routing_trace import routing_from_stream  # noqa: E402
 
 POLICIES = ("static", "lru", "scored")
 BUDGETS = (0.3, 0.5, 0.8)

@@ -397,6 +397,7 @@ class RunConfig:
     seed: int = 0
     executor: str = "real"
     hardware: str = ""
+    routing_trace: str = ""  # executor sim, MoE: a routing.json a real MoE run wrote (else Zipf routing)
     eval_tokens: int = 256
     dtype: str = "float32"
     score: ScoreConfig = field(default_factory=ScoreConfig)
@@ -419,6 +420,8 @@ class RunConfig:
             _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("prefetch_depth", "seed"):
             _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        _require(not self.routing_trace or self.executor == "sim", "routing_trace",
+                 "is replayed only by the simulator (executor: sim); a real run routes with its own router")
         if not self.lossy:
             for i, rule in enumerate(self.placement):
                 if rule.state in LOSSY_STATES:

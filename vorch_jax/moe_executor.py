@@ -230,6 +230,7 @@ class RoutedLedger:
                      "used": 0, "loads": []}  # loads: (layer, block) of every speculative load issued
         self._spec_pending: dict[str, int] = {}  # block -> layer, speculatively loaded and not yet read
         self._spec_pred: tuple[int, np.ndarray] | None = None
+        self.spec_trace: dict[tuple[int, int], tuple] = {}  # (pass, layer) -> (predicted ids, mean probs), as made
 
     # -------------------------------------------------------------- one position
     def _enter(self, block, ahead):
@@ -270,6 +271,8 @@ class RoutedLedger:
         """Layer `layer`'s router, applied a layer early, predicted `predicted_E` (bool [E]) with mean probabilities
         `probs_E`: update P(selected) and load the sure predictions now."""
         self._spec_pred = (layer, predicted_E)
+        self.spec_trace[(self.step, layer)] = (np.flatnonzero(predicted_E).tolist(),
+                                               np.asarray(probs_E, np.float64).tolist())
         self.p_sel_LxE[layer] = (1 - P_EMA) * self.p_sel_LxE[layer] + P_EMA * np.minimum(1.0, self.top_k * probs_E)
         sure = predicted_E & (probs_E >= self.spec_min_prob)
         for e in np.flatnonzero(sure)[np.argsort(-probs_E[sure])]:

@@ -12,6 +12,9 @@ section). What differs from the dense run:
     quality pass), and that stream is what `BeladyPolicy` and `belady_bytes` read. A lossless run routes exactly as
     the reference (same greedy tokens, same block functions), which `stream_matches_resident` checks.
 
+Besides the runner's outputs it writes `routing.json` (`routing_trace.py`): the experts each generation pass read
+and the speculative predictions made, which the simulator replays (`executor=sim routing_trace=RUN/routing.json`).
+
 Dispatch from `runner.run`: `if cfg.model == "smollm2-135m-moe": return moe_run.run_moe(cfg, out_dir, ...)`.
 """
 
@@ -39,6 +42,7 @@ from . import telemetry as T
 from .executor import check_fits, greedy_generate
 from .policies import PolicyContext
 from .moe_policy import MoEScoredPolicy
+from .routing_trace import routing_from_stream, write_routing_trace
 from .runner import RunError, Setup, build_setup, build_summary, check_out_dir, make_policy, nvme_store_dir
 
 MOE_MODEL = "smollm2-135m-moe"
@@ -242,6 +246,10 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference, say,
     summary["moe"] = moe_section(setup, ex, gen_spec, spec0, events, t_gen0, t_gen1, speculative)
     records = T.trace_records(ex.accesses, events, t_gen0)
     T.write_trace(out_dir, records)
+    L = setup.model_cfg.n_layers  # what the simulator replays (routing_trace.py): generation's routing, speculation
+    spec = [[ex.spec_trace.get((j, i)) for i in range(L)] for j in range(cfg.new_tokens)] if speculative else None
+    write_routing_trace(out_dir, model=cfg.model, n_layers=L, n_experts=setup.n_experts,
+                        passes=routing_from_stream(stream[:n_gen]), speculation=spec)
     T.write_json_atomic(out_dir / "summary.json", summary)  # last: its presence means the run completed
     return summary
 

@@ -30,7 +30,8 @@ So prefetches overlap with compute, and stalls appear exactly when a needed bloc
 
 Outputs: `summary.json` with the real runner's fields where they make sense (`tokens: null`, `"simulated": true`,
 quality not simulated), `trace.jsonl` and `trace.perfetto.json` via `telemetry`, from the simulated events.
-MoE models replay a routing trace (`routing_trace` / `zipf_routing`): per pass, per layer, the experts run.
+MoE models replay a routing trace (`routing_trace.py`: a real MoE run's `routing.json`, or `zipf_routing`): per
+pass, per layer, the experts run; `SimRoutedExecutor` runs them with the real routed executor's bookkeeping.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from .belady import belady_bytes
 from .executor import BudgetError, Executor, check_fits
 from .moe_executor import RoutedLedger
 from .moe_policy import MoEScoredPolicy
+from .routing_trace import read_routing_trace
 from .hardware import HardwareProfile, load_profile
 from .model_shapes import ModelShape, model_shape as get_model_shape
 from .policies import PolicyContext
@@ -362,10 +364,11 @@ class SimRoutedExecutor(RoutedLedger, SimExecutor):
                           and self.layer_of[b] == layer]] = True
                 self.observe_routing(layer, selected)
                 gate = self.speculation_gate(layer)
-                if gate is not None:
+                recorded = self.speculation[self.step][layer + 1] if gate is not None else None
+                if recorded is not None:  # (None: the recorded run made no prediction here)
                     self._compute(gate, "router", tokens, context)
                     self._sync()
-                    ids, probs = self.speculation[self.step][layer + 1]
+                    ids, probs = recorded
                     pred = np.zeros(E, bool)
                     pred[list(ids)] = True
                     self.observe_speculation(layer + 1, pred, np.asarray(probs, np.float64))
@@ -397,24 +400,6 @@ def zipf_routing(shape: ModelShape, passes: int, *, exponent: float = 1.0, seed:
             layers.append(sorted(chosen))
         out.append(layers)
     return out
-
-
-def routing_from_stream(stream) -> list[list[list[int]]]:
-    """[pass][layer] -> expert ids, from a routed access stream (embed, per layer attn, gate, experts, final_norm,
-    embed), e.g. a real MoE run's or its resident reference's (`moe_run.MoEReference.stream`): the routing trace
-    the simulator replays."""
-    passes, cur = [], None
-    for b in stream:
-        if b == "embed" and cur is None:
-            cur = {}
-        elif b == "final_norm":
-            n = 1 + max(cur) if cur else 0
-            passes.append([sorted(cur.get(i, [])) for i in range(n)])
-            cur = None
-        elif ".expert." in b:
-            _, layer, _, e = b.split(".")
-            cur.setdefault(int(layer), []).append(int(e))
-    return passes
 
 
 # ----------------------------------------------------------------------------------------------------- simulate
@@ -536,6 +521,16 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
     dram = parse_budget(cfg.dram_budget, shape.model_bytes)
     if hbm > hw.hbm_capacity_bytes:
         raise BudgetError(f"hbm_budget of {hbm} bytes exceeds {hw.name}'s {hw.hbm_capacity_bytes:.0f} bytes of HBM")
+    routing_source = "given by the caller" if routing is not None else None
+    if cfg.routing_trace and routing is None:
+        if not shape.n_experts:
+            raise ValueError(f"routing_trace is set but {shape.name} has no experts to route")
+        routing, recorded = read_routing_trace(cfg.routing_trace, n_layers=shape.cfg.n_layers,
+                                               n_experts=shape.n_experts, passes=cfg.new_tokens)
+        speculation = speculation if speculation is not None else recorded
+        routing_source = f"trace {cfg.routing_trace}"
+    if shape.n_experts and routing_source is None:
+        routing_source = f"zipf (seed {cfg.seed})"
     passes = _passes(shape, cfg, routing)
     stream = [b for p in passes for b, _ in p]
     state_bytes = _state_bytes(shape, cfg)
@@ -637,6 +632,9 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
         "initial_placement_s": gen0 - place0,
         "decode_h2d_bytes_per_step": decode_bytes / max(1, len(dec)),  # sim only: the floor's numerator
         "backend": "sim",
+        "routing": None if not shape.n_experts else {
+            "source": routing_source, "speculation": isinstance(ex, SimRoutedExecutor) and ex.speculative,
+            "speculative_loads": ex.spec["issued"] if shape.n_experts else 0},
         "sim_wall_s": time.perf_counter() - wall0,
     }
     if write_traces:

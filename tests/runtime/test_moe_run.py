@@ -114,13 +114,19 @@ def test_simulator_replays_a_real_moe_run_move_for_move(tmp_path, setup, referen
     """The simulator's routed executor, fed the reference's routing and speculative predictions, makes the real
     run's decisions: the same hits, misses, prefetches (speculative ones included) and bytes on every link. Time is
     modelled, traffic is not: this is what the timing validation (experiments/sim_validate.py) stands on."""
-    from vorch_jax.simulator import routing_from_stream, simulate
+    from vorch_jax.routing_trace import routing_from_stream
+    from vorch_jax.simulator import simulate
 
     cfg = dataclasses.replace(BASE, policy=policy, hbm_budget=str(budget))
     real = M.run_moe(cfg, tmp_path / "real", reference=reference)
-    routing = routing_from_stream(reference.stream[: reference.gen_positions])
-    sim = simulate(dataclasses.replace(cfg, executor="sim"), tmp_path / "sim", hardware="this-machine",
-                   routing=routing, speculation=reference.speculation)
+    trace = json.loads((tmp_path / "real" / "routing.json").read_text())  # what the run wrote for the simulator
+    assert trace["passes"] == routing_from_stream(reference.stream[: reference.gen_positions])
+    if policy == "scored":  # the predictions the run made are the ones the resident reference recorded
+        made = [[p for p in layers] for layers in trace["speculation"]]
+        assert all(m is None or m[0] == r[0] for ms, rs in zip(made, reference.speculation) for m, r in zip(ms, rs))
+    sim = simulate(dataclasses.replace(cfg, executor="sim", routing_trace=str(tmp_path / "real" / "routing.json")),
+                   tmp_path / "sim", hardware="this-machine")
+    assert sim["routing"]["source"].startswith("trace ")
     assert (sim["hits"], sim["misses"]) == (real["hits"], real["misses"])
     assert sim["prefetch"]["issued"] == real["prefetch"]["issued"]
     assert sim["bytes_moved"] == real["bytes_moved"] and sim["belady_bytes"] == real["belady_bytes"]
