@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from vorch_jax.tiers.kernels import select
-from vorch_jax.tiers.kernels.int4_matmul import SUPPORTED_GROUP_SIZES, check_group_size
+from vorch_jax.tiers.kernels.int4_matmul import check_group_size
 
 _QMAX = 15
 

@@ -8,7 +8,6 @@ their floor; no on-device block below its floor), ladder (every target allowed, 
 
 import math
 
-import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
 import numpy as np

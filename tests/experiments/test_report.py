@@ -4,12 +4,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from vorch_jax import plots
 from vorch_jax.report import report, sweep_table
-from vorch_jax.sweep import load_sweep, read_results, run_sweep
+from vorch_jax.sweep import load_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"new_tokens": 2, "prompt_tokens": 8, "eval_tokens": 16,

@@ -199,7 +199,7 @@ def test_resume_after_sigint_and_sigkill(tmp_path):
     assert all(r[header.index("status")] == "complete" for r in rows)
     assert (out / "points" / ids[0] / "summary.json").stat().st_mtime_ns == first_mtime
     assert (out / "points" / ids[1] / "summary.json").stat().st_mtime_ns == second_mtime
-    assert f"resuming: 2 complete, 1 to run" in err
+    assert "resuming: 2 complete, 1 to run" in err
     manifest = json.loads((out / "sweep.json").read_text())
     assert [p["id"] for p in manifest["points"]] == ids
     assert not os.path.exists(out / "results.csv.tmp")

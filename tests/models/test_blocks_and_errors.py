@@ -1,7 +1,6 @@
 """Residency blocks derived from the model, the golden block table, and clear errors for bad input."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
