@@ -1,7 +1,7 @@
 """Validate the simulator against real runs of SmolLM2, dense and MoE: measured vs simulated decode time per token.
 
 Run:   .venv/bin/python experiments/sim_validate.py [--repeats 3] [--tokens 6] [--models dense moe]
-Takes: about repeats x (3 + 9 + 9) real runs of 5-20 s on 2 idle CPU cores (5 to 8 minutes at 3 repeats).
+Takes: about repeats x (3 + 9 + 9) real runs of 5-20 s on 2 idle CPU cores (about 9 minutes at 3 repeats).
 
 Dense rows: policies static, lru, scored at hbm budgets 0.3 / 0.5 / 0.8 of the model, `vorch_jax.runner.run`
 (new_tokens 6, prompt_tokens 16, eval_tokens 16), `--repeats` times, the median decode step; then

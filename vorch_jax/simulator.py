@@ -11,8 +11,8 @@ Time model (one host thread, one compute stream, one FIFO queue per link and dir
   * host: each schedule position costs `host.dispatch_s_per_block`; the host waits (a `stall` event) when a block it
     needs is still in flight, at the end of each pass for the compute stream (the sampled token), and, in a MoE,
     after each router for the compute stream (the routing decision comes to the host, as in the real routed
-    executor and every MoE offloading runtime); a scored
-    policy's tick costs its measured wall time (it is the real controller, run here).
+    executor and every MoE offloading runtime); a policy's tick, its victim ordering and (MoE) the λ update cost
+    their measured wall time (the real controller and policies run here).
   * compute stream: a position starts when the host dispatched it and the previous one finished, and lasts
     `block_overhead_s + max(FLOPs / flops_per_s[precision], bytes read / hbm bandwidth, low-bit bytes / dequant)`,
     FLOPs and bytes for M = the pass's new tokens (`model_shapes.ModelShape.flops / bytes_read`).
