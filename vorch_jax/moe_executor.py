@@ -124,7 +124,7 @@ class RoutedForward:
             self.after_route(i, x, sel, probs)
             for j, b in enumerate(chosen):
                 w = self.fetch(b, chosen[j + 1:] + tail)
-                x = expert_add(w, h, x, mask, jnp.int32(int(b.rsplit(".", 1)[1])))
+                x = expert_add(w, h, x, mask, self._expert_index[int(b.rsplit(".", 1)[1])])
             self.after_layer(i)
         w = self.fetch("final_norm", ["embed"])
         hN = C.final_norm(cfg, w, x)
@@ -135,6 +135,12 @@ class RoutedForward:
 
     def end_pass(self) -> None:
         pass
+
+    @functools.cached_property
+    def _expert_index(self) -> tuple:
+        """int32 device scalars 0..E-1, made once: `jnp.int32(e)` per expert call was an eager host->device put each
+        time (508 calls, 0.2 s of 6 profiled passes of the MoE at top-2)."""
+        return tuple(jnp.int32(e) for e in range(self.n_experts))
 
 
 class ResidentMoE(RoutedForward):
