@@ -86,6 +86,11 @@ def compile_on_zeros(cfg, source, n_experts: int, top_k: int, seq_lens, max_len:
             a.delete()
 
 
+def speculation_record(predicted_E, probs_E) -> tuple[list, list]:
+    """(predicted expert ids, mean probabilities) of one speculation, as a routing trace stores it (JSON lists)."""
+    return np.flatnonzero(predicted_E).tolist(), np.asarray(probs_E, np.float64).tolist()
+
+
 # ------------------------------------------------------------------------------------------------ the schedule
 
 
@@ -170,7 +175,7 @@ class ResidentMoE(RoutedForward):
         if layer + 1 < self.cfg.n_layers:
             pred, sprobs = jax.device_get(speculate(self.cfg, self.weights[moe.gate_block_id(layer + 1)], x,
                                                     self.spec_top_k))
-            self._spec_pass.append((np.flatnonzero(pred).tolist(), np.asarray(sprobs, np.float64).tolist()))
+            self._spec_pass.append(speculation_record(pred, sprobs))
 
     def end_pass(self):
         if self.record_speculation:
@@ -277,8 +282,7 @@ class RoutedLedger:
         """Layer `layer`'s router, applied a layer early, predicted `predicted_E` (bool [E]) with mean probabilities
         `probs_E`: update P(selected) and load the sure predictions now."""
         self._spec_pred = (layer, predicted_E)
-        self.spec_trace[(self.step, layer)] = (np.flatnonzero(predicted_E).tolist(),
-                                               np.asarray(probs_E, np.float64).tolist())
+        self.spec_trace[(self.step, layer)] = speculation_record(predicted_E, probs_E)
         self.p_sel_LxE[layer] = (1 - P_EMA) * self.p_sel_LxE[layer] + P_EMA * np.minimum(1.0, self.top_k * probs_E)
         sure = predicted_E & (probs_E >= self.spec_min_prob)
         for e in np.flatnonzero(sure)[np.argsort(-probs_E[sure])]:
