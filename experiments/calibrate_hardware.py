@@ -198,17 +198,25 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(
            "contention": 0.0}
     if fresh_rates:
         cal["fresh"] = statistics.median(fresh_rates)
-    target = statistics.median(s["decode_step_s"] for s, _ in pooled("static-prefetch"))
-    budget = next(b for p, b in runs if p == "static-prefetch")
+    cal["static_prefetch_step_s"] = statistics.median(s["decode_step_s"] for s, _ in pooled("static-prefetch"))
+    cal["static_prefetch_budget"] = next(b for p, b in runs if p == "static-prefetch")
+    cal["contention"] = fit_contention(cal, profile, new_tokens)
+    return cal
+
+
+def fit_contention(cal: dict, profile, new_tokens: int = 6) -> float:
+    """The copy contention in [0, 2] with which the simulator, on `profile` with `cal`'s other parameters,
+    reproduces `cal["static_prefetch_step_s"]`, the measured static-prefetch decode step (bisection: the simulated
+    step grows with it). Refitted whenever the simulator's time model changes (`sim_validate --replay`)."""
+    target, budget = cal["static_prefetch_step_s"], cal["static_prefetch_budget"]
     lo, hi = 0.0, 2.0
     with tempfile.TemporaryDirectory() as d:
         for i in range(12):
-            cal["contention"] = (lo + hi) / 2
-            sim = sim_step("static-prefetch", budget, new_tokens, apply_calibration(profile, cal), Path(d) / str(i))
-            lo, hi = (cal["contention"], hi) if sim < target else (lo, cal["contention"])
-    cal["contention"] = (lo + hi) / 2
-    cal["static_prefetch_step_s"] = target
-    return cal
+            c = (lo + hi) / 2
+            sim = sim_step("static-prefetch", budget, new_tokens, apply_calibration(profile, {**cal, "contention": c}),
+                           Path(d) / str(i))
+            lo, hi = (c, hi) if sim < target else (lo, c)
+    return (lo + hi) / 2
 
 
 def apply_calibration(profile, cal: dict):

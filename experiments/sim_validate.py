@@ -1,7 +1,9 @@
 """Validate the simulator against real runs of SmolLM2, dense and MoE: measured vs simulated decode time per token.
 
-Run:   .venv/bin/python experiments/sim_validate.py [--repeats 3] [--tokens 6] [--models dense moe]
-Takes: about repeats x (3 + 9 + 9) real runs of 5-20 s on 2 idle CPU cores (about 9 minutes at 3 repeats).
+Run:   .venv/bin/python experiments/sim_validate.py [--repeats 3] [--tokens 6] [--models dense moe] [--save REC]
+       .venv/bin/python experiments/sim_validate.py --replay experiments/results/sim_validation.json
+Takes: about repeats x (3 + 9 + 9) real runs of 5-20 s on 2 idle CPU cores (about 9 minutes at 3 repeats); a
+replay (no real run: today's simulator on a saved record's measurements and calibration) about 85 s.
 
 Dense rows: policies static, lru, scored at hbm budgets 0.3 / 0.5 / 0.8 of the model, `vorch_jax.runner.run`
 (new_tokens 6, prompt_tokens 16, eval_tokens 16), `--repeats` times, the median decode step; then
@@ -27,6 +29,7 @@ fresh-allocation rate. Those parameters replace the profile's; the other fields 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -36,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from experiments.calibrate_hardware import (CALIBRATION_POINTS, apply_calibration, fit_from_runs,  # noqa: E402
-                                            fresh_alloc_rate, real_run, sim_step)
+from experiments.calibrate_hardware import (CALIBRATION_POINTS, apply_calibration, fit_contention,  # noqa: E402
+                                            fit_from_runs, fresh_alloc_rate, real_run, sim_step)
 from vorch_jax.hardware import load_profile  # noqa: E402
 from vorch_jax.model_shapes import model_shape  # noqa: E402
 from vorch_jax.routing_trace import routing_from_stream  # noqa: E402
@@ -74,21 +77,14 @@ class MoERows:
         assert s["stream_matches_resident"], "a lossless MoE run must read the reference's routing"
         return s
 
-    def sim(self, policy: str, fraction: float, profile, out_dir) -> float:
-        import dataclasses
 
-        from vorch_jax.simulator import simulate
-
-        # The same placement rules: the simulator's block table names the dense blocks as the real MoE does.
-        cfg = dataclasses.replace(self.base, policy=policy, hbm_budget=str(self.budget(fraction)), executor="sim",
-                                  hardware="this-machine")
-        return simulate(cfg, out_dir, hardware=profile, routing=self.routing,
-                        speculation=self.ref.speculation)["decode_step_s"]
-
-
-def validate(rows, *, repeats: int, tokens: int, profile="this-machine", calibrate: bool = True, say=print) -> dict:
-    """{(model, policy, budget): {measured, simulated, rel_err, ...}} and the calibration: measured, then simulated.
+def measure(rows, *, repeats: int, tokens: int, profile="this-machine", calibrate: bool = True, say=print) -> dict:
+    """The measured half of the validation, as a JSON-able record: every row's real decode steps (`repeats` runs
+    each), the calibration fitted from the calibration points run beside them, and for MoE rows the routing and
+    speculation the real runs read (so `simulate_rows` can replay the record without the model).
     `rows`: (model "dense" | "moe", policy, budget fraction)."""
+    import datetime
+
     base = load_profile(profile)
     measured = {row: [] for row in rows}
     cal_runs: dict = {}
@@ -108,19 +104,68 @@ def validate(rows, *, repeats: int, tokens: int, profile="this-machine", calibra
                 say(f"  round {r + 1}/{repeats} {model:5s} {policy:7s} {budget}: "
                     f"{s['decode_step_s'] * 1e3:.1f} ms/token")
         cal = fit_from_runs(cal_runs, model_shape("smollm2-135m"), base, tokens, fresh_rates) if calibrate else None
-        prof = apply_calibration(base, cal) if cal else base
-        out = {}
-        for model, policy, budget in rows:
-            m = statistics.median(measured[(model, policy, budget)])
+    return {"when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "device": f"{jax.devices()[0].platform} ({len(jax.devices())} device(s)), jax {jax.__version__}",
+            "profile": profile, "tokens": tokens, "repeats": repeats, "calibration": cal,
+            "rows": [{"model": m, "policy": p, "budget": b, "runs": measured[(m, p, b)],
+                      "hbm_budget": str(moe.budget(b)) if m == "moe" else str(b)} for m, p, b in rows],
+            "moe_routing": moe.routing if moe else None,
+            "moe_speculation": _jsonable(moe.ref.speculation) if moe else None}
+
+
+def _jsonable(x):
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if hasattr(x, "tolist"):
+        return x.tolist()
+    return x
+
+
+def simulate_rows(record: dict, *, refit: bool = True, say=lambda msg: None) -> dict:
+    """The simulated half: every row of a `measure` record on the record's profile, calibrated by the record's
+    calibration and as the profile file is; {"rows": {(model, policy, budget): {measured (median of the runs),
+    runs, simulated, rel_err, uncalibrated}}, "calibration": ...}."""
+    base = load_profile(record["profile"])
+    cal = record["calibration"]
+    if cal and refit:  # the contention is the simulator's own fit: refit it under the simulator of today
+        cal = {**cal, "recorded_contention": cal["contention"],
+               "contention": fit_contention(cal, base, record["tokens"])}
+    prof = apply_calibration(base, cal) if cal else base
+    tokens = record["tokens"]
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        for row in record["rows"]:
+            model, policy, budget = row["model"], row["policy"], row["budget"]
             if model == "moe":
-                sim = moe.sim(policy, budget, prof, Path(d) / f"sim-moe-{policy}-{budget}")
-                raw = moe.sim(policy, budget, base, Path(d) / f"raw-moe-{policy}-{budget}")
+                sims = [moe_sim(policy, row["hbm_budget"], tokens, p, record["moe_routing"],
+                                record["moe_speculation"], Path(d) / f"sim-moe-{policy}-{budget}-{i}")
+                        for i, p in enumerate((prof, base))]
             else:
-                sim = sim_step(policy, budget, tokens, prof, Path(d) / f"sim-{policy}-{budget}")
-                raw = sim_step(policy, budget, tokens, base, Path(d) / f"raw-{policy}-{budget}")
-            out[(model, policy, budget)] = {"measured": m, "runs": measured[(model, policy, budget)],
-                                            "simulated": sim, "rel_err": (sim - m) / m, "uncalibrated": raw}
+                sims = [sim_step(policy, budget, tokens, p, Path(d) / f"sim-{policy}-{budget}-{i}")
+                        for i, p in enumerate((prof, base))]
+            m = statistics.median(row["runs"])
+            out[(model, policy, budget)] = {"measured": m, "runs": row["runs"], "simulated": sims[0],
+                                            "rel_err": (sims[0] - m) / m, "uncalibrated": sims[1]}
+            say(f"  simulated {model:5s} {policy:7s} {budget}: {sims[0] * 1e3:.1f} ms/token")
     return {"rows": out, "calibration": cal}
+
+
+def moe_sim(policy: str, hbm_budget: str, tokens: int, profile, routing, speculation, out_dir) -> float:
+    """Simulated decode step of the validation-size MoE run: the real run's config (dense blocks protected, budget
+    in bytes) on the model's shape, replaying `routing` and `speculation`."""
+    from vorch_jax import moe_run as M
+    from vorch_jax.config import RunConfig
+    from vorch_jax.simulator import simulate
+
+    cfg = RunConfig(model=M.MOE_MODEL, policy=policy, hbm_budget=hbm_budget, new_tokens=tokens, prompt_tokens=16,
+                    eval_tokens=16, placement=M.dense_protect_rules(), executor="sim", hardware="this-machine")
+    return simulate(cfg, out_dir, hardware=profile, routing=routing, speculation=speculation)["decode_step_s"]
+
+
+def validate(rows, *, repeats: int, tokens: int, profile="this-machine", calibrate: bool = True, say=print) -> dict:
+    """`measure` then `simulate_rows`."""
+    return simulate_rows(measure(rows, repeats=repeats, tokens=tokens, profile=profile, calibrate=calibrate,
+                                 say=say))
 
 
 def table(result: dict) -> str:
@@ -152,11 +197,21 @@ def main(argv=None):
     ap.add_argument("--profile", default="this-machine")
     ap.add_argument("--no-calibrate", action="store_true")
     ap.add_argument("--models", nargs="+", default=["dense", "moe"], choices=["dense", "moe"])
+    ap.add_argument("--save", type=Path, help="write the measured record (runs, calibration, MoE routing) as JSON")
+    ap.add_argument("--replay", type=Path, help="no real runs: simulate the rows of a record --save wrote")
     args = ap.parse_args(argv)
-    rows = [(m, p, b) for m in args.models for p in POLICIES for b in BUDGETS]
-    result = validate(rows, repeats=args.repeats, tokens=args.tokens, profile=args.profile,
-                      calibrate=not args.no_calibrate)
-    print(table(result))
+    if args.replay:
+        record = json.loads(args.replay.read_text())
+        print(f"replaying {args.replay}: measured {record['when']} on {record['device']}")
+    else:
+        rows = [(m, p, b) for m in args.models for p in POLICIES for b in BUDGETS]
+        record = measure(rows, repeats=args.repeats, tokens=args.tokens, profile=args.profile,
+                         calibrate=not args.no_calibrate)
+        if args.save:
+            args.save.parent.mkdir(parents=True, exist_ok=True)
+            args.save.write_text(json.dumps(record, indent=1) + "\n")
+            print(f"record written to {args.save}")
+    print(table(simulate_rows(record)))
 
 
 if __name__ == "__main__":
