@@ -14,6 +14,10 @@ What is measured, and how each number feeds the profile:
   * fresh-allocation rate: a 64 MiB block landing on device, above glibc's 32 MiB mmap threshold, so each copy lands
     in freshly mapped pages (2.2 GB/s here against ~15 GB/s into reused memory; the embedding is such a block);
   * dequant throughput: int8 / int4 decode-shaped matmuls through the tiers' formats (bytes of low-bit weight / s).
+With `--from-runs R`, R rounds of real runs at `CALIBRATION_POINTS` and probes beside them (`fit_from_runs`) replace
+the host time per position, the load alone (`link_probe`: through the engine, compute idle), a copy's extra time
+beside compute, the memory bandwidth (per-block overhead folded in: the MoE resident point that separates them is
+`sim_validate`'s), the copy contention and the fresh-allocation rate.
 """
 
 from __future__ import annotations
@@ -126,6 +130,33 @@ def fresh_alloc_rate(dev, mib: int = 64) -> float:
     return mib * 2**20 / _median(lambda: FullPrecisionBlock.from_pinned_host(host, dev).free(), 5)
 
 
+LINK_PROBE_MIB = (1, 2, 4, 8, 12)  # SmolLM2's blocks: 2.7 MB (an expert), 3.5 MB (attention), 10.6 MB (an MLP)
+
+
+def link_probe(sizes_mib=LINK_PROBE_MIB, repeats: int = 5) -> list[tuple[int, float]]:
+    """(bytes, seconds) of S3 -> S0 loads through the runtime's own `MovementEngine` (request, hand-off to its
+    worker thread, the copy, the wait), nothing else running: the link as a miss sees it with the compute stream
+    idle. Median of `repeats` per size after a warm-up; each load is dropped back to its kept home copy (untimed)
+    before the next."""
+    from vorch_jax.tiers.engine import MovementEngine
+
+    leaves = {f"b{mib}": {"p": np.ones(mib * 2**18, np.float32)} for mib in sizes_mib}
+    out = []
+    with tempfile.TemporaryDirectory() as d, MovementEngine(leaves.__getitem__, d, keep_home=True) as eng:
+        for mib in sizes_mib:
+            b = f"b{mib}"
+            eng.register(b, "S3")
+            times = []
+            for _ in range(repeats + 1):  # the first: warm-up
+                t0 = time.perf_counter()
+                eng.request(b, "S0")
+                eng.wait(b)
+                times.append(time.perf_counter() - t0)
+                eng.request(b, "S3").result()
+            out.append((mib * 2**20, statistics.median(times[1:])))
+    return out
+
+
 def dequant() -> dict:
     from vorch_jax.tiers.quant_int4 import quantize_int4
     from vorch_jax.tiers.quant_int8 import quantize_int8
@@ -159,47 +190,75 @@ def real_run(policy: str, budget, out_dir, new_tokens: int = 6) -> tuple[dict, l
     return summary, records
 
 
-def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=()) -> dict:
+def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(), link_points=(),
+                  moe_resident=None) -> dict:
     """Machine parameters from measured runs {(policy, budget): [(summary, trace records), ...]} at the calibration
-    points, pooled over repeats (never per row of a validation grid):
-      * host->device latency and bandwidth as the host sees them (request to usable weights: eviction, hand-off to
-        the engine's worker, the copy, the wake-up): least squares `duration = intercept + bytes / bandwidth` over
-        every decode-window miss of a block up to the profile's fresh-allocation threshold; latency = intercept less
-        the host seconds per position (which the simulator charges every position, misses included);
-      * host seconds per schedule position: median gap between consecutive hit accesses of one pass;
-      * device memory bandwidth: bytes a decode pass streams / the measured decode step of the resident run (its
-        per-block overhead and the host's share of the cores folded in: a CPU has no launch to separate it from);
+    points and the probes made beside them, pooled over repeats (never per row of a validation grid):
+      * host seconds per schedule position: median gap between consecutive hit accesses of one pass in the runs that
+        prefetch nothing (resident, static): the jax dispatch and the ledger's work on a hit, no copy waited for;
+      * host->device bandwidth and latency of a load alone: least squares `seconds = latency + bytes / bandwidth`
+        over `link_points` (`link_probe`: loads through the runtime's engine with the compute stream idle);
+      * a copy's extra time with compute beside it: the median, over the static runs' decode misses of blocks up to
+        the fresh-allocation threshold (the host ran ahead: the forward's compute is queued as the copy starts), of
+        the miss's duration less the host's position time and the load alone;
+      * device memory bandwidth and per-block overhead: `step = positions x overhead + bytes / bandwidth` holds for
+        the resident dense run; with `moe_resident` = (measured steps, simulate(profile) -> simulated step) of the
+        resident MoE (twice the positions per byte), the overhead is the one with which the simulator reproduces it
+        (bisection), else 0 (folded into the bandwidth);
       * fresh-allocation rate: the median of `fresh_rates` (`fresh_alloc_rate` measured beside the runs) if given;
       * copy contention: the value in [0, 2] for which the simulator, with the parameters above, reproduces the
-        static-prefetch run's decode step (bisection; the simulated step grows with it)."""
+        static-prefetch run's decode step (`fit_contention`)."""
     def pooled(policy):
         return [x for (p, _), lst in runs.items() if p == policy for x in lst]
 
-    h2d = []  # (bytes, seconds from the host's request to usable weights) of every decode-window miss
-    for _, recs in pooled("static") + pooled("resident"):
-        nbytes = {r["block"]: r["bytes"] for r in recs if r["event"] == "transition" and r["link"] == "host->device"}
-        h2d += [(nbytes[r["block"]], r["dur_s"]) for r in recs
-                if r["event"] == "access" and not r["hit"] and r["t"] > 0 and r["block"] in nbytes
-                and nbytes[r["block"]] <= profile.fresh_alloc_threshold_bytes]
-    x, y = np.asarray([b for b, _ in h2d], np.float64), np.asarray([d for _, d in h2d], np.float64)
-    slope, lat = np.polyfit(x, y, 1)
     gaps = []
-    for _, recs in [r for lst in runs.values() for r in lst]:
+    for _, recs in pooled("resident") + pooled("static"):
         acc = [r for r in recs if r["event"] == "access" and r["t"] > 0]
         gaps += [b["t"] - a["t"] for a, b in zip(acc, acc[1:]) if a["hit"] and b["hit"] and a["step"] == b["step"]]
+    dispatch = statistics.median(gaps)
+    x = np.asarray([b for b, _ in link_points], np.float64)
+    slope, lat = np.polyfit(x, np.asarray([t for _, t in link_points], np.float64), 1)
+    h2d, h2d_lat = 1.0 / slope, max(0.0, float(lat))
+    beside = []  # a static run's decode misses: duration less the position's host time and the load alone
+    for _, recs in pooled("static"):
+        nbytes = {r["block"]: r["bytes"] for r in recs if r["event"] == "transition" and r["link"] == "host->device"}
+        beside += [r["dur_s"] - dispatch - h2d_lat - nbytes[r["block"]] / h2d for r in recs
+                   if r["event"] == "access" and not r["hit"] and r["t"] > 0 and r["block"] in nbytes
+                   and nbytes[r["block"]] <= profile.fresh_alloc_threshold_bytes]
     resident = statistics.median(s["decode_step_s"] for s, _ in pooled("resident"))
     P = 17 + new_tokens - 1  # context of the last decode step: BOS + 16 prompt tokens + the tokens before it
-    streamed = sum(shape.bytes_read(b, op, 1, P) for b, op in shape.pass_positions())
-    dispatch = statistics.median(gaps)
-    # A miss's duration runs from the end of the previous position to usable weights, so it holds that position's
-    # host work too; the simulator charges `dispatch` to every position, so the link keeps only the rest.
-    cal = {"h2d": 1.0 / slope, "h2d_lat": max(0.0, float(lat) - dispatch), "dispatch": dispatch,
-           "hbm_bw": streamed / resident, "resident_step_s": resident, "transfers": len(h2d), "gaps": len(gaps),
-           "contention": 0.0}
+    positions = shape.pass_positions()
+    streamed = sum(shape.bytes_read(b, op, 1, P) for b, op in positions)
+    cal = {"h2d": h2d, "h2d_lat": h2d_lat, "link_points": len(link_points), "dispatch": dispatch,
+           "beside": max(0.0, statistics.median(beside)), "transfers": len(beside), "gaps": len(gaps),
+           "hbm_bw": streamed / resident, "overhead": 0.0, "resident_step_s": resident, "contention": 0.0}
     if fresh_rates:
         cal["fresh"] = statistics.median(fresh_rates)
     cal["static_prefetch_step_s"] = statistics.median(s["decode_step_s"] for s, _ in pooled("static-prefetch"))
     cal["static_prefetch_budget"] = next(b for p, b in runs if p == "static-prefetch")
+    cal["static_step_s"] = statistics.median(s["decode_step_s"] for s, _ in pooled("static"))
+    cal["streamed_bytes"], cal["positions"] = streamed, len(positions)
+    if moe_resident is not None:
+        cal["moe_resident_step_s"] = statistics.median(moe_resident[0])
+    return fit_with_simulator(cal, profile, new_tokens, moe_resident[1] if moe_resident else None)
+
+
+def fit_with_simulator(cal: dict, profile, new_tokens: int = 6, simulate_moe=None) -> dict:
+    """`cal` with the parameters fitted through the simulator itself (refit whenever its time model changes, as
+    `sim_validate --replay` does): the per-block overhead with which `simulate_moe(profile)` reproduces
+    `cal["moe_resident_step_s"]` (the device bandwidth following from the dense resident step), then the copy
+    contention (`fit_contention`). Bisections: each simulated step grows with the parameter."""
+    cal = dict(cal)
+    if simulate_moe is not None:
+        resident, n, streamed = cal["resident_step_s"], cal["positions"], cal["streamed_bytes"]
+        lo, hi = 0.0, 0.5 * resident / n
+        for _ in range(12):
+            o = (lo + hi) / 2
+            trial = {**cal, "overhead": o, "hbm_bw": streamed / (resident - n * o)}
+            faster = simulate_moe(apply_calibration(profile, trial)) < cal["moe_resident_step_s"]
+            lo, hi = (o, hi) if faster else (lo, o)
+        cal["overhead"] = (lo + hi) / 2
+        cal["hbm_bw"] = streamed / (resident - n * cal["overhead"])
     cal["contention"] = fit_contention(cal, profile, new_tokens)
     return cal
 
@@ -226,7 +285,8 @@ def apply_calibration(profile, cal: dict):
     fresh = {"fresh_alloc_bytes_per_s": cal["fresh"]} if "fresh" in cal else {}
     return profile.replace(
         host_to_device=Link(cal["h2d"], cal["h2d_lat"]), dispatch_s_per_block=cal["dispatch"],
-        hbm_bandwidth_bytes_per_s=cal["hbm_bw"], block_overhead_s=0.0, copy_contention=cal["contention"], **fresh)
+        hbm_bandwidth_bytes_per_s=cal["hbm_bw"], block_overhead_s=cal["overhead"], copy_contention=cal["contention"],
+        copy_beside_compute_s=cal["beside"], **fresh)
 
 
 def sim_step(policy: str, budget, tokens: int, profile, out_dir) -> float:
@@ -253,13 +313,16 @@ def main(argv=None):
         from vorch_jax.hardware import load_profile
         from vorch_jax.model_shapes import model_shape
 
-        runs = {}
+        runs, links_pts, fresh = {}, [], []
         with tempfile.TemporaryDirectory() as d:
             for r in range(args.from_runs):
+                fresh.append(fresh_alloc_rate(jax.devices()[0]))
+                links_pts += link_probe()
                 for policy, budget in CALIBRATION_POINTS:
                     runs.setdefault((policy, budget), []).append(
                         real_run(policy, budget, Path(d) / f"{policy}-{budget}-{r}"))
-        cal = fit_from_runs(runs, model_shape("smollm2-135m"), load_profile(args.out))
+        cal = fit_from_runs(runs, model_shape("smollm2-135m"), load_profile(args.out), fresh_rates=fresh,
+                            link_points=links_pts)
         print("calibration from runs:", cal)
         Path(args.out).write_text(profile_text(**measured, cal=cal, from_runs=args.from_runs))
     print(Path(args.out).read_text())
@@ -272,10 +335,11 @@ def profile_text(fl, blk, ln, dq, cal, from_runs) -> str:
 
     bw, overhead, blk = blk
     ln = dict(ln)
-    contention = 0.0
+    contention = beside = 0.0
     if cal:
-        bw, overhead, contention = cal["hbm_bw"], 0.0, cal["contention"]
+        bw, overhead, contention, beside = cal["hbm_bw"], cal["overhead"], cal["contention"], cal["beside"]
         ln["h2d"], ln["h2d_lat"] = cal["h2d"], cal["h2d_lat"]
+        ln["fresh"] = cal.get("fresh", ln["fresh"])
         blk = {**blk, "dispatch": cal["dispatch"]}
     cpu = platform.processor() or platform.machine()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -286,12 +350,15 @@ def profile_text(fl, blk, ln, dq, cal, from_runs) -> str:
                   f"{cal['resident_step_s'] * 1e3:.2f} ms)"
            if cal else f"{m}: least-squares fit of decode block times attn {blk['attn']*1e3:.3f} ms, mlp "
                        f"{blk['mlp']*1e3:.3f} ms, head {blk['head']*1e3:.3f} ms)",
-           "h2d": f"{r}: least squares latency + bytes / bandwidth over {cal['transfers']} misses, host's view)" if cal
+           "h2d": f"{r}: link_probe, loads of 1-12 MiB through the engine with the compute idle, least squares "
+                  f"latency + bytes / bandwidth over {cal['link_points']} loads)" if cal
            else f"{m}: tiers.link_probe.probe_bandwidths, 16 MiB)",
            "lat": f"{r}: intercept of the same fit)" if cal else f"{m}: 4 KiB pinned_host->device)",
            "ovh": f"{r}: folded into the bandwidth above)" if cal else f"{m}: intercept of the block-time fit above)",
-           "disp": f"{r}: median gap between consecutive hit accesses, {cal['gaps']} gaps)" if cal
-           else f"{m}: host seconds of one async block call)",
+           "disp": f"{r}: median gap between consecutive hit accesses of the resident and static runs, "
+                   f"{cal['gaps']} gaps)" if cal else f"{m}: host seconds of one async block call)",
+           "beside": f"{r}: median over {cal['transfers']} misses of the static runs of duration less host time and "
+                     f"the load alone)" if cal else "not measured without --from-runs",
            "cont": f"{r}: the value with which the simulator reproduces the static-prefetch run's decode step "
                    f"{cal['static_prefetch_step_s'] * 1e3:.2f} ms)" if cal
            else "not measured without --from-runs: copies assumed not to slow compute"}
@@ -327,6 +394,7 @@ compute:
     int8: {dq['int8']:.6e}  # {m}: int8 [1536, 1536] decode matmul, low-bit bytes / s)
     int4: {dq['int4']:.6e}  # {m}: int4/g64 [1536, 1536] decode matmul, low-bit bytes / s)
   copy_contention: {contention:.6e}  # {src['cont']}
+  copy_beside_compute_s: {beside:.6e}  # {src['beside']}
 host:
   dispatch_s_per_block: {blk['dispatch']:.6e}  # {src['disp']}
 """

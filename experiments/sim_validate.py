@@ -16,13 +16,17 @@ model's shape `smollm2-135m-moe` on `simulator.SimRoutedExecutor` (the real rout
 resident reference recorded, so the scored row speculates as the real one does).
 
 Calibration (the "calibrated cost model"): other engineers share these 2 cores, so the machine's speed drifts by
-2x over minutes and a profile measured at another time misses. Each repeat round therefore first runs the
-calibration points of `calibrate_hardware.CALIBRATION_POINTS` (resident at 1.0, static and static-prefetch at 0.4:
-not rows of the grid), and `calibrate_hardware.fit_from_runs` takes, pooled over all calibration runs, the
-host->device latency and bandwidth, the host seconds per schedule position, the device memory bandwidth, the
-copy contention and (from `calibrate_hardware.fresh_alloc_rate`, measured at the start of each round) the
-fresh-allocation rate. Those parameters replace the profile's; the other fields stay as measured by
-`calibrate_hardware.py`. No factor is fitted per row, per policy, per model or per budget.
+2x over minutes and a profile measured at another time misses. Each repeat round therefore first measures, beside
+the rows: the fresh-allocation rate (`calibrate_hardware.fresh_alloc_rate`), loads of 1-12 MiB through the
+runtime's engine with nothing else running (`link_probe`), the calibration points of
+`calibrate_hardware.CALIBRATION_POINTS` (dense resident at 1.0, static and static-prefetch at 0.4: not rows of the
+grid) and, with MoE rows, the resident MoE. `calibrate_hardware.fit_from_runs` takes from them, pooled over rounds:
+the host seconds per position (hit-to-hit gaps of the runs that prefetch nothing), the load alone (least squares
+over the probe loads), a copy's extra time with compute beside it (the static runs' misses less the two before),
+the device memory bandwidth and per-block overhead (the dense and the MoE resident steps: two points, two
+unknowns), the copy contention (the static-prefetch step) and the fresh-allocation rate. Those parameters replace
+the profile's; the other fields stay as measured by `calibrate_hardware.py`. No factor is fitted per row, per
+policy, per model or per budget; the rows are never calibration inputs.
 `--no-calibrate` simulates with the profile file as it is.
 """
 
@@ -39,8 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
 
-from experiments.calibrate_hardware import (CALIBRATION_POINTS, apply_calibration, fit_contention,  # noqa: E402
-                                            fit_from_runs, fresh_alloc_rate, real_run, sim_step)
+from experiments.calibrate_hardware import (CALIBRATION_POINTS, apply_calibration, fit_from_runs,  # noqa: E402
+                                            fit_with_simulator, fresh_alloc_rate, link_probe, real_run, sim_step)
 from vorch_jax.hardware import load_profile  # noqa: E402
 from vorch_jax.model_shapes import model_shape  # noqa: E402
 from vorch_jax.routing_trace import routing_from_stream  # noqa: E402
@@ -88,22 +92,31 @@ def measure(rows, *, repeats: int, tokens: int, profile="this-machine", calibrat
     base = load_profile(profile)
     measured = {row: [] for row in rows}
     cal_runs: dict = {}
-    fresh_rates: list = []
+    fresh_rates, link_points, moe_resident = [], [], []
     moe = MoERows(tokens) if any(m == "moe" for m, _, _ in rows) else None
     with tempfile.TemporaryDirectory() as d:
         for r in range(repeats):
             if calibrate:
                 fresh_rates.append(fresh_alloc_rate(jax.devices()[0]))
+                link_points += link_probe()
                 for policy, budget in CALIBRATION_POINTS:
                     cal_runs.setdefault((policy, budget), []).append(
                         real_run(policy, budget, Path(d) / f"cal-{policy}-{budget}-{r}", tokens))
+                if moe:
+                    moe_resident.append(moe.real("resident", 1.0, Path(d) / f"cal-moe-resident-{r}")["decode_step_s"])
             for model, policy, budget in rows:
                 out = Path(d) / f"{model}-{policy}-{budget}-{r}"
                 s = moe.real(policy, budget, out) if model == "moe" else real_run(policy, budget, out, tokens)[0]
                 measured[(model, policy, budget)].append(s["decode_step_s"])
                 say(f"  round {r + 1}/{repeats} {model:5s} {policy:7s} {budget}: "
                     f"{s['decode_step_s'] * 1e3:.1f} ms/token")
-        cal = fit_from_runs(cal_runs, model_shape("smollm2-135m"), base, tokens, fresh_rates) if calibrate else None
+        cal = None
+        if calibrate:
+            sim_moe = moe_resident_sim(tokens, moe.budget(1.0), moe.routing, moe.ref.speculation) if moe else None
+            cal = fit_from_runs(cal_runs, model_shape("smollm2-135m"), base, tokens, fresh_rates, link_points,
+                                (moe_resident, sim_moe) if moe else None)
+            if moe:
+                cal["moe_resident_budget"] = moe.budget(1.0)
     return {"when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "device": f"{jax.devices()[0].platform} ({len(jax.devices())} device(s)), jax {jax.__version__}",
             "profile": profile, "tokens": tokens, "repeats": repeats, "calibration": cal,
@@ -127,9 +140,11 @@ def simulate_rows(record: dict, *, refit: bool = True, say=lambda msg: None) -> 
     runs, simulated, rel_err, uncalibrated}}, "calibration": ...}."""
     base = load_profile(record["profile"])
     cal = record["calibration"]
-    if cal and refit:  # the contention is the simulator's own fit: refit it under the simulator of today
-        cal = {**cal, "recorded_contention": cal["contention"],
-               "contention": fit_contention(cal, base, record["tokens"])}
+    if cal and refit:  # overhead and contention are the simulator's own fits: refit them under today's simulator
+        sim_moe = (moe_resident_sim(record["tokens"], cal["moe_resident_budget"], record["moe_routing"],
+                                    record["moe_speculation"]) if "moe_resident_budget" in cal else None)
+        cal = {**fit_with_simulator(cal, base, record["tokens"], sim_moe), "recorded_overhead": cal["overhead"],
+               "recorded_contention": cal["contention"]}
     prof = apply_calibration(base, cal) if cal else base
     tokens = record["tokens"]
     out = {}
@@ -162,6 +177,14 @@ def moe_sim(policy: str, hbm_budget: str, tokens: int, profile, routing, specula
     return simulate(cfg, out_dir, hardware=profile, routing=routing, speculation=speculation)["decode_step_s"]
 
 
+def moe_resident_sim(tokens: int, budget_bytes: int, routing, speculation):
+    """profile -> the simulated decode step of the resident MoE (the calibration's second resident point)."""
+    def run(profile):
+        with tempfile.TemporaryDirectory() as d:
+            return moe_sim("resident", str(budget_bytes), tokens, profile, routing, speculation, d)
+    return run
+
+
 def validate(rows, *, repeats: int, tokens: int, profile="this-machine", calibrate: bool = True, say=print) -> dict:
     """`measure` then `simulate_rows`."""
     return simulate_rows(measure(rows, repeats=repeats, tokens=tokens, profile=profile, calibrate=calibrate,
@@ -181,11 +204,13 @@ def table(result: dict) -> str:
                  f"(targets: every row within 15%, median within 7%)")
     cal = result["calibration"]
     if cal:
-        lines.append(f"calibration (pooled over {cal['transfers']} transfers, {cal['gaps']} host gaps): host->device "
-                     f"{cal['h2d'] / 1e9:.2f} GB/s + {cal['h2d_lat'] * 1e3:.2f} ms, host {cal['dispatch'] * 1e3:.3f} "
-                     f"ms/position, memory {cal['hbm_bw'] / 1e9:.1f} GB/s (resident step "
-                     f"{cal['resident_step_s'] * 1e3:.1f} ms), copy contention {cal['contention']:.2f} "
-                     f"(static-prefetch step {cal['static_prefetch_step_s'] * 1e3:.1f} ms), fresh allocation "
+        moe = (f", MoE resident step {cal['moe_resident_step_s'] * 1e3:.1f} ms" if "moe_resident_step_s" in cal else "")
+        lines.append(f"calibration: host {cal['dispatch'] * 1e3:.3f} ms/position ({cal['gaps']} gaps); load alone "
+                     f"{cal['h2d_lat'] * 1e3:.2f} ms + bytes / {cal['h2d'] / 1e9:.2f} GB/s ({cal['link_points']} probe "
+                     f"loads), +{cal['beside'] * 1e3:.2f} ms beside compute ({cal['transfers']} misses); memory "
+                     f"{cal['hbm_bw'] / 1e9:.1f} GB/s + {cal['overhead'] * 1e3:.3f} ms/block (dense resident step "
+                     f"{cal['resident_step_s'] * 1e3:.1f} ms{moe}); copy contention {cal['contention']:.2f} "
+                     f"(static-prefetch step {cal['static_prefetch_step_s'] * 1e3:.1f} ms); fresh allocation "
                      f"{cal.get('fresh', float('nan')) / 1e9:.2f} GB/s")
     return "\n".join(lines)
 

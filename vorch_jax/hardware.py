@@ -20,6 +20,8 @@ Schema (dotted names are the error messages' field names)::
     compute.dequant_bytes_per_s.{int8, int4}        # bytes of low-bit weights dequantized per second
     compute.copy_contention                         # device seconds compute loses per second of a copy beside it
                                                     # (0: copy engines apart from the compute units, as on GPUs)
+    compute.copy_beside_compute_s                   # extra seconds a copy takes when compute runs beside it (CPU:
+                                                    # the copying thread waits for a core; 0 on GPUs/TPUs)
     host.dispatch_s_per_block                       # host (Python + dispatch) time per schedule position
 
 The time model that reads these lives in `simulator.py` (`block_compute_s`, `transfer_s`).
@@ -63,6 +65,7 @@ class HardwareProfile:
     block_overhead_s: float
     dequant_bytes_per_s: dict  # "int8" | "int4" -> bytes/s
     copy_contention: float  # compute seconds lost per second of an overlapping copy (CPU: copies share the cores)
+    copy_beside_compute_s: float  # a copy's extra seconds when compute runs beside it (CPU: waits for a core)
     dispatch_s_per_block: float
     source: str = ""  # the file it was read from
 
@@ -90,12 +93,13 @@ _SCHEMA = {
         "block_overhead_s": float,
         "dequant_bytes_per_s": {"int8": float, "int4": float},
         "copy_contention": float,
+        "copy_beside_compute_s": float,
     },
     "host": {"dispatch_s_per_block": float},
 }
 _MAY_BE_ZERO = {"links.host_to_device.latency_s", "links.device_to_host.latency_s", "nvme.latency_s",
                 "compute.block_overhead_s", "host.dispatch_s_per_block",
-                "compute.copy_contention"}
+                "compute.copy_contention", "compute.copy_beside_compute_s"}
 
 
 def _check(data, schema: dict, where: str, src: str) -> dict:
@@ -143,6 +147,7 @@ def profile_from_dict(data, source: str = "<dict>") -> HardwareProfile:
         block_overhead_s=d["compute"]["block_overhead_s"],
         dequant_bytes_per_s=dict(d["compute"]["dequant_bytes_per_s"]),
         copy_contention=d["compute"]["copy_contention"],
+        copy_beside_compute_s=d["compute"]["copy_beside_compute_s"],
         dispatch_s_per_block=d["host"]["dispatch_s_per_block"], source=source)
 
 
@@ -177,6 +182,7 @@ def profile_to_dict(p: HardwareProfile) -> dict:
         "nvme": {"read_bytes_per_s": p.nvme_read_bytes_per_s, "write_bytes_per_s": p.nvme_write_bytes_per_s,
                  "latency_s": p.nvme_latency_s},
         "compute": {"flops_per_s": dict(p.flops_per_s), "block_overhead_s": p.block_overhead_s,
-                    "dequant_bytes_per_s": dict(p.dequant_bytes_per_s), "copy_contention": p.copy_contention},
+                    "dequant_bytes_per_s": dict(p.dequant_bytes_per_s), "copy_contention": p.copy_contention,
+                    "copy_beside_compute_s": p.copy_beside_compute_s},
         "host": {"dispatch_s_per_block": p.dispatch_s_per_block},
     }

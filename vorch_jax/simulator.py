@@ -8,11 +8,12 @@ one) and replaces the three things that touch real hardware: the engine (`SimEng
 the compute of a position (a roofline), and the clock.
 
 Time model (one host thread, one compute stream, one FIFO queue per link and direction):
-  * host: each schedule position costs `host.dispatch_s_per_block`; the host waits (a `stall` event) when a block it
-    needs is still in flight, at the end of each pass for the compute stream (the sampled token), and, in a MoE,
-    after each router for the compute stream (the routing decision comes to the host, as in the real routed
-    executor and every MoE offloading runtime); a policy's tick, its victim ordering and (MoE) the λ update cost
-    their measured wall time (the real controller and policies run here).
+  * host: each schedule position costs `host.dispatch_s_per_block` (the jax dispatch of its compute) plus the
+    measured wall time of the ledger and policy code the real executor runs there too (ensure, prefetch, eviction
+    order, the routed bookkeeping: `SimExecutor._host`), and a policy's tick and (MoE) the λ update cost their
+    measured wall time; the host waits (a `stall` event) when a block it needs is still in flight, at the end of
+    each pass for the compute stream (the sampled token), and, in a MoE, after each router for the compute stream
+    (the routing decision comes to the host, as in the real routed executor and every MoE offloading runtime).
   * compute stream: a position starts when the host dispatched it and the previous one finished, and lasts
     `block_overhead_s + max(FLOPs / flops_per_s[precision], bytes read / hbm bandwidth, low-bit bytes / dequant)`,
     FLOPs and bytes for M = the pass's new tokens (`model_shapes.ModelShape.flops / bytes_read`).
@@ -25,7 +26,12 @@ Time model (one host thread, one compute stream, one FIFO queue per link and dir
     (`tiers.state.route`): S4 -> S0 is nvme->host then host->device.
     Evicting to a kept home copy is free (as in the real engine with `keep_home`).
   * contention: where copies and compute share the same cores (a CPU), compute loses `compute.copy_contention`
-    seconds per second of copy beside it (`SimEngine._contend`, `compute_slowdown`); GPU/TPU profiles say 0.
+    seconds per second of copy beside it (`SimEngine._contend`, `compute_slowdown`), and a host<->device copy
+    that has compute beside it takes `compute.copy_beside_compute_s` longer (the copying thread waits for a core:
+    measured on this 2-core machine, a 3.5 MB load took 1.3 ms with the forward's compute queued and 0.3 ms with
+    the stream idle). A copy has compute beside it when the stream is busy as it starts, or when it is not a miss
+    (a prefetch, speculative or planned load: the host goes on dispatching compute while it runs); a miss that
+    finds the stream idle runs alone (the host waits for it before dispatching anything). GPU/TPU profiles: 0, 0.
 So prefetches overlap with compute, and stalls appear exactly when a needed block has not landed.
 
 Outputs: `summary.json` with the real runner's fields where they make sense (`tokens: null`, `"simulated": true`,
@@ -62,6 +68,7 @@ from .policies import PolicyContext
 PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
 ON_DEVICE_RULE_STATES = ("S0", "S1", "S2", "S6")
 LOWBIT = {State.S1: "int8", State.S2: "int4"}
+SHARED_CORE_LINKS = ("host->device", "device->host")  # copies a CPU's cores carry out, beside its compute
 
 
 # ---------------------------------------------------------------------------------------------------------- engine
@@ -138,6 +145,8 @@ class SimEngine:
                 bw = min(bw, self.hw.fresh_alloc_bytes_per_s)  # lands in freshly mapped pages
             begin = max(t, self.link_free[hop.link])
             t = begin + lat + s0 / bw
+            if hop.link in SHARED_CORE_LINKS and (self.clock.gpu > begin or reason != "miss"):
+                t += self.hw.copy_beside_compute_s  # compute runs beside this copy: it waits for a core
             self.link_free[hop.link] = t
             self._contend(begin, t)
             first = begin if first is None else first
@@ -268,11 +277,13 @@ class SimExecutor(Executor):
         if targets:
             self.apply_targets(targets, getattr(self.policy, "reasons", None))
 
-    def _victim_order(self, candidates):
+    def _host(self, fn, *args):
+        """Run the real ledger and policy code `fn(*args)` (the real executor runs the same between positions) and
+        charge its wall time to the host."""
         t0 = time.perf_counter()
-        order = super()._victim_order(candidates)
-        self.clock.now += time.perf_counter() - t0  # the real policy ran on the host: its wall time is host time
-        return order
+        out = fn(*args)
+        self.clock.now += time.perf_counter() - t0
+        return out
 
     def _compute(self, block: str, op: str, tokens: int, context: int) -> None:
         """Dispatch one position (host) and queue its compute on the stream."""
@@ -296,8 +307,8 @@ class SimExecutor(Executor):
             if op in ("mlp", "expert"):
                 last_ffn[self.layer_of[b]] = i
         for i, (block, op) in enumerate(positions):
-            self.ensure(block)
-            self.prefetch()
+            self._host(self.ensure, block)
+            self._host(self.prefetch)
             self._compute(block, op, tokens, context)
             if op == "router":  # the routing decision comes to the host (moe_executor.RoutedForward): it waits
                 self._sync()
@@ -350,10 +361,10 @@ class SimRoutedExecutor(RoutedLedger, SimExecutor):
                     ahead.append(b)
                     if o == "router":
                         break
-            self._enter(block, ahead)
-            self.ensure(block)
-            self._fetched(block)
-            self.prefetch()
+            self._host(self._enter, block, ahead)
+            self._host(self.ensure, block)
+            self._host(self._fetched, block)
+            self._host(self.prefetch)
             self._compute(block, op, tokens, context)
             self.t += 1
             layer = self.layer_of[block]
@@ -362,7 +373,7 @@ class SimRoutedExecutor(RoutedLedger, SimExecutor):
                 selected = np.zeros(E, bool)
                 selected[[int(b.rsplit(".", 1)[1]) for b, o in positions if o == "expert"
                           and self.layer_of[b] == layer]] = True
-                self.observe_routing(layer, selected)
+                self._host(self.observe_routing, layer, selected)
                 gate = self.speculation_gate(layer)
                 recorded = self.speculation[self.step][layer + 1] if gate is not None else None
                 if recorded is not None:  # (None: the recorded run made no prediction here)
@@ -371,7 +382,7 @@ class SimRoutedExecutor(RoutedLedger, SimExecutor):
                     ids, probs = recorded
                     pred = np.zeros(E, bool)
                     pred[list(ids)] = True
-                    self.observe_speculation(layer + 1, pred, np.asarray(probs, np.float64))
+                    self._host(self.observe_speculation, layer + 1, pred, np.asarray(probs, np.float64))
             if op in ("router", "expert") and layer_end.get(layer) == i:
                 self.after_layer(layer)
         self._sync()

@@ -1,9 +1,10 @@
-"""`calibrate_hardware.fit_from_runs` recovers the machine parameters from run traces built with known ones.
+"""`calibrate_hardware.fit_from_runs` recovers the machine parameters from traces and probes built with known ones.
 
-The validation's calibration (sim_validate.measure) fits the link, the host time per position and the memory
-bandwidth from real runs' traces; here the traces are synthetic with those parameters set, so the fit must return
-them exactly (the copy contention, a bisection through the simulator, is exercised by test_sim_validation.py,
-whose replay refits it).
+The validation's calibration (sim_validate.measure) takes the host time per position, a copy's extra time beside
+compute and the memory bandwidth from real runs' traces, and the link alone from probe loads; here traces and probe
+points are synthetic with those parameters set, so the fit must return them exactly. The simulator-fitted
+parameters (per-block overhead, copy contention: bisections through the simulator, `fit_with_simulator`) are
+stubbed here and exercised by test_sim_validation.py, whose replay refits them.
 """
 
 import sys
@@ -17,40 +18,64 @@ from experiments import calibrate_hardware as C  # noqa: E402
 from vorch_jax.hardware import load_profile  # noqa: E402
 from vorch_jax.model_shapes import model_shape  # noqa: E402
 
-BW, LAT, HOST = 5e9, 8e-4, 1e-4  # bytes/s, s per transfer, host s per position
+BW, LAT, HOST, BESIDE = 5e9, 2e-4, 4e-5, 7e-4  # bytes/s, s per load alone, host s per position, s beside compute
 
 
 def trace(n_blocks: int, miss_every: int, sizes):
     """Access records of 3 decode steps over `n_blocks` positions, every `miss_every`-th a miss whose duration (the
-    host's request to usable weights) holds the position's host time, the latency and the copy."""
+    host's request to usable weights) holds the position's host time, the load alone and the wait beside compute."""
     recs, t = [], 0.001
     for b, nbytes in enumerate(sizes):
         recs.append({"event": "transition", "block": f"b{b}", "link": "host->device", "bytes": nbytes})
     for step in range(1, 4):
         for b in range(n_blocks):
             miss = miss_every and b % miss_every == 0
-            dur = HOST + LAT + sizes[b] / BW if miss else 1e-5
+            dur = HOST + LAT + sizes[b] / BW + BESIDE if miss else 1e-5
             recs.append({"event": "access", "t": t, "step": step, "block": f"b{b}", "hit": not miss, "dur_s": dur})
             t += dur if miss else HOST
     return recs
 
 
-def test_fit_recovers_link_host_and_memory_parameters(monkeypatch):
+def test_fit_recovers_link_host_beside_and_memory_parameters(monkeypatch):
     monkeypatch.setattr(C, "fit_contention", lambda cal, profile, tokens: 0.25)
     sizes = [(1 + b % 7) * 2**20 for b in range(40)]  # 1..7 MiB, under the fresh-allocation threshold
+    probe = [(mib * 2**20, LAT + mib * 2**20 / BW) for mib in C.LINK_PROBE_MIB] * 2
     runs = {("resident", 1.0): [({"decode_step_s": 0.030}, trace(40, 0, sizes))] * 2,
             ("static", 0.4): [({"decode_step_s": 0.080}, trace(40, 3, sizes))] * 3,
             ("static-prefetch", 0.4): [({"decode_step_s": 0.090}, trace(40, 0, sizes))]}
     shape = model_shape("smollm2-135m")
-    cal = C.fit_from_runs(runs, shape, load_profile("this-machine"), 6, fresh_rates=[2e9, 1e9, 3e9])
-    assert cal["h2d"] == pytest.approx(BW, rel=1e-6)
-    assert cal["h2d_lat"] == pytest.approx(LAT, rel=1e-6)
-    assert cal["dispatch"] == pytest.approx(HOST)
+    prof = load_profile("this-machine")
+    cal = C.fit_from_runs(runs, shape, prof, 6, fresh_rates=[2e9, 1e9, 3e9], link_points=probe)
+    assert cal["h2d"] == pytest.approx(BW, rel=1e-6) and cal["h2d_lat"] == pytest.approx(LAT, rel=1e-6)
+    assert cal["dispatch"] == pytest.approx(HOST) and cal["beside"] == pytest.approx(BESIDE, rel=1e-6)
     streamed = sum(shape.bytes_read(b, op, 1, 17 + 5) for b, op in shape.pass_positions())
-    assert cal["hbm_bw"] == pytest.approx(streamed / 0.030) and cal["resident_step_s"] == 0.030
-    assert cal["fresh"] == 2e9 and cal["contention"] == 0.25
+    assert cal["hbm_bw"] == pytest.approx(streamed / 0.030) and cal["overhead"] == 0.0  # no MoE point: folded in
+    assert cal["fresh"] == 2e9 and cal["contention"] == 0.25 and cal["static_step_s"] == 0.080
     assert cal["static_prefetch_step_s"] == 0.090 and cal["static_prefetch_budget"] == 0.4
     assert cal["transfers"] == 3 * 3 * 14  # 3 static runs x 3 steps x 14 misses (b = 0, 3, ..., 39)
-    prof = C.apply_calibration(load_profile("this-machine"), cal)
-    assert prof.host_to_device.bandwidth_bytes_per_s == cal["h2d"] and prof.dispatch_s_per_block == cal["dispatch"]
-    assert prof.copy_contention == 0.25 and prof.fresh_alloc_bytes_per_s == 2e9
+    p = C.apply_calibration(prof, cal)
+    assert p.host_to_device.bandwidth_bytes_per_s == cal["h2d"] and p.dispatch_s_per_block == cal["dispatch"]
+    assert p.copy_contention == 0.25 and p.fresh_alloc_bytes_per_s == 2e9 and p.copy_beside_compute_s == cal["beside"]
+
+
+def test_moe_resident_point_splits_overhead_from_bandwidth(monkeypatch):
+    """With a second resident point of more positions per byte, the overhead is what the (here: linear) simulated
+    MoE step needs, and the bandwidth keeps the dense resident step."""
+    monkeypatch.setattr(C, "fit_contention", lambda cal, profile, tokens: 0.0)
+    shape = model_shape("smollm2-135m")
+    n = len(shape.pass_positions())
+    streamed = sum(shape.bytes_read(b, op, 1, 17 + 5) for b, op in shape.pass_positions())
+    true_o, true_bw = 5e-5, 2e10
+    dense = n * true_o + streamed / true_bw
+
+    def sim_moe(profile):  # 2 n positions over half the bytes
+        return 2 * n * profile.block_overhead_s + streamed / 2 / profile.hbm_bandwidth_bytes_per_s
+
+    runs = {("resident", 1.0): [({"decode_step_s": dense}, trace(40, 0, [2**20] * 40))],
+            ("static", 0.4): [({"decode_step_s": 0.08}, trace(40, 3, [2**20] * 40))],
+            ("static-prefetch", 0.4): [({"decode_step_s": 0.09}, [])]}
+    probe = [(b, LAT + b / BW) for b in (2**20, 2**22)]
+    cal = C.fit_from_runs(runs, shape, load_profile("this-machine"), 6, link_points=probe,
+                          moe_resident=([2 * n * true_o + streamed / 2 / true_bw], sim_moe))
+    assert cal["overhead"] == pytest.approx(true_o, rel=1e-2)  # 12 bisection steps
+    assert cal["hbm_bw"] == pytest.approx(true_bw, rel=1e-3)
