@@ -24,7 +24,8 @@ grid) and, with MoE rows, the resident MoE. `calibrate_hardware.fit_from_runs` t
 the host seconds per position (hit-to-hit gaps of the runs that prefetch nothing), the load alone (least squares
 over the probe loads), a copy's extra time with compute beside it (the static runs' misses less the two before),
 the device memory bandwidth and per-block overhead (the dense and the MoE resident steps: two points, two
-unknowns), the copy contention (the static-prefetch step) and the fresh-allocation rate. Those parameters replace
+unknowns), the copy contention (the static-prefetch step) and the fresh-allocation rate (the runs' own embedding
+placements; the probe only where a run has none). Those parameters replace
 the profile's; the other fields stay as measured by `calibrate_hardware.py`. No factor is fitted per row, per
 policy, per model or per budget; the rows are never calibration inputs.
 `--no-calibrate` simulates with the profile file as it is.
@@ -211,7 +212,7 @@ def table(result: dict) -> str:
                      f"{cal['hbm_bw'] / 1e9:.1f} GB/s + {cal['overhead'] * 1e3:.3f} ms/block (dense resident step "
                      f"{cal['resident_step_s'] * 1e3:.1f} ms{moe}); copy contention {cal['contention']:.2f} "
                      f"(static-prefetch step {cal['static_prefetch_step_s'] * 1e3:.1f} ms); fresh allocation "
-                     f"{cal.get('fresh', float('nan')) / 1e9:.2f} GB/s")
+                     f"{cal.get('fresh', float('nan')) / 1e9:.2f} GB/s ({cal.get('fresh_loads', 0)} in-run loads)")
     return "\n".join(lines)
 
 

@@ -79,3 +79,22 @@ def test_moe_resident_point_splits_overhead_from_bandwidth(monkeypatch):
                           moe_resident=([2 * n * true_o + streamed / 2 / true_bw], sim_moe))
     assert cal["overhead"] == pytest.approx(true_o, rel=1e-2)  # 12 bisection steps
     assert cal["hbm_bw"] == pytest.approx(true_bw, rel=1e-3)
+
+
+def test_fresh_allocation_rate_comes_from_the_runs_own_large_loads(monkeypatch):
+    """Each run places the embedding (above the fresh-allocation threshold) once: those loads give the rate; the
+    probe rates are the fallback only."""
+    monkeypatch.setattr(C, "fit_contention", lambda cal, profile, tokens: 0.0)
+    sizes = [2**20] * 40
+    big = 113 * 2**20
+
+    def placed(seconds):
+        return trace(40, 0, sizes) + [{"event": "transition", "block": "embed", "link": "host->device",
+                                       "bytes": big, "dur_s": seconds, "t": 0.0}]
+
+    runs = {("resident", 1.0): [({"decode_step_s": 0.03}, placed(0.05)), ({"decode_step_s": 0.03}, placed(0.07))],
+            ("static", 0.4): [({"decode_step_s": 0.08}, trace(40, 3, sizes) + placed(0.06)[-1:])],
+            ("static-prefetch", 0.4): [({"decode_step_s": 0.09}, [])]}
+    cal = C.fit_from_runs(runs, model_shape("smollm2-135m"), load_profile("this-machine"), 6,
+                          fresh_rates=[9e9, 9e9], link_points=[(2**20, 3e-4), (2**22, 6e-4)])
+    assert cal["fresh"] == pytest.approx(big / 0.06) and cal["fresh_loads"] == 3
