@@ -29,9 +29,9 @@ Time model (one host thread, one compute stream, one FIFO queue per link and dir
     seconds per second of copy beside it (`SimEngine._contend`, `compute_slowdown`), and a host<->device copy
     that has compute beside it takes `compute.copy_beside_compute_s` longer (the copying thread waits for a core:
     measured on this 2-core machine, a 3.5 MB load took 1.3 ms with the forward's compute queued and 0.3 ms with
-    the stream idle). A copy has compute beside it when the stream is busy as it starts, or when it is not a miss
-    (a prefetch, speculative or planned load: the host goes on dispatching compute while it runs); a miss that
-    finds the stream idle runs alone (the host waits for it before dispatching anything). GPU/TPU profiles: 0, 0.
+    the stream idle). A copy has compute beside it when the stream is busy as it starts, or when the host does not
+    wait for it (a prefetch, speculative or planned load: the host goes on dispatching compute while it runs); a
+    miss or an initial placement that finds the stream idle runs alone. GPU/TPU profiles: 0, 0.
 So prefetches overlap with compute, and stalls appear exactly when a needed block has not landed.
 
 Outputs: `summary.json` with the real runner's fields where they make sense (`tokens: null`, `"simulated": true`,
@@ -69,6 +69,7 @@ PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
 ON_DEVICE_RULE_STATES = ("S0", "S1", "S2", "S6")
 LOWBIT = {State.S1: "int8", State.S2: "int4"}
 SHARED_CORE_LINKS = ("host->device", "device->host")  # copies a CPU's cores carry out, beside its compute
+WAITED_FOR_ALONE = ("miss", "placement")  # loads the host waits for before it dispatches any more compute
 
 
 # ---------------------------------------------------------------------------------------------------------- engine
@@ -145,7 +146,7 @@ class SimEngine:
                 bw = min(bw, self.hw.fresh_alloc_bytes_per_s)  # lands in freshly mapped pages
             begin = max(t, self.link_free[hop.link])
             t = begin + lat + s0 / bw
-            if hop.link in SHARED_CORE_LINKS and (self.clock.gpu > begin or reason != "miss"):
+            if hop.link in SHARED_CORE_LINKS and (self.clock.gpu > begin or reason not in WAITED_FOR_ALONE):
                 t += self.hw.copy_beside_compute_s  # compute runs beside this copy: it waits for a core
             self.link_free[hop.link] = t
             self._contend(begin, t)

@@ -255,7 +255,7 @@ def test_a_copy_beside_compute_waits_for_a_core_and_a_miss_alone_does_not(tmp_pa
             base = 1e-4 + r["bytes"] / 2e9
             lone = r["dur_s"] == pytest.approx(base, rel=1e-6)
             assert lone or r["dur_s"] == pytest.approx(base + beside, rel=1e-6), r
-            assert not lone or r["reason"] == "miss", r
+            assert not lone or r["reason"] in ("miss", "placement"), r
             alone.setdefault(name, []).append(lone)
     assert not any(alone["static-prefetch"]) and not any(alone["static"])
     assert 0 < sum(alone["moe-lru"]) < len(alone["moe-lru"]), alone["moe-lru"]
