@@ -366,6 +366,9 @@ def profile_text(fl, blk, ln, dq, cal, from_runs) -> str:
                    f"{cal['gaps']} gaps)" if cal else f"{m}: host seconds of one async block call)",
            "beside": f"{r}: median over {cal['transfers']} misses of the static runs of duration less host time and "
                      f"the load alone)" if cal else "not measured without --from-runs",
+           "fresh": f"{r}: median rate of the runs' own loads above the threshold, {cal['fresh_loads']} embedding "
+                    f"placements)" if cal and cal.get("fresh_loads")
+           else f"{m}: 64 MiB pinned_host->device into a fresh buffer, each copy freed before the next)",
            "cont": f"{r}: the value with which the simulator reproduces the static-prefetch run's decode step "
                    f"{cal['static_prefetch_step_s'] * 1e3:.2f} ms)" if cal
            else "not measured without --from-runs: copies assumed not to slow compute"}
@@ -379,7 +382,7 @@ hbm:
   capacity_bytes: {16e9:.6e}  # not measured: a budget ceiling for simulated runs (the runs here use < 1 GB)
   bandwidth_bytes_per_s: {bw:.6e}  # {src['hbm']}
   fresh_alloc_threshold_bytes: {FRESH_ALLOC_THRESHOLD:.6e}  # glibc: buffers above its 32 MiB mmap threshold are mapped afresh on every allocation
-  fresh_alloc_bytes_per_s: {ln['fresh']:.6e}  # {m}: 64 MiB pinned_host->device into a fresh buffer, each copy freed before the next)
+  fresh_alloc_bytes_per_s: {ln['fresh']:.6e}  # {src['fresh']}
 links:
   host_to_device:
     bandwidth_bytes_per_s: {ln['h2d']:.6e}  # {src['h2d']}

@@ -189,7 +189,7 @@ def moe_resident_sim(tokens: int, budget_bytes: int, routing, speculation):
 def validate(rows, *, repeats: int, tokens: int, profile="this-machine", calibrate: bool = True, say=print) -> dict:
     """`measure` then `simulate_rows`."""
     return simulate_rows(measure(rows, repeats=repeats, tokens=tokens, profile=profile, calibrate=calibrate,
-                                 say=say))
+                                 say=say), refit=False)  # measure just fitted them with this simulator
 
 
 def table(result: dict) -> str:
@@ -237,7 +237,7 @@ def main(argv=None):
             args.save.parent.mkdir(parents=True, exist_ok=True)
             args.save.write_text(json.dumps(record, indent=1) + "\n")
             print(f"record written to {args.save}")
-    print(table(simulate_rows(record)))
+    print(table(simulate_rows(record, refit=bool(args.replay))))  # a fresh record was fitted by this simulator
 
 
 if __name__ == "__main__":

@@ -249,7 +249,7 @@ class SimExecutor(Executor):
         self._positions: dict[str, list[int]] = {}
         for i, b in enumerate(self.schedule):
             self._positions.setdefault(b, []).append(i)
-        self.compute_spans: list[tuple[str, float, float]] = []
+        self.compute_spans: list[tuple[str, float, float]] = []  # (block, start, seconds) of every position
 
     def _next_use(self, block: str) -> int:
         """As Executor._next_use (smallest k >= 1 with schedule[(t + k) % n] == block, else n + 1), by bisection."""
@@ -295,7 +295,7 @@ class SimExecutor(Executor):
         start = max(self.clock.now, self.clock.gpu)
         dur += self.engine.compute_slowdown(start, dur)
         self.clock.gpu = start + dur
-        self.compute_spans.append((block, start, self.clock.gpu))
+        self.compute_spans.append((block, start, dur))
 
     def _sync(self) -> None:
         """The host waits for the compute stream (a value it needs comes back from the device)."""
@@ -624,6 +624,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
         "wall_s": gen1 - gen0,
         "stall_s": T.stall_seconds(gen_events),
         "transfer_s": T.link_seconds(gen_events, "host->device") + T.link_seconds(gen_events, "nvme->host"),
+        "compute_s": sum(d for _, b, d in ex.compute_spans if b >= gen0),  # sim only: device busy, contention in
         "controller_s": ex.counters.controller_s,
         "peak_device_bytes": ex.counters.peak_device_bytes,
         "link_bytes": moved,
