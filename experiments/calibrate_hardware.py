@@ -113,7 +113,8 @@ def links(store_dir) -> dict:
         tiny = NvmeBlock.write("tiny", {"p": np.zeros(1024, np.float32)}, Path(d))
         nvme_lat = _median(lambda: tiny.read(), 7)
     return {"h2d": bw["host->device"], "h2d_lat": lat, "d2h": d2h, "nvme_read": bw["nvme->host"],
-            "nvme_write": write, "nvme_lat": nvme_lat, "fresh": fresh_alloc_rate(dev)}
+            "nvme_write": write, "nvme_lat": nvme_lat, "fresh": fresh_alloc_rate(dev),
+            "fresh_free": fresh_free_rate(dev)}
 
 
 FRESH_ALLOC_THRESHOLD = 32 * 2**20  # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
@@ -128,6 +129,23 @@ def fresh_alloc_rate(dev, mib: int = 64) -> float:
     assert mib * 2**20 > FRESH_ALLOC_THRESHOLD
     host = PinnedHostBlock.from_numpy({"p": np.ones(mib * 2**18, np.float32)}, dev)
     return mib * 2**20 / _median(lambda: FullPrecisionBlock.from_pinned_host(host, dev).free(), 5)
+
+
+def fresh_free_rate(dev, mib: int = 64) -> float:
+    """bytes/s of freeing a device block above glibc's mmap threshold (its pages are unmapped on the calling thread:
+    the engine's eviction of such a block holds the host that long). Median of 5 after a warm-up."""
+    from vorch_jax.tiers.full_precision import FullPrecisionBlock
+    from vorch_jax.tiers.pinned_host import PinnedHostBlock
+
+    assert mib * 2**20 > FRESH_ALLOC_THRESHOLD
+    host = PinnedHostBlock.from_numpy({"p": np.ones(mib * 2**18, np.float32)}, dev)
+    times = []
+    for _ in range(6):
+        block = FullPrecisionBlock.from_pinned_host(host, dev)
+        t0 = time.perf_counter()
+        block.free()
+        times.append(time.perf_counter() - t0)
+    return mib * 2**20 / statistics.median(times[1:])
 
 
 LINK_PROBE_MIB = (1, 2, 4, 8, 12)  # SmolLM2's blocks: 2.7 MB (an expert), 3.5 MB (attention), 10.6 MB (an MLP)
@@ -191,16 +209,21 @@ def real_run(policy: str, budget, out_dir, new_tokens: int = 6) -> tuple[dict, l
 
 
 def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(), link_points=(),
-                  moe_resident=None) -> dict:
+                  moe_resident=None, free_rates=()) -> dict:
     """Machine parameters from measured runs {(policy, budget): [(summary, trace records), ...]} at the calibration
     points and the probes made beside them, pooled over repeats (never per row of a validation grid):
       * host seconds per schedule position: median gap between consecutive hit accesses of one pass in the runs that
         prefetch nothing (resident, static): the jax dispatch and the ledger's work on a hit, no copy waited for;
       * host->device bandwidth and latency of a load alone: least squares `seconds = latency + bytes / bandwidth`
         over `link_points` (`link_probe`: loads through the runtime's engine with the compute stream idle);
-      * a copy's extra time with compute beside it: the median, over the static runs' decode misses of blocks up to
+      * a copy's extra time with compute beside it: the mean, over the static runs' decode misses of blocks up to
         the fresh-allocation threshold (the host ran ahead: the forward's compute is queued as the copy starts), of
-        the miss's duration less the host's position time and the load alone;
+        the miss's duration less the host's position time and the load alone. The mean, not the median: the
+        simulator charges it to every such copy, and what a step adds up is n x the mean (the misses' durations
+        have a long right tail: a static run's MLP misses, median 1.03 ms, mean 1.35 ms);
+      * a prefetch's extra time (the host does not wait for it: compute runs beside it throughout): the mean, over
+        the static-prefetch runs' decode prefetches up to the threshold, of the transition's duration (the copy
+        itself, from when the engine's worker starts it) less the load alone;
       * device memory bandwidth and per-block overhead: `step = positions x overhead + bytes / bandwidth` holds for
         the resident dense run; with `moe_resident` = (measured steps, simulate(profile) -> simulated step) of the
         resident MoE (twice the positions per byte), the overhead is the one with which the simulator reproduces it
@@ -208,6 +231,8 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(
       * fresh-allocation rate: the median rate of the runs' own host->device loads of blocks above the threshold
         (every run places the embedding once), else of `fresh_rates` (`fresh_alloc_rate`, a probe beside the runs:
         it measured 0.59 to 10.7 GB/s within one day while the runs' embedding loads took 1.3-2.3 GB/s);
+      * fresh-free rate: the median rate of the runs' own evictions of such blocks (held host time), else of
+        `free_rates` (`fresh_free_rate`, a probe beside the runs; the calibration points evict no embedding);
       * copy contention: the value in [0, 2] for which the simulator, with the parameters above, reproduces the
         static-prefetch run's decode step (`fit_contention`)."""
     def pooled(policy):
@@ -227,12 +252,19 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(
         beside += [r["dur_s"] - dispatch - h2d_lat - nbytes[r["block"]] / h2d for r in recs
                    if r["event"] == "access" and not r["hit"] and r["t"] > 0 and r["block"] in nbytes
                    and nbytes[r["block"]] <= profile.fresh_alloc_threshold_bytes]
+    ahead = []  # the static-prefetch runs' prefetches (compute beside them throughout): duration less the load alone
+    for _, recs in pooled("static-prefetch"):
+        ahead += [r["dur_s"] - h2d_lat - r["bytes"] / h2d for r in recs
+                  if r["event"] == "transition" and r["link"] == "host->device" and r.get("reason") == "prefetch"
+                  and r["t"] > 0 and r["bytes"] <= profile.fresh_alloc_threshold_bytes]
     resident = statistics.median(s["decode_step_s"] for s, _ in pooled("resident"))
     P = 17 + new_tokens - 1  # context of the last decode step: BOS + 16 prompt tokens + the tokens before it
     positions = shape.pass_positions()
     streamed = sum(shape.bytes_read(b, op, 1, P) for b, op in positions)
     cal = {"h2d": h2d, "h2d_lat": h2d_lat, "link_points": len(link_points), "dispatch": dispatch,
-           "beside": max(0.0, statistics.median(beside)), "transfers": len(beside), "gaps": len(gaps),
+           "beside": max(0.0, statistics.mean(beside)), "transfers": len(beside), "gaps": len(gaps),
+           "beside_median": statistics.median(beside),
+           "prefetch_beside": max(0.0, statistics.mean(ahead)) if ahead else 0.0, "prefetches": len(ahead),
            "hbm_bw": streamed / resident, "overhead": 0.0, "resident_step_s": resident, "contention": 0.0}
     big = [r["bytes"] / r["dur_s"] for _, recs in [x for lst in runs.values() for x in lst] for r in recs
            if r["event"] == "transition" and r["link"] == "host->device"
@@ -241,6 +273,16 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(
         cal["fresh"], cal["fresh_loads"] = statistics.median(big), len(big)
     elif fresh_rates:
         cal["fresh"], cal["fresh_loads"] = statistics.median(fresh_rates), 0
+    drops = []  # the runs' own evictions of blocks above the threshold: (bytes, seconds the host was held)
+    for _, recs in [x for lst in runs.values() for x in lst]:
+        nbytes = {r["block"]: r["bytes"] for r in recs if r["event"] == "transition" and r["link"] == "host->device"}
+        drops += [(nbytes[r["block"]], r["dur_s"]) for r in recs if r["event"] == "transition"
+                  and r.get("reason", "").startswith("evict") and nbytes.get(r["block"], 0) > profile.fresh_alloc_threshold_bytes
+                  and r["dur_s"] > 0]
+    if drops:
+        cal["fresh_free"], cal["fresh_frees"] = statistics.median(b / t for b, t in drops), len(drops)
+    elif free_rates:
+        cal["fresh_free"], cal["fresh_frees"] = statistics.median(free_rates), 0
     cal["static_prefetch_step_s"] = statistics.median(s["decode_step_s"] for s, _ in pooled("static-prefetch"))
     cal["static_prefetch_budget"] = next(b for p, b in runs if p == "static-prefetch")
     cal["static_step_s"] = statistics.median(s["decode_step_s"] for s, _ in pooled("static"))
@@ -290,6 +332,10 @@ def apply_calibration(profile, cal: dict):
     from vorch_jax.hardware import Link
 
     fresh = {"fresh_alloc_bytes_per_s": cal["fresh"]} if "fresh" in cal else {}
+    if "fresh_free" in cal:
+        fresh["fresh_free_bytes_per_s"] = cal["fresh_free"]
+    if "prefetch_beside" in cal:
+        fresh["prefetch_beside_compute_s"] = cal["prefetch_beside"]
     return profile.replace(
         host_to_device=Link(cal["h2d"], cal["h2d_lat"]), dispatch_s_per_block=cal["dispatch"],
         hbm_bandwidth_bytes_per_s=cal["hbm_bw"], block_overhead_s=cal["overhead"], copy_contention=cal["contention"],
@@ -320,16 +366,17 @@ def main(argv=None):
         from vorch_jax.hardware import load_profile
         from vorch_jax.model_shapes import model_shape
 
-        runs, links_pts, fresh = {}, [], []
+        runs, links_pts, fresh, free = {}, [], [], []
         with tempfile.TemporaryDirectory() as d:
             for r in range(args.from_runs):
                 fresh.append(fresh_alloc_rate(jax.devices()[0]))
+                free.append(fresh_free_rate(jax.devices()[0]))
                 links_pts += link_probe()
                 for policy, budget in CALIBRATION_POINTS:
                     runs.setdefault((policy, budget), []).append(
                         real_run(policy, budget, Path(d) / f"{policy}-{budget}-{r}"))
         cal = fit_from_runs(runs, model_shape("smollm2-135m"), load_profile(args.out), fresh_rates=fresh,
-                            link_points=links_pts)
+                            link_points=links_pts, free_rates=free)
         print("calibration from runs:", cal)
         Path(args.out).write_text(profile_text(**measured, cal=cal, from_runs=args.from_runs))
     print(Path(args.out).read_text())
@@ -342,12 +389,18 @@ def profile_text(fl, blk, ln, dq, cal, from_runs) -> str:
 
     bw, overhead, blk = blk
     ln = dict(ln)
-    contention = beside = 0.0
+    contention = beside = ahead = 0.0
     if cal:
         bw, overhead, contention, beside = cal["hbm_bw"], cal["overhead"], cal["contention"], cal["beside"]
+        ahead = cal["prefetch_beside"]
         ln["h2d"], ln["h2d_lat"] = cal["h2d"], cal["h2d_lat"]
         ln["fresh"] = cal.get("fresh", ln["fresh"])
+        ln["fresh_free"] = cal.get("fresh_free", ln["fresh_free"])
         blk = {**blk, "dispatch": cal["dispatch"]}
+    from vorch_jax.tiers.engine import MovementEngine
+
+    workers = MovementEngine.__init__.__kwdefaults__["workers"]
+    copies = min(workers, os.cpu_count() or 1)
     cpu = platform.processor() or platform.machine()
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     m = f"measured here ({when}, `{CMD}`"
@@ -364,11 +417,18 @@ def profile_text(fl, blk, ln, dq, cal, from_runs) -> str:
            "ovh": f"{r}: folded into the bandwidth above)" if cal else f"{m}: intercept of the block-time fit above)",
            "disp": f"{r}: median gap between consecutive hit accesses of the resident and static runs, "
                    f"{cal['gaps']} gaps)" if cal else f"{m}: host seconds of one async block call)",
-           "beside": f"{r}: median over {cal['transfers']} misses of the static runs of duration less host time and "
+           "beside": f"{r}: mean over {cal['transfers']} misses of the static runs of duration less host time and "
                      f"the load alone)" if cal else "not measured without --from-runs",
+           "ahead": f"{r}: mean over {cal['prefetches']} prefetches of the static-prefetch runs of duration less the "
+                    f"load alone)" if cal else "not measured without --from-runs",
            "fresh": f"{r}: median rate of the runs' own loads above the threshold, {cal['fresh_loads']} embedding "
                     f"placements)" if cal and cal.get("fresh_loads")
            else f"{m}: 64 MiB pinned_host->device into a fresh buffer, each copy freed before the next)",
+           "free": f"{r}: median rate of the runs' own evictions above the threshold, {cal['fresh_frees']} evictions)"
+           if cal and cal.get("fresh_frees")
+           else f"{r}: fresh_free_rate, freeing a 64 MiB device block (the unmapping the host waits for), median of "
+                f"one probe per round)" if cal
+           else f"{m}: freeing a 64 MiB device block, the unmapping the host waits for)",
            "cont": f"{r}: the value with which the simulator reproduces the static-prefetch run's decode step "
                    f"{cal['static_prefetch_step_s'] * 1e3:.2f} ms)" if cal
            else "not measured without --from-runs: copies assumed not to slow compute"}
@@ -383,6 +443,7 @@ hbm:
   bandwidth_bytes_per_s: {bw:.6e}  # {src['hbm']}
   fresh_alloc_threshold_bytes: {FRESH_ALLOC_THRESHOLD:.6e}  # glibc: buffers above its 32 MiB mmap threshold are mapped afresh on every allocation
   fresh_alloc_bytes_per_s: {ln['fresh']:.6e}  # {src['fresh']}
+  fresh_free_bytes_per_s: {ln['fresh_free']:.6e}  # {src['free']}
 links:
   host_to_device:
     bandwidth_bytes_per_s: {ln['h2d']:.6e}  # {src['h2d']}
@@ -390,6 +451,7 @@ links:
   device_to_host:
     bandwidth_bytes_per_s: {ln['d2h']:.6e}  # {m}: PinnedHostBlock.from_device, 16 MiB)
     latency_s: {ln['h2d_lat']:.6e}  # taken equal to host->device's latency above
+  copies_at_once: {copies}  # the movement engine's {workers} worker threads (tiers.engine.MovementEngine) on {os.cpu_count()} cores: copies that run at once
 nvme:
   read_bytes_per_s: {ln['nvme_read']:.6e}  # {m}: tiers.link_probe.probe_bandwidths, 16 MiB, page cache warm)
   write_bytes_per_s: {ln['nvme_write']:.6e}  # {m}: NvmeBlock.write, 16 MiB)
@@ -405,6 +467,7 @@ compute:
     int4: {dq['int4']:.6e}  # {m}: int4/g64 [1536, 1536] decode matmul, low-bit bytes / s)
   copy_contention: {contention:.6e}  # {src['cont']}
   copy_beside_compute_s: {beside:.6e}  # {src['beside']}
+  prefetch_beside_compute_s: {ahead:.6e}  # {src['ahead']}
 host:
   dispatch_s_per_block: {blk['dispatch']:.6e}  # {src['disp']}
 """

@@ -17,15 +17,16 @@ resident reference recorded, so the scored row speculates as the real one does).
 
 Calibration (the "calibrated cost model"): other engineers share these 2 cores, so the machine's speed drifts by
 2x over minutes and a profile measured at another time misses. Each repeat round therefore first measures, beside
-the rows: the fresh-allocation rate (`calibrate_hardware.fresh_alloc_rate`), loads of 1-12 MiB through the
-runtime's engine with nothing else running (`link_probe`), the calibration points of
+the rows: the fresh-allocation and free rates (`calibrate_hardware.fresh_alloc_rate`, `fresh_free_rate`), loads of
+1-12 MiB through the runtime's engine with nothing else running (`link_probe`), the calibration points of
 `calibrate_hardware.CALIBRATION_POINTS` (dense resident at 1.0, static and static-prefetch at 0.4: not rows of the
 grid) and, with MoE rows, the resident MoE. `calibrate_hardware.fit_from_runs` takes from them, pooled over rounds:
 the host seconds per position (hit-to-hit gaps of the runs that prefetch nothing), the load alone (least squares
 over the probe loads), a copy's extra time with compute beside it (the static runs' misses less the two before),
 the device memory bandwidth and per-block overhead (the dense and the MoE resident steps: two points, two
-unknowns), the copy contention (the static-prefetch step) and the fresh-allocation rate (the runs' own embedding
-placements; the probe only where a run has none). Those parameters replace
+unknowns), the copy contention (the static-prefetch step), the fresh-allocation rate (the runs' own embedding
+placements; the probe only where a run has none) and the rate at which such a block is freed (`fresh_free_rate`, a
+probe each round: the calibration points evict no embedding). Those parameters replace
 the profile's; the other fields stay as measured by `calibrate_hardware.py`. No factor is fitted per row, per
 policy, per model or per budget; the rows are never calibration inputs.
 `--no-calibrate` simulates with the profile file as it is.
@@ -45,7 +46,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 from experiments.calibrate_hardware import (CALIBRATION_POINTS, apply_calibration, fit_from_runs,  # noqa: E402
-                                            fit_with_simulator, fresh_alloc_rate, link_probe, real_run, sim_step)
+                                            fit_with_simulator, fresh_alloc_rate, fresh_free_rate, link_probe,
+                                            real_run, sim_step)
 from vorch_jax.hardware import load_profile  # noqa: E402
 from vorch_jax.model_shapes import model_shape  # noqa: E402
 from vorch_jax.routing_trace import routing_from_stream  # noqa: E402
@@ -83,22 +85,26 @@ class MoERows:
         return s
 
 
-def measure(rows, *, repeats: int, tokens: int, profile="this-machine", calibrate: bool = True, say=print) -> dict:
+def measure(rows, *, repeats: int, tokens: int, profile="this-machine", calibrate: bool = True, say=print,
+            keep: Path | None = None) -> dict:
     """The measured half of the validation, as a JSON-able record: every row's real decode steps (`repeats` runs
     each), the calibration fitted from the calibration points run beside them, and for MoE rows the routing and
     speculation the real runs read (so `simulate_rows` can replay the record without the model).
-    `rows`: (model "dense" | "moe", policy, budget fraction)."""
+    `rows`: (model "dense" | "moe", policy, budget fraction); `keep`: a folder to keep every run's summary and trace
+    in (for comparing traces with the simulator's), else they go with a temporary folder."""
     import datetime
 
     base = load_profile(profile)
     measured = {row: [] for row in rows}
     cal_runs: dict = {}
-    fresh_rates, link_points, moe_resident = [], [], []
+    fresh_rates, free_rates, link_points, moe_resident = [], [], [], []
     moe = MoERows(tokens) if any(m == "moe" for m, _, _ in rows) else None
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = keep or tmp
         for r in range(repeats):
             if calibrate:
                 fresh_rates.append(fresh_alloc_rate(jax.devices()[0]))
+                free_rates.append(fresh_free_rate(jax.devices()[0]))
                 link_points += link_probe()
                 for policy, budget in CALIBRATION_POINTS:
                     cal_runs.setdefault((policy, budget), []).append(
@@ -115,7 +121,7 @@ def measure(rows, *, repeats: int, tokens: int, profile="this-machine", calibrat
         if calibrate:
             sim_moe = moe_resident_sim(tokens, moe.budget(1.0), moe.routing, moe.ref.speculation) if moe else None
             cal = fit_from_runs(cal_runs, model_shape("smollm2-135m"), base, tokens, fresh_rates, link_points,
-                                (moe_resident, sim_moe) if moe else None)
+                                (moe_resident, sim_moe) if moe else None, free_rates=free_rates)
             if moe:
                 cal["moe_resident_budget"] = moe.budget(1.0)
     return {"when": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -192,6 +198,17 @@ def validate(rows, *, repeats: int, tokens: int, profile="this-machine", calibra
                                  say=say), refit=False)  # measure just fitted them with this simulator
 
 
+def measurement_noise(result: dict) -> list[float]:
+    """Per row with >= 4 runs: |median(runs of even rounds) - median(runs of odd rounds)| / median(all runs), the
+    measurement's reproducibility on this machine (rounds alternate, so a slow spell of minutes falls in both)."""
+    out = []
+    for r in result["rows"].values():
+        runs = r["runs"]
+        if len(runs) >= 4:
+            out.append(abs(statistics.median(runs[0::2]) - statistics.median(runs[1::2])) / r["measured"])
+    return out
+
+
 def table(result: dict) -> str:
     lines = [f"{'model':5s} {'policy':8s} {'budget':>6s} {'measured ms/tok':>16s} {'simulated':>10s} {'rel err':>8s} "
              f"{'(profile file as is)':>20s}  runs (ms)"]
@@ -203,16 +220,24 @@ def table(result: dict) -> str:
                      + " ".join(f"{x * 1e3:.0f}" for x in r["runs"]))
     lines.append(f"median |rel err| {statistics.median(errs) * 100:.1f}%   max {max(errs) * 100:.1f}%   "
                  f"(targets: every row within 15%, median within 7%)")
+    noise = measurement_noise(result)
+    if noise:
+        lines.append(f"the measurement against itself: each row's runs of even and of odd rounds, medians differ by "
+                     f"median {statistics.median(noise) * 100:.1f}%, max {max(noise) * 100:.1f}% (no simulator can be "
+                     f"held closer to a row than its own runs agree)")
     cal = result["calibration"]
     if cal:
         moe = (f", MoE resident step {cal['moe_resident_step_s'] * 1e3:.1f} ms" if "moe_resident_step_s" in cal else "")
         lines.append(f"calibration: host {cal['dispatch'] * 1e3:.3f} ms/position ({cal['gaps']} gaps); load alone "
                      f"{cal['h2d_lat'] * 1e3:.2f} ms + bytes / {cal['h2d'] / 1e9:.2f} GB/s ({cal['link_points']} probe "
-                     f"loads), +{cal['beside'] * 1e3:.2f} ms beside compute ({cal['transfers']} misses); memory "
+                     f"loads), +{cal['beside'] * 1e3:.2f} ms beside compute ({cal['transfers']} misses), "
+                     f"+{cal.get('prefetch_beside', 0) * 1e3:.2f} ms a prefetch ({cal.get('prefetches', 0)}); memory "
                      f"{cal['hbm_bw'] / 1e9:.1f} GB/s + {cal['overhead'] * 1e3:.3f} ms/block (dense resident step "
                      f"{cal['resident_step_s'] * 1e3:.1f} ms{moe}); copy contention {cal['contention']:.2f} "
                      f"(static-prefetch step {cal['static_prefetch_step_s'] * 1e3:.1f} ms); fresh allocation "
-                     f"{cal.get('fresh', float('nan')) / 1e9:.2f} GB/s ({cal.get('fresh_loads', 0)} in-run loads)")
+                     f"{cal.get('fresh', float('nan')) / 1e9:.2f} GB/s ({cal.get('fresh_loads', 0)} in-run loads), "
+                     f"freed at {cal.get('fresh_free', float('nan')) / 1e9:.2f} GB/s "
+                     f"({cal.get('fresh_frees', 0)} in-run evictions)")
     return "\n".join(lines)
 
 
@@ -225,6 +250,7 @@ def main(argv=None):
     ap.add_argument("--models", nargs="+", default=["dense", "moe"], choices=["dense", "moe"])
     ap.add_argument("--save", type=Path, help="write the measured record (runs, calibration, MoE routing) as JSON")
     ap.add_argument("--replay", type=Path, help="no real runs: simulate the rows of a record --save wrote")
+    ap.add_argument("--keep", type=Path, help="keep every real run's summary and trace under this folder")
     args = ap.parse_args(argv)
     if args.replay:
         record = json.loads(args.replay.read_text())
@@ -232,7 +258,7 @@ def main(argv=None):
     else:
         rows = [(m, p, b) for m in args.models for p in POLICIES for b in BUDGETS]
         record = measure(rows, repeats=args.repeats, tokens=args.tokens, profile=args.profile,
-                         calibrate=not args.no_calibrate)
+                         calibrate=not args.no_calibrate, keep=args.keep)
         if args.save:
             args.save.parent.mkdir(parents=True, exist_ok=True)
             args.save.write_text(json.dumps(record, indent=1) + "\n")

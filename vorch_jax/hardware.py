@@ -12,16 +12,24 @@ Schema (dotted names are the error messages' field names)::
     hbm.bandwidth_bytes_per_s                       # device memory read bandwidth (what decode matmuls stream at)
     hbm.fresh_alloc_threshold_bytes                 # a block landing on device above this size gets fresh pages
     hbm.fresh_alloc_bytes_per_s                     # ... and lands no faster than this (page faults + zeroing)
+    hbm.fresh_free_bytes_per_s                      # ... and freeing it unmaps its pages on the host at this rate
     links.host_to_device.{bandwidth_bytes_per_s, latency_s}
     links.device_to_host.{bandwidth_bytes_per_s, latency_s}
+    links.copies_at_once                            # host<->device copies that proceed at once, each at the
+                                                    # bandwidth above (an integer >= 1: CPU, the movement engine's
+                                                    # worker threads on separate cores; GPU/TPU 1, a shared link)
     nvme.{read_bytes_per_s, write_bytes_per_s, latency_s}
     compute.flops_per_s.{bf16, fp32, int8}          # dense matmul throughput per precision
     compute.block_overhead_s                        # fixed device time per block (kernel launches, small ops)
     compute.dequant_bytes_per_s.{int8, int4}        # bytes of low-bit weights dequantized per second
     compute.copy_contention                         # device seconds compute loses per second of a copy beside it
                                                     # (0: copy engines apart from the compute units, as on GPUs)
-    compute.copy_beside_compute_s                   # extra seconds a copy takes when compute runs beside it (CPU:
-                                                    # the copying thread waits for a core; 0 on GPUs/TPUs)
+    compute.copy_beside_compute_s                   # extra seconds a copy the host waits for takes when compute
+                                                    # is queued as it starts (CPU: the copying thread waits for a
+                                                    # core; 0 on GPUs/TPUs)
+    compute.prefetch_beside_compute_s               # extra seconds a copy the host does not wait for (prefetch,
+                                                    # speculative, planned) takes: the host goes on dispatching
+                                                    # compute, which runs beside it throughout (0 on GPUs/TPUs)
     host.dispatch_s_per_block                       # host (Python + dispatch) time per schedule position
 
 The time model that reads these lives in `simulator.py` (`block_compute_s`, `transfer_s`).
@@ -56,8 +64,10 @@ class HardwareProfile:
     hbm_bandwidth_bytes_per_s: float
     fresh_alloc_threshold_bytes: float  # .inf where device memory comes from a preallocated pool (GPU/TPU)
     fresh_alloc_bytes_per_s: float
+    fresh_free_bytes_per_s: float  # host seconds to free such a block = bytes / this (.inf: a pool, free is free)
     host_to_device: Link
     device_to_host: Link
+    copies_at_once: int  # host<->device copies in progress together, each at its link's full bandwidth
     nvme_read_bytes_per_s: float
     nvme_write_bytes_per_s: float
     nvme_latency_s: float
@@ -65,7 +75,8 @@ class HardwareProfile:
     block_overhead_s: float
     dequant_bytes_per_s: dict  # "int8" | "int4" -> bytes/s
     copy_contention: float  # compute seconds lost per second of an overlapping copy (CPU: copies share the cores)
-    copy_beside_compute_s: float  # a copy's extra seconds when compute runs beside it (CPU: waits for a core)
+    copy_beside_compute_s: float  # a waited-for copy's extra seconds when compute is queued (CPU: waits for a core)
+    prefetch_beside_compute_s: float  # an unwaited copy's (prefetch) extra seconds: compute beside it throughout
     dispatch_s_per_block: float
     source: str = ""  # the file it was read from
 
@@ -82,10 +93,11 @@ _SCHEMA = {
     "name": str,
     "device": str,
     "hbm": {"capacity_bytes": float, "bandwidth_bytes_per_s": float, "fresh_alloc_threshold_bytes": float,
-            "fresh_alloc_bytes_per_s": float},
+            "fresh_alloc_bytes_per_s": float, "fresh_free_bytes_per_s": float},
     "links": {
         "host_to_device": {"bandwidth_bytes_per_s": float, "latency_s": float},
         "device_to_host": {"bandwidth_bytes_per_s": float, "latency_s": float},
+        "copies_at_once": int,
     },
     "nvme": {"read_bytes_per_s": float, "write_bytes_per_s": float, "latency_s": float},
     "compute": {
@@ -94,12 +106,14 @@ _SCHEMA = {
         "dequant_bytes_per_s": {"int8": float, "int4": float},
         "copy_contention": float,
         "copy_beside_compute_s": float,
+        "prefetch_beside_compute_s": float,
     },
     "host": {"dispatch_s_per_block": float},
 }
 _MAY_BE_ZERO = {"links.host_to_device.latency_s", "links.device_to_host.latency_s", "nvme.latency_s",
                 "compute.block_overhead_s", "host.dispatch_s_per_block",
-                "compute.copy_contention", "compute.copy_beside_compute_s"}
+                "compute.copy_contention", "compute.copy_beside_compute_s",
+                "compute.prefetch_beside_compute_s"}
 
 
 def _check(data, schema: dict, where: str, src: str) -> dict:
@@ -116,6 +130,10 @@ def _check(data, schema: dict, where: str, src: str) -> dict:
         value = data[key]
         if isinstance(tp, dict):
             out[key] = _check(value, tp, name + ".", src)
+        elif tp is int:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ProfileError(f"{src}: field '{name}' must be an integer >= 1, got {value!r}")
+            out[key] = value
         elif tp is str:
             if not isinstance(value, str) or not value:
                 raise ProfileError(f"{src}: field '{name}' must be a non-empty string, got {value!r}")
@@ -141,13 +159,16 @@ def profile_from_dict(data, source: str = "<dict>") -> HardwareProfile:
         hbm_capacity_bytes=d["hbm"]["capacity_bytes"], hbm_bandwidth_bytes_per_s=d["hbm"]["bandwidth_bytes_per_s"],
         fresh_alloc_threshold_bytes=d["hbm"]["fresh_alloc_threshold_bytes"],
         fresh_alloc_bytes_per_s=d["hbm"]["fresh_alloc_bytes_per_s"],
+        fresh_free_bytes_per_s=d["hbm"]["fresh_free_bytes_per_s"],
         host_to_device=Link(**links["host_to_device"]), device_to_host=Link(**links["device_to_host"]),
+        copies_at_once=links["copies_at_once"],
         nvme_read_bytes_per_s=d["nvme"]["read_bytes_per_s"], nvme_write_bytes_per_s=d["nvme"]["write_bytes_per_s"],
         nvme_latency_s=d["nvme"]["latency_s"], flops_per_s=dict(d["compute"]["flops_per_s"]),
         block_overhead_s=d["compute"]["block_overhead_s"],
         dequant_bytes_per_s=dict(d["compute"]["dequant_bytes_per_s"]),
         copy_contention=d["compute"]["copy_contention"],
         copy_beside_compute_s=d["compute"]["copy_beside_compute_s"],
+        prefetch_beside_compute_s=d["compute"]["prefetch_beside_compute_s"],
         dispatch_s_per_block=d["host"]["dispatch_s_per_block"], source=source)
 
 
@@ -176,13 +197,15 @@ def profile_to_dict(p: HardwareProfile) -> dict:
         "name": p.name, "device": p.device,
         "hbm": {"capacity_bytes": p.hbm_capacity_bytes, "bandwidth_bytes_per_s": p.hbm_bandwidth_bytes_per_s,
                 "fresh_alloc_threshold_bytes": p.fresh_alloc_threshold_bytes,
-                "fresh_alloc_bytes_per_s": p.fresh_alloc_bytes_per_s},
+                "fresh_alloc_bytes_per_s": p.fresh_alloc_bytes_per_s,
+                "fresh_free_bytes_per_s": p.fresh_free_bytes_per_s},
         "links": {"host_to_device": dataclasses.asdict(p.host_to_device),
-                  "device_to_host": dataclasses.asdict(p.device_to_host)},
+                  "device_to_host": dataclasses.asdict(p.device_to_host), "copies_at_once": p.copies_at_once},
         "nvme": {"read_bytes_per_s": p.nvme_read_bytes_per_s, "write_bytes_per_s": p.nvme_write_bytes_per_s,
                  "latency_s": p.nvme_latency_s},
         "compute": {"flops_per_s": dict(p.flops_per_s), "block_overhead_s": p.block_overhead_s,
                     "dequant_bytes_per_s": dict(p.dequant_bytes_per_s), "copy_contention": p.copy_contention,
-                    "copy_beside_compute_s": p.copy_beside_compute_s},
+                    "copy_beside_compute_s": p.copy_beside_compute_s,
+                    "prefetch_beside_compute_s": p.prefetch_beside_compute_s},
         "host": {"dispatch_s_per_block": p.dispatch_s_per_block},
     }

@@ -17,21 +17,26 @@ Time model (one host thread, one compute stream, one FIFO queue per link and dir
   * compute stream: a position starts when the host dispatched it and the previous one finished, and lasts
     `block_overhead_s + max(FLOPs / flops_per_s[precision], bytes read / hbm bandwidth, low-bit bytes / dequant)`,
     FLOPs and bytes for M = the pass's new tokens (`model_shapes.ModelShape.flops / bytes_read`).
-  * links: `nvme->host`, `host->device`, `device->host` each carry one transfer at a time (FIFO: a transfer starts
-    when requested or when the previous one on that link ends, whichever is later) and take latency +
-    bytes / bandwidth; a host->device transfer of a block above `hbm.fresh_alloc_threshold_bytes` lands no faster than
+  * links: `nvme->host` carries one transfer at a time, `host->device` and `device->host` each
+    `links.copies_at_once` (FIFO: a transfer starts when requested or when a channel of its link is free,
+    whichever is later), each taking latency + bytes / bandwidth (this CPU: 2, the movement engine's two worker
+    threads copy at once, each on a core; GPU/TPU profiles: 1, concurrent copies share the link's bandwidth); a host->device transfer of a block above `hbm.fresh_alloc_threshold_bytes` lands no faster than
     `hbm.fresh_alloc_bytes_per_s` (on the CPU backend a buffer above glibc's 32 MiB mmap threshold is mapped afresh
     on every allocation, and first touching its pages runs at ~2.2 GB/s against ~15 GB/s into reused memory: a
     measured 4x; GPU/TPU profiles say .inf, their allocators pool device memory). Routes are the engine's
     (`tiers.state.route`): S4 -> S0 is nvme->host then host->device.
-    Evicting to a kept home copy is free (as in the real engine with `keep_home`).
+    Evicting to a kept home copy moves no bytes (as in the real engine with `keep_home`); freeing a block above the
+    threshold holds the host for bytes / `hbm.fresh_free_bytes_per_s` (its pages are unmapped on the thread that
+    drops it: 6-11 ms for the 113 MB embedding here; GPU/TPU profiles: .inf, a pool).
   * contention: where copies and compute share the same cores (a CPU), compute loses `compute.copy_contention`
     seconds per second of copy beside it (`SimEngine._contend`, `compute_slowdown`), and a host<->device copy
-    that has compute beside it takes `compute.copy_beside_compute_s` longer (the copying thread waits for a core:
-    measured on this 2-core machine, a 3.5 MB load took 1.3 ms with the forward's compute queued and 0.3 ms with
-    the stream idle). A copy has compute beside it when the stream is busy as it starts, or when the host does not
-    wait for it (a prefetch, speculative or planned load: the host goes on dispatching compute while it runs); a
-    miss or an initial placement that finds the stream idle runs alone. GPU/TPU profiles: 0, 0.
+    with compute beside it takes longer (the copying thread waits for a core: measured on this 2-core machine, a
+    3.5 MB load took 1.3 ms with the forward's compute queued and 0.3 ms with the stream idle). A copy the host
+    waits for (a miss, an initial placement) takes `compute.copy_beside_compute_s` more when the stream is busy as
+    it starts (the compute queued before the host stopped to wait) and nothing more when it is idle; a copy the
+    host does not wait for (a prefetch, speculative or planned load) takes `compute.prefetch_beside_compute_s`
+    more: the host goes on dispatching, so compute runs beside it throughout (a static-prefetch run's 3.5 MB
+    prefetches took a mean 1.7 ms against 0.7 ms for its static twin's misses). GPU/TPU profiles: 0, 0, 0.
 So prefetches overlap with compute, and stalls appear exactly when a needed block has not landed.
 
 Outputs: `summary.json` with the real runner's fields where they make sense (`tokens: null`, `"simulated": true`,
@@ -94,7 +99,8 @@ class _Handle:
 
 class SimEngine:
     """The movement engine's interface (request / wait / state / representation / bytes_in / events) on a modelled
-    clock. `clock.now` is the host's time; links are FIFO queues (`link_free[link]`: when the last transfer ends)."""
+    clock. `clock.now` is the host's time; a link is a FIFO queue served by `copies_at_once` channels
+    (`link_free[link]`: when each channel's last transfer ends; nvme->host has one)."""
 
     def __init__(self, hw: HardwareProfile, state_bytes: dict, homes: dict, clock):
         self.hw, self.state_bytes, self.homes, self.clock = hw, state_bytes, homes, clock
@@ -102,7 +108,8 @@ class SimEngine:
         self.rep = {b: _Rep(homes[b], 0) for b in homes}  # off device: no device bytes
         self.device_total = 0  # Σ rep.nbytes, kept as reps change
         self.pending: dict[str, _Handle] = {}
-        self.link_free = {"nvme->host": 0.0, "host->device": 0.0, "device->host": 0.0}
+        k = int(hw.copies_at_once)
+        self.link_free = {"nvme->host": [0.0], "host->device": [0.0] * k, "device->host": [0.0] * k}
         self.copy_spans: list[tuple[float, float]] = []  # copies not yet over (for `copy_contention`)
 
     def _link(self, link: str) -> tuple[float, float]:
@@ -129,10 +136,14 @@ class SimEngine:
         now = self.clock.now
         if src == dst:
             return _Handle(block, src, dst, now)
-        if not dst.on_device:  # back to the kept home copy: free, no traffic
-            self._event("transition", block, src, dst, now, now, {}, "device copy dropped; home kept", reason=reason)
+        if not dst.on_device:  # back to the kept home copy: no traffic; freeing a big block holds the host
+            nbytes = self.rep[block].nbytes
+            if nbytes > self.hw.fresh_alloc_threshold_bytes:
+                self.clock.now += nbytes / self.hw.fresh_free_bytes_per_s  # its pages are unmapped
+            self._event("transition", block, src, dst, now, self.clock.now, {}, "device copy dropped; home kept",
+                        reason=reason)
             self._set(block, _Rep(dst, 0))
-            return _Handle(block, src, dst, now)
+            return _Handle(block, src, dst, self.clock.now)
         start = self.homes[block] if src.on_device else src  # lossy/other device states route from the home
         t, first, link_bytes = now, None, {}
         s0 = self.state_bytes[block][State.S0]
@@ -144,11 +155,16 @@ class SimEngine:
             bw, lat = self._link(hop.link)
             if hop.link == "host->device" and s0 > self.hw.fresh_alloc_threshold_bytes:
                 bw = min(bw, self.hw.fresh_alloc_bytes_per_s)  # lands in freshly mapped pages
-            begin = max(t, self.link_free[hop.link])
+            channels = self.link_free[hop.link]
+            ch = min(range(len(channels)), key=channels.__getitem__)  # the channel free first
+            begin = max(t, channels[ch])
             t = begin + lat + s0 / bw
-            if hop.link in SHARED_CORE_LINKS and (self.clock.gpu > begin or reason not in WAITED_FOR_ALONE):
-                t += self.hw.copy_beside_compute_s  # compute runs beside this copy: it waits for a core
-            self.link_free[hop.link] = t
+            if hop.link in SHARED_CORE_LINKS:  # compute beside this copy: it waits for a core
+                if reason not in WAITED_FOR_ALONE:
+                    t += self.hw.prefetch_beside_compute_s  # the host goes on dispatching: beside it throughout
+                elif self.clock.gpu > begin:
+                    t += self.hw.copy_beside_compute_s  # the compute queued before the host waited
+            channels[ch] = t
             self._contend(begin, t)
             first = begin if first is None else first
             link_bytes[hop.link] = link_bytes.get(hop.link, 0) + s0

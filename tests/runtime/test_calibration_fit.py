@@ -19,6 +19,7 @@ from vorch_jax.hardware import load_profile  # noqa: E402
 from vorch_jax.model_shapes import model_shape  # noqa: E402
 
 BW, LAT, HOST, BESIDE = 5e9, 2e-4, 4e-5, 7e-4  # bytes/s, s per load alone, host s per position, s beside compute
+AHEAD = 1.1e-3  # s a prefetch takes beyond the load alone (compute beside it throughout)
 
 
 def trace(n_blocks: int, miss_every: int, sizes):
@@ -40,22 +41,56 @@ def test_fit_recovers_link_host_beside_and_memory_parameters(monkeypatch):
     monkeypatch.setattr(C, "fit_contention", lambda cal, profile, tokens: 0.25)
     sizes = [(1 + b % 7) * 2**20 for b in range(40)]  # 1..7 MiB, under the fresh-allocation threshold
     probe = [(mib * 2**20, LAT + mib * 2**20 / BW) for mib in C.LINK_PROBE_MIB] * 2
+    prefetches = [{"event": "transition", "block": f"b{b}", "link": "host->device", "bytes": n, "reason": "prefetch",
+                   "t": 0.01 + b, "dur_s": LAT + n / BW + AHEAD} for b, n in enumerate(sizes)]
     runs = {("resident", 1.0): [({"decode_step_s": 0.030}, trace(40, 0, sizes))] * 2,
             ("static", 0.4): [({"decode_step_s": 0.080}, trace(40, 3, sizes))] * 3,
-            ("static-prefetch", 0.4): [({"decode_step_s": 0.090}, trace(40, 0, sizes))]}
+            ("static-prefetch", 0.4): [({"decode_step_s": 0.090}, trace(40, 0, sizes) + prefetches)]}
     shape = model_shape("smollm2-135m")
     prof = load_profile("this-machine")
-    cal = C.fit_from_runs(runs, shape, prof, 6, fresh_rates=[2e9, 1e9, 3e9], link_points=probe)
+    cal = C.fit_from_runs(runs, shape, prof, 6, fresh_rates=[2e9, 1e9, 3e9], link_points=probe,
+                          free_rates=[3e10, 1e10, 2e10])
     assert cal["h2d"] == pytest.approx(BW, rel=1e-6) and cal["h2d_lat"] == pytest.approx(LAT, rel=1e-6)
     assert cal["dispatch"] == pytest.approx(HOST) and cal["beside"] == pytest.approx(BESIDE, rel=1e-6)
     streamed = sum(shape.bytes_read(b, op, 1, 17 + 5) for b, op in shape.pass_positions())
     assert cal["hbm_bw"] == pytest.approx(streamed / 0.030) and cal["overhead"] == 0.0  # no MoE point: folded in
-    assert cal["fresh"] == 2e9 and cal["contention"] == 0.25 and cal["static_step_s"] == 0.080
+    assert cal["fresh"] == 2e9 and cal["fresh_free"] == 2e10 and cal["fresh_frees"] == 0  # probes: no evictions
+    assert cal["contention"] == 0.25 and cal["static_step_s"] == 0.080
     assert cal["static_prefetch_step_s"] == 0.090 and cal["static_prefetch_budget"] == 0.4
     assert cal["transfers"] == 3 * 3 * 14  # 3 static runs x 3 steps x 14 misses (b = 0, 3, ..., 39)
+    assert cal["prefetch_beside"] == pytest.approx(AHEAD, rel=1e-6) and cal["prefetches"] == 40
     p = C.apply_calibration(prof, cal)
     assert p.host_to_device.bandwidth_bytes_per_s == cal["h2d"] and p.dispatch_s_per_block == cal["dispatch"]
     assert p.copy_contention == 0.25 and p.fresh_alloc_bytes_per_s == 2e9 and p.copy_beside_compute_s == cal["beside"]
+    assert p.fresh_free_bytes_per_s == 2e10 and p.prefetch_beside_compute_s == cal["prefetch_beside"]
+
+
+def test_beside_is_the_mean_excess_and_big_evictions_give_the_free_rate(monkeypatch):
+    """The simulator charges the wait beside compute to every copy, so the fit takes the mean excess (a long tail
+    counts); the runs' own evictions of blocks above the threshold give the free rate before any probe."""
+    monkeypatch.setattr(C, "fit_contention", lambda cal, profile, tokens: 0.0)
+    sizes = [2**20] * 40
+    static = trace(40, 3, sizes)
+    misses = [r for r in static if r["event"] == "access" and not r["hit"]]
+    misses[0]["dur_s"] += 0.010  # one slow miss of 42: the median ignores it, the total does not
+    big = 113 * 2**20
+    drops = [{"event": "transition", "block": "embed", "link": "host->device", "bytes": big, "dur_s": 0.05},
+             {"event": "transition", "block": "embed", "link": None, "bytes": 0, "reason": "evict:miss",
+              "dur_s": big / 1.5e10},
+             {"event": "transition", "block": "embed", "link": None, "bytes": 0, "reason": "evict:miss",
+              "dur_s": big / 1.3e10},
+             {"event": "transition", "block": "embed", "link": None, "bytes": 0, "reason": "evict:miss",
+              "dur_s": big / 1.1e10}]
+    runs = {("resident", 1.0): [({"decode_step_s": 0.03}, trace(40, 0, sizes))],
+            ("static", 0.4): [({"decode_step_s": 0.08}, static)],
+            ("static-prefetch", 0.4): [({"decode_step_s": 0.09}, drops)]}
+    probe = [(b, LAT + b / BW) for b in (2**20, 2**22)]
+    cal = C.fit_from_runs(runs, model_shape("smollm2-135m"), load_profile("this-machine"), 6, link_points=probe,
+                          free_rates=[9e9])
+    assert cal["beside"] == pytest.approx(BESIDE + 0.010 / len(misses), rel=1e-6)
+    assert cal["beside_median"] == pytest.approx(BESIDE, rel=1e-6)
+    assert cal["prefetch_beside"] == 0.0 and cal["prefetches"] == 0  # no prefetch in these traces
+    assert cal["fresh_free"] == pytest.approx(1.3e10) and cal["fresh_frees"] == 3
 
 
 def test_moe_resident_point_splits_overhead_from_bandwidth(monkeypatch):

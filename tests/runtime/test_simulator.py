@@ -31,7 +31,7 @@ def fast(**kw):
     """this-machine with a clean set of numbers (no calibration noise in unit tests)."""
     base = dict(host_to_device=Link(2e9, 1e-4), hbm_bandwidth_bytes_per_s=2e10, block_overhead_s=0.0,
                 dispatch_s_per_block=1e-4, fresh_alloc_threshold_bytes=math.inf, copy_contention=0.0,
-                copy_beside_compute_s=0.0)
+                copy_beside_compute_s=0.0, prefetch_beside_compute_s=0.0)
     return load_profile("this-machine").replace(**{**base, **kw})
 
 
@@ -69,6 +69,11 @@ def test_unknown_and_bad_fields_fail(tmp_path):
     data["compute"]["flops_per_s"]["bf16"] = 0
     with pytest.raises(ProfileError, match="compute.flops_per_s.bf16' must be > 0"):
         profile_from_dict(data, "t4")
+    for bad in (0, 1.5, True):
+        data = yaml.safe_load((REPO / "configs/hardware/t4.yaml").read_text())
+        data["links"]["copies_at_once"] = bad
+        with pytest.raises(ProfileError, match="'links.copies_at_once' must be an integer >= 1"):
+            profile_from_dict(data, "t4")
     with pytest.raises(ProfileError, match="not found"):
         load_profile("no-such-machine")
 
@@ -223,6 +228,42 @@ def test_blocks_above_the_fresh_allocation_threshold_land_at_its_rate(tmp_path):
     assert fresh["decode_step_s"] > plain["decode_step_s"] and fresh["bytes_moved"] == plain["bytes_moved"]
 
 
+def test_freeing_a_block_above_the_threshold_holds_the_host(tmp_path):
+    """lru evicts the 113 MB embedding every step: above the threshold its drop takes bytes / fresh_free_bytes_per_s
+    of host time (the unmapping); smaller blocks drop at no modelled cost; a pool (.inf) frees in no time."""
+    def run(rate, name):
+        hw = fast(fresh_alloc_threshold_bytes=32 * 2**20, fresh_alloc_bytes_per_s=1e9, fresh_free_bytes_per_s=rate)
+        s = simulate(cfg_for("lru", 0.5, 3), tmp_path / name, hardware=hw)
+        recs = [json.loads(line) for line in open(tmp_path / name / "trace.jsonl")]
+        return s, [r for r in recs if r["event"] == "transition" and r["link"] is None and r["t"] >= 0]
+
+    slow, drops = run(1e9, "slow")
+    pooled, pooled_drops = run(math.inf, "pool")
+    embed = [r for r in drops if r["block"] == "embed"]
+    nbytes = model_shape("smollm2-135m").device_bytes["embed"]
+    assert embed and all(r["dur_s"] == pytest.approx(nbytes / 1e9, rel=1e-6) for r in embed)
+    assert all(r["dur_s"] == 0 for r in drops if r["block"] != "embed")
+    assert all(r["dur_s"] == 0 for r in pooled_drops)
+    assert slow["decode_step_s"] > pooled["decode_step_s"] + 0.9 * nbytes / 1e9  # one drop per step, host time
+    assert slow["bytes_moved"] == pooled["bytes_moved"]
+
+
+def test_copies_at_once_lets_loads_run_together(tmp_path):
+    """static-prefetch keeps two loads in flight: with copies_at_once 2 they overlap (the real engine's two worker
+    threads) and the step is shorter; with 1 the link carries one at a time; the bytes moved are the same."""
+    def run(k, name):
+        s = simulate(cfg_for("static-prefetch", 0.4, 3), tmp_path / name, hardware=fast(copies_at_once=k))
+        recs = [json.loads(line) for line in open(tmp_path / name / "trace.jsonl")]
+        loads = sorted(((r["t"], r["t"] + r["dur_s"]) for r in recs if r["event"] == "transition"
+                        and r["link"] == "host->device" and r["t"] >= 0))
+        overlaps = sum(b0 < a1 - 1e-12 for (a0, a1), (b0, b1) in zip(loads, loads[1:]))
+        return s, overlaps
+
+    (one, one_overlaps), (two, two_overlaps) = run(1, "one"), run(2, "two")
+    assert one_overlaps == 0 and two_overlaps > 0
+    assert two["decode_step_s"] < one["decode_step_s"] and two["bytes_moved"] == one["bytes_moved"]
+
+
 def test_copy_contention_slows_compute_beside_copies_only(tmp_path):
     """With copies beside compute (static-prefetch) contention lengthens the step; all-resident it changes nothing.
     The link is fast (20 GB/s) so that the step is compute-bound: on a slow link the step is the link's and
@@ -241,25 +282,28 @@ def test_copy_contention_slows_compute_beside_copies_only(tmp_path):
 
 
 def test_a_copy_beside_compute_waits_for_a_core_and_a_miss_alone_does_not(tmp_path):
-    """`copy_beside_compute_s` lengthens by exactly itself every load with compute beside it: each prefetch (the host
-    goes on dispatching) and each miss that finds the stream busy (a dense static run: the host runs ahead of the
-    stream); a miss that finds it idle takes the link alone (in a MoE, an expert missed right after its router's
-    sync)."""
-    beside = 5e-4
+    """A load the host does not wait for (a prefetch: the host goes on dispatching) takes exactly
+    `prefetch_beside_compute_s` more; a miss that finds the stream busy (a dense static run: the host runs ahead of
+    the stream) exactly `copy_beside_compute_s` more; a miss that finds it idle takes the link alone (in a MoE, an
+    expert missed right after its router's sync)."""
+    beside, ahead = 5e-4, 9e-4
     runs = {"static-prefetch": cfg_for("static-prefetch", 0.4, 3), "static": cfg_for("static", 0.4, 3),
             "moe-lru": cfg_for("lru", 0.5, 3, model="smollm2-135m-moe")}
     alone = {}
     for name, cfg in runs.items():
-        simulate(cfg, tmp_path / name, hardware=fast(copy_beside_compute_s=beside))
+        simulate(cfg, tmp_path / name, hardware=fast(copy_beside_compute_s=beside, prefetch_beside_compute_s=ahead))
         recs = [json.loads(x) for x in (tmp_path / name / "trace.jsonl").read_text().splitlines()]
         loads = [r for r in recs if r["event"] == "transition" and r["link"] == "host->device" and r["t"] >= 0]
         assert loads
         for r in loads:
             base = 1e-4 + r["bytes"] / 2e9
-            lone = r["dur_s"] == pytest.approx(base, rel=1e-6)
-            assert lone or r["dur_s"] == pytest.approx(base + beside, rel=1e-6), r
-            assert not lone or r["reason"] in ("miss", "placement"), r
-            alone.setdefault(name, []).append(lone)
+            if r["reason"] in ("miss", "placement"):
+                lone = r["dur_s"] == pytest.approx(base, rel=1e-6)
+                assert lone or r["dur_s"] == pytest.approx(base + beside, rel=1e-6), r
+                alone.setdefault(name, []).append(lone)
+            else:
+                assert r["dur_s"] == pytest.approx(base + ahead, rel=1e-6), r
+                alone.setdefault(name, []).append(False)
     assert not any(alone["static-prefetch"]) and not any(alone["static"])
     assert 0 < sum(alone["moe-lru"]) < len(alone["moe-lru"]), alone["moe-lru"]
 
