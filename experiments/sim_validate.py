@@ -231,13 +231,15 @@ def table(result: dict) -> str:
         lines.append(f"calibration: host {cal['dispatch'] * 1e3:.3f} ms/position ({cal['gaps']} gaps); load alone "
                      f"{cal['h2d_lat'] * 1e3:.2f} ms + bytes / {cal['h2d'] / 1e9:.2f} GB/s ({cal['link_points']} probe "
                      f"loads), +{cal['beside'] * 1e3:.2f} ms beside compute ({cal['transfers']} misses), "
-                     f"+{cal.get('prefetch_beside', 0) * 1e3:.2f} ms a prefetch ({cal.get('prefetches', 0)}); memory "
+                     + (f"+{cal['prefetch_beside'] * 1e3:.2f} ms a prefetch ({cal['prefetches']}); "
+                        if "prefetch_beside" in cal else "a prefetch's wait: the profile file's (not in this record); ")
+                     + f"memory "
                      f"{cal['hbm_bw'] / 1e9:.1f} GB/s + {cal['overhead'] * 1e3:.3f} ms/block (dense resident step "
                      f"{cal['resident_step_s'] * 1e3:.1f} ms{moe}); copy contention {cal['contention']:.2f} "
                      f"(static-prefetch step {cal['static_prefetch_step_s'] * 1e3:.1f} ms); fresh allocation "
                      f"{cal.get('fresh', float('nan')) / 1e9:.2f} GB/s ({cal.get('fresh_loads', 0)} in-run loads), "
-                     f"freed at {cal.get('fresh_free', float('nan')) / 1e9:.2f} GB/s "
-                     f"({cal.get('fresh_frees', 0)} in-run evictions)")
+                     + (f"freed at {cal['fresh_free'] / 1e9:.2f} GB/s ({cal['fresh_frees']} in-run evictions)"
+                        if "fresh_free" in cal else "free rate: the profile file's (not in this record)"))
     return "\n".join(lines)
 
 
