@@ -14,10 +14,12 @@ What is measured, and how each number feeds the profile:
   * fresh-allocation rate: a 64 MiB block landing on device, above glibc's 32 MiB mmap threshold, so each copy lands
     in freshly mapped pages (2.2 GB/s here against ~15 GB/s into reused memory; the embedding is such a block);
   * dequant throughput: int8 / int4 decode-shaped matmuls through the tiers' formats (bytes of low-bit weight / s).
+  * fresh-free rate: freeing such a block (`fresh_free_rate`: its pages are unmapped on the calling thread);
+  * copies at once: the movement engine's worker threads, at most one per core.
 With `--from-runs R`, R rounds of real runs at `CALIBRATION_POINTS` and probes beside them (`fit_from_runs`) replace
-the host time per position, the load alone (`link_probe`: through the engine, compute idle), a copy's extra time
-beside compute, the memory bandwidth (per-block overhead folded in: the MoE resident point that separates them is
-`sim_validate`'s), the copy contention and the fresh-allocation rate.
+the host time per position, the load alone (`link_probe`: through the engine, compute idle), a waited-for copy's
+and a prefetch's extra time beside compute, the memory bandwidth (per-block overhead folded in: the MoE resident
+point that separates them is `sim_validate`'s), the copy contention and the fresh-allocation and free rates.
 """
 
 from __future__ import annotations
@@ -216,14 +218,14 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(
         prefetch nothing (resident, static): the jax dispatch and the ledger's work on a hit, no copy waited for;
       * host->device bandwidth and latency of a load alone: least squares `seconds = latency + bytes / bandwidth`
         over `link_points` (`link_probe`: loads through the runtime's engine with the compute stream idle);
-      * a copy's extra time with compute beside it: the mean, over the static runs' decode misses of blocks up to
-        the fresh-allocation threshold (the host ran ahead: the forward's compute is queued as the copy starts), of
-        the miss's duration less the host's position time and the load alone. The mean, not the median: the
-        simulator charges it to every such copy, and what a step adds up is n x the mean (the misses' durations
-        have a long right tail: a static run's MLP misses, median 1.03 ms, mean 1.35 ms);
+      * a copy's extra time with compute beside it: the mean, over the static runs' misses after placement of
+        blocks up to the fresh-allocation threshold (the host ran ahead: the forward's compute is queued as the
+        copy starts), of the miss's duration less the host's position time and the load alone. The mean, not the
+        median: the simulator charges it to every such copy, and what a step adds up is n x the mean (the misses'
+        durations have a long right tail: a static run's MLP misses, median 1.03 ms, mean 1.35 ms);
       * a prefetch's extra time (the host does not wait for it: compute runs beside it throughout): the mean, over
-        the static-prefetch runs' decode prefetches up to the threshold, of the transition's duration (the copy
-        itself, from when the engine's worker starts it) less the load alone;
+        the static-prefetch runs' prefetches after placement, up to the threshold, of the transition's duration
+        (the copy itself, from when the engine's worker starts it) less the load alone;
       * device memory bandwidth and per-block overhead: `step = positions x overhead + bytes / bandwidth` holds for
         the resident dense run; with `moe_resident` = (measured steps, simulate(profile) -> simulated step) of the
         resident MoE (twice the positions per byte), the overhead is the one with which the simulator reproduces it
@@ -264,7 +266,6 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(
     cal = {"h2d": h2d, "h2d_lat": h2d_lat, "link_points": len(link_points), "dispatch": dispatch,
            "beside": max(0.0, statistics.mean(beside)), "transfers": len(beside), "gaps": len(gaps),
            "beside_median": statistics.median(beside),
-           "prefetch_beside": max(0.0, statistics.mean(ahead)) if ahead else 0.0, "prefetches": len(ahead),
            "hbm_bw": streamed / resident, "overhead": 0.0, "resident_step_s": resident, "contention": 0.0}
     big = [r["bytes"] / r["dur_s"] for _, recs in [x for lst in runs.values() for x in lst] for r in recs
            if r["event"] == "transition" and r["link"] == "host->device"
@@ -273,12 +274,14 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(
         cal["fresh"], cal["fresh_loads"] = statistics.median(big), len(big)
     elif fresh_rates:
         cal["fresh"], cal["fresh_loads"] = statistics.median(fresh_rates), 0
+    if ahead:  # (none: the profile's value stands)
+        cal["prefetch_beside"], cal["prefetches"] = max(0.0, statistics.mean(ahead)), len(ahead)
     drops = []  # the runs' own evictions of blocks above the threshold: (bytes, seconds the host was held)
     for _, recs in [x for lst in runs.values() for x in lst]:
         nbytes = {r["block"]: r["bytes"] for r in recs if r["event"] == "transition" and r["link"] == "host->device"}
         drops += [(nbytes[r["block"]], r["dur_s"]) for r in recs if r["event"] == "transition"
-                  and r.get("reason", "").startswith("evict") and nbytes.get(r["block"], 0) > profile.fresh_alloc_threshold_bytes
-                  and r["dur_s"] > 0]
+                  and r["link"] is None and r.get("reason", "").startswith("evict") and r["dur_s"] > 0
+                  and nbytes.get(r["block"], 0) > profile.fresh_alloc_threshold_bytes]
     if drops:
         cal["fresh_free"], cal["fresh_frees"] = statistics.median(b / t for b, t in drops), len(drops)
     elif free_rates:
@@ -392,7 +395,7 @@ def profile_text(fl, blk, ln, dq, cal, from_runs) -> str:
     contention = beside = ahead = 0.0
     if cal:
         bw, overhead, contention, beside = cal["hbm_bw"], cal["overhead"], cal["contention"], cal["beside"]
-        ahead = cal["prefetch_beside"]
+        ahead = cal.get("prefetch_beside", 0.0)
         ln["h2d"], ln["h2d_lat"] = cal["h2d"], cal["h2d_lat"]
         ln["fresh"] = cal.get("fresh", ln["fresh"])
         ln["fresh_free"] = cal.get("fresh_free", ln["fresh_free"])
@@ -420,7 +423,8 @@ def profile_text(fl, blk, ln, dq, cal, from_runs) -> str:
            "beside": f"{r}: mean over {cal['transfers']} misses of the static runs of duration less host time and "
                      f"the load alone)" if cal else "not measured without --from-runs",
            "ahead": f"{r}: mean over {cal['prefetches']} prefetches of the static-prefetch runs of duration less the "
-                    f"load alone)" if cal else "not measured without --from-runs",
+                    f"load alone)" if cal and "prefetches" in cal else "not measured (without --from-runs, or no "
+                    "prefetch in the runs)",
            "fresh": f"{r}: median rate of the runs' own loads above the threshold, {cal['fresh_loads']} embedding "
                     f"placements)" if cal and cal.get("fresh_loads")
            else f"{m}: 64 MiB pinned_host->device into a fresh buffer, each copy freed before the next)",
@@ -451,7 +455,7 @@ links:
   device_to_host:
     bandwidth_bytes_per_s: {ln['d2h']:.6e}  # {m}: PinnedHostBlock.from_device, 16 MiB)
     latency_s: {ln['h2d_lat']:.6e}  # taken equal to host->device's latency above
-  copies_at_once: {copies}  # the movement engine's {workers} worker threads (tiers.engine.MovementEngine) on {os.cpu_count()} cores: copies that run at once
+  copies_at_once: {copies}  # tiers.engine.MovementEngine's {workers} worker threads, {os.cpu_count()} cores
 nvme:
   read_bytes_per_s: {ln['nvme_read']:.6e}  # {m}: tiers.link_probe.probe_bandwidths, 16 MiB, page cache warm)
   write_bytes_per_s: {ln['nvme_write']:.6e}  # {m}: NvmeBlock.write, 16 MiB)

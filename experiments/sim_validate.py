@@ -24,7 +24,8 @@ grid) and, with MoE rows, the resident MoE. `calibrate_hardware.fit_from_runs` t
 the host seconds per position (hit-to-hit gaps of the runs that prefetch nothing), the load alone (least squares
 over the probe loads), a copy's extra time with compute beside it (the static runs' misses less the two before),
 the device memory bandwidth and per-block overhead (the dense and the MoE resident steps: two points, two
-unknowns), the copy contention (the static-prefetch step), the fresh-allocation rate (the runs' own embedding
+unknowns), a prefetch's wait beside compute (the static-prefetch runs' prefetches), the copy contention (the
+static-prefetch step), the fresh-allocation rate (the runs' own embedding
 placements; the probe only where a run has none) and the rate at which such a block is freed (`fresh_free_rate`, a
 probe each round: the calibration points evict no embedding). Those parameters replace
 the profile's; the other fields stay as measured by `calibrate_hardware.py`. No factor is fitted per row, per
@@ -230,7 +231,8 @@ def table(result: dict) -> str:
         moe = (f", MoE resident step {cal['moe_resident_step_s'] * 1e3:.1f} ms" if "moe_resident_step_s" in cal else "")
         lines.append(f"calibration: host {cal['dispatch'] * 1e3:.3f} ms/position ({cal['gaps']} gaps); load alone "
                      f"{cal['h2d_lat'] * 1e3:.2f} ms + bytes / {cal['h2d'] / 1e9:.2f} GB/s ({cal['link_points']} probe "
-                     f"loads), +{cal['beside'] * 1e3:.2f} ms beside compute ({cal['transfers']} misses), "
+                     f"loads), +{cal['beside'] * 1e3:.2f} ms beside compute ({cal['transfers']} misses"
+                     + ("" if "beside_median" in cal else ", a median: the record predates the mean") + "), "
                      + (f"+{cal['prefetch_beside'] * 1e3:.2f} ms a prefetch ({cal['prefetches']}); "
                         if "prefetch_beside" in cal else "a prefetch's wait: the profile file's (not in this record); ")
                      + f"memory "
@@ -238,7 +240,8 @@ def table(result: dict) -> str:
                      f"{cal['resident_step_s'] * 1e3:.1f} ms{moe}); copy contention {cal['contention']:.2f} "
                      f"(static-prefetch step {cal['static_prefetch_step_s'] * 1e3:.1f} ms); fresh allocation "
                      f"{cal.get('fresh', float('nan')) / 1e9:.2f} GB/s ({cal.get('fresh_loads', 0)} in-run loads), "
-                     + (f"freed at {cal['fresh_free'] / 1e9:.2f} GB/s ({cal['fresh_frees']} in-run evictions)"
+                     + (f"freed at {cal['fresh_free'] / 1e9:.2f} GB/s ("
+                        + (f"{cal['fresh_frees']} in-run evictions)" if cal["fresh_frees"] else "probes)")
                         if "fresh_free" in cal else "free rate: the profile file's (not in this record)"))
     return "\n".join(lines)
 

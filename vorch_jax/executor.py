@@ -235,7 +235,7 @@ class Executor:
         if block in self.inflight:
             self.engine.wait(block)
             self.inflight.pop(block, None)
-        self.engine.request(block, self.homes[block], reason).result()  # with a kept home copy: a free drop
+        self.engine.request(block, self.homes[block], reason).result()  # kept home copy: no bytes move
         self.on_device.pop(block, None)
 
     def _make_room(self, block: str, need: int, *, strict: bool, keep=frozenset()) -> bool:

@@ -20,7 +20,8 @@ Time model (one host thread, one compute stream, one FIFO queue per link and dir
   * links: `nvme->host` carries one transfer at a time, `host->device` and `device->host` each
     `links.copies_at_once` (FIFO: a transfer starts when requested or when a channel of its link is free,
     whichever is later), each taking latency + bytes / bandwidth (this CPU: 2, the movement engine's two worker
-    threads copy at once, each on a core; GPU/TPU profiles: 1, concurrent copies share the link's bandwidth); a host->device transfer of a block above `hbm.fresh_alloc_threshold_bytes` lands no faster than
+    threads copy at once, each on a core; GPU/TPU profiles: 1, concurrent copies share the link's bandwidth); a
+    host->device transfer of a block above `hbm.fresh_alloc_threshold_bytes` lands no faster than
     `hbm.fresh_alloc_bytes_per_s` (on the CPU backend a buffer above glibc's 32 MiB mmap threshold is mapped afresh
     on every allocation, and first touching its pages runs at ~2.2 GB/s against ~15 GB/s into reused memory: a
     measured 4x; GPU/TPU profiles say .inf, their allocators pool device memory). Routes are the engine's

@@ -89,7 +89,7 @@ def test_beside_is_the_mean_excess_and_big_evictions_give_the_free_rate(monkeypa
                           free_rates=[9e9])
     assert cal["beside"] == pytest.approx(BESIDE + 0.010 / len(misses), rel=1e-6)
     assert cal["beside_median"] == pytest.approx(BESIDE, rel=1e-6)
-    assert cal["prefetch_beside"] == 0.0 and cal["prefetches"] == 0  # no prefetch in these traces
+    assert "prefetch_beside" not in cal  # no prefetch in these traces: the profile's value stands
     assert cal["fresh_free"] == pytest.approx(1.3e10) and cal["fresh_frees"] == 3
 
 

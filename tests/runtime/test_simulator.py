@@ -263,6 +263,17 @@ def test_copies_at_once_lets_loads_run_together(tmp_path):
     assert one_overlaps == 0 and two_overlaps > 0
     assert two["decode_step_s"] < one["decode_step_s"] and two["bytes_moved"] == one["bytes_moved"]
 
+    # NVMe reads stay one at a time whatever copies_at_once says: two S4 -> S0 loads asked for together
+    from vorch_jax.simulator import Clock, SimEngine
+    from vorch_jax.tiers.state import State
+
+    hw = fast(copies_at_once=2, nvme_read_bytes_per_s=1e9, nvme_latency_s=0.0)
+    nbytes = 10**6
+    eng = SimEngine(hw, {b: {State.S0: nbytes} for b in "ab"}, {b: State.S4 for b in "ab"}, Clock())
+    land = [eng.request(b, "S0", reason="prefetch").land for b in "ab"]
+    assert eng.link_free["nvme->host"] == [pytest.approx(2 * nbytes / 1e9)]  # one channel, the reads in turn
+    assert land[1] - land[0] == pytest.approx(nbytes / 1e9)
+
 
 def test_copy_contention_slows_compute_beside_copies_only(tmp_path):
     """With copies beside compute (static-prefetch) contention lengthens the step; all-resident it changes nothing.
