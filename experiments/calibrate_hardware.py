@@ -240,6 +240,11 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(
     def pooled(policy):
         return [x for (p, _), lst in runs.items() if p == policy for x in lst]
 
+    def load_bytes(recs):  # block -> bytes of its host->device loads in one run's trace
+        return {r["block"]: r["bytes"] for r in recs if r["event"] == "transition" and r["link"] == "host->device"}
+
+    every_run = [x for lst in runs.values() for x in lst]
+
     gaps = []
     for _, recs in pooled("resident") + pooled("static"):
         acc = [r for r in recs if r["event"] == "access" and r["t"] > 0]
@@ -250,7 +255,7 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(
     h2d, h2d_lat = 1.0 / slope, max(0.0, float(lat))
     beside = []  # a static run's decode misses: duration less the position's host time and the load alone
     for _, recs in pooled("static"):
-        nbytes = {r["block"]: r["bytes"] for r in recs if r["event"] == "transition" and r["link"] == "host->device"}
+        nbytes = load_bytes(recs)
         beside += [r["dur_s"] - dispatch - h2d_lat - nbytes[r["block"]] / h2d for r in recs
                    if r["event"] == "access" and not r["hit"] and r["t"] > 0 and r["block"] in nbytes
                    and nbytes[r["block"]] <= profile.fresh_alloc_threshold_bytes]
@@ -267,7 +272,7 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(
            "beside": max(0.0, statistics.mean(beside)), "transfers": len(beside), "gaps": len(gaps),
            "beside_median": statistics.median(beside),
            "hbm_bw": streamed / resident, "overhead": 0.0, "resident_step_s": resident, "contention": 0.0}
-    big = [r["bytes"] / r["dur_s"] for _, recs in [x for lst in runs.values() for x in lst] for r in recs
+    big = [r["bytes"] / r["dur_s"] for _, recs in every_run for r in recs
            if r["event"] == "transition" and r["link"] == "host->device"
            and r["bytes"] > profile.fresh_alloc_threshold_bytes and r["dur_s"] > 0]
     if big:  # the runs' own loads into fresh pages (each run places the 113 MB embedding once)
@@ -277,8 +282,8 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(
     if ahead:  # (none: the profile's value stands)
         cal["prefetch_beside"], cal["prefetches"] = max(0.0, statistics.mean(ahead)), len(ahead)
     drops = []  # the runs' own evictions of blocks above the threshold: (bytes, seconds the host was held)
-    for _, recs in [x for lst in runs.values() for x in lst]:
-        nbytes = {r["block"]: r["bytes"] for r in recs if r["event"] == "transition" and r["link"] == "host->device"}
+    for _, recs in every_run:
+        nbytes = load_bytes(recs)
         drops += [(nbytes[r["block"]], r["dur_s"]) for r in recs if r["event"] == "transition"
                   and r["link"] is None and r.get("reason", "").startswith("evict") and r["dur_s"] > 0
                   and nbytes.get(r["block"], 0) > profile.fresh_alloc_threshold_bytes]

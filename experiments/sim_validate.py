@@ -2,7 +2,7 @@
 
 Run:   .venv/bin/python experiments/sim_validate.py [--repeats 3] [--tokens 6] [--models dense moe] [--save REC]
        .venv/bin/python experiments/sim_validate.py --replay experiments/results/sim_validation.json
-Takes: about repeats x (3 + 9 + 9) real runs of 5-20 s on 2 idle CPU cores (about 9 minutes at 3 repeats); a
+Takes: about repeats x (3 + 9 + 9) real runs of 5-20 s on 2 CPU cores (about 12 minutes at 5 repeats); a
 replay (no real run: today's simulator on a saved record's measurements and calibration) about 85 s.
 
 Dense rows: policies static, lru, scored at hbm budgets 0.3 / 0.5 / 0.8 of the model, `vorch_jax.runner.run`
@@ -22,14 +22,14 @@ the rows: the fresh-allocation and free rates (`calibrate_hardware.fresh_alloc_r
 `calibrate_hardware.CALIBRATION_POINTS` (dense resident at 1.0, static and static-prefetch at 0.4: not rows of the
 grid) and, with MoE rows, the resident MoE. `calibrate_hardware.fit_from_runs` takes from them, pooled over rounds:
 the host seconds per position (hit-to-hit gaps of the runs that prefetch nothing), the load alone (least squares
-over the probe loads), a copy's extra time with compute beside it (the static runs' misses less the two before),
-the device memory bandwidth and per-block overhead (the dense and the MoE resident steps: two points, two
-unknowns), a prefetch's wait beside compute (the static-prefetch runs' prefetches), the copy contention (the
-static-prefetch step), the fresh-allocation rate (the runs' own embedding
-placements; the probe only where a run has none) and the rate at which such a block is freed (`fresh_free_rate`, a
-probe each round: the calibration points evict no embedding). Those parameters replace
-the profile's; the other fields stay as measured by `calibrate_hardware.py`. No factor is fitted per row, per
-policy, per model or per budget; the rows are never calibration inputs.
+over the probe loads), a waited-for copy's extra time with compute beside it (the mean over the static runs' misses
+of what is left after the two before), a prefetch's (the same over the static-prefetch runs' prefetches), the device
+memory bandwidth and per-block overhead (the dense and the MoE resident steps: two points, two unknowns), the copy
+contention (the static-prefetch step), the fresh-allocation rate (the runs' own embedding placements; the probe only
+where a run has none) and the rate at which such a block is freed (`fresh_free_rate`, a probe each round: the
+calibration points evict no embedding). Those parameters replace the profile's; the other fields stay as measured
+by `calibrate_hardware.py`. No factor is fitted per row, per policy, per model or per budget; the rows are never
+calibration inputs. Under every table: how far the rows' own runs agree (`measurement_noise`).
 `--no-calibrate` simulates with the profile file as it is.
 """
 
