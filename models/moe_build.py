@@ -34,17 +34,14 @@ import numpy as np
 import yaml
 
 from . import llama_layers as Lay
-from .moe import ExpertPartition, MoEError, Routers
+from .errors import MoEError, RouterConfigError
+from .moe import ExpertPartition, Routers
 
 FORMAT_VERSION = 1
 MOE_MODELS = {"smollm2-135m-moe": "smollm2-135m"}  # MoE model key -> the dense model it is built from
 
 
 # ------------------------------------------------------------------------------------------------------- config
-
-
-class RouterConfigError(ValueError):
-    """A router-training config problem; the message is one line naming the file and key."""
 
 
 @dataclasses.dataclass(frozen=True)

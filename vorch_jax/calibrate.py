@@ -48,6 +48,7 @@ import numpy as np
 
 from vorch_jax import block_compute as C
 from vorch_jax.checkpoints import RecordMismatchError, cache_root, restore_record, save_record
+from vorch_jax.errors import VorchError
 from vorch_jax.models.llama import block_ids as model_block_ids, block_kind_layer
 
 STATES = ("S1", "S2", "S6")
@@ -121,27 +122,16 @@ def machine_key() -> str:
 
 # ---------------------------------------------------------------- statistics
 
-def rankdata(x) -> np.ndarray:
-    """Ranks 1..n of x, ties given their average rank (as scipy.stats.rankdata 'average')."""
-    x = np.asarray(x, np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x), np.float64)
-    ranks[order] = np.arange(1, len(x) + 1)
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    sums = np.bincount(inverse, weights=ranks)
-    return sums[inverse] / counts[inverse]
-
-
 def spearman(x, y) -> float:
-    """Spearman rank correlation (Pearson of average ranks); NaN with < 3 points or a constant side."""
+    """Spearman rank correlation (scipy's, ties at their average rank); NaN with < 3 points or a constant side."""
+    from scipy.stats import spearmanr
+
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(x) != len(y):
         raise ValueError(f"spearman: {len(x)} vs {len(y)} values")
-    if len(x) < 3:
+    if len(x) < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
         return float("nan")
-    rx, ry = rankdata(x) - (len(x) + 1) / 2, rankdata(y) - (len(y) + 1) / 2
-    den = np.sqrt((rx * rx).sum() * (ry * ry).sum())
-    return float((rx * ry).sum() / den) if den > 0 else float("nan")
+    return float(spearmanr(x, y).statistic)
 
 
 # ---------------------------------------------------------------- the per-block forward
@@ -536,34 +526,30 @@ def format_table(cal: Calibration, n: int = 10) -> str:
 
 
 def cmd_calibrate(args) -> int:
-    from vorch_jax.cli import UserError
     from vorch_jax.models.gguf_source import load_smollm2_source
 
     if args.tokens < 2:
-        raise UserError(f"--tokens must be at least 2, got {args.tokens}")
+        raise VorchError(f"--tokens must be at least 2, got {args.tokens}")
     states = tuple(s.strip().upper() for s in args.states.split(",") if s.strip())
     if not states or any(s not in STATES for s in states):
-        raise UserError(f"--states must be a comma list drawn from {','.join(STATES)}, got '{args.states}'")
+        raise VorchError(f"--states must be a comma list drawn from {','.join(STATES)}, got '{args.states}'")
     source = load_smollm2_source()
     blocks = None
     if args.blocks:
         try:
             pat = re.compile(args.blocks)
         except re.error as e:
-            raise UserError(f"--blocks '{args.blocks}' is not a regular expression: {e}") from None
+            raise VorchError(f"--blocks '{args.blocks}' is not a regular expression: {e}") from None
         blocks = [b for b in source.block_ids if pat.search(b)]
         if not blocks:
-            raise UserError(f"--blocks '{args.blocks}' matches none of the model's {len(source.block_ids)} blocks")
+            raise VorchError(f"--blocks '{args.blocks}' matches none of the model's {len(source.block_ids)} blocks")
     t0 = time.perf_counter()
 
     def say(msg):
         print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
 
-    try:
-        cal = load_or_calibrate(source, args.dir, force=args.force, progress=say, tokens=args.tokens, states=states,
-                                blocks=blocks)
-    except CalibrationMismatchError as e:
-        raise UserError(str(e)) from None
+    cal = load_or_calibrate(source, args.dir, force=args.force, progress=say, tokens=args.tokens, states=states,
+                            blocks=blocks)
     if cal.reused:
         say(f"reused the stored calibration from {cal.created} (pass --force to recompute)")
     else:

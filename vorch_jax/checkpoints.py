@@ -21,12 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
+from vorch_jax.errors import RecordMismatchError
+
 DEFAULT_ROOT = Path("~/.cache/vorch_jax")
 ENV_ROOT = "VORCH_CACHE"
-
-
-class RecordMismatchError(ValueError):
-    """A stored record does not describe what the caller expects (other model, other shapes, other blocks)."""
 
 
 def cache_root(override: str | os.PathLike | None = None, sub: str = "") -> Path:

@@ -8,31 +8,22 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import sys
 
+from vorch_jax.errors import VorchError, user_errors
+
 USAGE_ERROR = 2
-SUBCOMMAND_MODULES = ("vorch_jax.calibrate", "vorch_jax.sweep", "vorch_jax.report")
+SUBCOMMAND_MODULES = ("vorch_jax.calibrate", "vorch_jax.sweep", "vorch_jax.report", "vorch_jax.data_setup")
 
 
-class UserError(Exception):
-    """A problem with what the user asked for, reported as one line."""
+class UserError(VorchError):
+    """A problem with the command line itself (an option, a missing argument), reported as one line."""
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of usage + message
         raise UserError(f"{message} (see `{self.prog} --help`)")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from vorch_jax.config import ConfigError
-    from vorch_jax.corpus import CorpusError
-    from vorch_jax.executor import BudgetError
-    from vorch_jax.hardware import ProfileError
-    from vorch_jax.models.gguf_source import ModelFileError
-
-    return (UserError, BudgetError, ProfileError, ConfigError, CorpusError, ModelFileError, FileNotFoundError, IsADirectoryError, PermissionError)
 
 
 def cmd_generate(args) -> int:
@@ -101,14 +92,12 @@ def cmd_blocks(args) -> int:
 
 def cmd_run(args) -> int:
     from vorch_jax.config import load_config
-    from vorch_jax.runner import RunError, check_out_dir, run
+    from vorch_jax.outputs import check_out_dir
+    from vorch_jax.runner import run
 
     cfg = load_config(args.config, args.overrides)
-    try:
-        check_out_dir(args.out)
-        summary = run(cfg, args.out, progress=lambda msg: print(f"[vorch] {msg}", file=sys.stderr, flush=True))
-    except RunError as e:
-        raise UserError(str(e)) from None
+    check_out_dir(args.out)
+    summary = run(cfg, args.out, progress=lambda msg: print(f"[vorch] {msg}", file=sys.stderr, flush=True))
     print(format_summary_row(summary, header=True))
     return 0
 
@@ -116,18 +105,16 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     """Several policies on one config, sharing the resident reference; one table side by side."""
     from vorch_jax.config import apply_overrides, load_config
-    from vorch_jax.runner import RunError, check_out_dir, compare
+    from vorch_jax.outputs import check_out_dir
+    from vorch_jax.runner import compare
 
     cfg = load_config(args.config, args.overrides)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    try:
-        check_out_dir(args.out)
-        for p in policies:  # every policy name checked before any work
-            apply_overrides(cfg, [f"policy={p}"])
-        summaries = compare(cfg, policies, args.out,
-                            progress=lambda msg: print(f"[vorch] {msg}", file=sys.stderr, flush=True))
-    except RunError as e:
-        raise UserError(str(e)) from None
+    check_out_dir(args.out)
+    for p in policies:  # every policy name checked before any work
+        apply_overrides(cfg, [f"policy={p}"])
+    summaries = compare(cfg, policies, args.out,
+                        progress=lambda msg: print(f"[vorch] {msg}", file=sys.stderr, flush=True))
     print(format_comparison(summaries))
     return 0
 
@@ -170,8 +157,21 @@ def format_summary_row(s: dict, header: bool = False) -> str:
     return head + "\n" + row
 
 
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings, dest, **kw):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from vorch_jax.versions import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="vorch", description="Dynamic multi-tier weight residency for LLM inference.")
+    p.add_argument("--version", action=_VersionAction, help="print the versions of vorch_jax, jax, flax, orbax, "
+                                                            "tensorstore and the backend, and exit")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="greedy continuation of a prompt (all blocks resident)")
@@ -207,8 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Sub-commands that live beside their library module: each module's `add_cli(subparsers)` adds its parser.
     for module in SUBCOMMAND_MODULES:
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module).add_cli(sub)
+        importlib.import_module(module).add_cli(sub)
     return p
 
 
@@ -216,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
-    except _user_errors() as e:
+    except user_errors() as e:
         print(f"vorch: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:

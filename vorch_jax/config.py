@@ -58,6 +58,8 @@ from typing import Any
 
 import yaml
 
+from vorch_jax.errors import ConfigError
+
 __all__ = [
     "ConfigError",
     "ScoreConfig",
@@ -98,19 +100,6 @@ _BYTE_UNITS = {
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
 _BYTES_RE = re.compile(r"^\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
-
-
-class ConfigError(ValueError):
-    """Any problem with a run configuration. The message is one line, fit to print without a traceback.
-
-    `key` is the dotted key at fault when there is one (``"score.w1"``, ``"placement[2].state"``); `detail` is the
-    message without its location, used when an error is re-raised with the file or override that caused it.
-    """
-
-    def __init__(self, message: str, *, key: str | None = None, detail: str | None = None):
-        super().__init__(" ".join(str(message).split()))  # one line, always
-        self.key = key
-        self.detail = detail
 
 
 def _key_error(key: str, detail: str) -> ConfigError:

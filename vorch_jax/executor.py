@@ -22,14 +22,11 @@ import time
 import jax.numpy as jnp
 import numpy as np
 
+from vorch_jax.errors import BudgetError
 from vorch_jax.models.llama import KVCache
 from vorch_jax.tiers.state import State
 
 from . import block_compute as C
-
-
-class BudgetError(ValueError):
-    """The budget cannot hold what must be on the device at once."""
 
 
 @dataclasses.dataclass
@@ -76,6 +73,7 @@ class Executor:
         self.inflight: dict[str, object] = {}  # block -> Transition to device
         self.prefetched: set[str] = set()  # loaded ahead, not yet used
         self.accesses: list[Access] = []
+        self.score_samples: list[tuple] = []  # (time, step, layer, {block: score}) of each adopted tick, for the trace
         self.counters = Counters()
         self.t = 0  # global access index
         self.step = 0
@@ -133,6 +131,11 @@ class Executor:
         self.step += 1
         return logits, KVCache(ks, vs)
 
+    def _record_scores(self):
+        scores = self.policy.take_scores()
+        if scores:
+            self.score_samples.append((self.now(), self.step, self.layer_of[self.current()], scores))
+
     def now(self) -> float:
         """The executor's clock (wall seconds here; the simulator's modelled time there)."""
         return time.perf_counter()
@@ -179,6 +182,7 @@ class Executor:
         t0 = time.perf_counter()
         targets = self.policy.tick(self.t)
         self.counters.controller_s += time.perf_counter() - t0
+        self._record_scores()
         if targets:
             self.apply_targets(targets, getattr(self.policy, "reasons", None))
 
@@ -303,23 +307,46 @@ def targets_on(targets: dict):
     return [b for b, s in targets.items() if State(int(s)).on_device]
 
 
-def greedy_generate(executor: Executor, prompt_ids: list[int], new_tokens: int, on_step=None):
-    """Prefill then greedy decode through the executor; returns (tokens, prefill_s, [decode step seconds])."""
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """Greedy tokens and the clock at each step boundary: `marks[0]` prefill starts, `marks[1]` it ends (the first
+    decode step starts), `marks[k + 1]` decode step k ends. Steps follow each other without gaps."""
+
+    tokens: list
+    marks: tuple
+
+    @property
+    def prefill_s(self) -> float:
+        return self.marks[1] - self.marks[0]
+
+    @property
+    def step_s(self) -> list:
+        """Seconds of each decode step."""
+        return [b - a for a, b in zip(self.marks[1:-1], self.marks[2:])]
+
+    def measured_window(self) -> tuple[float, float, int]:
+        """(start, end, steps) of the decode steps a summary times: all but the first (its warm-up), unless that is
+        the only one."""
+        first = 2 if len(self.marks) > 3 else 1
+        return self.marks[first], self.marks[-1], len(self.marks) - 1 - first
+
+
+def greedy_generate(executor, prompt_ids: list[int], new_tokens: int, on_step=None) -> Generation:
+    """Prefill then greedy decode through the executor (anything with `forward(ids, cache, pos)`, `cfg`, `dtype`)."""
     cfg = executor.cfg
     cache = KVCache.zeros(cfg, 1, len(prompt_ids) + new_tokens, executor.dtype)
-    t0 = time.perf_counter()
+    marks = [time.perf_counter()]
     logits, cache = executor.forward(np.asarray([prompt_ids]), cache, 0)
     nxt = int(jnp.argmax(logits[0, -1]))
-    prefill_s = time.perf_counter() - t0
-    tokens, step_s = [nxt], []
+    marks.append(time.perf_counter())
+    tokens = [nxt]
     pos = len(prompt_ids)
     for _ in range(new_tokens - 1):
-        t0 = time.perf_counter()
         logits, cache = executor.forward(np.asarray([[nxt]]), cache, pos)
         nxt = int(jnp.argmax(logits[0, -1]))
-        step_s.append(time.perf_counter() - t0)
+        marks.append(time.perf_counter())
         tokens.append(nxt)
         pos += 1
         if on_step:
             on_step(len(tokens))
-    return tokens, prefill_s, step_s
+    return Generation(tokens, tuple(marks))

@@ -43,11 +43,9 @@ from pathlib import Path
 
 import yaml
 
+from vorch_jax.errors import ProfileError
+
 PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
-
-
-class ProfileError(ValueError):
-    """A hardware profile that is missing, malformed, or has a missing / unknown / non-positive field."""
 
 
 @dataclasses.dataclass(frozen=True)

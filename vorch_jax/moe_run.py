@@ -43,7 +43,8 @@ from .executor import check_fits, greedy_generate
 from .policies import PolicyContext
 from .moe_policy import MoEScoredPolicy
 from .routing_trace import routing_from_stream, write_routing_trace
-from .runner import RunError, Setup, build_setup, build_summary, check_out_dir, make_policy, nvme_store_dir
+from .outputs import check_out_dir, nvme_store_dir, writing
+from .runner import RunError, Setup, build_setup, build_summary, make_policy
 
 MOE_MODEL = "smollm2-135m-moe"
 ROUTER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "moe" / "router.yaml"
@@ -135,7 +136,8 @@ def moe_reference(setup: MoESetup, dtype, new_tokens: int, *, speculation: bool 
     weights = {b: {k: jnp.asarray(v) for k, v in setup.source(b).items()} for b in setup.block_ids}
     ref = MX.ResidentMoE(setup.model_cfg, weights, setup.n_experts, setup.top_k, dtype,
                          record_speculation=speculation)
-    tokens, _, step_s = greedy_generate(ref, setup.prompt_ids, new_tokens)
+    gen = greedy_generate(ref, setup.prompt_ids, new_tokens)
+    tokens, step_s = gen.tokens, gen.step_s
     n_gen = len(ref.stream)
     spec = tuple(ref.speculation) if speculation else None
     ref.record_speculation = False
@@ -178,12 +180,13 @@ def run_moe(cfg: RunConfig, out_dir, *, progress=None, reference: MoEReference |
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
     setup = prepare_moe(cfg, router_config=router_config, top_k=top_k, say=say)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # what this run was
+    with writing(out_dir):
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # what it was
     dtype = jnp.dtype(cfg.dtype)
     if reference is None:
         say("resident reference")
         reference = moe_reference(setup, dtype, cfg.new_tokens)
-    store_dir, scratch = nvme_store_dir(cfg, out_dir)
+    store_dir, scratch = nvme_store_dir(cfg.nvme_dir, out_dir)
     ctx = PolicyContext(block_ids=tuple(setup.block_ids), device_bytes=setup.device_bytes,
                         budget_bytes=setup.hbm_budget, schedule=tuple(setup.schedule),
                         prefetch_depth=cfg.prefetch_depth, protected=setup.protected, future=reference.stream,
@@ -226,8 +229,8 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference, say,
     t_gen0 = time.perf_counter()
     n_acc0, spec0 = len(ex.accesses), len(ex.spec["loads"])
     say("generating")
-    tokens, prefill_s, step_s = greedy_generate(ex, setup.prompt_ids, cfg.new_tokens)
-    t_gen1 = time.perf_counter()
+    gen = greedy_generate(ex, setup.prompt_ids, cfg.new_tokens)
+    t_gen1 = gen.marks[-1]
     n_gen = len(ex.accesses) - n_acc0
     gen_counters = dataclasses.replace(ex.counters)
     gen_spec = {k: (v if not isinstance(v, list) else list(v)) for k, v in ex.spec.items()}
@@ -240,17 +243,18 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference, say,
     events = engine.events.snapshot()
     stream = [a.block for a in ex.accesses[n_acc0:]]
     summary = build_summary(cfg, setup, policy, reference, events, ex.accesses[n_acc0:], gen_counters, link_bw,
-                            tokens=tokens, prefill_s=prefill_s, step_s=step_s, t_place0=t_place0, t_gen0=t_gen0,
-                            t_gen1=t_gen1, t_q1=t_q1, run_logits=run_logits, n_gen=n_gen)
+                            gen=gen, t_place0=t_place0, t_gen1=t_gen1, t_q1=t_q1, run_logits=run_logits,
+                            n_gen=n_gen)
     summary["stream_matches_resident"] = stream == list(reference.stream)
     summary["moe"] = moe_section(setup, ex, gen_spec, spec0, events, t_gen0, t_gen1, speculative)
-    records = T.trace_records(ex.accesses, events, t_gen0)
-    T.write_trace(out_dir, records)
+    records = T.trace_records(ex.accesses, events, t_gen0, ex.score_samples)
     L = setup.model_cfg.n_layers  # what the simulator replays (routing_trace.py): generation's routing, speculation
     spec = [[ex.spec_trace.get((j, i)) for i in range(L)] for j in range(cfg.new_tokens)] if speculative else None
-    write_routing_trace(out_dir, model=cfg.model, n_layers=L, n_experts=setup.n_experts,
-                        passes=routing_from_stream(stream[:n_gen]), speculation=spec)
-    T.write_json_atomic(out_dir / "summary.json", summary)  # last: its presence means the run completed
+    with writing(out_dir):
+        T.write_trace(out_dir, records)
+        write_routing_trace(out_dir, model=cfg.model, n_layers=L, n_experts=setup.n_experts,
+                            passes=routing_from_stream(stream[:n_gen]), speculation=spec)
+        T.write_json_atomic(out_dir / "summary.json", summary)  # last: its presence means the run completed
     return summary
 
 

@@ -42,7 +42,7 @@ _STATE_EVENTS = ("transition", "recovered")
 MB = 1e6
 
 
-def _figure(w: float = 9.0, h: float = 5.0) -> Figure:
+def figure(w: float = 9.0, h: float = 5.0) -> Figure:
     fig = Figure(figsize=(w, h), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -215,7 +215,7 @@ def _phase_lines(ax, accesses: list[dict], n_tokens: int | None) -> None:
 def state_timeline(records: Sequence[dict], n_tokens: int | None = None, title: str = "") -> Figure:
     """Blocks x access index, each cell coloured by the block's state when that access began; misses marked."""
     blocks, codes, accesses = state_matrix(records)
-    fig = _figure(11, max(5.0, 0.11 * len(blocks) + 1.5))
+    fig = figure(11, max(5.0, 0.11 * len(blocks) + 1.5))
     ax = fig.add_subplot()
     colours = ["#ffffff"] + [STATE_COLOURS[s] for s in STATE_ORDER]
     ax.imshow(codes + 1, aspect="auto", interpolation="nearest", cmap=ListedColormap(colours), vmin=0,
@@ -247,7 +247,7 @@ def score_evolution(records: Sequence[dict], title: str = "") -> Figure | None:
     per: dict[str, list] = defaultdict(list)
     for r in scores:
         per[r["block"]].append((r["t"], r["score"]))
-    fig = _figure()
+    fig = figure()
     ax = fig.add_subplot()
     for b, pts in per.items():
         pts.sort()
@@ -262,7 +262,7 @@ def action_counts(records: Sequence[dict], n_tokens: int | None = None, title: s
     """Transitions per from->to, one bar per phase (set-up, initial placement, generation, quality pass)."""
     by_phase = transition_counts_by_phase(records, n_tokens)
     kinds = sorted({k for c in by_phase.values() for k in c})
-    fig = _figure(9, 4.5)
+    fig = figure(9, 4.5)
     ax = fig.add_subplot()
     phases = [p for p, c in by_phase.items() if c]
     width = 0.8 / max(1, len(phases))
@@ -286,7 +286,7 @@ def device_occupancy(records: Sequence[dict], budget_bytes: int | None,
     t, v, approx = occupancy_series(records, sizes)
     tp = placement_start(records)
     keep = t >= tp
-    fig = _figure(9, 4.5)
+    fig = figure(9, 4.5)
     ax = fig.add_subplot()
     t_end = max((r["t"] + max(r.get("dur_s") or 0.0, 0.0) for r in records), default=0.0)
     last = v[keep][-1] if keep.any() else 0.0
@@ -311,7 +311,7 @@ def device_occupancy(records: Sequence[dict], budget_bytes: int | None,
 def link_bytes_over_time(records: Sequence[dict], n_tokens: int | None = None, title: str = "") -> Figure:
     """Cumulative bytes per link from the initial placement on (set-up reads of the model file excluded)."""
     series = link_cumulative(records)
-    fig = _figure(9, 4.5)
+    fig = figure(9, 4.5)
     ax = fig.add_subplot()
     t_end = max((r["t"] + max(r.get("dur_s") or 0.0, 0.0) for r in records), default=0.0)
     for link, (t, cum) in series.items():
@@ -363,7 +363,7 @@ def budget_curves(rows: Sequence[Mapping], title: str = "") -> Figure:
               ("belady", "bytes moved / Belady bytes (ratio)", belady_ratio),
               ("ppl", "perplexity - resident perplexity", ppl_delta),
               ("kl", "mean KL(resident || run) per token (nats)", lambda r: r["quality.kl_mean"]))
-    fig = _figure(16, 4.4)
+    fig = figure(16, 4.4)
     axes = fig.subplots(1, 4)
     names = sorted({variant(r) for r in done})
     for ax, (_, ylabel, get) in zip(axes, panels):
@@ -399,7 +399,7 @@ def pareto(rows: Sequence[Mapping], title: str = "") -> Figure:
     """Decode step time against perplexity delta, one marker per variant, the Pareto front drawn and ringed."""
     done = _complete(rows)
     pts = [(r["decode_step_s"] * 1e3, ppl_delta(r)) for r in done]
-    fig = _figure(8, 5)
+    fig = figure(8, 5)
     ax = fig.add_subplot()
     markers = "osD^v<>P*X"
     for k, name in enumerate(sorted({variant(r) for r in done})):

@@ -74,6 +74,10 @@ class Policy:
     def tick(self, t: int):
         return None
 
+    def take_scores(self) -> dict | None:
+        """{block: score} decided since the last call (a bounded sample of blocks), for the trace; None if none."""
+        return None
+
     def settle(self) -> None:
         """Wait for any decision still being computed asynchronously (the simulator calls it before each tick: on
         its modelled clock a tick has long finished, while the host that runs the simulation may not be there yet)."""

@@ -14,11 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vorch_jax.errors import RoutingTraceError
+
 FILE = "routing.json"
-
-
-class RoutingTraceError(ValueError):
-    """A routing trace that is missing, unreadable, or does not fit the model or the run."""
 
 
 def routing_from_stream(stream) -> list[list[list[int]]]:

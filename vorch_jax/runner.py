@@ -21,6 +21,9 @@ import numpy as np
 import yaml
 
 from vorch_jax.config import RunConfig, config_to_dict, parse_budget
+from vorch_jax.errors import RunError
+from vorch_jax.outputs import check_out_dir, nvme_store_dir, writing
+from vorch_jax.versions import environment
 from vorch_jax.models.llama import KVCache, block_kind_layer, block_ids as model_block_ids
 from vorch_jax.placement import resolve_placement
 from vorch_jax.tiers import footprint
@@ -34,10 +37,6 @@ from .belady import BeladyPolicy, belady_bytes
 from .executor import Executor, check_fits, greedy_generate
 from .policies import LFUPolicy, LRUPolicy, PolicyContext, ResidentPolicy, StaticPolicy
 from .schedule import dense_schedule, future_stream
-
-
-class RunError(ValueError):
-    """A run that cannot start as configured (reported before any work)."""
 
 
 def stored_calibration(cfg: RunConfig, setup: "Setup"):
@@ -97,31 +96,6 @@ def make_policy(cfg: RunConfig, ctx: PolicyContext, extras: dict | None = None):
 
         return ScoredPolicy(ctx, cfg, **(extras or {}))
     raise RunError(f"unknown policy '{name}'")
-
-
-def check_out_dir(out_dir: Path) -> Path:
-    out_dir = Path(out_dir)
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-probe"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise RunError(f"--out {out_dir} is not writable: {e.strerror or e}") from None
-    stale = out_dir / "summary.json"
-    if stale.exists():
-        stale.unlink()  # a re-run must not leave the old summary claiming to describe it
-    return out_dir
-
-
-def nvme_store_dir(cfg: RunConfig, out_dir: Path) -> tuple[Path, bool]:
-    """The NVMe (S4) store of a run: `nvme_dir`, or a scratch folder under the output removed afterwards."""
-    store_dir = Path(cfg.nvme_dir) if cfg.nvme_dir else out_dir / "nvme"
-    try:
-        store_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise RunError(f"nvme_dir {store_dir} cannot be created: {e.strerror or e}") from None
-    return store_dir, not cfg.nvme_dir
 
 
 @dataclasses.dataclass
@@ -303,11 +277,12 @@ def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None =
         return moe_run.run_moe(cfg, out_dir, progress=progress, reference=reference)
     out_dir = check_out_dir(Path(out_dir))
     setup = prepare(cfg)
-    (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # what this run was
+    with writing(out_dir):
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # what it was
     dtype = jnp.dtype(cfg.dtype)
     say = progress or (lambda msg: None)
 
-    store_dir, scratch = nvme_store_dir(cfg, out_dir)
+    store_dir, scratch = nvme_store_dir(cfg.nvme_dir, out_dir)
     extras = scored_inputs(cfg, setup, store_dir) if cfg.policy == "scored" else None
     policy = make_policy(cfg, policy_context(cfg, setup), extras)
     check_fits(policy, setup.device_bytes, setup.hbm_budget, setup.state_bytes)  # before any work
@@ -336,12 +311,19 @@ def policy_context(cfg: RunConfig, setup: Setup) -> PolicyContext:
                          state_bytes=setup.state_bytes)
 
 
-def build_summary(cfg, setup, policy, reference, events, accesses, counters, link_bw, *, tokens, prefill_s, step_s,
-                  t_place0, t_gen0, t_gen1, t_q1, run_logits, n_gen) -> dict:
+def build_summary(cfg, setup, policy, reference, events, accesses, counters, link_bw, *, gen, t_place0, t_gen1, t_q1,
+                  run_logits, n_gen) -> dict:
     """The summary of a run, every figure computed from the recorded events and accesses (dense and MoE runs alike).
 
     `accesses`: the executor's accesses from generation on (generation first, then the quality pass); `n_gen`: how
-    many of them belong to generation (what the oracle replays, as in the dense run)."""
+    many of them belong to generation (what the oracle replays, as in the dense run); `gen`: the `Generation`.
+
+    The floor of a decode step is max(the resident compute-only step, the host->device bytes the measured steps
+    moved per step / the fastest link rate measured): the probe of the link alone, the whole run's rate while its
+    link was busy, or the measured steps' own rate, whichever is highest. The last one alone keeps the floor at or
+    below the measured step (its copies cannot have taken longer than the steps they ran in)."""
+    t_gen0 = gen.marks[0]
+    tokens, prefill_s = gen.tokens, gen.prefill_s
     gen_events = T.window(events, t_gen0, t_gen1)
     stream = [a.block for a in accesses[:n_gen]]
     moved = T.link_bytes(T.window(events, t_place0, t_gen1))  # cold start: the initial placement counts
@@ -349,14 +331,11 @@ def build_summary(cfg, setup, policy, reference, events, accesses, counters, lin
     device_bytes_used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
     bel = belady_bytes(stream, device_bytes_used, setup.hbm_budget, [], pinned=setup.protected,
                        load_bytes=setup.device_bytes)  # a lossy block travels full precision, converts on device
-    decode_s = sum(step_s[1:]) if len(step_s) > 1 else sum(step_s)  # the first decode step is warm-up
-    decode_n = max(1, len(step_s) - 1) if len(step_s) > 1 else len(step_s)
-    t_decode0 = t_gen0 + prefill_s
-    decode_events = T.window(events, t_decode0, t_gen1)
-    missed_per_step = T.link_bytes(decode_events).get("host->device", 0) / max(1, len(step_s))
-    # The link's speed as this run's own transfers saw it (bytes over their summed durations); the probe at the start
-    # is the fallback when nothing moved. Both are measured; the in-run figure is on the blocks' real sizes.
-    h2d_bw = T.link_throughput(events, "host->device", t_place0, t_gen1) or link_bw["host->device"]
+    w0, w1, decode_n = gen.measured_window()  # the first decode step is warm-up
+    decode_s = w1 - w0
+    missed_per_step = T.link_bytes(T.window(events, w0, w1)).get("host->device", 0) / max(1, decode_n)
+    run_rate = T.link_rate(events, "host->device", t_place0, t_gen1)
+    h2d_bw = max(r for r in (link_bw["host->device"], run_rate, T.link_rate(events, "host->device", w0, w1)) if r)
     return {
         "complete": True,
         "config": config_to_dict(cfg),
@@ -395,9 +374,11 @@ def build_summary(cfg, setup, policy, reference, events, accesses, counters, lin
         "quality": quality(run_logits, reference.logits, setup.eval_ids),
         "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
         "link_gbps": {k: v / 1e9 for k, v in link_bw.items()},
-        "host_to_device_gbps_in_run": h2d_bw / 1e9,
+        "host_to_device_gbps_in_run": (run_rate or float("nan")) / 1e9,
+        "floor_link_gbps": h2d_bw / 1e9,
         "initial_placement_s": t_gen0 - t_place0,
         "backend": jax.default_backend(),
+        "versions": environment(),
     }
 
 
@@ -423,8 +404,8 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Refe
     t_gen0 = time.perf_counter()
     n_acc0 = len(ex.accesses)
     say("generating")
-    tokens, prefill_s, step_s = greedy_generate(ex, setup.prompt_ids, cfg.new_tokens)
-    t_gen1 = time.perf_counter()
+    gen = greedy_generate(ex, setup.prompt_ids, cfg.new_tokens)
+    t_gen1 = gen.marks[-1]
     gen_accesses = ex.accesses[n_acc0:]
     gen_counters = dataclasses.replace(ex.counters)
     say("quality pass")
@@ -435,11 +416,12 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Refe
 
     events = engine.events.snapshot()
     summary = build_summary(cfg, setup, policy, reference, events, ex.accesses[n_acc0:], gen_counters, link_bw,
-                            tokens=tokens, prefill_s=prefill_s, step_s=step_s, t_place0=t_place0, t_gen0=t_gen0,
-                            t_gen1=t_gen1, t_q1=t_q1, run_logits=run_logits, n_gen=len(gen_accesses))
-    records = T.trace_records(ex.accesses, events, t_gen0)
-    T.write_trace(out_dir, records)
-    T.write_json_atomic(out_dir / "summary.json", summary)  # last: its presence means the run completed
+                            gen=gen, t_place0=t_place0, t_gen1=t_gen1, t_q1=t_q1, run_logits=run_logits,
+                            n_gen=len(gen_accesses))
+    records = T.trace_records(ex.accesses, events, t_gen0, ex.score_samples)
+    with writing(out_dir):
+        T.write_trace(out_dir, records)
+        T.write_json_atomic(out_dir / "summary.json", summary)  # last: its presence means the run completed
     return summary
 
 
@@ -458,9 +440,16 @@ def compare(cfg: RunConfig, policies: list[str], out_dir, *, progress=None) -> l
         reference = moe_run.moe_reference(moe_run.prepare_moe(cfg), jnp.dtype(cfg.dtype), cfg.new_tokens)
     else:
         reference = resident_reference(prepare(cfg), jnp.dtype(cfg.dtype), cfg.new_tokens)
+    from .compare_report import write_manifest
+
+    stale = out_dir / "compare.json"
+    if stale.exists():
+        stale.unlink()  # written again once every policy has run
     summaries = []
     for p in policies:
         overrides = [f"policy={p}"] + (["hbm_budget=1.0"] if p == "resident" else [])
         say(f"policy {p}")
         summaries.append(run(apply_overrides(cfg, overrides), out_dir / p, progress=progress, reference=reference))
+    with writing(out_dir):
+        write_manifest(out_dir, policies, config_to_dict(cfg))
     return summaries

@@ -29,7 +29,7 @@ import numpy as np
 from vorch_jax import state_ids as sid
 from vorch_jax.access_stats import update_rho
 from vorch_jax.block_table import BlockTable
-from vorch_jax.score import ScoreWeights
+from vorch_jax.score import ScoreWeights, score
 from vorch_jax.state_update import REASON_NAMES, TickParams, check_budget, commit, tick
 from vorch_jax.tiers.state import State
 
@@ -39,12 +39,18 @@ from .policies import Policy
 RHO_DECAY_PER_PASS = 0.9  # ρ forgets 10% per forward pass; per tick it decays by the pass's share of that
 
 
+SCORE_SAMPLE_BLOCKS = 48  # blocks whose score each tick records for the trace (evenly spaced over the table)
+
+
 @functools.partial(jax.jit, static_argnames=("params",))
-def _observe_and_tick(table, accessed_N, rho_decay, budget, weights, params):
-    """One dispatch per tick: fold the accesses into ρ, decide targets, commit them (dwell counters)."""
+def _observe_and_tick(table, accessed_N, rho_decay, budget, weights, params, sample_K):
+    """One dispatch per tick: fold the accesses into ρ, decide targets, commit them (dwell counters), and read the
+    score R(b, s) of the sampled blocks `sample_K` in the state s the tick chose (what the trace's `score` records
+    plot)."""
     table = table.replace(rho=update_rho(table.rho, accessed_N, rho_decay))
     target, reason, _ = tick(table, budget, weights, params)
-    return commit(table, target), (target, reason)
+    r_K = jnp.take_along_axis(score(table, weights)[sample_K], target[sample_K][:, None], axis=1)[:, 0]
+    return commit(table, target), (target, reason, r_K)
 
 
 class ScoredPolicy(Policy):
@@ -128,13 +134,17 @@ class ScoredPolicy(Policy):
         self._pending = None
         self.ticks_deferred = 0  # ticks skipped because the previous one had not finished on the device
         self.reasons: dict[str, str] = {}
+        n_sample = min(B, SCORE_SAMPLE_BLOCKS)
+        self._sample = np.unique(np.linspace(0, B - 1, n_sample).round().astype(np.int32))
+        self._sample_dev = jnp.asarray(self._sample)
+        self._new_scores: dict[str, float] | None = None  # the adopted tick's R(b, chosen state), sampled blocks
         self.decisions: dict[str, int] = {}  # reason name -> block decisions over all ticks (KEEP included)
         # The first plan places blocks on an empty device: hysteresis (a margin over the current, off-device state)
         # is about not bouncing between plans, so it does not apply to the first one.
         self._dispatch(dataclasses.replace(self.params, margin=0.0))
         self._adopt()
         _observe_and_tick(self.table, np.full(self._pad, -1, np.int32), self._rho_decay_dev, self._plan_budget_dev,
-                          self.weights, self.params)[1][0].block_until_ready()  # compile the steady tick now
+                          self.weights, self.params, self._sample_dev)[1][0].block_until_ready()  # compile it now
 
     def _plan_budget(self) -> int:
         """The HBM budget less a streaming reserve: room for the `prefetch_depth + 1` largest unprotected blocks."""
@@ -152,14 +162,16 @@ class ScoredPolicy(Policy):
         accessed[: len(self._accessed[: self._pad])] = self._accessed[: self._pad]
         self._accessed = []
         self.table, self._pending = _observe_and_tick(self.table, accessed, self._rho_decay_dev,
-                                                      self._plan_budget_dev, self.weights, params or self.params)
+                                                      self._plan_budget_dev, self.weights, params or self.params,
+                                                      self._sample_dev)
 
     def _adopt(self) -> dict:
         """Take the targets of the tick dispatched last time; returns the blocks whose target changed."""
         if self._pending is None:
             return {}
-        target, reason = (np.asarray(a) for a in self._pending)  # hand-off: returning arrays beat an io_callback
+        target, reason, r_K = (np.asarray(a) for a in self._pending)  # hand-off: arrays beat an io_callback
         self._pending = None
+        self._new_scores = {self.ids[i]: float(r) for i, r in zip(self._sample, r_K)}
         self.reasons = {b: REASON_NAMES[int(reason[i])] for i, b in enumerate(self.ids)}
         for r in reason:
             self.decisions[REASON_NAMES[int(r)]] = self.decisions.get(REASON_NAMES[int(r)], 0) + 1
@@ -183,6 +195,10 @@ class ScoredPolicy(Policy):
     def victim_order(self, t, candidates):
         # Blocks outside the plan first (streamed), released in most-recent-use order; the plan is kept.
         return sorted((b for b in candidates if b not in self.pinned), key=lambda b: -self.last_use.get(b, -1))
+
+    def take_scores(self):
+        scores, self._new_scores = self._new_scores, None
+        return scores
 
     def settle(self):
         if self._pending is not None:

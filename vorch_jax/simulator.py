@@ -56,10 +56,13 @@ from pathlib import Path
 import numpy as np
 
 from vorch_jax.config import RunConfig, parse_budget
+from vorch_jax.errors import RoutingTraceError
+from vorch_jax.outputs import check_out_dir, writing
 from vorch_jax.placement import resolve_placement
 from vorch_jax.tiers import footprint
 from vorch_jax.tiers.events import Event, EventLog
 from vorch_jax.tiers.state import State, route
+from vorch_jax.versions import environment
 
 from . import telemetry as T
 from .belady import belady_bytes
@@ -292,6 +295,7 @@ class SimExecutor(Executor):
         spent = time.perf_counter() - t0  # the real controller ran: its wall time is host time
         self.counters.controller_s += spent
         self.clock.now += spent
+        self._record_scores()
         if targets:
             self.apply_targets(targets, getattr(self.policy, "reasons", None))
 
@@ -523,7 +527,7 @@ def _passes(shape: ModelShape, cfg: RunConfig, routing) -> list[list[tuple[str, 
     if routing is None:
         routing = zipf_routing(shape, n, seed=cfg.seed, tokens_per_pass=[cfg.prompt_tokens + 1] + [1] * (n - 1))
     if len(routing) < n:
-        raise ValueError(f"the routing trace has {len(routing)} passes; the run needs {n}")
+        raise RoutingTraceError(f"the routing trace has {len(routing)} passes; the run needs {n} (new_tokens)")
     return [shape.pass_positions(routing[j]) for j in range(n)]
 
 
@@ -541,7 +545,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
     records costs more than simulating them).
     Returns the summary.
     """
-    from .runner import check_out_dir, make_policy
+    from .runner import make_policy
 
     out_dir = check_out_dir(Path(out_dir))
     hw = load_profile(hardware if hardware is not None else cfg.hardware)
@@ -553,7 +557,8 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
     routing_source = "given by the caller" if routing is not None else None
     if cfg.routing_trace and routing is None:
         if not shape.n_experts:
-            raise ValueError(f"routing_trace is set but {shape.name} has no experts to route")
+            raise RoutingTraceError(f"routing_trace is set but {shape.name} has no experts to route: drop "
+                                    f"routing_trace or choose an MoE model")
         routing, recorded = read_routing_trace(cfg.routing_trace, n_layers=shape.cfg.n_layers,
                                                n_experts=shape.n_experts, passes=cfg.new_tokens)
         speculation = speculation if speculation is not None else recorded
@@ -662,14 +667,16 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, model_shape: ModelShape 
         "initial_placement_s": gen0 - place0,
         "decode_h2d_bytes_per_step": decode_bytes / max(1, len(dec)),  # sim only: the floor's numerator
         "backend": "sim",
+        "versions": environment(),
         "routing": None if not shape.n_experts else {
             "source": routing_source, "speculation": isinstance(ex, SimRoutedExecutor) and ex.speculative,
             "speculative_loads": ex.spec["issued"] if shape.n_experts else 0},
         "sim_wall_s": time.perf_counter() - wall0,
     }
-    if write_traces:
-        T.write_trace(out_dir, T.trace_records(ex.accesses, events, gen0))
-    T.write_json_atomic(out_dir / "summary.json", summary)
+    with writing(out_dir):
+        if write_traces:
+            T.write_trace(out_dir, T.trace_records(ex.accesses, events, gen0, ex.score_samples))
+        T.write_json_atomic(out_dir / "summary.json", summary)
     return summary
 
 

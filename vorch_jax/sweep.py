@@ -286,6 +286,14 @@ def point_status(point_dir: Path) -> str:
     return "partial" if point_dir.exists() else "absent"
 
 
+def _readable_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def flatten_summary(summary: Mapping) -> dict[str, Any]:
     """Scalar fields of a run summary, nested ones dotted (``quality.ppl``, ``link_bytes.host->device``)."""
     out: dict[str, Any] = {}
@@ -326,10 +334,15 @@ def _write_results(out_dir: Path, sweep: Sweep) -> int:
     """Rebuild results.csv from the points' row.json files (in sweep order); atomic. Returns the row count."""
     rows = []
     for p in sweep.points:
+        path = out_dir / "points" / p.id / "row.json"
+        if not path.exists():
+            continue  # not finished (yet): no row
         try:
-            rows.append(json.loads((out_dir / "points" / p.id / "row.json").read_text()))
-        except (OSError, ValueError):
-            continue
+            rows.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as err:  # finished, but its row is damaged: say so in the table, never drop it
+            rows.append({"point_id": p.id, "status": "failed", "error": f"{path} is unreadable ({_one_line(err)}); "
+                         f"`vorch sweep ... --resume` rebuilds or re-runs it", "point_s": None, **{f"cfg.{k}": _text(v)
+                                                                                  for k, v in p.overrides}})
     columns = list(_ROW_LEAD) + [f"cfg.{k}" for k in sweep.swept_keys]
     for r in rows:
         columns += [k for k in r if k not in columns]
@@ -503,7 +516,8 @@ def _run_locked(sweep: Sweep, out_dir: Path, resume: bool, jobs: int, stream, sw
     for p in sweep.points:
         status = point_status(out_dir / "points" / p.id)
         if status == "complete":
-            if not (out_dir / "points" / p.id / "row.json").exists():  # killed between summary and row
+            if not _readable_json(out_dir / "points" / p.id / "row.json"):  # killed between summary and row, or
+                # the row was damaged afterwards: rebuilt from the complete summary
                 summary = json.loads((out_dir / "points" / p.id / "summary.json").read_text())
                 _write_atomic(out_dir / "points" / p.id / "row.json",
                               json.dumps(_make_row(p, "complete", float("nan"), "", summary)))

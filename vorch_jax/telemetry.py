@@ -56,17 +56,27 @@ def link_seconds(events, link: str) -> float:
     return total
 
 
-def link_throughput(events, link: str, t_start: float, t_end: float) -> float | None:
-    """Bytes per second one transfer on `link` achieved, over the transitions that started in [t_start, t_end):
-    their bytes over their summed durations (None when nothing crossed the link)."""
-    moved = [(e.link_bytes[link], e.duration) for e in window(events, t_start, t_end)
-             if e.kind == "transition" and e.link_bytes.get(link)]
-    seconds = sum(d for _, d in moved)
-    return sum(n for n, _ in moved) / seconds if seconds > 0 else None
+def link_rate(events, link: str, t_start: float, t_end: float) -> float | None:
+    """Bytes per second `link` carried while busy: the bytes of the transitions that started in [t_start, t_end)
+    over the time at least one of them was under way, clipped to the window (overlapping copies counted once, so
+    two copies at once do not halve the rate). None when nothing crossed the link."""
+    moved = [e for e in window(events, t_start, t_end) if e.kind == "transition" and e.link_bytes.get(link)]
+    spans = sorted((max(e.start, t_start), min(e.end, t_end)) for e in moved)
+    busy, cur_s, cur_e = 0.0, None, None
+    for s, e in spans:
+        if cur_e is None or s > cur_e:
+            busy += (cur_e - cur_s) if cur_e is not None else 0.0
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    busy += (cur_e - cur_s) if cur_e is not None else 0.0
+    return sum(e.link_bytes[link] for e in moved) / busy if busy > 0 else None
 
 
-def trace_records(accesses, events, t0: float) -> list[dict]:
-    """One JSON-able record per access, per transition link and per stall, ordered by time."""
+def trace_records(accesses, events, t0: float, scores=()) -> list[dict]:
+    """One JSON-able record per access, per transition link, per stall and per sampled score, ordered by time.
+
+    `scores`: (time, step, layer, {block: score}) per controller tick (`Executor.score_samples`)."""
     starts = [a.start for a in accesses]
 
     def locate(t):
@@ -92,14 +102,23 @@ def trace_records(accesses, events, t0: float) -> list[dict]:
                              "bytes": n, "link": link})
         else:
             recs.append({**base, "event": e.kind, "bytes": 0, "link": None, "detail": e.detail})
+    for t, step, layer, per_block in scores:
+        for b, s in per_block.items():
+            recs.append({"t": t - t0, "step": step, "layer": layer, "block": b, "event": "score", "from": None,
+                         "to": None, "bytes": 0, "link": None, "dur_s": 0.0, "score": s})
     return sorted(recs, key=lambda r: r["t"])
 
 
 def perfetto(records: list[dict]) -> dict:
-    """Chrome/Perfetto trace: one track per link, one for stalls, one for the compute schedule."""
+    """Chrome/Perfetto trace: one track per link, one for stalls, one for the compute schedule, and a counter per
+    sampled block's controller score."""
     tracks = {"compute": 1, "stall": 2}
     events = []
     for r in records:
+        if r["event"] == "score":
+            events.append({"name": f"score {r['block']}", "ph": "C", "ts": r["t"] * 1e6, "pid": 1,
+                           "args": {"score": r["score"]}})
+            continue
         if r["event"] == "access":
             track, name = "compute", r["block"]
         elif r["event"] == "stall":

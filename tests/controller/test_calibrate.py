@@ -37,8 +37,10 @@ def test_kl_grows_from_int8_to_int4_to_low_rank(cal):
 
 
 def test_gradient_estimate_ranks_like_the_measurement(cal):
-    print("spearman(ΔKL, est):", cal.spearman)
-    assert cal.spearman["all"] > 0, cal.spearman
+    # Reached on these 4 lossy blocks x 3 states (2026-12-01, this CPU): S1 1.0, S2 1.0, S6 0.8, all 0.993. With
+    # 4 blocks a state's correlation moves in steps of 0.2; an estimate unrelated to the KL scores about 0 on all 12.
+    assert cal.spearman["all"] >= 0.9, cal.spearman
+    assert cal.spearman["S2"] >= 0.8, cal.spearman  # ψ's state: the ranking the guardrail acts on
     assert set(cal.spearman) == {"S1", "S2", "S6", "all"}  # S0, the control, is not ranked
 
 
@@ -60,7 +62,6 @@ def test_spearman_matches_known_values():
     assert K.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
     # ties take their average rank: ranks x = [1, 2.5, 2.5, 4], y = [1, 2, 3, 4] -> 0.9486832980505138 (scipy)
     assert K.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9486832980505138)
-    assert list(K.rankdata([3.0, 1.0, 3.0, 2.0])) == [3.5, 1.0, 3.5, 2.0]
     assert math.isnan(K.spearman([1, 1, 1], [1, 2, 3]))
 
 

@@ -332,7 +332,8 @@ def test_config_from_dict_names_its_source():
 
 
 def test_quality_rank_matches_controller_state_ids():
-    state_ids = pytest.importorskip("vorch_jax.state_ids")
+    from vorch_jax import state_ids
+
     assert C.STATES == tuple(state_ids.STATE_NAMES)
     assert [C.QUALITY_RANK[name] for name in C.STATES] == list(state_ids.QUALITY_RANK)
     assert tuple(C.STATES.index(s) for s in C.LOSSY_STATES) == tuple(state_ids.LOSSY)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from vorch_jax import plots
+from vorch_jax.errors import ReportError
 from vorch_jax.report import report, sweep_table
 from vorch_jax.sweep import load_sweep, run_sweep
 
@@ -57,7 +58,7 @@ def test_report_of_a_single_run(sweep_dir):
     for png in RUN_PNGS:
         _png_ok(run_dir / png)
         assert f"({png})" in md
-    assert "Score evolution: skipped" in md
+    assert "Score evolution: none" in md
     assert "decode" in md and "tok/s" in md
     records = plots.read_trace(run_dir)
     blocks, codes, accesses = plots.state_matrix(records)
@@ -87,7 +88,7 @@ def test_occupancy_never_exceeds_the_budget_during_generation(sweep_dir):
 def test_lossy_sizes_from_the_footprint_agree_with_the_trace(sweep_dir):
     """The shapes-based sizes the report uses for lossy states give the S0 bytes the trace moved, and shrink."""
     from vorch_jax.config import QuantConfig
-    from vorch_jax.report import lossy_state_bytes
+    from vorch_jax.run_report import lossy_state_bytes
 
     out, sweep = sweep_dir
     records = plots.read_trace(out / "points" / sweep.points[0].id)
@@ -130,5 +131,72 @@ def test_score_evolution_is_drawn_when_the_trace_has_scores():
 
 
 def test_report_refuses_an_empty_directory(tmp_path):
-    with pytest.raises(FileNotFoundError, match="neither"):
+    with pytest.raises(ReportError, match="neither"):
         report(tmp_path)
+
+
+def test_a_damaged_row_is_shown_failed_and_resume_rebuilds_it(sweep_dir, tmp_path):
+    import json
+    import shutil
+
+    from vorch_jax.sweep import _write_results, read_results
+
+    src, sweep = sweep_dir
+    out = tmp_path / "copy"
+    shutil.copytree(src, out)
+    (out / ".sweep.lock").unlink(missing_ok=True)
+    damaged = out / "points" / sweep.points[0].id / "row.json"
+    damaged.write_text('{"point_id": ')
+    _write_results(out, sweep)
+    rows = {r["point_id"]: r for r in read_results(out)}
+    assert len(rows) == 2, "a damaged row must stay in the table"
+    bad = rows[sweep.points[0].id]
+    assert bad["status"] == "failed" and "row.json is unreadable" in bad["error"] and str(damaged) in bad["error"]
+    assert run_sweep(sweep, out, resume=True, stream=open(tmp_path / "progress.txt", "w")) == 0  # nothing re-runs
+    assert json.loads(damaged.read_text())["status"] == "complete"
+    assert {r["status"] for r in read_results(out)} == {"complete"}
+
+
+@pytest.fixture(scope="module")
+def compare_dir(tmp_path_factory):
+    """A real `compare` of lru and scored at half the model's bytes (one shared resident reference)."""
+    from vorch_jax.config import config_from_dict
+    from vorch_jax.runner import compare
+
+    out = tmp_path_factory.mktemp("compare")
+    cfg = config_from_dict({**TINY, "hbm_budget": 0.5, "tick_every_n_layers": 4})
+    summaries = compare(cfg, ["lru", "scored"], out)
+    return out, summaries
+
+
+def test_report_of_a_compare_folder(compare_dir):
+    out, summaries = compare_dir
+    proc = subprocess.run([sys.executable, "-m", "vorch_jax.cli", "report", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "report.md").read_text()
+    for png in ("compare_traffic.png", "compare_time.png", "compare_occupancy.png", "compare_timelines.png"):
+        _png_ok(out / png)
+        assert f"({png})" in md
+    for s in summaries:  # one table row per policy, with its measured bytes
+        assert f"| {s['policy']} |" in md and f"{s['bytes_moved'] / 1e6:.1f}" in md
+    assert "(lru/report.md)" in md and (out / "scored" / "report.md").exists()
+    _png_ok(out / "scored" / "score_evolution.png")  # fed by the scored policy's own score events
+
+
+def test_scored_runs_trace_their_scores_and_every_summary_its_versions(compare_dir):
+    import json
+
+    from vorch_jax.scored_policy import SCORE_SAMPLE_BLOCKS
+
+    out, summaries = compare_dir
+    scores = [r for r in plots.read_trace(out / "scored") if r["event"] == "score"]
+    blocks = {r["block"] for r in scores}
+    assert scores and 0 < len(blocks) <= SCORE_SAMPLE_BLOCKS
+    ticks = {r["t"] for r in scores}
+    assert len(scores) == len(ticks) * len(blocks)  # every adopted tick scores the same sample
+    assert all(isinstance(r["score"], float) and r["score"] >= 0 for r in scores)
+    assert not [r for r in plots.read_trace(out / "lru") if r["event"] == "score"]
+    perfetto = json.loads((out / "scored" / "trace.perfetto.json").read_text())
+    assert any(e["ph"] == "C" and e["name"].startswith("score ") for e in perfetto["traceEvents"])
+    for s in summaries:
+        assert s["versions"]["jax"] and s["versions"]["flax"] and s["versions"]["backend"] == s["backend"]

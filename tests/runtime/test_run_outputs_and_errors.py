@@ -92,3 +92,17 @@ def test_interrupt_mid_run_leaves_no_summary(reference, small_config, tmp_path, 
     with pytest.raises(KeyboardInterrupt):
         run(small_config("policy=static"), tmp_path, reference=reference)
     assert not (tmp_path / "summary.json").exists(), "a stale or partial summary must not claim completion"
+
+
+def test_the_floor_stays_below_a_run_whose_copies_overlap(reference, small_config, tmp_path):
+    """static-prefetch issues loads ahead on the engine's two workers, so copies overlap: a link rate taken as bytes
+    over summed copy durations would halve the link and put the "floor" above the run. The floor uses the fastest
+    rate measured (probe, whole run, the measured steps), so it bounds the measured step."""
+    s = run(small_config("policy=static-prefetch", "hbm_budget=0.3"), tmp_path, reference=reference)
+    recs = [json.loads(line) for line in (tmp_path / "trace.jsonl").read_text().splitlines()]
+    spans = sorted((r["t"], r["t"] + r["dur_s"]) for r in recs
+                   if r["event"] == "transition" and r["link"] == "host->device" and r["t"] >= 0)
+    overlapping = sum(b[0] < a[1] for a, b in zip(spans, spans[1:]))
+    assert overlapping > 0, "the run was meant to overlap its copies"
+    assert s["decode_step_s"] >= s["floor_step_s"], (s["decode_step_s"], s["floor_step_s"])
+    assert s["floor_link_gbps"] >= max(s["link_gbps"]["host->device"], s["host_to_device_gbps_in_run"])

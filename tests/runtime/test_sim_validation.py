@@ -48,19 +48,15 @@ def replay(record):
     return simulate_rows(subset)
 
 
-def test_record_is_a_measurement_of_every_row(record):
-    rows = {(r["model"], r["policy"], r["budget"]): r for r in record["rows"]}
-    assert set(ROWS) <= set(rows)
-    assert {m for m, _, _ in rows} == {"dense", "moe"} and {p for _, p, _ in rows} == {"static", "lru", "scored"}
-    for r in rows.values():
-        assert len(r["runs"]) == record["repeats"] >= 3 and all(0.005 < x < 2.0 for x in r["runs"])
-    cal = record["calibration"]
-    assert cal["h2d"] > 1e8 and 0 <= cal["h2d_lat"] < 0.05 and 0 < cal["dispatch"] < 0.05
-    assert cal["hbm_bw"] > 1e8 and 0 <= cal["contention"] <= 2 and cal["transfers"] > 100
-    assert 0 <= cal["beside"] < 0.01 and 0 <= cal["overhead"] < 0.001 and cal["link_points"] >= 15
-    assert 0 <= cal["prefetch_beside"] < 0.01 and cal["prefetches"] > 100 and cal["fresh_free"] > 1e8
-    n_layers = len(record["moe_routing"][0])
-    assert len(record["moe_routing"]) >= record["tokens"] and n_layers == 30
+def test_a_broken_cost_model_misses_the_measurement(record):
+    """The check below can fail: replayed with the record's own fit (no refit, a few seconds), the dense lru row, which
+    streams most of the model every step, lands within 15% (+7.0% on 2026-12-01); with the host->device rate halved
+    (a cost model that prices a copy twice too high) it lands outside (+28.4%)."""
+    row = ("dense", "lru", 0.5)
+    one = {**record, "rows": [r for r in record["rows"] if (r["model"], r["policy"], r["budget"]) == row]}
+    broken = {**one, "calibration": {**record["calibration"], "h2d": record["calibration"]["h2d"] / 2}}
+    ok, bad = (simulate_rows(rec, refit=False)["rows"][row] for rec in (one, broken))
+    assert abs(ok["rel_err"]) < 0.15 < bad["rel_err"], (ok["simulated"], bad["simulated"], ok["measured"])
 
 
 @pytest.mark.parametrize("row", ROWS, ids=lambda r: "-".join(map(str, r)))

@@ -1,0 +1,35 @@
+"""What produced a result: the versions of the stack and the backend, recorded in every summary and by `--version`."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+
+PACKAGES = ("vorch_jax", "jax", "jaxlib", "flax", "orbax-checkpoint", "tensorstore", "numpy", "optax")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict:
+    """{package: version} of the stack, the Python version, and the JAX backend with its devices."""
+    import jax
+
+    out = {name: _version(name) for name in PACKAGES}
+    out["python"] = platform.python_version()
+    out["backend"] = jax.default_backend()
+    out["devices"] = sorted({d.device_kind for d in jax.devices()})
+    return out
+
+
+def version_text() -> str:
+    """`vorch --version`: one line per package, then the backend."""
+    env = environment()
+    lines = [f"vorch_jax {env['vorch_jax']}"]
+    lines += [f"  {name} {env[name]}" for name in PACKAGES[1:] + ("python",)]
+    lines.append(f"  backend {env['backend']} ({', '.join(env['devices'])})")
+    return "\n".join(lines)
