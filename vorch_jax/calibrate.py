@@ -55,7 +55,8 @@ STATES = ("S1", "S2", "S6")
 PSI_STATE = "S2"
 KL_TOLERANCE = 0.01  # nats: the ΔKL at which a state keeps half its value
 MAX_LOSSY_LOSS = 0.95
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: measured on text disjoint from the runs' evaluation text (CALIBRATION_OFFSET_CHARS)
+CALIBRATION_OFFSET_CHARS = 200_000  # about 50k tokens into the KJV: no run's prompt or evaluation reaches it
 
 
 class CalibrationMismatchError(RecordMismatchError):
@@ -137,7 +138,8 @@ def spearman(x, y) -> float:
 # ---------------------------------------------------------------- the per-block forward
 
 def calibration_ids(source, tokens: int) -> np.ndarray:
-    """int32[tokens + 1]: BOS then the first `tokens` tokens of the KJV text."""
+    """int32[tokens + 1]: BOS then `tokens` tokens of the KJV text from its `CALIBRATION_OFFSET_CHARS`-th character
+    on (the start of the next verse): text that a run's prompt and evaluation (the KJV from its start) never read."""
     from vorch_jax.corpus import kjv_text
     from vorch_jax.models.smollm2 import bos_id
     from vorch_jax.models.tokenizer import tokenizer_from_gguf_metadata
@@ -145,7 +147,9 @@ def calibration_ids(source, tokens: int) -> np.ndarray:
     if tokens < 2:
         raise ValueError(f"calibration needs at least 2 tokens, got {tokens}")
     tok = tokenizer_from_gguf_metadata(source.tokenizer_metadata())
-    body = tok.encode(kjv_text(max_chars=8 * tokens + 1000)).ids[:tokens]
+    text = kjv_text(max_chars=CALIBRATION_OFFSET_CHARS + 8 * tokens + 1000)
+    text = text[text.index("\n", CALIBRATION_OFFSET_CHARS) + 1:]
+    body = tok.encode(text).ids[:tokens]
     if len(body) < tokens:
         raise ValueError(f"the calibration text has only {len(body)} tokens, fewer than {tokens}")
     return np.asarray([bos_id(tok)] + body, np.int32)

@@ -65,6 +65,7 @@ __all__ = [
     "ScoreConfig",
     "GuardrailConfig",
     "QuantConfig",
+    "QualityConfig",
     "PlacementRule",
     "RunConfig",
     "MODELS",
@@ -334,6 +335,29 @@ class QuantConfig:
 
 
 @dataclass(frozen=True)
+class QualityConfig:
+    """The quality budget of a lossy run (`vorch_jax.quality_budget`): what the controller may trade for bytes.
+
+    `max_kl`: nats, the mean KL to the resident model per token the run may reach (its summary says whether it did);
+    `kl_share`: the share of it the lossy states are allocated against, by their calibrated ΔKL (the rest covers
+    what the additive estimate misses); `calibration`: with no stored calibration of the model on this machine,
+    `auto` measures one first (about a minute for SmolLM2; saved for later runs), `stored` stops with a one-line
+    error instead; `calibration_tokens`: the tokens it measures on."""
+
+    max_kl: float = 0.02
+    kl_share: float = 0.5
+    calibration: str = "auto"
+    calibration_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _require(math.isfinite(self.max_kl) and self.max_kl > 0, "max_kl", f"must be > 0 nats, got {self.max_kl}")
+        _require(0 < self.kl_share <= 1, "kl_share", f"must lie in (0, 1], got {self.kl_share}")
+        _choice(self, "calibration", ("auto", "stored"))
+        _require(self.calibration_tokens >= 2, "calibration_tokens", f"must be >= 2, got {self.calibration_tokens}")
+
+
+@dataclass(frozen=True)
 class PlacementRule:
     """Where blocks whose id fully matches `path` start and how far they may fall.
 
@@ -392,6 +416,7 @@ class RunConfig:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     guardrail: GuardrailConfig = field(default_factory=GuardrailConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
+    quality: QualityConfig = field(default_factory=QualityConfig)
     placement: tuple[PlacementRule, ...] = ()
 
     def __post_init__(self) -> None:
@@ -419,7 +444,8 @@ class RunConfig:
                                      f"false; set lossy: true or choose S0, S3 or S4")
 
 
-_SECTIONS: dict[str, type] = {"score": ScoreConfig, "guardrail": GuardrailConfig, "quant": QuantConfig}
+_SECTIONS: dict[str, type] = {"score": ScoreConfig, "guardrail": GuardrailConfig, "quant": QuantConfig,
+                              "quality": QualityConfig}
 
 
 # ------------------------------------------------------------------------------------------------ dict -> config

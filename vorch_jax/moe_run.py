@@ -31,6 +31,7 @@ import numpy as np
 import yaml
 
 from vorch_jax.config import RunConfig, config_to_dict
+from vorch_jax.errors import QualityError
 from vorch_jax.models import moe
 from vorch_jax.models import moe_build as mb
 from vorch_jax.models.llama import KVCache
@@ -44,7 +45,7 @@ from .policies import PolicyContext
 from .moe_policy import MoEScoredPolicy
 from .routing_trace import routing_from_stream, write_routing_trace
 from .outputs import check_out_dir, nvme_store_dir, writing
-from .runner import RunError, Setup, build_setup, build_summary, make_policy
+from .runner import RunError, Setup, build_setup, build_summary, make_policy, uses_lossy_states
 
 MOE_MODEL = "smollm2-135m-moe"
 ROUTER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "moe" / "router.yaml"
@@ -180,6 +181,9 @@ def run_moe(cfg: RunConfig, out_dir, *, progress=None, reference: MoEReference |
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
     setup = prepare_moe(cfg, router_config=router_config, top_k=top_k, say=say)
+    if uses_lossy_states(cfg, setup.forced):
+        raise QualityError(f"lossy states of {cfg.model} need a measured ΔKL of its experts, which `vorch calibrate` "
+                           f"does not measure yet: run it with lossy=false")
     with writing(out_dir):
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # what it was
     dtype = jnp.dtype(cfg.dtype)

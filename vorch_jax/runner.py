@@ -21,7 +21,7 @@ import numpy as np
 import yaml
 
 from vorch_jax.config import RunConfig, config_to_dict, parse_budget
-from vorch_jax.errors import RunError
+from vorch_jax.errors import QualityError, RunError
 from vorch_jax.outputs import check_out_dir, nvme_store_dir, writing
 from vorch_jax.versions import environment
 from vorch_jax.models.llama import KVCache, block_kind_layer, block_ids as model_block_ids
@@ -29,7 +29,7 @@ from vorch_jax.placement import resolve_placement
 from vorch_jax.tiers import footprint
 from vorch_jax.tiers.dequant_cost import measure_dequant_seconds
 from vorch_jax.tiers.link_probe import probe_bandwidths
-from vorch_jax.tiers.state import State
+from vorch_jax.tiers.state import LOSSY, State
 
 from . import block_compute as C
 from . import telemetry as T
@@ -55,16 +55,80 @@ def calibration_for(cfg: RunConfig, source, block_ids):
     return cal
 
 
-def scored_inputs(cfg: RunConfig, setup: "Setup", store_dir: Path) -> dict:
+def uses_lossy_states(cfg: RunConfig, forced: dict) -> bool:
+    """Whether a run can hold a block in a lossy state: the scored policy with lossy allowed, or a placement rule."""
+    return cfg.lossy and (cfg.policy == "scored" or any(State(s) in LOSSY for s in forced.values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityGuard:
+    """What a lossy run may trade, decided before it starts from measurement: the calibration, the lossy states the
+    quality budget allows each block (`quality_budget.allocate`) and the ΔKL placement rules already spend."""
+
+    calibration: object
+    allowance: object
+    forced_kl: float
+
+    def summary(self, kl_measured: float | None = None) -> dict:
+        out = {**self.allowance.summary(), "forced_kl": self.forced_kl,
+               "calibration": f"{self.calibration.model_key} @ {self.calibration.machine_key}, "
+                              f"{self.calibration.created}"}
+        if kl_measured is not None:
+            out |= {"kl_measured": kl_measured, "within_budget": kl_measured <= self.allowance.max_kl}
+        return out
+
+
+def quality_guard(cfg: RunConfig, setup: "Setup", say=lambda m: None) -> QualityGuard | None:
+    """For a run that can use lossy states: the stored calibration of this model on this machine, or (quality.
+    calibration=auto) one measured now and stored; then the lossy states each block may take under quality.max_kl.
+    None for a lossless run. QualityError when no calibration may be measured or placement rules alone exceed the
+    budget."""
+    from vorch_jax.calibrate import CalibrationMismatchError, load_or_calibrate
+
+    from .quality_budget import allocate, forced_lossy_kl
+
+    if not uses_lossy_states(cfg, setup.forced):
+        return None
+    q = cfg.quality
+    try:
+        cal = stored_calibration(cfg, setup)
+    except CalibrationMismatchError as e:
+        if q.calibration == "stored":
+            raise
+        say(f"the stored calibration does not fit ({e}): recalibrating")
+        cal = None
+    if cal is None:
+        if q.calibration == "stored":
+            raise QualityError(f"a lossy run of {cfg.model} needs its measured sensitivity and none is stored for this "
+                               f"machine: run `vorch calibrate` (about a minute) or set quality.calibration=auto")
+        say(f"no stored calibration of {cfg.model} on this machine: measuring ΔKL of every block and lossy state on "
+            f"{q.calibration_tokens} tokens first (stored for later runs)")
+        cal = load_or_calibrate(setup.source, None, force=True, progress=say, tokens=q.calibration_tokens,
+                                int4_group_size=cfg.quant.int4_group_size, lowrank_rank=cfg.quant.lowrank_rank)
+    forced_kl = forced_lossy_kl(cal.kl, setup.forced)
+    if forced_kl > q.max_kl:
+        raise QualityError(f"placement rules fix lossy states whose calibrated ΔKL sums to {forced_kl:.4f} nats, above "
+                           f"quality.max_kl={q.max_kl}: raise it (e.g. quality.max_kl={2 * forced_kl:.3g}) or place "
+                           f"fewer blocks in lossy states")
+    free = [b for b in setup.block_ids if b not in setup.forced]
+    allowance = allocate(cal.kl, setup.state_bytes, q.max_kl - forced_kl, share=q.kl_share, blocks=free)
+    allowance = dataclasses.replace(allowance, max_kl=q.max_kl)
+    say(f"quality budget: max_kl {q.max_kl} nats; {sum(bool(v) for v in allowance.states.values())} blocks may take "
+        f"lossy states, bound {allowance.bound_kl + forced_kl:.4f} nats (calibrated ΔKL)")
+    return QualityGuard(cal, allowance, forced_kl)
+
+
+def scored_inputs(cfg: RunConfig, setup: "Setup", store_dir: Path, guard: QualityGuard | None = None) -> dict:
     """The scored policy's measured inputs. From the stored calibration when there is one (ψ, δ, per-state value loss,
-    link bandwidths); otherwise the links are probed now, δ is measured when lossy states are allowed, and ψ is
-    absent (0): lossy states then lose only the default value share, so run `vorch calibrate` before lossy studies."""
-    cal = stored_calibration(cfg, setup)
+    link bandwidths); otherwise the links are probed now (a lossless run needs no ψ). A lossy run always has its
+    calibration (`quality_guard`), and the lossy states it allows per block."""
+    cal = guard.calibration if guard is not None else stored_calibration(cfg, setup)
     if cal is not None:
         return dict(state_bytes=setup.state_bytes, homes=setup.homes, kinds=setup.kinds, layers=setup.layer_of,
                     placement=setup.placement, h2d_bytes_per_s=cal.bandwidths["host->device"],
                     nvme_bytes_per_s=cal.bandwidths["nvme->host"], psi=cal.psi, delta=cal.policy_delta(),
-                    lossy_loss=cal.tick_lossy_loss(), calibration=f"{cal.model_key} @ {cal.machine_key}, {cal.created}")
+                    lossy_loss=cal.tick_lossy_loss(), calibration=f"{cal.model_key} @ {cal.machine_key}, {cal.created}",
+                    lossy_states=guard.allowance.states if guard is not None else None)
     bw = probe_bandwidths(store_dir)
     delta = None
     if cfg.lossy:
@@ -283,7 +347,8 @@ def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None =
     say = progress or (lambda msg: None)
 
     store_dir, scratch = nvme_store_dir(cfg.nvme_dir, out_dir)
-    extras = scored_inputs(cfg, setup, store_dir) if cfg.policy == "scored" else None
+    guard = quality_guard(cfg, setup, say)
+    extras = scored_inputs(cfg, setup, store_dir, guard) if cfg.policy == "scored" else None
     policy = make_policy(cfg, policy_context(cfg, setup), extras)
     check_fits(policy, setup.device_bytes, setup.hbm_budget, setup.state_bytes)  # before any work
     if reference is None:
@@ -295,7 +360,7 @@ def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None =
     engine = MovementEngine(setup.source, store_dir, int4_group_size=cfg.quant.int4_group_size,
                             lowrank_rank=cfg.quant.lowrank_rank, keep_home=True)
     try:
-        return _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference, say)
+        return _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference, say, guard)
     finally:
         engine.close()
         if scratch:
@@ -312,7 +377,7 @@ def policy_context(cfg: RunConfig, setup: Setup) -> PolicyContext:
 
 
 def build_summary(cfg, setup, policy, reference, events, accesses, counters, link_bw, *, gen, t_place0, t_gen1, t_q1,
-                  run_logits, n_gen) -> dict:
+                  run_logits, n_gen, guard: QualityGuard | None = None) -> dict:
     """The summary of a run, every figure computed from the recorded events and accesses (dense and MoE runs alike).
 
     `accesses`: the executor's accesses from generation on (generation first, then the quality pass); `n_gen`: how
@@ -335,6 +400,8 @@ def build_summary(cfg, setup, policy, reference, events, accesses, counters, lin
     decode_s = w1 - w0
     missed_per_step = T.link_bytes(T.window(events, w0, w1)).get("host->device", 0) / max(1, decode_n)
     run_rate = T.link_rate(events, "host->device", t_place0, t_gen1)
+    q = quality(run_logits, reference.logits, setup.eval_ids)
+    q["budget"] = guard.summary(q["kl_mean"]) if guard is not None else None
     h2d_bw = max(r for r in (link_bw["host->device"], run_rate, T.link_rate(events, "host->device", w0, w1)) if r)
     return {
         "complete": True,
@@ -371,7 +438,7 @@ def build_summary(cfg, setup, policy, reference, events, accesses, counters, lin
         "controller_decisions": dict(getattr(policy, "decisions", {})),
         "controller_ticks_deferred": getattr(policy, "ticks_deferred", 0),
         "calibration": getattr(policy, "calibration", None),
-        "quality": quality(run_logits, reference.logits, setup.eval_ids),
+        "quality": q,
         "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
         "link_gbps": {k: v / 1e9 for k, v in link_bw.items()},
         "host_to_device_gbps_in_run": (run_rate or float("nan")) / 1e9,
@@ -383,7 +450,7 @@ def build_summary(cfg, setup, policy, reference, events, accesses, counters, lin
 
 
 
-def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Reference, say):
+def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Reference, say, guard=None):
     link_bw = probe_bandwidths(engine.store_dir)  # for the floor: the links' speed measured now, not a datasheet
     say("registering blocks at their homes")
     for b in setup.block_ids:
@@ -417,7 +484,10 @@ def _run_with_engine(cfg, setup, engine, policy, out_dir, dtype, reference: Refe
     events = engine.events.snapshot()
     summary = build_summary(cfg, setup, policy, reference, events, ex.accesses[n_acc0:], gen_counters, link_bw,
                             gen=gen, t_place0=t_place0, t_gen1=t_gen1, t_q1=t_q1, run_logits=run_logits,
-                            n_gen=len(gen_accesses))
+                            n_gen=len(gen_accesses), guard=guard)
+    budget = summary["quality"]["budget"]
+    if budget is not None and not budget["within_budget"]:
+        say(f"warning: measured KL {budget['kl_measured']:.4f} nats exceeds quality.max_kl {budget['max_kl']}")
     records = T.trace_records(ex.accesses, events, t_gen0, ex.score_samples)
     with writing(out_dir):
         T.write_trace(out_dir, records)

@@ -11,8 +11,11 @@ Terms, all measured or configured, none keyword-guessed:
   λ  probability the block is needed within the next step: 1 for every block of a dense model (each token step reads
      all of them); the MoE router supplies it for experts;
   κ  from placement rules (`kappa`), else 1 for protected blocks and 0.5 otherwise;
-  ψ  calibrated sensitivity (ΔKL at S2, `vorch calibrate`) when a calibration exists, else 0 (then lossy states lose
-     only their default value share); the calibration also sets each lossy state's value loss from measured KL;
+  ψ  calibrated sensitivity (ΔKL at S2, `vorch calibrate`); the calibration also sets each lossy state's value loss
+     from measured KL. A lossy run always has one (`runner.quality_guard` measures it when none is stored), and
+     `lossy_states` (the run's quality budget, `quality_budget.allocate`) limits each block's ladder to the lossy
+     states whose calibrated ΔKL the budget can pay for. Only a simulation without a calibration allows every
+     lossy state (its quality is not simulated) and then ψ is 0;
   δ  measured seconds of one decode-shaped matmul through each lossy format, minus full precision's;
   τ  block bytes over the measured link bandwidths (the calibration's, else probed at the start of the run).
 """
@@ -58,7 +61,8 @@ class ScoredPolicy(Policy):
 
     def __init__(self, ctx, cfg, *, state_bytes: dict, homes: dict, kinds: dict, layers: dict, placement: dict,
                  h2d_bytes_per_s: float, nvme_bytes_per_s: float, psi: dict | None = None,
-                 delta: dict | None = None, lossy_loss: tuple | None = None, calibration: str | None = None):
+                 delta: dict | None = None, lossy_loss: tuple | None = None, calibration: str | None = None,
+                 lossy_states: dict | None = None):
         super().__init__(ctx)
         self.prefetch_depth = cfg.prefetch_depth
         self.ids = list(ctx.block_ids)
@@ -71,8 +75,11 @@ class ScoredPolicy(Policy):
                 bps[i, int(s)] = state_bytes[b][s]
         allowed = np.zeros((B, sid.NUM_STATES), bool)
         allowed[:, sid.S0] = True
-        if cfg.lossy:
+        if cfg.lossy and lossy_states is None:  # no quality budget (a simulation without a calibration)
             allowed[:, [sid.S1, sid.S2, sid.S6]] = True
+        elif cfg.lossy:  # the lossy states the run's quality budget allows each block (`quality_budget.allocate`)
+            for i, b in enumerate(self.ids):
+                allowed[i, [int(s) for s in lossy_states.get(b, ())]] = True
         for i, b in enumerate(self.ids):
             allowed[i, int(homes[b])] = True  # a block leaves the device only for its home
         for i, b in enumerate(self.ids):

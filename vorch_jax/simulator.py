@@ -505,6 +505,11 @@ def _scored_extras(cfg, shape, hw, state_bytes, homes, placement, cal) -> dict:
                 delta[kind][s] = state_bytes[b][s] / hw.dequant_bytes_per_s[fmt]
     from_cal = {} if cal is None else dict(psi=cal.psi, lossy_loss=cal.tick_lossy_loss(),
                                            calibration=f"ψ: {cal.model_key} @ {cal.machine_key}, {cal.created}")
+    if cal is not None and cfg.lossy:  # the same quality budget as the real run: the lossy states it may use
+        from .quality_budget import allocate
+
+        from_cal["lossy_states"] = allocate(cal.kl, state_bytes, cfg.quality.max_kl, share=cfg.quality.kl_share,
+                                            blocks=list(shape.block_ids)).states
     return dict(state_bytes=state_bytes, homes=homes, kinds=dict(shape.kinds), layers=dict(shape.layers),
                 placement=placement, h2d_bytes_per_s=hw.host_to_device.bandwidth_bytes_per_s,
                 nvme_bytes_per_s=hw.nvme_read_bytes_per_s, delta=delta, **from_cal)

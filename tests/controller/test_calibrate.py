@@ -37,7 +37,7 @@ def test_kl_grows_from_int8_to_int4_to_low_rank(cal):
 
 
 def test_gradient_estimate_ranks_like_the_measurement(cal):
-    # Reached on these 4 lossy blocks x 3 states (2026-12-01, this CPU): S1 1.0, S2 1.0, S6 0.8, all 0.993. With
+    # Reached on these 4 lossy blocks x 3 states (2026-12-01, this CPU): S1 0.6, S2 1.0, S6 0.8, all 0.979. With
     # 4 blocks a state's correlation moves in steps of 0.2; an estimate unrelated to the KL scores about 0 on all 12.
     assert cal.spearman["all"] >= 0.9, cal.spearman
     assert cal.spearman["S2"] >= 0.8, cal.spearman  # ψ's state: the ranking the guardrail acts on
