@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vorch_jax.config import load_config  # noqa: E402
 from vorch_jax.hardware import load_profile  # noqa: E402
-from vorch_jax.model_shapes import model_shape  # noqa: E402
-from vorch_jax.simulator import simulate  # noqa: E402
+from vorch_jax.models.registry import get as get_spec  # noqa: E402
+from vorch_jax.runtime.run import simulate  # noqa: E402
 
 
 def main(argv=None):
@@ -33,22 +33,22 @@ def main(argv=None):
     ap.add_argument("--policies", default="static,lru,belady,scored")
     args = ap.parse_args(argv)
     hw = load_profile(args.profile)
-    shape = model_shape("llama-2-70b", "bfloat16")
+    shape = get_spec("llama-2-70b")
     print(f"llama-2-70b bf16 on {hw.name}, budget {args.budget}, {args.tokens} decode tokens "
-          f"({len(shape.pass_positions())} positions per token)")
+          f"({len(shape.skeleton())} positions per token)")
     print(f"{'policy':8s} {'run':>5s} {'wall s':>7s} {'sim tok / wall s':>16s} {'positions / wall s':>18s} "
           f"{'simulated tok/s':>15s}")
     with tempfile.TemporaryDirectory() as d:
         for policy in args.policies.split(","):
-            cfg = load_config(None, [f"policy={policy}", f"hbm_budget={args.budget}",
+            cfg = load_config(None, ["model=llama-2-70b", f"policy={policy}", f"hbm_budget={args.budget}",
                                      f"new_tokens={args.tokens + 1}", "prompt_tokens=16", "executor=sim",
                                      f"hardware={hw.name}", "dtype=bfloat16"])
             for run in ("cold", "warm"):
                 t0 = time.perf_counter()
-                s = simulate(cfg, Path(d) / f"{policy}-{run}", hardware=hw, model_shape=shape, write_traces=False)
+                s = simulate(cfg, Path(d) / f"{policy}-{run}", hardware=hw, write_traces=False)
                 wall = time.perf_counter() - t0
                 n = args.tokens + 1
-                per_pass = len(shape.pass_positions())
+                per_pass = len(shape.skeleton())
                 print(f"{policy:8s} {run:>5s} {wall:7.2f} {n / wall:16.1f} {n * per_pass / wall:18.0f} "
                       f"{s['decode_tok_s']:15.2f}")
 

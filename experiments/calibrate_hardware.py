@@ -6,7 +6,7 @@ Takes: about half a minute on 2 CPU cores. Medians of a few repetitions after a 
 What is measured, and how each number feeds the profile:
   * matmul FLOP/s per precision: a jitted [1024, 1024] @ [1024, 1024] in float32, bfloat16 and int8 (int32 accum);
   * device memory bandwidth and fixed per-block overhead: the runtime's own jitted block functions
-    (`block_compute.attention`, `.mlp`, `.tied_head`) decode-shaped (M = 1) on SmolLM2-shaped zero weights, fitted
+    (`models.llama_compute.attention`, `.mlp`, `.head`) decode-shaped (M = 1) on SmolLM2-shaped zero weights, fitted
     by least squares to `overhead + weight bytes / bandwidth` (two parameters of the machine, shared by every block);
   * host dispatch per block: the host-side seconds of one asynchronous block call (returns before compute ends);
   * host->device and NVMe->host: `tiers.link_probe.probe_bandwidths` (the tiers' own representations), latency from
@@ -60,14 +60,14 @@ def matmul_flops() -> dict:
 
 def block_fit() -> tuple[float, float, dict]:
     """(bandwidth bytes/s, overhead s, {kind: seconds}) from the runtime's decode-shaped block functions."""
-    from vorch_jax import block_compute as C
-    from vorch_jax.model_shapes import model_shape
+    from vorch_jax.models import llama_compute as C
+    from vorch_jax.models.registry import get
 
-    shape = model_shape("smollm2-135m")
-    cfg = shape.cfg
+    spec = get("smollm2-135m")
+    cfg = spec.config
     n = 16  # distinct copies per kind, cycled, so weights stream from memory as in a pass (not from cache)
     rng = np.random.default_rng(0)
-    w = {b: [{k: jnp.asarray(rng.standard_normal(s.shape, np.float32)) for k, s in shape.leaves[b].items()}
+    w = {b: [{k: jnp.asarray(rng.standard_normal(s.shape, np.float32)) for k, s in spec.block_shapes(b).items()}
              for _ in range(1 if b == "embed" else n)] for b in ("embed", "layers.0.attn", "layers.0.mlp")}
     x = jnp.zeros((1, 1, cfg.d_model), jnp.float32)
     k = jnp.zeros((1, 24, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
@@ -81,9 +81,9 @@ def block_fit() -> tuple[float, float, dict]:
     times = {"attn": _median(lambda: chain(lambda wi, y: C.attention(cfg, wi, y, jnp.zeros_like(k), jnp.zeros_like(k),
                                                                       jnp.int32(3))[0], w["layers.0.attn"]), 5) / n,
              "mlp": _median(lambda: chain(lambda wi, y: C.mlp(cfg, wi, y), w["layers.0.mlp"]), 5) / n,
-             "head": _median(lambda: C.tied_head(w["embed"][0], x).block_until_ready(), 7)}
-    nbytes = {"attn": shape.device_bytes["layers.0.attn"], "mlp": shape.device_bytes["layers.0.mlp"],
-              "head": shape.device_bytes["embed"]}
+             "head": _median(lambda: C.head(w["embed"][0], x).block_until_ready(), 7)}
+    nbytes = {"attn": spec.device_bytes("layers.0.attn"), "mlp": spec.device_bytes("layers.0.mlp"),
+              "head": spec.device_bytes("embed")}
     A = np.array([[1.0, nbytes[kd]] for kd in times])
     y = np.array([times[kd] for kd in times])
     (overhead, inv_bw), *_ = np.linalg.lstsq(A, y, rcond=None)
@@ -197,11 +197,11 @@ CALIBRATION_POINTS = (("resident", 1.0), ("static", 0.4), ("static-prefetch", 0.
 
 
 def real_run(policy: str, budget, out_dir, new_tokens: int = 6) -> tuple[dict, list]:
-    """One real run (vorch_jax.runner.run) at validation size; returns (summary, trace records)."""
+    """One real run (vorch_jax.runtime.run.run) at validation size; returns (summary, trace records)."""
     import json
 
     from vorch_jax.config import load_config
-    from vorch_jax.runner import run
+    from vorch_jax.runtime.run import run
 
     cfg = load_config(None, [f"policy={policy}", f"hbm_budget={budget}", f"new_tokens={new_tokens}",
                              "prompt_tokens=16", "eval_tokens=16"])
@@ -210,7 +210,7 @@ def real_run(policy: str, budget, out_dir, new_tokens: int = 6) -> tuple[dict, l
     return summary, records
 
 
-def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(), link_points=(),
+def fit_from_runs(runs: dict, spec, profile, new_tokens: int = 6, fresh_rates=(), link_points=(),
                   moe_resident=None, free_rates=()) -> dict:
     """Machine parameters from measured runs {(policy, budget): [(summary, trace records), ...]} at the calibration
     points and the probes made beside them, pooled over repeats (never per row of a validation grid):
@@ -266,8 +266,8 @@ def fit_from_runs(runs: dict, shape, profile, new_tokens: int = 6, fresh_rates=(
                   and r["t"] > 0 and r["bytes"] <= profile.fresh_alloc_threshold_bytes]
     resident = statistics.median(s["decode_step_s"] for s, _ in pooled("resident"))
     P = 17 + new_tokens - 1  # context of the last decode step: BOS + 16 prompt tokens + the tokens before it
-    positions = shape.pass_positions()
-    streamed = sum(shape.bytes_read(b, op, 1, P) for b, op in positions)
+    positions = spec.skeleton()
+    streamed = sum(spec.cost(p, 1, P, spec.device_bytes(p.block), 4)[1] for p in positions)
     cal = {"h2d": h2d, "h2d_lat": h2d_lat, "link_points": len(link_points), "dispatch": dispatch,
            "beside": max(0.0, statistics.mean(beside)), "transfers": len(beside), "gaps": len(gaps),
            "beside_median": statistics.median(beside),
@@ -353,7 +353,7 @@ def apply_calibration(profile, cal: dict):
 def sim_step(policy: str, budget, tokens: int, profile, out_dir) -> float:
     """Simulated decode step of the validation-size run (as `real_run`) on `profile`."""
     from vorch_jax.config import load_config
-    from vorch_jax.simulator import simulate
+    from vorch_jax.runtime.run import simulate
 
     cfg = load_config(None, [f"policy={policy}", f"hbm_budget={budget}", f"new_tokens={tokens}", "prompt_tokens=16",
                              "eval_tokens=16", "executor=sim", "hardware=this-machine"])
@@ -372,7 +372,7 @@ def main(argv=None):
     Path(args.out).write_text(profile_text(**measured, cal=None, from_runs=0))
     if args.from_runs:
         from vorch_jax.hardware import load_profile
-        from vorch_jax.model_shapes import model_shape
+        from vorch_jax.models.registry import get
 
         runs, links_pts, fresh, free = {}, [], [], []
         with tempfile.TemporaryDirectory() as d:
@@ -383,7 +383,7 @@ def main(argv=None):
                 for policy, budget in CALIBRATION_POINTS:
                     runs.setdefault((policy, budget), []).append(
                         real_run(policy, budget, Path(d) / f"{policy}-{budget}-{r}"))
-        cal = fit_from_runs(runs, model_shape("smollm2-135m"), load_profile(args.out), fresh_rates=fresh,
+        cal = fit_from_runs(runs, get("smollm2-135m"), load_profile(args.out), fresh_rates=fresh,
                             link_points=links_pts, free_rates=free)
         print("calibration from runs:", cal)
         Path(args.out).write_text(profile_text(**measured, cal=cal, from_runs=args.from_runs))
@@ -413,7 +413,7 @@ def profile_text(fl, blk, ln, dq, cal, from_runs) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     m = f"measured here ({when}, `{CMD}`"
     pts = ", ".join(f"{p} at {b}" for p, b in CALIBRATION_POINTS)
-    r = f"calibrated here from real runs ({when}, `{CMD} --from-runs {from_runs}`: vorch_jax.runner.run, {pts}"
+    r = f"calibrated here from real runs ({when}, `{CMD} --from-runs {from_runs}`: vorch_jax.runtime.run.run, {pts}"
     src = {"hbm": f"{r}: decode-pass bytes / measured decode step of the resident run "
                   f"{cal['resident_step_s'] * 1e3:.2f} ms)"
            if cal else f"{m}: least-squares fit of decode block times attn {blk['attn']*1e3:.3f} ms, mlp "

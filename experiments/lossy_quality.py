@@ -17,7 +17,9 @@ from pathlib import Path
 import jax.numpy as jnp
 
 from vorch_jax.config import load_config
-from vorch_jax.runner import prepare, resident_reference, run
+from vorch_jax.runtime.reference import resident_reference
+from vorch_jax.runtime.run import run
+from vorch_jax.runtime.setup import build_setup
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 ALL_INT4 = "placement=[{path: embed, state: S0, protect: true}, {path: final_norm, state: S0, protect: true}, " \
@@ -39,7 +41,7 @@ def main(argv=None) -> int:
         "all int4 (S2)": common + ["policy=static", ALL_INT4],
     }
     base = load_config(CONFIG, common)
-    reference = resident_reference(prepare(base), jnp.float32, base.new_tokens)
+    reference = resident_reference(build_setup(base), jnp.float32, base.new_tokens)
     print(f"{'run':<16} {'ppl':>8} {'ppl delta':>9} {'KL mean':>8} {'top1':>6} {'moved MB':>9} {'device MB':>9}")
     for name, overrides in variants.items():
         s = run(load_config(CONFIG, overrides), out / name.split()[0].replace("(", ""), reference=reference)

@@ -23,7 +23,10 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
-from vorch_jax import moe_run as M
+from vorch_jax.models.registry import get as get_spec
+from vorch_jax.runtime.reference import resident_reference
+from vorch_jax.runtime.run import run
+from vorch_jax.runtime.setup import build_setup, expert_budget, protect_all_but
 from vorch_jax.config import RunConfig
 
 
@@ -112,25 +115,28 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default="runs/moe_policies")
     args = ap.parse_args(argv)
 
-    base = RunConfig(model=M.MOE_MODEL, policy="lru", hbm_budget=1.0, new_tokens=args.new_tokens,
+    model = "smollm2-135m-moe"
+    base = RunConfig(model=model, policy="lru", hbm_budget=1.0, new_tokens=args.new_tokens,
                      prompt_tokens=args.prompt_tokens, eval_tokens=args.eval_tokens,
-                     placement=M.dense_protect_rules())
-    setup = M.prepare_moe(base)
-    print(f"MoE: E={setup.n_experts}, top_k={setup.top_k} (router config target_top_k), model {setup.model_bytes} "
+                     placement=protect_all_but(get_spec(model), "expert"))
+    setup = build_setup(base)
+    E, L = setup.spec.n_experts, setup.spec.n_layers
+    print(f"MoE: E={E}, top_k={setup.spec.top_k} (router config target_top_k), model {setup.model_bytes} "
           f"bytes; prompt {len(setup.prompt_ids)} tokens, {args.new_tokens} new tokens")
     t0 = time.perf_counter()
-    ref = M.moe_reference(setup, jnp.float32, args.new_tokens)
+    ref = resident_reference(setup, jnp.float32, args.new_tokens)
     print(f"resident reference: {time.perf_counter() - t0:.1f} s, {len(ref.stream)} positions recorded "
           f"({ref.gen_positions} in generation), resident decode step {ref.step_s * 1e3:.1f} ms")
     rows = []
     for frac in args.fractions:
-        budget, how = M.expert_budget(setup, frac, args.reserve)
+        budget, how = expert_budget(setup, frac, args.reserve)
         print(f"\nbudget at {frac:.0%} of experts: {how}")
         for pol in args.policies:
-            cfg = dataclasses.replace(base, policy=pol.removesuffix("-nospec"), hbm_budget=str(budget))
-            s = M.run_moe(cfg, Path(args.out) / f"f{int(frac * 100)}" / pol, reference=ref,
-                          speculative=False if pol.endswith("-nospec") else None)
-            m = s["moe"]
+            cfg = dataclasses.replace(base, policy=pol.removesuffix("-nospec"), hbm_budget=str(budget),
+                                      moe=dataclasses.replace(base.moe, speculative="off" if pol.endswith("-nospec")
+                                                              else "auto"))
+            s = run(cfg, Path(args.out) / f"f{int(frac * 100)}" / pol, reference=ref)
+            m = s["routing"]
             hit = s["hits"] / max(1, s["hits"] + s["misses"])
             rows.append({"fraction": frac, "policy": pol, "budget": budget, "hit_rate": hit,
                          "expert_hit_rate": m["expert_hit_rate"], "bytes_moved": s["bytes_moved"],
@@ -162,8 +168,8 @@ def main(argv=None) -> list[dict]:
           "cache of n experts (see replay_bounds: expected = Belady's rule on online router frequencies, as scored "
           "evicts; expected-oracle = true frequencies and the current pass's routing known exactly)")
     for frac in args.fractions:
-        slots = int(frac * setup.model_cfg.n_layers * setup.n_experts) + args.reserve
-        r = replay_bounds(experts, slots, setup.model_cfg.n_layers, setup.n_experts)
+        slots = int(frac * L * E) + args.reserve
+        r = replay_bounds(experts, slots, L, E)
         print(f"{frac:.0%} ({slots} slots): " + ", ".join(f"{k} {v} ({v / r['belady']:.2f} x belady)"
                                                           for k, v in r.items()))
     out = Path(args.out)

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vorch_jax.corpus import kjv_text
+from vorch_jax.models.corpus import kjv_text
 from vorch_jax.models import llama_layers as Lay
 from vorch_jax.models import moe
 from vorch_jax.models import moe_build as mb

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from vorch_jax.corpus import kjv_text
+from vorch_jax.models.corpus import kjv_text
 from vorch_jax.models.generate import sequence_nll
 from vorch_jax.models.smollm2 import bos_id, load_smollm2
 

@@ -6,7 +6,7 @@ Takes: well under a minute on 2 CPU cores (a few thousand simulated positions pe
 Budgets are given two ways, and the table says which: `frac` = a fraction 0.3 / 0.5 / 0.8 of the model's bf16 bytes
 (70B: 138 GB, so 0.8 = 110 GB exceeds the 80 GB of HBM and is reported as such); `abs` = 40 / 60 / 75 GB.
 Policies static, lru, scored, belady; `--tokens` decode tokens after a 16-token prompt (prefill is one pass).
-Mixtral replays a Zipf(1.0) routing trace over each layer's 8 experts, top-2, seeded (`simulator.zipf_routing`).
+Mixtral replays a Zipf(1.0) routing trace over each layer's 8 experts, top-2, seeded (`runtime.simulated.zipf_routing`).
 
 Columns: decode tok/s; GB moved host->device per decode step (decode window only); the run's whole traffic (initial
 fill and prefill included, the real runner's `bytes_moved`) over the Belady oracle's for the same stream, budget and
@@ -25,10 +25,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vorch_jax.config import load_config  # noqa: E402
-from vorch_jax.executor import BudgetError  # noqa: E402
+from vorch_jax.errors import BudgetError  # noqa: E402
 from vorch_jax.hardware import load_profile  # noqa: E402
-from vorch_jax.model_shapes import model_shape  # noqa: E402
-from vorch_jax.simulator import simulate, zipf_routing  # noqa: E402
+from vorch_jax.models.registry import get as get_spec  # noqa: E402
+from vorch_jax.runtime.run import simulate  # noqa: E402
+from vorch_jax.runtime.simulated import zipf_routing  # noqa: E402
 
 MODELS = ("llama-2-70b", "mixtral-8x7b")
 POLICIES = ("static", "lru", "scored", "belady")
@@ -41,12 +42,10 @@ def budgets():
 
 
 def run_one(name: str, budget, policy: str, tokens: int, hw, out_dir, routing=None) -> dict | str:
-    shape = model_shape(name, "bfloat16")
-    cfg = load_config(None, [f"policy={policy}", f"hbm_budget={budget}", f"new_tokens={tokens + 1}",
+    cfg = load_config(None, [f"model={name}", f"policy={policy}", f"hbm_budget={budget}", f"new_tokens={tokens + 1}",
                              "prompt_tokens=16", "executor=sim", f"hardware={hw.name}", "dtype=bfloat16"])
     try:
-        return simulate(cfg, out_dir, hardware=hw, model_shape=shape, routing=routing,
-                        write_traces=False)
+        return simulate(cfg, out_dir, hardware=hw, routing=routing, write_traces=False)
     except BudgetError as e:
         return str(e)
 
@@ -66,15 +65,16 @@ def main(argv=None):
            f"{'floor ms/tok':>12s} {'sim ms/tok':>10s} {'stall%':>6s}")
     with tempfile.TemporaryDirectory() as d:
         for name in args.models.split(","):
-            shape = model_shape(name, "bfloat16")
+            shape = get_spec(name)
+            bf16_bytes = shape.model_bytes // 2  # the spec's blocks are float32; the simulated device holds bf16
             routing = None
             if shape.n_experts:
                 routing = zipf_routing(shape, args.tokens + 1, seed=0, tokens_per_pass=[17] + [1] * args.tokens)
-            print(f"\n{name}: {shape.model_bytes / 1e9:.1f} GB bf16, {len(shape.block_ids)} blocks" +
+            print(f"\n{name}: {bf16_bytes / 1e9:.1f} GB bf16, {len(shape.blocks())} blocks" +
                   (f", {shape.n_experts} experts top-{shape.top_k} (Zipf routing, seed 0)" if shape.n_experts else ""))
             print(hdr)
             for kind, budget in budgets():
-                gb = (budget * shape.model_bytes if kind == "frac" else float(budget[:-2]) * 1e9) / 1e9
+                gb = (budget * bf16_bytes if kind == "frac" else float(budget[:-2]) * 1e9) / 1e9
                 label = f"abs {gb:5.1f}GB" if kind == "abs" else f"frac {budget:.1f}={gb:5.1f}GB"
                 for policy in POLICIES:
                     s = run_one(name, budget, policy, args.tokens, hw, Path(d) / f"{name}-{kind}-{budget}-{policy}",

@@ -5,13 +5,13 @@ Run:   .venv/bin/python experiments/sim_validate.py [--repeats 3] [--tokens 6] [
 Takes: about repeats x (3 + 9 + 9) real runs of 5-20 s on 2 CPU cores (about 12 minutes at 5 repeats); a
 replay (no real run: today's simulator on a saved record's measurements and calibration) about 85 s.
 
-Dense rows: policies static, lru, scored at hbm budgets 0.3 / 0.5 / 0.8 of the model, `vorch_jax.runner.run`
+Dense rows: policies static, lru, scored at hbm budgets 0.3 / 0.5 / 0.8 of the model, `vorch_jax.runtime.run.run`
 (new_tokens 6, prompt_tokens 16, eval_tokens 16), `--repeats` times, the median decode step; then
-`simulator.simulate` with the same config on the `this-machine` profile.
-MoE rows: the MoE SmolLM2 (`moe_run.run_moe`, E = 8, top-2), policies static, lru, scored with every dense block
-protected and 30 / 50 / 80% of the expert bytes (+ 5 experts of streaming room, `moe_run.expert_budget`); the
-simulator replays the routing the real run recorded (`routing_from_stream`: same experts per pass and layer) on the
-model's shape `smollm2-135m-moe` on `simulator.SimRoutedExecutor` (the real routed executor's bookkeeping:
+`runtime.run.simulate` with the same config on the `this-machine` profile.
+MoE rows: the MoE SmolLM2 (`model: smollm2-135m-moe`, E = 8, top-2), policies static, lru, scored with every dense block
+protected and 30 / 50 / 80% of the expert bytes (+ 5 experts of streaming room, `runtime.setup.expert_budget`); the
+simulator replays the routing the real run recorded (the reference's routing: same experts per pass and layer) on the
+model's shape `smollm2-135m-moe` through the same driver and ledger (the real routed run's bookkeeping:
 `MoEScoredPolicy`'s expected-next-use eviction, λ from router statistics, and the speculative predictions the
 resident reference recorded, so the scored row speculates as the real one does).
 
@@ -50,8 +50,7 @@ from experiments.calibrate_hardware import (CALIBRATION_POINTS, apply_calibratio
                                             fit_with_simulator, fresh_alloc_rate, fresh_free_rate, link_probe,
                                             real_run, sim_step)
 from vorch_jax.hardware import load_profile  # noqa: E402
-from vorch_jax.model_shapes import model_shape  # noqa: E402
-from vorch_jax.routing_trace import routing_from_stream  # noqa: E402
+from vorch_jax.models.registry import get as get_spec  # noqa: E402
 
 POLICIES = ("static", "lru", "scored")
 BUDGETS = (0.3, 0.5, 0.8)
@@ -64,24 +63,27 @@ class MoERows:
     def __init__(self, tokens: int):
         import jax.numpy as jnp
 
-        from vorch_jax import moe_run as M
-        from vorch_jax.config import RunConfig
+        from vorch_jax.runtime.reference import resident_reference
+        from vorch_jax.runtime.setup import build_setup
 
-        self.M, self.tokens = M, tokens
-        self.base = RunConfig(model=M.MOE_MODEL, policy="lru", hbm_budget=1.0, new_tokens=tokens, prompt_tokens=16,
-                              eval_tokens=16, placement=M.dense_protect_rules())
-        self.setup = M.prepare_moe(self.base)
-        self.ref = M.moe_reference(self.setup, jnp.float32, tokens, speculation=True)
-        self.routing = routing_from_stream(self.ref.stream[: self.ref.gen_positions])
+        self.tokens = tokens
+        self.base = moe_config("lru", 1.0, tokens)
+        self.setup = build_setup(self.base)
+        self.ref = resident_reference(self.setup, jnp.float32, tokens, speculation=True)
+        self.routing = [list(map(list, p)) for p in self.ref.routing]
 
     def budget(self, fraction: float) -> int:
-        return self.M.expert_budget(self.setup, fraction, MOE_RESERVE)[0]
+        from vorch_jax.runtime.setup import expert_budget
+
+        return expert_budget(self.setup, fraction, MOE_RESERVE)[0]
 
     def real(self, policy: str, fraction: float, out_dir) -> dict:
         import dataclasses
 
         cfg = dataclasses.replace(self.base, policy=policy, hbm_budget=str(self.budget(fraction)))
-        s = self.M.run_moe(cfg, out_dir, reference=self.ref)
+        from vorch_jax.runtime.run import run
+
+        s = run(cfg, out_dir, reference=self.ref)
         assert s["stream_matches_resident"], "a lossless MoE run must read the reference's routing"
         return s
 
@@ -121,7 +123,7 @@ def measure(rows, *, repeats: int, tokens: int, profile="this-machine", calibrat
         cal = None
         if calibrate:
             sim_moe = moe_resident_sim(tokens, moe.budget(1.0), moe.routing, moe.ref.speculation) if moe else None
-            cal = fit_from_runs(cal_runs, model_shape("smollm2-135m"), base, tokens, fresh_rates, link_points,
+            cal = fit_from_runs(cal_runs, get_spec("smollm2-135m"), base, tokens, fresh_rates, link_points,
                                 (moe_resident, sim_moe) if moe else None, free_rates=free_rates)
             if moe:
                 cal["moe_resident_budget"] = moe.budget(1.0)
@@ -176,13 +178,22 @@ def simulate_rows(record: dict, *, refit: bool = True, say=lambda msg: None) -> 
 def moe_sim(policy: str, hbm_budget: str, tokens: int, profile, routing, speculation, out_dir) -> float:
     """Simulated decode step of the validation-size MoE run: the real run's config (dense blocks protected, budget
     in bytes) on the model's shape, replaying `routing` and `speculation`."""
-    from vorch_jax import moe_run as M
-    from vorch_jax.config import RunConfig
-    from vorch_jax.simulator import simulate
+    import dataclasses
 
-    cfg = RunConfig(model=M.MOE_MODEL, policy=policy, hbm_budget=hbm_budget, new_tokens=tokens, prompt_tokens=16,
-                    eval_tokens=16, placement=M.dense_protect_rules(), executor="sim", hardware="this-machine")
+    from vorch_jax.runtime.run import simulate
+
+    cfg = dataclasses.replace(moe_config(policy, hbm_budget, tokens), executor="sim", hardware="this-machine")
     return simulate(cfg, out_dir, hardware=profile, routing=routing, speculation=speculation)["decode_step_s"]
+
+
+def moe_config(policy: str, hbm_budget, tokens: int):
+    """The validation's MoE run: every block but the experts protected, 16 prompt and evaluation tokens."""
+    from vorch_jax.config import RunConfig
+    from vorch_jax.runtime.setup import protect_all_but
+
+    return RunConfig(model="smollm2-135m-moe", policy=policy, hbm_budget=hbm_budget, new_tokens=tokens,
+                     prompt_tokens=16, eval_tokens=16, placement=protect_all_but(get_spec("smollm2-135m-moe"),
+                                                                                  "expert"))
 
 
 def moe_resident_sim(tokens: int, budget_bytes: int, routing, speculation):

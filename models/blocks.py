@@ -10,16 +10,21 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import numpy as np
 from flax import nnx
 
 BLOCK_KINDS = ("embed", "attn", "mlp", "norm", "expert")
 
 
-def block_param(value, block: str, kind: str, layer: int) -> nnx.Param:
-    """The single place that attaches residency metadata to a parameter (a flax API change touches only this)."""
+def block_param(value, block: str, kind: str, layer: int, expert: int = -1) -> nnx.Param:
+    """The single place that attaches residency metadata to a parameter (a flax API change touches only this).
+
+    `expert`: the expert's index within its layer for kind `expert`, else -1."""
     if kind not in BLOCK_KINDS:
         raise ValueError(f"unknown block kind '{kind}' (expected one of {BLOCK_KINDS})")
-    return nnx.Param(value, block=block, kind=kind, layer=layer)
+    if (kind == "expert") != (expert >= 0):
+        raise ValueError(f"block '{block}' of kind '{kind}' has expert index {expert}: experts, and only they, have one")
+    return nnx.Param(value, block=block, kind=kind, layer=layer, expert=expert)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +34,13 @@ class BlockInfo:
     layer: int  # -1 for the embedding; n_layers for the final norm
     nbytes: int  # full-precision (S0) bytes of all its parameters
     leaves: tuple[str, ...]  # leaf names, in the order the model declares them
+    expert: int = -1  # index within its layer for an expert, else -1
+
+
+def leaf_name(path) -> str:
+    """A parameter's leaf name within its block: the last attribute of its path (list indices skipped), so a block's
+    `wq` in `attn[3].wq` and a user's `w1[0]` are `wq` and `w1`."""
+    return next(str(p) for p in reversed(path) if not isinstance(p, int))
 
 
 def _natural_key(block_id: str):
@@ -44,12 +56,15 @@ def block_table(model: nnx.Module) -> list[BlockInfo]:
         meta = param.get_metadata()
         if "block" not in meta:
             raise ValueError(f"parameter {'.'.join(map(str, path))} has no block: tag it with block_param()")
-        row = rows.setdefault(meta["block"], {"kind": meta["kind"], "layer": meta["layer"], "nbytes": 0, "leaves": []})
-        if (row["kind"], row["layer"]) != (meta["kind"], meta["layer"]):
-            raise ValueError(f"block {meta['block']} has parameters of different kinds or layers")
-        row["nbytes"] += int(param.get_value().nbytes)
-        row["leaves"].append(str(path[-1]))
-    table = [BlockInfo(b, r["kind"], r["layer"], r["nbytes"], tuple(r["leaves"])) for b, r in rows.items()]
+        expert = meta.get("expert", -1)
+        row = rows.setdefault(meta["block"], {"kind": meta["kind"], "layer": meta["layer"], "expert": expert,
+                                              "nbytes": 0, "leaves": []})
+        if (row["kind"], row["layer"], row["expert"]) != (meta["kind"], meta["layer"], expert):
+            raise ValueError(f"block {meta['block']} has parameters of different kinds, layers or experts")
+        value = param.get_value()
+        row["nbytes"] += int(np.prod(value.shape)) * np.dtype(value.dtype).itemsize  # arrays or ShapeDtypeStructs
+        row["leaves"].append(leaf_name(path))
+    table = [BlockInfo(b, r["kind"], r["layer"], r["nbytes"], tuple(r["leaves"]), r["expert"]) for b, r in rows.items()]
     return sorted(table, key=lambda b: (b.layer, _natural_key(b.id)))
 
 

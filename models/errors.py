@@ -19,5 +19,9 @@ class MoEError(ModelError, ValueError):
     """A partition, router set or stored MoE that does not fit the model it is used with."""
 
 
+class CorpusError(ModelError, RuntimeError):
+    """The evaluation text is not installed or not readable."""
+
+
 class RouterConfigError(ModelError, ValueError):
     """A router-training config problem; the message is one line naming the file and key."""

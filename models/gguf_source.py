@@ -1,4 +1,7 @@
-"""Read a Llama-architecture GGUF file: hyper-parameters, tokenizer metadata, and per-block float32 weights.
+"""Read a GGUF file: hyper-parameters, tokenizer metadata, and per-block float32 weights.
+
+What a file's tensors mean is its architecture's (`GGUFArchitecture`: the expected `general.architecture`, the
+config read from the metadata, the block layout); Llama's is here (`LLAMA`), Gemma 3's in `gemma.py`.
 
 The GGUF file is the *authoritative source* of every block: the tiers recover a corrupt or lossy block from it.
 Weights are dequantized with the `gguf` package's numpy code and laid out for `x @ W` (`W[in, out]`).
@@ -56,11 +59,15 @@ def find_smollm2_gguf() -> Path:
     return path
 
 
-def _field(reader, key: str):
-    field = reader.fields.get(key)
-    if field is None:
+def field(reader, key: str):
+    """The value of a GGUF metadata key (ModelFileError when it is missing)."""
+    f = reader.fields.get(key)
+    if f is None:
         raise ModelFileError(f"GGUF metadata key '{key}' is missing")
-    return field.contents()
+    return f.contents()
+
+
+_field = field
 
 
 # Block layout: block id -> {leaf name: (GGUF tensor name, transpose to [in, out]?)}
@@ -88,6 +95,34 @@ def _block_layout(n_layers: int) -> dict[str, dict[str, tuple[str, bool]]]:
     return layout
 
 
+@dataclasses.dataclass(frozen=True)
+class GGUFArchitecture:
+    """What a GGUF architecture's tensors mean: its `general.architecture` name, its config from the metadata, and
+    the layout block id -> {leaf: (tensor name, transpose to [in, out]?)}."""
+
+    name: str
+    config: object  # reader -> config
+    layout: object  # config -> layout
+
+
+def _llama_config(r) -> LlamaConfig:
+    a = "llama."
+    return LlamaConfig(
+        vocab_size=int(_field(r, a + "vocab_size")),
+        d_model=int(_field(r, a + "embedding_length")),
+        n_layers=int(_field(r, a + "block_count")),
+        n_heads=int(_field(r, a + "attention.head_count")),
+        n_kv_heads=int(_field(r, a + "attention.head_count_kv")),
+        d_ff=int(_field(r, a + "feed_forward_length")),
+        rope_base=float(_field(r, a + "rope.freq_base")),
+        norm_eps=float(_field(r, a + "attention.layer_norm_rms_epsilon")),
+        context_length=int(_field(r, a + "context_length")),
+    )
+
+
+LLAMA = GGUFArchitecture("llama", _llama_config, lambda cfg: _block_layout(cfg.n_layers))
+
+
 class GGUFSource:
     """A Llama GGUF file as a source of blocks: `source(block_id) -> {leaf: float32 ndarray}`.
 
@@ -95,7 +130,7 @@ class GGUFSource:
     new array the caller owns. `source.nbytes_read` counts the file bytes read, for honest link accounting.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, arch: GGUFArchitecture = LLAMA):
         import gguf  # loading dependency, kept out of import time
 
         self.path = Path(path)
@@ -105,23 +140,12 @@ class GGUFSource:
             self._reader = gguf.GGUFReader(str(self.path))
         except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damaged files
             raise ModelFileError(f"model file {self.path} is unreadable or truncated ({type(e).__name__}: {e})") from None
-        arch = _field(self._reader, "general.architecture")
-        if arch != "llama":
-            raise ModelFileError(f"model file {self.path} has architecture '{arch}', expected 'llama'")
-        a = "llama."
-        self.config = LlamaConfig(
-            vocab_size=int(_field(self._reader, a + "vocab_size")),
-            d_model=int(_field(self._reader, a + "embedding_length")),
-            n_layers=int(_field(self._reader, a + "block_count")),
-            n_heads=int(_field(self._reader, a + "attention.head_count")),
-            n_kv_heads=int(_field(self._reader, a + "attention.head_count_kv")),
-            d_ff=int(_field(self._reader, a + "feed_forward_length")),
-            rope_base=float(_field(self._reader, a + "rope.freq_base")),
-            norm_eps=float(_field(self._reader, a + "attention.layer_norm_rms_epsilon")),
-            context_length=int(_field(self._reader, a + "context_length")),
-        )
+        found = _field(self._reader, "general.architecture")
+        if found != arch.name:
+            raise ModelFileError(f"model file {self.path} has architecture '{found}', expected '{arch.name}'")
+        self.config = arch.config(self._reader)
         self._tensors = {t.name: t for t in self._reader.tensors}
-        self.layout = _block_layout(self.config.n_layers)
+        self.layout = arch.layout(self.config)
         missing = [name for leaves in self.layout.values() for name, _ in leaves.values() if name not in self._tensors]
         if missing:
             raise ModelFileError(f"model file {self.path} lacks tensors {missing[:3]}{'...' if len(missing) > 3 else ''}")
@@ -149,18 +173,30 @@ class GGUFSource:
         return _field(self._reader, key)
 
     def tokenizer_metadata(self) -> dict:
-        """Vocabulary, merges and token types, as the tokenizer builder needs them."""
+        """Vocabulary, token types and, where the file has them, merges (BPE) or scores (SentencePiece), special
+        token ids and flags: what `tokenizer.tokenizer_from_gguf_metadata` builds from."""
         r = self._reader
-        tokens_f = r.fields["tokenizer.ggml.tokens"]
-        merges_f = r.fields["tokenizer.ggml.merges"]
-        types_f = r.fields["tokenizer.ggml.token_type"]
-        return {
+        try:
+            tokens_f, types_f = r.fields["tokenizer.ggml.tokens"], r.fields["tokenizer.ggml.token_type"]
+        except KeyError as e:
+            raise ModelFileError(f"model file {self.path} lacks tokenizer field {e}") from None
+        out = {
             "model": _field(r, "tokenizer.ggml.model"),
-            "pre": _field(r, "tokenizer.ggml.pre"),
             "tokens": [bytes(tokens_f.parts[i]).decode("utf-8") for i in tokens_f.data],
-            "merges": [bytes(merges_f.parts[i]).decode("utf-8") for i in merges_f.data],
             "token_type": [int(types_f.parts[i][0]) for i in types_f.data],
         }
+        if "tokenizer.ggml.pre" in r.fields:
+            out["pre"] = _field(r, "tokenizer.ggml.pre")
+        if "tokenizer.ggml.merges" in r.fields:
+            merges_f = r.fields["tokenizer.ggml.merges"]
+            out["merges"] = [bytes(merges_f.parts[i]).decode("utf-8") for i in merges_f.data]
+        if "tokenizer.ggml.scores" in r.fields:
+            scores_f = r.fields["tokenizer.ggml.scores"]
+            out["scores"] = [float(scores_f.parts[i][0]) for i in scores_f.data]
+        for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "add_space_prefix"):
+            if f"tokenizer.ggml.{key}" in r.fields:
+                out[key] = _field(r, f"tokenizer.ggml.{key}")
+        return out
 
     def __call__(self, block_id: str) -> dict[str, np.ndarray]:
         import gguf

@@ -23,10 +23,10 @@ BlockSource = Callable[[str], dict]  # block id -> {leaf name: array}
 class Block(nnx.Module):
     """The parameters of one residency block, as attributes named by leaf."""
 
-    def __init__(self, block: str, kind: str, layer: int, weights: dict):
+    def __init__(self, block: str, kind: str, layer: int, weights: dict, expert: int = -1):
         self.leaf_names = tuple(weights)
         for name, value in weights.items():
-            setattr(self, name, block_param(jnp.asarray(value), block, kind, layer))
+            setattr(self, name, block_param(jnp.asarray(value), block, kind, layer, expert))
 
     def weights(self) -> dict:
         return {name: getattr(self, name).get_value() for name in self.leaf_names}
@@ -56,9 +56,14 @@ def block_ids(cfg: LlamaConfig) -> list[str]:
     return ids + ["final_norm"]
 
 
+HEAD = "lm_head"  # an untied head's block (kind embed: the same [D, V] shape as the embedding)
+
+
 def block_kind_layer(cfg: LlamaConfig, block: str) -> tuple[str, int]:
     if block == "embed":
         return "embed", -1
+    if block == HEAD:
+        return "embed", cfg.n_layers + 1
     if block == "final_norm":
         return "norm", cfg.n_layers
     _, layer, kind = block.split(".")
@@ -66,9 +71,10 @@ def block_kind_layer(cfg: LlamaConfig, block: str) -> tuple[str, int]:
 
 
 class LlamaModel(nnx.Module):
-    """SmolLM2-style decoder: embedding (tied head), n_layers × (attention, SwiGLU MLP), final RMSNorm."""
+    """Llama-style decoder: embedding, n_layers × (attention, SwiGLU MLP), final RMSNorm, and the head: the embedding
+    itself when `tied` (SmolLM2), else its own block `lm_head` (Llama-2/3, the simulator's shape-only models)."""
 
-    def __init__(self, cfg: LlamaConfig, source: BlockSource):
+    def __init__(self, cfg: LlamaConfig, source: BlockSource, tied: bool = True):
         self.cfg = cfg
 
         def make(block: str) -> Block:
@@ -79,6 +85,7 @@ class LlamaModel(nnx.Module):
         self.attn = nnx.List([make(f"layers.{i}.attn") for i in range(cfg.n_layers)])
         self.mlp = nnx.List([make(f"layers.{i}.mlp") for i in range(cfg.n_layers)])
         self.final_norm = make("final_norm")
+        self.head = None if tied else Block(HEAD, "embed", cfg.n_layers + 1, source(HEAD))
 
     def block_weights(self) -> dict[str, dict]:
         """{block id: weight dict}: what the tiers hold and move."""
@@ -99,4 +106,5 @@ class LlamaModel(nnx.Module):
             x = L.mlp_block(cfg, self.mlp[i].weights(), x)
             ks.append(k)
             vs.append(v)
-        return L.lm_head(cfg, self.final_norm.weights(), self.embed.weights(), x), KVCache(ks, vs)
+        head = self.embed if self.head is None else self.head
+        return L.lm_head(cfg, self.final_norm.weights(), head.weights(), x), KVCache(ks, vs)

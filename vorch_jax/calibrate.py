@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vorch_jax import block_compute as C
+from vorch_jax.models import llama_compute as C
 from vorch_jax.checkpoints import RecordMismatchError, cache_root, restore_record, save_record
 from vorch_jax.errors import VorchError
 from vorch_jax.models.llama import block_ids as model_block_ids, block_kind_layer
@@ -100,6 +100,14 @@ class Calibration:
         return tuple(sorted((int(State.parse(s)), v) for s, v in self.lossy_loss.items()))
 
 
+def supports(spec) -> bool:
+    """Whether this module calibrates `spec`: a dense Llama whose weights are here (its forward and its hand-written
+    backward are Llama's ops; other families' lossy runs stop with a one-line error until they have theirs)."""
+    from vorch_jax.models.llama_spec import LlamaSpec
+
+    return isinstance(spec, LlamaSpec) and spec.has_weights
+
+
 # ---------------------------------------------------------------- keys
 
 def model_key(source) -> str:
@@ -140,7 +148,7 @@ def spearman(x, y) -> float:
 def calibration_ids(source, tokens: int) -> np.ndarray:
     """int32[tokens + 1]: BOS then `tokens` tokens of the KJV text from its `CALIBRATION_OFFSET_CHARS`-th character
     on (the start of the next verse): text that a run's prompt and evaluation (the KJV from its start) never read."""
-    from vorch_jax.corpus import kjv_text
+    from vorch_jax.models.corpus import kjv_text
     from vorch_jax.models.smollm2 import bos_id
     from vorch_jax.models.tokenizer import tokenizer_from_gguf_metadata
 
@@ -176,7 +184,7 @@ def _run(cfg, W: dict, order: list, ids_1xT, start: int = 0, x_1xTxD=None, recor
             x = C.mlp(cfg, W[b], x)
     if record is not None:
         record.append(x)
-    return C.tied_head(W["embed"], C.final_norm(cfg, W[order[-1]], x))
+    return C.head(W["embed"], C.final_norm(cfg, W[order[-1]], x))
 
 
 @jax.jit
@@ -242,7 +250,7 @@ def _head_vjp(cfg, w_embed, w_norm, x_1xTxD, tgt_T, weights_KxT):
     """Backward of Σ_t weights[k, t]·NLL_t through the final norm and tied head, for each k: per-chunk gradients
     of the embedding [K, D, V] (kept: the lookup adds to them), F̂ of the norm, input cotangents [K, 1, T, D]."""
     def token_nll(we, wn, x):
-        logits_TxV = C.tied_head(we, C.final_norm(cfg, wn, x))[0]
+        logits_TxV = C.head(we, C.final_norm(cfg, wn, x))[0]
         return -jnp.take_along_axis(jax.nn.log_softmax(logits_TxV, axis=-1), tgt_T[:, None], axis=-1)[:, 0]
 
     _, vjp = jax.vjp(token_nll, w_embed, w_norm, x_1xTxD)

@@ -27,26 +27,36 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_generate(args) -> int:
-    from vorch_jax.models.generate import generate_greedy
-    from vorch_jax.models.smollm2 import load_smollm2
+    from vorch_jax.runtime.reference import ResidentModel
 
     if args.new_tokens < 1:
         raise UserError(f"--new-tokens must be at least 1, got {args.new_tokens}")
-    model, tok, _ = load_smollm2()
+    spec = _real_spec(args.model)
+    tok = spec.tokenizer()
     ids = tok.encode(args.prompt).ids
     if not ids:
         raise UserError("--prompt is empty")
-    out = generate_greedy(model, ids, args.new_tokens, dtype=args.dtype)
+    out = ResidentModel(spec, args.dtype).generate([spec.bos_id()] + ids, args.new_tokens)
     print(args.prompt + tok.decode(out))
     return 0
+
+
+def _real_spec(name: str):
+    """The registered model `name`, which must have its weights here (a shape-only model only simulates)."""
+    from vorch_jax.models import registry
+
+    spec = registry.get(name)
+    if not spec.has_weights:
+        raise UserError(f"model '{name}' is shape-only (no weights here): it runs only simulated, "
+                        f"`vorch run CONFIG model={name} executor=sim hardware=h100-sxm`")
+    return spec
 
 
 def cmd_ppl(args) -> int:
     import math
 
-    from vorch_jax.corpus import kjv_text
-    from vorch_jax.models.generate import sequence_nll
-    from vorch_jax.models.smollm2 import bos_id, load_smollm2
+    from vorch_jax.models.corpus import kjv_text
+    from vorch_jax.runtime.reference import ResidentModel
 
     if args.max_tokens < 1:
         raise UserError(f"--max-tokens must be at least 1, got {args.max_tokens}")
@@ -58,33 +68,32 @@ def cmd_ppl(args) -> int:
                 text = f.read()
         except (OSError, UnicodeDecodeError) as e:
             raise UserError(f"cannot read --text {args.text}: {e}") from None
-    model, tok, _ = load_smollm2()
-    body = tok.encode(text).ids[: args.max_tokens]
+    spec = _real_spec(args.model)
+    body = spec.tokenizer().encode(text).ids[: args.max_tokens]
     if len(body) < args.max_tokens:
         raise UserError(f"--text {args.text} has only {len(body)} tokens, fewer than --max-tokens {args.max_tokens}")
-    nll, n = sequence_nll(model, [bos_id(tok)] + body, dtype=args.dtype)
+    nll, n = ResidentModel(spec, args.dtype).nll([spec.bos_id()] + body)
     print(json.dumps({"ppl": math.exp(nll / n), "tokens": n, "nll": nll / n, "dtype": args.dtype}))
     return 0
 
 
 def cmd_blocks(args) -> int:
     from vorch_jax.config import load_config
-    from vorch_jax.models.blocks import block_table, summarize_blocks
-    from vorch_jax.models.smollm2 import load_smollm2
+    from vorch_jax.models.blocks import summarize_blocks
     from vorch_jax.placement import resolve_placement
+    from vorch_jax.runtime.setup import model_spec
 
     cfg = load_config(args.config, args.overrides)
-    model, _, _ = load_smollm2()
-    table = block_table(model)
+    table = model_spec(cfg).blocks()
     placement = resolve_placement(cfg.placement, [b.id for b in table])
     if args.json:
         print(json.dumps(summarize_blocks(table), indent=2))
         return 0
-    print(f"{'block':<18} {'kind':<6} {'layer':>5} {'bytes':>11}  placement")
+    print(f"{'block':<20} {'kind':<6} {'layer':>5} {'bytes':>11}  placement")
     for b in table:
         p = placement[b.id]
         where = "policy decides" if p.state is None else p.state
-        print(f"{b.id:<18} {b.kind:<6} {b.layer:>5} {b.nbytes:>11}  {where}{' protected' if p.protect else ''}")
+        print(f"{b.id:<20} {b.kind:<6} {b.layer:>5} {b.nbytes:>11}  {where}{' protected' if p.protect else ''}")
     s = summarize_blocks(table)
     print(f"{s['blocks']} blocks, {s['total_bytes']} bytes")
     return 0
@@ -93,7 +102,7 @@ def cmd_blocks(args) -> int:
 def cmd_run(args) -> int:
     from vorch_jax.config import load_config
     from vorch_jax.outputs import check_out_dir
-    from vorch_jax.runner import run
+    from vorch_jax.runtime.run import run
 
     cfg = load_config(args.config, args.overrides)
     check_out_dir(args.out)
@@ -106,7 +115,7 @@ def cmd_compare(args) -> int:
     """Several policies on one config, sharing the resident reference; one table side by side."""
     from vorch_jax.config import apply_overrides, load_config
     from vorch_jax.outputs import check_out_dir
-    from vorch_jax.runner import compare
+    from vorch_jax.runtime.run import compare
 
     cfg = load_config(args.config, args.overrides)
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
@@ -175,12 +184,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     g = sub.add_parser("generate", help="greedy continuation of a prompt (all blocks resident)")
+    g.add_argument("--model", default="smollm2-135m", help="a registered model (default smollm2-135m)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--new-tokens", type=int, default=16)
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     g.set_defaults(func=cmd_generate)
 
     q = sub.add_parser("ppl", help="perplexity of the model on a text (BOS prepended), as one JSON line")
+    q.add_argument("--model", default="smollm2-135m", help="a registered model (default smollm2-135m)")
     q.add_argument("--text", default="kjv", help="a UTF-8 file, or 'kjv' for the King James Bible (default)")
     q.add_argument("--max-tokens", type=int, default=512)
     q.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")

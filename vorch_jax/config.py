@@ -28,7 +28,10 @@ Rules worth knowing:
   * `placement` is stored as a tuple so the config stays hashable; a YAML list is accepted.
   * Empty sections (``score:`` with nothing under it) mean "all defaults".
 
-Block states, as strings (the `State` enum itself lives in tiers/; this module imports nothing from the other rooms):
+`model` names a model of the registry (`vorch_jax.models.spec`; the one import from another room: an unknown name
+lists the registered ones).
+
+Block states, as strings (the `State` enum itself lives in tiers/; this module imports nothing else from the rooms):
 S0 device full precision, S1 device int8, S2 device int4, S3 host DRAM, S4 NVMe, S5 in flight (transient, never
 requested), S6 low-rank fallback. S1, S2 and S6 are lossy. A rule's `floor` is the worst state a block may reach,
 ranked by quality for use, best first: S0, S1, S2, S6, S3, S4 (the ranking of `vorch_jax.state_ids.QUALITY_RANK`,
@@ -68,7 +71,7 @@ __all__ = [
     "QualityConfig",
     "PlacementRule",
     "RunConfig",
-    "MODELS",
+    "MoEConfig",
     "POLICIES",
     "EXECUTORS",
     "DTYPES",
@@ -84,7 +87,6 @@ __all__ = [
     "config_to_dict",
 ]
 
-MODELS = ("smollm2-135m", "smollm2-135m-moe")
 POLICIES = ("resident", "static", "static-prefetch", "lru", "lfu", "scored", "belady")
 EXECUTORS = ("real", "sim")
 DTYPES = ("float32", "bfloat16")
@@ -358,6 +360,32 @@ class QualityConfig:
 
 
 @dataclass(frozen=True)
+class MoEConfig:
+    """A routed model's settings (models that route nothing ignore them).
+
+    `top_k`: experts per token a run routes with (0: the k its routers were trained for); `router_config`: the
+    router build of the MoE SmolLM2 (default configs/moe/router.yaml); `speculative`: the next layer's router
+    predicts its experts and the sure guesses load early (`auto`: for the scored policy only, so the baselines are
+    the plain caches)."""
+
+    top_k: int = 0
+    router_config: str = ""
+    speculative: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _require(self.top_k >= 0, "top_k", f"must be >= 0 (0: the routers' trained k), got {self.top_k}")
+        _choice(self, "speculative", ("auto", "on", "off"))
+
+
+def _model_names() -> tuple[str, ...]:
+    """The registered models (`vorch_jax.models.spec`): what `model` may name."""
+    from vorch_jax.models.registry import names
+
+    return names()
+
+
+@dataclass(frozen=True)
 class PlacementRule:
     """Where blocks whose id fully matches `path` start and how far they may fall.
 
@@ -417,11 +445,12 @@ class RunConfig:
     guardrail: GuardrailConfig = field(default_factory=GuardrailConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
     placement: tuple[PlacementRule, ...] = ()
 
     def __post_init__(self) -> None:
         _check_types(self)
-        _choice(self, "model", MODELS)
+        _choice(self, "model", _model_names())
         _choice(self, "policy", POLICIES)
         _choice(self, "executor", EXECUTORS)
         _choice(self, "dtype", DTYPES)
@@ -445,7 +474,7 @@ class RunConfig:
 
 
 _SECTIONS: dict[str, type] = {"score": ScoreConfig, "guardrail": GuardrailConfig, "quant": QuantConfig,
-                              "quality": QualityConfig}
+                              "quality": QualityConfig, "moe": MoEConfig}
 
 
 # ------------------------------------------------------------------------------------------------ dict -> config

@@ -16,7 +16,7 @@ from vorch_jax.errors import VorchError
 
 def requirements() -> list[tuple[str, str]]:
     """(pip requirement, what it provides), each pinned exactly."""
-    from vorch_jax.corpus import KJV_REQUIREMENT
+    from vorch_jax.models.corpus import KJV_REQUIREMENT
     from vorch_jax.models.packages import REQUIREMENTS
 
     return list(REQUIREMENTS) + [(KJV_REQUIREMENT, "the King James Bible, the evaluation text")]

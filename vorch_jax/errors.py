@@ -40,10 +40,6 @@ class ProfileError(VorchError, ValueError):
     """A hardware profile that is missing, malformed, or has a missing / unknown / non-positive field."""
 
 
-class CorpusError(VorchError, RuntimeError):
-    """The evaluation text is not installed or not readable."""
-
-
 class RoutingTraceError(VorchError, ValueError):
     """A routing trace that is missing, unreadable, or does not fit the model or the run."""
 

@@ -1,6 +1,6 @@
 """The scored policy for a mixture of experts: the dense controller's plan, with experts evicted by their expected
-next read (from the router's statistics, kept by `moe_executor.RoutedLedger`). Run by the real routed executor
-(`moe_run.run_moe`) and by the simulator's routed executor alike."""
+next read (from the router's statistics, `runtime.routing.RouterStats`, kept by the ledger of a routed plan). Real
+and simulated runs use it alike."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from .scored_policy import ScoredPolicy
 
 class MoEScoredPolicy(ScoredPolicy):
     """The scored policy over experts. A victim is the block whose *expected* next read lies furthest ahead
-    (`RoutedExecutor.expected_next_use`: its cyclic distance plus the passes its router is expected to skip it, from
+    (`Ledger.expected_next_use`: its cyclic distance plus the passes its router is expected to skip it, from
     P(selected), the router statistics λ is made of): Belady's rule on the router's estimate instead of the recorded
     future. Every unprotected block is a candidate, the controller's plan included: the plan (a knapsack on R, whose
     ρ and λ are long-run frequencies) then only chooses each block's on-device state. Letting the plan pin experts
@@ -17,7 +17,7 @@ class MoEScoredPolicy(ScoredPolicy):
     1.48 x Belady's bytes with the plan pinned, 1.38 x without (LRU 1.44 x). The dense `ScoredPolicy` evicts blocks
     outside its plan most recently used first: right for layers streamed cyclically, wrong for experts."""
 
-    _expected_next_use = None  # block -> expected positions until its next read, from the executor running this
+    _expected_next_use = None  # block -> expected positions until its next read, from the ledger running this
 
     def run_by(self, executor):
         self._expected_next_use = executor.expected_next_use

@@ -83,8 +83,8 @@ class Policy:
         its modelled clock a tick has long finished, while the host that runs the simulation may not be there yet)."""
 
     def run_by(self, executor) -> None:
-        """Called once by an executor that offers its schedule queries to the policy it runs (the routed MoE
-        executor: expected next use from the router). Most policies need nothing from it."""
+        """Called once by the ledger that runs the policy, which offers its queries (a routed plan's expected next
+        use from the router). Most policies need nothing from it."""
 
 
 class ResidentPolicy(Policy):

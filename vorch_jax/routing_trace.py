@@ -1,6 +1,6 @@
 """Routing traces: which experts each pass of an MoE run read, and what speculation predicted, as a file.
 
-A real MoE run (`moe_run.run_moe`) writes `routing.json` beside its `summary.json`; the simulator replays it
+A real run of a routed model (`runtime.run.run`) writes `routing.json` beside its `summary.json`; the simulator replays it
 (`simulate(..., routing=, speculation=)`, or `vorch run CONFIG executor=sim routing_trace=RUN/routing.json`), so a
 simulated run of the same model meets the same routing as the measured one.
 
@@ -17,24 +17,6 @@ from pathlib import Path
 from vorch_jax.errors import RoutingTraceError
 
 FILE = "routing.json"
-
-
-def routing_from_stream(stream) -> list[list[list[int]]]:
-    """[pass][layer] -> expert ids, from a routed access stream (embed, per layer attn, gate, experts, final_norm,
-    embed), e.g. a real MoE run's or its resident reference's (`moe_run.MoEReference.stream`): the routing trace
-    the simulator replays."""
-    passes, cur = [], None
-    for b in stream:
-        if b == "embed" and cur is None:
-            cur = {}
-        elif b == "final_norm":
-            n = 1 + max(cur) if cur else 0
-            passes.append([sorted(cur.get(i, [])) for i in range(n)])
-            cur = None
-        elif ".expert." in b:
-            _, layer, _, e = b.split(".")
-            cur.setdefault(int(layer), []).append(int(e))
-    return passes
 
 
 def write_routing_trace(out_dir, *, model: str, n_layers: int, n_experts: int, passes, speculation=None) -> Path:

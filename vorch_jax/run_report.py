@@ -40,16 +40,16 @@ def _quant(directory: Path) -> tuple[QuantConfig, str | None]:
                           f"or re-run the point") from None
 
 
-def lossy_state_bytes(blocks: Sequence[str], quant: QuantConfig) -> dict[str, dict[str, int]]:
-    """{block: {S0, S1, S2, S6: device bytes}} from the model's tensor shapes (loads the model file's metadata)."""
-    from vorch_jax.models.smollm2 import load_smollm2_source
+def lossy_state_bytes(blocks: Sequence[str], quant: QuantConfig, model: str) -> dict[str, dict[str, int]]:
+    """{block: {S0, S1, S2, S6: device bytes}} from the model's tensor shapes (its spec: nothing is read)."""
+    from vorch_jax.models.registry import get
     from vorch_jax.tiers import footprint
     from vorch_jax.tiers.state import State
 
-    source = load_smollm2_source()
+    spec = get(model)
     out = {}
     for b in blocks:
-        shapes = source.block_shapes(b)
+        shapes = spec.block_shapes(b)
         out[b] = {s.name: footprint.state_bytes(shapes, s, int4_group_size=quant.int4_group_size,
                                                 lowrank_rank=quant.lowrank_rank)
                   for s in (State.S0, State.S1, State.S2, State.S6)}
@@ -120,7 +120,7 @@ def report_run(directory: str | Path) -> Path:
     sizes = plots.device_bytes_from_trace(records)
     if any(r.get("to") in LOSSY for r in records if r["event"] in ("transition", "recovered")):
         quant, note = _quant(directory)
-        sizes = lossy_state_bytes(plots.block_order(records), quant)
+        sizes = lossy_state_bytes(plots.block_order(records), quant, summary["model"])
         notes += [note] if note else []
         notes.append("Lossy device sizes (S1, S2, S6) computed from the model's tensor shapes "
                      "(`tiers.footprint`); full-precision sizes agree with the trace's host->device bytes.")

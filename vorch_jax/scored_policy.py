@@ -12,7 +12,7 @@ Terms, all measured or configured, none keyword-guessed:
      all of them); the MoE router supplies it for experts;
   κ  from placement rules (`kappa`), else 1 for protected blocks and 0.5 otherwise;
   ψ  calibrated sensitivity (ΔKL at S2, `vorch calibrate`); the calibration also sets each lossy state's value loss
-     from measured KL. A lossy run always has one (`runner.quality_guard` measures it when none is stored), and
+     from measured KL. A lossy run always has one (`runtime.inputs.quality_guard` measures it when none is stored), and
      `lossy_states` (the run's quality budget, `quality_budget.allocate`) limits each block's ladder to the lossy
      states whose calibrated ΔKL the budget can pay for. Only a simulation without a calibration allows every
      lossy state (its quality is not simulated) and then ψ is 0;
@@ -31,12 +31,12 @@ import numpy as np
 
 from vorch_jax import state_ids as sid
 from vorch_jax.access_stats import update_rho
+from vorch_jax.errors import BudgetError
 from vorch_jax.block_table import BlockTable
 from vorch_jax.score import ScoreWeights, score
 from vorch_jax.state_update import REASON_NAMES, TickParams, check_budget, commit, tick
 from vorch_jax.tiers.state import State
 
-from .executor import BudgetError
 from .policies import Policy
 
 RHO_DECAY_PER_PASS = 0.9  # ρ forgets 10% per forward pass; per tick it decays by the pass's share of that

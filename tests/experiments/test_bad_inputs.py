@@ -173,9 +173,17 @@ def disk_full(monkeypatch, d):
     monkeypatch.setattr(telemetry, "write_trace", full)
 
 
+def _fresh_models(monkeypatch):
+    """A new process builds its model specs (and opens their files) afresh; this one has them cached."""
+    from vorch_jax.models import registry
+
+    monkeypatch.setattr(registry, "_BUILT", {})
+
+
 def truncated_model(monkeypatch, d):
     from vorch_jax.models import gguf_source
 
+    _fresh_models(monkeypatch)
     real = gguf_source.find_smollm2_gguf()
     cut = d / "truncated.gguf"
     cut.write_bytes(real.read_bytes()[: 1 << 20])
@@ -185,6 +193,7 @@ def truncated_model(monkeypatch, d):
 def _without_package(monkeypatch, name):
     import importlib.metadata
 
+    _fresh_models(monkeypatch)
     real = importlib.metadata.distribution
 
     def distribution(dist):

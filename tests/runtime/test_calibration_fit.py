@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments import calibrate_hardware as C  # noqa: E402
 from vorch_jax.hardware import load_profile  # noqa: E402
-from vorch_jax.model_shapes import model_shape  # noqa: E402
+from vorch_jax.models.registry import get as get_spec  # noqa: E402
 
 BW, LAT, HOST, BESIDE = 5e9, 2e-4, 4e-5, 7e-4  # bytes/s, s per load alone, host s per position, s beside compute
 AHEAD = 1.1e-3  # s a prefetch takes beyond the load alone (compute beside it throughout)
@@ -46,13 +46,13 @@ def test_fit_recovers_link_host_beside_and_memory_parameters(monkeypatch):
     runs = {("resident", 1.0): [({"decode_step_s": 0.030}, trace(40, 0, sizes))] * 2,
             ("static", 0.4): [({"decode_step_s": 0.080}, trace(40, 3, sizes))] * 3,
             ("static-prefetch", 0.4): [({"decode_step_s": 0.090}, trace(40, 0, sizes) + prefetches)]}
-    shape = model_shape("smollm2-135m")
+    shape = get_spec("smollm2-135m")
     prof = load_profile("this-machine")
     cal = C.fit_from_runs(runs, shape, prof, 6, fresh_rates=[2e9, 1e9, 3e9], link_points=probe,
                           free_rates=[3e10, 1e10, 2e10])
     assert cal["h2d"] == pytest.approx(BW, rel=1e-6) and cal["h2d_lat"] == pytest.approx(LAT, rel=1e-6)
     assert cal["dispatch"] == pytest.approx(HOST) and cal["beside"] == pytest.approx(BESIDE, rel=1e-6)
-    streamed = sum(shape.bytes_read(b, op, 1, 17 + 5) for b, op in shape.pass_positions())
+    streamed = sum(shape.cost(p, 1, 17 + 5, shape.device_bytes(p.block), 4)[1] for p in shape.skeleton())
     assert cal["hbm_bw"] == pytest.approx(streamed / 0.030) and cal["overhead"] == 0.0  # no MoE point: folded in
     assert cal["fresh"] == 2e9 and cal["fresh_free"] == 2e10 and cal["fresh_frees"] == 0  # probes: no evictions
     assert cal["contention"] == 0.25 and cal["static_step_s"] == 0.080
@@ -85,7 +85,7 @@ def test_beside_is_the_mean_excess_and_big_evictions_give_the_free_rate(monkeypa
             ("static", 0.4): [({"decode_step_s": 0.08}, static)],
             ("static-prefetch", 0.4): [({"decode_step_s": 0.09}, drops)]}
     probe = [(b, LAT + b / BW) for b in (2**20, 2**22)]
-    cal = C.fit_from_runs(runs, model_shape("smollm2-135m"), load_profile("this-machine"), 6, link_points=probe,
+    cal = C.fit_from_runs(runs, get_spec("smollm2-135m"), load_profile("this-machine"), 6, link_points=probe,
                           free_rates=[9e9])
     assert cal["beside"] == pytest.approx(BESIDE + 0.010 / len(misses), rel=1e-6)
     assert cal["beside_median"] == pytest.approx(BESIDE, rel=1e-6)
@@ -97,9 +97,9 @@ def test_moe_resident_point_splits_overhead_from_bandwidth(monkeypatch):
     """With a second resident point of more positions per byte, the overhead is what the (here: linear) simulated
     MoE step needs, and the bandwidth keeps the dense resident step."""
     monkeypatch.setattr(C, "fit_contention", lambda cal, profile, tokens: 0.0)
-    shape = model_shape("smollm2-135m")
-    n = len(shape.pass_positions())
-    streamed = sum(shape.bytes_read(b, op, 1, 17 + 5) for b, op in shape.pass_positions())
+    shape = get_spec("smollm2-135m")
+    n = len(shape.skeleton())
+    streamed = sum(shape.cost(p, 1, 17 + 5, shape.device_bytes(p.block), 4)[1] for p in shape.skeleton())
     true_o, true_bw = 5e-5, 2e10
     dense = n * true_o + streamed / true_bw
 
@@ -130,6 +130,6 @@ def test_fresh_allocation_rate_comes_from_the_runs_own_large_loads(monkeypatch):
     runs = {("resident", 1.0): [({"decode_step_s": 0.03}, placed(0.05)), ({"decode_step_s": 0.03}, placed(0.07))],
             ("static", 0.4): [({"decode_step_s": 0.08}, trace(40, 3, sizes) + placed(0.06)[-1:])],
             ("static-prefetch", 0.4): [({"decode_step_s": 0.09}, [])]}
-    cal = C.fit_from_runs(runs, model_shape("smollm2-135m"), load_profile("this-machine"), 6,
+    cal = C.fit_from_runs(runs, get_spec("smollm2-135m"), load_profile("this-machine"), 6,
                           fresh_rates=[9e9, 9e9], link_points=[(2**20, 3e-4), (2**22, 6e-4)])
     assert cal["fresh"] == pytest.approx(big / 0.06) and cal["fresh_loads"] == 3

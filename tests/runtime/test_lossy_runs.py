@@ -8,7 +8,7 @@ import json
 import pytest
 
 from vorch_jax.errors import QualityError
-from vorch_jax.runner import run
+from vorch_jax.runtime.run import run
 
 LOSSY_READS = ("S1", "S2", "S6")
 
@@ -55,11 +55,11 @@ def test_blocks_read_lossy_are_only_those_the_budget_allows(lossy_run):
     from vorch_jax.calibrate import load_calibration, machine_key, model_key
     from vorch_jax.models.gguf_source import load_smollm2_source
     from vorch_jax.quality_budget import allocate
-    from vorch_jax.runner import prepare
     from vorch_jax.config import config_from_dict
+    from vorch_jax.runtime.setup import build_setup
 
     cfg = config_from_dict(s["config"])
-    setup = prepare(cfg)
+    setup = build_setup(cfg)
     source = load_smollm2_source()
     cal = load_calibration(None, model_key(source), machine_key(), source=source)
     allowance = allocate(cal.kl, setup.state_bytes, cfg.quality.max_kl, share=cfg.quality.kl_share,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from vorch_jax.runner import run
+from vorch_jax.runtime.run import run
 
 POLICIES = ["static", "static-prefetch", "lru", "lfu", "scored", "belady"]
 

@@ -5,10 +5,11 @@ import os
 
 import pytest
 
-from vorch_jax import runner
+from vorch_jax.runtime import run as runner
 from vorch_jax.cli import main
 from vorch_jax.config import ConfigError
-from vorch_jax.runner import RunError, run
+from vorch_jax.errors import RunError
+from vorch_jax.runtime.run import run
 
 TRACE_KEYS = {"t", "step", "layer", "block", "event", "from", "to", "bytes", "link", "dur_s"}
 

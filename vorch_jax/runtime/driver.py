@@ -1,0 +1,112 @@
+"""The driver: one loop over a spec's plan, whatever the model, the residency and the backend.
+
+The loop is the schedule (FlexGen's shape):
+
+    for position in the pass:              (a router's position reveals the experts that follow it)
+        w = residency.fetch(block)         ensure (hit, or load and wait: a timed stall), then prefetch ahead
+        backend.run(position, w)           async dispatch on the real backend; a modelled span on the simulated one
+        if position routes: the router's choice comes to the host; the next layer's router may speculate
+        residency.done(); at a layer's end: residency.after_layer (the policy's tick)
+
+Residency is the `Ledger` (a budget, an engine, a policy) or `ResidentWeights` (everything on device: the reference
+run). The backend is `RealBackend` (the spec's jitted ops) or `SimBackend` (the simulator's clock and cost model):
+real and simulated runs differ only there, dense and MoE runs only in the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """Greedy tokens and the clock at each step boundary: `marks[0]` prefill starts, `marks[1]` it ends (the first
+    decode step starts), `marks[k + 1]` decode step k ends. Steps follow each other without gaps. The simulated
+    backend has no tokens (all 0) and its clock is the modelled one."""
+
+    tokens: list
+    marks: tuple
+
+    @property
+    def prefill_s(self) -> float:
+        return self.marks[1] - self.marks[0]
+
+    @property
+    def step_s(self) -> list:
+        """Seconds of each decode step."""
+        return [b - a for a, b in zip(self.marks[1:-1], self.marks[2:])]
+
+    def measured_window(self) -> tuple[float, float, int]:
+        """(start, end, steps) of the decode steps a summary times: all but the first (its warm-up), unless that is
+        the only one."""
+        first = 2 if len(self.marks) > 3 else 1
+        return self.marks[first], self.marks[-1], len(self.marks) - 1 - first
+
+
+class Driver:
+    def __init__(self, spec, residency, backend):
+        self.spec, self.residency, self.backend = spec, residency, backend
+        self.cursor = residency.cursor
+        self.passes = 0
+        self.routing: list[list] = []  # [pass][layer] -> expert ids its router chose (routed plans)
+
+    def forward(self, ids_BxT, cache, pos: int):
+        """One pass; returns (logits [B, T, V] float32, cache) on the real backend, (None, None) simulated."""
+        cursor, res, be = self.cursor, self.residency, self.backend
+        be.begin_pass(ids_BxT, cache, pos, self.passes)
+        cursor.begin_pass()
+        chosen = [[] for _ in cursor.route_of_layer] if cursor.routed else None
+        while (p := cursor.next()) is not None:
+            with be.host():
+                w = res.fetch(p.block)
+            out = be.run(p, w)
+            if p.op == "route":
+                selected, probs = be.routing(p, out)
+                cursor.resolve(p.layer, selected)
+                chosen[p.layer] = np.flatnonzero(selected).tolist()
+                with be.host():
+                    res.observe_routing(p.layer, selected)
+                    gate = res.speculation_gate(p.layer)
+                if gate is not None:
+                    guess = be.speculate(cursor.route_of_layer[p.layer + 1], res.weights_of(gate), self.spec.top_k)
+                    if guess is not None:
+                        with be.host():
+                            res.observe_speculation(p.layer + 1, *guess)
+            with be.host():
+                res.done()
+                if cursor.ends_layer(p):
+                    res.after_layer(p.layer)
+        with be.host():
+            res.end_pass()
+        if chosen is not None:
+            self.routing.append(chosen)
+        self.passes += 1
+        return be.end_pass()
+
+
+def greedy_generate(driver: Driver, prompt_ids: list[int], new_tokens: int, dtype, on_step=None) -> Generation:
+    """Prefill then greedy decode through the driver; the clock is the backend's."""
+    be = driver.backend
+    cache = be.new_cache(len(prompt_ids) + new_tokens, dtype)
+    marks = [be.now()]
+    logits, cache = driver.forward(np.asarray([prompt_ids]), cache, 0)
+    nxt = be.next_token(logits)
+    marks.append(be.now())
+    tokens = [nxt]
+    pos = len(prompt_ids)
+    for _ in range(new_tokens - 1):
+        logits, cache = driver.forward(np.asarray([[nxt]]), cache, pos)
+        nxt = be.next_token(logits)
+        marks.append(be.now())
+        tokens.append(nxt)
+        pos += 1
+        if on_step:
+            on_step(len(tokens))
+    return Generation(tokens, tuple(marks))
+
+
+def argmax_token(logits) -> int:
+    return int(jnp.argmax(logits[0, -1]))

@@ -1,0 +1,185 @@
+"""A run's policy and what the scored policy measures before it starts: written once for real and simulated runs.
+
+The scored policy's inputs (ψ, δ, τ's link rates, each lossy state's value loss) come from:
+  * the stored calibration of the model on this machine (`vorch calibrate`) when there is one;
+  * otherwise, for a real run, probes of the links now (a lossless run needs no ψ);
+  * for a simulated run, the hardware profile (links, δ from its dequant rates), with ψ from the model's
+    calibration where its weights are here.
+A run that can hold blocks in lossy states is guarded by measurement (`quality_guard`): its calibration (measured
+first when none is stored) and the lossy states its quality budget allows each block (`quality_budget.allocate`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from vorch_jax.config import RunConfig
+from vorch_jax.errors import QualityError, RunError
+from vorch_jax.tiers.state import LOSSY, State
+
+from ..belady import BeladyPolicy
+from ..policies import LFUPolicy, LRUPolicy, PolicyContext, ResidentPolicy, StaticPolicy
+
+
+def make_policy(cfg: RunConfig, ctx: PolicyContext, extras: dict | None = None, *, routed: bool = False):
+    name = cfg.policy
+    if name == "resident":
+        return ResidentPolicy(ctx)
+    if name == "static":
+        return StaticPolicy(ctx, prefetch_depth=0)
+    if name == "static-prefetch":
+        return StaticPolicy(ctx, prefetch_depth=cfg.prefetch_depth)
+    if name == "lru":
+        return LRUPolicy(ctx)
+    if name == "lfu":
+        return LFUPolicy(ctx)
+    if name == "belady":
+        return BeladyPolicy(ctx, prefetch_depth=cfg.prefetch_depth)
+    if name == "scored":
+        from ..moe_policy import MoEScoredPolicy
+        from ..scored_policy import ScoredPolicy
+
+        return (MoEScoredPolicy if routed else ScoredPolicy)(ctx, cfg, **(extras or {}))
+    raise RunError(f"unknown policy '{name}'")
+
+
+def policy_context(cfg: RunConfig, setup, future) -> PolicyContext:
+    return PolicyContext(block_ids=tuple(setup.block_ids), device_bytes=setup.device_bytes,
+                         budget_bytes=setup.hbm_budget, schedule=tuple(setup.pass_order),
+                         prefetch_depth=cfg.prefetch_depth, protected=setup.protected, future=tuple(future),
+                         forced=setup.forced, state_bytes=setup.state_bytes)
+
+
+def speculative(cfg: RunConfig) -> bool:
+    return cfg.moe.speculative == "on" or (cfg.moe.speculative == "auto" and cfg.policy == "scored")
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+def stored_calibration(cfg: RunConfig, setup):
+    """The stored calibration of this model on this machine covering every block in the run's formats, or None."""
+    from vorch_jax.calibrate import covers, load_calibration, machine_key, model_key, supports
+
+    if not supports(setup.spec):
+        return None
+    source = setup.source
+    cal = load_calibration(None, model_key(source), machine_key(), source=source)
+    if cal is None or covers(cal, tokens=cal.tokens, blocks=list(setup.block_ids),
+                             int4_group_size=cfg.quant.int4_group_size, lowrank_rank=cfg.quant.lowrank_rank) is not None:
+        return None
+    return cal
+
+
+def uses_lossy_states(cfg: RunConfig, forced: dict) -> bool:
+    """Whether a run can hold a block in a lossy state: the scored policy with lossy allowed, or a placement rule."""
+    return cfg.lossy and (cfg.policy == "scored" or any(State(s) in LOSSY for s in forced.values()))
+
+
+@dataclasses.dataclass(frozen=True)
+class QualityGuard:
+    """What a lossy run may trade, decided before it starts from measurement: the calibration, the lossy states the
+    quality budget allows each block (`quality_budget.allocate`) and the ΔKL placement rules already spend."""
+
+    calibration: object
+    allowance: object
+    forced_kl: float
+
+    def summary(self, kl_measured: float | None = None) -> dict:
+        out = {**self.allowance.summary(), "forced_kl": self.forced_kl,
+               "calibration": f"{self.calibration.model_key} @ {self.calibration.machine_key}, "
+                              f"{self.calibration.created}"}
+        if kl_measured is not None:
+            out |= {"kl_measured": kl_measured, "within_budget": kl_measured <= self.allowance.max_kl}
+        return out
+
+
+def quality_guard(cfg: RunConfig, setup, say=lambda m: None) -> QualityGuard | None:
+    """For a real run that can use lossy states: the stored calibration of this model on this machine, or
+    (quality.calibration=auto) one measured now and stored; then the lossy states each block may take under
+    quality.max_kl. None for a lossless run. QualityError when no calibration may be measured or placement rules
+    alone exceed the budget."""
+    from vorch_jax.calibrate import CalibrationMismatchError, load_or_calibrate, supports
+
+    from ..quality_budget import allocate, forced_lossy_kl
+
+    if not uses_lossy_states(cfg, setup.forced):
+        return None
+    if not supports(setup.spec):
+        raise QualityError(f"lossy states of {cfg.model} need its measured ΔKL per block and state, which `vorch "
+                           f"calibrate` does not measure for this model yet: run it with lossy=false")
+    q = cfg.quality
+    try:
+        cal = stored_calibration(cfg, setup)
+    except CalibrationMismatchError as e:
+        if q.calibration == "stored":
+            raise
+        say(f"the stored calibration does not fit ({e}): recalibrating")
+        cal = None
+    if cal is None:
+        if q.calibration == "stored":
+            raise QualityError(f"a lossy run of {cfg.model} needs its measured sensitivity and none is stored for this "
+                               f"machine: run `vorch calibrate` (about a minute) or set quality.calibration=auto")
+        say(f"no stored calibration of {cfg.model} on this machine: measuring ΔKL of every block and lossy state on "
+            f"{q.calibration_tokens} tokens first (stored for later runs)")
+        cal = load_or_calibrate(setup.source, None, force=True, progress=say, tokens=q.calibration_tokens,
+                                int4_group_size=cfg.quant.int4_group_size, lowrank_rank=cfg.quant.lowrank_rank)
+    forced_kl = forced_lossy_kl(cal.kl, setup.forced)
+    if forced_kl > q.max_kl:
+        raise QualityError(f"placement rules fix lossy states whose calibrated ΔKL sums to {forced_kl:.4f} nats, above "
+                           f"quality.max_kl={q.max_kl}: raise it (e.g. quality.max_kl={2 * forced_kl:.3g}) or place "
+                           f"fewer blocks in lossy states")
+    free = [b for b in setup.block_ids if b not in setup.forced]
+    allowance = allocate(cal.kl, setup.state_bytes, q.max_kl - forced_kl, share=q.kl_share, blocks=free)
+    allowance = dataclasses.replace(allowance, max_kl=q.max_kl)
+    say(f"quality budget: max_kl {q.max_kl} nats; {sum(bool(v) for v in allowance.states.values())} blocks may take "
+        f"lossy states, bound {allowance.bound_kl + forced_kl:.4f} nats (calibrated ΔKL)")
+    return QualityGuard(cal, allowance, forced_kl)
+
+
+# ------------------------------------------------------------------------------------------- the scored inputs
+
+
+def _common(setup) -> dict:
+    return dict(state_bytes=setup.state_bytes, homes=setup.homes, kinds=setup.kinds, layers=setup.layer_of,
+                placement=setup.placement)
+
+
+def scored_inputs(cfg: RunConfig, setup, store_dir: Path, guard: QualityGuard | None = None) -> dict:
+    """The scored policy's measured inputs for a real run (see the module docstring)."""
+    from vorch_jax.tiers.link_probe import probe_bandwidths
+
+    cal = guard.calibration if guard is not None else stored_calibration(cfg, setup)
+    if cal is not None:
+        return dict(_common(setup), h2d_bytes_per_s=cal.bandwidths["host->device"],
+                    nvme_bytes_per_s=cal.bandwidths["nvme->host"], psi=cal.psi, delta=cal.policy_delta(),
+                    lossy_loss=cal.tick_lossy_loss(), calibration=f"{cal.model_key} @ {cal.machine_key}, {cal.created}",
+                    lossy_states=guard.allowance.states if guard is not None else None)
+    bw = probe_bandwidths(store_dir)
+    return dict(_common(setup), h2d_bytes_per_s=bw["host->device"], nvme_bytes_per_s=bw["nvme->host"], delta=None,
+                calibration=None)
+
+
+def simulated_scored_inputs(cfg: RunConfig, setup, hw, cal) -> dict:
+    """The scored policy's inputs on a hardware profile: links and δ (from its dequant rates) from the profile; ψ,
+    the per-state value loss and the quality budget's lossy states from the model's calibration when it has one."""
+    from ..quality_budget import allocate
+
+    lowbit = {State.S1: "int8", State.S2: "int4"}
+    delta = None
+    if cfg.lossy:
+        delta = {}
+        for b in setup.block_ids:
+            kind = setup.kinds[b]
+            if kind not in delta:
+                delta[kind] = {State.S0: 0.0, State.S6: 0.0}
+                for s, fmt in lowbit.items():
+                    delta[kind][s] = setup.state_bytes[b][s] / hw.dequant_bytes_per_s[fmt]
+    from_cal = {} if cal is None else dict(psi=cal.psi, lossy_loss=cal.tick_lossy_loss(),
+                                           calibration=f"ψ: {cal.model_key} @ {cal.machine_key}, {cal.created}")
+    if cal is not None and cfg.lossy:  # the same quality budget as the real run: the lossy states it may use
+        from_cal["lossy_states"] = allocate(cal.kl, setup.state_bytes, cfg.quality.max_kl,
+                                            share=cfg.quality.kl_share, blocks=list(setup.block_ids)).states
+    return dict(_common(setup), h2d_bytes_per_s=hw.host_to_device.bandwidth_bytes_per_s,
+                nvme_bytes_per_s=hw.nvme_read_bytes_per_s, delta=delta, **from_cal)

@@ -1,0 +1,372 @@
+"""The ledger: which blocks are on the device (landed or in flight), under the HBM budget, and every access.
+
+The budget is kept by a record of device bytes per block (landed or in flight to the device); the bytes are the
+real arrays' sizes the engine reports, and `peak_device_bytes` is sampled from the engine's live device arrays.
+Evicting a block whose lossless home copy is kept off device (the engine's `keep_home`) frees its device arrays
+without traffic, as in every offloading runtime where weights are read-only. A position's order is:
+
+    ensure(block)   hit, or load it now and wait (a timed stall)
+    prefetch()      loads for the next `prefetch_depth` known positions, evicting only blocks needed after them
+    (compute)
+    after_layer()   every N layers, the policy's tick (the scored controller) and its targets
+
+The engine is the real movement engine or the simulator's (same interface); `now()` is the backend's clock.
+
+Routed plans add the router's bookkeeping (`routing.py`'s statistics feed λ and the MoE policy's expected next
+use): known positions only as routers reveal them, speculative loads of the next layer's predicted experts, and an
+initial placement of the protected blocks only (filling the budget with experts in layer order would load experts
+no token may select).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax.numpy as jnp
+import numpy as np
+
+from vorch_jax.errors import BudgetError
+from vorch_jax.tiers.state import State
+
+from .routing import RouterStats, speculation_record
+
+
+@dataclasses.dataclass
+class Access:
+    """One position executed: the ledger's own record (the engine records the movements)."""
+
+    t: int
+    step: int
+    layer: int
+    block: str
+    hit: bool
+    start: float
+    end: float  # when the weights were ready to use
+    state: str
+
+
+@dataclasses.dataclass
+class Counters:
+    hits: int = 0
+    misses: int = 0
+    prefetch_issued: int = 0
+    prefetch_useful: int = 0
+    prefetch_wasted_bytes: int = 0
+    controller_s: float = 0.0
+    peak_device_bytes: int = 0
+
+
+def check_fits(policy, device_bytes: dict, budget: int, state_bytes: dict | None = None) -> None:
+    """The budget must hold the pinned blocks (in the state the policy loads them) plus the largest block that has
+    to stream through."""
+    def held(b):
+        return state_bytes[b][policy.device_state(b)] if state_bytes else device_bytes[b]
+
+    pinned = sum(held(b) for b in policy.pinned)
+    streamed = [device_bytes[b] for b in device_bytes if b not in policy.pinned]
+    need = pinned + (max(streamed) if streamed else 0)
+    if need > budget:
+        raise BudgetError(f"the HBM budget of {budget} bytes cannot hold the blocks the policy keeps on device "
+                          f"({pinned} bytes) plus the largest block it streams ({max(streamed) if streamed else 0} "
+                          f"bytes)")
+
+
+def targets_on(targets: dict):
+    return [b for b, s in targets.items() if State(int(s)).on_device]
+
+
+class Ledger:
+    """The residency of a run under a budget (see the module docstring). `info`: block id -> BlockInfo."""
+
+    def __init__(self, info: dict, cursor, engine, policy, *, budget_bytes: int, device_bytes: dict, homes: dict,
+                 state_bytes: dict, tick_every_n_layers: int, now=time.perf_counter, settle_ticks: bool = False,
+                 speculative: bool = False, spec_min_prob: float = 0.45, eager_plan_loads: bool | None = None):
+        self.info, self.cursor, self.engine, self.policy = info, cursor, engine, policy
+        self.budget = int(budget_bytes)
+        self.device_bytes = dict(device_bytes)  # block -> full-precision (S0) bytes on device
+        self.state_bytes = state_bytes  # block -> {State: device bytes}
+        self.homes = dict(homes)  # block -> State.S3 | State.S4 (its lossless home off device)
+        self.tick_every = max(1, tick_every_n_layers)
+        self.now, self.settle_ticks = now, settle_ticks
+        self.on_device: dict[str, int] = {}  # landed or in flight to device
+        self.inflight: dict[str, object] = {}  # block -> transition to device
+        self.prefetched: set[str] = set()  # loaded ahead, not yet used
+        self.accesses: list[Access] = []
+        self.score_samples: list[tuple] = []  # (time, step, layer, {block: score}) of each adopted tick
+        self.counters = Counters()
+        self.t = 0  # global position index
+        self.step = 0
+        self.routed = cursor.routed
+        # Routed plans: an expert loaded on plan entry may well be evicted before its router selects it (bytes for
+        # nothing), so the plan there only decides what is kept; on-device conversions are applied either way.
+        self.eager_plan_loads = (not self.routed) if eager_plan_loads is None else eager_plan_loads
+        self.speculative = speculative and self.routed
+        self.spec_min_prob = spec_min_prob
+        self.router = RouterStats(info, cursor, policy.ctx.block_ids) if self.routed else None
+        self.spec = {"predicted": 0, "actual": 0, "predicted_and_actual": 0, "issued": 0, "issued_bytes": 0,
+                     "used": 0, "loads": []}  # loads: (layer, block) of every speculative load issued
+        self._spec_pending: dict[str, int] = {}  # block -> layer, speculatively loaded and not yet read
+        self._spec_pred: tuple[int, np.ndarray] | None = None
+        self.spec_trace: dict[tuple[int, int], tuple] = {}  # (pass, layer) -> (predicted ids, mean probs), as made
+        policy.run_by(self)
+        check_fits(policy, self.device_bytes, self.budget, self.state_bytes)
+
+    # ------------------------------------------------------------------ placement
+    def place_initial(self):
+        """Bring the policy's initial residents to the device, in order, while they fit; wait for all. A routed plan
+        places only the protected blocks (and a static placement's fixed set)."""
+        keep = None
+        if self.routed:
+            keep = self.policy.pinned if self.policy.name == "static" else self.policy.ctx.protected
+        used = 0
+        for b in self.policy.initial_resident():
+            if b in self.on_device or (keep is not None and b not in keep):
+                continue
+            need = self._bytes(b, self.policy.device_state(b))
+            if used + need > self.budget:
+                if b in self.policy.pinned:
+                    raise BudgetError(f"pinned block '{b}' does not fit in the HBM budget")
+                continue
+            used += need
+            self._load(b, "placement")
+        for b in list(self.on_device):
+            self.engine.wait(b)
+        self._sample_peak()
+
+    # ------------------------------------------------------------------ one position
+    def ensure(self, block: str):
+        """The block's weights on the device; a miss loads it now, an in-flight block is waited for."""
+        t0 = self.now()
+        hit = block in self.on_device
+        if hit:
+            if block in self.prefetched:
+                self.prefetched.discard(block)
+                self.counters.prefetch_useful += 1
+            self.counters.hits += 1
+        else:
+            self.counters.misses += 1
+            self._make_room(block, self._bytes(block, self.policy.device_state(block)), strict=True,
+                            keep=self._window())
+            self._load(block, "miss")
+        w = self.engine.wait(block)  # records a stall event only when it had to wait
+        if block in self.inflight:
+            self.inflight.pop(block)
+            self.on_device[block] = self.engine.representation(block).nbytes  # the landed arrays' real size
+        self.policy.on_access(self.t, block)
+        self._sample_peak()
+        self.accesses.append(Access(self.t, self.step, self.info[block].layer, block, hit, t0, self.now(),
+                                    self.engine.state(block).name))
+        if block in self._spec_pending:  # a speculative load of it was used
+            self._spec_pending.pop(block)
+            self.spec["used"] += 1
+        return w
+
+    def weights_of(self, block: str):
+        return self.engine.get(block)
+
+    def fetch(self, block: str):
+        """ensure, then prefetch: what the runtime does before a position computes."""
+        w = self.ensure(block)
+        self.prefetch()
+        return w
+
+    def done(self):
+        """The position computed: the next one begins."""
+        self.t += 1
+
+    def prefetch(self):
+        """Issue loads for the next `prefetch_depth` known positions that are off device, if room can be made
+        without evicting anything needed before them."""
+        here, ahead = self.current(), self.upcoming()
+        for j, u in enumerate(ahead):
+            if u in self.on_device:
+                continue
+            horizon = {here, *ahead[: j + 1]}
+            if not self._make_room(u, self._bytes(u, self.policy.device_state(u)), strict=False, keep=horizon):
+                return
+            self._load(u, "prefetch")
+            self.prefetched.add(u)
+            self.counters.prefetch_issued += 1
+
+    def after_layer(self, layer: int):
+        """Layer `layer`'s feed-forward finished: every `tick_every_n_layers` layers, the policy re-plans."""
+        if self.routed:
+            self.cursor.unselected = set()
+        if (layer + 1) % self.tick_every == 0:
+            if self.routed:
+                self.set_lambda(layer + 1)
+            self.maybe_tick()
+
+    def maybe_tick(self):
+        if self.settle_ticks:
+            self.policy.settle()  # on a modelled clock the previous tick has long finished, as in real runs
+        t0 = time.perf_counter()
+        targets = self.policy.tick(self.t)
+        self.counters.controller_s += time.perf_counter() - t0
+        scores = self.policy.take_scores()
+        if scores:
+            self.score_samples.append((self.now(), self.step, self.info[self.current()].layer, scores))
+        if targets:
+            self.apply_targets(targets, getattr(self.policy, "reasons", None))
+
+    def end_pass(self):
+        self.step += 1
+        self._spec_pending.clear()  # a prediction for a pass that ended: no longer pending
+
+    # ------------------------------------------------------------------ the policy's targets
+    def apply_targets(self, targets: dict, reasons: dict | None = None):
+        """Carry out a policy's target states: evict what should leave, load (as prefetch) what should come.
+        `reasons`: the controller's reason per block (SCORE, BUDGET, PREFETCH, ...), recorded on each transition."""
+        if not self.eager_plan_loads:
+            targets = {b: s for b, s in targets.items() if b in self.on_device and State(int(s)).on_device}
+        if not targets:
+            return
+        why = {b: f"plan:{(reasons or {}).get(b, 'SCORE')}" for b in targets}
+        for b, s in targets.items():
+            s = State(int(s))
+            if not s.on_device and b in self.on_device and b not in self.inflight:
+                self._evict(b, why[b])
+        keep = set(targets_on(targets)) | self._window()
+        for b, s in targets.items():
+            s = State(int(s))
+            if not s.on_device:
+                continue
+            if b in self.on_device and b not in self.inflight and self.engine.state(b) != s:
+                grow = self._bytes(b, s) - self.on_device[b]  # an on-device conversion (e.g. S0 -> S2)
+                if grow <= 0 or self._make_room(b, grow, strict=False, keep=keep):
+                    self.on_device[b] = max(self.on_device[b], self._bytes(b, s))
+                    self.inflight[b] = self.engine.request(b, s, why[b])
+            elif b not in self.on_device:
+                if self._make_room(b, self._bytes(b, s), strict=False, keep=keep):
+                    self._load(b, why[b])
+                    self.prefetched.add(b)
+                    self.counters.prefetch_issued += 1
+
+    # ------------------------------------------------------------------ movement
+    def _bytes(self, block: str, state) -> int:
+        return self.state_bytes[block][State(int(state))]
+
+    def current(self) -> str:
+        """The block of the position being executed."""
+        p = self.cursor.current
+        return p.block if p is not None else self.cursor.skeleton[-1].block
+
+    def upcoming(self) -> list[str]:
+        """The next `prefetch_depth` known positions' blocks, in order."""
+        return self.cursor.ahead(self.policy.prefetch_depth)
+
+    def _window(self) -> set:
+        """The blocks of the current position and the prefetch window: never evicted to make room."""
+        return {self.current(), *self.upcoming()}
+
+    def _load(self, block: str, reason: str):
+        state = self.policy.device_state(block)
+        self.on_device[block] = self._bytes(block, state)
+        self.inflight[block] = self.engine.request(block, state, reason)
+
+    def _evict(self, block: str, reason: str):
+        self._spec_pending.pop(block, None)  # evicted before its layer read it: not a used prefetch
+        if block in self.prefetched:  # loaded ahead and never used: wasted
+            self.prefetched.discard(block)
+            self.counters.prefetch_wasted_bytes += self.device_bytes[block]
+        if block in self.inflight:
+            self.engine.wait(block)
+            self.inflight.pop(block, None)
+        self.engine.request(block, self.homes[block], reason).result()  # kept home copy: no bytes move
+        self.on_device.pop(block, None)
+
+    def _make_room(self, block: str, need: int, *, strict: bool, keep=frozenset()) -> bool:
+        used = sum(self.on_device.values())
+        if used + need <= self.budget:
+            return True
+        candidates = [b for b in self.on_device if b != block and b not in keep and b not in self.inflight]
+        order = self.policy.victim_order(self.t, candidates)
+        if not strict:
+            # A prefetch may only evict blocks the plan needs after the prefetched one.
+            nxt = self.cursor.next_use(block)
+            order = [v for v in order if self.cursor.next_use(v) > nxt]
+        freed, victims = 0, []
+        for v in order:
+            if used - freed + need <= self.budget:
+                break
+            victims.append(v)
+            freed += self.on_device[v]
+        if used - freed + need > self.budget:
+            if strict:
+                # Let in-flight loads land, then retry once with them as candidates.
+                waiting = [b for b in self.inflight if b != block]
+                for b in waiting:
+                    self.engine.wait(b)
+                    self.inflight.pop(b, None)
+                if waiting:
+                    return self._make_room(block, need, strict=True, keep=keep)
+                raise BudgetError(f"cannot make room for '{block}' ({need} bytes) under the HBM budget of "
+                                  f"{self.budget} bytes: {used} bytes are on device and the policy releases "
+                                  f"only {freed}")
+            return False
+        for v in victims:
+            self._evict(v, f"evict:{'miss' if strict else 'prefetch'}")
+        return True
+
+    def _sample_peak(self):
+        self.counters.peak_device_bytes = max(self.counters.peak_device_bytes, self.engine.bytes_in("device"))
+
+    # ------------------------------------------------------------------ routing (routed plans)
+    def observe_routing(self, layer: int, selected_E: np.ndarray) -> None:
+        """Layer `layer`'s router chose `selected_E` (bool [E]): the statistics, and the prediction made a layer ago."""
+        self.router.observe(layer, selected_E)
+        if self._spec_pred is not None and self._spec_pred[0] == layer:  # score the prediction made a layer ago
+            pred = self._spec_pred[1]
+            self.spec["predicted"] += int(pred.sum())
+            self.spec["actual"] += int(selected_E.sum())
+            self.spec["predicted_and_actual"] += int((pred & selected_E).sum())
+        self._spec_pred = None
+
+    def speculation_gate(self, layer: int) -> str | None:
+        """The router block that predicts layer + 1's experts after layer `layer` routed, or None (speculation off,
+        the last layer, or that router not sitting on device: speculation never loads a router)."""
+        nxt = self.cursor.route_of_layer.get(layer + 1)
+        if not self.speculative or nxt is None or nxt.block not in self.on_device or nxt.block in self.inflight:
+            return None
+        return nxt.block
+
+    def observe_speculation(self, layer: int, predicted_E: np.ndarray, probs_E: np.ndarray) -> None:
+        """Layer `layer`'s router, applied a layer early, predicted `predicted_E` (bool [E]) with mean probabilities
+        `probs_E`: update P(selected) and load the sure predictions now."""
+        self._spec_pred = (layer, predicted_E)
+        self.spec_trace[(self.step, layer)] = speculation_record(predicted_E, probs_E)
+        self.router.observe_speculation(layer, probs_E)
+        sure = predicted_E & (probs_E >= self.spec_min_prob)
+        experts = self.cursor.spec.experts(layer, np.ones(len(predicted_E), bool))
+        for e in np.flatnonzero(sure)[np.argsort(-probs_E[sure])]:
+            self._speculative_load(layer, experts[int(e)].block)
+
+    def _speculative_load(self, layer: int, block: str):
+        if block in self.on_device:
+            return
+        need = self._bytes(block, self.policy.device_state(block))
+        if not self._make_room(block, need, strict=False, keep=self._window() | {block}):
+            return
+        self._load(block, "prefetch:speculative")
+        self.prefetched.add(block)
+        self.counters.prefetch_issued += 1
+        self._spec_pending[block] = layer
+        self.spec["issued"] += 1
+        self.spec["issued_bytes"] += need
+        self.spec["loads"].append((layer, block))
+
+    def expected_next_use(self, block) -> float:
+        """Expected positions until `block` is next read (`MoEScoredPolicy`'s eviction order): the cursor's distance,
+        plus, for an expert not known to come, the passes its router is expected to skip it (`RouterStats`)."""
+        d = float(self.cursor.next_use(block))
+        if self.router is None:
+            return d
+        return d + self.router.expected_skip_positions(block)
+
+    def set_lambda(self, current_layer: int):
+        """Write λ into the scored policy's block table (other policies have no table: nothing to do)."""
+        table = getattr(self.policy, "table", None)
+        if table is None:
+            return
+        self.policy.table = table.replace(lam=jnp.asarray(self.router.lam_for_tick(current_layer), jnp.float32))

@@ -1,0 +1,281 @@
+"""A run: a model under a budget and a policy, generating for real or on a modelled machine, measured.
+
+`run(cfg, out_dir)` is what `vorch run` calls, for every registered model; `executor: sim` runs the same setup,
+policy, ledger and driver on the simulated backend (`simulate`). It writes `summary.json` (last, atomically, with
+`"complete": true`), `trace.jsonl`, `trace.perfetto.json` and, for a routed model, `routing.json` (the experts each
+generation pass read and the speculative predictions made: what the simulator replays). Phases of a real run, each
+timed on its own: set-up (register blocks at their homes, compile on zero weights: never timed), initial
+placement, prefill, decode, then the quality pass on the evaluation text (its traffic reported apart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import yaml
+
+from vorch_jax.config import RunConfig, apply_overrides, config_to_dict
+from vorch_jax.errors import BudgetError
+from vorch_jax.outputs import check_out_dir, nvme_store_dir, writing
+
+from .. import telemetry as T
+from ..routing_trace import read_routing_trace, write_routing_trace
+from .cursor import PassCursor
+from .driver import Driver, greedy_generate
+from .inputs import (make_policy, policy_context, quality_guard, scored_inputs, simulated_scored_inputs,
+                     speculative, stored_calibration)
+from .ledger import Ledger
+from .real import RealBackend
+from .reference import Reference, quality, resident_reference
+from .setup import build_setup
+from .summary import core_summary, routing_section
+
+
+def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None = None) -> dict:
+    """Run `cfg`, write the outputs to `out_dir`, return the summary.
+
+    `reference`: a resident reference computed earlier for the same model, prompt, evaluation text and token count
+    (a sweep, a compare or a test may share it); computed here when None.
+    """
+    if cfg.executor == "sim":
+        return simulate(cfg, out_dir, progress=progress)
+    out_dir = check_out_dir(Path(out_dir))
+    say = progress or (lambda msg: None)
+    setup = build_setup(cfg)
+    with writing(out_dir):
+        (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # what it was
+    dtype = jnp.dtype(cfg.dtype)
+    guard = quality_guard(cfg, setup, say)
+    store_dir, scratch = nvme_store_dir(cfg.nvme_dir, out_dir)
+    if reference is None:
+        say("resident reference")
+        reference = resident_reference(setup, dtype, cfg.new_tokens)
+    cursor = PassCursor(setup.spec)
+    extras = scored_inputs(cfg, setup, store_dir, guard) if cfg.policy == "scored" else None
+    policy = make_policy(cfg, policy_context(cfg, setup, reference.stream), extras, routed=cursor.routed)
+
+    from vorch_jax.tiers.engine import MovementEngine
+
+    engine = MovementEngine(setup.source, store_dir, int4_group_size=cfg.quant.int4_group_size,
+                            lowrank_rank=cfg.quant.lowrank_rank, keep_home=True)
+    try:
+        ledger = Ledger(setup.info, cursor, engine, policy, budget_bytes=setup.hbm_budget,
+                        device_bytes=setup.device_bytes, homes=setup.homes, state_bytes=setup.state_bytes,
+                        tick_every_n_layers=cfg.tick_every_n_layers, speculative=speculative(cfg))
+        return _run_real(cfg, setup, engine, ledger, policy, out_dir, dtype, reference, say, guard)
+    finally:
+        engine.close()
+        if scratch:
+            shutil.rmtree(store_dir, ignore_errors=True)
+
+
+def _run_real(cfg, setup, engine, ledger, policy, out_dir, dtype, reference: Reference, say, guard):
+    from vorch_jax.tiers.link_probe import probe_bandwidths
+
+    link_bw = probe_bandwidths(engine.store_dir)  # for the floor: the links' speed measured now, not a datasheet
+    say("registering blocks at their homes")
+    for b in setup.block_ids:
+        engine.register(b, setup.homes[b])
+    backend = RealBackend(setup.spec, dtype)
+    driver = Driver(setup.spec, ledger, backend)
+    say("compiling")
+    P, n_eval = len(setup.prompt_ids), len(setup.eval_ids) - 1
+    backend.compile({P, 1}, P + cfg.new_tokens)
+    backend.compile({n_eval}, n_eval)
+
+    say("initial placement")
+    # Traffic is counted from a cold device: the initial placement's loads belong to the run (and the oracle starts
+    # from an empty device too), so policies that front-load bytes are not flattered.
+    t_place0 = time.perf_counter()
+    ledger.place_initial()
+    say("generating")
+    gen = greedy_generate(driver, setup.prompt_ids, cfg.new_tokens, dtype)
+    t_gen0, t_gen1 = gen.marks[0], gen.marks[-1]
+    counters, spec = dataclasses.replace(ledger.counters), {k: (list(v) if isinstance(v, list) else v)
+                                                            for k, v in ledger.spec.items()}
+    say("quality pass")
+    cache = setup.spec.new_cache(1, n_eval, dtype)
+    run_logits, _ = driver.forward(np.asarray([setup.eval_ids[:-1]]), cache, 0)
+    run_logits = np.asarray(run_logits[0])
+    t_q1 = time.perf_counter()
+
+    events = engine.events.snapshot()
+    s = core_summary(cfg, setup, policy, ledger, counters, events, gen, t_place0=t_place0, t_gen1=t_gen1,
+                     resident_step_s=reference.step_s, probe_h2d=link_bw["host->device"])
+    stream = [a.block for a in ledger.accesses if a.start >= t_gen0]
+    q = quality(run_logits, reference.logits, setup.eval_ids, setup.spec.note)
+    q["budget"] = guard.summary(q["kl_mean"]) if guard is not None else None
+    s |= {"tokens": gen.tokens, "tokens_match_resident": gen.tokens == reference.tokens,
+          "stream_matches_resident": stream == list(reference.stream),
+          "text": setup.tokenizer.decode(gen.tokens), "quality": q,
+          "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
+          "link_gbps": {k: v / 1e9 for k, v in link_bw.items()}, "backend": jax.default_backend()}
+    if ledger.routed:
+        s["routing"] = routing_section(setup, ledger, spec, events, t_gen0, t_gen1)
+    if q["budget"] is not None and not q["budget"]["within_budget"]:
+        say(f"warning: measured KL {q['kl_mean']:.4f} nats exceeds quality.max_kl {q['budget']['max_kl']}")
+    records = T.trace_records(ledger.accesses, events, t_gen0, ledger.score_samples)
+    with writing(out_dir):
+        T.write_trace(out_dir, records)
+        if ledger.routed:
+            L = setup.spec.n_layers
+            spec_trace = [[ledger.spec_trace.get((j, i)) for i in range(L)] for j in range(cfg.new_tokens)] \
+                if ledger.speculative else None
+            write_routing_trace(out_dir, model=cfg.model, n_layers=L, n_experts=setup.spec.n_experts,
+                                passes=driver.routing[:cfg.new_tokens], speculation=spec_trace)
+        T.write_json_atomic(out_dir / "summary.json", s)  # last: its presence means the run completed
+    return s
+
+
+# ------------------------------------------------------------------------------------------------- simulated
+
+
+def plan_stream(spec, routing=None, passes: int = 1) -> list[str]:
+    """The blocks a run of `passes` passes reads, in order (`routing[pass][layer]`: the experts each routed layer
+    runs)."""
+    out = []
+    for j in range(passes):
+        for p in spec.skeleton():
+            out.append(p.block)
+            if p.op == "route":
+                sel = np.zeros(spec.n_experts, bool)
+                sel[list(routing[j][p.layer])] = True
+                out += [q.block for q in spec.experts(p.layer, sel)]
+    return out
+
+
+def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculation=None, progress=None,
+             write_traces: bool = True) -> dict:
+    """Run `cfg` on the simulated backend of `hardware` (a profile, its name or path; default `cfg.hardware`).
+
+    `routing`: for a routed model, [pass][layer] -> expert ids (default: `cfg.routing_trace`, else Zipf seeded by
+    `cfg.seed`); `speculation`: the real run's speculative predictions for the same passes ([pass][layer] ->
+    (expert ids, mean probabilities)), which the scored policy replays (none: no speculation). `write_traces=False`
+    writes only `summary.json` (sweeps that need no trace: serialising ~10^5 records costs more than simulating
+    them). Returns the summary."""
+    from vorch_jax.errors import RoutingTraceError
+    from vorch_jax.hardware import load_profile
+
+    from .sim_engine import Clock, SimEngine
+    from .simulated import SimBackend, zipf_routing
+
+    out_dir = check_out_dir(Path(out_dir))
+    say = progress or (lambda msg: None)
+    hw = load_profile(hardware if hardware is not None else cfg.hardware)
+    setup = build_setup(cfg, simulated=True)
+    spec = setup.spec
+    if setup.hbm_budget > hw.hbm_capacity_bytes:
+        raise BudgetError(f"hbm_budget of {setup.hbm_budget} bytes exceeds {hw.name}'s {hw.hbm_capacity_bytes:.0f} "
+                          f"bytes of HBM")
+    cursor = PassCursor(spec)
+    n = cfg.new_tokens  # prefill + (new_tokens - 1) decode steps
+    source = "given by the caller" if routing is not None else None
+    if cfg.routing_trace and routing is None:
+        if not cursor.routed:
+            raise RoutingTraceError(f"routing_trace is set but {cfg.model} has no experts to route: drop "
+                                    f"routing_trace or choose an MoE model")
+        routing, recorded = read_routing_trace(cfg.routing_trace, n_layers=spec.n_layers, n_experts=spec.n_experts,
+                                               passes=n)
+        speculation = speculation if speculation is not None else recorded
+        source = f"trace {cfg.routing_trace}"
+    if cursor.routed and routing is None:
+        routing = zipf_routing(spec, n, seed=cfg.seed, tokens_per_pass=[cfg.prompt_tokens + 1] + [1] * (n - 1))
+        source = f"zipf (seed {cfg.seed})"
+    if cursor.routed and len(routing) < n:
+        raise RoutingTraceError(f"the routing trace has {len(routing)} passes; the run needs {n} (new_tokens)")
+    stream = plan_stream(spec, routing, n)
+    cal = stored_calibration(cfg, setup) if spec.has_weights else None
+    extras = simulated_scored_inputs(cfg, setup, hw, cal) if cfg.policy == "scored" else None
+    policy = make_policy(cfg, policy_context(cfg, setup, stream), extras, routed=cursor.routed)
+    clock = Clock()
+    engine = SimEngine(hw, setup.state_bytes, setup.homes, clock)
+    ledger = Ledger(setup.info, cursor, engine, policy, budget_bytes=setup.hbm_budget, device_bytes=setup.device_bytes,
+                    homes=setup.homes, state_bytes=setup.state_bytes, tick_every_n_layers=cfg.tick_every_n_layers,
+                    now=lambda: clock.now, settle_ticks=True,
+                    speculative=speculative(cfg) and speculation is not None)
+    backend = SimBackend(spec, hw, engine, setup.state_bytes, setup.weight_dtype, routing=routing,
+                         speculation=speculation)
+    driver = Driver(spec, ledger, backend)
+    wall0 = time.perf_counter()
+    t_place0 = clock.now
+    ledger.place_initial()  # traffic counted from a cold device, as the real run does; timed apart (t < 0)
+    gen = greedy_generate(driver, setup.prompt_ids, n, cfg.dtype,
+                          on_step=lambda k: say(f"simulated pass {k}/{n}"))
+    t_gen1 = gen.marks[-1] + 1e-9  # windows are half-open; the last drop happens at the end
+    events = engine.events.snapshot()
+    P = len(setup.prompt_ids)
+    positions = [p for p in cursor.skeleton] if not cursor.routed else _last_pass_positions(spec, routing[-1])
+    resident_step = backend.resident_step_s(positions, P + n - 1) if n > 1 else float("nan")
+    s = core_summary(cfg, setup, policy, ledger, ledger.counters, events, gen, t_place0=t_place0, t_gen1=t_gen1,
+                     resident_step_s=resident_step, probe_h2d=hw.host_to_device.bandwidth_bytes_per_s)
+    gen_accesses = [a for a in ledger.accesses if a.start >= gen.marks[0]]
+    s |= {"simulated": True, "executor": "sim", "hardware": hw.name, "tokens": None, "tokens_match_resident": None,
+          "text": None, "compute_s": sum(d for _, b, d in backend.compute_spans if b >= gen.marks[0]),
+          "quality": {"simulated": True, "note": "quality is not simulated",
+                      "psi_estimate": psi_quality_estimate(cal, gen_accesses) if cal is not None else None,
+                      "psi_note": f"none: no ψ calibration exists for {cfg.model}" if cal is None else
+                      "calibrated ΔKL per block and state (vorch calibrate), summed over the states blocks were read in"},
+          "quality_pass_link_bytes": None,
+          "link_gbps": {"host->device": hw.host_to_device.bandwidth_bytes_per_s / 1e9,
+                        "nvme->host": hw.nvme_read_bytes_per_s / 1e9},
+          "backend": "sim",
+          "routing": None if not cursor.routed else {"source": source, "speculation": ledger.speculative,
+                                                     "speculative_loads": ledger.spec["issued"]},
+          "sim_wall_s": time.perf_counter() - wall0}
+    with writing(out_dir):
+        if write_traces:
+            T.write_trace(out_dir, T.trace_records(ledger.accesses, events, gen.marks[0], ledger.score_samples))
+        T.write_json_atomic(out_dir / "summary.json", s)
+    return s
+
+
+def _last_pass_positions(spec, experts_per_layer) -> list:
+    out = []
+    for p in spec.skeleton():
+        out.append(p)
+        if p.op == "route":
+            sel = np.zeros(spec.n_experts, bool)
+            sel[list(experts_per_layer[p.layer])] = True
+            out += spec.experts(p.layer, sel)
+    return out
+
+
+def psi_quality_estimate(cal, accesses) -> dict:
+    """ΔKL estimated from the calibration: Σ over blocks of the measured ΔKL of the lossy state each block was last
+    read in (an additive, first-order estimate; lossless states add 0)."""
+    last = {a.block: a.state for a in accesses}
+    lossy = {b: st for b, st in last.items() if st in cal.states and b in cal.kl}
+    return {"kl_estimate": float(sum(cal.kl[b][st] for b, st in lossy.items())), "lossy_blocks": len(lossy),
+            "source": f"{cal.model_key} @ {cal.machine_key}, {cal.created}"}
+
+
+# ----------------------------------------------------------------------------------------------------- compare
+
+
+def compare(cfg: RunConfig, policies: list[str], out_dir, *, progress=None) -> list[dict]:
+    """Run `cfg` under each policy (resident at the full budget), sharing one resident reference."""
+    from ..compare_report import write_manifest
+
+    out_dir = check_out_dir(Path(out_dir))
+    say = progress or (lambda msg: None)
+    reference = None
+    if cfg.executor != "sim":  # a simulation has no quality to compare
+        say("resident reference")
+        reference = resident_reference(build_setup(cfg), jnp.dtype(cfg.dtype), cfg.new_tokens)
+    stale = out_dir / "compare.json"
+    if stale.exists():
+        stale.unlink()  # written again once every policy has run
+    summaries = []
+    for p in policies:
+        overrides = [f"policy={p}"] + (["hbm_budget=1.0"] if p == "resident" else [])
+        say(f"policy {p}")
+        summaries.append(run(apply_overrides(cfg, overrides), out_dir / p, progress=progress, reference=reference))
+    with writing(out_dir):
+        write_manifest(out_dir, policies, config_to_dict(cfg))
+    return summaries

@@ -1,0 +1,148 @@
+"""The simulated backend: the same driver, ledger and policies as a real run, with compute and time modelled.
+
+What it replaces of the real run is only what touches hardware: the engine (`sim_engine.SimEngine`: transfers on
+modelled links), the compute of a position (a roofline over the spec's cost model) and the clock. Its time model:
+  * host: each position costs `host.dispatch_s_per_block` (the jax dispatch of its compute) plus the measured wall
+    time of the ledger and policy code the real run executes there too (`host()`: fetch, prefetch, eviction order,
+    ticks, the routed bookkeeping); the host waits (a `stall` event) when a block it needs is still in flight, at the
+    end of each pass for the compute stream (the sampled token), and after each router (its decision comes to the
+    host, as in the real routed run and every MoE offloading runtime);
+  * compute stream: a position starts when the host dispatched it and the previous one finished, and lasts
+    `block_overhead_s + max(FLOPs / flops_per_s[precision], bytes read / hbm bandwidth, low-bit bytes / dequant)`,
+    FLOPs and bytes from `ModelSpec.cost` for the pass's new tokens over its cached context, slowed by copies beside
+    it where they share the cores (`SimEngine.compute_slowdown`);
+  * routing: a routed plan replays a routing trace ([pass][layer] -> the experts run: a real MoE run's
+    `routing.json`, or a Zipf draw, `zipf_routing`), and its recorded speculation (the router's call costs a
+    router's compute and a sync, as in the real run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import numpy as np
+
+from vorch_jax.tiers.state import State
+
+PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
+ITEMSIZE = {"float32": 4, "bfloat16": 2}
+LOWBIT = {State.S1: "int8", State.S2: "int4"}
+
+
+def position_seconds(hw, spec, position, state: State, tokens: int, context: int, state_bytes: dict,
+                     dtype: str) -> float:
+    """Device seconds of one position: overhead + max(FLOPs / throughput, bytes / HBM bandwidth, dequant)."""
+    s0 = state_bytes[position.block][State.S0]
+    wbytes = state_bytes[position.block].get(state, s0) if state.on_device else s0
+    flops, nbytes = spec.cost(position, tokens, context, wbytes, ITEMSIZE[dtype])
+    if state == State.S6 and s0:
+        flops *= wbytes / s0  # low-rank: the factors' products
+    t = max(flops / hw.flops(PRECISION[dtype]), nbytes / hw.hbm_bandwidth_bytes_per_s)
+    if state in LOWBIT and position.op not in ("embed", "norm"):
+        t = max(t, wbytes / hw.dequant_bytes_per_s[LOWBIT[state]])
+    return hw.block_overhead_s + t
+
+
+class SimBackend:
+    settles_ticks = True
+
+    def __init__(self, spec, hw, engine, state_bytes: dict, dtype: str, *, routing=None, speculation=None):
+        """`dtype`: what the modelled device holds weights in (its FLOP rate and the bytes it streams)."""
+        self.spec, self.hw, self.engine, self.clock = spec, hw, engine, engine.clock
+        self.state_bytes, self.dtype = state_bytes, dtype
+        self.routing_trace, self.speculation = routing, speculation
+        self.compute_spans: list[tuple[str, float, float]] = []  # (block, start, seconds) of every position
+        self._pass, self._tokens, self._context = 0, 0, 0
+
+    def now(self) -> float:
+        return self.clock.now
+
+    @contextlib.contextmanager
+    def host(self):
+        """The real ledger and policy code runs inside; its wall time is the host's time on the modelled clock."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.clock.now += time.perf_counter() - t0
+
+    def new_cache(self, max_len: int, dtype):
+        return None
+
+    def begin_pass(self, ids_BxT, cache, pos: int, index: int) -> None:
+        self._pass, self._tokens = index, int(np.shape(ids_BxT)[1])
+        self._context = pos + self._tokens
+
+    def _compute(self, position) -> None:
+        """Dispatch one position (host) and queue its compute on the stream."""
+        hw = self.hw
+        self.clock.now += hw.dispatch_s_per_block
+        state = self.engine.state(position.block)
+        dur = position_seconds(hw, self.spec, position, state, self._tokens, self._context, self.state_bytes,
+                               self.dtype)
+        start = max(self.clock.now, self.clock.gpu)
+        dur += self.engine.compute_slowdown(start, dur)
+        self.clock.gpu = start + dur
+        self.compute_spans.append((position.block, start, dur))
+
+    def _sync(self) -> None:
+        """The host waits for the compute stream (a value it needs comes back from the device)."""
+        self.clock.now = max(self.clock.now, self.clock.gpu)
+
+    def run(self, position, w):
+        self._compute(position)
+        return None
+
+    def routing(self, position, out):
+        self._sync()
+        selected = np.zeros(self.spec.n_experts, bool)
+        selected[list(self.routing_trace[self._pass][position.layer])] = True
+        return selected, None
+
+    def speculate(self, gate_position, gate_w, top_k: int):
+        recorded = self.speculation[self._pass][gate_position.layer] if self.speculation is not None else None
+        if recorded is None:  # the recorded run made no prediction here
+            return None
+        self._compute(gate_position)
+        self._sync()
+        ids, probs = recorded
+        pred = np.zeros(self.spec.n_experts, bool)
+        pred[list(ids)] = True
+        return pred, np.asarray(probs, np.float64)
+
+    def end_pass(self):
+        self._sync()  # the sampled token: the host waits for the stream
+        return None, None
+
+    def next_token(self, logits) -> int:
+        return 0
+
+    def resident_step_s(self, positions, context: int) -> float:
+        """Compute-only decode step of the all-resident model on this profile (the floor's compute term)."""
+        dev = sum(position_seconds(self.hw, self.spec, p, State.S0, 1, context, self.state_bytes, self.dtype)
+                  for p in positions)
+        return max(dev, self.hw.dispatch_s_per_block * len(positions))
+
+
+def zipf_routing(spec, passes: int, *, exponent: float = 1.0, seed: int = 0,
+                 tokens_per_pass=None) -> list[list[list[int]]]:
+    """A routing trace drawn per token from a Zipf law over each layer's experts (a seeded random rank order per
+    layer), top-k without replacement; a pass of several tokens (prefill) runs the union of their experts.
+    Returns [pass][layer] -> sorted expert ids."""
+    rng = np.random.default_rng(seed)
+    E, k, L = spec.n_experts, spec.top_k, spec.n_layers
+    weights = 1.0 / np.arange(1, E + 1) ** exponent
+    perms = [rng.permutation(E) for _ in range(L)]
+    p = weights / weights.sum()
+    out = []
+    for j in range(passes):
+        n_tok = tokens_per_pass[j] if tokens_per_pass else 1
+        layers = []
+        for i in range(L):
+            chosen = set()
+            for _ in range(n_tok):
+                chosen.update(int(perms[i][r]) for r in rng.choice(E, size=k, replace=False, p=p))
+            layers.append(sorted(chosen))
+        out.append(layers)
+    return out

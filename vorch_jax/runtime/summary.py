@@ -1,0 +1,114 @@
+"""The summary of a run, real or simulated: every figure computed from the events the engine recorded and the
+accesses the ledger recorded, never from the plan.
+
+  * traffic is counted from a cold device: the initial placement's loads belong to the run;
+  * `belady_bytes` replays the run's own access stream of generation with furthest-next-use eviction under the
+    same budget and guardrails (a lossy block travels full precision and converts on device);
+  * the floor of a decode step is max(the resident compute-only step, the host->device bytes the measured steps
+    moved per step / the fastest link rate measured): the probe of the link alone (a real run; the profile's link on
+    a simulated one), the whole run's rate while its link was busy, or the measured steps' own rate, whichever is
+    highest. The last one alone keeps the floor at or below the measured step (its copies cannot have taken longer
+    than the steps they ran in);
+  * a routed plan adds a `routing` section: expert hit rate and bytes, the speculative prefetch as measured.
+"""
+
+from __future__ import annotations
+
+from vorch_jax.config import config_to_dict
+from vorch_jax.versions import environment
+
+from .. import telemetry as T
+from ..belady import belady_bytes
+
+
+def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0: float, t_gen1: float,
+                 resident_step_s: float, probe_h2d: float | None) -> dict:
+    """The fields every run reports (see the module docstring); `gen`: the `driver.Generation`; `counters`: the
+    ledger's counters as generation ended (the quality pass comes after)."""
+    t_gen0 = gen.marks[0]
+    gen_events = T.window(events, t_gen0, t_gen1)
+    n_gen = sum(1 for a in ledger.accesses if t_gen0 <= a.start < t_gen1)
+    first = next((i for i, a in enumerate(ledger.accesses) if a.start >= t_gen0), len(ledger.accesses))
+    stream = [a.block for a in ledger.accesses[first:first + n_gen]]
+    moved = T.link_bytes(T.window(events, t_place0, t_gen1))
+    used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
+    bel = belady_bytes(stream, used, setup.hbm_budget, [], pinned=setup.protected, load_bytes=setup.device_bytes)
+    w0, w1, decode_n = gen.measured_window()  # the first decode step is warm-up
+    decode_s = w1 - w0
+    missed_per_step = T.link_bytes(T.window(events, w0, w1)).get("host->device", 0) / max(1, decode_n)
+    run_rate = T.link_rate(events, "host->device", t_place0, t_gen1)
+    rates = [r for r in (probe_h2d, run_rate, T.link_rate(events, "host->device", w0, w1)) if r]
+    h2d_bw = max(rates) if rates else float("inf")
+    c = counters
+    return {
+        "complete": True,
+        "config": config_to_dict(cfg),
+        "model": cfg.model,
+        "policy": cfg.policy,
+        "lossy": cfg.lossy,
+        "hbm_budget_bytes": setup.hbm_budget,
+        "dram_budget_bytes": setup.dram_budget,
+        "model_bytes": setup.model_bytes,
+        "prompt_tokens": len(setup.prompt_ids),
+        "prefill_s": gen.prefill_s,
+        "decode_tok_s": decode_n / decode_s if decode_s > 0 else float("nan"),
+        "decode_step_s": decode_s / decode_n if decode_s > 0 else float("nan"),
+        "resident_step_s": resident_step_s,
+        "floor_step_s": max(resident_step_s, missed_per_step / h2d_bw),
+        "decode_h2d_bytes_per_step": missed_per_step,
+        "wall_s": t_gen1 - t_gen0,
+        "stall_s": T.stall_seconds(gen_events),
+        "transfer_s": T.link_seconds(gen_events, "host->device") + T.link_seconds(gen_events, "nvme->host"),
+        "controller_s": c.controller_s,
+        "peak_device_bytes": c.peak_device_bytes,
+        "link_bytes": moved,
+        "bytes_moved": moved.get("host->device", 0),
+        "belady_bytes": bel,
+        "hits": c.hits,
+        "misses": c.misses,
+        "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted_bytes": c.prefetch_wasted_bytes},
+        "transitions": T.transition_counts(gen_events),
+        "transition_reasons": T.transition_reasons(gen_events),
+        "controller_decisions": dict(getattr(policy, "decisions", {})),
+        "controller_ticks_deferred": getattr(policy, "ticks_deferred", 0),
+        "calibration": getattr(policy, "calibration", None),
+        "host_to_device_gbps_in_run": (run_rate or float("nan")) / 1e9,
+        "floor_link_gbps": h2d_bw / 1e9,
+        "initial_placement_s": t_gen0 - t_place0,
+        "versions": environment(),
+    }
+
+
+def routing_section(setup, ledger, spec: dict, events, t_gen0: float, t_gen1: float) -> dict:
+    """Routed plans: expert hit rate, expert bytes, and the speculative prefetch as measured.
+
+    Speculative precision = speculative loads read by their layer / loads issued; recall = those reads / the
+    experts the speculated layers then selected (loads are issued only for experts off device, so recall is
+    bounded by the miss share). `prediction_*` compare the predicted set with the selected one, loaded or not.
+    Each load issued is checked against the engine's events (a host->device transition of that block). `spec`: the
+    ledger's speculation counters as generation ended."""
+    gen = [a for a in ledger.accesses if t_gen0 <= a.start < t_gen1]
+    experts = [a for a in gen if setup.kinds[a.block] == "expert"]
+    h2d = [e for e in T.window(events, t_gen0, t_gen1) if e.kind == "transition" and e.link_bytes.get("host->device")]
+    expert_bytes = sum(e.link_bytes["host->device"] for e in h2d if setup.kinds[e.block] == "expert")
+    landed = {e.block for e in h2d}
+    nan = float("nan")
+    return {
+        "n_experts": setup.spec.n_experts,
+        "top_k": setup.spec.top_k,
+        "expert_accesses": len(experts),
+        "expert_hits": sum(a.hit for a in experts),
+        "expert_hit_rate": (sum(a.hit for a in experts) / len(experts)) if experts else nan,
+        "expert_bytes_moved": expert_bytes,
+        "speculative": {
+            "enabled": ledger.speculative,
+            "issued": spec["issued"],
+            "issued_bytes": spec["issued_bytes"],
+            "issued_with_engine_event": sum(1 for _, b in spec["loads"] if b in landed),
+            "used": spec["used"],
+            "precision": spec["used"] / spec["issued"] if spec["issued"] else nan,
+            "recall": spec["used"] / spec["actual"] if spec["actual"] else nan,
+            "prediction_precision": spec["predicted_and_actual"] / spec["predicted"] if spec["predicted"] else nan,
+            "prediction_recall": spec["predicted_and_actual"] / spec["actual"] if spec["actual"] else nan,
+        },
+    }
