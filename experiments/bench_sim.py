@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vorch_jax.config import load_config  # noqa: E402
-from vorch_jax.hardware import load_profile  # noqa: E402
+from vorch_jax.simulation.hardware import load_profile  # noqa: E402
 from vorch_jax.models.registry import get as get_spec  # noqa: E402
 from vorch_jax.runtime.run import simulate  # noqa: E402
 

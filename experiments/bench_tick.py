@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from vorch_jax import score as score_lib
-from vorch_jax import state_update as su
-from vorch_jax.block_table import KINDS, BlockTable
+from vorch_jax.controller import score as score_lib
+from vorch_jax.controller import state_update as su
+from vorch_jax.controller.block_table import KINDS, BlockTable
 
 
 def random_table(B: int, seed: int = 0) -> BlockTable:

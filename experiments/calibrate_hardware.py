@@ -337,7 +337,7 @@ def fit_contention(cal: dict, profile, new_tokens: int = 6) -> float:
 
 def apply_calibration(profile, cal: dict):
     """`profile` with the machine parameters `fit_from_runs` measured."""
-    from vorch_jax.hardware import Link
+    from vorch_jax.simulation.hardware import Link
 
     fresh = {"fresh_alloc_bytes_per_s": cal["fresh"]} if "fresh" in cal else {}
     if "fresh_free" in cal:
@@ -371,7 +371,7 @@ def main(argv=None):
     measured = {"fl": matmul_flops(), "blk": block_fit(), "ln": links(None), "dq": dequant()}
     Path(args.out).write_text(profile_text(**measured, cal=None, from_runs=0))
     if args.from_runs:
-        from vorch_jax.hardware import load_profile
+        from vorch_jax.simulation.hardware import load_profile
         from vorch_jax.models.registry import get
 
         runs, links_pts, fresh, free = {}, [], [], []

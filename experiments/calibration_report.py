@@ -13,7 +13,7 @@ import dataclasses
 import json
 import sys
 
-from vorch_jax import calibrate as K
+from vorch_jax.controller import calibrate as K
 from vorch_jax.models.gguf_source import load_smollm2_source
 
 

@@ -41,7 +41,7 @@ def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: floa
         of which experts the rest of the current pass selects: knowledge no online policy has. A heuristic ceiling
         for rules that know later tokens only by frequency, not a proof of optimality.
     Each pass reads every layer's selected experts in layer order."""
-    from vorch_jax.belady import NextUse
+    from vorch_jax.policies.belady import NextUse
 
     L, E = n_layers, n_experts
     layer = [int(b.split(".")[1]) for b in stream]

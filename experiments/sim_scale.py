@@ -6,7 +6,7 @@ Takes: well under a minute on 2 CPU cores (a few thousand simulated positions pe
 Budgets are given two ways, and the table says which: `frac` = a fraction 0.3 / 0.5 / 0.8 of the model's bf16 bytes
 (70B: 138 GB, so 0.8 = 110 GB exceeds the 80 GB of HBM and is reported as such); `abs` = 40 / 60 / 75 GB.
 Policies static, lru, scored, belady; `--tokens` decode tokens after a 16-token prompt (prefill is one pass).
-Mixtral replays a Zipf(1.0) routing trace over each layer's 8 experts, top-2, seeded (`runtime.simulated.zipf_routing`).
+Mixtral replays a Zipf(1.0) routing trace over each layer's 8 experts, top-2, seeded (`simulation.backend.zipf_routing`).
 
 Columns: decode tok/s; GB moved host->device per decode step (decode window only); the run's whole traffic (initial
 fill and prefill included, the real runner's `bytes_moved`) over the Belady oracle's for the same stream, budget and
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vorch_jax.config import load_config  # noqa: E402
 from vorch_jax.errors import BudgetError  # noqa: E402
-from vorch_jax.hardware import load_profile  # noqa: E402
+from vorch_jax.simulation.hardware import load_profile  # noqa: E402
 from vorch_jax.models.registry import get as get_spec  # noqa: E402
 from vorch_jax.runtime.run import simulate  # noqa: E402
-from vorch_jax.runtime.simulated import zipf_routing  # noqa: E402
+from vorch_jax.simulation.backend import zipf_routing  # noqa: E402
 
 MODELS = ("llama-2-70b", "mixtral-8x7b")
 POLICIES = ("static", "lru", "scored", "belady")

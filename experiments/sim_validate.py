@@ -49,7 +49,7 @@ import jax  # noqa: E402
 from experiments.calibrate_hardware import (CALIBRATION_POINTS, apply_calibration, fit_from_runs,  # noqa: E402
                                             fit_with_simulator, fresh_alloc_rate, fresh_free_rate, link_probe,
                                             real_run, sim_step)
-from vorch_jax.hardware import load_profile  # noqa: E402
+from vorch_jax.simulation.hardware import load_profile  # noqa: E402
 from vorch_jax.models.registry import get as get_spec  # noqa: E402
 
 POLICIES = ("static", "lru", "scored")

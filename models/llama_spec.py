@@ -48,6 +48,8 @@ def shape_source(shapes_of_kind: dict, dtype=jnp.float32):
 class LlamaSpec(ModelSpec):
     """A Llama decoder. `gguf`: a zero-argument loader of its GGUF source (None: shape-only from `cfg`)."""
 
+    ops = "llama"
+
     def __init__(self, name: str, cfg: LlamaConfig | None = None, *, tied: bool = True, gguf=None,
                  note: str = "", requirements: tuple = ()):
         self.name, self.tied, self._gguf, self.note, self.requirements = name, tied, gguf, note, requirements

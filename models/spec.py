@@ -39,6 +39,7 @@ class Position:
     op: str
     layer: int
     expert: int = -1  # for op 'expert': the expert's index in its layer
+    part: int = -1  # for a block that is one shard of a tensor (a vocabulary shard of the embedding): its index
 
 
 class ModelSpec:
@@ -48,6 +49,7 @@ class ModelSpec:
     note: str = ""  # what a quality figure of this model is relative to (e.g. weights 4-bit to begin with)
     requirements: tuple = ()  # (pip requirement, what it provides) of the data packages holding its file
     has_weights: bool = True  # False: shape-only (the simulator's models at scale)
+    ops: str = ""  # whose layer functions compute a pass ('llama', 'gemma', ...): what op-level tools key on
     top_k: int = 0  # experts per token (0: dense)
     n_experts: int = 0
 

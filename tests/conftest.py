@@ -24,3 +24,12 @@ def smollm2(smollm2_source):
     from vorch_jax.models.smollm2 import load_smollm2
 
     return load_smollm2(smollm2_source)
+
+
+@pytest.fixture(autouse=True)
+def _return_freed_memory():
+    """After every test, the heap pages its arrays freed go back to the OS (tiers/host_memory.py says why)."""
+    yield
+    from vorch_jax.tiers.host_memory import return_freed_memory
+
+    return_freed_memory()

@@ -14,7 +14,7 @@ import sys
 from vorch_jax.errors import VorchError, user_errors
 
 USAGE_ERROR = 2
-SUBCOMMAND_MODULES = ("vorch_jax.calibrate", "vorch_jax.sweep", "vorch_jax.report", "vorch_jax.data_setup")
+SUBCOMMAND_MODULES = ("vorch_jax.controller.calibrate", "vorch_jax.tooling.sweep", "vorch_jax.tooling.report", "vorch_jax.data_setup")
 
 
 class UserError(VorchError):

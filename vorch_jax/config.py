@@ -34,7 +34,7 @@ lists the registered ones).
 Block states, as strings (the `State` enum itself lives in tiers/; this module imports nothing else from the rooms):
 S0 device full precision, S1 device int8, S2 device int4, S3 host DRAM, S4 NVMe, S5 in flight (transient, never
 requested), S6 low-rank fallback. S1, S2 and S6 are lossy. A rule's `floor` is the worst state a block may reach,
-ranked by quality for use, best first: S0, S1, S2, S6, S3, S4 (the ranking of `vorch_jax.state_ids.QUALITY_RANK`,
+ranked by quality for use, best first: S0, S1, S2, S6, S3, S4 (the ranking of `vorch_jax.controller.state_ids.QUALITY_RANK`,
 copied by value and kept in sync by a test). ``floor: S1`` allows S0 and S1; ``floor: S3`` allows all but S4.
 
 Shipped config files start with a comment header of three labelled lines, checked by the tests::
@@ -94,7 +94,7 @@ GROUP_SIZES = (32, 64, 128)
 STATES = ("S0", "S1", "S2", "S3", "S4", "S5", "S6")
 RULE_STATES = ("S0", "S1", "S2", "S3", "S4", "S6")  # S5 (in flight) is transient: no rule may ask for it
 LOSSY_STATES = ("S1", "S2", "S6")
-# Higher is better to compute with; same values as vorch_jax.state_ids.QUALITY_RANK (tests check they agree).
+# Higher is better to compute with; same values as vorch_jax.controller.state_ids.QUALITY_RANK (tests check they agree).
 QUALITY_RANK = {"S0": 5, "S1": 4, "S2": 3, "S3": 1, "S4": 0, "S5": 1, "S6": 2}
 
 _BYTE_UNITS = {
@@ -338,7 +338,7 @@ class QuantConfig:
 
 @dataclass(frozen=True)
 class QualityConfig:
-    """The quality budget of a lossy run (`vorch_jax.quality_budget`): what the controller may trade for bytes.
+    """The quality budget of a lossy run (`vorch_jax.controller.quality_budget`): what the controller may trade for bytes.
 
     `max_kl`: nats, the mean KL to the resident model per token the run may reach (its summary says whether it did);
     `kl_share`: the share of it the lossy states are allocated against, by their calibrated ΔKL (the rest covers

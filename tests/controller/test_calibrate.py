@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from vorch_jax import calibrate as K
+from vorch_jax.controller import calibrate as K
 
 BLOCKS = ["layers.20.attn", "layers.20.mlp", "layers.26.attn", "layers.26.mlp", "final_norm"]
 TOKENS = 16
@@ -45,7 +45,7 @@ def test_gradient_estimate_ranks_like_the_measurement(cal):
 
 
 def test_lossy_loss_and_delta_feed_the_controller(cal):
-    from vorch_jax.state_update import TickParams
+    from vorch_jax.controller.state_update import TickParams
     from vorch_jax.tiers.state import State
 
     assert set(cal.lossy_loss) == {"S1", "S2", "S6"}
@@ -121,7 +121,7 @@ def test_cli_second_invocation_reuses(cal, smollm2_source, tmp_path, monkeypatch
 
 
 def test_cache_dir_from_env(monkeypatch, tmp_path):
-    from vorch_jax.checkpoints import cache_root
+    from vorch_jax.controller.checkpoints import cache_root
 
     monkeypatch.setenv("VORCH_CACHE", str(tmp_path))
     assert cache_root(None, "calibration") == tmp_path / "calibration"

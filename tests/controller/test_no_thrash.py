@@ -10,11 +10,11 @@ import math
 import jax.numpy as jnp
 import numpy as np
 
-from vorch_jax import access_stats
-from vorch_jax import score as score_lib
-from vorch_jax import state_ids as sid
-from vorch_jax import state_update as su
-from vorch_jax.block_table import BlockTable
+from vorch_jax.controller import access_stats as access_stats
+from vorch_jax.controller import score as score_lib
+from vorch_jax.controller import state_ids as sid
+from vorch_jax.controller import state_update as su
+from vorch_jax.controller.block_table import BlockTable
 
 MiB = 2**20
 W = score_lib.ScoreWeights.make()

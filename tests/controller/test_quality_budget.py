@@ -1,8 +1,8 @@
-"""The quality budget's allocation of lossy states (vorch_jax.quality_budget), on small hand-made cases."""
+"""The quality budget's allocation of lossy states (vorch_jax.controller.quality_budget), on small hand-made cases."""
 
 import pytest
 
-from vorch_jax.quality_budget import allocate, forced_lossy_kl
+from vorch_jax.controller.quality_budget import allocate, forced_lossy_kl
 from vorch_jax.tiers.state import State
 
 S0, S1, S2, S6 = State.S0, State.S1, State.S2, State.S6

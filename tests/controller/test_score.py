@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vorch_jax import score as score_lib
-from vorch_jax import state_ids as sid
-from vorch_jax import state_update as su
-from vorch_jax.block_table import BlockTable
+from vorch_jax.controller import score as score_lib
+from vorch_jax.controller import state_ids as sid
+from vorch_jax.controller import state_update as su
+from vorch_jax.controller.block_table import BlockTable
 
 W = score_lib.ScoreWeights.make()
 score_jit = jax.jit(score_lib.score)
@@ -148,7 +148,7 @@ def test_errors_use_block_names_when_given():
 
 def test_state_codes_and_kinds_stay_in_sync_by_value_with_engine_and_model():
     """The controller speaks ints; tiers/ owns the State enum and models/ the kinds. Same values, no import coupling."""
-    from vorch_jax.block_table import KINDS
+    from vorch_jax.controller.block_table import KINDS
     from vorch_jax.models.blocks import BLOCK_KINDS
     from vorch_jax.tiers.state import State
 

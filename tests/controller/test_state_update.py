@@ -15,11 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vorch_jax import access_stats
-from vorch_jax import score as score_lib
-from vorch_jax import state_ids as sid
-from vorch_jax import state_update as su
-from vorch_jax.block_table import KINDS, BlockTable, pad_to
+from vorch_jax.controller import access_stats as access_stats
+from vorch_jax.controller import score as score_lib
+from vorch_jax.controller import state_ids as sid
+from vorch_jax.controller import state_update as su
+from vorch_jax.controller.block_table import KINDS, BlockTable, pad_to
 
 PAD = 64
 W = score_lib.ScoreWeights.make()

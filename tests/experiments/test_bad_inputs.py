@@ -165,7 +165,7 @@ def files(tmp_path_factory):
 
 
 def disk_full(monkeypatch, d):
-    from vorch_jax import telemetry
+    from vorch_jax.runtime import telemetry as telemetry
 
     def full(*a, **k):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

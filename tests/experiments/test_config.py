@@ -332,7 +332,7 @@ def test_config_from_dict_names_its_source():
 
 
 def test_quality_rank_matches_controller_state_ids():
-    from vorch_jax import state_ids
+    from vorch_jax.controller import state_ids as state_ids
 
     assert C.STATES == tuple(state_ids.STATE_NAMES)
     assert [C.QUALITY_RANK[name] for name in C.STATES] == list(state_ids.QUALITY_RANK)

@@ -1,4 +1,4 @@
-"""Tests for vorch_jax.report and vorch_jax.plots: reports of a real run and a real sweep, and the derivations."""
+"""Tests for vorch_jax.tooling.report and vorch_jax.tooling.plots: reports of a real run and a real sweep, and the derivations."""
 
 import subprocess
 import sys
@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from vorch_jax import plots
+from vorch_jax.tooling import plots as plots
 from vorch_jax.errors import ReportError
-from vorch_jax.report import report, sweep_table
-from vorch_jax.sweep import load_sweep, run_sweep
+from vorch_jax.tooling.report import report, sweep_table
+from vorch_jax.tooling.sweep import load_sweep, run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 TINY = {"new_tokens": 2, "prompt_tokens": 8, "eval_tokens": 16,
@@ -88,7 +88,7 @@ def test_occupancy_never_exceeds_the_budget_during_generation(sweep_dir):
 def test_lossy_sizes_from_the_footprint_agree_with_the_trace(sweep_dir):
     """The shapes-based sizes the report uses for lossy states give the S0 bytes the trace moved, and shrink."""
     from vorch_jax.config import QuantConfig
-    from vorch_jax.run_report import lossy_state_bytes
+    from vorch_jax.tooling.run_report import lossy_state_bytes
 
     out, sweep = sweep_dir
     records = plots.read_trace(out / "points" / sweep.points[0].id)
@@ -139,7 +139,7 @@ def test_a_damaged_row_is_shown_failed_and_resume_rebuilds_it(sweep_dir, tmp_pat
     import json
     import shutil
 
-    from vorch_jax.sweep import _write_results, read_results
+    from vorch_jax.tooling.sweep import _write_results, read_results
 
     src, sweep = sweep_dir
     out = tmp_path / "copy"
@@ -186,7 +186,7 @@ def test_report_of_a_compare_folder(compare_dir):
 def test_scored_runs_trace_their_scores_and_every_summary_its_versions(compare_dir):
     import json
 
-    from vorch_jax.scored_policy import SCORE_SAMPLE_BLOCKS
+    from vorch_jax.controller.scored_policy import SCORE_SAMPLE_BLOCKS
 
     out, summaries = compare_dir
     scores = [r for r in plots.read_trace(out / "scored") if r["event"] == "score"]

@@ -1,4 +1,4 @@
-"""Tests for vorch_jax.sweep: strict spec errors, shipped sweeps, a failing point, resume after SIGINT and SIGKILL."""
+"""Tests for vorch_jax.tooling.sweep: strict spec errors, shipped sweeps, a failing point, resume after SIGINT and SIGKILL."""
 
 import csv
 import json
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vorch_jax.config import ConfigError
-from vorch_jax.sweep import load_sweep, point_status, read_results, run_sweep
+from vorch_jax.tooling.sweep import load_sweep, point_status, read_results, run_sweep
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = REPO / "configs" / "sweeps"

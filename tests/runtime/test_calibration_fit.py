@@ -15,7 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments import calibrate_hardware as C  # noqa: E402
-from vorch_jax.hardware import load_profile  # noqa: E402
+from vorch_jax.simulation.hardware import load_profile  # noqa: E402
 from vorch_jax.models.registry import get as get_spec  # noqa: E402
 
 BW, LAT, HOST, BESIDE = 5e9, 2e-4, 4e-5, 7e-4  # bytes/s, s per load alone, host s per position, s beside compute

@@ -55,9 +55,9 @@ def test_blocks_read_lossy_are_only_those_the_budget_allows(lossy_run):
     read_lossy = {(r["block"], r["to"]) for r in recs if r["event"] == "access" and r["to"] in LOSSY_READS}
     assert read_lossy, "no block was read in a lossy state"
     # The allowance, recomputed from the calibration the run stored: every lossy read is one it allowed.
-    from vorch_jax.calibrate import load_calibration, machine_key, model_key
+    from vorch_jax.controller.calibrate import load_calibration, machine_key, model_key
     from vorch_jax.models.gguf_source import load_smollm2_source
-    from vorch_jax.quality_budget import allocate
+    from vorch_jax.controller.quality_budget import allocate
     from vorch_jax.config import config_from_dict
     from vorch_jax.runtime.setup import build_setup
 

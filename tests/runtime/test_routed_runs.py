@@ -15,7 +15,7 @@ import pytest
 from vorch_jax.config import RunConfig
 from vorch_jax.errors import RunError
 from vorch_jax.models import registry
-from vorch_jax.moe_policy import MoEScoredPolicy
+from vorch_jax.controller.moe_policy import MoEScoredPolicy
 from vorch_jax.runtime.cursor import PassCursor
 from vorch_jax.runtime.reference import resident_reference
 from vorch_jax.runtime.routing import RouterStats

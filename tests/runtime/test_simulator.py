@@ -12,14 +12,14 @@ import yaml
 
 from vorch_jax.config import ConfigError, load_config
 from vorch_jax.errors import BudgetError, RoutingTraceError, RunError
-from vorch_jax.hardware import Link, ProfileError, load_profile, profile_from_dict, profile_to_dict
+from vorch_jax.simulation.hardware import Link, ProfileError, load_profile, profile_from_dict, profile_to_dict
 from vorch_jax.models import registry
 from vorch_jax.models.llama_spec import LLAMA3_8B
 from vorch_jax.models.moe_spec import MoESpec
-from vorch_jax.routing_trace import write_routing_trace
+from vorch_jax.simulation.routing_trace import write_routing_trace
 from vorch_jax.runtime.ledger import Ledger
 from vorch_jax.runtime.run import simulate
-from vorch_jax.runtime.simulated import zipf_routing
+from vorch_jax.simulation.backend import zipf_routing
 
 REPO = Path(__file__).resolve().parents[2]
 PROFILES = sorted((REPO / "configs" / "hardware").glob("*.yaml"))
@@ -274,7 +274,7 @@ def test_copies_at_once_lets_loads_run_together(tmp_path):
     assert two["decode_step_s"] < one["decode_step_s"] and two["bytes_moved"] == one["bytes_moved"]
 
     # NVMe reads stay one at a time whatever copies_at_once says: two S4 -> S0 loads asked for together
-    from vorch_jax.runtime.sim_engine import Clock, SimEngine
+    from vorch_jax.simulation.sim_engine import Clock, SimEngine
     from vorch_jax.tiers.state import State
 
     hw = fast(copies_at_once=2, nvme_read_bytes_per_s=1e9, nvme_latency_s=0.0)

@@ -18,8 +18,8 @@ from vorch_jax.config import RunConfig
 from vorch_jax.errors import QualityError, RunError
 from vorch_jax.tiers.state import LOSSY, State
 
-from ..belady import BeladyPolicy
-from ..policies import LFUPolicy, LRUPolicy, PolicyContext, ResidentPolicy, StaticPolicy
+from vorch_jax.policies.belady import BeladyPolicy
+from vorch_jax.policies.baselines import LFUPolicy, LRUPolicy, PolicyContext, ResidentPolicy, StaticPolicy
 
 
 def make_policy(cfg: RunConfig, ctx: PolicyContext, extras: dict | None = None, *, routed: bool = False):
@@ -37,8 +37,8 @@ def make_policy(cfg: RunConfig, ctx: PolicyContext, extras: dict | None = None, 
     if name == "belady":
         return BeladyPolicy(ctx, prefetch_depth=cfg.prefetch_depth)
     if name == "scored":
-        from ..moe_policy import MoEScoredPolicy
-        from ..scored_policy import ScoredPolicy
+        from vorch_jax.controller.moe_policy import MoEScoredPolicy
+        from vorch_jax.controller.scored_policy import ScoredPolicy
 
         return (MoEScoredPolicy if routed else ScoredPolicy)(ctx, cfg, **(extras or {}))
     raise RunError(f"unknown policy '{name}'")
@@ -60,7 +60,7 @@ def speculative(cfg: RunConfig) -> bool:
 
 def stored_calibration(cfg: RunConfig, setup):
     """The stored calibration of this model on this machine covering every block in the run's formats, or None."""
-    from vorch_jax.calibrate import covers, load_calibration, machine_key, model_key, supports
+    from vorch_jax.controller.calibrate import covers, load_calibration, machine_key, model_key, supports
 
     if not supports(setup.spec):
         return None
@@ -100,9 +100,9 @@ def quality_guard(cfg: RunConfig, setup, say=lambda m: None) -> QualityGuard | N
     (quality.calibration=auto) one measured now and stored; then the lossy states each block may take under
     quality.max_kl. None for a lossless run. QualityError when no calibration may be measured or placement rules
     alone exceed the budget."""
-    from vorch_jax.calibrate import CalibrationMismatchError, load_or_calibrate, supports
+    from vorch_jax.controller.calibrate import CalibrationMismatchError, load_or_calibrate, supports
 
-    from ..quality_budget import allocate, forced_lossy_kl
+    from vorch_jax.controller.quality_budget import allocate, forced_lossy_kl
 
     if not uses_lossy_states(cfg, setup.forced):
         return None
@@ -164,7 +164,7 @@ def scored_inputs(cfg: RunConfig, setup, store_dir: Path, guard: QualityGuard | 
 def simulated_scored_inputs(cfg: RunConfig, setup, hw, cal) -> dict:
     """The scored policy's inputs on a hardware profile: links and δ (from its dequant rates) from the profile; ψ,
     the per-state value loss and the quality budget's lossy states from the model's calibration when it has one."""
-    from ..quality_budget import allocate
+    from vorch_jax.controller.quality_budget import allocate
 
     lowbit = {State.S1: "int8", State.S2: "int4"}
     delta = None

@@ -29,7 +29,7 @@ import numpy as np
 from vorch_jax.errors import BudgetError
 from vorch_jax.tiers.state import State
 
-from .routing import RouterStats, speculation_record
+from vorch_jax.runtime.routing import RouterStats, speculation_record
 
 
 @dataclasses.dataclass

@@ -13,7 +13,7 @@ import time
 import jax
 import numpy as np
 
-from .driver import argmax_token
+from vorch_jax.runtime.driver import argmax_token
 
 
 class RealBackend:

@@ -15,10 +15,10 @@ import statistics
 import jax.numpy as jnp
 import numpy as np
 
-from .cursor import PassCursor
-from .driver import Driver, greedy_generate
-from .real import RealBackend
-from .resident import ResidentWeights
+from vorch_jax.runtime.cursor import PassCursor
+from vorch_jax.runtime.driver import Driver, greedy_generate
+from vorch_jax.runtime.real import RealBackend
+from vorch_jax.runtime.resident import ResidentWeights
 
 
 @dataclasses.dataclass(frozen=True)

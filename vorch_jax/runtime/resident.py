@@ -8,7 +8,7 @@ Belady replays) and, with `record_speculation`, what the next layer's router wou
 
 from __future__ import annotations
 
-from .routing import speculation_record
+from vorch_jax.runtime.routing import speculation_record
 
 
 class ResidentWeights:

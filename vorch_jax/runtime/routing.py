@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from vorch_jax.access_stats import lookahead_lambda
+from vorch_jax.controller.access_stats import lookahead_lambda
 
 P_EMA = 0.2  # weight of the newest observation in P(expert selected): routing, or the next layer's speculation
 

@@ -24,17 +24,18 @@ from vorch_jax.config import RunConfig, apply_overrides, config_to_dict
 from vorch_jax.errors import BudgetError
 from vorch_jax.outputs import check_out_dir, nvme_store_dir, writing
 
-from .. import telemetry as T
-from ..routing_trace import read_routing_trace, write_routing_trace
-from .cursor import PassCursor
-from .driver import Driver, greedy_generate
-from .inputs import (make_policy, policy_context, quality_guard, scored_inputs, simulated_scored_inputs,
+from vorch_jax.runtime import telemetry as T
+from vorch_jax.simulation.routing_trace import read_routing_trace, write_routing_trace
+from vorch_jax.runtime.cursor import PassCursor
+from vorch_jax.runtime.driver import Driver, greedy_generate
+from vorch_jax.runtime.inputs import (make_policy, policy_context, quality_guard, scored_inputs, simulated_scored_inputs,
                      speculative, stored_calibration)
-from .ledger import Ledger
-from .real import RealBackend
-from .reference import Reference, quality, resident_reference
-from .setup import build_setup
-from .summary import core_summary, routing_section
+from vorch_jax.runtime.ledger import Ledger
+from vorch_jax.runtime.real import RealBackend
+from vorch_jax.runtime.reference import Reference, quality, resident_reference
+from vorch_jax.runtime.setup import build_setup
+from vorch_jax.tiers.host_memory import return_freed_memory
+from vorch_jax.runtime.summary import core_summary, routing_section
 
 
 def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None = None) -> dict:
@@ -45,6 +46,13 @@ def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None =
     """
     if cfg.executor == "sim":
         return simulate(cfg, out_dir, progress=progress)
+    try:
+        return _run(cfg, out_dir, progress, reference)
+    finally:  # the run's blocks are garbage now: give their memory back before the next run of this process
+        return_freed_memory()
+
+
+def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None) -> dict:
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
     setup = build_setup(cfg)
@@ -160,10 +168,10 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     writes only `summary.json` (sweeps that need no trace: serialising ~10^5 records costs more than simulating
     them). Returns the summary."""
     from vorch_jax.errors import RoutingTraceError
-    from vorch_jax.hardware import load_profile
+    from vorch_jax.simulation.hardware import load_profile
 
-    from .sim_engine import Clock, SimEngine
-    from .simulated import SimBackend, zipf_routing
+    from vorch_jax.simulation.sim_engine import Clock, SimEngine
+    from vorch_jax.simulation.backend import SimBackend, zipf_routing
 
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
@@ -260,7 +268,7 @@ def psi_quality_estimate(cal, accesses) -> dict:
 
 def compare(cfg: RunConfig, policies: list[str], out_dir, *, progress=None) -> list[dict]:
     """Run `cfg` under each policy (resident at the full budget), sharing one resident reference."""
-    from ..compare_report import write_manifest
+    from vorch_jax.tooling.compare_report import write_manifest
 
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)

@@ -17,8 +17,8 @@ from __future__ import annotations
 from vorch_jax.config import config_to_dict
 from vorch_jax.versions import environment
 
-from .. import telemetry as T
-from ..belady import belady_bytes
+from vorch_jax.runtime import telemetry as T
+from vorch_jax.policies.belady import belady_bytes
 
 
 def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0: float, t_gen1: float,

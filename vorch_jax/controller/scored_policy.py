@@ -29,15 +29,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vorch_jax import state_ids as sid
-from vorch_jax.access_stats import update_rho
+from vorch_jax.controller import state_ids as sid
+from vorch_jax.controller.access_stats import update_rho
 from vorch_jax.errors import BudgetError
-from vorch_jax.block_table import BlockTable
-from vorch_jax.score import ScoreWeights, score
-from vorch_jax.state_update import REASON_NAMES, TickParams, check_budget, commit, tick
+from vorch_jax.controller.block_table import BlockTable
+from vorch_jax.controller.score import ScoreWeights, score
+from vorch_jax.controller.state_update import REASON_NAMES, TickParams, check_budget, commit, tick
 from vorch_jax.tiers.state import State
 
-from .policies import Policy
+from vorch_jax.policies.baselines import Policy
 
 RHO_DECAY_PER_PASS = 0.9  # ρ forgets 10% per forward pass; per tick it decays by the pass's share of that
 

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vorch_jax import state_ids as sid
+from vorch_jax.controller import state_ids as sid
 
 KINDS = ("embed", "attn", "mlp", "norm", "expert")
 KIND_EMBED, KIND_ATTN, KIND_MLP, KIND_NORM, KIND_EXPERT = range(len(KINDS))

@@ -32,8 +32,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from vorch_jax import state_ids as sid
-from vorch_jax.block_table import BlockTable
+from vorch_jax.controller import state_ids as sid
+from vorch_jax.controller.block_table import BlockTable
 
 # Default value lost by a lossy state, before scaling by sensitivity: loss(s)·(1 + ψ̂)/2 ∈ [loss/2, loss].
 DEFAULT_LOSSY_LOSS = {sid.S1: 0.05, sid.S2: 0.2, sid.S6: 0.5}

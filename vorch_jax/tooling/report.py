@@ -13,16 +13,16 @@ import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from vorch_jax import plots
+from vorch_jax.tooling import plots as plots
 from vorch_jax.errors import ReportError
-from vorch_jax.run_report import _mb, _num, report_run, run_table
+from vorch_jax.tooling.run_report import _mb, _num, report_run, run_table
 
 __all__ = ["report", "report_run", "report_sweep", "run_table", "sweep_table", "add_cli"]
 
 
 def report(directory: str | Path) -> Path:
     """Write the report of a run or sweep directory; return the path of report.md."""
-    from vorch_jax.compare_report import MANIFEST, report_compare
+    from vorch_jax.tooling.compare_report import MANIFEST, report_compare
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -70,7 +70,7 @@ def sweep_table(rows: Sequence[Mapping]) -> list[list[str]]:
 
 def report_sweep(directory: str | Path) -> Path:
     """Budget curves, Pareto plot and report.md for a sweep directory."""
-    from vorch_jax.sweep import read_results
+    from vorch_jax.tooling.sweep import read_results
 
     directory = Path(directory)
     rows = read_results(directory / "results.csv")

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from vorch_jax import plots
+from vorch_jax.tooling import plots as plots
 from vorch_jax.errors import ReportError
-from vorch_jax.run_report import read_run, report_run
+from vorch_jax.tooling.run_report import read_run, report_run
 
 MANIFEST = "compare.json"
 MB = 1e6
@@ -25,7 +25,7 @@ MB = 1e6
 
 def write_manifest(out_dir: Path, policies: list[str], config: dict) -> Path:
     """`compare.json`: which folder holds which policy (written last: its presence means every run finished)."""
-    from vorch_jax.telemetry import write_json_atomic
+    from vorch_jax.runtime.telemetry import write_json_atomic
 
     path = Path(out_dir) / MANIFEST
     write_json_atomic(path, {"policies": list(policies), "runs": {p: p for p in policies}, "config": config})

@@ -32,7 +32,7 @@ Schema (dotted names are the error messages' field names)::
                                                     # compute, which runs beside it throughout (0 on GPUs/TPUs)
     host.dispatch_s_per_block                       # host (Python + dispatch) time per schedule position
 
-The time model that reads these lives in `simulator.py` (`block_compute_s`, `transfer_s`).
+The time model that reads these lives in `sim_engine.py` (links) and `backend.py` (compute, `position_seconds`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import yaml
 
 from vorch_jax.errors import ProfileError
 
-PROFILE_DIR = Path(__file__).resolve().parents[1] / "configs" / "hardware"
+PROFILE_DIR = Path(__file__).resolve().parents[2] / "configs" / "hardware"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,7 +4,7 @@ and simulated runs use it alike."""
 
 from __future__ import annotations
 
-from .scored_policy import ScoredPolicy
+from vorch_jax.controller.scored_policy import ScoredPolicy
 
 
 class MoEScoredPolicy(ScoredPolicy):

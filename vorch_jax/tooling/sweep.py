@@ -496,7 +496,7 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, resume: bool = False, jobs: 
 
 def _code_version() -> dict:
     """The git commit the points run (and whether the working tree had changes), when there is a git checkout."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,

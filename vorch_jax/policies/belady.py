@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 
-from .policies import Policy
+from vorch_jax.policies.baselines import Policy
 
 
 class NextUse:

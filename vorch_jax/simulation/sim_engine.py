@@ -1,6 +1,6 @@
 """The simulator's movement engine and clock: the movement engine's interface on modelled links and time.
 
-Time model (one host thread, one compute stream, one FIFO queue per link and direction; `simulated.py` holds the
+Time model (one host thread, one compute stream, one FIFO queue per link and direction; `backend.py` holds the
 compute side):
   * links: `nvme->host` carries one transfer at a time, `host->device` and `device->host` each
     `links.copies_at_once` (FIFO: a transfer starts when requested or when a channel of its link is free,

@@ -66,9 +66,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vorch_jax import score as score_lib
-from vorch_jax import state_ids as sid
-from vorch_jax.block_table import SETTLED_DWELL, BlockTable
+from vorch_jax.controller import score as score_lib
+from vorch_jax.controller import state_ids as sid
+from vorch_jax.controller.block_table import SETTLED_DWELL, BlockTable
 
 # Reason codes, one per block per tick.
 KEEP, SCORE, BUDGET, GUARDRAIL_VETO, PREFETCH = range(5)

@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from vorch_jax import plots
+from vorch_jax.tooling import plots as plots
 from vorch_jax.config import ConfigError, QuantConfig, load_config
 from vorch_jax.errors import ReportError
 

@@ -4,7 +4,7 @@ Every function returns a `matplotlib.figure.Figure` (save it with `save(fig, pat
 they are safe in scripts, tests and notebooks alike. Trace derivations (states, device bytes, link bytes) are plain
 functions beside the figures that draw them.
 
-Trace conventions (see `vorch_jax.telemetry.trace_records`): `t` is seconds from the start of generation; set-up
+Trace conventions (see `vorch_jax.runtime.telemetry.trace_records`): `t` is seconds from the start of generation; set-up
 (registering every block at its home: `source->host` reads) and the initial placement come before, with t < 0.
 The initial placement is taken to start at the first transfer over any other link (`placement_start`). Transition
 records carry one link each (a multi-hop transition has one record per link, all with the same from/to); steps

@@ -3,7 +3,7 @@
 What is measured, on `tokens` tokens of the KJV text (BOS prepended), all in float32 on the default device:
   * ΔKL(b, s): mean over tokens of KL(full ‖ perturbed) when block b ALONE is held in lossy state s (S1 int8, S2
     int4, S6 low-rank, through the tiers' own conversions; 1-D leaves stay exact). The full model's KL to itself is
-    0, so the "increase" is the KL itself. The forward is per block over `block_compute` (the executor's jitted
+    0, so the "increase" is the KL itself. The forward is per block over `models.llama_compute` (the runtime's jitted
     functions): one compile per (kind, format); the activations entering every block are recorded once at full
     precision, so swapping block b re-runs only b and what follows it (plus the tied head).
   * est(b, s): a cheap second-order estimate from gradients, ½ Σ F̂ ⊙ (W − deq_s(W))², with F̂ the diagonal
@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vorch_jax.models import llama_compute as C
-from vorch_jax.checkpoints import RecordMismatchError, cache_root, restore_record, save_record
+from vorch_jax.controller.checkpoints import RecordMismatchError, cache_root, restore_record, save_record
 from vorch_jax.errors import VorchError
 from vorch_jax.models.llama import block_ids as model_block_ids, block_kind_layer
 
@@ -103,9 +103,7 @@ class Calibration:
 def supports(spec) -> bool:
     """Whether this module calibrates `spec`: a dense Llama whose weights are here (its forward and its hand-written
     backward are Llama's ops; other families' lossy runs stop with a one-line error until they have theirs)."""
-    from vorch_jax.models.llama_spec import LlamaSpec
-
-    return isinstance(spec, LlamaSpec) and spec.has_weights
+    return spec.ops == "llama" and spec.top_k == 0 and spec.has_weights
 
 
 # ---------------------------------------------------------------- keys
