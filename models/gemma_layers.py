@@ -103,3 +103,12 @@ def embed_tokens(cfg: GemmaConfig, w: dict, ids_BxT, dtype):
     """Embedding rows scaled by sqrt(d_model), the scale rounded to the compute dtype as Gemma does."""
     x = take_columns(w["embedding"], ids_BxT).astype(dtype)
     return x * jnp.asarray(cfg.d_model ** 0.5, dtype)
+
+
+def embed_shard_tokens(cfg: GemmaConfig, w: dict, ids_BxT, lo, dtype):
+    """`embed_tokens` from one vocabulary shard (columns of ids lo .. lo + width - 1): the scaled rows of the tokens
+    it holds, zeros for the others, so the shards' results sum to the whole lookup exactly."""
+    local_BxT = ids_BxT - lo
+    held_BxT = (local_BxT >= 0) & (local_BxT < w["embedding"].shape[-1])
+    x = embed_tokens(cfg, w, jnp.where(held_BxT, local_BxT, 0), dtype)
+    return jnp.where(held_BxT[..., None], x, jnp.zeros((), dtype))

@@ -70,7 +70,9 @@ def field(reader, key: str):
 _field = field
 
 
-# Block layout: block id -> {leaf name: (GGUF tensor name, transpose to [in, out]?)}
+# Block layout: block id -> {leaf name: (GGUF tensor name, transpose to [in, out]?[, rows])}. `rows` (lo, hi), where
+# given, takes rows lo:hi of the tensor as the file stores it ([V, D] for an embedding: tokens lo..hi-1), so one
+# tensor can be several blocks (a vocabulary sharded into residency units); only those rows are read and dequantized.
 def _block_layout(n_layers: int) -> dict[str, dict[str, tuple[str, bool]]]:
     layout: dict[str, dict[str, tuple[str, bool]]] = {
         # Head layout [D, V]: column v is token v's embedding; the tied LM head is x @ embedding_DxV.
@@ -103,6 +105,11 @@ class GGUFArchitecture:
     name: str
     config: object  # reader -> config
     layout: object  # config -> layout
+
+
+def _entry(entry: tuple) -> tuple[str, bool, tuple | None]:
+    """(tensor name, transpose?, rows or None) of a layout entry."""
+    return (*entry, None) if len(entry) == 2 else entry
 
 
 def _llama_config(r) -> LlamaConfig:
@@ -146,7 +153,8 @@ class GGUFSource:
         self.config = arch.config(self._reader)
         self._tensors = {t.name: t for t in self._reader.tensors}
         self.layout = arch.layout(self.config)
-        missing = [name for leaves in self.layout.values() for name, _ in leaves.values() if name not in self._tensors]
+        missing = [_entry(e)[0] for leaves in self.layout.values() for e in leaves.values()
+                   if _entry(e)[0] not in self._tensors]
         if missing:
             raise ModelFileError(f"model file {self.path} lacks tensors {missing[:3]}{'...' if len(missing) > 3 else ''}")
         self.nbytes_read = 0
@@ -157,16 +165,19 @@ class GGUFSource:
 
     def block_nbytes(self, block_id: str) -> int:
         """Float32 bytes of a block, from the tensor shapes alone (nothing is read or dequantized)."""
-        return sum(4 * int(np.prod(self._tensors[name].shape)) for name, _ in self.layout[block_id].values())
+        return sum(4 * int(np.prod(s.shape)) for s in self.block_shapes(block_id).values())
 
     def block_shapes(self, block_id: str) -> dict:
         """{leaf: jax.ShapeDtypeStruct} of a block as `__call__` returns it (float32, [in, out]), read from nothing."""
         import jax
 
         out = {}
-        for leaf, (name, transpose) in self.layout[block_id].items():
-            shape = tuple(int(d) for d in self._tensors[name].shape)  # GGUF lists ne0 (inner) first: [in, out]
-            out[leaf] = jax.ShapeDtypeStruct(shape if transpose else shape[::-1], np.float32)
+        for leaf, entry in self.layout[block_id].items():
+            name, transpose, rows = _entry(entry)
+            stored = [int(d) for d in self._tensors[name].shape[::-1]]  # GGUF lists ne0 (inner) first
+            if rows is not None:
+                stored[0] = rows[1] - rows[0]
+            out[leaf] = jax.ShapeDtypeStruct(tuple(stored[::-1]) if transpose else tuple(stored), np.float32)
         return out
 
     def metadata(self, key: str):
@@ -206,13 +217,15 @@ class GGUFSource:
         except KeyError:
             raise KeyError(f"unknown block '{block_id}' (model has {len(self.layout)} blocks)") from None
         out = {}
-        for leaf, (tensor_name, transpose) in leaves.items():
+        for leaf, entry in leaves.items():
+            tensor_name, transpose, rows = _entry(entry)
             t = self._tensors[tensor_name]
+            data = t.data if rows is None else t.data[rows[0]:rows[1]]
             try:
-                w = gguf.quants.dequantize(t.data, t.tensor_type)
+                w = gguf.quants.dequantize(data, t.tensor_type)
             except Exception as e:
                 raise ModelFileError(f"tensor {tensor_name} in {self.path} is unreadable ({type(e).__name__}: {e})") from None
-            self.nbytes_read += int(t.n_bytes)
+            self.nbytes_read += int(data.nbytes)
             w = np.asarray(w, dtype=np.float32)
             out[leaf] = np.ascontiguousarray(w.T) if transpose else w
         return out

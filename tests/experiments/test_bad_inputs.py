@@ -57,6 +57,8 @@ CASES = [
     ("run-bad-regex", "run {files}/bad_regex.yaml --out {d}", "not a valid regex", None),
     ("run-rule-s5", "run {files}/rule_s5.yaml --out {d}", "cannot be S5", None),
     ("run-lossy-rule-lossless", "run {files}/lossy_rule.yaml --out {d}", "lossy is false", None),
+    ("run-lossy-uncalibrated-family", f"run {DEMO} model=gemma3-270m placement=[] lossy=true --out {{d}}",
+     "does not measure for this model yet", None),
     ("run-routing-trace-real", f"run {DEMO} routing_trace=x.json --out {{d}}", "replayed only by the simulator", None),
     # --- run: budgets that cannot hold the model's pinned blocks (found before any work)
     ("run-budget-below-protected", f"run {SMOKE} hbm_budget=50MiB {TINY} --out {{d}}", "protected", None),

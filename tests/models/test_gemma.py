@@ -69,6 +69,27 @@ def test_tokenizer_agrees_with_an_independent_bpe_and_round_trips(gemma, tok):
     assert gemma.bos_id() == 2 and tok.token_to_id("<bos>") == 2
 
 
+def test_the_embedding_is_four_vocabulary_shards_read_row_by_row(gemma):
+    """Each shard is its own block of a quarter of the columns, read from only its tokens' rows of the file; a pass
+    looks every token up in every shard and reads every shard again as the head."""
+    from vorch_jax.models.gemma import VOCAB_SHARDS, embed_block_id
+
+    shards = [embed_block_id(k) for k in range(VOCAB_SHARDS)]
+    V, D = gemma.config.vocab_size, gemma.config.d_model
+    assert [b.id for b in gemma.blocks() if b.kind == "embed"] == shards
+    assert all(gemma.block_shapes(b)["embedding"].shape == (D, V // VOCAB_SHARDS) for b in shards)
+    assert sum(gemma.device_bytes(b) for b in shards) == 4 * D * V
+    assert max(b.nbytes for b in gemma.blocks()) < gemma.model_bytes / 6
+    src = gemma.source()
+    before = src.nbytes_read
+    w = src(shards[1])["embedding"]
+    file_bytes = next(t for t in src._reader.tensors if t.name == "token_embd.weight").n_bytes
+    assert src.nbytes_read - before == file_bytes // VOCAB_SHARDS
+    assert w.shape == (D, V // VOCAB_SHARDS)
+    order = gemma.pass_order()
+    assert all(order.count(b) == 2 for b in shards) and order[:VOCAB_SHARDS] == shards
+
+
 @pytest.fixture(scope="module")
 def reference(gemma):
     return _load("numpy_gemma_reference").NumpyGemma(gemma.source().path)
