@@ -154,6 +154,7 @@ def format_summary_row(s: dict, header: bool = False) -> str:
         ("stall s", f"{s['stall_s']:>8.3f}"),
         ("moved MB", f"{s['bytes_moved'] / 1e6:>9.1f}"),
         ("/belady", f"{(s['bytes_moved'] / s['belady_bytes']) if s['belady_bytes'] else float('nan'):>8.3f}"),
+        ("/bound", f"{(s['bytes_moved'] / s['lower_bound_bytes']) if s.get('lower_bound_bytes') else float('nan'):>7.3f}"),
         ("peak MB", f"{s['peak_device_bytes'] / 1e6:>8.1f}"),
         ("budget MB", f"{s['hbm_budget_bytes'] / 1e6:>9.1f}"),
         ("ppl", f"{q['ppl']:>7.3f}" if "ppl" in q else f"{'sim':>7}"),

@@ -108,7 +108,7 @@ def test_pareto_front():
 
 def test_sweep_table_and_figures_with_a_failed_row():
     base = {"status": "complete", "model_bytes": 100, "decode_tok_s": 5.0, "decode_step_s": 0.2, "stall_s": 0.1,
-            "bytes_moved": 50, "belady_bytes": 40, "peak_device_bytes": 30, "quality.ppl": 7.5,
+            "bytes_moved": 50, "belady_bytes": 40, "lower_bound_bytes": 25, "peak_device_bytes": 30, "quality.ppl": 7.5,
             "quality.ppl_resident": 7.5, "quality.kl_mean": 0.0, "quality.top1_agree": 1.0}
     rows = [dict(base, point_id="a", policy="lru", lossy=False, hbm_budget_bytes=30),
             dict(base, point_id="b", policy="lru", lossy=False, hbm_budget_bytes=50, decode_tok_s=6.0),
@@ -116,7 +116,7 @@ def test_sweep_table_and_figures_with_a_failed_row():
             {"point_id": "d", "status": "failed", "error": "vorch: error: too small", "cfg.hbm_budget": "1MiB"}]
     table = sweep_table(rows)
     assert [r[0] for r in table] == ["a", "b", "c", "d"]
-    assert table[2][10] == "+0.4000" and table[0][7] == "1.250"
+    assert table[2][11] == "+0.4000" and table[0][7] == "1.250" and table[0][8] == "2.000"
     assert table[3][-1].startswith("failed: vorch: error")
     for fig in (plots.budget_curves(rows), plots.pareto(rows)):
         assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)

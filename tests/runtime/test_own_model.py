@@ -160,5 +160,7 @@ def test_every_policy_runs_your_model_under_a_budget(policy, reference, tmp_path
     assert s["complete"] and s["tokens"] == reference.tokens and s["quality"]["kl_mean"] == 0.0
     assert 0 < s["peak_device_bytes"] <= s["hbm_budget_bytes"] and s["bytes_moved"] > 0
     assert s["link_bytes"]["host->device"] == s["bytes_moved"]
-    # (Not `belady_bytes <= bytes_moved`: with blocks of unequal sizes furthest-next-use is no lower bound; here
-    # static moved 1,115,136 bytes against Belady's 1,311,488, the LP bound issue's point.)
+    # Not `belady_bytes <= bytes_moved`: with blocks of unequal sizes furthest-next-use is no lower bound (here
+    # static moved 1,115,136 bytes against Belady's 1,311,488); the LP relaxation is one.
+    assert s["lower_bound"]["status"] == "optimal"
+    assert 0 < s["lower_bound_bytes"] <= min(s["belady_bytes"], s["bytes_moved"])

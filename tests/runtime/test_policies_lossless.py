@@ -15,7 +15,8 @@ def test_policy_generates_resident_tokens_within_budget(policy, budget, referenc
     assert s["tokens"] == reference.tokens, "a lossless policy must generate exactly the resident tokens"
     assert s["quality"]["kl_mean"] == 0.0 and s["quality"]["top1_agree"] == 1.0
     assert 0 < s["peak_device_bytes"] <= s["hbm_budget_bytes"]
-    assert s["belady_bytes"] <= s["bytes_moved"], "Belady is a lower bound on lossless traffic"
+    assert s["lower_bound"]["status"] == "optimal" and s["lower_bound"]["accesses"] == s["hits"] + s["misses"]
+    assert 0 < s["lower_bound_bytes"] <= min(s["belady_bytes"], s["bytes_moved"]), "no policy beats the LP bound"
     assert s["link_bytes"].get("host->device", 0) == s["bytes_moved"] > 0  # blocks really moved
     assert s["hits"] + s["misses"] == 4 * 63  # 4 passes x (62 blocks + the tied head's second use of embed)
 

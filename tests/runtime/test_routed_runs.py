@@ -61,6 +61,8 @@ def test_lossless_policies_generate_the_resident_tokens(tmp_path, setup, referen
     assert s["peak_device_bytes"] <= budget
     assert s["quality"]["kl_mean"] < 1e-6
     assert s["bytes_moved"] >= s["belady_bytes"] * 0.999 or policy == "belady"
+    assert s["lower_bound"]["status"] == "optimal"
+    assert 0 < s["lower_bound_bytes"] <= min(s["belady_bytes"], s["bytes_moved"])
     assert json.loads((tmp_path / "summary.json").read_text())["complete"]
     assert (tmp_path / "trace.jsonl").stat().st_size > 0 and (tmp_path / "trace.perfetto.json").exists()
     sp = s["routing"]["speculative"]

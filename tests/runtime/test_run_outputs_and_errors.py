@@ -26,7 +26,7 @@ def test_summary_has_every_field_and_figures_come_from_events(lru_run):
     assert on_disk == json.loads(json.dumps(s))
     for key in ("model", "policy", "hbm_budget_bytes", "dram_budget_bytes", "model_bytes", "tokens", "prefill_s",
                 "decode_tok_s", "wall_s", "stall_s", "controller_s", "peak_device_bytes", "link_bytes", "bytes_moved",
-                "belady_bytes", "hits", "misses", "prefetch", "transitions", "quality"):
+                "belady_bytes", "lower_bound_bytes", "moved_over_lower_bound", "lower_bound", "hits", "misses", "prefetch", "transitions", "quality"):
         assert key in s, key
     assert set(s["prefetch"]) == {"issued", "useful", "wasted_bytes"}
     assert set(s["quality"]) >= {"ppl", "ppl_resident", "kl_mean", "top1_agree"}

@@ -118,6 +118,7 @@ def test_budget_never_exceeded_and_outputs(tmp_path, policy):
     assert s["peak_device_bytes"] <= s["hbm_budget_bytes"]
     assert s["simulated"] is True and s["tokens"] is None and s["quality"]["simulated"] is True
     assert s["decode_step_s"] > 0 and s["bytes_moved"] >= s["belady_bytes"] * 0.99
+    assert 0 < s["lower_bound_bytes"] <= min(s["belady_bytes"], s["bytes_moved"])
     recs = [json.loads(x) for x in (tmp_path / "trace.jsonl").read_text().splitlines()]
     assert {"access", "transition"} <= {r["event"] for r in recs}
     assert "traceEvents" in json.loads((tmp_path / "trace.perfetto.json").read_text())

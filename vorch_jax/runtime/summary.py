@@ -4,6 +4,8 @@ accesses the ledger recorded, never from the plan.
   * traffic is counted from a cold device: the initial placement's loads belong to the run;
   * `belady_bytes` replays the run's own access stream of generation with furthest-next-use eviction under the
     same budget and guardrails (a lossy block travels full precision and converts on device);
+    `lower_bound_bytes` is the LP relaxation's optimum over the same stream (`policies/lower_bound.py`): no policy
+    loads less, where Belady (optimal only for blocks of one size) can be beaten;
   * the floor of a decode step is max(the resident compute-only step, the host->device bytes the measured steps
     moved per step / the fastest link rate measured): the probe of the link alone (a real run; the profile's link on
     a simulated one), the whole run's rate while its link was busy, or the measured steps' own rate, whichever is
@@ -19,6 +21,7 @@ from vorch_jax.versions import environment
 
 from vorch_jax.runtime import telemetry as T
 from vorch_jax.policies.belady import belady_bytes
+from vorch_jax.policies.lower_bound import lower_bound
 
 
 def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0: float, t_gen1: float,
@@ -33,6 +36,7 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
     moved = T.link_bytes(T.window(events, t_place0, t_gen1))
     used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
     bel = belady_bytes(stream, used, setup.hbm_budget, [], pinned=setup.protected, load_bytes=setup.device_bytes)
+    bound = lower_bound(stream, used, setup.hbm_budget, pinned=setup.protected, load_bytes=setup.device_bytes)
     w0, w1, decode_n = gen.measured_window()  # the first decode step is warm-up
     decode_s = w1 - w0
     missed_per_step = T.link_bytes(T.window(events, w0, w1)).get("host->device", 0) / max(1, decode_n)
@@ -64,6 +68,10 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
         "link_bytes": moved,
         "bytes_moved": moved.get("host->device", 0),
         "belady_bytes": bel,
+        "lower_bound_bytes": bound.bytes,
+        "moved_over_belady": moved.get("host->device", 0) / bel if bel else float("nan"),
+        "moved_over_lower_bound": moved.get("host->device", 0) / bound.bytes if bound.bytes else float("nan"),
+        "lower_bound": bound.to_dict(),
         "hits": c.hits,
         "misses": c.misses,
         "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted_bytes": c.prefetch_wasted_bytes},

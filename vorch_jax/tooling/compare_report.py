@@ -55,7 +55,7 @@ def _f(x, fmt: str) -> str:
 
 
 COLUMNS = ("policy", "budget MB", "tok/s", "step ms", "floor ms", "step / floor", "stall s", "moved MB",
-           "/ belady", "peak MB", "ppl", "KL", "top-1", "same tokens")
+           "/ belady", "/ bound", "peak MB", "ppl", "KL", "top-1", "same tokens")
 
 
 def compare_table(summaries: list[dict]) -> list[list[str]]:
@@ -67,6 +67,8 @@ def compare_table(summaries: list[dict]) -> list[list[str]]:
                      _f(s["floor_step_s"] * 1e3, ".1f"), _f(s["decode_step_s"] / s["floor_step_s"], ".3f"),
                      _f(s["stall_s"], ".3f"), _f(s["bytes_moved"] / MB, ".1f"),
                      _f(s["bytes_moved"] / s["belady_bytes"] if s.get("belady_bytes") else float("nan"), ".3f"),
+                     _f(s["bytes_moved"] / s["lower_bound_bytes"] if s.get("lower_bound_bytes") else float("nan"),
+                        ".3f"),
                      _f(s["peak_device_bytes"] / MB, ".1f"), _f(q.get("ppl"), ".4f"), _f(q.get("kl_mean"), ".2e"),
                      _f(q.get("top1_agree"), ".3f"), str(s.get("tokens_match_resident"))])
     return rows
@@ -167,7 +169,8 @@ def report_compare(directory: str | Path) -> Path:
     first = summaries[0]
     lines = [f"# Compare report: {directory.name}", "",
              f"Model {first['model']}, {len(runs)} policies; every figure comes from each run's recorded events. "
-             f"/ belady = bytes moved / Belady's bytes for the same access stream; step / floor = measured decode "
+             f"/ belady = bytes moved / Belady's bytes for the same access stream; / bound = bytes moved / the LP lower "
+             f"bound on any policy's bytes for it (Belady can be beaten when blocks differ in size); step / floor = measured decode "
              f"step over max(resident compute step, bytes per step / fastest measured link rate).", "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in compare_table(summaries)]

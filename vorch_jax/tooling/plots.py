@@ -352,6 +352,10 @@ def belady_ratio(row: Mapping) -> float:
     return row["bytes_moved"] / row["belady_bytes"] if row.get("belady_bytes") else float("nan")
 
 
+def bound_ratio(row: Mapping) -> float:
+    return row["bytes_moved"] / row["lower_bound_bytes"] if row.get("lower_bound_bytes") else float("nan")
+
+
 def budget_curves(rows: Sequence[Mapping], title: str = "") -> Figure:
     """Decode tok/s, bytes moved / Belady bytes, perplexity delta and KL against the HBM budget, a line per variant.
 

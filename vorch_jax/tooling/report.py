@@ -42,8 +42,8 @@ def report(directory: str | Path) -> Path:
 # -------------------------------------------------------------------------------------------------------- sweeps
 
 
-SWEEP_COLUMNS = ("point", "policy", "budget", "tok/s", "step ms", "stall s", "moved MB", "/belady", "peak MB",
-                 "ppl", "Δppl", "KL", "top-1", "status")
+SWEEP_COLUMNS = ("point", "policy", "budget", "tok/s", "step ms", "stall s", "moved MB", "/belady", "/bound",
+                 "peak MB", "ppl", "Δppl", "KL", "top-1", "status")
 
 
 def sweep_table(rows: Sequence[Mapping]) -> list[list[str]]:
@@ -57,12 +57,13 @@ def sweep_table(rows: Sequence[Mapping]) -> list[list[str]]:
     for r in sorted(rows, key=key):
         if r.get("status") != "complete":
             label = ", ".join(f"{k[4:]}={v}" for k, v in r.items() if k.startswith("cfg.") and v is not None)
-            out.append([str(r["point_id"]), label, "", "", "", "", "", "", "", "", "", "", "",
+            out.append([str(r["point_id"]), label, "", "", "", "", "", "", "", "", "", "", "", "",
                         f"failed: {r.get('error') or ''}"])
             continue
         out.append([str(r["point_id"]), plots.variant(r), f"{r['hbm_budget_bytes'] / r['model_bytes']:.2f}",
                     _num(r["decode_tok_s"], ".2f"), _num(r["decode_step_s"] * 1e3, ".1f"), _num(r["stall_s"], ".3f"),
-                    _mb(r["bytes_moved"]), _num(plots.belady_ratio(r), ".3f"), _mb(r["peak_device_bytes"]),
+                    _mb(r["bytes_moved"]), _num(plots.belady_ratio(r), ".3f"),
+                    _num(plots.bound_ratio(r), ".3f"), _mb(r["peak_device_bytes"]),
                     _num(r["quality.ppl"], ".4f"), _num(plots.ppl_delta(r), "+.4f"), _num(r["quality.kl_mean"], ".2e"),
                     _num(r["quality.top1_agree"], ".3f"), "complete"])
     return out
@@ -88,7 +89,8 @@ def report_sweep(directory: str | Path) -> Path:
              f"{len(done)} of {len(rows)} points complete"
              f"{'' if len(done) == len(rows) else f', {len(rows) - len(done)} failed'}. "
              f"Budget is the fraction of the model's full-precision bytes; Δppl = ppl - resident ppl; "
-             f"/belady = bytes moved / Belady's bytes for the same access stream.", "",
+             f"/belady = bytes moved / Belady's bytes for the same access stream; /bound = bytes moved / the LP lower "
+             f"bound on any policy's bytes for it.", "",
              "| " + " | ".join(SWEEP_COLUMNS) + " |", "|" + "---|" * len(SWEEP_COLUMNS)]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in sweep_table(rows)]
     negative = [r for r in done if plots.ppl_delta(r) < 0]

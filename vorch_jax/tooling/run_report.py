@@ -68,6 +68,10 @@ def run_table(s: Mapping) -> list[tuple[str, str]]:
     """(name, value) pairs of a run summary's key numbers."""
     q = s.get("quality", {})
     ratio = s["bytes_moved"] / s["belady_bytes"] if s.get("belady_bytes") else float("nan")
+    bound, lb = s.get("lower_bound_bytes"), s.get("lower_bound") or {}
+    bound_text = "-" if not bound else (
+        f"{_num(s['bytes_moved'] / bound, '.3f')} x the LP lower bound ({_mb(bound)} MB, solved in "
+        f"{_num(lb.get('solver_s'), '.2f')} s{'' if lb.get('status') == 'optimal' else ', ' + str(lb.get('status'))})")
     return [
         ("policy", f"{s['policy']}{' (lossy states allowed)' if s.get('lossy') else ''}"),
         ("HBM budget", f"{_mb(s['hbm_budget_bytes'])} MB ({s['hbm_budget_bytes'] / s['model_bytes']:.2f} of "
@@ -79,6 +83,7 @@ def run_table(s: Mapping) -> list[tuple[str, str]]:
         ("stall / transfer", f"{_num(s['stall_s'], '.3f')} s / {_num(s['transfer_s'], '.3f')} s"),
         ("bytes moved", f"{_mb(s['bytes_moved'])} MB host->device, {_num(ratio, '.3f')} x Belady "
                         f"({_mb(s['belady_bytes'])} MB)"),
+        ("lower bound", bound_text),
         ("per link", ", ".join(f"{k} {_mb(v)} MB" for k, v in s.get("link_bytes", {}).items()) or "-"),
         ("hits / misses", f"{s['hits']} / {s['misses']}"),
         ("peak device", f"{_mb(s['peak_device_bytes'])} MB"),
