@@ -8,9 +8,13 @@ For each model, in one process, `--rounds` times alternating:
     program, no host between positions), median decode step over `--tokens` greedy steps;
   * driver: `vorch run` with policy=resident (every block on device, the ledger, engine, cursor and driver loop as
     in any run), its summary's decode step;
+  * ops: the same ops called one after another from Python, each its own jitted call (no driver, ledger or
+    engine): what running block by block costs before any residency logic, since every block boundary is a
+    program boundary when a block may be absent;
   * host: the driver's own work per position, the same run with each op's dispatch replaced by nothing (fetch,
     prefetch check, ledger bookkeeping, cursor, access record).
-Prints per model the medians, driver / fused, and the host time per position. Target on this CPU: <= 1.10x.
+Prints per model the medians, driver / fused, ops / fused, driver / ops and the host time per position. Target on
+this CPU: driver <= 1.10x fused; driver / ops is the driver's own share, ops / fused the cost of block granularity.
 """
 
 from __future__ import annotations
@@ -32,19 +36,22 @@ from vorch_jax.runtime.run import run  # noqa: E402
 from vorch_jax.runtime.setup import build_setup  # noqa: E402
 
 
-def fused_step_s(setup, tokens: int) -> float:
-    """Median decode step of the whole pass as one jitted function over the spec's ops."""
+def fused_step_s(setup, tokens: int, fused: bool = True) -> float:
+    """Median decode step of the whole pass as one jitted function over the spec's ops (`fused`), or of the same
+    ops called one after another from Python, each its own jitted call, with no driver, ledger or engine."""
     spec = setup.spec
     compute = spec.compute(jnp.float32)
     positions = spec.skeleton()
     weights = {b: {k: jnp.asarray(v) for k, v in spec.source()(b).items()} for b in setup.block_ids}
 
-    @jax.jit
     def step(weights, ids, cache, pos):
         c = compute.start(ids, cache, pos)
         for p in positions:
             compute.run(p, weights[p.block], c)
         return compute.finish(c)
+
+    if fused:
+        step = jax.jit(step)
 
     P = len(setup.prompt_ids)
     cache = spec.new_cache(1, P + tokens + 1, jnp.float32)
@@ -75,11 +82,14 @@ def host_step_s(cfg, out_dir) -> float:
     from vorch_jax.tiers.engine import MovementEngine
 
     class NoCompute(RealBackend):
+        def begin_pass(self, ids_BxT, cache, pos, passes):
+            self.carry = cache
+
         def run(self, position, w):
             return None
 
         def end_pass(self):
-            return None, None
+            return None, self.carry
 
         def next_token(self, logits):
             return 0
@@ -110,23 +120,25 @@ def main(argv=None):
     args = ap.parse_args(argv)
     print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}; {args.tokens} decode "
           f"tokens, {args.rounds} rounds, medians")
-    print(f"{'model':14s} {'fused ms':>9s} {'driver ms':>9s} {'driver/fused':>12s} {'host ms/pass':>12s} "
-          f"{'host us/pos':>11s} {'positions':>9s}   rounds (fused / driver ms)")
+    print(f"{'model':14s} {'fused ms':>9s} {'ops ms':>9s} {'driver ms':>9s} {'driver/fused':>12s} {'ops/fused':>9s} "
+          f"{'driver/ops':>10s} {'host ms/pass':>12s} {'host us/pos':>11s} {'positions':>9s}   "
+          f"rounds (fused / ops / driver ms)")
     for model in args.models:
         cfg = load_config(None, [f"model={model}", "policy=resident", "hbm_budget=1.0", f"new_tokens={args.tokens}",
                                  "prompt_tokens=16", "eval_tokens=16", "placement=[]"])
         setup = build_setup(cfg)
-        fused, driver, host = [], [], []
+        fused, ops, driver, host = [], [], [], []
         with tempfile.TemporaryDirectory() as d:
             for r in range(args.rounds):
                 fused.append(fused_step_s(setup, args.tokens))
+                ops.append(fused_step_s(setup, args.tokens, fused=False))
                 step, positions = driver_step_s(cfg, Path(d) / f"run{r}")
                 driver.append(step)
                 host.append(host_step_s(cfg, Path(d) / f"host{r}"))
-        f, dr, h = statistics.median(fused), statistics.median(driver), statistics.median(host)
-        rounds = " ".join(f"{a * 1e3:.1f}/{b * 1e3:.1f}" for a, b in zip(fused, driver))
-        print(f"{model:14s} {f * 1e3:9.2f} {dr * 1e3:9.2f} {dr / f:12.3f} {h * 1e3:12.2f} {h / positions * 1e6:11.1f} "
-              f"{positions:9d}   {rounds}", flush=True)
+        f, o, dr, h = (statistics.median(x) for x in (fused, ops, driver, host))
+        rounds = " ".join(f"{a * 1e3:.1f}/{b * 1e3:.1f}/{c * 1e3:.1f}" for a, b, c in zip(fused, ops, driver))
+        print(f"{model:14s} {f * 1e3:9.2f} {o * 1e3:9.2f} {dr * 1e3:9.2f} {dr / f:12.3f} {o / f:9.3f} {dr / o:10.3f} "
+              f"{h * 1e3:12.2f} {h / positions * 1e6:11.1f} {positions:9d}   {rounds}", flush=True)
     return 0
 
 
