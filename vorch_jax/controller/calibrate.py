@@ -536,14 +536,20 @@ def format_table(cal: Calibration, n: int = 10) -> str:
 
 
 def cmd_calibrate(args) -> int:
-    from vorch_jax.models.gguf_source import load_smollm2_source
+    from vorch_jax.models import registry
 
+    spec = registry.get(args.model)
+    if not supports(spec):
+        why = ("shape-only: its weights are not here" if not spec.has_weights else
+               "routed" if spec.top_k else f"computed by its own ops ('{spec.ops}')")
+        raise VorchError(f"vorch calibrate measures dense models computed by Llama's ops; {args.model} is {why}: "
+                         f"run it lossless (lossy=false), or calibrate the default model")
     if args.tokens < 2:
         raise VorchError(f"--tokens must be at least 2, got {args.tokens}")
     states = tuple(s.strip().upper() for s in args.states.split(",") if s.strip())
     if not states or any(s not in STATES for s in states):
         raise VorchError(f"--states must be a comma list drawn from {','.join(STATES)}, got '{args.states}'")
-    source = load_smollm2_source()
+    source = spec.source()
     blocks = None
     if args.blocks:
         try:
@@ -572,6 +578,7 @@ def cmd_calibrate(args) -> int:
 
 def add_cli(subparsers) -> None:
     p = subparsers.add_parser("calibrate", help="measure per-block sensitivity ψ, links and δ on this machine; cache")
+    p.add_argument("--model", default="smollm2-135m", help="a registered model (default smollm2-135m)")
     p.add_argument("--tokens", type=int, default=64, help="calibration tokens of the KJV text (default 64)")
     p.add_argument("--blocks", default=None, help="regex: calibrate only the matching block ids")
     p.add_argument("--states", default=",".join(STATES), help="comma list of lossy states (default S1,S2,S6)")
