@@ -19,7 +19,7 @@ Rules worth knowing:
     PyYAML reads YAML 1.1, where ``1e-3`` is a *string*; write ``1.0e-3``.
   * Budgets (`hbm_budget`, `dram_budget`): a number is a fraction of the model's S0 (full-precision) bytes and
     must lie in (0, 1]; a string is bytes, either plain (``"1024"``) or with a unit (``"300MiB"``, ``"1.5GB"``;
-    B, KB, MB, GB, TB are powers of 1000, KiB, MiB, GiB, TiB powers of 1024). `parse_budget` turns either
+    B, KB, MB, GB, TB are powers of 1000, KiB, MiB, GiB, TiB powers of 1024). `config_fields.parse_budget` turns either
     into bytes once the model's size is known; loading only checks the form.
   * Overrides are ``key=value`` or ``section.key=value``. The value is read as YAML (``0.5`` is a float, ``true``
     a bool, ``[{path: embed, state: S0}]`` a placement list) and then checked like a file value. For a field typed
@@ -48,20 +48,18 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import functools
 import math
 import re
-import types
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from vorch_jax import config_fields as F
 from vorch_jax.errors import ConfigError
+from vorch_jax.strict_yaml import StrictLoader, read_yaml, yaml_error
 
 __all__ = [
     "ConfigError",
@@ -80,7 +78,6 @@ __all__ = [
     "RULE_STATES",
     "LOSSY_STATES",
     "QUALITY_RANK",
-    "parse_budget",
     "load_config",
     "apply_overrides",
     "config_from_dict",
@@ -97,198 +94,6 @@ LOSSY_STATES = ("S1", "S2", "S6")
 # Higher is better to compute with; same values as vorch_jax.controller.state_ids.QUALITY_RANK (tests check they agree).
 QUALITY_RANK = {"S0": 5, "S1": 4, "S2": 3, "S3": 1, "S4": 0, "S5": 1, "S6": 2}
 
-_BYTE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_BYTES_RE = re.compile(r"^\s*([+-]?)\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*$")
-
-
-def _key_error(key: str, detail: str) -> ConfigError:
-    return ConfigError(f"key '{key}' {detail}", key=key, detail=detail)
-
-
-def _rekey(err: ConfigError, prefix: str) -> ConfigError:
-    """The same error with its key placed under `prefix` (``"score."``, ``"placement[2]."``)."""
-    if err.key is None or err.detail is None:
-        return ConfigError(f"{prefix.rstrip('.')}: {err}", key=prefix.rstrip("."), detail=str(err))
-    return _key_error(prefix + err.key, err.detail)
-
-
-# --------------------------------------------------------------------------------------------------------- types
-
-
-def _show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    if isinstance(tp, types.UnionType):
-        return " or ".join(_type_name(t) for t in tp.__args__)
-    if typing.get_origin(tp) is tuple:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if dataclasses.is_dataclass(tp):
-        return tp.__name__
-    return {int: "int", float: "float", bool: "bool", str: "str"}.get(tp, getattr(tp, "__name__", str(tp)))
-
-
-def _got(value: Any) -> str:
-    kind = {dict: "mapping", list: "list", type(None): "null"}.get(type(value), type(value).__name__)
-    return kind if value is None else f"{kind} ({_show(value)})"
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against the annotation `tp`; return it normalised (int -> float, list -> tuple)."""
-    if isinstance(tp, types.UnionType):
-        for option in tp.__args__:
-            try:
-                return _coerce(value, option, key)
-            except ConfigError:
-                pass
-        raise _key_error(key, f"expects {_type_name(tp)}, got {_got(value)}")
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _looks_like_float(value):
-            raise _key_error(key, f"expects float, got str ({value!r}); YAML 1.1 reads '1e-3' as text, "
-                                  f"write '1.0e-3'")
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif typing.get_origin(tp) is tuple:
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(item, item_tp, f"{key}[{i}]") for i, item in enumerate(value))
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-    else:  # pragma: no cover - a schema annotation this function was not taught
-        raise TypeError(f"unsupported annotation {tp!r} for {key}")
-    raise _key_error(key, f"expects {_type_name(tp)}, got {_got(value)}")
-
-
-def _looks_like_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
-
-
-@functools.cache
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _check_types(obj: Any) -> None:
-    """Type-check and normalise every field of a frozen dataclass instance in place (used by __post_init__)."""
-    hints = _hints(type(obj))
-    for f in dataclasses.fields(obj):
-        value = _coerce(getattr(obj, f.name), hints[f.name], f.name)
-        object.__setattr__(obj, f.name, value)
-
-
-def _require(ok: bool, key: str, detail: str) -> None:
-    if not ok:
-        raise _key_error(key, detail)
-
-
-def _finite(obj: Any, *names: str, min_value: float | None = None) -> None:
-    for name in names:
-        value = getattr(obj, name)
-        _require(math.isfinite(value), name, f"must be a finite number, got {value}")
-        if min_value is not None:
-            _require(value >= min_value, name, f"must be >= {min_value}, got {value}")
-
-
-def _choice(obj: Any, name: str, choices: Sequence[Any]) -> None:
-    value = getattr(obj, name)
-    if value not in choices:
-        listed = ", ".join(repr(c) for c in choices)
-        hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-        suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise _key_error(name, f"must be one of {listed}; got {_show(value)}{suffix}")
-
-
-# -------------------------------------------------------------------------------------------------------- budgets
-
-
-def _num(value: float) -> str:
-    """2048.0 -> '2048', 0.5 -> '0.5' (budgets read from YAML ints arrive as floats)."""
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(value)
-
-
-def _budget_spec(value: Any) -> tuple[str, Decimal]:
-    """Classify a budget: ``("fraction", f)`` with f in (0, 1], or ``("bytes", n)`` with n >= 1 (may be fractional).
-
-    Raises a keyless ConfigError whose message starts with a verb and shows the value, so callers can prefix it
-    with ``key 'hbm_budget'`` or ``budget``.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ConfigError(f"expects a fraction in (0, 1] or a byte string like '300MiB', got {_got(value)}")
-    if isinstance(value, (int, float)):
-        if not math.isfinite(value):
-            raise ConfigError(f"must be a finite fraction in (0, 1], got {value}")
-        if not 0 < value <= 1:
-            hint = f"; for bytes write a string with a unit, e.g. '{_num(value)}B' or '300MiB'" if value > 1 else ""
-            raise ConfigError(f"is a fraction of the model's S0 bytes and must be in (0, 1], got {_num(value)}{hint}")
-        return "fraction", Decimal(repr(float(value)))
-    match = _BYTES_RE.match(value)
-    if not match:
-        raise ConfigError(f"is not a byte size: {value!r} (examples: '1024', '300MiB', '1.5GB')")
-    sign, number, unit = match.groups()
-    if sign == "-":
-        raise ConfigError(f"must be positive, got {value!r}")
-    if unit.lower() not in _BYTE_UNITS:
-        hint = difflib.get_close_matches(unit, ["B", "KB", "MB", "GB", "TB", "KiB", "MiB", "GiB", "TiB"], n=1)
-        suffix = f" (did you mean '{hint[0]}'?)" if hint else ""
-        raise ConfigError(f"has unknown unit {unit!r} in {value!r}; use B, KB, MB, GB, TB, KiB, MiB, GiB "
-                          f"or TiB{suffix}")
-    if not unit and "." in number:
-        raise ConfigError(f"must be whole bytes when it has no unit, got {value!r}; "
-                          f"for a fraction write the number unquoted")
-    amount = Decimal(number) * _BYTE_UNITS[unit.lower()]
-    if int(amount) < 1:
-        raise ConfigError(f"must be positive, got {value!r} (less than one byte)")
-    return "bytes", amount
-
-
-def parse_budget(value: float | str, model_bytes: int) -> int:
-    """Bytes meant by a budget: a fraction in (0, 1] of `model_bytes`, or a byte string (``"300MiB"``, ``"2048"``).
-
-    Rounds down to whole bytes. Raises ConfigError for zero, negative, NaN, a fraction above 1, an unknown unit,
-    or a result under one byte.
-
-    >>> parse_budget(0.5, 1000), parse_budget("300MiB", 0), parse_budget("1.5GB", 0)
-    (500, 314572800, 1500000000)
-    """
-    try:
-        kind, amount = _budget_spec(value)
-    except ConfigError as err:
-        raise ConfigError(f"budget {err}") from None
-    if kind == "bytes":
-        return int(amount)
-    if isinstance(model_bytes, bool) or not isinstance(model_bytes, int) or model_bytes <= 0:
-        raise ConfigError(f"budget {value} is a fraction and needs the model's S0 bytes, got {_show(model_bytes)}")
-    result = int(amount * model_bytes)
-    if result < 1:
-        raise ConfigError(f"budget {value} of {model_bytes} bytes is less than one byte")
-    return result
-
-
 # --------------------------------------------------------------------------------------------------------- schema
 
 
@@ -304,9 +109,9 @@ class ScoreConfig:
     beta: float = 1.0
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _finite(self, "w1", "w2", "w3", "w4", min_value=0.0)
-        _finite(self, "alpha", "beta")
+        F.check_types(self)
+        F.finite(self, "w1", "w2", "w3", "w4", min_value=0.0)
+        F.finite(self, "alpha", "beta")
 
 
 @dataclass(frozen=True)
@@ -318,9 +123,9 @@ class GuardrailConfig:
     switch_margin: float = 0.1
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _finite(self, "psi_threshold", "switch_margin", min_value=0.0)
-        _require(self.min_dwell_ticks >= 0, "min_dwell_ticks", f"must be >= 0, got {self.min_dwell_ticks}")
+        F.check_types(self)
+        F.finite(self, "psi_threshold", "switch_margin", min_value=0.0)
+        F.require(self.min_dwell_ticks >= 0, "min_dwell_ticks", f"must be >= 0, got {self.min_dwell_ticks}")
 
 
 @dataclass(frozen=True)
@@ -331,9 +136,9 @@ class QuantConfig:
     lowrank_rank: int = 32
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _choice(self, "int4_group_size", GROUP_SIZES)
-        _require(self.lowrank_rank > 0, "lowrank_rank", f"must be > 0, got {self.lowrank_rank}")
+        F.check_types(self)
+        F.choice(self, "int4_group_size", GROUP_SIZES)
+        F.require(self.lowrank_rank > 0, "lowrank_rank", f"must be > 0, got {self.lowrank_rank}")
 
 
 @dataclass(frozen=True)
@@ -352,11 +157,11 @@ class QualityConfig:
     calibration_tokens: int = 64
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _require(math.isfinite(self.max_kl) and self.max_kl > 0, "max_kl", f"must be > 0 nats, got {self.max_kl}")
-        _require(0 < self.kl_share <= 1, "kl_share", f"must lie in (0, 1], got {self.kl_share}")
-        _choice(self, "calibration", ("auto", "stored"))
-        _require(self.calibration_tokens >= 2, "calibration_tokens", f"must be >= 2, got {self.calibration_tokens}")
+        F.check_types(self)
+        F.require(math.isfinite(self.max_kl) and self.max_kl > 0, "max_kl", f"must be > 0 nats, got {self.max_kl}")
+        F.require(0 < self.kl_share <= 1, "kl_share", f"must lie in (0, 1], got {self.kl_share}")
+        F.choice(self, "calibration", ("auto", "stored"))
+        F.require(self.calibration_tokens >= 2, "calibration_tokens", f"must be >= 2, got {self.calibration_tokens}")
 
 
 @dataclass(frozen=True)
@@ -373,9 +178,9 @@ class MoEConfig:
     speculative: str = "auto"
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _require(self.top_k >= 0, "top_k", f"must be >= 0 (0: the routers' trained k), got {self.top_k}")
-        _choice(self, "speculative", ("auto", "on", "off"))
+        F.check_types(self)
+        F.require(self.top_k >= 0, "top_k", f"must be >= 0 (0: the routers' trained k), got {self.top_k}")
+        F.choice(self, "speculative", ("auto", "on", "off"))
 
 
 def _model_names() -> tuple[str, ...]:
@@ -403,21 +208,21 @@ class PlacementRule:
     kappa: float | None = None
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _require(self.path != "", "path", "must be a non-empty regex")
+        F.check_types(self)
+        F.require(self.path != "", "path", "must be a non-empty regex")
         try:
             re.compile(self.path)
         except re.error as err:
-            raise _key_error("path", f"is not a valid regex: {self.path!r} ({err})") from None
+            raise F.key_error("path", f"is not a valid regex: {self.path!r} ({err})") from None
         for name in ("state", "floor"):
             if getattr(self, name) == "S5":
-                raise _key_error(name, "cannot be S5: S5 (in flight) is transient and never requested")
-            _choice(self, name, ("",) + RULE_STATES)
+                raise F.key_error(name, "cannot be S5: S5 (in flight) is transient and never requested")
+            F.choice(self, name, ("",) + RULE_STATES)
         if self.state and self.floor:
-            _require(QUALITY_RANK[self.state] >= QUALITY_RANK[self.floor], "state",
+            F.require(QUALITY_RANK[self.state] >= QUALITY_RANK[self.floor], "state",
                      f"is {self.state}, below the rule's floor {self.floor} (quality order S0, S1, S2, S6, S3, S4)")
         if self.kappa is not None:
-            _finite(self, "kappa", min_value=0.0)
+            F.finite(self, "kappa", min_value=0.0)
 
 
 @dataclass(frozen=True)
@@ -449,26 +254,26 @@ class RunConfig:
     placement: tuple[PlacementRule, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_types(self)
-        _choice(self, "model", _model_names())
-        _choice(self, "policy", POLICIES)
-        _choice(self, "executor", EXECUTORS)
-        _choice(self, "dtype", DTYPES)
+        F.check_types(self)
+        F.choice(self, "model", _model_names())
+        F.choice(self, "policy", POLICIES)
+        F.choice(self, "executor", EXECUTORS)
+        F.choice(self, "dtype", DTYPES)
         for name in ("hbm_budget", "dram_budget"):
             try:
-                _budget_spec(getattr(self, name))
+                F.budget_spec(getattr(self, name))
             except ConfigError as err:
-                raise _key_error(name, str(err)) from None
+                raise F.key_error(name, str(err)) from None
         for name in ("new_tokens", "prompt_tokens", "eval_tokens", "tick_every_n_layers"):
-            _require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+            F.require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("prefetch_depth", "seed"):
-            _require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        _require(not self.routing_trace or self.executor == "sim", "routing_trace",
+            F.require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        F.require(not self.routing_trace or self.executor == "sim", "routing_trace",
                  "is replayed only by the simulator (executor: sim); a real run routes with its own router")
         if not self.lossy:
             for i, rule in enumerate(self.placement):
                 if rule.state in LOSSY_STATES:
-                    raise _key_error(f"placement[{i}].state",
+                    raise F.key_error(f"placement[{i}].state",
                                      f"puts blocks matching {rule.path!r} in lossy state {rule.state} but lossy is "
                                      f"false; set lossy: true or choose S0, S3 or S4")
 
@@ -498,7 +303,7 @@ def _build(cls: type, data: Any, section: str) -> Any:
         data = {}
     if not isinstance(data, Mapping):
         where = f"section '{section}'" if section else "the top level"
-        raise ConfigError(f"{where} must be a mapping, got {_got(data)}", key=section or None)
+        raise ConfigError(f"{where} must be a mapping, got {F.got(data)}", key=section or None)
     valid = _field_names(cls)
     for key in data:
         if key not in valid:
@@ -506,7 +311,7 @@ def _build(cls: type, data: Any, section: str) -> Any:
     prefix = f"{section}." if section else ""
     for f in dataclasses.fields(cls):
         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and f.name not in data:
-            raise _key_error(prefix + f.name, "is required but missing")
+            raise F.key_error(prefix + f.name, "is required but missing")
     kwargs = dict(data)
     if cls is RunConfig:
         for name, section_cls in _SECTIONS.items():
@@ -515,12 +320,12 @@ def _build(cls: type, data: Any, section: str) -> Any:
         if "placement" in kwargs:
             rules = kwargs["placement"] if kwargs["placement"] is not None else []
             if not isinstance(rules, (list, tuple)):
-                raise _key_error("placement", f"expects a list of rules, got {_got(rules)}")
+                raise F.key_error("placement", f"expects a list of rules, got {F.got(rules)}")
             kwargs["placement"] = tuple(_build(PlacementRule, rule, f"placement[{i}]") for i, rule in enumerate(rules))
     try:
         return cls(**kwargs)
     except ConfigError as err:
-        raise _rekey(err, prefix) if prefix else err from None
+        raise F.rekey(err, prefix) if prefix else err from None
 
 
 def config_from_dict(data: Mapping[str, Any] | None, source: str = "<dict>") -> RunConfig:
@@ -541,54 +346,6 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     return data
 
 
-# ----------------------------------------------------------------------------------------------------------- YAML
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a mapping key set twice (PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.get(key)
-            except TypeError:  # unhashable key: let PyYAML report it
-                continue
-            line = key_node.start_mark.line + 1
-            if first is not None:
-                raise ConfigError(f"key '{key}' is set twice (lines {first} and {line})", key=str(key))
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _yaml_error(err: yaml.YAMLError) -> str:
-    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
-    problem = getattr(err, "problem", None) or str(err)
-    context = getattr(err, "context", None)
-    text = f"{context}, {problem}" if context else problem
-    return f"line {mark.line + 1}, column {mark.column + 1}: {text}" if mark else text
-
-
-def _read_yaml(path: Path) -> Any:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path is a directory, not a file: {path}") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"cannot read config file {path}: {err}") from None
-    try:
-        return yaml.load(text, Loader=_StrictLoader)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}", key=err.key) from None
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML at {_yaml_error(err)}") from None
-
-
 # ------------------------------------------------------------------------------------------------------ overrides
 
 
@@ -602,7 +359,7 @@ def _field_type(key: str, source: str) -> Any:
         if part not in valid:
             err = _unknown_key(part, section, valid)
             raise ConfigError(f"{source}: {err}", key=key) from None
-        tp = _hints(cls)[part]
+        tp = F.field_hints(cls)[part]
         if depth == len(parts) - 1:
             if tp in _SECTIONS.values():
                 raise ConfigError(f"{source}: '{key}' is a section; set one of its keys, e.g. "
@@ -626,9 +383,9 @@ def _parse_override(text: str) -> tuple[str, Any, str]:
     if raw == "":
         return key, "", source
     try:
-        value = yaml.load(raw, Loader=_StrictLoader)
+        value = yaml.load(raw, Loader=StrictLoader)
     except (ConfigError, yaml.YAMLError) as err:
-        detail = _yaml_error(err) if isinstance(err, yaml.YAMLError) else str(err)
+        detail = yaml_error(err) if isinstance(err, yaml.YAMLError) else str(err)
         if tp is str:
             return key, raw, source
         raise ConfigError(f"{source}: invalid YAML value: {detail}", key=key) from None
@@ -683,5 +440,5 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> RunCo
         cfg = RunConfig()
     else:
         path = Path(path)
-        cfg = config_from_dict(_read_yaml(path), source=str(path))
+        cfg = config_from_dict(read_yaml(path), source=str(path))
     return apply_overrides(cfg, overrides)

@@ -17,8 +17,8 @@ from vorch_jax.config import (
     config_from_dict,
     config_to_dict,
     load_config,
-    parse_budget,
 )
+from vorch_jax.config_fields import parse_budget
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = REPO / "configs"

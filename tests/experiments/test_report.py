@@ -139,7 +139,7 @@ def test_a_damaged_row_is_shown_failed_and_resume_rebuilds_it(sweep_dir, tmp_pat
     import json
     import shutil
 
-    from vorch_jax.tooling.sweep import _write_results, read_results
+    from vorch_jax.tooling.sweep_results import read_results, write_results
 
     src, sweep = sweep_dir
     out = tmp_path / "copy"
@@ -147,7 +147,7 @@ def test_a_damaged_row_is_shown_failed_and_resume_rebuilds_it(sweep_dir, tmp_pat
     (out / ".sweep.lock").unlink(missing_ok=True)
     damaged = out / "points" / sweep.points[0].id / "row.json"
     damaged.write_text('{"point_id": ')
-    _write_results(out, sweep)
+    write_results(out, sweep)
     rows = {r["point_id"]: r for r in read_results(out)}
     assert len(rows) == 2, "a damaged row must stay in the table"
     bad = rows[sweep.points[0].id]

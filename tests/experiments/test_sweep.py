@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from vorch_jax.config import ConfigError
-from vorch_jax.tooling.sweep import load_sweep, point_status, read_results, run_sweep
+from vorch_jax.tooling.sweep import load_sweep, run_sweep
+from vorch_jax.tooling.sweep_results import point_status, read_results
 
 REPO = Path(__file__).resolve().parents[2]
 SWEEPS = REPO / "configs" / "sweeps"

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from vorch_jax.config import RunConfig, parse_budget
+from vorch_jax.config import RunConfig
+from vorch_jax.config_fields import parse_budget
 from vorch_jax.errors import RunError
 from vorch_jax.models import registry
 from vorch_jax.placement import resolve_placement

@@ -71,7 +71,7 @@ def sweep_table(rows: Sequence[Mapping]) -> list[list[str]]:
 
 def report_sweep(directory: str | Path) -> Path:
     """Budget curves, Pareto plot and report.md for a sweep directory."""
-    from vorch_jax.tooling.sweep import read_results
+    from vorch_jax.tooling.sweep_results import read_results
 
     directory = Path(directory)
     rows = read_results(directory / "results.csv")

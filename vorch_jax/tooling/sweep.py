@@ -35,11 +35,9 @@ Running (`vorch sweep SWEEP.yaml --out DIR [--resume] [--jobs N]`):
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import fcntl
 import hashlib
-import io
 import itertools
 import json
 import math
@@ -57,13 +55,14 @@ from typing import Any
 import yaml
 
 from vorch_jax.config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config
+from vorch_jax.strict_yaml import read_yaml
+from vorch_jax.tooling.sweep_results import (make_row, point_status, readable_json, value_text, write_atomic,
+                                              write_results)
 
-__all__ = ["Point", "Sweep", "load_sweep", "run_sweep", "point_status", "read_results", "add_cli"]
+__all__ = ["Point", "Sweep", "load_sweep", "run_sweep", "add_cli"]
 
 _TOP_KEYS = ("name", "base", "fixed", "product", "zip", "groups")
 _GROUP_KEYS = ("name", "fixed", "product", "zip")
-_ROW_LEAD = ("point_id", "status", "error", "point_s")
-_SKIP_FIELDS = ("complete", "tokens", "text", "quality.note")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +75,7 @@ class Point:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{k}={_text(v)}" for k, v in self.overrides)
+        return ", ".join(f"{k}={value_text(v)}" for k, v in self.overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,28 +90,6 @@ class Sweep:
 
 
 # ------------------------------------------------------------------------------------------------------- loading
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses a mapping key set twice (PyYAML silently keeps the last one)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            line = key_node.start_mark.line + 1
-            try:
-                first = seen.get(key)
-            except TypeError:
-                continue
-            if first is not None:
-                raise ConfigError(f"key '{key}' is set twice (lines {first} and {line})", key=str(key))
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-def _text(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, str) else value
 
 
 def _fail(source: str, key: str | None, detail: str) -> ConfigError:
@@ -189,7 +166,7 @@ def _slug(overrides: Mapping[str, Any], swept: list[str]) -> str:
     for k in swept:
         v = overrides[k]
         leaf = k.split(".")[-1]
-        parts.append(v if isinstance(v, str) and k == "policy" else f"{leaf}-{_text(v)}")
+        parts.append(v if isinstance(v, str) and k == "policy" else f"{leaf}-{value_text(v)}")
     slug = re.sub(r"[^A-Za-z0-9.+-]+", "_", "_".join(parts)).strip("_")
     return slug[:60] or "point"
 
@@ -208,18 +185,7 @@ def load_sweep(path: str | Path | None = None, data: Mapping | None = None) -> S
     source = str(path) if path is not None else "<sweep>"
     folder = Path(path).parent if path is not None else Path.cwd()
     if data is None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"sweep file not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as err:
-            raise ConfigError(f"cannot read sweep file {path}: {err}") from None
-        try:
-            data = yaml.load(text, Loader=_StrictLoader)
-        except ConfigError as err:
-            raise ConfigError(f"{source}: {err}", key=err.key) from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{source}: invalid YAML: {' '.join(str(err).split())}") from None
+        data = read_yaml(Path(path), "sweep")
     if data is not None and not isinstance(data, Mapping):
         raise _fail(source, None, f"a sweep must be a mapping, got {type(data).__name__}")
     top = _mapping(data, source, None)
@@ -253,7 +219,7 @@ def load_sweep(path: str | Path | None = None, data: Mapping | None = None) -> S
     base_dict = config_to_dict(base_cfg)
     points, seen = [], {}
     for i, (overrides, swept) in enumerate(raw):
-        label = ", ".join(f"{k}={_text(overrides[k])}" for k in swept)
+        label = ", ".join(f"{k}={value_text(overrides[k])}" for k in swept)
         where = f"{source}: point {i + 1} ({label})"
         cfg_dict = json.loads(json.dumps(base_dict))
         for k, v in overrides.items():
@@ -265,116 +231,6 @@ def load_sweep(path: str | Path | None = None, data: Mapping | None = None) -> S
         seen[pid] = i + 1
         points.append(Point(pid, tuple((k, overrides[k]) for k in swept), cfg))
     return Sweep(name, Path(path) if path is not None else None, tuple(points))
-
-
-# ------------------------------------------------------------------------------------------------------- results
-
-
-def point_status(point_dir: Path) -> str:
-    """'complete' (summary.json with complete: true), 'failed' (row.json says so), 'partial' or 'absent'."""
-    point_dir = Path(point_dir)
-    try:
-        if json.loads((point_dir / "summary.json").read_text()).get("complete") is True:
-            return "complete"
-    except (OSError, ValueError):
-        pass
-    try:
-        if json.loads((point_dir / "row.json").read_text()).get("status") == "failed":
-            return "failed"
-    except (OSError, ValueError):
-        pass
-    return "partial" if point_dir.exists() else "absent"
-
-
-def _readable_json(path: Path) -> bool:
-    try:
-        json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def flatten_summary(summary: Mapping) -> dict[str, Any]:
-    """Scalar fields of a run summary, nested ones dotted (``quality.ppl``, ``link_bytes.host->device``)."""
-    out: dict[str, Any] = {}
-    for k, v in summary.items():
-        if k in _SKIP_FIELDS:
-            continue
-        if isinstance(v, Mapping) and k != "transitions":
-            for k2, v2 in v.items():
-                if f"{k}.{k2}" not in _SKIP_FIELDS and (v2 is None or isinstance(v2, (int, float, str, bool))):
-                    out[f"{k}.{k2}"] = v2
-        elif v is None or isinstance(v, (int, float, str, bool)):
-            out[k] = v
-    return out
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def _make_row(point: Point, status: str, point_s: float, error: str, summary: Mapping | None) -> dict:
-    row = {"point_id": point.id, "status": status, "error": _one_line(error), "point_s": round(point_s, 3)}
-    row |= {f"cfg.{k}": _text(v) for k, v in point.overrides}
-    if summary is not None:
-        row |= {k: (_one_line(v) if isinstance(v, str) else v) for k, v in flatten_summary(summary).items()}
-    return row
-
-
-def _write_results(out_dir: Path, sweep: Sweep) -> int:
-    """Rebuild results.csv from the points' row.json files (in sweep order); atomic. Returns the row count."""
-    rows = []
-    for p in sweep.points:
-        path = out_dir / "points" / p.id / "row.json"
-        if not path.exists():
-            continue  # not finished (yet): no row
-        try:
-            rows.append(json.loads(path.read_text()))
-        except (OSError, ValueError) as err:  # finished, but its row is damaged: say so in the table, never drop it
-            rows.append({"point_id": p.id, "status": "failed", "error": f"{path} is unreadable ({_one_line(err)}); "
-                         f"`vorch sweep ... --resume` rebuilds or re-runs it", "point_s": None, **{f"cfg.{k}": _text(v)
-                                                                                  for k, v in p.overrides}})
-    columns = list(_ROW_LEAD) + [f"cfg.{k}" for k in sweep.swept_keys]
-    for r in rows:
-        columns += [k for k in r if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: r.get(k, "") for k in columns})
-    _write_atomic(out_dir / "results.csv", buf.getvalue())
-    return len(rows)
-
-
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a results.csv, with numbers, booleans and empty cells turned back into int/float/bool/None."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "results.csv"
-    with open(path, newline="", encoding="utf-8") as f:
-        return [{k: _parse_cell(v) for k, v in r.items()} for r in csv.DictReader(f)]
-
-
-def _parse_cell(text: str) -> Any:
-    if text == "":
-        return None
-    if text in ("True", "False"):
-        return text == "True"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 # ------------------------------------------------------------------------------------------------------- running
@@ -441,7 +297,7 @@ def _finish(r: _Running, out_dir: Path) -> str:
             error = f"exit status {r.proc.returncode} after writing its summary: {error}"
         summary = None
         (pdir / "error.txt").write_text(error + "\n")
-    _write_atomic(pdir / "row.json", json.dumps(_make_row(r.point, status, elapsed, error, summary)))
+    write_atomic(pdir / "row.json", json.dumps(make_row(r.point, status, elapsed, error, summary)))
     return status
 
 
@@ -511,16 +367,16 @@ def _code_version() -> dict:
 def _run_locked(sweep: Sweep, out_dir: Path, resume: bool, jobs: int, stream, sweep_arg: str | None) -> int:
     manifest = {"name": sweep.name, "sweep_file": str(sweep.path) if sweep.path else None, "code": _code_version(),
                 "points": [{"id": p.id, "overrides": dict(p.overrides)} for p in sweep.points]}
-    _write_atomic(out_dir / "sweep.json", json.dumps(manifest, indent=2))
+    write_atomic(out_dir / "sweep.json", json.dumps(manifest, indent=2))
     todo = []
     for p in sweep.points:
         status = point_status(out_dir / "points" / p.id)
         if status == "complete":
-            if not _readable_json(out_dir / "points" / p.id / "row.json"):  # killed between summary and row, or
+            if not readable_json(out_dir / "points" / p.id / "row.json"):  # killed between summary and row, or
                 # the row was damaged afterwards: rebuilt from the complete summary
                 summary = json.loads((out_dir / "points" / p.id / "summary.json").read_text())
-                _write_atomic(out_dir / "points" / p.id / "row.json",
-                              json.dumps(_make_row(p, "complete", float("nan"), "", summary)))
+                write_atomic(out_dir / "points" / p.id / "row.json",
+                              json.dumps(make_row(p, "complete", float("nan"), "", summary)))
         else:
             todo.append(p)
     known = {p.id for p in sweep.points}
@@ -528,7 +384,7 @@ def _run_locked(sweep: Sweep, out_dir: Path, resume: bool, jobs: int, stream, sw
     if stale:
         print(f"[sweep] ignoring {len(stale)} point folder(s) not in this sweep (another config): "
               f"{', '.join(sorted(stale)[:3])}{' ...' if len(stale) > 3 else ''}", file=stream, flush=True)
-    _write_results(out_dir, sweep)
+    write_results(out_dir, sweep)
     progress = _Progress(len(sweep.points), len(sweep.points) - len(todo), stream)
     if resume and len(todo) < len(sweep.points):
         progress.show(f"resuming: {len(sweep.points) - len(todo)} complete, {len(todo)} to run")
@@ -547,7 +403,7 @@ def _run_locked(sweep: Sweep, out_dir: Path, resume: bool, jobs: int, stream, sw
             for r in [r for r in running if r.proc.poll() is not None]:
                 running.remove(r)
                 status = _finish(r, out_dir)
-                _write_results(out_dir, sweep)
+                write_results(out_dir, sweep)
                 progress.done += 1
                 progress.ran += 1
                 progress.failed += status == "failed"
