@@ -100,20 +100,25 @@ def time_figure(runs) -> "plots.Figure":
     fig = plots.figure(12, 4.2)
     a, b = fig.subplots(1, 2)
     names = [p for p, _, _, _ in runs]
-    x = np.arange(len(names))
-    a.bar(x - 0.2, [s["decode_step_s"] * 1e3 for _, _, s, _ in runs], 0.4, label="decode step (measured)")
-    a.bar(x + 0.2, [s["floor_step_s"] * 1e3 for _, _, s, _ in runs], 0.4, label="floor (compute or link bound)")
-    a.set_xticks(x, names)
-    a.set_ylabel("milliseconds per token")
-    a.set_title("Decode step against its floor")
-    a.legend(fontsize=8)
-    b.bar(x - 0.2, [s["stall_s"] for _, _, s, _ in runs], 0.4, label="stalls (host waited for a block)")
-    b.bar(x + 0.2, [s["transfer_s"] for _, _, s, _ in runs], 0.4, label="link busy (host->device, nvme->host)")
-    b.set_xticks(x, names)
-    b.set_ylabel("seconds during generation")
-    b.set_title("Stalls against transfer time")
-    b.legend(fontsize=8)
+    summaries = [s for _, _, s, _ in runs]
+    _bar_pair(a, names, [(s["decode_step_s"] * 1e3, s["floor_step_s"] * 1e3) for s in summaries],
+              ("decode step (measured)", "floor (compute or link bound)"), "milliseconds per token",
+              "Decode step against its floor")
+    _bar_pair(b, names, [(s["stall_s"], s["transfer_s"]) for s in summaries],
+              ("stalls (host waited for a block)", "link busy (host->device, nvme->host)"),
+              "seconds during generation", "Stalls against transfer time")
     return fig
+
+
+def _bar_pair(ax, names, pairs, labels, ylabel: str, title: str) -> None:
+    """Two bars per policy side by side: `pairs` [(left, right)] in policy order."""
+    x = np.arange(len(names))
+    for side, label in zip((-0.2, 0.2), labels):
+        ax.bar(x + side, [pair[side > 0] for pair in pairs], 0.4, label=label)
+    ax.set_xticks(x, names)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
 
 
 def occupancy_figure(runs) -> "plots.Figure":
