@@ -48,8 +48,8 @@ def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None =
         return simulate(cfg, out_dir, progress=progress)
     try:
         return _run(cfg, out_dir, progress, reference)
-    finally:  # the run's blocks are garbage now: give their memory back before the next run of this process
-        return_freed_memory()
+    finally:  # the run's blocks are garbage now (some in reference cycles): collect, give the memory back
+        return_freed_memory(collect=True)
 
 
 def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None) -> dict:
