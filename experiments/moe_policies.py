@@ -34,7 +34,7 @@ def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: floa
     """Expert loads of a cache of `n_slots` experts replaying the recorded expert stream (generation only). Pure
     bookkeeping, no timing; each rule evicts the cached expert with the largest (estimated) wait until its next read:
       * `lru`: the longest unused;  `belady`: the true next read (the recorded future);
-      * `expected`: Belady's rule on an estimate, the rule `MoEScoredPolicy` follows: layer distance to the
+      * `expected`: Belady's rule on an estimate, the rule the scored policy follows: layer distance to the
         expert's next visit plus (1/q - 1) passes, q = its selection frequency at that layer so far (an EMA of
         weight `ema`; the executor's estimate uses 0.2 and also folds in the speculative router probabilities);
       * `expected-oracle`: the same with q = the expert's true frequency over the whole stream *and* exact knowledge

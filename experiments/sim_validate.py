@@ -12,7 +12,7 @@ MoE rows: the MoE SmolLM2 (`model: smollm2-135m-moe`, E = 8, top-2), policies st
 protected and 30 / 50 / 80% of the expert bytes (+ 5 experts of streaming room, `runtime.setup.expert_budget`); the
 simulator replays the routing the real run recorded (the reference's routing: same experts per pass and layer) on the
 model's shape `smollm2-135m-moe` through the same driver and ledger (the real routed run's bookkeeping:
-`MoEScoredPolicy`'s expected-next-use eviction, λ from router statistics, and the speculative predictions the
+the scored policy's expected-next-use eviction, λ from router statistics, and the speculative predictions the
 resident reference recorded, so the scored row speculates as the real one does).
 
 Calibration (the "calibrated cost model"): other engineers share these 2 cores, so the machine's speed drifts by

@@ -32,3 +32,17 @@ def test_small_dram_budget_streams_through_nvme(reference, small_config, tmp_pat
     assert s["tokens"] == reference.tokens
     assert s["link_bytes"].get("nvme->host", 0) > 0, "blocks beyond the DRAM budget must come from NVMe"
     assert s["peak_device_bytes"] <= s["hbm_budget_bytes"]
+
+
+@pytest.mark.parametrize("budget", [0.3, 0.5, 0.8])
+def test_scored_moves_within_3_percent_of_the_lower_bound_and_less_than_static_prefetch(budget, tmp_path):
+    """The controller issue's byte target on SmolLM2 (the demo's 16 tokens, lossless), on the simulated executor:
+    the ledger's decisions, and so the bytes, are the real runs' (experiments/bench_policies.py measures both)."""
+    from vorch_jax.config import load_config
+
+    over = [f"hbm_budget={budget}", "executor=sim", "hardware=this-machine"]
+    scored = run(load_config("configs/demo.yaml", over + ["policy=scored"]), tmp_path / "scored")
+    baseline = run(load_config("configs/demo.yaml", over + ["policy=static-prefetch"]), tmp_path / "sp")
+    assert scored["moved_over_lower_bound"] <= 1.03
+    assert scored["bytes_moved"] < baseline["bytes_moved"]
+    assert scored["peak_device_bytes"] <= scored["hbm_budget_bytes"]

@@ -15,7 +15,7 @@ import pytest
 from vorch_jax.config import RunConfig
 from vorch_jax.errors import RunError
 from vorch_jax.models import registry
-from vorch_jax.controller.moe_policy import MoEScoredPolicy
+from vorch_jax.controller.scored_policy import ScoredPolicy
 from vorch_jax.runtime.cursor import PassCursor
 from vorch_jax.runtime.reference import resident_reference
 from vorch_jax.runtime.routing import RouterStats
@@ -110,11 +110,11 @@ def test_expected_next_use_adds_the_passes_the_router_is_expected_to_skip(setup)
     assert cursor.next_use("layers.4.expert.1") > n  # passed over by its router: a pass and more away
 
 
-def test_moe_scored_evicts_the_furthest_expected_use_first_and_never_a_protected_block(setup):
-    policy = object.__new__(MoEScoredPolicy)  # the rule alone, without a controller
+def test_scored_evicts_the_furthest_expected_use_first_and_never_a_protected_block(setup):
+    policy = object.__new__(ScoredPolicy)  # the rule alone, without a controller
     policy.ctx = SimpleNamespace(protected=frozenset({"layers.0.attn"}))
     waits = {"layers.0.attn": 1e9, "layers.1.expert.0": 5.0, "layers.1.expert.1": 80.0, "layers.2.expert.0": 30.0}
-    policy._expected_next_use = waits.__getitem__
+    policy._expected_next_uses = lambda blocks: [waits[b] for b in blocks]
     assert policy.victim_order(0, list(waits)) == ["layers.1.expert.1", "layers.2.expert.0", "layers.1.expert.0"]
 
 

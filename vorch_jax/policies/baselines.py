@@ -42,6 +42,7 @@ class PolicyContext:
 class Policy:
     name = "base"
     prefetch_depth = 0
+    prefetch_victims_read_within = 0  # > 0: a prefetch may evict only blocks read in that many last positions
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx

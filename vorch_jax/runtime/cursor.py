@@ -110,6 +110,12 @@ class PassCursor:
         p = self.current
         return self._slot_of.get((p.block, p.op), 0) if p is not None else self.n - 1
 
+    def next_uses(self, blocks) -> list[int]:
+        """`next_use` of each of `blocks` (one lookup of what is known for all: the eviction order's hot path)."""
+        self.known()
+        index = self._known_index
+        return [index[b] + 1 if b in index else self.next_use(b) for b in blocks]
+
     def next_use(self, block: str) -> int:
         """Positions until `block` is next read: exact where known, else its pass-order slot distance (plus a pass
         for an expert its router just passed over) beyond what is known."""

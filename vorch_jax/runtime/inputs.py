@@ -22,7 +22,7 @@ from vorch_jax.policies.belady import BeladyPolicy
 from vorch_jax.policies.baselines import LFUPolicy, LRUPolicy, PolicyContext, ResidentPolicy, StaticPolicy
 
 
-def make_policy(cfg: RunConfig, ctx: PolicyContext, extras: dict | None = None, *, routed: bool = False):
+def make_policy(cfg: RunConfig, ctx: PolicyContext, extras: dict | None = None):
     name = cfg.policy
     if name == "resident":
         return ResidentPolicy(ctx)
@@ -37,10 +37,9 @@ def make_policy(cfg: RunConfig, ctx: PolicyContext, extras: dict | None = None, 
     if name == "belady":
         return BeladyPolicy(ctx, prefetch_depth=cfg.prefetch_depth)
     if name == "scored":
-        from vorch_jax.controller.moe_policy import MoEScoredPolicy
         from vorch_jax.controller.scored_policy import ScoredPolicy
 
-        return (MoEScoredPolicy if routed else ScoredPolicy)(ctx, cfg, **(extras or {}))
+        return ScoredPolicy(ctx, cfg, **(extras or {}))
     raise RunError(f"unknown policy '{name}'")
 
 

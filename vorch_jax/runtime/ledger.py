@@ -183,7 +183,8 @@ class Ledger:
             if u in self.on_device:
                 continue
             horizon = {here, *ahead[: j + 1]}
-            if not self._make_room(u, self._bytes(u, self.policy.device_state(u)), strict=False, keep=horizon):
+            if not self._make_room(u, self._bytes(u, self.policy.device_state(u)), strict=False, keep=horizon,
+                                   read_within=self.policy.prefetch_victims_read_within):
                 return
             self._load(u, "prefetch")
             self.prefetched.add(u)
@@ -276,22 +277,26 @@ class Ledger:
         self.engine.request(block, self.homes[block], reason).result()  # kept home copy: no bytes move
         self.on_device.pop(block, None)
 
-    def _make_room(self, block: str, need: int, *, strict: bool, keep=frozenset()) -> bool:
+    def _make_room(self, block: str, need: int, *, strict: bool, keep=frozenset(), read_within: int = 0) -> bool:
+        """Evict the policy's victims until `need` bytes fit. strict (a miss): must succeed. Otherwise (a prefetch)
+        only blocks needed after `block` may go, and with `read_within` = W > 0 only if every victim was read in the
+        last W positions: on a pass, the blocks read furthest ahead, those a miss of `block` would evict too."""
         used = sum(self.on_device.values())
         if used + need <= self.budget:
             return True
         candidates = [b for b in self.on_device if b != block and b not in keep and b not in self.inflight]
         order = self.policy.victim_order(self.t, candidates)
-        if not strict:
-            # A prefetch may only evict blocks the plan needs after the prefetched one.
-            nxt = self.cursor.next_use(block)
-            order = [v for v in order if self.cursor.next_use(v) > nxt]
+        nxt = None if strict else self.cursor.next_use(block)
         freed, victims = 0, []
         for v in order:
             if used - freed + need <= self.budget:
                 break
+            if nxt is not None and self.cursor.next_use(v) <= nxt:
+                continue  # a prefetch may only evict blocks needed after the prefetched one
             victims.append(v)
             freed += self.on_device[v]
+        if not strict and read_within and any(self.policy.last_use.get(v, -1) < self.t - read_within for v in victims):
+            return False  # a victim the pass may still need: not worth a prefetch (ScoredPolicy's docstring)
         if used - freed + need > self.budget:
             if strict:
                 # Let in-flight loads land, then retry once with them as candidates.
@@ -301,6 +306,8 @@ class Ledger:
                     self.inflight.pop(b, None)
                 if waiting:
                     return self._make_room(block, need, strict=True, keep=keep)
+                if keep:  # the prefetch window's blocks are hopes, this one is needed now: they may go
+                    return self._make_room(block, need, strict=True)
                 raise BudgetError(f"cannot make room for '{block}' ({need} bytes) under the HBM budget of "
                                   f"{self.budget} bytes: {used} bytes are on device and the policy releases "
                                   f"only {freed}")
@@ -357,12 +364,16 @@ class Ledger:
         self.spec["loads"].append((layer, block))
 
     def expected_next_use(self, block) -> float:
-        """Expected positions until `block` is next read (`MoEScoredPolicy`'s eviction order): the cursor's distance,
+        """Expected positions until `block` is next read (the scored policy's eviction order): the cursor's distance,
         plus, for an expert not known to come, the passes its router is expected to skip it (`RouterStats`)."""
-        d = float(self.cursor.next_use(block))
+        return self.expected_next_uses([block])[0]
+
+    def expected_next_uses(self, blocks) -> list[float]:
+        """`expected_next_use` of each of `blocks`, in one pass over what the cursor knows."""
+        d = self.cursor.next_uses(blocks)
         if self.router is None:
             return d
-        return d + self.router.expected_skip_positions(block)
+        return [x + self.router.expected_skip_positions(b) for x, b in zip(d, blocks)]
 
     def set_lambda(self, current_layer: int):
         """Write λ into the scored policy's block table (other policies have no table: nothing to do)."""

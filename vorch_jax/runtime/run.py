@@ -66,7 +66,7 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None) -> dict
         reference = resident_reference(setup, dtype, cfg.new_tokens)
     cursor = PassCursor(setup.spec)
     extras = scored_inputs(cfg, setup, store_dir, guard) if cfg.policy == "scored" else None
-    policy = make_policy(cfg, policy_context(cfg, setup, reference.stream), extras, routed=cursor.routed)
+    policy = make_policy(cfg, policy_context(cfg, setup, reference.stream), extras)
 
     from vorch_jax.tiers.engine import MovementEngine
 
@@ -200,7 +200,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     stream = plan_stream(spec, routing, n)
     cal = stored_calibration(cfg, setup) if spec.has_weights else None
     extras = simulated_scored_inputs(cfg, setup, hw, cal) if cfg.policy == "scored" else None
-    policy = make_policy(cfg, policy_context(cfg, setup, stream), extras, routed=cursor.routed)
+    policy = make_policy(cfg, policy_context(cfg, setup, stream), extras)
     clock = Clock()
     engine = SimEngine(hw, setup.state_bytes, setup.homes, clock)
     ledger = Ledger(setup.info, cursor, engine, policy, budget_bytes=setup.hbm_budget, device_bytes=setup.device_bytes,

@@ -16,6 +16,8 @@ accesses the ledger recorded, never from the plan.
 
 from __future__ import annotations
 
+import dataclasses
+
 from vorch_jax.config import config_to_dict
 from vorch_jax.versions import environment
 
@@ -74,11 +76,14 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
         "lower_bound": bound.to_dict(),
         "hits": c.hits,
         "misses": c.misses,
-        "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted_bytes": c.prefetch_wasted_bytes},
+        "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted_bytes": c.prefetch_wasted_bytes,
+                     "victims_read_within": policy.prefetch_victims_read_within,
+                     "window_replays": [dataclasses.asdict(r) for r in getattr(policy, "window_replays", [])]},
         "transitions": T.transition_counts(gen_events),
         "transition_reasons": T.transition_reasons(gen_events),
         "controller_decisions": dict(getattr(policy, "decisions", {})),
         "controller_ticks_deferred": getattr(policy, "ticks_deferred", 0),
+        "controller_ticks_quiet": getattr(policy, "ticks_quiet", 0),
         "calibration": getattr(policy, "calibration", None),
         "host_to_device_gbps_in_run": (run_rate or float("nan")) / 1e9,
         "floor_link_gbps": h2d_bw / 1e9,

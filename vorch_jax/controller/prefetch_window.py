@@ -1,0 +1,112 @@
+"""How far back a prefetch may reach for its victims, chosen by replaying a dense pass before the run.
+
+The scored policy evicts the block whose next read lies furthest ahead, and a prefetch may evict only blocks read in
+the last W positions (`Ledger._make_room`): on a pass those are read furthest ahead, the blocks a miss would evict
+too, so the load moves earlier without costing a reload. W trades bytes against misses, and the best W depends on
+the sizes of the blocks and the budget: W = 1 moves the fewest bytes, but where a prefetched block is larger than
+the one just read it waits for a miss; a larger W lets the prefetch free room from several recent blocks and
+sometimes a block the next pass then reloads. A dense model's passes are known before the run, so the choice is
+measured rather than guessed: `choose_window` replays the ledger's rules (pure bookkeeping: no weights, no time)
+on the run's passes for each candidate W and takes the one with the fewest misses among those moving at most
+`BYTES_TOLERANCE` more than the fewest-bytes candidate. A miss makes the compute wait for its load; a prefetched
+load runs beside the compute.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+CANDIDATE_WINDOWS = (1, 2, 3, 4)
+BYTES_TOLERANCE = 0.02  # a window may move this much more than the fewest-bytes one if it misses less
+MAX_REPLAY_PASSES = 64  # a run's passes, up to this many (a replay of 16 SmolLM2 passes takes ~10 ms a window)
+
+
+@dataclasses.dataclass(frozen=True)
+class Replay:
+    window: int
+    bytes_moved: int
+    misses: int
+
+
+def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, initial: list[str], depth: int,
+           window: int, passes: int) -> Replay:
+    """The ledger's rules on `passes` repetitions of `pass_blocks`: a miss evicts the unprotected blocks read
+    furthest ahead (keeping the prefetch window's if it can); a prefetch of one of the next `depth` positions evicts
+    only blocks needed after it and read in the last `window` positions, else stops."""
+    stream = list(pass_blocks) * passes
+    known = stream + list(pass_blocks)  # a dense cursor knows the next pass: the ledger prefetches into it and
+    # orders victims by their reads there
+    reads: dict[str, list[int]] = {}
+    for t, b in enumerate(known):
+        reads.setdefault(b, []).append(t)
+
+    def next_read(b, t):
+        r = reads[b]
+        i = bisect.bisect_right(r, t)
+        return r[i] if i < len(r) else len(known) + 1 + len(r)  # not read again: beyond the replay
+
+    on: dict[str, int] = {}
+    last: dict[str, int] = {}
+    moved = misses = 0
+    for b in initial:  # the ledger's initial placement: in order, skipping what does not fit
+        if b not in on and sum(on.values()) + device_bytes[b] <= budget:
+            on[b] = device_bytes[b]
+            moved += device_bytes[b]
+
+    def make_room(block, t, keep, strict):
+        used = sum(on.values())
+        need = device_bytes[block]
+        if used + need <= budget:
+            return True
+        order = sorted((v for v in on if v != block and v not in keep and v not in protected),
+                       key=lambda v: -next_read(v, t))
+        if not strict:
+            nb = next_read(block, t)
+            order = [v for v in order if next_read(v, t) > nb]
+        victims, freed = [], 0
+        for v in order:
+            if used - freed + need <= budget:
+                break
+            victims.append(v)
+            freed += on[v]
+        if not strict and any(last.get(v, -1) < t - window for v in victims):
+            return False
+        if used - freed + need > budget:
+            if strict and keep:
+                return make_room(block, t, frozenset(), True)
+            return False
+        for v in victims:
+            del on[v]
+        return True
+
+    for t, b in enumerate(stream):
+        if b not in on:
+            if not make_room(b, t, frozenset(known[t:t + depth + 1]), True):
+                raise ValueError(f"block '{b}' does not fit in the budget beside the protected blocks")
+            on[b] = device_bytes[b]
+            moved += device_bytes[b]
+            misses += 1
+        last[b] = t
+        for j in range(1, depth + 1):
+            u = known[t + j]
+            if u in on:
+                continue
+            if not make_room(u, t, frozenset(known[t:t + j + 1]), False):
+                break
+            on[u] = device_bytes[u]
+            moved += device_bytes[u]
+    return Replay(window, moved, misses)
+
+
+def choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes) -> tuple[int, list[Replay]]:
+    """The window with the fewest replayed misses among those within BYTES_TOLERANCE of the fewest bytes, replaying
+    the run's `passes` (up to MAX_REPLAY_PASSES), and every candidate's replay (for the run's summary)."""
+    if depth <= 0:
+        return CANDIDATE_WINDOWS[0], []
+    n = max(1, min(passes, MAX_REPLAY_PASSES))
+    replays = [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n) for w in CANDIDATE_WINDOWS]
+    fewest = min(r.bytes_moved for r in replays)
+    close = [r for r in replays if r.bytes_moved <= (1 + BYTES_TOLERANCE) * fewest]
+    best = min(close, key=lambda r: (r.misses, r.bytes_moved, r.window))
+    return best.window, replays
