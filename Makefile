@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/vorch compare configs/demo.yaml --policies resident,static,lru,scored --out $(DEMO)
+	$(VENV)/bin/vorch compare configs/demo.yaml --policies resident,static,static-prefetch,lru,scored,belady --out $(DEMO)
 	$(VENV)/bin/vorch report $(DEMO)
 	@echo ""
 	@echo "Outputs are in $(DEMO)/: one folder per policy (summary.json, trace.jsonl, trace.perfetto.json),"

@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compare", help="several policies on one config, side by side (shares the resident run)")
     c.add_argument("config")
     c.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every policy")
-    c.add_argument("--policies", default="resident,static,lru,scored")
+    c.add_argument("--policies", default="resident,static,static-prefetch,lru,scored,belady")
     c.add_argument("--out", required=True, help="output directory; one sub-directory per policy")
     c.set_defaults(func=cmd_compare)
 

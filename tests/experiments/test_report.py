@@ -159,7 +159,8 @@ def test_a_damaged_row_is_shown_failed_and_resume_rebuilds_it(sweep_dir, tmp_pat
 
 @pytest.fixture(scope="module")
 def compare_dir(tmp_path_factory):
-    """A real `compare` of lru and scored at half the model's bytes (one shared resident reference)."""
+    """A real `compare` of lru and scored at half the model's bytes (one shared resident reference); scored brings
+    its companions, static-prefetch and belady."""
     from vorch_jax.config import config_from_dict
     from vorch_jax.runtime.run import compare
 
@@ -171,6 +172,7 @@ def compare_dir(tmp_path_factory):
 
 def test_report_of_a_compare_folder(compare_dir):
     out, summaries = compare_dir
+    assert [s["policy"] for s in summaries] == ["lru", "scored", "static-prefetch", "belady"]
     proc = subprocess.run([sys.executable, "-m", "vorch_jax.cli", "report", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()

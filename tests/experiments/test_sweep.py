@@ -108,9 +108,10 @@ def test_shipped_sweeps_load_and_have_headers():
         assert load_sweep(path).points
     bp = load_sweep(SWEEPS / "budget_policy.yaml")
     kinds = {(p.config.policy, p.config.lossy) for p in bp.points}
-    assert kinds == {("static", False), ("lru", False), ("scored", False), ("belady", False), ("scored", True)}
+    assert kinds == {("static", False), ("static-prefetch", False), ("lru", False), ("scored", False),
+                     ("belady", False), ("scored", True)}
     assert {p.config.hbm_budget for p in bp.points} == {0.3, 0.5, 0.8}
-    assert len(bp.points) == 15
+    assert len(bp.points) == 18
 
 
 # -------------------------------------------------------------------------------------------------- running

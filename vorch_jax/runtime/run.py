@@ -266,12 +266,25 @@ def psi_quality_estimate(cal, accesses) -> dict:
 # ----------------------------------------------------------------------------------------------------- compare
 
 
+SCORED_COMPANIONS = ("static-prefetch", "belady")  # beside the controller in every compare: the baseline it must beat
+# (a fixed set with the same prefetch) and the offline heuristic with the recorded future
+
+
+def with_companions(policies: list[str]) -> list[str]:
+    """`policies`, and where the scored controller is among them, the companions it is judged against."""
+    if "scored" not in policies:
+        return list(policies)
+    return list(policies) + [p for p in SCORED_COMPANIONS if p not in policies]
+
+
 def compare(cfg: RunConfig, policies: list[str], out_dir, *, progress=None) -> list[dict]:
-    """Run `cfg` under each policy (resident at the full budget), sharing one resident reference."""
+    """Run `cfg` under each policy (resident at the full budget), sharing one resident reference; a compare that
+    reports the scored controller also runs static-prefetch and belady (`with_companions`)."""
     from vorch_jax.tooling.compare_report import write_manifest
 
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
+    policies = with_companions(policies)
     reference = None
     if cfg.executor != "sim":  # a simulation has no quality to compare
         say("resident reference")
