@@ -1,5 +1,6 @@
 """The LP lower bound on traffic: solved by hand, equal to Belady where furthest-next-use is optimal (one block size),
-never above the exact optimum (brute force over eviction choices on tiny streams), and honest about what it bounds."""
+never above the exact optimum (brute force over eviction choices on tiny streams), and honest about what it bounds;
+the integral optimum (the same problem solved in whole blocks) equal to that brute force."""
 
 import itertools
 
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from vorch_jax.policies.belady import belady_bytes
-from vorch_jax.policies.lower_bound import lower_bound
+from vorch_jax.policies.lower_bound import integral_optimum, lower_bound
 
 
 def exact_optimum(stream, size: dict, budget: int) -> int:
@@ -67,6 +68,21 @@ def test_never_above_the_exact_optimum_which_belady_sometimes_misses():
         assert lb <= opt <= bel
         belady_beaten += opt < bel
     assert belady_beaten > 0, "with sizes, furthest-next-use is not optimal: the bound is needed"
+
+
+def test_the_integral_optimum_is_the_exact_optimum():
+    halves = {k: 2 for k in "abc"}
+    io = integral_optimum("abcabc", halves, 3)
+    assert (io.bytes, io.proven_bytes, io.status) == (12, 12, "optimal")  # the LP's 10 is not achievable
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        n_blocks = int(rng.integers(3, 6))
+        size = {f"b{i}": int(rng.integers(1, 6)) for i in range(n_blocks)}
+        stream = [f"b{i}" for i in rng.integers(0, n_blocks, size=int(rng.integers(4, 14)))]
+        budget = max(size.values()) + int(rng.integers(0, 6))
+        io = integral_optimum(stream, size, budget)
+        assert io.status == "optimal" and io.bytes == io.proven_bytes == exact_optimum(stream, size, budget)
+        assert lower_bound(stream, size, budget).bytes <= io.bytes
 
 
 def test_pinned_blocks_hold_their_bytes_from_first_use():

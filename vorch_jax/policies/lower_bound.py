@@ -83,7 +83,6 @@ def lower_bound(stream, device_bytes: dict, budget_bytes: int, *, pinned=frozens
     """The LP bound on bytes loaded for `stream` under `budget_bytes` (the module docstring); `device_bytes` what each
     block occupies, `load_bytes` what a load moves (default: the same). ValueError if an access cannot fit."""
     from scipy.optimize import linprog
-    from scipy.sparse import csr_array
 
     t0 = time.perf_counter()
     stream = list(stream)
@@ -98,6 +97,60 @@ def lower_bound(stream, device_bytes: dict, budget_bytes: int, *, pinned=frozens
     if not stream:
         return LowerBound(0, 0, 0, time.perf_counter() - t0, status)
 
+    problem = _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load)
+    if problem is None:
+        return LowerBound(math.floor(cold), n, total, time.perf_counter() - t0, status)
+    A, b_ub, reload, scale = problem
+    res = linprog(-reload / scale, A_ub=A, b_ub=b_ub, bounds=(0.0, 1.0), method="highs")
+    solver_s = time.perf_counter() - t0
+    if res.status != 0:
+        return LowerBound(None, n, total, solver_s, f"solver: {res.message}")
+    lp = cold + reload.sum() + res.fun * scale
+    return LowerBound(math.ceil(lp - 1e-9 * max(1.0, lp) - 1e-6), n, total, solver_s, status)
+
+
+@dataclasses.dataclass(frozen=True)
+class IntegralOptimum:
+    """The exact offline optimum (the same problem with y in {0, 1}), as far as the solver got in its time."""
+
+    bytes: int | None  # the best schedule found (an upper bound on the optimum), None if none was found
+    proven_bytes: int | None  # the solver's proven lower bound on the optimum (equal to `bytes` when optimal)
+    solver_s: float
+    status: str  # 'optimal', or the solver's message (a time limit: the optimum lies in [proven_bytes, bytes])
+
+
+def integral_optimum(stream, device_bytes: dict, budget_bytes: int, *, pinned=frozenset(),
+                     time_limit_s: float = 60.0) -> IntegralOptimum:
+    """The fewest bytes any schedule loads for `stream` (evictions and loads at any time, the future known), by
+    HiGHS's branch and bound over the LP above with integral y. Exponential in the worst case: an offline measure
+    of how far the LP bound lies below what is achievable (experiments/offline_optimum.py), not for every run."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    t0 = time.perf_counter()
+    stream = list(stream)
+    gaps, first = _gaps(stream, pinned)
+    cold = sum(device_bytes[b] for b in first)
+    problem = _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, device_bytes)
+    if problem is None:
+        return IntegralOptimum(cold, cold, time.perf_counter() - t0, "optimal")
+    A, b_ub, reload, scale = problem
+    res = milp(-reload / scale, constraints=LinearConstraint(A, -np.inf, b_ub), integrality=np.ones(len(gaps)),
+               bounds=Bounds(0, 1), options={"time_limit": time_limit_s, "mip_rel_gap": 1e-6})
+    solver_s = time.perf_counter() - t0
+    to_bytes = lambda f: round(cold + reload.sum() + f * scale)  # noqa: E731
+    found = to_bytes(res.fun) if res.x is not None else None
+    dual = getattr(res, "mip_dual_bound", None)
+    proven = math.ceil(cold + reload.sum() + dual * scale - 1e-6 * scale) if dual is not None else None
+    return IntegralOptimum(found, found if res.status == 0 else proven, solver_s,
+                           "optimal" if res.status == 0 else res.message)
+
+
+def _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load):
+    """(A, b, reload, scale) of the LP in units of the largest reload (well-conditioned for HiGHS): one row per
+    access some gap spans, one column per gap; None when no gap exists. ValueError if an access cannot fit."""
+    from scipy.sparse import csr_array
+
+    n = len(stream)
     pinned_at_t = np.zeros(n)
     for b, t in first.items():
         if b in pinned:
@@ -109,7 +162,7 @@ def lower_bound(stream, device_bytes: dict, budget_bytes: int, *, pinned=frozens
         b = stream[worst]
         raise ValueError(f"block '{b}' ({device_bytes[b]} bytes) cannot fit under the budget of {budget_bytes} bytes")
     if not gaps:
-        return LowerBound(math.floor(cold), n, total, time.perf_counter() - t0, status)
+        return None
 
     rows, cols, vals = [], [], []
     for j, (b, start, end) in enumerate(gaps):
@@ -122,9 +175,4 @@ def lower_bound(stream, device_bytes: dict, budget_bytes: int, *, pinned=frozens
     A = csr_array((vals, (np.searchsorted(used_rows, rows), cols)), shape=(used_rows.size, len(gaps)))
     reload = np.array([float(load[b]) for b, _, _ in gaps])
     scale = max(1.0, float(reload.max()))  # bytes to units of the largest block: well-conditioned for HiGHS
-    res = linprog(-reload / scale, A_ub=A / scale, b_ub=rhs_t[used_rows] / scale, bounds=(0.0, 1.0), method="highs")
-    solver_s = time.perf_counter() - t0
-    if res.status != 0:
-        return LowerBound(None, n, total, solver_s, f"solver: {res.message}")
-    lp = cold + reload.sum() + res.fun * scale
-    return LowerBound(math.ceil(lp - 1e-9 * max(1.0, lp) - 1e-6), n, total, solver_s, status)
+    return A / scale, rhs_t[used_rows] / scale, reload, scale
