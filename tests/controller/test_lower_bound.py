@@ -46,6 +46,16 @@ def test_hand_solved_cases():
     assert exact_optimum("abcabc", halves, 3) == 12
 
 
+def test_a_block_held_in_a_smaller_state_occupies_less():
+    # as above, a(2) b(1) c(1) under 3, a b c a b: 5. Read in a state of 1 byte (a lossy one), a fits beside b and c
+    # and nothing is reloaded: the cold loads alone, 4 (loads still move a's 2 bytes).
+    sized = {"a": 2, "b": 1, "c": 1}
+    assert lower_bound("abcab", sized, 3, access_bytes=[2, 1, 1, 2, 1]).bytes == 5
+    assert lower_bound("abcab", sized, 3, access_bytes=[1, 1, 1, 1, 1]).bytes == 4
+    # converted between its reads: the gap holds the smaller of the two states
+    assert lower_bound("abcab", sized, 3, access_bytes=[2, 1, 1, 1, 1]).bytes == 4
+
+
 def test_equal_sizes_equal_belady():
     rng = np.random.default_rng(0)
     for _ in range(100):

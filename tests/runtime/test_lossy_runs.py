@@ -71,6 +71,8 @@ def test_blocks_read_lossy_are_only_those_the_budget_allows(lossy_run):
     for block, state in read_lossy:
         assert state in {x.name for x in allowance.states[block]}, (block, state)
     assert s["peak_device_bytes"] <= s["hbm_budget_bytes"]
+    # the bound prices each block in the state it was read in (lower_bound's access_bytes), and stays a bound
+    assert s["lower_bound"]["status"] == "optimal" and 0 < s["lower_bound_bytes"] <= s["bytes_moved"]
     gen_h2d = sum(r["bytes"] for r in recs if r["event"] == "transition" and r["link"] == "host->device"
                   and -s["initial_placement_s"] <= r["t"] <= s["wall_s"])
     assert gen_h2d == s["link_bytes"]["host->device"]

@@ -79,9 +79,11 @@ def _longest_prefix(stream, pinned, max_nonzeros: int) -> int:
 
 
 def lower_bound(stream, device_bytes: dict, budget_bytes: int, *, pinned=frozenset(), load_bytes: dict | None = None,
-                max_nonzeros: int = DEFAULT_MAX_NONZEROS) -> LowerBound:
+                access_bytes=None, max_nonzeros: int = DEFAULT_MAX_NONZEROS) -> LowerBound:
     """The LP bound on bytes loaded for `stream` under `budget_bytes` (the module docstring); `device_bytes` what each
-    block occupies, `load_bytes` what a load moves (default: the same). ValueError if an access cannot fit."""
+    block occupies, `load_bytes` what a load moves (default: the same), `access_bytes` (optional, one per access)
+    what the accessed block occupies from that access to its next, where its state changes during a run (a lossy
+    one); pinned blocks occupy `device_bytes`. ValueError if an access cannot fit."""
     from scipy.optimize import linprog
 
     t0 = time.perf_counter()
@@ -97,7 +99,8 @@ def lower_bound(stream, device_bytes: dict, budget_bytes: int, *, pinned=frozens
     if not stream:
         return LowerBound(0, 0, 0, time.perf_counter() - t0, status)
 
-    problem = _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load)
+    problem = _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load,
+                       None if access_bytes is None else list(access_bytes)[:n])
     if problem is None:
         return LowerBound(math.floor(cold), n, total, time.perf_counter() - t0, status)
     A, b_ub, reload, scale = problem
@@ -145,22 +148,24 @@ def integral_optimum(stream, device_bytes: dict, budget_bytes: int, *, pinned=fr
                            "optimal" if res.status == 0 else res.message)
 
 
-def _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load):
+def _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load, access_bytes=None):
     """(A, b, reload, scale) of the LP in units of the largest reload (well-conditioned for HiGHS): one row per
-    access some gap spans, one column per gap; None when no gap exists. ValueError if an access cannot fit."""
+    access some gap spans, one column per gap; None when no gap exists. ValueError if an access cannot fit.
+    `access_bytes[t]`: what the block of access t occupies until its next access (default: its device bytes)."""
     from scipy.sparse import csr_array
 
     n = len(stream)
+    occupies_t = [device_bytes[b] for b in stream] if access_bytes is None else access_bytes
     pinned_at_t = np.zeros(n)
     for b, t in first.items():
         if b in pinned:
             pinned_at_t[t:] += device_bytes[b]
-    accessed_t = np.array([0.0 if b in pinned else device_bytes[b] for b in stream])
+    accessed_t = np.array([0.0 if b in pinned else float(occupies_t[t]) for t, b in enumerate(stream)])
     rhs_t = budget_bytes - accessed_t - pinned_at_t
     worst = int(np.argmin(rhs_t))
     if rhs_t[worst] < 0:
         b = stream[worst]
-        raise ValueError(f"block '{b}' ({device_bytes[b]} bytes) cannot fit under the budget of {budget_bytes} bytes")
+        raise ValueError(f"block '{b}' ({occupies_t[worst]} bytes) cannot fit under the budget of {budget_bytes} bytes")
     if not gaps:
         return None
 
@@ -169,7 +174,8 @@ def _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load):
         span = np.arange(start + 1, end)
         rows.append(span)
         cols.append(np.full(span.size, j))
-        vals.append(np.full(span.size, float(device_bytes[b])))
+        # what it holds through the gap: the smaller of its states at the two accesses (a conversion in between)
+        vals.append(np.full(span.size, float(min(occupies_t[start], occupies_t[end]))))
     rows, cols, vals = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
     used_rows = np.unique(rows)  # a step no gap spans constrains nothing
     A = csr_array((vals, (np.searchsorted(used_rows, rows), cols)), shape=(used_rows.size, len(gaps)))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 
 from vorch_jax.config import config_to_dict
+from vorch_jax.tiers.state import State
 from vorch_jax.versions import environment
 
 from vorch_jax.runtime import telemetry as T
@@ -34,11 +35,15 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
     gen_events = T.window(events, t_gen0, t_gen1)
     n_gen = sum(1 for a in ledger.accesses if t_gen0 <= a.start < t_gen1)
     first = next((i for i, a in enumerate(ledger.accesses) if a.start >= t_gen0), len(ledger.accesses))
-    stream = [a.block for a in ledger.accesses[first:first + n_gen]]
+    window = ledger.accesses[first:first + n_gen]
+    stream = [a.block for a in window]
+    # what each access's block occupied from then on, in the state it was read in (a lossy run's change states)
+    occupied = [setup.state_bytes[a.block].get(State[a.state], setup.device_bytes[a.block]) for a in window]
     moved = T.link_bytes(T.window(events, t_place0, t_gen1))
     used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
     bel = belady_bytes(stream, used, setup.hbm_budget, [], pinned=setup.protected, load_bytes=setup.device_bytes)
-    bound = lower_bound(stream, used, setup.hbm_budget, pinned=setup.protected, load_bytes=setup.device_bytes)
+    bound = lower_bound(stream, used, setup.hbm_budget, pinned=setup.protected, load_bytes=setup.device_bytes,
+                        access_bytes=occupied)
     w0, w1, decode_n = gen.measured_window()  # the first decode step is warm-up
     decode_s = w1 - w0
     missed_per_step = T.link_bytes(T.window(events, w0, w1)).get("host->device", 0) / max(1, decode_n)
