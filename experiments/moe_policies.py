@@ -23,6 +23,7 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from vorch_jax.models.block_ids import parse_block_id
 from vorch_jax.models.registry import get as get_spec
 from vorch_jax.runtime.reference import resident_reference
 from vorch_jax.runtime.run import run
@@ -44,8 +45,8 @@ def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: floa
     from vorch_jax.policies.belady import NextUse
 
     L, E = n_layers, n_experts
-    layer = [int(b.split(".")[1]) for b in stream]
-    expert = [int(b.rsplit(".", 1)[1]) for b in stream]
+    layer = [parse_block_id(b)[1] for b in stream]
+    expert = [parse_block_id(b)[2] for b in stream]
     visit, p = [], 0
     for t, lay in enumerate(layer):
         p += t > 0 and lay < layer[t - 1]
@@ -77,7 +78,7 @@ def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: floa
         last[stream[t]] = t
 
     def estimated(c, t, q, oracle):
-        lc, ec = int(c.split(".")[1]), int(c.rsplit(".", 1)[1])
+        _, lc, ec = parse_block_id(c)
         if lc == layer[t] and ec in chosen[(visit[t], lc)]:
             return -1.0  # read later in this very layer (known once the router ran)
         dist = (lc - layer[t]) % L or L
@@ -97,8 +98,7 @@ def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: floa
         current[:] = [key]
 
     out = {"lru": run(lru_wait, lru_observe), "belady": run(lambda c, t: nu.after(c, t))}
-    out["expected"] = run(lambda c, t: estimated(c, t, q_LxE[int(c.split(".")[1]), int(c.rsplit(".", 1)[1])], False),
-                          freq_observe)
+    out["expected"] = run(lambda c, t: estimated(c, t, q_LxE[parse_block_id(c)[1:]], False), freq_observe)
     out["expected-oracle"] = run(lambda c, t: estimated(c, t, true_q[c], True))
     return out
 

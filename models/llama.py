@@ -16,6 +16,7 @@ from flax import nnx
 from . import llama_layers as L
 from .blocks import block_param
 from .gguf_source import LlamaConfig
+from .block_ids import layer_block_id, parse_block_id
 
 BlockSource = Callable[[str], dict]  # block id -> {leaf name: array}
 
@@ -52,7 +53,7 @@ def block_ids(cfg: LlamaConfig) -> list[str]:
     """Block ids in execution order."""
     ids = ["embed"]
     for i in range(cfg.n_layers):
-        ids += [f"layers.{i}.attn", f"layers.{i}.mlp"]
+        ids += [layer_block_id(i, "attn"), layer_block_id(i, "mlp")]
     return ids + ["final_norm"]
 
 
@@ -66,8 +67,10 @@ def block_kind_layer(cfg: LlamaConfig, block: str) -> tuple[str, int]:
         return "embed", cfg.n_layers + 1
     if block == "final_norm":
         return "norm", cfg.n_layers
-    _, layer, kind = block.split(".")
-    return kind, int(layer)
+    kind, layer, _ = parse_block_id(block)
+    if layer is None:
+        raise KeyError(f"'{block}' is not a block id of a Llama model")
+    return kind, layer
 
 
 class LlamaModel(nnx.Module):
@@ -82,8 +85,8 @@ class LlamaModel(nnx.Module):
             return Block(block, kind, layer, source(block))
 
         self.embed = make("embed")
-        self.attn = nnx.List([make(f"layers.{i}.attn") for i in range(cfg.n_layers)])
-        self.mlp = nnx.List([make(f"layers.{i}.mlp") for i in range(cfg.n_layers)])
+        self.attn = nnx.List([make(layer_block_id(i, "attn")) for i in range(cfg.n_layers)])
+        self.mlp = nnx.List([make(layer_block_id(i, "mlp")) for i in range(cfg.n_layers)])
         self.final_norm = make("final_norm")
         self.head = None if tied else Block(HEAD, "embed", cfg.n_layers + 1, source(HEAD))
 
@@ -91,8 +94,8 @@ class LlamaModel(nnx.Module):
         """{block id: weight dict}: what the tiers hold and move."""
         out = {"embed": self.embed.weights()}
         for i in range(self.cfg.n_layers):
-            out[f"layers.{i}.attn"] = self.attn[i].weights()
-            out[f"layers.{i}.mlp"] = self.mlp[i].weights()
+            out[layer_block_id(i, "attn")] = self.attn[i].weights()
+            out[layer_block_id(i, "mlp")] = self.mlp[i].weights()
         out["final_norm"] = self.final_norm.weights()
         return out
 

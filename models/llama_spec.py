@@ -14,6 +14,7 @@ from flax import nnx
 from .gguf_source import LlamaConfig
 from .llama import HEAD, KVCache, LlamaModel
 from .spec import ModelSpec, Position
+from .block_ids import layer_block_id, parse_block_id
 
 LLAMA2_70B = LlamaConfig(vocab_size=32000, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
                          rope_base=10000.0, norm_eps=1e-5, context_length=4096)
@@ -37,7 +38,7 @@ def kind_of(block: str) -> str:
         return "embed"
     if block == "final_norm":
         return "norm"
-    return block.split(".")[2]
+    return parse_block_id(block)[0]
 
 
 def shape_source(shapes_of_kind: dict, dtype=jnp.float32):
@@ -99,7 +100,7 @@ class LlamaSpec(ModelSpec):
         L = self.n_layers
         out = [Position("embed", "embed", -1)]
         for i in range(L):
-            out += [Position(f"layers.{i}.attn", "attn", i), Position(f"layers.{i}.mlp", "mlp", i)]
+            out += [Position(layer_block_id(i, "attn"), "attn", i), Position(layer_block_id(i, "mlp"), "mlp", i)]
         head = "embed" if self.tied else HEAD
         return out + [Position("final_norm", "norm", L), Position(head, "head", self.block_info[head].layer)]
 

@@ -31,6 +31,7 @@ from . import llama_layers as Lay
 from .errors import MoEError
 from .gguf_source import LlamaConfig
 from .weights import matmul
+from .block_ids import expert_block_id, layer_block_id, parse_block_id
 
 GATE_LEAVES = ("ffn_norm", "router_w", "router_b")
 EXPERT_LEAVES = ("w_gate", "w_up", "w_down")
@@ -89,18 +90,14 @@ class Routers:
 
 
 def gate_block_id(layer: int) -> str:
-    return f"layers.{layer}.moe_gate"
-
-
-def expert_block_id(layer: int, expert: int) -> str:
-    return f"layers.{layer}.expert.{expert}"
+    return layer_block_id(layer, "moe_gate")
 
 
 def moe_block_ids(n_layers: int, n_experts: int) -> list[str]:
     """Execution order: embed, then per layer attn, moe_gate, expert.0..E-1, then final_norm."""
     ids = ["embed"]
     for i in range(n_layers):
-        ids += [f"layers.{i}.attn", gate_block_id(i)] + [expert_block_id(i, e) for e in range(n_experts)]
+        ids += [layer_block_id(i, "attn"), gate_block_id(i)] + [expert_block_id(i, e) for e in range(n_experts)]
     return ids + ["final_norm"]
 
 
@@ -110,22 +107,16 @@ def moe_block_kind_layer(n_layers: int, block: str) -> tuple[str, int]:
         return "embed", -1
     if block == "final_norm":
         return "norm", n_layers
-    parts = block.split(".")
-    if len(parts) == 3 and parts[2] == "attn":
-        return "attn", int(parts[1])
-    if len(parts) == 3 and parts[2] == "moe_gate":
-        return "norm", int(parts[1])
-    if len(parts) == 4 and parts[2] == "expert":
-        return "expert", int(parts[1])
+    part, layer, _ = parse_block_id(block)
+    if layer is not None and part in ("attn", "moe_gate", "expert"):
+        return ("norm" if part == "moe_gate" else part), layer
     raise KeyError(f"'{block}' is not a block id of an MoE model")
 
 
 def _parse_layer_block(block: str) -> tuple[int, str, int]:
     """'layers.3.expert.5' -> (3, 'expert', 5); 'layers.3.moe_gate' -> (3, 'moe_gate', -1)."""
-    parts = block.split(".")
-    if len(parts) == 4 and parts[2] == "expert":
-        return int(parts[1]), "expert", int(parts[3])
-    return int(parts[1]), parts[2], -1
+    part, layer, expert = parse_block_id(block)
+    return layer, part, expert
 
 
 def expert_weights(dense_mlp: dict, neurons_Fe: np.ndarray) -> dict[str, np.ndarray]:
@@ -205,7 +196,7 @@ class MoESource:
     def _dense_mlp(self, layer: int) -> dict:
         if self._cached_layer != layer:
             before = getattr(self.dense, "nbytes_read", 0)
-            mlp = self.dense(f"layers.{layer}.mlp")
+            mlp = self.dense(layer_block_id(layer, "mlp"))
             n = getattr(self.dense, "nbytes_read", 0) - before
             if n == 0:  # a source that does not count bytes: its float32 bytes
                 n = sum(int(a.nbytes) for a in mlp.values())
@@ -332,7 +323,7 @@ def moe_forward(cfg: LlamaConfig, blocks: dict, ids_BxT, top_k: int, *, collect:
     kv = jnp.zeros((B, T, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
     moe_in, moe_out = [], []
     for i in range(cfg.n_layers):
-        x, _, _ = Lay.attention_block(cfg, blocks[f"layers.{i}.attn"], x, kv, kv, 0)
+        x, _, _ = Lay.attention_block(cfg, blocks[layer_block_id(i, "attn")], x, kv, kv, 0)
         moe_in.append(x)
         x = moe_mlp_block(cfg, blocks[gate_block_id(i)], [blocks[expert_block_id(i, e)] for e in range(E)], x, top_k)
         moe_out.append(x)

@@ -34,6 +34,7 @@ import numpy as np
 import yaml
 
 from . import llama_layers as Lay
+from .block_ids import layer_block_id
 from .errors import MoEError, RouterConfigError
 from .moe import ExpertPartition, Routers
 
@@ -213,7 +214,7 @@ def build_partition(dense_source, n_experts: int, seed: int, iters: int, layers=
     fe = cfg.d_ff // n_experts
     out = np.arange(cfg.d_ff, dtype=np.int32).reshape(1, n_experts, fe).repeat(cfg.n_layers, 0)
     for i in range(cfg.n_layers) if layers is None else layers:
-        out[i] = partition_layer(dense_source(f"layers.{i}.mlp"), n_experts, seed + i, iters)
+        out[i] = partition_layer(dense_source(layer_block_id(i, "mlp")), n_experts, seed + i, iters)
     return ExpertPartition(out).check(cfg.n_layers, cfg.d_ff)
 
 
@@ -230,9 +231,9 @@ def dense_mlp_inputs(cfg, blocks: dict, ids_BxT) -> list:
         kv = jnp.zeros((B, T, cfg.n_kv_heads, cfg.head_dim), jnp.float32)
         hs = []
         for i in range(cfg.n_layers):
-            x, _, _ = Lay.attention_block(cfg, blocks[f"layers.{i}.attn"], x, kv, kv, 0)
-            hs.append(Lay.rms_norm(x, blocks[f"layers.{i}.mlp"]["ffn_norm"], cfg.norm_eps))
-            x = Lay.mlp_block(cfg, blocks[f"layers.{i}.mlp"], x)
+            x, _, _ = Lay.attention_block(cfg, blocks[layer_block_id(i, "attn")], x, kv, kv, 0)
+            hs.append(Lay.rms_norm(x, blocks[layer_block_id(i, "mlp")]["ffn_norm"], cfg.norm_eps))
+            x = Lay.mlp_block(cfg, blocks[layer_block_id(i, "mlp")], x)
         return hs
 
     return run(blocks, jnp.asarray(ids_BxT))
@@ -338,13 +339,13 @@ def build_moe(dense_source, tokenizer, text: str, bos: int, cfg: RouterConfig, *
     t_part = time.perf_counter() - t0
     say(f"partition: {mcfg.n_layers} layers × {cfg.n_experts} experts of {mcfg.d_ff // cfg.n_experts} neurons "
         f"({t_part:.1f} s)")
-    blocks = {b: dense_source(b) for b in ["embed"] + [f"layers.{i}.{k}" for i in range(mcfg.n_layers)
+    blocks = {b: dense_source(b) for b in ["embed"] + [layer_block_id(i, k) for i in range(mcfg.n_layers)
                                                        for k in ("attn", "mlp")]}
     ids = calibration_ids(tokenizer, text, bos, cfg)
     t1 = time.perf_counter()
     hs = dense_mlp_inputs(mcfg, blocks, ids)
     h_LxNxD = np.stack([np.asarray(h).reshape(-1, mcfg.d_model) for h in hs])
-    mass_LxNxE = np.stack([np.asarray(expert_mass(blocks[f"layers.{i}.mlp"], partition.neurons_LxExFe[i], h_LxNxD[i]))
+    mass_LxNxE = np.stack([np.asarray(expert_mass(blocks[layer_block_id(i, "mlp")], partition.neurons_LxExFe[i], h_LxNxD[i]))
                            for i in range(mcfg.n_layers)])
     t_calib = time.perf_counter() - t1
     say(f"calibration: {ids.size} tokens of dense hidden states and expert masses ({t_calib:.1f} s)")

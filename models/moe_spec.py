@@ -17,9 +17,10 @@ from flax import nnx
 
 from .gguf_source import LlamaConfig
 from .llama import HEAD, Block, KVCache
-from .llama_spec import llama_leaf_shapes
-from .moe import expert_block_id, gate_block_id
+from .llama_spec import kind_of, llama_leaf_shapes
+from .moe import gate_block_id
 from .spec import ModelSpec, Position
+from .block_ids import expert_block_id, layer_block_id
 
 MIXTRAL_8X7B = LlamaConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=8, d_ff=14336,
                            rope_base=1e6, norm_eps=1e-5, context_length=32768)
@@ -32,7 +33,8 @@ class MoELlamaModel(nnx.Module):
     def __init__(self, cfg: LlamaConfig, source, n_experts: int, tied: bool = True):
         L = cfg.n_layers
         self.embed = Block("embed", "embed", -1, source("embed"))
-        self.attn = nnx.List([Block(f"layers.{i}.attn", "attn", i, source(f"layers.{i}.attn")) for i in range(L)])
+        self.attn = nnx.List([Block(layer_block_id(i, "attn"), "attn", i, source(layer_block_id(i, "attn")))
+                              for i in range(L)])
         self.gates = nnx.List([Block(gate_block_id(i), "norm", i, source(gate_block_id(i))) for i in range(L)])
         self.experts = nnx.List([Block(expert_block_id(i, e), "expert", i, source(expert_block_id(i, e)), expert=e)
                                  for i in range(L) for e in range(n_experts)])
@@ -50,12 +52,6 @@ def moe_leaf_shapes(cfg: LlamaConfig, n_experts: int, expert_d_ff: int, router_b
     return shapes
 
 
-def _kind_of(block: str) -> str:
-    if block in ("embed", HEAD):
-        return "embed"
-    if block == "final_norm":
-        return "norm"
-    return block.split(".")[2]
 
 
 class MoESpec(ModelSpec):
@@ -94,7 +90,7 @@ class MoESpec(ModelSpec):
     def abstract_model(self):
         cfg = self.config
         shapes = moe_leaf_shapes(cfg, self.n_experts, self.expert_d_ff, self.router_bias)
-        fn = lambda b: {k: jnp.zeros(s, jnp.float32) for k, s in shapes[_kind_of(b)].items()}  # noqa: E731
+        fn = lambda b: {k: jnp.zeros(s, jnp.float32) for k, s in shapes[kind_of(b)].items()}  # noqa: E731
         return nnx.eval_shape(lambda: MoELlamaModel(cfg, fn, self.n_experts, self.tied))
 
     def tokenizer(self):
@@ -112,7 +108,7 @@ class MoESpec(ModelSpec):
         L = self.n_layers
         out = [Position("embed", "embed", -1)]
         for i in range(L):
-            out += [Position(f"layers.{i}.attn", "attn", i), Position(gate_block_id(i), "route", i)]
+            out += [Position(layer_block_id(i, "attn"), "attn", i), Position(gate_block_id(i), "route", i)]
         head = "embed" if self.tied else HEAD
         return out + [Position("final_norm", "norm", L), Position(head, "head", self.block_info[head].layer)]
 
