@@ -363,13 +363,10 @@ class Ledger:
         self.spec["issued_bytes"] += need
         self.spec["loads"].append((layer, block))
 
-    def expected_next_use(self, block) -> float:
-        """Expected positions until `block` is next read (the scored policy's eviction order): the cursor's distance,
-        plus, for an expert not known to come, the passes its router is expected to skip it (`RouterStats`)."""
-        return self.expected_next_uses([block])[0]
-
     def expected_next_uses(self, blocks) -> list[float]:
-        """`expected_next_use` of each of `blocks`, in one pass over what the cursor knows."""
+        """Expected positions until each of `blocks` is next read (the scored policy's eviction order), in one pass
+        over what the cursor knows: the cursor's distance, plus, for an expert not known to come, the passes its
+        router is expected to skip it (`RouterStats`)."""
         d = self.cursor.next_uses(blocks)
         if self.router is None:
             return d
