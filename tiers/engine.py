@@ -19,6 +19,11 @@ Design (the simplest honest one):
     copy as its *home*. Going back to the home state then only frees the device arrays (a `transition` event with
     no link bytes: weights are read-only, nothing needs writing back), and lossy -> other states route from the
     home instead of the source. Home copies are counted in `bytes_in` and `live_arrays`.
+  * Compressed homes (`stage_compressed`, with `keep_home`): a block may keep int8 / int4 / low-rank copies in
+    pinned host memory beside its lossless home, made once from the source. A request for one of those states
+    from off device (or another lossy state) moves that copy over host->device and lands it as is: the event
+    counts the compressed bytes (`state.route(..., packed=...)`). Dropping back to the home frees the device copy
+    only; the compressed copy stays until the block is dropped.
 
 Threads: a ThreadPoolExecutor of `workers` threads runs routes; tensorstore futures run the disk I/O of all
 leaves of a block together. A GGUF source (one with `nbytes_read`) is read under a lock so the file bytes
@@ -38,9 +43,8 @@ import numpy as np
 
 from vorch_jax.tiers.events import Event, EventLog
 from vorch_jax.tiers.full_precision import FullPrecisionBlock
-from vorch_jax.tiers.low_bit import LowBitBlock
-from vorch_jax.tiers.low_rank import LowRankBlock
 from vorch_jax.tiers.nvme_store import CorruptBlockError, NvmeBlock
+from vorch_jax.tiers.packed_home import PackedHostBlock, convert_on_device
 from vorch_jax.tiers.pinned_host import PinnedHostBlock
 from vorch_jax.tiers.state import (
     BlockInFlightError, Hop, State, UnknownBlockError, UnknownStateError, route,
@@ -88,6 +92,7 @@ class _Entry:
     rep: object                     # the block's current representation (its prior one while in flight)
     pending: Transition | None = None
     home: object | None = None      # keep_home: the lossless off-device copy kept while the block is on device
+    packed: dict = dataclasses.field(default_factory=dict)  # State -> PackedHostBlock: compressed homes (host)
 
 
 class MovementEngine:
@@ -141,6 +146,33 @@ class MovementEngine:
         with self._lock:
             self._entries[block_id] = _Entry(rep)
             self._device_bytes += self._on_device(self._entries[block_id])
+
+    def stage_compressed(self, block_id: str, state) -> int:
+        """Keep a compressed home of `block_id` in lossy `state` (S1, S2, S6) in pinned host memory, made now from the
+        source (synchronously, like `register`; a `transition` event from the source with reason `stage`). Loads into
+        `state` then move it (see the module docstring). Returns its bytes."""
+        dst = State.parse(state)
+        if not self.keep_home:
+            raise ValueError("compressed homes need keep_home=True: a block landed from one must still have its "
+                             "lossless home to return to")
+        with self._lock:
+            entry = self._entry(block_id)
+            if dst in entry.packed:
+                return entry.packed[dst].nbytes
+        t0 = time.perf_counter()
+        leaves, n = self._read_source(block_id)
+        packed = PackedHostBlock.stage(leaves, dst, self.device, int4_group_size=self.int4_group_size,
+                                       lowrank_rank=self.lowrank_rank)
+        with self._lock:
+            entry.packed[dst] = packed
+        self.events.append(Event("transition", block_id, None, State.S3, t0, time.perf_counter(), {"source->host": n},
+                                 f"compressed home {dst.name} staged ({packed.nbytes} bytes)", "stage"))
+        return packed.nbytes
+
+    def compressed_homes(self, block_id: str) -> frozenset:
+        """The lossy states `block_id` keeps a compressed home of."""
+        with self._lock:
+            return frozenset(self._entry(block_id).packed)
 
     def request(self, block_id: str, target, reason: str = "") -> Transition:
         """Start moving `block_id` to `target` asynchronously; the block reads S5 until it lands. `reason` is
@@ -227,7 +259,7 @@ class MovementEngine:
     def live_arrays(self) -> list[jax.Array]:
         """Every jax.Array the engine's blocks hold right now (device and pinned host)."""
         with self._lock:
-            reps = [r for e in self._entries.values() for r in (e.rep, e.home) if r is not None]
+            reps = [r for e in self._entries.values() for r in (e.rep, e.home, *e.packed.values()) if r is not None]
         return [a for r in reps for a in r.arrays()]
 
     def bytes_in(self, where: str) -> int:
@@ -237,7 +269,7 @@ class MovementEngine:
         with self._lock:
             if where == "device":
                 return self._device_bytes
-            reps = [r for e in self._entries.values() for r in (e.rep, e.home) if r is not None]
+            reps = [r for e in self._entries.values() for r in (e.rep, e.home, *e.packed.values()) if r is not None]
         return sum(r.nbytes for r in reps if r.where == where)
 
     def drop(self, block_id: str) -> None:
@@ -251,6 +283,8 @@ class MovementEngine:
         entry.rep.free()
         if entry.home is not None:
             entry.home.free()
+        for packed in entry.packed.values():
+            packed.free()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -299,16 +333,21 @@ class MovementEngine:
         return Transition(block_id, src, entry.rep.state, done)
 
     def _run(self, block_id: str, entry: _Entry, transition: Transition) -> State:
-        origin, src = entry.rep, transition.src
+        origin, src, dst = entry.rep, transition.src, transition.dst
         # A lossy device copy with a home: start from the home's lossless bytes, not from the model file.
         start = entry.home if (entry.home is not None and not src.lossless) else origin
+        packed = frozenset(entry.packed)
+        if route(src, dst, packed) != route(src, dst):  # from a compressed home: its arrays move as they are
+            start, src_state = entry.packed[dst], src
+        else:
+            src_state = start.state
         try:
-            new = self._execute(block_id, start, start.state, transition.dst, transition.reason)
+            new = self._execute(block_id, start, src_state, dst, transition.reason, packed)
         except BaseException:
             with self._lock:
                 entry.pending = None
             raise
-        keep = self.keep_home and start is origin and not src.on_device and transition.dst.on_device
+        keep = self.keep_home and start is not entry.home and not src.on_device and transition.dst.on_device
         with self._lock:
             self._device_bytes -= self._on_device(entry)
             old_home = entry.home
@@ -325,14 +364,15 @@ class MovementEngine:
             old_home.free()
         return transition.dst
 
-    def _execute(self, block_id: str, origin, src: State | None, dst: State, reason: str = ""):
-        """Run the route src -> dst hop by hop; return the landed representation. `origin` is never freed here;
-        intermediates are. Records one `transition` event, or an `error` event and re-raises."""
+    def _execute(self, block_id: str, origin, src: State | None, dst: State, reason: str = "", packed=frozenset()):
+        """Run the route src -> dst hop by hop (`packed`: the compressed homes, `state.route`); return the landed
+        representation. `origin` is never freed here; intermediates are. Records one `transition` event, or an
+        `error` event and re-raises."""
         t0 = time.perf_counter()
         link_bytes: dict[str, int] = {}
         cur = origin
         try:
-            for hop in route(src, dst):
+            for hop in route(src, dst, packed):
                 nxt = self._hop(block_id, cur, hop, link_bytes)
                 if cur is not origin:
                     cur.free()
@@ -366,6 +406,10 @@ class MovementEngine:
             new = PinnedHostBlock.from_device(cur, self.device)
             count(new.nbytes)
             return new
+        if hop.link == "host->device" and hop.lands_in != State.S0:  # a compressed home, moved as it is
+            new = cur.to_device(self.device)
+            count(new.nbytes)
+            return new
         if hop.link == "host->device":
             new = FullPrecisionBlock.from_pinned_host(cur, self.device)
             count(new.nbytes)
@@ -376,12 +420,8 @@ class MovementEngine:
             return new
         if hop.link == "device:convert":
             count(cur.nbytes)  # bytes read by the conversion
-            if hop.lands_in == State.S1:
-                return LowBitBlock.from_full_precision(cur, bits=8)
-            if hop.lands_in == State.S2:
-                return LowBitBlock.from_full_precision(cur, bits=4, group_size=self.int4_group_size)
-            if hop.lands_in == State.S6:
-                return LowRankBlock.from_full_precision(cur, rank=self.lowrank_rank)
+            return convert_on_device(cur, hop.lands_in, int4_group_size=self.int4_group_size,
+                                     lowrank_rank=self.lowrank_rank)
         raise AssertionError(f"route table has a hop the engine cannot run: {hop}")
 
     def _read_source(self, block_id: str) -> tuple[dict[str, np.ndarray], int]:

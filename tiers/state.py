@@ -7,6 +7,11 @@ Invariants:
     (`source->host`). Lossy -> other lossy also starts from the source, so errors never compound.
   * Every hop of a route lands in a real representation state (`Hop.lands_in`); the engine builds that
     representation, so the bytes each link carries are measured from the arrays actually moved.
+  * A block may also keep *compressed homes* in host memory: its int8 / int4 / low-rank representation, made once
+    when the block is staged. A load into such a state from anywhere but S0 is then one `host->device` hop of the
+    compressed arrays (`route(..., packed=...)`), so the link carries the compressed bytes, not full precision.
+    Its lossless home (S3 / S4) stays the only way back to S0: expanding a compressed copy would give a lossy
+    block in a lossless state.
 """
 
 from __future__ import annotations
@@ -143,10 +148,16 @@ ROUTES: dict[tuple[State | None, State], tuple[Hop, ...]] = {
 }
 
 
-def route(src: "State | None", dst: State) -> tuple[Hop, ...]:
-    """Hops from `src` (None: the source) to `dst`; `()` when src == dst. Raises UnknownStateError for S5."""
+def route(src: "State | None", dst: State, packed: "frozenset[State] | tuple" = ()) -> tuple[Hop, ...]:
+    """Hops from `src` (None: the source) to `dst`; `()` when src == dst. Raises UnknownStateError for S5.
+
+    `packed`: the lossy states the block keeps a compressed home of (host memory). A load into one of them from
+    an off-device or other lossy state moves that copy, one `host->device` hop landing in `dst`; from S0 the
+    on-device conversion is cheaper (no link), and registration reads the source as always."""
     if dst == State.S5 or src == State.S5:
         raise UnknownStateError("S5 (in flight) is neither a source nor a target of a transition")
     if src == dst:
         return ()
+    if dst in packed and src is not None and src != State.S0:
+        return (Hop("host->device", dst),)
     return ROUTES[(src, dst)]

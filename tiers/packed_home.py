@@ -1,0 +1,87 @@
+"""A compressed home: a block's int8 / int4 / low-rank representation kept in pinned host memory.
+
+Made once, when the block is staged (from its lossless float32 leaves, by the very conversion the on-device states
+run), and kept for the whole run beside the lossless home. A load into the state it represents moves these arrays
+over `host->device` as they are and lands as that state (S1, S2 or S6): the link carries the compressed bytes, and
+the device computes on them directly (the dequant-matmul kernels read int8 / int4 as is).
+
+Invariant: `to_device()` is bit-identical to converting the block's S0 arrays on device (the same jitted
+quantizer / factorisation on the same float32 input); its `nbytes` equal the landed state's device bytes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+
+from vorch_jax.tiers.full_precision import FullPrecisionBlock, delete_arrays, device_sharding, pinned_host_sharding
+from vorch_jax.tiers.state import LOSSY, OffDeviceError, State
+
+
+def convert_on_device(block, state: State, *, int4_group_size: int, lowrank_rank: int):
+    """An S0 block converted to lossy `state` on its device (the caller frees the S0 block)."""
+    from vorch_jax.tiers.low_bit import LowBitBlock
+    from vorch_jax.tiers.low_rank import LowRankBlock
+
+    if state == State.S1:
+        return LowBitBlock.from_full_precision(block, bits=8)
+    if state == State.S2:
+        return LowBitBlock.from_full_precision(block, bits=4, group_size=int4_group_size)
+    if state == State.S6:
+        return LowRankBlock.from_full_precision(block, rank=lowrank_rank)
+    raise ValueError(f"no lossy conversion to {state.name}: expected S1, S2 or S6")
+
+
+class PackedHostBlock:
+    """A compressed home in pinned host memory: `lands_in` is the on-device state it loads as (S1, S2, S6)."""
+
+    state = State.S3
+    where = "host"
+
+    def __init__(self, device_rep, device: jax.Device):
+        """Copy the leaves of an on-device lossy representation (LowBitBlock, LowRankBlock) to pinned host memory;
+        the caller frees `device_rep`."""
+        if device_rep.state not in LOSSY:
+            raise ValueError(f"a compressed home holds a lossy state (S1, S2, S6), not {device_rep.state.name}")
+        from vorch_jax.tiers.low_bit import LowBitBlock
+        from vorch_jax.tiers.low_rank import LowRankBlock
+
+        self.lands_in = device_rep.state
+        self._rebuild = (functools.partial(LowBitBlock, bits=device_rep.bits, group_size=device_rep.group_size)
+                         if isinstance(device_rep, LowBitBlock) else functools.partial(LowRankBlock, rank=device_rep.rank))
+        self.leaves = jax.device_put(device_rep.leaves, pinned_host_sharding(device))
+        jax.block_until_ready(self.leaves)
+
+    @classmethod
+    def stage(cls, host_leaves: dict, state: State, device: jax.Device, *, int4_group_size: int = 64,
+              lowrank_rank: int = 32) -> "PackedHostBlock":
+        """Compress float32 host leaves (the source's) into `state` on `device`, keep the result in host memory."""
+        full = FullPrecisionBlock({k: jax.device_put(v, device_sharding(device)) for k, v in host_leaves.items()})
+        lossy = convert_on_device(full, state, int4_group_size=int4_group_size, lowrank_rank=lowrank_rank)
+        full.free()
+        try:
+            return cls(lossy, device)
+        finally:
+            lossy.free()
+
+    def to_device(self, device: jax.Device):
+        """The representation on `device` (a LowBitBlock / LowRankBlock in state `lands_in`): the host->device
+        copy of the compressed arrays; this home copy stays."""
+        leaves = jax.device_put(self.leaves, device_sharding(device))
+        jax.block_until_ready(leaves)
+        return self._rebuild(leaves)
+
+    @functools.cached_property
+    def nbytes(self) -> int:
+        return sum(int(x.nbytes) for x in jax.tree.leaves(self.leaves))
+
+    def arrays(self) -> list[jax.Array]:
+        return jax.tree.leaves(self.leaves)
+
+    def materialize(self):
+        raise OffDeviceError(f"block is compressed ({self.lands_in.name}) in host memory: request "
+                             f"{self.lands_in.name} before using it")
+
+    def free(self) -> None:
+        delete_arrays(self.leaves)
