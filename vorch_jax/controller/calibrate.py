@@ -250,10 +250,17 @@ def _to_record(cal: Calibration) -> tuple[dict, dict]:
     return arrays, meta
 
 
+def record_key(machine_key: str, int4_group_size: int, lowrank_rank: int) -> str:
+    """The record a calibration is kept under beside its model: the machine and the lossy formats it measured, so that
+    calibrations of several formats (int4 g64 and g128: the uniform baselines) live side by side."""
+    return f"{machine_key}~int4g{int4_group_size}~rank{lowrank_rank}"
+
+
 def save_calibration(cal: Calibration, dir=None) -> Path:
     """Save under `dir` (default: $VORCH_CACHE/calibration or ~/.cache/vorch_jax/calibration); returns the step dir."""
     arrays, meta = _to_record(cal)
-    return save_record(calibration_dir(dir), cal.model_key, cal.machine_key, arrays, meta)
+    key = record_key(cal.machine_key, cal.settings["int4_group_size"], cal.settings["lowrank_rank"])
+    return save_record(calibration_dir(dir), cal.model_key, key, arrays, meta)
 
 
 def calibration_dir(dir) -> Path:
@@ -285,11 +292,12 @@ def _check_model(meta: dict, arrays: dict, shapes_now: dict) -> None:
             raise CalibrationMismatchError(f"stored '{name}' has shape {arrays[name].shape}, expected {(n, S)}")
 
 
-def load_calibration(dir, model_key: str, machine_key: str, *, source=None) -> Calibration | None:
-    """The stored calibration for (model, machine), or None. With `source`, its blocks and shapes are checked against
-    the current model (CalibrationMismatchError on any difference)."""
+def load_calibration(dir, model_key: str, machine_key: str, *, source=None, int4_group_size: int = 64,
+                     lowrank_rank: int = 32) -> Calibration | None:
+    """The stored calibration for (model, machine, formats), or None. With `source`, its blocks and shapes are checked
+    against the current model (CalibrationMismatchError on any difference)."""
     try:
-        got = restore_record(calibration_dir(dir), model_key, machine_key)
+        got = restore_record(calibration_dir(dir), model_key, record_key(machine_key, int4_group_size, lowrank_rank))
     except RecordMismatchError as e:
         raise CalibrationMismatchError(str(e)) from None
     if got is None:
@@ -306,7 +314,7 @@ def load_calibration(dir, model_key: str, machine_key: str, *, source=None) -> C
     return Calibration(psi={b: float(arrays["psi_B"][i]) for i, b in enumerate(blocks)}, kl=kl, grad_estimate=est,
                        spearman=meta["spearman"], bandwidths=meta["bandwidths"], delta=meta["delta"],
                        lossy_loss=meta["lossy_loss"], tokens=meta["tokens"], model_key=meta["model_key"],
-                       machine_key=meta["machine_key"], created=meta["created"], settings=meta["settings"],
+                       machine_key=machine_key, created=meta["created"], settings=meta["settings"],
                        block_shapes=meta["block_shapes"], elapsed_s=meta["elapsed_s"])
 
 
@@ -337,7 +345,8 @@ def load_or_calibrate(source, dir=None, *, force: bool = False, progress=None, *
     root = calibration_dir(dir)
     mk, hk = model_key(source), machine_key()
     if not force:
-        cal = load_calibration(root, mk, hk, source=source)
+        cal = load_calibration(root, mk, hk, source=source, int4_group_size=kw.get("int4_group_size", 64),
+                               lowrank_rank=kw.get("lowrank_rank", 32))
         if cal is not None:
             want = dict(kw)
             want.setdefault("blocks", None)
