@@ -89,7 +89,8 @@ EXECUTORS = ("real", "sim")
 DTYPES = ("float32", "bfloat16")
 GROUP_SIZES = (32, 64, 128)
 STATES = ("S0", "S1", "S2", "S3", "S4", "S5", "S6")
-RULE_STATES = ("S0", "S1", "S2", "S3", "S4", "S6")  # S5 (in flight) is transient: no rule may ask for it
+RULE_STATES = ("S0", "S1", "S2", "S3", "S4", "S6")
+HOME_FORMATS = ("int8", "int4", "lowrank")  # a compressed home's format: it loads as S1, S2, S6  # S5 (in flight) is transient: no rule may ask for it
 LOSSY_STATES = ("S1", "S2", "S6")
 # Higher is better to compute with; same values as vorch_jax.controller.state_ids.QUALITY_RANK (tests check they agree).
 QUALITY_RANK = {"S0": 5, "S1": 4, "S2": 3, "S3": 1, "S4": 0, "S5": 1, "S6": 2}
@@ -130,10 +131,14 @@ class GuardrailConfig:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Static facts of the lossy representations: int4 group size and low-rank fallback rank."""
+    """Static facts of the lossy representations: int4 group size and low-rank fallback rank. `compressed_homes`: a
+    lossy scored run keeps, beside each block's lossless home, a compressed copy in host memory in the best-quality
+    lossy state its quality budget allows, and streams the block in that state (the link carries the compressed
+    bytes); false: lossy blocks travel in full precision and convert on device."""
 
     int4_group_size: int = 64
     lowrank_rank: int = 32
+    compressed_homes: bool = True
 
     def __post_init__(self) -> None:
         F.check_types(self)
@@ -198,7 +203,9 @@ class PlacementRule:
     ``layers.12.mlp``, ``layers.4.expert.5``, ``final_norm``. `state` pins the initial state ("" lets the policy
     decide); `protect` asks the guardrail to keep the block where it is; `floor` is the worst state the block may
     reach in quality order S0, S1, S2, S6, S3, S4 ("" = no floor); `kappa` overrides the block's criticality
-    (None = computed).
+    (None = computed); `home_format` (int8, int4, lowrank; needs `lossy`) keeps a compressed copy of each matched
+    block in host memory, made once, and every load of it moves and lands that format (S1, S2, S6): FlexGen-style
+    compression of what streams, e.g. ``{path: 'layers.*', home_format: int4}`` with ``policy: static``.
     """
 
     path: str
@@ -206,10 +213,15 @@ class PlacementRule:
     protect: bool = False
     floor: str = ""
     kappa: float | None = None
+    home_format: str = ""
 
     def __post_init__(self) -> None:
         F.check_types(self)
         F.require(self.path != "", "path", "must be a non-empty regex")
+        F.choice(self, "home_format", ("",) + HOME_FORMATS)
+        F.require(not (self.home_format and self.state in ("S0", "S1", "S2", "S6")), "home_format",
+                  f"is set but state {self.state} pins the blocks on device, so they never load from a home: "
+                  f"drop one of the two")
         try:
             re.compile(self.path)
         except re.error as err:
@@ -276,6 +288,10 @@ class RunConfig:
                     raise F.key_error(f"placement[{i}].state",
                                      f"puts blocks matching {rule.path!r} in lossy state {rule.state} but lossy is "
                                      f"false; set lossy: true or choose S0, S3 or S4")
+                if rule.home_format:
+                    raise F.key_error(f"placement[{i}].home_format",
+                                      f"streams blocks matching {rule.path!r} as {rule.home_format}, a lossy format, "
+                                      f"but lossy is false; set lossy: true or drop home_format")
 
 
 _SECTIONS: dict[str, type] = {"score": ScoreConfig, "guardrail": GuardrailConfig, "quant": QuantConfig,

@@ -38,11 +38,12 @@ class Placement:
     floor: str | None = None
     kappa: float | None = None
     rule: int | None = None
+    home_format: str | None = None
 
 
 def _placement(rule: PlacementRule, index: int) -> Placement:
     return Placement(state=rule.state or None, protect=rule.protect, floor=rule.floor or None, kappa=rule.kappa,
-                     rule=index)
+                     rule=index, home_format=rule.home_format or None)
 
 
 def _first_matches(rules: Sequence[PlacementRule], block_ids: Iterable[str]) -> tuple[dict[str, int | None], list[int]]:

@@ -57,6 +57,17 @@ CASES = [
     ("run-bad-regex", "run {files}/bad_regex.yaml --out {d}", "not a valid regex", None),
     ("run-rule-s5", "run {files}/rule_s5.yaml --out {d}", "cannot be S5", None),
     ("run-lossy-rule-lossless", "run {files}/lossy_rule.yaml --out {d}", "lossy is false", None),
+    ("run-home-format-lossless", "run " + DEMO + " \"placement=[{{path: 'layers.*', home_format: int8}}]\" "
+     "--out {d}", "home_format", None),
+    ("run-home-format-unknown", "run " + DEMO + " lossy=true \"placement=[{{path: 'layers.*', home_format: int3}}]\" "
+     "--out {d}", "must be one of '', 'int8', 'int4', 'lowrank'", None),
+    ("run-home-format-pinned", "run " + DEMO + " lossy=true \"placement=[{{path: 'layers.*', state: S0, "
+     "home_format: int8}}]\" --out {d}", "never load from a home", None),
+    ("run-home-format-over-dram", "run " + DEMO + " lossy=true dram_budget=0.1 quality.max_kl=1.0 \"placement=[{{path: "
+     "'layers.*', home_format: int8}}]\" --out {d}", "compressed homes take", None),
+    ("run-home-format-over-quality", "run " + DEMO + " lossy=true policy=static quality.calibration_tokens=16 " + TINY
+     + " \"placement=[{{path: "
+     "'layers.*', home_format: int4}}]\" --out {d}", "quality.max_kl", None),
     ("run-lossy-uncalibrated-family", f"run {DEMO} model=gemma3-270m placement=[] lossy=true --out {{d}}",
      "does not measure for this model yet", None),
     ("run-routing-trace-real", f"run {DEMO} routing_trace=x.json --out {{d}}", "replayed only by the simulator", None),

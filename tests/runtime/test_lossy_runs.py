@@ -91,3 +91,74 @@ def test_placement_rules_above_the_budget_stop_before_any_work(lossy_run, cache,
                        "placement=[{path: 'layers\\.\\d+\\.mlp', state: S6}, {path: embed, state: S0, protect: true}]")
     with pytest.raises(QualityError, match="quality.max_kl"):
         run(cfg, tmp_path, reference=reference)
+
+
+# ------------------------------------------------------------------------------------------- compressed homes
+
+
+def _transitions(out):
+    recs = [json.loads(line) for line in (out / "trace.jsonl").read_text().splitlines()]
+    return [r for r in recs if r["event"] == "transition"]
+
+
+def test_a_lossy_scored_run_streams_from_compressed_homes(lossy_run):
+    """quant.compressed_homes (the default): every block the quality budget allows a lossy state keeps one compressed
+    home, in its best-quality allowed state, and each load of it into that state moved exactly that state's bytes."""
+    out, s, said = lossy_run
+    from vorch_jax.config import config_from_dict
+    from vorch_jax.runtime.setup import build_setup
+
+    homes = s["states"]["compressed_homes"]
+    assert homes["blocks"] > 0 and homes["per_state"]["S1"] == homes["blocks"], homes
+    assert any("staging" in m and "compressed homes" in m for m in said)
+    state_bytes = build_setup(config_from_dict(s["config"])).state_bytes
+    from vorch_jax.tiers.state import State
+
+    loads = [r for r in _transitions(out) if r["link"] == "host->device" and r["to"] == "S1"
+             and -s["initial_placement_s"] <= r["t"] <= s["wall_s"]]
+    assert loads, "no block was loaded in its compressed state"
+    for r in loads:
+        assert r["bytes"] == state_bytes[r["block"]][State.S1], r  # the compressed bytes crossed the link
+    per_state = s["states"]["per_state"]
+    assert sum(v["reads"] for v in per_state.values()) == s["hits"] + s["misses"], per_state
+    assert all("compressed home S1" in v["why"] or "controller" in v["why"] for v in s["states"]["lossy_blocks"].values())
+
+
+@pytest.fixture(scope="module")
+def uniform_int8(cache, lossy_run, reference, small_config, tmp_path_factory):
+    """policy=static with every layer block's home compressed to int8 (the uniform baseline), real."""
+    out = tmp_path_factory.mktemp("uniform")
+    cfg = small_config("policy=static", "lossy=true", "hbm_budget=0.4", "quality.calibration_tokens=16",
+                       "placement=[{path: embed, state: S0, protect: true}, {path: final_norm, state: S0, "
+                       "protect: true}, {path: 'layers\\..*', home_format: int8}]")
+    return cfg, out, run(cfg, out, reference=reference)
+
+
+def test_uniform_compression_is_a_placement_rule_measured_like_any_run(uniform_int8):
+    cfg, out, s = uniform_int8
+    q = s["quality"]
+    assert q["budget"]["forced_kl"] > 0 and q["kl_mean"] > 0 and q["budget"]["within_budget"] is True, q
+    reads = {r["to"] for r in (json.loads(x) for x in (out / "trace.jsonl").read_text().splitlines())
+             if r["event"] == "access" and r["block"].startswith("layers.")}
+    assert reads == {"S1"}, reads  # every layer block is loaded, and read, as its int8 home
+    assert s["peak_device_bytes"] <= s["hbm_budget_bytes"]
+    gen = [r for r in _transitions(out) if -s["initial_placement_s"] <= r["t"] <= s["wall_s"]]
+    assert sum(r["bytes"] for r in gen if r["link"] == "host->device") == s["link_bytes"]["host->device"]
+    assert "device:convert" not in s["link_bytes"], "nothing converts on device: the homes hold int8 already"
+    assert 0 < s["lower_bound_bytes"] <= s["belady_bytes"] and s["lower_bound_bytes"] <= s["bytes_moved"]
+
+
+def test_a_lossy_run_replayed_in_the_simulator_moves_the_same_bytes_per_link(uniform_int8, tmp_path):
+    """The simulator prices a compressed home's load as the real engine moves it: same bytes on every link, same hits
+    and misses (static: no prefetch, so nothing depends on timing)."""
+    from vorch_jax.config import apply_overrides
+    from vorch_jax.runtime.run import simulate
+    from vorch_jax.simulation.hardware import load_profile
+
+    cfg, _, real = uniform_int8
+    sim = simulate(apply_overrides(cfg, ["executor=sim", "hardware=this-machine"]), tmp_path,
+                   hardware=load_profile("this-machine"))
+    assert sim["link_bytes"] == real["link_bytes"]
+    for key in ("bytes_moved", "belady_bytes", "lower_bound_bytes", "hits", "misses", "peak_device_bytes"):
+        assert sim[key] == real[key], (key, sim[key], real[key])
+    assert sim["states"]["compressed_homes"] == real["states"]["compressed_homes"]

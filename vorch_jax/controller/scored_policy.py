@@ -29,7 +29,8 @@ Terms, all measured or configured, none keyword-guessed:
      states whose calibrated ΔKL the budget can pay for. Only a simulation without a calibration allows every
      lossy state (its quality is not simulated) and then ψ is 0;
   δ  measured seconds of one decode-shaped matmul through each lossy format, minus full precision's;
-  τ  block bytes over the measured link bandwidths (the calibration's, else probed at the start of the run).
+  τ  the bytes a load moves over the measured link bandwidths (the calibration's, else probed at the start of the
+     run): a block's compressed home's bytes where it keeps one (`quant.compressed_homes`), else full precision.
 """
 
 from __future__ import annotations
@@ -125,9 +126,13 @@ class ScoredPolicy(Policy):
             for s, sec in (delta or {}).get(kinds[b], {}).items():
                 delta_B7[i, int(s)] = max(0.0, sec)
         s0 = bps[:, sid.S0]
+        # τ: the seconds a load from the block's home takes, in the representation that moves: its compressed
+        # home's (in DRAM, one host->device hop) where it keeps one, else full precision from S3 or S4.
+        streamed = np.asarray([bps[i, int(ctx.packed[b])] if b in ctx.packed else s0[i] for i, b in enumerate(self.ids)])
+        from_dram = np.asarray([b in ctx.packed for b in self.ids])
         tau = np.zeros((B, sid.NUM_STATES))
-        tau[:, sid.S3] = s0 / h2d_bytes_per_s
-        tau[:, sid.S4] = s0 / nvme_bytes_per_s + s0 / h2d_bytes_per_s
+        tau[:, sid.S3] = streamed / h2d_bytes_per_s
+        tau[:, sid.S4] = np.where(from_dram, 0.0, s0 / nvme_bytes_per_s) + streamed / h2d_bytes_per_s
         self.weights = ScoreWeights.make(w1=cfg.score.w1, w2=cfg.score.w2, w3=cfg.score.w3, w4=cfg.score.w4,
                                          alpha=cfg.score.alpha, beta=cfg.score.beta)
         self.calibration = calibration  # which stored calibration supplied ψ, δ and the value loss (None: none)
@@ -221,8 +226,14 @@ class ScoredPolicy(Policy):
         return protected + [b for b in dict.fromkeys(self.ctx.schedule) if b not in self.ctx.protected]
 
     def device_state(self, block):
+        """The plan's on-device state for the block; a block the plan leaves home streams in its compressed home's
+        state where it keeps one (what the link carries), else in S0."""
         s = self.targets.get(block, self.ctx.forced.get(block, State.S0))
-        return s if s.on_device else State.S0
+        return s if s.on_device else self.ctx.packed.get(block, State.S0)
+
+    def largest_load(self, block):
+        """The plan may bring any block back in S0, a compressed home or not."""
+        return self.state_bytes[block][State.S0]
 
     def on_access(self, t, block):
         super().on_access(t, block)

@@ -37,6 +37,7 @@ class PolicyContext:
     future: tuple[str, ...] = ()  # the recorded access stream; only the Belady oracle reads it
     forced: dict = dataclasses.field(default_factory=dict)  # block -> on-device State a placement rule fixes
     state_bytes: dict | None = None  # block -> {State: device bytes}; None: only S0 (device_bytes)
+    packed: dict = dataclasses.field(default_factory=dict)  # block -> lossy State of its compressed home
 
 
 class Policy:
@@ -63,14 +64,21 @@ class Policy:
         raise NotImplementedError
 
     def device_state(self, block: str):
-        """The on-device state a block is loaded into: the one a placement rule fixes, else lossless S0."""
-        return self.ctx.forced.get(block, State.S0)
+        """The on-device state a block is loaded into: the one a placement rule fixes, else its compressed home's
+        (what the link then carries), else lossless S0."""
+        if block in self.ctx.forced:
+            return self.ctx.forced[block]
+        return self.ctx.packed.get(block, State.S0)
 
     def held_bytes(self, block: str) -> int:
         """Device bytes of `block` in the state this policy loads it into."""
         if self.ctx.state_bytes is None:
             return self.ctx.device_bytes[block]
         return self.ctx.state_bytes[block][self.device_state(block)]
+
+    def largest_load(self, block: str) -> int:
+        """The most device bytes `block` may be loaded in: a policy without a plan loads it in one state only."""
+        return self.held_bytes(block)
 
     def tick(self, t: int):
         return None

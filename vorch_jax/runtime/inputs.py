@@ -47,7 +47,7 @@ def policy_context(cfg: RunConfig, setup, future) -> PolicyContext:
     return PolicyContext(block_ids=tuple(setup.block_ids), device_bytes=setup.device_bytes,
                          budget_bytes=setup.hbm_budget, schedule=tuple(setup.pass_order),
                          prefetch_depth=cfg.prefetch_depth, protected=setup.protected, future=tuple(future),
-                         forced=setup.forced, state_bytes=setup.state_bytes)
+                         forced=setup.forced, state_bytes=setup.state_bytes, packed=setup.packed)
 
 
 def speculative(cfg: RunConfig) -> bool:
@@ -64,16 +64,29 @@ def stored_calibration(cfg: RunConfig, setup):
     if not supports(setup.spec):
         return None
     source = setup.source
-    cal = load_calibration(None, model_key(source), machine_key(), source=source)
+    cal = load_calibration(None, model_key(source), machine_key(), source=source,
+                           int4_group_size=cfg.quant.int4_group_size, lowrank_rank=cfg.quant.lowrank_rank)
     if cal is None or covers(cal, tokens=cal.tokens, blocks=list(setup.block_ids),
                              int4_group_size=cfg.quant.int4_group_size, lowrank_rank=cfg.quant.lowrank_rank) is not None:
         return None
     return cal
 
 
-def uses_lossy_states(cfg: RunConfig, forced: dict) -> bool:
-    """Whether a run can hold a block in a lossy state: the scored policy with lossy allowed, or a placement rule."""
-    return cfg.lossy and (cfg.policy == "scored" or any(State(s) in LOSSY for s in forced.values()))
+def uses_lossy_states(cfg: RunConfig, forced: dict, packed: dict | None = None) -> bool:
+    """Whether a run can hold a block in a lossy state: the scored policy with lossy allowed, or a placement rule
+    (a lossy state, or a compressed home that every load of the block lands in)."""
+    return cfg.lossy and (cfg.policy == "scored" or any(State(s) in LOSSY for s in forced.values()) or bool(packed))
+
+
+def with_quality_budget_homes(cfg: RunConfig, setup, lossy_states: dict | None):
+    """A lossy scored run with `quant.compressed_homes`: each block the quality budget allows lossy states keeps a
+    compressed home in the best-quality of them (`quality_budget.compressed_home_states`), and streams in it. Else
+    `setup`."""
+    from vorch_jax.controller.quality_budget import compressed_home_states
+
+    if not (cfg.lossy and cfg.policy == "scored" and cfg.quant.compressed_homes and lossy_states):
+        return setup
+    return setup.with_compressed_homes(compressed_home_states(lossy_states))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +116,7 @@ def quality_guard(cfg: RunConfig, setup, say=lambda m: None) -> QualityGuard | N
 
     from vorch_jax.controller.quality_budget import allocate, forced_lossy_kl
 
-    if not uses_lossy_states(cfg, setup.forced):
+    if not uses_lossy_states(cfg, setup.forced, setup.packed):
         return None
     if not supports(setup.spec):
         raise QualityError(f"lossy states of {cfg.model} need its measured ΔKL per block and state, which `vorch "
@@ -124,12 +137,12 @@ def quality_guard(cfg: RunConfig, setup, say=lambda m: None) -> QualityGuard | N
             f"{q.calibration_tokens} tokens first (stored for later runs)")
         cal = load_or_calibrate(setup.source, None, force=True, progress=say, tokens=q.calibration_tokens,
                                 int4_group_size=cfg.quant.int4_group_size, lowrank_rank=cfg.quant.lowrank_rank)
-    forced_kl = forced_lossy_kl(cal.kl, setup.forced)
+    forced_kl = forced_lossy_kl(cal.kl, {**setup.packed, **setup.forced})
     if forced_kl > q.max_kl:
-        raise QualityError(f"placement rules fix lossy states whose calibrated ΔKL sums to {forced_kl:.4f} nats, above "
-                           f"quality.max_kl={q.max_kl}: raise it (e.g. quality.max_kl={2 * forced_kl:.3g}) or place "
-                           f"fewer blocks in lossy states")
-    free = [b for b in setup.block_ids if b not in setup.forced]
+        raise QualityError(f"placement rules fix lossy states (or compressed homes) whose calibrated ΔKL sums to "
+                           f"{forced_kl:.4f} nats, above quality.max_kl={q.max_kl}: raise it (e.g. "
+                           f"quality.max_kl={2 * forced_kl:.3g}) or place fewer blocks in lossy states")
+    free = [b for b in setup.block_ids if b not in setup.forced and b not in setup.packed]
     allowance = allocate(cal.kl, setup.state_bytes, q.max_kl - forced_kl, share=q.kl_share, blocks=free)
     allowance = dataclasses.replace(allowance, max_kl=q.max_kl)
     say(f"quality budget: max_kl {q.max_kl} nats; {sum(bool(v) for v in allowance.states.values())} blocks may take "
@@ -160,11 +173,20 @@ def scored_inputs(cfg: RunConfig, setup, store_dir: Path, guard: QualityGuard | 
                 calibration=None)
 
 
+def simulated_lossy_states(cfg: RunConfig, setup, cal) -> dict | None:
+    """A simulated lossy run's quality budget, the real run's: the lossy states each block may use (None: no
+    calibration, every lossy state allowed, quality not simulated)."""
+    from vorch_jax.controller.quality_budget import allocate
+
+    if cal is None or not cfg.lossy:
+        return None
+    return allocate(cal.kl, setup.state_bytes, cfg.quality.max_kl, share=cfg.quality.kl_share,
+                    blocks=[b for b in setup.block_ids if b not in setup.packed or b in setup.forced]).states
+
+
 def simulated_scored_inputs(cfg: RunConfig, setup, hw, cal) -> dict:
     """The scored policy's inputs on a hardware profile: links and δ (from its dequant rates) from the profile; ψ,
     the per-state value loss and the quality budget's lossy states from the model's calibration when it has one."""
-    from vorch_jax.controller.quality_budget import allocate
-
     lowbit = {State.S1: "int8", State.S2: "int4"}
     delta = None
     if cfg.lossy:
@@ -177,8 +199,8 @@ def simulated_scored_inputs(cfg: RunConfig, setup, hw, cal) -> dict:
                     delta[kind][s] = setup.state_bytes[b][s] / hw.dequant_bytes_per_s[fmt]
     from_cal = {} if cal is None else dict(psi=cal.psi, lossy_loss=cal.tick_lossy_loss(),
                                            calibration=f"ψ: {cal.model_key} @ {cal.machine_key}, {cal.created}")
-    if cal is not None and cfg.lossy:  # the same quality budget as the real run: the lossy states it may use
-        from_cal["lossy_states"] = allocate(cal.kl, setup.state_bytes, cfg.quality.max_kl,
-                                            share=cfg.quality.kl_share, blocks=list(setup.block_ids)).states
+    lossy_states = simulated_lossy_states(cfg, setup, cal)
+    if lossy_states is not None:
+        from_cal["lossy_states"] = lossy_states
     return dict(_common(setup), h2d_bytes_per_s=hw.host_to_device.bandwidth_bytes_per_s,
                 nvme_bytes_per_s=hw.nvme_read_bytes_per_s, delta=delta, **from_cal)

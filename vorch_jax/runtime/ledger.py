@@ -59,12 +59,13 @@ class Counters:
 
 def check_fits(policy, device_bytes: dict, budget: int, state_bytes: dict | None = None) -> None:
     """The budget must hold the pinned blocks (in the state the policy loads them) plus the largest block that has
-    to stream through."""
+    to stream through (the most bytes the policy may load it in: `Policy.largest_load`)."""
     def held(b):
         return state_bytes[b][policy.device_state(b)] if state_bytes else device_bytes[b]
 
     pinned = sum(held(b) for b in policy.pinned)
-    streamed = [device_bytes[b] for b in device_bytes if b not in policy.pinned]
+    streamed = [policy.largest_load(b) if state_bytes else device_bytes[b] for b in device_bytes
+                if b not in policy.pinned]
     need = pinned + (max(streamed) if streamed else 0)
     if need > budget:
         raise BudgetError(f"the HBM budget of {budget} bytes cannot hold the blocks the policy keeps on device "

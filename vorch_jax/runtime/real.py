@@ -54,27 +54,38 @@ class RealBackend:
     def next_token(self, logits) -> int:
         return argmax_token(logits)
 
-    def compile(self, seq_lens, max_len: int) -> None:
+    def compile(self, seq_lens, max_len: int, states=(), quant=None) -> None:
         """Compile every op for each sequence length before anything is timed: one pass of the spec's
         `compile_positions` (every op at least once, each routed layer with one expert) on zero weights, each op
         reading the zeros of the first block it is given, so variants that depend on the layer (a window) compile
-        too; and the next layer's router's speculation where the spec speculates."""
+        too; and the next layer's router's speculation where the spec speculates. `states`: the on-device states the
+        run may hold blocks in (S0 always); each lossy one's representation (int8, int4, low-rank of the zeros, by
+        `quant`'s group size and rank) runs every op once more, so a lossy run compiles nothing while timed."""
         import jax.numpy as jnp
+
+        from vorch_jax.tiers.full_precision import FullPrecisionBlock
+        from vorch_jax.tiers.packed_home import convert_on_device
+        from vorch_jax.tiers.state import LOSSY
 
         spec, compute = self.spec, self.compute
         positions = spec.compile_positions()
         firsts = {}
         for p in positions:
             firsts.setdefault(p.op, p.block)
-        zeros = {b: {k: jnp.zeros(s.shape, s.dtype) for k, s in spec.block_shapes(b).items()}
+        zeros = {b: FullPrecisionBlock({k: jnp.zeros(s.shape, s.dtype) for k, s in spec.block_shapes(b).items()})
                  for b in set(firsts.values())}
+        reps = [zeros] + [{b: convert_on_device(z, s, int4_group_size=quant.int4_group_size,
+                                                lowrank_rank=quant.lowrank_rank) for b, z in zeros.items()}
+                          for s in sorted(set(states) & LOSSY)]
         for T in seq_lens:
-            c = compute.start(jnp.zeros((1, T), jnp.int32), spec.new_cache(1, max_len, self.dtype), 0)
-            for p in positions:
-                compute.run(p, zeros[firsts[p.op]], c)
-                if p.op == "route" and hasattr(compute, "speculate"):
-                    compute.speculate(zeros[firsts[p.op]], c, spec.top_k)
-            jax.block_until_ready(compute.finish(c))
-        for z in zeros.values():
-            for a in z.values():
-                a.delete()
+            for rep in reps:
+                c = compute.start(jnp.zeros((1, T), jnp.int32), spec.new_cache(1, max_len, self.dtype), 0)
+                for p in positions:
+                    w = rep[firsts[p.op]].materialize()
+                    compute.run(p, w, c)
+                    if p.op == "route" and hasattr(compute, "speculate"):
+                        compute.speculate(w, c, spec.top_k)
+                jax.block_until_ready(compute.finish(c))
+        for rep in reps:
+            for block in rep.values():
+                block.free()

@@ -28,14 +28,17 @@ from vorch_jax.runtime import telemetry as T
 from vorch_jax.simulation.routing_trace import read_routing_trace, write_routing_trace
 from vorch_jax.runtime.cursor import PassCursor
 from vorch_jax.runtime.driver import Driver, greedy_generate
-from vorch_jax.runtime.inputs import (make_policy, policy_context, quality_guard, scored_inputs, simulated_scored_inputs,
-                     speculative, stored_calibration)
+from vorch_jax.runtime.inputs import (make_policy, policy_context, quality_guard, scored_inputs, simulated_lossy_states,
+                                      simulated_scored_inputs, speculative, stored_calibration,
+                                      with_quality_budget_homes)
 from vorch_jax.runtime.ledger import Ledger
 from vorch_jax.runtime.real import RealBackend
 from vorch_jax.runtime.reference import Reference, quality, resident_reference
 from vorch_jax.runtime.setup import build_setup
 from vorch_jax.tiers.host_memory import return_freed_memory
+from vorch_jax.runtime.state_report import states_section
 from vorch_jax.runtime.summary import core_summary, routing_section
+from vorch_jax.tiers.state import State
 
 
 def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None = None) -> dict:
@@ -60,6 +63,7 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None) -> dict
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # what it was
     dtype = jnp.dtype(cfg.dtype)
     guard = quality_guard(cfg, setup, say)
+    setup = with_quality_budget_homes(cfg, setup, guard.allowance.states if guard is not None else None)
     store_dir, scratch = nvme_store_dir(cfg.nvme_dir, out_dir)
     if reference is None:
         say("resident reference")
@@ -90,12 +94,17 @@ def _run_real(cfg, setup, engine, ledger, policy, out_dir, dtype, reference: Ref
     say("registering blocks at their homes")
     for b in setup.block_ids:
         engine.register(b, setup.homes[b])
+    if setup.packed:
+        say(f"staging {len(setup.packed)} compressed homes ({setup.packed_bytes / 1e6:.1f} MB of DRAM)")
+    for b, state in setup.packed.items():
+        engine.stage_compressed(b, state)
     backend = RealBackend(setup.spec, dtype)
     driver = Driver(setup.spec, ledger, backend)
     say("compiling")
     P, n_eval = len(setup.prompt_ids), len(setup.eval_ids) - 1
-    backend.compile({P, 1}, P + cfg.new_tokens)
-    backend.compile({n_eval}, n_eval)
+    states = run_states(cfg, setup, guard)
+    backend.compile({P, 1}, P + cfg.new_tokens, states, cfg.quant)
+    backend.compile({n_eval}, n_eval, states, cfg.quant)
 
     say("initial placement")
     # Traffic is counted from a cold device: the initial placement's loads belong to the run (and the oracle starts
@@ -119,6 +128,8 @@ def _run_real(cfg, setup, engine, ledger, policy, out_dir, dtype, reference: Ref
     stream = [a.block for a in ledger.accesses if a.start >= t_gen0]
     q = quality(run_logits, reference.logits, setup.eval_ids, setup.spec.note)
     q["budget"] = guard.summary(q["kl_mean"]) if guard is not None else None
+    s["states"] = states_section(setup, ledger.accesses, events, t_gen0, t_gen1,
+                                guard.calibration.kl if guard is not None else None)
     s |= {"tokens": gen.tokens, "tokens_match_resident": gen.tokens == reference.tokens,
           "stream_matches_resident": stream == list(reference.stream),
           "text": setup.tokenizer.decode(gen.tokens), "quality": q,
@@ -199,10 +210,11 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
         raise RoutingTraceError(f"the routing trace has {len(routing)} passes; the run needs {n} (new_tokens)")
     stream = plan_stream(spec, routing, n)
     cal = stored_calibration(cfg, setup) if spec.has_weights else None
+    setup = with_quality_budget_homes(cfg, setup, simulated_lossy_states(cfg, setup, cal))
     extras = simulated_scored_inputs(cfg, setup, hw, cal) if cfg.policy == "scored" else None
     policy = make_policy(cfg, policy_context(cfg, setup, stream), extras)
     clock = Clock()
-    engine = SimEngine(hw, setup.state_bytes, setup.homes, clock)
+    engine = SimEngine(hw, setup.state_bytes, setup.homes, clock, packed=setup.packed)
     ledger = Ledger(setup.info, cursor, engine, policy, budget_bytes=setup.hbm_budget, device_bytes=setup.device_bytes,
                     homes=setup.homes, state_bytes=setup.state_bytes, tick_every_n_layers=cfg.tick_every_n_layers,
                     now=lambda: clock.now, settle_ticks=True,
@@ -223,6 +235,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     s = core_summary(cfg, setup, policy, ledger, ledger.counters, events, gen, t_place0=t_place0, t_gen1=t_gen1,
                      resident_step_s=resident_step, probe_h2d=hw.host_to_device.bandwidth_bytes_per_s)
     gen_accesses = [a for a in ledger.accesses if a.start >= gen.marks[0]]
+    s["states"] = states_section(setup, ledger.accesses, events, gen.marks[0], t_gen1, cal.kl if cal else None)
     s |= {"simulated": True, "executor": "sim", "hardware": hw.name, "tokens": None, "tokens_match_resident": None,
           "text": None, "compute_s": sum(d for _, b, d in backend.compute_spans if b >= gen.marks[0]),
           "quality": {"simulated": True, "note": "quality is not simulated",
@@ -241,6 +254,15 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
             T.write_trace(out_dir, T.trace_records(ledger.accesses, events, gen.marks[0], ledger.score_samples))
         T.write_json_atomic(out_dir / "summary.json", s)
     return s
+
+
+def run_states(cfg, setup, guard) -> set:
+    """Every on-device state a run's blocks may take (what is compiled before timing): S0, the states placement
+    rules and compressed homes fix, and with `lossy` on the scored policy the ones its quality budget allows."""
+    states = {State.S0, *setup.forced.values(), *setup.packed.values()}
+    if guard is not None and cfg.policy == "scored":
+        states |= {s for allowed in guard.allowance.states.values() for s in allowed}
+    return states
 
 
 def _last_pass_positions(spec, experts_per_layer) -> list:

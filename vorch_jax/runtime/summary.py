@@ -23,6 +23,7 @@ from vorch_jax.tiers.state import State
 from vorch_jax.versions import environment
 
 from vorch_jax.runtime import telemetry as T
+from vorch_jax.runtime.state_report import home_formats
 from vorch_jax.policies.belady import belady_bytes
 from vorch_jax.policies.lower_bound import lower_bound
 
@@ -41,8 +42,11 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
     occupied = [setup.state_bytes[a.block].get(State[a.state], setup.device_bytes[a.block]) for a in window]
     moved = T.link_bytes(T.window(events, t_place0, t_gen1))
     used = {b: setup.state_bytes[b][policy.device_state(b)] for b in setup.block_ids}
-    bel = belady_bytes(stream, used, setup.hbm_budget, [], pinned=setup.protected, load_bytes=setup.device_bytes)
-    bound = lower_bound(stream, used, setup.hbm_budget, pinned=setup.protected, load_bytes=setup.device_bytes,
+    # a load moves full precision, or a compressed home's bytes where the block keeps one
+    loads = {b: setup.state_bytes[b][setup.packed[b]] if b in setup.packed else setup.device_bytes[b]
+             for b in setup.block_ids}
+    bel = belady_bytes(stream, used, setup.hbm_budget, [], pinned=setup.protected, load_bytes=loads)
+    bound = lower_bound(stream, used, setup.hbm_budget, pinned=setup.protected, load_bytes=loads,
                         access_bytes=occupied)
     w0, w1, decode_n = gen.measured_window()  # the first decode step is warm-up
     decode_s = w1 - w0
@@ -57,6 +61,7 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
         "model": cfg.model,
         "policy": cfg.policy,
         "lossy": cfg.lossy,
+        "home_formats": home_formats(setup),
         "hbm_budget_bytes": setup.hbm_budget,
         "dram_budget_bytes": setup.dram_budget,
         "model_bytes": setup.model_bytes,

@@ -10,7 +10,8 @@ compute side):
     `hbm.fresh_alloc_bytes_per_s` (on the CPU backend a buffer above glibc's 32 MiB mmap threshold is mapped afresh
     on every allocation, and first touching its pages runs at ~2.2 GB/s against ~15 GB/s into reused memory: a
     measured 4x; GPU/TPU profiles say .inf, their allocators pool device memory). Routes are the engine's
-    (`tiers.state.route`): S4 -> S0 is nvme->host then host->device.
+    (`tiers.state.route`): S4 -> S0 is nvme->host then host->device; a load into the state of a block's compressed
+    home (`packed`) is one host->device hop of that state's bytes, as the real engine moves it.
     Evicting to a kept home copy moves no bytes (as in the real engine with `keep_home`); freeing a block above the
     threshold holds the host for bytes / `hbm.fresh_free_bytes_per_s` (its pages are unmapped on the thread that
     drops it: 6-11 ms for the 113 MB embedding here; GPU/TPU profiles: .inf, a pool).
@@ -61,8 +62,9 @@ class SimEngine:
     clock. `clock.now` is the host's time; a link is a FIFO queue served by `copies_at_once` channels
     (`link_free[link]`: when each channel's last transfer ends; nvme->host has one)."""
 
-    def __init__(self, hw, state_bytes: dict, homes: dict, clock):
+    def __init__(self, hw, state_bytes: dict, homes: dict, clock, packed: dict | None = None):
         self.hw, self.state_bytes, self.homes, self.clock = hw, state_bytes, homes, clock
+        self.packed = {b: frozenset({s}) for b, s in (packed or {}).items()}  # block -> its compressed homes' states
         self.events = EventLog()
         self.rep = {b: _Rep(homes[b], 0) for b in homes}  # off device: no device bytes
         self.device_total = 0  # Σ rep.nbytes, kept as reps change
@@ -103,21 +105,28 @@ class SimEngine:
                         reason=reason)
             self._set(block, _Rep(dst, 0))
             return _Handle(block, src, dst, self.clock.now)
-        start = self.homes[block] if src.on_device else src  # lossy/other device states route from the home
+        packed = self.packed.get(block, frozenset())
+        # as the real engine: a lossy device state routes from the lossless home, unless a compressed home serves
+        # the target; S0 converts on device
+        from_home = not src.lossless and route(src, dst, packed) == route(src, dst)
+        start = self.homes[block] if from_home else src
         t, first, link_bytes = now, None, {}
         s0 = self.state_bytes[block][State.S0]
-        for hop in route(start, dst):
+        for hop in route(start, dst, packed):
             if hop.link == "device:convert":
                 t += s0 / self.hw.hbm_bandwidth_bytes_per_s
                 link_bytes[hop.link] = link_bytes.get(hop.link, 0) + s0
                 continue
             bw, lat = self._link(hop.link)
-            if hop.link == "host->device" and s0 > self.hw.fresh_alloc_threshold_bytes:
+            # the bytes a hop carries: full precision, or on a host->device hop into a lossy state (a compressed
+            # home) that state's own
+            nbytes = self.state_bytes[block][hop.lands_in] if hop.lands_in.on_device else s0
+            if hop.link == "host->device" and nbytes > self.hw.fresh_alloc_threshold_bytes:
                 bw = min(bw, self.hw.fresh_alloc_bytes_per_s)  # lands in freshly mapped pages
             channels = self.link_free[hop.link]
             ch = min(range(len(channels)), key=channels.__getitem__)  # the channel free first
             begin = max(t, channels[ch])
-            t = begin + lat + s0 / bw
+            t = begin + lat + nbytes / bw
             if hop.link in SHARED_CORE_LINKS:  # compute beside this copy: it waits for a core
                 if reason not in WAITED_FOR_ALONE:
                     t += self.hw.prefetch_beside_compute_s  # the host goes on dispatching: beside it throughout
@@ -126,7 +135,7 @@ class SimEngine:
             channels[ch] = t
             self._contend(begin, t)
             first = begin if first is None else first
-            link_bytes[hop.link] = link_bytes.get(hop.link, 0) + s0
+            link_bytes[hop.link] = link_bytes.get(hop.link, 0) + nbytes
         self._event("transition", block, start, dst, first if first is not None else now, t, link_bytes,
                     reason=reason)
         h = _Handle(block, src, dst, t)

@@ -1,0 +1,42 @@
+"""Where a run's blocks rest off device: compressed homes take DRAM first, then lossless homes in pass order (those
+of blocks without a compressed copy first), the rest on NVMe; the policy loads a block in its compressed home's
+state and prices the load in its bytes."""
+
+import pytest
+
+from vorch_jax.config import load_config
+from vorch_jax.errors import RunError
+from vorch_jax.runtime.inputs import policy_context
+from vorch_jax.runtime.setup import build_setup, lay_out_homes
+from vorch_jax.policies.baselines import StaticPolicy
+from vorch_jax.tiers.state import State
+
+S1, S3, S4 = State.S1, State.S3, State.S4
+RULES = ("placement=[{path: embed, state: S0, protect: true}, {path: final_norm, state: S0, protect: true}, "
+         "{path: 'layers\\.[0-9]\\..*', home_format: int8}]")
+
+
+def test_compressed_homes_take_dram_first_and_their_lossless_homes_last():
+    order = ["a", "b", "c", "d"]
+    placement = {b: type("P", (), {"state": None})() for b in order}
+    size = {b: 10 for b in order}
+    # c and d keep 3-byte compressed homes: 6 bytes, then a and b (no compressed copy) in pass order, then c
+    homes = lay_out_homes(order, order, placement, size, {"c": 3, "d": 3}, dram=27)
+    assert homes == {"a": S3, "b": S3, "c": S4, "d": S4}
+    assert lay_out_homes(order, order, placement, size, {"c": 3, "d": 3}, dram=36)["c"] == S3
+    with pytest.raises(RunError, match="compressed homes take 6 bytes of DRAM"):
+        lay_out_homes(order, order, placement, size, {"c": 3, "d": 3}, dram=5)
+
+
+def test_a_home_format_rule_makes_its_blocks_stream_compressed():
+    cfg = load_config("configs/demo.yaml", ["policy=static", "lossy=true", "hbm_budget=0.3", RULES])
+    setup = build_setup(cfg)
+    assert set(setup.packed) == {b for b in setup.block_ids if b.startswith("layers.") and b.split(".")[1].isdigit()
+                                 and len(b.split(".")[1]) == 1}
+    assert set(setup.packed.values()) == {S1}
+    assert setup.packed_bytes == sum(setup.state_bytes[b][S1] for b in setup.packed)
+    policy = StaticPolicy(policy_context(cfg, setup, []))
+    for b in setup.block_ids:
+        want = S1 if b in setup.packed else State.S0
+        assert policy.device_state(b) == want and policy.held_bytes(b) == setup.state_bytes[b][want]
+    assert setup.with_compressed_homes({"layers.10.mlp": State.S2}).packed["layers.10.mlp"] == State.S2
