@@ -42,7 +42,7 @@ def test_report_of_a_sweep(sweep_dir):
     proc = subprocess.run([sys.executable, "-m", "vorch_jax.cli", "report", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()
-    for png in ("budget_curves.png", "pareto.png"):
+    for png in ("budget_curves.png", "pareto.png", "frontier.png"):
         _png_ok(out / png)
         assert f"({png})" in md
     assert "| point | policy | budget |" in md
@@ -118,8 +118,22 @@ def test_sweep_table_and_figures_with_a_failed_row():
     assert [r[0] for r in table] == ["a", "b", "c", "d"]
     assert table[2][11] == "+0.4000" and table[0][7] == "1.250" and table[0][8] == "2.000"
     assert table[3][-1].startswith("failed: vorch: error")
-    for fig in (plots.budget_curves(rows), plots.pareto(rows)):
+    for fig in (plots.budget_curves(rows), plots.pareto(rows), plots.frontier(rows)):
         assert all(ax.get_xlabel() and ax.get_ylabel() for ax in fig.axes)
+
+
+def test_the_frontier_draws_a_curve_per_variant_its_homes_named():
+    row = {"status": "complete", "model_bytes": 100, "quality.kl_mean": 0.01, "bytes_moved": 5e8, "lossy": True}
+    rows = [dict(row, policy="scored", hbm_budget_bytes=30, home_formats="int8"),
+            dict(row, policy="scored", hbm_budget_bytes=50, home_formats="int8", bytes_moved=3e8),
+            dict(row, policy="static", hbm_budget_bytes=30, home_formats="int4 g64", **{"quality.kl_mean": 0.5}),
+            dict(row, policy="scored", hbm_budget_bytes=30, lossy=False, home_formats="", **{"quality.kl_mean": 0.0})]
+    assert [plots.variant(r) for r in rows] == ["scored +lossy homes int8", "scored +lossy homes int8",
+                                                "static +lossy homes int4 g64", "scored"]
+    ax = plots.frontier(rows).axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    assert set(lines) == {"scored +lossy homes int8", "static +lossy homes int4 g64", "scored"}
+    assert list(lines["scored +lossy homes int8"].get_xdata()) == [300.0, 500.0]  # MB, through its budgets
 
 
 def test_score_evolution_is_drawn_when_the_trace_has_scores():

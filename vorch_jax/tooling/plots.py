@@ -332,8 +332,11 @@ def link_bytes_over_time(records: Sequence[dict], n_tokens: int | None = None, t
 
 
 def variant(row: Mapping) -> str:
-    """A line's name: the policy, with '+lossy' when lossy states were allowed."""
-    return f"{row.get('policy')}{' +lossy' if row.get('lossy') in (True, 'True', 'true') else ''}"
+    """A line's name: the policy, with '+lossy' when lossy states were allowed and the format of its compressed homes
+    when it kept some ('static +lossy homes int4 g64': uniform compression)."""
+    homes = row.get("home_formats") or ""
+    return (f"{row.get('policy')}{' +lossy' if row.get('lossy') in (True, 'True', 'true') else ''}"
+            f"{f' homes {homes}' if homes else ''}")
 
 
 def _budget_fraction(row: Mapping) -> float:
@@ -385,6 +388,30 @@ def budget_curves(rows: Sequence[Mapping], title: str = "") -> Figure:
     axes[3].set_title("Quality: KL to the resident model")
     axes[0].legend(fontsize=8)
     fig.suptitle(title or "Budget curves")
+    return fig
+
+
+def frontier(rows: Sequence[Mapping], title: str = "") -> Figure:
+    """The quality/traffic frontier: bytes moved host->device against KL to the resident model, a curve per variant
+    through its budgets (labels: the budget fraction). KL is drawn on a symmetric-log axis so that lossless runs (0)
+    sit on it beside nats of lossy ones."""
+    done = [r for r in _complete(rows) if r.get("quality.kl_mean") is not None]
+    fig = figure(9, 5.5)
+    ax = fig.add_subplot()
+    for name in sorted({variant(r) for r in done}):
+        pts = sorted((r["bytes_moved"] / 1e6, r["quality.kl_mean"], _budget_fraction(r)) for r in done
+                     if variant(r) == name)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", lw=1.2, label=name,
+                ls="--" if "homes" in name and not name.startswith("scored") else "-")
+        for x, y, b in pts:
+            ax.annotate(f"{b:.1f}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_xlabel("bytes moved host->device (MB, log)")
+    ax.set_ylabel("mean KL(resident || run) per token (nats, symlog)")
+    ax.set_title(title or "Quality vs traffic (labels: HBM budget fraction); lower left is better")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
     return fig
 
 

@@ -82,6 +82,7 @@ def report_sweep(directory: str | Path) -> Path:
         pass
     plots.save(plots.budget_curves(rows, f"Budget curves: sweep {name}"), directory / "budget_curves.png")
     plots.save(plots.pareto(rows), directory / "pareto.png")
+    plots.save(plots.frontier(rows), directory / "frontier.png")
     done = [r for r in rows if r.get("status") == "complete"]
     pts = [(r["decode_step_s"] * 1e3, plots.ppl_delta(r)) for r in done]
     front = [done[i] for i in plots.pareto_front(pts)]
@@ -102,7 +103,10 @@ def report_sweep(directory: str | Path) -> Path:
     lines += ["", "Pareto front (decode step time vs Δppl): " +
               (", ".join(f"{plots.variant(r)} @ {r['hbm_budget_bytes'] / r['model_bytes']:.2f}" for r in front) or "-"),
               "", "## Budget curves", "", "![Budget curves](budget_curves.png)", "",
-              "## Latency vs quality", "", "![Pareto](pareto.png)", ""]
+              "## Latency vs quality", "", "![Pareto](pareto.png)", "",
+              "## Quality vs traffic", "", "Bytes moved against KL to the resident model, a curve per variant "
+              "through its budgets: a curve below and left of another reaches the same quality with fewer bytes.", "",
+              "![Frontier](frontier.png)", ""]
     out = directory / "report.md"
     out.write_text("\n".join(lines))
     return out
