@@ -20,9 +20,9 @@ Design (the simplest honest one):
     no link bytes: weights are read-only, nothing needs writing back), and lossy -> other states route from the
     home instead of the source. Home copies are counted in `bytes_in` and `live_arrays`.
   * Compressed homes (`stage_compressed`, with `keep_home`): a block may keep int8 / int4 / low-rank copies in
-    pinned host memory beside its lossless home, made once from the source. A request for one of those states
-    from off device (or another lossy state) moves that copy over host->device and lands it as is: the event
-    counts the compressed bytes (`state.route(..., packed=...)`). Dropping back to the home frees the device copy
+    pinned host memory or on NVMe beside its lossless home, made once from the source. A request for one of those
+    states from off device (or another lossy state) moves that copy (nvme->host first when it is on disk, then
+    host->device) and lands it as is: the event counts the compressed bytes (`state.route(..., packed=...)`). Dropping back to the home frees the device copy
     only; the compressed copy stays until the block is dropped.
 
 Threads: a ThreadPoolExecutor of `workers` threads runs routes; tensorstore futures run the disk I/O of all
@@ -44,7 +44,7 @@ import numpy as np
 from vorch_jax.tiers.events import Event, EventLog
 from vorch_jax.tiers.full_precision import FullPrecisionBlock
 from vorch_jax.tiers.nvme_store import CorruptBlockError, NvmeBlock
-from vorch_jax.tiers.packed_home import PackedHostBlock, convert_on_device
+from vorch_jax.tiers.packed_home import PackedHostBlock, PackedNvmeBlock, convert_on_device
 from vorch_jax.tiers.pinned_host import PinnedHostBlock
 from vorch_jax.tiers.state import (
     BlockInFlightError, Hop, State, UnknownBlockError, UnknownStateError, route,
@@ -92,7 +92,7 @@ class _Entry:
     rep: object                     # the block's current representation (its prior one while in flight)
     pending: Transition | None = None
     home: object | None = None      # keep_home: the lossless off-device copy kept while the block is on device
-    packed: dict = dataclasses.field(default_factory=dict)  # State -> PackedHostBlock: compressed homes (host)
+    packed: dict = dataclasses.field(default_factory=dict)  # State -> PackedHostBlock | PackedNvmeBlock
 
 
 class MovementEngine:
@@ -147,11 +147,13 @@ class MovementEngine:
             self._entries[block_id] = _Entry(rep)
             self._device_bytes += self._on_device(self._entries[block_id])
 
-    def stage_compressed(self, block_id: str, state) -> int:
-        """Keep a compressed home of `block_id` in lossy `state` (S1, S2, S6) in pinned host memory, made now from the
-        source (synchronously, like `register`; a `transition` event from the source with reason `stage`). Loads into
-        `state` then move it (see the module docstring). Returns its bytes."""
+    def stage_compressed(self, block_id: str, state, where: str = "host") -> int:
+        """Keep a compressed home of `block_id` in lossy `state` (S1, S2, S6) in pinned host memory (`where` "host") or
+        on NVMe ("disk"), made now from the source (synchronously, like `register`; a `transition` event from the
+        source with reason `stage`). Loads into `state` then move it (see the module docstring). Returns its bytes."""
         dst = State.parse(state)
+        if where not in ("host", "disk"):
+            raise ValueError(f"a compressed home lives on 'host' or 'disk', not {where!r}")
         if not self.keep_home:
             raise ValueError("compressed homes need keep_home=True: a block landed from one must still have its "
                              "lossless home to return to")
@@ -163,9 +165,14 @@ class MovementEngine:
         leaves, n = self._read_source(block_id)
         packed = PackedHostBlock.stage(leaves, dst, self.device, int4_group_size=self.int4_group_size,
                                        lowrank_rank=self.lowrank_rank)
+        link_bytes = {"source->host": n}
+        if where == "disk":
+            host, packed = packed, PackedNvmeBlock(block_id, packed, self.store_dir)
+            host.free()
+            link_bytes["host->nvme"] = packed.nbytes
         with self._lock:
             entry.packed[dst] = packed
-        self.events.append(Event("transition", block_id, None, State.S3, t0, time.perf_counter(), {"source->host": n},
+        self.events.append(Event("transition", block_id, None, packed.state, t0, time.perf_counter(), link_bytes,
                                  f"compressed home {dst.name} staged ({packed.nbytes} bytes)", "stage"))
         return packed.nbytes
 
@@ -173,6 +180,10 @@ class MovementEngine:
         """The lossy states `block_id` keeps a compressed home of."""
         with self._lock:
             return frozenset(self._entry(block_id).packed)
+
+    def _packed_route(self, entry: _Entry) -> dict:
+        """{state: "host" | "disk"} of the entry's compressed homes, as `state.route` takes them."""
+        return {s: p.where for s, p in entry.packed.items()}
 
     def request(self, block_id: str, target, reason: str = "") -> Transition:
         """Start moving `block_id` to `target` asynchronously; the block reads S5 until it lands. `reason` is
@@ -336,7 +347,7 @@ class MovementEngine:
         origin, src, dst = entry.rep, transition.src, transition.dst
         # A lossy device copy with a home: start from the home's lossless bytes, not from the model file.
         start = entry.home if (entry.home is not None and not src.lossless) else origin
-        packed = frozenset(entry.packed)
+        packed = self._packed_route(entry)
         if route(src, dst, packed) != route(src, dst):  # from a compressed home: its arrays move as they are
             start, src_state = entry.packed[dst], src
         else:
@@ -395,6 +406,10 @@ class MovementEngine:
             leaves, n = self._read_source(block_id)
             count(n)
             return PinnedHostBlock.from_numpy(leaves, self.device)
+        if hop.link == "nvme->host" and hop.packed:  # a compressed home on disk (checksums verified by the store)
+            leaves = cur.read_async().result()
+            count(sum(a.nbytes for a in leaves.values()))
+            return PackedHostBlock.from_flat(leaves, cur, self.device)
         if hop.link == "nvme->host":
             try:
                 leaves = cur.read_async().result()
@@ -406,7 +421,7 @@ class MovementEngine:
             new = PinnedHostBlock.from_device(cur, self.device)
             count(new.nbytes)
             return new
-        if hop.link == "host->device" and hop.lands_in != State.S0:  # a compressed home, moved as it is
+        if hop.link == "host->device" and hop.packed:  # a compressed home, moved as it is
             new = cur.to_device(self.device)
             count(new.nbytes)
             return new

@@ -7,9 +7,10 @@ Invariants:
     (`source->host`). Lossy -> other lossy also starts from the source, so errors never compound.
   * Every hop of a route lands in a real representation state (`Hop.lands_in`); the engine builds that
     representation, so the bytes each link carries are measured from the arrays actually moved.
-  * A block may also keep *compressed homes* in host memory: its int8 / int4 / low-rank representation, made once
-    when the block is staged. A load into such a state from anywhere but S0 is then one `host->device` hop of the
-    compressed arrays (`route(..., packed=...)`), so the link carries the compressed bytes, not full precision.
+  * A block may also keep *compressed homes*, in host memory or on NVMe: its int8 / int4 / low-rank representation,
+    made once when the block is staged. A load into such a state from anywhere but S0 then moves the compressed
+    arrays (`route(..., packed=...)`): one `host->device` hop, after an `nvme->host` read when the copy is on disk,
+    so the links carry the compressed bytes, not full precision.
     Its lossless home (S3 / S4) stays the only way back to S0: expanding a compressed copy would give a lossy
     block in a lossless state.
 """
@@ -94,10 +95,12 @@ LINKS = ("source->host", "nvme->host", "host->device", "device->host", "host->nv
 
 @dataclasses.dataclass(frozen=True)
 class Hop:
-    """One step of a route: carry the block over `link`, landing in representation `lands_in`."""
+    """One step of a route: carry the block over `link`, landing in representation `lands_in`. `packed`: the hop
+    carries a compressed home (its bytes are those of the lossy state the route ends in), not full precision."""
 
     link: str
     lands_in: State
+    packed: bool = False
 
 
 _SRC = Hop("source->host", State.S3)   # read the authoritative model file into pinned host memory
@@ -148,16 +151,19 @@ ROUTES: dict[tuple[State | None, State], tuple[Hop, ...]] = {
 }
 
 
-def route(src: "State | None", dst: State, packed: "frozenset[State] | tuple" = ()) -> tuple[Hop, ...]:
+def route(src: "State | None", dst: State, packed=()) -> tuple[Hop, ...]:
     """Hops from `src` (None: the source) to `dst`; `()` when src == dst. Raises UnknownStateError for S5.
 
-    `packed`: the lossy states the block keeps a compressed home of (host memory). A load into one of them from
-    an off-device or other lossy state moves that copy, one `host->device` hop landing in `dst`; from S0 the
-    on-device conversion is cheaper (no link), and registration reads the source as always."""
+    `packed`: the lossy states the block keeps a compressed home of, as a collection (in host memory) or a mapping
+    state -> "host" | "disk". A load into one of them from an off-device or other lossy state moves that copy: one
+    `host->device` hop landing in `dst`, after an `nvme->host` read for a copy on disk; from S0 the on-device
+    conversion is cheaper (no link), and registration reads the source as always."""
     if dst == State.S5 or src == State.S5:
         raise UnknownStateError("S5 (in flight) is neither a source nor a target of a transition")
     if src == dst:
         return ()
     if dst in packed and src is not None and src != State.S0:
-        return (Hop("host->device", dst),)
+        to_device = Hop("host->device", dst, packed=True)
+        on_disk = isinstance(packed, dict) and packed[dst] == "disk"
+        return (Hop("nvme->host", State.S3, packed=True), to_device) if on_disk else (to_device,)
     return ROUTES[(src, dst)]

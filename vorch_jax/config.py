@@ -132,8 +132,8 @@ class GuardrailConfig:
 @dataclass(frozen=True)
 class QuantConfig:
     """Static facts of the lossy representations: int4 group size and low-rank fallback rank. `compressed_homes`: a
-    lossy scored run keeps, beside each block's lossless home, a compressed copy in host memory in the best-quality
-    lossy state its quality budget allows, and streams the block in that state (the link carries the compressed
+    lossy scored run keeps, beside each block's lossless home, a compressed copy (DRAM first, then NVMe) in the
+    best-quality lossy state its quality budget allows, and streams the block in that state (the link carries the compressed
     bytes); false: lossy blocks travel in full precision and convert on device."""
 
     int4_group_size: int = 64
@@ -204,7 +204,7 @@ class PlacementRule:
     decide); `protect` asks the guardrail to keep the block where it is; `floor` is the worst state the block may
     reach in quality order S0, S1, S2, S6, S3, S4 ("" = no floor); `kappa` overrides the block's criticality
     (None = computed); `home_format` (int8, int4, lowrank; needs `lossy`) keeps a compressed copy of each matched
-    block in host memory, made once, and every load of it moves and lands that format (S1, S2, S6): FlexGen-style
+    block (in DRAM, else on NVMe), made once, and every load of it moves and lands that format (S1, S2, S6): FlexGen-style
     compression of what streams, e.g. ``{path: 'layers.*', home_format: int4}`` with ``policy: static``.
     """
 

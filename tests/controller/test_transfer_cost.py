@@ -34,3 +34,20 @@ def test_tau_is_the_bytes_a_load_moves_over_the_link():
             assert tau["packed"][i, sid.S3] < tau["plain"][i, sid.S3] / 4
         else:
             assert np.isclose(tau["packed"][i, sid.S4], s0 / nvme + s0 / h2d, rtol=1e-5)
+
+
+def test_tau_of_a_compressed_home_on_nvme_adds_its_read():
+    cfg = load_config("configs/demo.yaml", ["policy=scored", "lossy=true", "hbm_budget=0.3", "dram_budget=0.01",
+                                            "executor=sim", "hardware=h100-pcie"])
+    hw = load_profile("h100-pcie")
+    setup = build_setup(cfg).with_compressed_homes({b: State.S1 for b in build_setup(cfg).block_ids
+                                                    if b.startswith("layers.")})
+    assert set(setup.packed_where.values()) == {"host", "disk"}
+    policy = make_policy(cfg, policy_context(cfg, setup, []), simulated_scored_inputs(cfg, setup, hw, None))
+    tau = np.asarray(policy.table.tau)
+    h2d, nvme = hw.host_to_device.bandwidth_bytes_per_s, hw.nvme_read_bytes_per_s
+    for i, b in enumerate(policy.ids):
+        if b in setup.packed:
+            s1 = setup.state_bytes[b][State.S1]
+            want = s1 / h2d + (s1 / nvme if setup.packed_where[b] == "disk" else 0.0)
+            assert np.isclose(tau[i, sid.S3], want, rtol=1e-5) and np.isclose(tau[i, sid.S4], want, rtol=1e-5)

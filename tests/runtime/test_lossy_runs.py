@@ -126,9 +126,11 @@ def test_a_lossy_scored_run_streams_from_compressed_homes(lossy_run):
 
 @pytest.fixture(scope="module")
 def uniform_int8(cache, lossy_run, reference, small_config, tmp_path_factory):
-    """policy=static with every layer block's home compressed to int8 (the uniform baseline), real."""
+    """policy=static with every layer block's home compressed to int8 (the uniform baseline), real; DRAM holds about
+    half of the compressed homes, the rest are on NVMe."""
     out = tmp_path_factory.mktemp("uniform")
-    cfg = small_config("policy=static", "lossy=true", "hbm_budget=0.4", "quality.calibration_tokens=16",
+    cfg = small_config("policy=static", "lossy=true", "hbm_budget=0.4", "dram_budget=0.1",
+                       "quality.calibration_tokens=16",
                        "placement=[{path: embed, state: S0, protect: true}, {path: final_norm, state: S0, "
                        "protect: true}, {path: 'layers\\..*', home_format: int8}]")
     return cfg, out, run(cfg, out, reference=reference)
@@ -145,6 +147,10 @@ def test_uniform_compression_is_a_placement_rule_measured_like_any_run(uniform_i
     gen = [r for r in _transitions(out) if -s["initial_placement_s"] <= r["t"] <= s["wall_s"]]
     assert sum(r["bytes"] for r in gen if r["link"] == "host->device") == s["link_bytes"]["host->device"]
     assert "device:convert" not in s["link_bytes"], "nothing converts on device: the homes hold int8 already"
+    homes = s["states"]["compressed_homes"]
+    assert 0 < homes["on_nvme"] < homes["blocks"], homes
+    disk = [r for r in gen if r["link"] == "nvme->host"]
+    assert disk and s["link_bytes"]["nvme->host"] == sum(r["bytes"] for r in disk)
     assert 0 < s["lower_bound_bytes"] <= s["belady_bytes"] and s["lower_bound_bytes"] <= s["bytes_moved"]
 
 

@@ -95,3 +95,32 @@ def test_a_compressed_home_cannot_be_computed_on_and_needs_a_kept_home(tmp_path)
         eng.stage_compressed("b0", S1)
         with pytest.raises(OffDeviceError):
             eng.get("b0")
+
+
+@pytest.mark.parametrize("state", [S1, S2, S6])
+def test_a_compressed_home_on_nvme_is_read_then_moved_compressed(engine, state):
+    engine.register("b0", S4)
+    engine.register("b1", S3)
+    staged = engine.stage_compressed("b0", state, where="disk")
+    engine.stage_compressed("b1", state)
+    ev = engine.events.for_block("b0")[-1]
+    assert ev.reason == "stage" and dict(ev.link_bytes)["host->nvme"] == staged
+    assert engine.bytes_in("host") == engine.representation("b1").nbytes + engine.stage_compressed("b1", state)
+    assert engine.bytes_in("disk") == engine.representation("b0").nbytes + staged
+    engine.request("b0", state, "miss").result()
+    moved = dict(engine.events.for_block("b0")[-1].link_bytes)
+    landed = engine.representation("b0").nbytes
+    assert moved == {"nvme->host": staged, "host->device": landed}  # compressed on both links
+    assert staged <= landed + 64  # the same arrays (the store's chunk files: a few bytes of header at most)
+    engine.request("b1", state, "miss").result()
+    a = engine.inspect("b0")
+    engine.request("b0", S4, "evict").result()
+    engine.request("b0", S0, "miss").result()
+    engine.request("b0", state, "plan").result()  # converted on device from S0: the same arrays
+    b = engine.inspect("b0")
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert engine.live_arrays() and sum(int(x.nbytes) for x in engine.live_arrays()) == (
+        engine.bytes_in("host") + engine.bytes_in("device"))
+    engine.drop("b0")
+    assert not list(engine.store_dir.glob("b0*"))

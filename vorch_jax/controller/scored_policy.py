@@ -127,12 +127,13 @@ class ScoredPolicy(Policy):
                 delta_B7[i, int(s)] = max(0.0, sec)
         s0 = bps[:, sid.S0]
         # τ: the seconds a load from the block's home takes, in the representation that moves: its compressed
-        # home's (in DRAM, one host->device hop) where it keeps one, else full precision from S3 or S4.
+        # home's where it keeps one (read from NVMe first if it lives there), else full precision from S3 or S4.
         streamed = np.asarray([bps[i, int(ctx.packed[b])] if b in ctx.packed else s0[i] for i, b in enumerate(self.ids)])
-        from_dram = np.asarray([b in ctx.packed for b in self.ids])
+        packed_on = np.asarray([ctx.packed_where.get(b, "host") if b in ctx.packed else "" for b in self.ids])
+        nvme_read = streamed / nvme_bytes_per_s
         tau = np.zeros((B, sid.NUM_STATES))
-        tau[:, sid.S3] = streamed / h2d_bytes_per_s
-        tau[:, sid.S4] = np.where(from_dram, 0.0, s0 / nvme_bytes_per_s) + streamed / h2d_bytes_per_s
+        tau[:, sid.S3] = np.where(packed_on == "disk", nvme_read, 0.0) + streamed / h2d_bytes_per_s
+        tau[:, sid.S4] = np.where(packed_on == "host", 0.0, nvme_read) + streamed / h2d_bytes_per_s
         self.weights = ScoreWeights.make(w1=cfg.score.w1, w2=cfg.score.w2, w3=cfg.score.w3, w4=cfg.score.w4,
                                          alpha=cfg.score.alpha, beta=cfg.score.beta)
         self.calibration = calibration  # which stored calibration supplied ψ, δ and the value loss (None: none)

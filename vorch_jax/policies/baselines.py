@@ -38,6 +38,7 @@ class PolicyContext:
     forced: dict = dataclasses.field(default_factory=dict)  # block -> on-device State a placement rule fixes
     state_bytes: dict | None = None  # block -> {State: device bytes}; None: only S0 (device_bytes)
     packed: dict = dataclasses.field(default_factory=dict)  # block -> lossy State of its compressed home
+    packed_where: dict = dataclasses.field(default_factory=dict)  # block -> "host" | "disk": where that home is
 
 
 class Policy:

@@ -47,7 +47,8 @@ def policy_context(cfg: RunConfig, setup, future) -> PolicyContext:
     return PolicyContext(block_ids=tuple(setup.block_ids), device_bytes=setup.device_bytes,
                          budget_bytes=setup.hbm_budget, schedule=tuple(setup.pass_order),
                          prefetch_depth=cfg.prefetch_depth, protected=setup.protected, future=tuple(future),
-                         forced=setup.forced, state_bytes=setup.state_bytes, packed=setup.packed)
+                         forced=setup.forced, state_bytes=setup.state_bytes, packed=setup.packed,
+                         packed_where=setup.packed_where)
 
 
 def speculative(cfg: RunConfig) -> bool:

@@ -95,9 +95,10 @@ def _run_real(cfg, setup, engine, ledger, policy, out_dir, dtype, reference: Ref
     for b in setup.block_ids:
         engine.register(b, setup.homes[b])
     if setup.packed:
-        say(f"staging {len(setup.packed)} compressed homes ({setup.packed_bytes / 1e6:.1f} MB of DRAM)")
+        on_disk = sum(w == "disk" for w in setup.packed_where.values())
+        say(f"staging {len(setup.packed)} compressed homes ({setup.packed_bytes / 1e6:.1f} MB, {on_disk} on NVMe)")
     for b, state in setup.packed.items():
-        engine.stage_compressed(b, state)
+        engine.stage_compressed(b, state, setup.packed_where[b])
     backend = RealBackend(setup.spec, dtype)
     driver = Driver(setup.spec, ledger, backend)
     say("compiling")
@@ -214,7 +215,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     extras = simulated_scored_inputs(cfg, setup, hw, cal) if cfg.policy == "scored" else None
     policy = make_policy(cfg, policy_context(cfg, setup, stream), extras)
     clock = Clock()
-    engine = SimEngine(hw, setup.state_bytes, setup.homes, clock, packed=setup.packed)
+    engine = SimEngine(hw, setup.state_bytes, setup.homes, clock, packed=setup.packed, packed_where=setup.packed_where)
     ledger = Ledger(setup.info, cursor, engine, policy, budget_bytes=setup.hbm_budget, device_bytes=setup.device_bytes,
                     homes=setup.homes, state_bytes=setup.state_bytes, tick_every_n_layers=cfg.tick_every_n_layers,
                     now=lambda: clock.now, settle_ticks=True,

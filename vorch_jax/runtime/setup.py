@@ -8,8 +8,9 @@ Built from the config before any timing, the same for dense and routed models, r
     (`tiers.footprint`), once per distinct block shape;
   * budgets (fractions of the model's S0 bytes, or bytes), placement rules resolved on the block ids, the
     protected set (rules, and everything for `resident`), compressed homes (`packed`: rules' `home_format`, or a
-    lossy scored run's quality budget, `with_compressed_homes`), homes (DRAM holds the compressed copies first,
-    then lossless homes in pass order, those of blocks without a compressed copy first; the rest on NVMe);
+    lossy scored run's quality budget, `with_compressed_homes`), homes (`lay_out_homes`: DRAM holds the compressed
+    copies first, then lossless homes in pass order, those of blocks without a compressed copy first; the rest on
+    NVMe);
   * texts (real runs): the prompt and the evaluation text (the KJV from its start), BOS prepended.
 """
 
@@ -48,7 +49,8 @@ class Setup:
     protected: frozenset
     placement: dict
     forced: dict  # block -> on-device State fixed by a placement rule
-    packed: dict  # block -> lossy State of its compressed home in DRAM (loads move and land that state)
+    packed: dict  # block -> lossy State of its compressed home (loads move and land that state)
+    packed_where: dict  # block -> "host" | "disk": where its compressed home lives
     state_bytes: dict  # block -> {State: device bytes}
     pass_order: list  # one pass touching every block (what static placement fills in order)
     prompt_ids: list
@@ -58,13 +60,13 @@ class Setup:
         """This set-up with compressed homes `packed` (block -> S1 | S2 | S6) added to the rules' ones, and the
         homes laid out again (the compressed copies take DRAM first)."""
         packed = {**packed, **self.packed}
-        homes = lay_out_homes(self.pass_order, self.block_ids, self.placement, self.device_bytes,
-                              {b: self.state_bytes[b][s] for b, s in packed.items()}, self.dram_budget)
-        return dataclasses.replace(self, packed=packed, homes=homes)
+        homes, where = lay_out_homes(self.pass_order, self.block_ids, self.placement, self.device_bytes,
+                                     {b: self.state_bytes[b][s] for b, s in packed.items()}, self.dram_budget)
+        return dataclasses.replace(self, packed=packed, packed_where=where, homes=homes)
 
     @property
     def packed_bytes(self) -> int:
-        """DRAM the compressed homes take."""
+        """Bytes the compressed homes take (DRAM and NVMe)."""
         return sum(self.state_bytes[b][s] for b, s in self.packed.items())
 
     @property
@@ -141,24 +143,28 @@ def build_setup(cfg: RunConfig, *, simulated: bool | None = None) -> Setup:
                        f"({len(protected)} protected or pinned blocks of {cfg.model})")
     order = spec.pass_order()
     packed = {b: HOME_FORMATS[p.home_format] for b, p in placement.items() if p.home_format and b not in protected}
-    homes = lay_out_homes(order, ids, placement, device_bytes, {b: state_bytes[b][s] for b, s in packed.items()}, dram)
+    homes, where = lay_out_homes(order, ids, placement, device_bytes, {b: state_bytes[b][s] for b, s in packed.items()},
+                                 dram)
     prompt_ids, eval_ids = texts(cfg, spec, simulated)
     return Setup(cfg, spec, weight_dtype, ids, info, device_bytes, {b: info[b].kind for b in ids},
                  {b: info[b].layer for b in ids}, model_bytes, hbm, dram, homes, protected, placement, forced,
-                 packed, state_bytes, order, prompt_ids, eval_ids)
+                 packed, where, state_bytes, order, prompt_ids, eval_ids)
 
 
 HOME_FORMATS = {"int8": State.S1, "int4": State.S2, "lowrank": State.S6}  # a compressed home's format -> its state
 
 
-def lay_out_homes(order: list, ids: list, placement: dict, device_bytes: dict, packed_bytes: dict, dram: int) -> dict:
-    """Each block's lossless home, S3 (DRAM) or S4 (NVMe). DRAM holds the compressed homes first (what streams),
-    then lossless homes in pass order, those of blocks without a compressed copy before the rest (theirs is what
-    loads); what does not fit spills to NVMe. A rule's S3 / S4 decides its blocks."""
-    used = sum(packed_bytes.values())
-    if used > dram:
-        raise RunError(f"the compressed homes take {used} bytes of DRAM, above dram_budget's {dram}: raise "
-                       f"dram_budget or compress fewer blocks")
+def lay_out_homes(order: list, ids: list, placement: dict, device_bytes: dict, packed_bytes: dict,
+                  dram: int) -> tuple[dict, dict]:
+    """(each block's lossless home, S3 (DRAM) or S4 (NVMe); where each compressed home lives, "host" or "disk").
+    DRAM holds the compressed homes first, in pass order (what streams), then lossless homes in pass order, those of
+    blocks without a compressed copy before the rest (theirs is what loads); what does not fit spills to NVMe. A
+    rule's S3 / S4 decides its blocks' lossless homes."""
+    used, where = 0, {}
+    for b in dict.fromkeys(order + ids):
+        if b in packed_bytes:
+            where[b] = "host" if used + packed_bytes[b] <= dram else "disk"
+            used += packed_bytes[b] if where[b] == "host" else 0
     homes = {}
     for b in sorted(dict.fromkeys(order + ids), key=lambda b: b in packed_bytes):  # stable: pass order kept
         ruled = placement[b].state
@@ -167,7 +173,7 @@ def lay_out_homes(order: list, ids: list, placement: dict, device_bytes: dict, p
         else:
             homes[b] = State.S3 if used + device_bytes[b] <= dram else State.S4
         used += device_bytes[b] if homes[b] == State.S3 else 0
-    return {b: homes[b] for b in ids}
+    return {b: homes[b] for b in ids}, where
 
 
 LOSSY_NAMES = tuple(s.name for s in LOSSY)

@@ -91,6 +91,7 @@ def states_section(setup, accesses, events, t0: float, t1: float, kl: dict | Non
         "block_seconds": seconds,
         "lossy_blocks": {b: {"read_in": sorted(states), "why": lossy_reason(b, setup, kl, plan)}
                          for b, states in sorted(lossy_reads.items())},
-        "compressed_homes": {"blocks": len(setup.packed), "dram_bytes": setup.packed_bytes,
+        "compressed_homes": {"blocks": len(setup.packed), "bytes": setup.packed_bytes,
+                             "on_nvme": sum(w == "disk" for w in setup.packed_where.values()),
                              "per_state": {s.name: sum(v == s for v in setup.packed.values()) for s in LOSSY}},
     }

@@ -62,9 +62,11 @@ class SimEngine:
     clock. `clock.now` is the host's time; a link is a FIFO queue served by `copies_at_once` channels
     (`link_free[link]`: when each channel's last transfer ends; nvme->host has one)."""
 
-    def __init__(self, hw, state_bytes: dict, homes: dict, clock, packed: dict | None = None):
+    def __init__(self, hw, state_bytes: dict, homes: dict, clock, packed: dict | None = None,
+                 packed_where: dict | None = None):
         self.hw, self.state_bytes, self.homes, self.clock = hw, state_bytes, homes, clock
-        self.packed = {b: frozenset({s}) for b, s in (packed or {}).items()}  # block -> its compressed homes' states
+        # block -> {state of its compressed home: "host" | "disk"}, as `state.route` takes it
+        self.packed = {b: {s: (packed_where or {}).get(b, "host")} for b, s in (packed or {}).items()}
         self.events = EventLog()
         self.rep = {b: _Rep(homes[b], 0) for b in homes}  # off device: no device bytes
         self.device_total = 0  # Σ rep.nbytes, kept as reps change
@@ -105,7 +107,7 @@ class SimEngine:
                         reason=reason)
             self._set(block, _Rep(dst, 0))
             return _Handle(block, src, dst, self.clock.now)
-        packed = self.packed.get(block, frozenset())
+        packed = self.packed.get(block, {})
         # as the real engine: a lossy device state routes from the lossless home, unless a compressed home serves
         # the target; S0 converts on device
         from_home = not src.lossless and route(src, dst, packed) == route(src, dst)
@@ -118,9 +120,7 @@ class SimEngine:
                 link_bytes[hop.link] = link_bytes.get(hop.link, 0) + s0
                 continue
             bw, lat = self._link(hop.link)
-            # the bytes a hop carries: full precision, or on a host->device hop into a lossy state (a compressed
-            # home) that state's own
-            nbytes = self.state_bytes[block][hop.lands_in] if hop.lands_in.on_device else s0
+            nbytes = self.state_bytes[block][dst] if hop.packed else s0  # a compressed home carries its state's
             if hop.link == "host->device" and nbytes > self.hw.fresh_alloc_threshold_bytes:
                 bw = min(bw, self.hw.fresh_alloc_bytes_per_s)  # lands in freshly mapped pages
             channels = self.link_free[hop.link]
