@@ -2,6 +2,8 @@
 
 * A run folder (summary.json + trace.jsonl, as `vorch run` writes): `run_report.py`.
 * A compare folder (compare.json, as `vorch compare` writes): `compare_report.py`.
+* Several sweep folders (the shards of one sweep, `vorch sweep --shard I/N`) with --out: merged by
+  `sweep_shards.merge_sweeps` into one results.csv and sweep.json in --out, then reported there as a sweep folder.
 * A sweep folder (results.csv, as `vorch sweep` writes): budget curves (decode tok/s, bytes moved / Belady
   bytes, perplexity delta against the budget, a line per policy and lossy variant), the latency-vs-quality Pareto
   plot, and a table of the key numbers per point (failed points listed with their error).
@@ -116,13 +118,23 @@ def report_sweep(directory: str | Path) -> Path:
 
 
 def _cmd_report(args) -> int:
-    out = report(args.dir)
+    """One folder: its report, in it. Several (the shards of a sweep) or --out: merged into --out, reported there."""
+    from vorch_jax.tooling.sweep_shards import merge_sweeps
+
+    if args.out is None and len(args.dir) > 1:
+        raise ReportError(f"{len(args.dir)} folders are merged into one report: give --out MERGED_DIR for it "
+                          f"(the folders themselves are left as they are)")
+    out = report(args.dir[0]) if args.out is None else report_sweep(merge_sweeps(args.dir, args.out))
     print(out)
     return 0
 
 
 def add_cli(subparsers) -> None:
-    """`vorch report DIR`."""
-    p = subparsers.add_parser("report", help="report.md and PNG figures for a run or sweep directory")
-    p.add_argument("dir", help="a run directory (summary.json, trace.jsonl) or a sweep directory (results.csv)")
+    """`vorch report DIR` and `vorch report DIR1 DIR2 ... --out MERGED_DIR`."""
+    p = subparsers.add_parser("report", help="report.md and PNG figures for a run or sweep directory; several sweep "
+                                             "directories (shards) merged into one with --out")
+    p.add_argument("dir", nargs="+", help="a run directory (summary.json, trace.jsonl) or a sweep directory "
+                                          "(results.csv); or several sweep directories of one sweep (its shards)")
+    p.add_argument("--out", help="merge the sweep directories into this one: results.csv in the sweep's order, "
+                                 "sweep.json, report.md and figures")
     p.set_defaults(func=_cmd_report)

@@ -15,7 +15,7 @@ points are the groups' points in order (e.g. lossless policies at every budget, 
 states). Keys are dotted RunConfig keys (``policy``, ``score.w1``). Every point is validated as a RunConfig before
 anything runs; a bad value fails the sweep at start, naming the point.
 
-Running (`vorch sweep SWEEP.yaml --out DIR [--resume] [--jobs N]`):
+Running (`vorch sweep SWEEP.yaml --out DIR [--resume] [--jobs N] [--shard I/N]`):
   * each point runs as ``python -m vorch_jax.cli run DIR/points/<id>/config.yaml --out DIR/points/<id>`` in its
     own process; its stdout and stderr go to ``DIR/points/<id>/log.txt``;
   * a point id is a readable slug of the point's swept values plus a short hash of its whole resolved config, so
@@ -30,7 +30,10 @@ Running (`vorch sweep SWEEP.yaml --out DIR [--resume] [--jobs N]`):
     re-runs failed points; without it an existing non-empty sweep directory is refused;
   * SIGINT/SIGTERM: no new point starts, running children are terminated, no row is written for them; the sweep
     exits with status 130 and says how to resume. Children die with the sweep process (Linux PDEATHSIG), so a
-    SIGKILLed sweep leaves no orphan writing into DIR.
+    SIGKILLed sweep leaves no orphan writing into DIR;
+  * `--shard I/N` runs only the I-th of N disjoint shares of the grid (job arrays across machines), in a folder of
+    its own that resumes like a whole sweep; `vorch report DIR1 DIR2 ... --out MERGED` merges the shards into the
+    table the whole sweep writes (`sweep_shards.py`).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import yaml
 
 from vorch_jax.config import ConfigError, RunConfig, config_from_dict, config_to_dict, load_config
 from vorch_jax.strict_yaml import read_yaml
+from vorch_jax.tooling.sweep_shards import check_resumed_shard, parse_shard, shard_manifest, shard_of
 from vorch_jax.tooling.sweep_results import (make_row, point_status, readable_json, value_text, write_atomic,
                                               write_results)
 
@@ -80,13 +84,18 @@ class Point:
 
 @dataclasses.dataclass(frozen=True)
 class Sweep:
+    """The points to run; a shard (`shard_of`) runs share `shard` = (I, N) of the whole `grid`."""
+
     name: str
     path: Path | None
     points: tuple[Point, ...]
+    grid: tuple[Point, ...] = ()
+    shard: tuple[int, int] | None = None
 
     @property
     def swept_keys(self) -> list[str]:
-        return list(dict.fromkeys(k for p in self.points for k, _ in p.overrides))
+        """Keys swept over the whole grid (a shard's table has the whole sweep's cfg columns)."""
+        return list(dict.fromkeys(k for p in (self.grid or self.points) for k, _ in p.overrides))
 
 
 # ------------------------------------------------------------------------------------------------------- loading
@@ -338,6 +347,8 @@ def run_sweep(sweep: Sweep, out_dir: str | Path, *, resume: bool = False, jobs: 
     points_dir = out_dir / "points"
     if points_dir.exists() and any(points_dir.iterdir()) and not resume:
         raise ConfigError(f"{out_dir} already holds a sweep; pass --resume to continue it or choose another --out")
+    if resume:
+        check_resumed_shard(out_dir, sweep)
     points_dir.mkdir(parents=True, exist_ok=True)
     lock = open(out_dir / ".sweep.lock", "w")
     try:
@@ -366,6 +377,7 @@ def _code_version() -> dict:
 
 def _run_locked(sweep: Sweep, out_dir: Path, resume: bool, jobs: int, stream, sweep_arg: str | None) -> int:
     manifest = {"name": sweep.name, "sweep_file": str(sweep.path) if sweep.path else None, "code": _code_version(),
+                **shard_manifest(sweep),
                 "points": [{"id": p.id, "overrides": dict(p.overrides)} for p in sweep.points]}
     write_atomic(out_dir / "sweep.json", json.dumps(manifest, indent=2))
     todo = []
@@ -388,6 +400,9 @@ def _run_locked(sweep: Sweep, out_dir: Path, resume: bool, jobs: int, stream, sw
     progress = _Progress(len(sweep.points), len(sweep.points) - len(todo), stream)
     if resume and len(todo) < len(sweep.points):
         progress.show(f"resuming: {len(sweep.points) - len(todo)} complete, {len(todo)} to run")
+    if sweep.shard:
+        progress.show(f"shard {sweep.shard[0]}/{sweep.shard[1]}: {len(sweep.points)} of the grid's "
+                      f"{len(sweep.grid)} points")
 
     stop: list[int] = []
     old = {s: signal.signal(s, lambda signum, _frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -423,7 +438,8 @@ def _run_locked(sweep: Sweep, out_dir: Path, resume: bool, jobs: int, stream, sw
         for s, handler in old.items():
             signal.signal(s, handler)
     if stop:
-        again = f"vorch sweep {sweep_arg or sweep.path or 'SWEEP.yaml'} --out {out_dir} --resume"
+        share = f" --shard {sweep.shard[0]}/{sweep.shard[1]}" if sweep.shard else ""
+        again = f"vorch sweep {sweep_arg or sweep.path or 'SWEEP.yaml'} --out {out_dir}{share} --resume"
         print(f"[sweep] interrupted ({signal.Signals(stop[0]).name}): {progress.done}/{progress.total} points "
               f"complete, {len(running)} stopped mid-run; continue with: {again}", file=stream, flush=True)
         return 130
@@ -436,15 +452,20 @@ def _run_locked(sweep: Sweep, out_dir: Path, resume: bool, jobs: int, stream, sw
 
 
 def _cmd_sweep(args) -> int:
+    shard = parse_shard(args.shard) if args.shard is not None else None
     sweep = load_sweep(args.sweep)
+    if shard:
+        sweep = shard_of(sweep, *shard)
     return run_sweep(sweep, args.out, resume=args.resume, jobs=args.jobs, sweep_arg=args.sweep)
 
 
 def add_cli(subparsers) -> None:
-    """`vorch sweep SWEEP.yaml --out DIR [--resume] [--jobs N]`."""
+    """`vorch sweep SWEEP.yaml --out DIR [--resume] [--jobs N] [--shard I/N]`."""
     p = subparsers.add_parser("sweep", help="run a grid of configs, one process per point; resumable")
     p.add_argument("sweep", help="a sweep YAML file (see configs/sweeps/)")
     p.add_argument("--out", required=True, help="output directory (points/, results.csv)")
     p.add_argument("--resume", action="store_true", help="skip complete points, re-run unfinished and failed ones")
     p.add_argument("--jobs", type=int, default=1, help="points run in parallel (default 1)")
+    p.add_argument("--shard", metavar="I/N", help="run only the I-th (from 1) of N disjoint shares of the grid, "
+                                                   "e.g. one per job of an array; merge with `vorch report ... --out`")
     p.set_defaults(func=_cmd_sweep)

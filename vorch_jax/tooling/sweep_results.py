@@ -21,7 +21,6 @@ def value_text(value: Any) -> str:
     return json.dumps(value) if not isinstance(value, str) else value
 
 
-
 def point_status(point_dir: Path) -> str:
     """'complete' (summary.json with complete: true), 'failed' (row.json says so), 'partial' or 'absent'."""
     point_dir = Path(point_dir)
@@ -83,21 +82,23 @@ def make_row(point, status: str, point_s: float, error: str, summary: Mapping | 
     return row
 
 
-def write_results(out_dir: Path, sweep) -> int:
-    """Rebuild results.csv of a `sweep.Sweep` from its points' row.json files (in sweep order); atomic. Returns the
-    row count."""
-    rows = []
-    for p in sweep.points:
-        path = out_dir / "points" / p.id / "row.json"
-        if not path.exists():
-            continue  # not finished (yet): no row
-        try:
-            rows.append(json.loads(path.read_text()))
-        except (OSError, ValueError) as err:  # finished, but its row is damaged: say so in the table, never drop it
-            rows.append({"point_id": p.id, "status": "failed", "error": f"{path} is unreadable ({_one_line(err)}); "
-                         f"`vorch sweep ... --resume` rebuilds or re-runs it", "point_s": None, **{f"cfg.{k}": value_text(v)
-                                                                                  for k, v in p.overrides}})
-    columns = list(ROW_LEAD) + [f"cfg.{k}" for k in sweep.swept_keys]
+def point_row(path: Path, point_id: str, overrides) -> dict | None:
+    """The row of a finished point from its row.json (`overrides`: its swept (key, value) pairs); None when the point
+    has not finished. A damaged row.json becomes a failed row that says so: a table never drops a finished point."""
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        return {"point_id": point_id, "status": "failed", "error": f"{path} is unreadable ({_one_line(err)}); "
+                f"`vorch sweep ... --resume` rebuilds or re-runs it", "point_s": None,
+                **{f"cfg.{k}": value_text(v) for k, v in overrides}}
+
+
+def results_text(rows: list[Mapping], swept_keys: list[str]) -> str:
+    """results.csv of `rows` (in sweep order): the lead columns, one cfg column per swept key, then every other field
+    in the order the rows first show it. One function, so a merged table of shards matches a one-process one."""
+    columns = list(ROW_LEAD) + [f"cfg.{k}" for k in swept_keys]
     for r in rows:
         columns += [k for k in r if k not in columns]
     buf = io.StringIO()
@@ -105,7 +106,15 @@ def write_results(out_dir: Path, sweep) -> int:
     writer.writeheader()
     for r in rows:
         writer.writerow({k: r.get(k, "") for k in columns})
-    write_atomic(out_dir / "results.csv", buf.getvalue())
+    return buf.getvalue()
+
+
+def write_results(out_dir: Path, sweep) -> int:
+    """Rebuild results.csv of a `sweep.Sweep` from its points' row.json files (in sweep order); atomic. Returns the
+    row count."""
+    rows = [point_row(out_dir / "points" / p.id / "row.json", p.id, p.overrides) for p in sweep.points]
+    rows = [r for r in rows if r is not None]
+    write_atomic(out_dir / "results.csv", results_text(rows, sweep.swept_keys))
     return len(rows)
 
 
