@@ -46,7 +46,7 @@ from vorch_jax.controller import state_ids as sid
 from vorch_jax.controller.access_stats import update_rho
 from vorch_jax.errors import BudgetError
 from vorch_jax.controller.block_table import BlockTable
-from vorch_jax.controller.prefetch_window import choose_window
+from vorch_jax.controller.prefetch_window import choose_window, victim_key
 from vorch_jax.controller.score import ScoreWeights, score
 from vorch_jax.controller.state_update import REASON_NAMES, TickParams, check_budget, commit, tick
 from vorch_jax.tiers.state import State
@@ -76,6 +76,8 @@ class ScoredPolicy(Policy):
     prefetch_victims_read_within = 1  # the ledger: a prefetch evicts only blocks read in the last W positions
     window_replays: list = []  # the replays that chose it (`prefetch_window.choose_window`), dense plans
     _expected_next_uses = None  # blocks -> expected positions until their next reads, from the ledger running this
+    victim_size_power = 0.0  # the victim key's size weight (`prefetch_window.victim_key`), dense plans
+    _victim_bytes: dict = {}
 
     def __init__(self, ctx, cfg, *, state_bytes: dict, homes: dict, kinds: dict, layers: dict, placement: dict,
                  h2d_bytes_per_s: float, nvme_bytes_per_s: float, psi: dict | None = None,
@@ -250,17 +252,21 @@ class ScoredPolicy(Policy):
             self.prefetch_victims_read_within = 0
             return
         device_bytes = {b: executor._bytes(b, self.device_state(b)) for b in self.ids}
-        self.prefetch_victims_read_within, self.window_replays = choose_window(
+        best, self.window_replays = choose_window(
             [p.block for p in executor.cursor.skeleton], device_bytes, executor.budget, self.ctx.protected,
             self.initial_resident(), self.prefetch_depth, self.passes)
+        self.prefetch_victims_read_within, self.victim_size_power = best.window, best.size_power
+        self._victim_bytes = device_bytes
 
     def victim_order(self, t, candidates):
-        """Unprotected blocks, the one whose expected next read lies furthest ahead first (the module docstring)."""
+        """Unprotected blocks, the one whose expected next read lies furthest ahead first (the module docstring),
+        weighed by size^`victim_size_power` where the replay chose so (`prefetch_window.victim_key`)."""
         free = [b for b in candidates if b not in self.ctx.protected]
         if self._expected_next_uses is None:  # not run by a ledger: most recently used first (a pass's furthest)
             return sorted(free, key=lambda b: -self.last_use.get(b, -1))
         uses = self._expected_next_uses(free)
-        return [free[i] for i in sorted(range(len(free)), key=lambda i: -uses[i])]
+        p, size = self.victim_size_power, self._victim_bytes
+        return [free[i] for i in sorted(range(len(free)), key=lambda i: -victim_key(uses[i], size[free[i]], p))]
 
     def take_scores(self):
         scores, self._new_scores = self._new_scores, None

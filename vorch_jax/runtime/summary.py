@@ -88,6 +88,7 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
         "misses": c.misses,
         "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted_bytes": c.prefetch_wasted_bytes,
                      "victims_read_within": policy.prefetch_victims_read_within,
+                     "victim_size_power": getattr(policy, "victim_size_power", 0.0),
                      "window_replays": [dataclasses.asdict(r) for r in getattr(policy, "window_replays", [])]},
         "transitions": T.transition_counts(gen_events),
         "transition_reasons": T.transition_reasons(gen_events),
