@@ -47,7 +47,7 @@ from vorch_jax.tiers.nvme_store import CorruptBlockError, NvmeBlock
 from vorch_jax.tiers.packed_home import PackedHostBlock, PackedNvmeBlock, convert_on_device
 from vorch_jax.tiers.pinned_host import PinnedHostBlock
 from vorch_jax.tiers.state import (
-    BlockInFlightError, Hop, State, UnknownBlockError, UnknownStateError, route,
+    BlockInFlightError, Hop, State, UnknownBlockError, UnknownStateError, from_compressed_home, route,
 )
 
 WHERES = ("device", "host", "disk")
@@ -154,6 +154,8 @@ class MovementEngine:
         dst = State.parse(state)
         if where not in ("host", "disk"):
             raise ValueError(f"a compressed home lives on 'host' or 'disk', not {where!r}")
+        if dst.lossless:
+            raise ValueError(f"a compressed home holds a lossy state (S1, S2, S6), not {dst.name}")
         if not self.keep_home:
             raise ValueError("compressed homes need keep_home=True: a block landed from one must still have its "
                              "lossless home to return to")
@@ -162,28 +164,37 @@ class MovementEngine:
             if dst in entry.packed:
                 return entry.packed[dst].nbytes
         t0 = time.perf_counter()
-        leaves, n = self._read_source(block_id)
-        packed = PackedHostBlock.stage(leaves, dst, self.device, int4_group_size=self.int4_group_size,
-                                       lowrank_rank=self.lowrank_rank)
-        link_bytes = {"source->host": n}
-        if where == "disk":
-            host, packed = packed, PackedNvmeBlock(block_id, packed, self.store_dir)
-            host.free()
-            link_bytes["host->nvme"] = packed.nbytes
+        packed, link_bytes = self._make_compressed(block_id, dst, where)
         with self._lock:
+            if self._entries.get(block_id) is not entry or dst in entry.packed:  # dropped, or staged meanwhile
+                packed.free()
+                return entry.packed[dst].nbytes if dst in entry.packed else 0
             entry.packed[dst] = packed
-        self.events.append(Event("transition", block_id, None, packed.state, t0, time.perf_counter(), link_bytes,
-                                 f"compressed home {dst.name} staged ({packed.nbytes} bytes)", "stage"))
+        self.events.append(Event("staged", block_id, None, dst, t0, time.perf_counter(), link_bytes,
+                                 f"compressed home {dst.name} on {where} ({packed.nbytes} bytes)", "stage"))
         return packed.nbytes
+
+    def _make_compressed(self, block_id: str, dst: State, where: str, store=None):
+        """(a compressed home of `block_id` in `dst` made from the source, its link bytes); on disk it is written to
+        the store (`store`: rewrite that NVMe copy in place, the recovery of a corrupt one)."""
+        leaves, n = self._read_source(block_id)
+        host = PackedHostBlock.stage(leaves, dst, self.device, int4_group_size=self.int4_group_size,
+                                     lowrank_rank=self.lowrank_rank)
+        if where == "host":
+            return host, {"source->host": n}
+        try:
+            disk = PackedNvmeBlock(block_id, host, self.store_dir)
+        finally:
+            host.free()
+        if store is not None:
+            store.store = disk.store
+        return disk, {"source->host": n, "host->nvme": disk.nbytes}
 
     def compressed_homes(self, block_id: str) -> frozenset:
         """The lossy states `block_id` keeps a compressed home of."""
         with self._lock:
             return frozenset(self._entry(block_id).packed)
 
-    def _packed_route(self, entry: _Entry) -> dict:
-        """{state: "host" | "disk"} of the entry's compressed homes, as `state.route` takes them."""
-        return {s: p.where for s, p in entry.packed.items()}
 
     def request(self, block_id: str, target, reason: str = "") -> Transition:
         """Start moving `block_id` to `target` asynchronously; the block reads S5 until it lands. `reason` is
@@ -347,9 +358,11 @@ class MovementEngine:
         origin, src, dst = entry.rep, transition.src, transition.dst
         # A lossy device copy with a home: start from the home's lossless bytes, not from the model file.
         start = entry.home if (entry.home is not None and not src.lossless) else origin
-        packed = self._packed_route(entry)
-        if route(src, dst, packed) != route(src, dst):  # from a compressed home: its arrays move as they are
-            start, src_state = entry.packed[dst], src
+        with self._lock:
+            packed_reps = dict(entry.packed)
+        packed = {s: p.where for s, p in packed_reps.items()}
+        if from_compressed_home(src, dst, packed):  # its arrays move as they are
+            start, src_state = packed_reps[dst], src
         else:
             src_state = start.state
         try:
@@ -407,7 +420,14 @@ class MovementEngine:
             count(n)
             return PinnedHostBlock.from_numpy(leaves, self.device)
         if hop.link == "nvme->host" and hop.packed:  # a compressed home on disk (checksums verified by the store)
-            leaves = cur.read_async().result()
+            try:
+                leaves = cur.read_async().result()
+            except CorruptBlockError as e:  # made again from the source and rewritten, like a lossless S4 block
+                t0 = time.perf_counter()
+                _, made = self._make_compressed(block_id, cur.lands_in, "disk", store=cur)
+                self.events.append(Event("recovered", block_id, State.S4, State.S4, t0, time.perf_counter(), made,
+                                         f"compressed home {cur.lands_in.name}: {e}"))
+                leaves = cur.read_async().result()
             count(sum(a.nbytes for a in leaves.values()))
             return PackedHostBlock.from_flat(leaves, cur, self.device)
         if hop.link == "nvme->host":

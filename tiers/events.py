@@ -13,7 +13,7 @@ from typing import Iterator, Mapping
 
 from vorch_jax.tiers.state import State
 
-KINDS = ("transition", "stall", "recovered", "cancelled", "error")
+KINDS = ("transition", "stall", "recovered", "cancelled", "error", "staged")  # staged: a compressed home was made
 
 
 @dataclasses.dataclass(frozen=True)

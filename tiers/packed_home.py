@@ -66,7 +66,7 @@ class PackedHostBlock:
     def from_flat(cls, flat: dict, like: "PackedNvmeBlock", device: jax.Device) -> "PackedHostBlock":
         """Pinned host arrays from the store's flat leaves, shaped like the block `like` was written from."""
         new = cls.__new__(cls)
-        new.lands_in, new._rebuild, new.treedef = like.lands_in, like.rebuild, like.treedef
+        new.lands_in, new._rebuild, new.treedef = like.lands_in, like._rebuild, like.treedef
         arrays = [jax.device_put(flat[f"{i:03d}"], pinned_host_sharding(device)) for i in range(len(flat))]
         new.leaves = jax.tree.unflatten(like.treedef, arrays)
         jax.block_until_ready(new.leaves)
@@ -77,8 +77,10 @@ class PackedHostBlock:
               lowrank_rank: int = 32) -> "PackedHostBlock":
         """Compress float32 host leaves (the source's) into `state` on `device`, keep the result in host memory."""
         full = FullPrecisionBlock({k: jax.device_put(v, device_sharding(device)) for k, v in host_leaves.items()})
-        lossy = convert_on_device(full, state, int4_group_size=int4_group_size, lowrank_rank=lowrank_rank)
-        full.free()
+        try:
+            lossy = convert_on_device(full, state, int4_group_size=int4_group_size, lowrank_rank=lowrank_rank)
+        finally:
+            full.free()
         try:
             return cls(lossy, device)
         finally:
@@ -113,7 +115,7 @@ class PackedNvmeBlock:
     where = "disk"
 
     def __init__(self, block_id: str, host: PackedHostBlock, store_dir):
-        self.lands_in, self.rebuild = host.lands_in, host._rebuild
+        self.lands_in, self._rebuild = host.lands_in, host._rebuild
         self.store = NvmeBlock.write(f"{block_id}@{host.lands_in.name}", host.flat_numpy(), store_dir)
         self.treedef = host.treedef
 

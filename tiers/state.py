@@ -151,6 +151,11 @@ ROUTES: dict[tuple[State | None, State], tuple[Hop, ...]] = {
 }
 
 
+def from_compressed_home(src: "State | None", dst: State, packed) -> bool:
+    """Whether a move src -> dst is served by a compressed home in `packed` (see `route`)."""
+    return dst in packed and src is not None and src != State.S0 and src != dst
+
+
 def route(src: "State | None", dst: State, packed=()) -> tuple[Hop, ...]:
     """Hops from `src` (None: the source) to `dst`; `()` when src == dst. Raises UnknownStateError for S5.
 
@@ -162,7 +167,7 @@ def route(src: "State | None", dst: State, packed=()) -> tuple[Hop, ...]:
         raise UnknownStateError("S5 (in flight) is neither a source nor a target of a transition")
     if src == dst:
         return ()
-    if dst in packed and src is not None and src != State.S0:
+    if from_compressed_home(src, dst, packed):
         to_device = Hop("host->device", dst, packed=True)
         on_disk = isinstance(packed, dict) and packed[dst] == "disk"
         return (Hop("nvme->host", State.S3, packed=True), to_device) if on_disk else (to_device,)

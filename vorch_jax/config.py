@@ -89,8 +89,8 @@ EXECUTORS = ("real", "sim")
 DTYPES = ("float32", "bfloat16")
 GROUP_SIZES = (32, 64, 128)
 STATES = ("S0", "S1", "S2", "S3", "S4", "S5", "S6")
-RULE_STATES = ("S0", "S1", "S2", "S3", "S4", "S6")
-HOME_FORMATS = ("int8", "int4", "lowrank")  # a compressed home's format: it loads as S1, S2, S6  # S5 (in flight) is transient: no rule may ask for it
+RULE_STATES = ("S0", "S1", "S2", "S3", "S4", "S6")  # S5 (in flight) is transient: no rule may ask for it
+HOME_FORMATS = ("int8", "int4", "lowrank")  # a compressed home's format: it loads as S1, S2, S6 (runtime.setup)
 LOSSY_STATES = ("S1", "S2", "S6")
 # Higher is better to compute with; same values as vorch_jax.controller.state_ids.QUALITY_RANK (tests check they agree).
 QUALITY_RANK = {"S0": 5, "S1": 4, "S2": 3, "S3": 1, "S4": 0, "S5": 1, "S6": 2}
@@ -219,9 +219,9 @@ class PlacementRule:
         F.check_types(self)
         F.require(self.path != "", "path", "must be a non-empty regex")
         F.choice(self, "home_format", ("",) + HOME_FORMATS)
-        F.require(not (self.home_format and self.state in ("S0", "S1", "S2", "S6")), "home_format",
-                  f"is set but state {self.state} pins the blocks on device, so they never load from a home: "
-                  f"drop one of the two")
+        F.require(not (self.home_format and (self.state in ("S0", "S1", "S2", "S6") or self.protect)), "home_format",
+                  f"is set but the rule pins the blocks on device ({'protect' if self.protect else 'state ' + self.state})"
+                  f", so they never load from a home: drop one of the two")
         try:
             re.compile(self.path)
         except re.error as err:

@@ -61,6 +61,8 @@ CASES = [
      "--out {d}", "home_format", None),
     ("run-home-format-unknown", "run " + DEMO + " lossy=true \"placement=[{{path: 'layers.*', home_format: int3}}]\" "
      "--out {d}", "must be one of '', 'int8', 'int4', 'lowrank'", None),
+    ("run-home-format-protected", "run " + DEMO + " lossy=true \"placement=[{{path: 'layers.*', protect: true, "
+     "home_format: int8}}]\" --out {d}", "pins the blocks on device (protect)", None),
     ("run-home-format-pinned", "run " + DEMO + " lossy=true \"placement=[{{path: 'layers.*', state: S0, "
      "home_format: int8}}]\" --out {d}", "never load from a home", None),
     ("run-home-format-over-quality", "run " + DEMO + " lossy=true policy=static quality.calibration_tokens=16 " + TINY

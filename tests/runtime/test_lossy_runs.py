@@ -168,3 +168,18 @@ def test_a_lossy_run_replayed_in_the_simulator_moves_the_same_bytes_per_link(uni
     for key in ("bytes_moved", "belady_bytes", "lower_bound_bytes", "hits", "misses", "peak_device_bytes"):
         assert sim[key] == real[key], (key, sim[key], real[key])
     assert sim["states"]["compressed_homes"] == real["states"]["compressed_homes"]
+
+
+def test_real_and_simulated_runs_allocate_one_quality_budget(lossy_run, small_config):
+    """The simulator's lossy states are the real run's: the rules' compressed homes spend first, the other blocks
+    share the rest (`inputs.lossy_allowance`, computed once, before the compressed homes it decides)."""
+    from vorch_jax.runtime.inputs import quality_guard, simulated_lossy_states
+    from vorch_jax.runtime.setup import build_setup
+
+    cfg = small_config("policy=scored", "lossy=true", "quality.calibration_tokens=16",
+                       "placement=[{path: embed, state: S0, protect: true}, {path: final_norm, state: S0, "
+                       "protect: true}, {path: 'layers\\.[0-3]\\..*', home_format: int8}]")
+    setup = build_setup(cfg)
+    guard = quality_guard(cfg, setup)
+    assert guard.forced_kl > 0 and not any(guard.allowance.states.get(b) for b in setup.packed)
+    assert simulated_lossy_states(cfg, setup, guard.calibration) == guard.allowance.states

@@ -37,3 +37,28 @@ def test_a_home_format_rule_makes_its_blocks_stream_compressed():
         want = S1 if b in setup.packed else State.S0
         assert policy.device_state(b) == want and policy.held_bytes(b) == setup.state_bytes[b][want]
     assert setup.with_compressed_homes({"layers.10.mlp": State.S2}).packed["layers.10.mlp"] == State.S2
+
+
+def test_a_quality_budget_home_keeps_to_the_controllers_ladder():
+    """A compressed home is where a block streams: never for protected or rule-fixed blocks, never below a rule's
+    floor, and int8 at worst for a block the ψ guardrail holds."""
+    from vorch_jax.runtime.inputs import with_quality_budget_homes
+
+    rules = ("placement=[{path: embed, state: S0, protect: true}, {path: final_norm, state: S0, protect: true}, "
+             "{path: 'layers\\.0\\.mlp', floor: S1}, {path: 'layers\\.1\\.mlp', floor: S0}, "
+             "{path: 'layers\\.2\\.mlp', state: S1}]")
+    cfg = load_config("configs/demo.yaml", ["policy=scored", "lossy=true", "guardrail.psi_threshold=0.5", rules])
+    setup = build_setup(cfg)
+    S2, S6 = State.S2, State.S6
+    allowed = {b: (S1, S2) for b in setup.block_ids}
+    allowed["layers.3.mlp"] = (S2, S6)  # the guardrail holds it (ψ below): nothing left to stream it in
+    allowed["layers.4.mlp"] = (S2,)  # not held: int4
+    psi = {b: 0.0 for b in setup.block_ids} | {"layers.3.mlp": 1.0, "layers.5.mlp": 0.9}
+    homes = with_quality_budget_homes(cfg, setup, allowed, psi).packed
+    assert "embed" not in homes and "final_norm" not in homes  # protected
+    assert "layers.2.mlp" not in homes  # its state is fixed by a rule
+    assert homes["layers.0.mlp"] == S1 and "layers.1.mlp" not in homes  # floors S1 and S0
+    assert "layers.3.mlp" not in homes and homes["layers.4.mlp"] == S2 and homes["layers.5.mlp"] == S1
+    assert all(s == S1 for b, s in homes.items() if b not in ("layers.4.mlp",))
+    plain = load_config("configs/demo.yaml", ["policy=static", "lossy=true"])
+    assert with_quality_budget_homes(plain, build_setup(plain), allowed, psi).packed == {}  # scored only

@@ -5,6 +5,7 @@ lossless home and the compressed copy in place."""
 import numpy as np
 import pytest
 
+from vorch_jax.tiers import nvme_store
 from vorch_jax.tiers.engine import MovementEngine
 from vorch_jax.tiers.state import LINKS, OffDeviceError, State, route
 
@@ -31,7 +32,10 @@ def test_route_from_a_compressed_home_is_one_host_to_device_hop():
     assert route(S0, S1, packed={S1}) == route(S0, S1)  # on device already: convert there, no link
     assert route(S3, S0, packed={S1, S2}) == route(S3, S0)  # S0 only from the lossless home
     assert route(None, S1, packed={S1}) == route(None, S1)  # registration reads the source
-    assert all(h.link in LINKS for h in route(S3, S2, packed={S2}))
+    on_disk = route(S3, S2, packed={S2: "disk", S1: "host"})
+    assert [(h.link, h.lands_in, h.packed) for h in on_disk] == [("nvme->host", S3, True), ("host->device", S2, True)]
+    assert route(S3, S1, packed={S2: "disk", S1: "host"}) == route(S3, S1, packed={S1})
+    assert all(not h.packed for h in route(S3, S2)) and all(h.link in LINKS for h in on_disk)
 
 
 @pytest.mark.parametrize("state", [S1, S2, S6])
@@ -78,7 +82,7 @@ def test_staging_is_counted_and_freed(engine):
     engine.register("b0", S3)
     n = engine.stage_compressed("b0", S1)
     ev = engine.events.for_block("b0")[-1]
-    assert ev.reason == "stage" and ev.src is None and set(ev.link_bytes) == {"source->host"}
+    assert ev.kind == "staged" and ev.dst == S1 and ev.src is None and set(ev.link_bytes) == {"source->host"}
     assert engine.stage_compressed("b0", S1) == n and len(engine.events.for_block("b0")) == 2  # once
     assert sum(int(a.nbytes) for a in engine.live_arrays()) == engine.bytes_in("host")
     engine.drop("b0")
@@ -104,14 +108,14 @@ def test_a_compressed_home_on_nvme_is_read_then_moved_compressed(engine, state):
     staged = engine.stage_compressed("b0", state, where="disk")
     engine.stage_compressed("b1", state)
     ev = engine.events.for_block("b0")[-1]
-    assert ev.reason == "stage" and dict(ev.link_bytes)["host->nvme"] == staged
+    assert ev.kind == "staged" and dict(ev.link_bytes)["host->nvme"] == staged
     assert engine.bytes_in("host") == engine.representation("b1").nbytes + engine.stage_compressed("b1", state)
     assert engine.bytes_in("disk") == engine.representation("b0").nbytes + staged
     engine.request("b0", state, "miss").result()
     moved = dict(engine.events.for_block("b0")[-1].link_bytes)
     landed = engine.representation("b0").nbytes
     assert moved == {"nvme->host": staged, "host->device": landed}  # compressed on both links
-    assert staged <= landed + 64  # the same arrays (the store's chunk files: a few bytes of header at most)
+    assert staged == landed  # the same arrays, uncompressed chunks of exactly their bytes
     engine.request("b1", state, "miss").result()
     a = engine.inspect("b0")
     engine.request("b0", S4, "evict").result()
@@ -124,3 +128,23 @@ def test_a_compressed_home_on_nvme_is_read_then_moved_compressed(engine, state):
         engine.bytes_in("host") + engine.bytes_in("device"))
     engine.drop("b0")
     assert not list(engine.store_dir.glob("b0*"))
+
+
+def test_a_corrupt_compressed_home_on_nvme_is_made_again_from_the_source(engine):
+    engine.register("b0", S4)
+    engine.stage_compressed("b0", S1, where="disk")
+    engine.request("b0", S1, "miss").result()
+    want = engine.inspect("b0")
+    engine.request("b0", S4, "evict").result()
+    (chunk,) = nvme_store._chunk_files(engine.store_dir / "b0@S1" / "000")  # the first flat leaf's chunk
+    raw = bytearray(chunk.read_bytes())
+    raw[100] ^= 0x01
+    chunk.write_bytes(bytes(raw))  # one bit flipped: the checksum catches it
+    engine.request("b0", S1, "miss").result()
+    assert [e.kind for e in engine.events.for_block("b0")][-2:] == ["recovered", "transition"]
+    got = engine.inspect("b0")
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    engine.request("b0", S4, "evict").result()
+    engine.request("b0", S1, "miss").result()  # the rewritten copy reads clean
+    assert engine.events.for_block("b0")[-1].kind == "transition"

@@ -104,7 +104,9 @@ def compressed_home_states(states: dict) -> dict:
     state (int8 for 58 blocks, int4 for layers.4.mlp and layers.5.mlp, calibrated at 0.0085 nats together; 0.0069
     measured jointly on the calibration text) reached 0.038 nats on the evaluation text, over max_kl 0.02; int8 for
     all 60 reached 0.0094."""
-    return {b: min(allowed) for b, allowed in states.items() if allowed}
+    from vorch_jax.controller.state_ids import QUALITY_RANK
+
+    return {b: max(allowed, key=lambda s: QUALITY_RANK[s]) for b, allowed in states.items() if allowed}
 
 
 def forced_lossy_kl(kl: dict, forced: dict) -> float:

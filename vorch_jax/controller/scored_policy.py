@@ -60,6 +60,15 @@ SCORE_SAMPLE_BLOCKS = 48  # blocks whose score each tick records for the trace (
 MAX_QUIET_INTERVAL = 8  # a plan that stopped changing is re-planned every 2, 4, .. up to this many tick intervals
 
 
+def sensitive_blocks(psi: dict | None, threshold: float, ids, forced) -> frozenset:
+    """The blocks the ψ guardrail keeps above int8: calibrated sensitivity over the largest above `threshold` (none
+    without a calibration; a rule's fixed state wins)."""
+    psi_B = np.asarray([(psi or {}).get(b, 0.0) for b in ids], np.float64)
+    if psi_B.max(initial=0.0) <= 0:
+        return frozenset()
+    return frozenset(b for b, p in zip(ids, psi_B) if p / psi_B.max() > threshold and b not in forced)
+
+
 @functools.partial(jax.jit, static_argnames=("params",))
 def _observe_and_tick(table, accessed_N, rho_decay, budget, weights, params, sample_K):
     """One dispatch per tick: fold the accesses into ρ, decide targets, commit them (dwell counters), and read the
@@ -110,13 +119,10 @@ class ScoredPolicy(Policy):
         # Guardrail on quality: a block whose calibrated sensitivity ψ (normalised by the largest) exceeds
         # guardrail.psi_threshold may not be held below int8 (S2 and S6 leave its ladder); going off device is lossless
         # and stays allowed. Without a calibration there is no ψ, and this guardrail has nothing to act on.
-        psi_B = np.asarray([(psi or {}).get(b, 0.0) for b in self.ids], np.float64)
-        self.sensitive = frozenset()
-        if psi_B.max(initial=0.0) > 0:
-            hot = (psi_B / psi_B.max() > cfg.guardrail.psi_threshold) & np.asarray([b not in ctx.forced for b in self.ids])
-            allowed[hot, sid.S2] = False
-            allowed[hot, sid.S6] = False
-            self.sensitive = frozenset(b for b, h in zip(self.ids, hot) if h)
+        self.sensitive = sensitive_blocks(psi, cfg.guardrail.psi_threshold, self.ids, ctx.forced)
+        hot = np.asarray([b in self.sensitive for b in self.ids])
+        allowed[hot, sid.S2] = False
+        allowed[hot, sid.S6] = False
         protected = [b in ctx.protected for b in self.ids]
         floor = [int(ctx.forced[b]) if b in ctx.forced else
                  State.parse(placement[b].floor).value if placement[b].floor else (sid.S0 if p else sid.S6)

@@ -51,7 +51,8 @@ def belady_bytes(stream, device_bytes: dict, budget_bytes: int, initial: list[st
     """Bytes loaded onto the device by furthest-next-use eviction replaying `stream` under `budget_bytes`.
 
     `device_bytes`: what each block occupies on device (capacity); `load_bytes`: what loading it moves over the link
-    (default the same; a block held int8 on device is still carried full precision and converted there).
+    (default the same; a block held int8 on device and converted there was carried in full precision, one loaded
+    from its compressed home in int8).
 
     `initial`: the blocks on device before the first access (the run's initial placement, in order, kept while they
     fit). A block loaded on a miss costs its device bytes; a block that cannot fit even with everything else evicted

@@ -79,15 +79,39 @@ def uses_lossy_states(cfg: RunConfig, forced: dict, packed: dict | None = None) 
     return cfg.lossy and (cfg.policy == "scored" or any(State(s) in LOSSY for s in forced.values()) or bool(packed))
 
 
-def with_quality_budget_homes(cfg: RunConfig, setup, lossy_states: dict | None):
+def with_quality_budget_homes(cfg: RunConfig, setup, lossy_states: dict | None, psi: dict | None):
     """A lossy scored run with `quant.compressed_homes`: each block the quality budget allows lossy states keeps a
-    compressed home in the best-quality of them (`quality_budget.compressed_home_states`), and streams in it. Else
-    `setup`."""
+    compressed home in the best-quality of them (`quality_budget.compressed_home_states`), and streams in it, among
+    the states the controller's ladder would give it too: none for protected or rule-fixed blocks, none below a rule's
+    floor, int8 at worst for a block the ψ guardrail holds (`scored_policy.sensitive_blocks`). Else `setup`."""
     from vorch_jax.controller.quality_budget import compressed_home_states
+    from vorch_jax.controller.scored_policy import sensitive_blocks
+    from vorch_jax.controller.state_ids import QUALITY_RANK
 
     if not (cfg.lossy and cfg.policy == "scored" and cfg.quant.compressed_homes and lossy_states):
         return setup
-    return setup.with_compressed_homes(compressed_home_states(lossy_states))
+    hot = sensitive_blocks(psi, cfg.guardrail.psi_threshold, setup.block_ids, setup.forced)
+
+    def ladder(b):
+        floor = setup.placement[b].floor
+        return tuple(s for s in lossy_states.get(b, ()) if not (b in hot and s in (State.S2, State.S6))
+                     and (not floor or QUALITY_RANK[s] >= QUALITY_RANK[State.parse(floor)]))
+
+    free = [b for b in setup.block_ids if b not in setup.protected and b not in setup.forced]
+    return setup.with_compressed_homes(compressed_home_states({b: ladder(b) for b in free}))
+
+
+def lossy_allowance(cfg: RunConfig, setup, cal):
+    """(the lossy states each block may take under quality.max_kl, the calibrated ΔKL placement rules already spend):
+    one computation for real and simulated runs. The rules' fixed states and compressed homes spend first; the rest of
+    the budget is allocated over the other blocks (`quality_budget.allocate`)."""
+    from vorch_jax.controller.quality_budget import allocate, forced_lossy_kl
+
+    q = cfg.quality
+    forced_kl = forced_lossy_kl(cal.kl, {**setup.packed, **setup.forced})
+    free = [b for b in setup.block_ids if b not in setup.forced and b not in setup.packed]
+    allowance = allocate(cal.kl, setup.state_bytes, max(q.max_kl - forced_kl, 0.0), share=q.kl_share, blocks=free)
+    return dataclasses.replace(allowance, max_kl=q.max_kl), forced_kl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,8 +139,6 @@ def quality_guard(cfg: RunConfig, setup, say=lambda m: None) -> QualityGuard | N
     alone exceed the budget."""
     from vorch_jax.controller.calibrate import CalibrationMismatchError, load_or_calibrate, supports
 
-    from vorch_jax.controller.quality_budget import allocate, forced_lossy_kl
-
     if not uses_lossy_states(cfg, setup.forced, setup.packed):
         return None
     if not supports(setup.spec):
@@ -138,14 +160,11 @@ def quality_guard(cfg: RunConfig, setup, say=lambda m: None) -> QualityGuard | N
             f"{q.calibration_tokens} tokens first (stored for later runs)")
         cal = load_or_calibrate(setup.source, None, force=True, progress=say, tokens=q.calibration_tokens,
                                 int4_group_size=cfg.quant.int4_group_size, lowrank_rank=cfg.quant.lowrank_rank)
-    forced_kl = forced_lossy_kl(cal.kl, {**setup.packed, **setup.forced})
+    allowance, forced_kl = lossy_allowance(cfg, setup, cal)
     if forced_kl > q.max_kl:
         raise QualityError(f"placement rules fix lossy states (or compressed homes) whose calibrated ΔKL sums to "
                            f"{forced_kl:.4f} nats, above quality.max_kl={q.max_kl}: raise it (e.g. "
                            f"quality.max_kl={2 * forced_kl:.3g}) or place fewer blocks in lossy states")
-    free = [b for b in setup.block_ids if b not in setup.forced and b not in setup.packed]
-    allowance = allocate(cal.kl, setup.state_bytes, q.max_kl - forced_kl, share=q.kl_share, blocks=free)
-    allowance = dataclasses.replace(allowance, max_kl=q.max_kl)
     say(f"quality budget: max_kl {q.max_kl} nats; {sum(bool(v) for v in allowance.states.values())} blocks may take "
         f"lossy states, bound {allowance.bound_kl + forced_kl:.4f} nats (calibrated ΔKL)")
     return QualityGuard(cal, allowance, forced_kl)
@@ -175,17 +194,14 @@ def scored_inputs(cfg: RunConfig, setup, store_dir: Path, guard: QualityGuard | 
 
 
 def simulated_lossy_states(cfg: RunConfig, setup, cal) -> dict | None:
-    """A simulated lossy run's quality budget, the real run's: the lossy states each block may use (None: no
-    calibration, every lossy state allowed, quality not simulated)."""
-    from vorch_jax.controller.quality_budget import allocate
-
+    """A simulated lossy run's quality budget, the real run's (`lossy_allowance`): the lossy states each block may use
+    (None: no calibration, every lossy state allowed, quality not simulated)."""
     if cal is None or not cfg.lossy:
         return None
-    return allocate(cal.kl, setup.state_bytes, cfg.quality.max_kl, share=cfg.quality.kl_share,
-                    blocks=[b for b in setup.block_ids if b not in setup.packed or b in setup.forced]).states
+    return lossy_allowance(cfg, setup, cal)[0].states
 
 
-def simulated_scored_inputs(cfg: RunConfig, setup, hw, cal) -> dict:
+def simulated_scored_inputs(cfg: RunConfig, setup, hw, cal, lossy_states: dict | None = None) -> dict:
     """The scored policy's inputs on a hardware profile: links and δ (from its dequant rates) from the profile; ψ,
     the per-state value loss and the quality budget's lossy states from the model's calibration when it has one."""
     lowbit = {State.S1: "int8", State.S2: "int4"}
@@ -200,8 +216,7 @@ def simulated_scored_inputs(cfg: RunConfig, setup, hw, cal) -> dict:
                     delta[kind][s] = setup.state_bytes[b][s] / hw.dequant_bytes_per_s[fmt]
     from_cal = {} if cal is None else dict(psi=cal.psi, lossy_loss=cal.tick_lossy_loss(),
                                            calibration=f"ψ: {cal.model_key} @ {cal.machine_key}, {cal.created}")
-    lossy_states = simulated_lossy_states(cfg, setup, cal)
-    if lossy_states is not None:
+    if lossy_states is not None:  # computed once, before the compressed homes they decide (`simulated_lossy_states`)
         from_cal["lossy_states"] = lossy_states
     return dict(_common(setup), h2d_bytes_per_s=hw.host_to_device.bandwidth_bytes_per_s,
                 nvme_bytes_per_s=hw.nvme_read_bytes_per_s, delta=delta, **from_cal)

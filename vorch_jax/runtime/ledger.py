@@ -271,7 +271,7 @@ class Ledger:
         self._spec_pending.pop(block, None)  # evicted before its layer read it: not a used prefetch
         if block in self.prefetched:  # loaded ahead and never used: wasted
             self.prefetched.discard(block)
-            self.counters.prefetch_wasted_bytes += self.device_bytes[block]
+            self.counters.prefetch_wasted_bytes += self.on_device[block]  # the bytes that load moved
         if block in self.inflight:
             self.engine.wait(block)
             self.inflight.pop(block, None)

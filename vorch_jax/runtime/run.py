@@ -63,7 +63,8 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None) -> dict
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # what it was
     dtype = jnp.dtype(cfg.dtype)
     guard = quality_guard(cfg, setup, say)
-    setup = with_quality_budget_homes(cfg, setup, guard.allowance.states if guard is not None else None)
+    if guard is not None:
+        setup = with_quality_budget_homes(cfg, setup, guard.allowance.states, guard.calibration.psi)
     store_dir, scratch = nvme_store_dir(cfg.nvme_dir, out_dir)
     if reference is None:
         say("resident reference")
@@ -211,8 +212,9 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
         raise RoutingTraceError(f"the routing trace has {len(routing)} passes; the run needs {n} (new_tokens)")
     stream = plan_stream(spec, routing, n)
     cal = stored_calibration(cfg, setup) if spec.has_weights else None
-    setup = with_quality_budget_homes(cfg, setup, simulated_lossy_states(cfg, setup, cal))
-    extras = simulated_scored_inputs(cfg, setup, hw, cal) if cfg.policy == "scored" else None
+    lossy_states = simulated_lossy_states(cfg, setup, cal)
+    setup = with_quality_budget_homes(cfg, setup, lossy_states, cal.psi if cal is not None else None)
+    extras = simulated_scored_inputs(cfg, setup, hw, cal, lossy_states) if cfg.policy == "scored" else None
     policy = make_policy(cfg, policy_context(cfg, setup, stream), extras)
     clock = Clock()
     engine = SimEngine(hw, setup.state_bytes, setup.homes, clock, packed=setup.packed, packed_where=setup.packed_where)

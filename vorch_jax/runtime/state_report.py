@@ -53,13 +53,13 @@ def lossy_reason(block: str, setup, kl: dict | None, plan_reasons: dict) -> str:
     return "; ".join(why) or "unexplained"
 
 
-FORMAT_OF = {State.S1: "int8", State.S2: "int4", State.S6: "lowrank"}
-
-
 def home_formats(setup) -> str:
     """The compressed homes in one label ("" for none): 'int8', 'int4 g64', or a mix like 'int8 x58 + int4 g64 x2'."""
+    from vorch_jax.runtime.setup import HOME_FORMATS
+
     q = setup.cfg.quant
-    name = {State.S1: "int8", State.S2: f"int4 g{q.int4_group_size}", State.S6: f"lowrank r{q.lowrank_rank}"}
+    detail = {State.S2: f" g{q.int4_group_size}", State.S6: f" r{q.lowrank_rank}"}
+    name = {s: fmt + detail.get(s, "") for fmt, s in HOME_FORMATS.items()}
     counts = {name[s]: sum(v == s for v in setup.packed.values()) for s in sorted(set(setup.packed.values()))}
     if len(counts) <= 1:
         return next(iter(counts), "")

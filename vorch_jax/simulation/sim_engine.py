@@ -31,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 
 from vorch_jax.tiers.events import Event, EventLog
-from vorch_jax.tiers.state import State, route
+from vorch_jax.tiers.state import State, from_compressed_home, route
 
 SHARED_CORE_LINKS = ("host->device", "device->host")  # copies a CPU's cores carry out, beside its compute
 WAITED_FOR_ALONE = ("miss", "placement")  # loads the host waits for before it dispatches any more compute
@@ -110,7 +110,7 @@ class SimEngine:
         packed = self.packed.get(block, {})
         # as the real engine: a lossy device state routes from the lossless home, unless a compressed home serves
         # the target; S0 converts on device
-        from_home = not src.lossless and route(src, dst, packed) == route(src, dst)
+        from_home = not src.lossless and not from_compressed_home(src, dst, packed)
         start = self.homes[block] if from_home else src
         t, first, link_bytes = now, None, {}
         s0 = self.state_bytes[block][State.S0]
