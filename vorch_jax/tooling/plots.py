@@ -407,6 +407,7 @@ def frontier(rows: Sequence[Mapping], title: str = "") -> Figure:
             ax.annotate(f"{b:.1f}", (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("symlog", linthresh=1e-4)
+    ax.set_ylim(0, 3 * max([r["quality.kl_mean"] for r in done] + [1e-3]))  # KL >= 0: no negative decades
     ax.set_xlabel("bytes moved host->device (MB, log)")
     ax.set_ylabel("mean KL(resident || run) per token (nats, symlog)")
     ax.set_title(title or "Quality vs traffic (labels: HBM budget fraction); lower left is better")
