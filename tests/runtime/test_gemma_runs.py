@@ -26,3 +26,22 @@ def test_every_policy_runs_gemma_under_a_third_of_its_bytes(policy, reference, t
     assert 0 < s["peak_device_bytes"] <= s["hbm_budget_bytes"] < 0.31 * s["model_bytes"]
     assert s["link_bytes"]["host->device"] == s["bytes_moved"] > s["model_bytes"]  # the shards really stream
     assert 0 < s["lower_bound_bytes"] <= min(s["belady_bytes"], s["bytes_moved"])
+
+
+def test_a_lossy_gemma_run_is_calibrated_through_its_own_ops_and_keeps_its_quality_budget(reference, tmp_path,
+                                                                                         monkeypatch):
+    """Gemma is computed by its own ops, not Llama's: a lossy run measures its ΔKL per block and state through them
+    first (`ops_calibration`, 8 tokens here), streams from compressed homes, and stays within quality.max_kl."""
+    monkeypatch.setenv("VORCH_CACHE", str(tmp_path / "cache"))
+    said = []
+    cfg = load_config(None, [x for x in SMALL if x != "lossy=false"]
+                      + ["policy=scored", "hbm_budget=0.3", "lossy=true", "quality.calibration_tokens=8", "score.alpha=0"])
+    s = run(cfg, tmp_path / "run", reference=reference, progress=said.append)
+    assert any("no stored calibration" in m for m in said), said
+    assert s["quality"]["budget"]["measured_by"].startswith("gemma ops")
+    q = s["quality"]
+    assert q["kl_mean"] > 0 and q["budget"]["within_budget"] is True, q
+    homes = s["states"]["compressed_homes"]
+    assert homes["blocks"] > 0 and s["home_formats"], homes
+    assert 0 < s["peak_device_bytes"] <= s["hbm_budget_bytes"]
+    assert 0 < s["lower_bound_bytes"] <= s["bytes_moved"]

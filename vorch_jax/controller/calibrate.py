@@ -99,9 +99,10 @@ class Calibration:
 
 
 def supports(spec) -> bool:
-    """Whether this module calibrates `spec`: a dense Llama whose weights are here (its forward and its hand-written
-    backward are Llama's ops; other families' lossy runs stop with a one-line error until they have theirs)."""
-    return spec.ops == "llama" and spec.top_k == 0 and spec.has_weights
+    """Whether `spec` can be calibrated: a dense model whose weights are here. Llama's ops get the full calibration
+    (ΔKL and the gradient estimate, this module); other families ΔKL through their own ops (`ops_calibration`).
+    Routed models' lossy runs stop with a one-line error until experts have a calibration."""
+    return spec.top_k == 0 and spec.has_weights
 
 
 # ---------------------------------------------------------------- keys
@@ -335,10 +336,11 @@ def covers(cal: Calibration, *, tokens: int = 64, states=STATES, blocks=None, in
     return None
 
 
-def load_or_calibrate(source, dir=None, *, force: bool = False, progress=None, **kw) -> Calibration:
+def load_or_calibrate(source, dir=None, *, force: bool = False, progress=None, spec=None, **kw) -> Calibration:
     """The stored calibration for this model and machine when it covers the request, else a fresh one (saved).
 
-    `kw` as for `calibrate`. With blocks=None a stored calibration must cover every block of the model.
+    `kw` as for `calibrate`. With blocks=None a stored calibration must cover every block of the model. `spec`: the
+    model's spec; one computed by other ops than Llama's is measured through them (`ops_calibration`).
     Sets `reused` on the result.
     """
     say = progress or (lambda msg: None)
@@ -358,7 +360,12 @@ def load_or_calibrate(source, dir=None, *, force: bool = False, progress=None, *
                 return cal
             say(f"recalibrating: {why}")
     kw.setdefault("store_dir", root)  # the NVMe probe writes where the cache lives
-    cal = calibrate(source, progress=progress, **kw)
+    if spec is not None and spec.ops != "llama":
+        from vorch_jax.controller.ops_calibration import calibrate_by_ops
+
+        cal = calibrate_by_ops(spec, progress=progress, **kw)
+    else:
+        cal = calibrate(source, progress=progress, **kw)
     save_calibration(cal, root)
     return cal
 
@@ -397,10 +404,9 @@ def cmd_calibrate(args) -> int:
 
     spec = registry.get(args.model)
     if not supports(spec):
-        why = ("shape-only: its weights are not here" if not spec.has_weights else
-               "routed" if spec.top_k else f"computed by its own ops ('{spec.ops}')")
-        raise VorchError(f"vorch calibrate measures dense models computed by Llama's ops; {args.model} is {why}: "
-                         f"run it lossless (lossy=false), or calibrate the default model")
+        why = "shape-only: its weights are not here" if not spec.has_weights else "routed"
+        raise VorchError(f"vorch calibrate measures dense models with weights; {args.model} is {why}: "
+                         f"run it lossless (lossy=false), or calibrate a dense model")
     if args.tokens < 2:
         raise VorchError(f"--tokens must be at least 2, got {args.tokens}")
     states = tuple(s.strip().upper() for s in args.states.split(",") if s.strip())
@@ -421,8 +427,8 @@ def cmd_calibrate(args) -> int:
     def say(msg):
         print(f"[calibrate] {msg}", file=sys.stderr, flush=True)
 
-    cal = load_or_calibrate(source, args.dir, force=args.force, progress=say, tokens=args.tokens, states=states,
-                            blocks=blocks)
+    cal = load_or_calibrate(source, args.dir, force=args.force, progress=say, spec=spec, tokens=args.tokens,
+                            states=states, blocks=blocks)
     if cal.reused:
         say(f"reused the stored calibration from {cal.created} (pass --force to recompute)")
     else:

@@ -126,7 +126,9 @@ class QualityGuard:
     def summary(self, kl_measured: float | None = None) -> dict:
         out = {**self.allowance.summary(), "forced_kl": self.forced_kl,
                "calibration": f"{self.calibration.model_key} @ {self.calibration.machine_key}, "
-                              f"{self.calibration.created}"}
+                              f"{self.calibration.created}",
+               "measured_by": self.calibration.settings.get("measured_by", "llama ops (calibrate: ΔKL, gradient "
+                                                                           "estimate)")}
         if kl_measured is not None:
             out |= {"kl_measured": kl_measured, "within_budget": kl_measured <= self.allowance.max_kl}
         return out
@@ -158,8 +160,9 @@ def quality_guard(cfg: RunConfig, setup, say=lambda m: None) -> QualityGuard | N
                                f"machine: run `vorch calibrate` (about a minute) or set quality.calibration=auto")
         say(f"no stored calibration of {cfg.model} on this machine: measuring ΔKL of every block and lossy state on "
             f"{q.calibration_tokens} tokens first (stored for later runs)")
-        cal = load_or_calibrate(setup.source, None, force=True, progress=say, tokens=q.calibration_tokens,
-                                int4_group_size=cfg.quant.int4_group_size, lowrank_rank=cfg.quant.lowrank_rank)
+        cal = load_or_calibrate(setup.source, None, force=True, progress=say, spec=setup.spec,
+                                tokens=q.calibration_tokens, int4_group_size=cfg.quant.int4_group_size,
+                                lowrank_rank=cfg.quant.lowrank_rank)
     allowance, forced_kl = lossy_allowance(cfg, setup, cal)
     if forced_kl > q.max_kl:
         raise QualityError(f"placement rules fix lossy states (or compressed homes) whose calibrated ΔKL sums to "
