@@ -271,7 +271,10 @@ class ScoredPolicy(Policy):
         if self._expected_next_uses is None:  # not run by a ledger: most recently used first (a pass's furthest)
             return sorted(free, key=lambda b: -self.last_use.get(b, -1))
         uses = self._expected_next_uses(free)
-        p, size = self.victim_size_power, self._victim_bytes
+        p = self.victim_size_power
+        if not p:  # furthest-next-use (routed plans always): no sizes needed
+            return [free[i] for i in sorted(range(len(free)), key=lambda i: -uses[i])]
+        size = self._victim_bytes
         return [free[i] for i in sorted(range(len(free)), key=lambda i: -victim_key(uses[i], size[free[i]], p))]
 
     def take_scores(self):
