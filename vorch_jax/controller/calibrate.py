@@ -101,8 +101,9 @@ class Calibration:
 def supports(spec) -> bool:
     """Whether `spec` can be calibrated: a dense model whose weights are here. Llama's ops get the full calibration
     (ΔKL and the gradient estimate, this module); other families ΔKL through their own ops (`ops_calibration`).
-    Routed models' lossy runs stop with a one-line error until experts have a calibration."""
-    return spec.top_k == 0 and spec.has_weights
+    Routed models' lossy runs stop with a one-line error until experts have a calibration, and so do models whose
+    weights come from no file (a user's in-memory source: a calibration is stored per model file, `model_key`)."""
+    return spec.top_k == 0 and spec.has_weights and getattr(spec.source(), "path", None) is not None
 
 
 # ---------------------------------------------------------------- keys
@@ -404,7 +405,8 @@ def cmd_calibrate(args) -> int:
 
     spec = registry.get(args.model)
     if not supports(spec):
-        why = "shape-only: its weights are not here" if not spec.has_weights else "routed"
+        why = ("shape-only: its weights are not here" if not spec.has_weights else "routed" if spec.top_k else
+               "held in memory, not in a model file a calibration could be stored for")
         raise VorchError(f"vorch calibrate measures dense models with weights; {args.model} is {why}: "
                          f"run it lossless (lossy=false), or calibrate a dense model")
     if args.tokens < 2:
