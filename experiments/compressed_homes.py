@@ -1,8 +1,8 @@
 """Compressed homes side by side: what the link carries and what quality costs, against uniform compression.
 
 Run:   .venv/bin/python experiments/compressed_homes.py [--budget 0.3] [--tokens 16] [--rounds 3]
-Takes: about 4 minutes on 2 CPU cores with the defaults (the first lossy run calibrates SmolLM2 first if no
-       calibration is stored, about a minute more).
+Takes: about 8 minutes on 2 CPU cores with the defaults (18 runs; measured 10 minutes with other work on the
+       cores; the first lossy run calibrates SmolLM2 first if no calibration is stored, about a minute more).
 
 Every row is a real `vorch run` of the demo config (SmolLM2, its embedding and final norm protected in S0) at one
 HBM budget, in one process, sharing one resident reference, the variants interleaved round by round:
