@@ -82,6 +82,11 @@ class Calibration:
     reused: bool = False  # set by load_or_calibrate; never stored
 
     @property
+    def measured_by(self) -> str:
+        """What measured it (an ops calibration says so in its settings)."""
+        return self.settings.get("measured_by", "ΔKL and the gradient estimate (calibrate.py)")
+
+    @property
     def states(self) -> tuple:
         return tuple(self.settings.get("states", STATES))
 
@@ -96,6 +101,16 @@ class Calibration:
         from vorch_jax.tiers.state import State
 
         return tuple(sorted((int(State.parse(s)), v) for s, v in self.lossy_loss.items()))
+
+
+def lossy_loss_of(kl: dict, lossy_blocks: list, states, kl_tolerance: float = KL_TOLERANCE) -> dict:
+    """state -> the value fraction it loses (module docstring): the median ΔKL over the blocks a lossy state changes,
+    mapped by m / (m + kl_tolerance), capped at MAX_LOSSY_LOSS."""
+    loss = {}
+    for s in states:
+        m = float(np.median([kl[b][s] for b in lossy_blocks])) if lossy_blocks else 0.0
+        loss[s] = min(MAX_LOSSY_LOSS, m / (m + kl_tolerance)) if m > 0 else 0.0
+    return loss
 
 
 def supports(spec) -> bool:
@@ -195,10 +210,7 @@ def calibrate(source, *, tokens: int = 64, states=STATES, blocks=None, int4_grou
     rho = {s: spearman([kl[b][s] for b in lossy], [est[b][s] for b in lossy]) for s in ranked}
     rho["all"] = spearman([kl[b][s] for b in lossy for s in ranked], [est[b][s] for b in lossy for s in ranked])
     psi_state = PSI_STATE if PSI_STATE in ranked else (ranked[len(ranked) // 2] if ranked else states[0])
-    loss = {}
-    for s in ranked:
-        m = float(np.median([kl[b][s] for b in lossy])) if lossy else 0.0
-        loss[s] = min(MAX_LOSSY_LOSS, m / (m + kl_tolerance)) if m > 0 else 0.0
+    loss = lossy_loss_of(kl, lossy, ranked, kl_tolerance)
 
     bandwidths, delta = {}, {}
     if probe_links:

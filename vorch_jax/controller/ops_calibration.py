@@ -59,7 +59,7 @@ def calibrate_by_ops(spec, *, tokens: int = 64, states=("S1", "S2", "S6"), block
                      lowrank_rank: int = 32, probe_links: bool = True, store_dir=None, progress=None, **_ignored):
     """A `calibrate.Calibration` of `spec` (dense, with weights) from its own ops (see the module docstring)."""
     from vorch_jax.controller.calibrate import (
-        KL_TOLERANCE, MAX_LOSSY_LOSS, PSI_STATE, Calibration, _probe, machine_key, model_key,
+        KL_TOLERANCE, PSI_STATE, Calibration, _probe, lossy_loss_of, machine_key, model_key,
     )
     from vorch_jax.tiers.dequant_cost import measure_dequant_seconds
 
@@ -87,11 +87,7 @@ def calibrate_by_ops(spec, *, tokens: int = 64, states=("S1", "S2", "S6"), block
                                      carry=copy.deepcopy(entering[i]))
             kl[b][s] = float(S.kl_mean(ref, logits))
         say(f"blocks {n + 1}/{len(blocks)} ({b}) {time.perf_counter() - t0:.1f} s")
-    lossy = [b for b in blocks if any(len(v.shape) == 2 for v in W[b].values())]
-    loss = {}
-    for s in states:
-        m = float(np.median([kl[b][s] for b in lossy])) if lossy else 0.0
-        loss[s] = min(MAX_LOSSY_LOSS, m / (m + KL_TOLERANCE)) if m > 0 else 0.0
+    loss = lossy_loss_of(kl, [b for b in blocks if any(len(v.shape) == 2 for v in W[b].values())], states)
     bandwidths, delta = {}, {}
     if probe_links:
         say("probing links and dequant cost")

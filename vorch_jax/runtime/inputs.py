@@ -127,8 +127,7 @@ class QualityGuard:
         out = {**self.allowance.summary(), "forced_kl": self.forced_kl,
                "calibration": f"{self.calibration.model_key} @ {self.calibration.machine_key}, "
                               f"{self.calibration.created}",
-               "measured_by": self.calibration.settings.get("measured_by", "llama ops (calibrate: ΔKL, gradient "
-                                                                           "estimate)")}
+               "measured_by": self.calibration.measured_by}
         if kl_measured is not None:
             out |= {"kl_measured": kl_measured, "within_budget": kl_measured <= self.allowance.max_kl}
         return out
