@@ -21,7 +21,6 @@ import copy
 import datetime
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -58,9 +57,10 @@ def pass_logits_TxV(spec, compute, W: dict, ids_T, *, start: int = 0, carry=None
 def calibrate_by_ops(spec, *, tokens: int = 64, states=("S1", "S2", "S6"), blocks=None, int4_group_size: int = 64,
                      lowrank_rank: int = 32, probe_links: bool = True, store_dir=None, progress=None, **_ignored):
     """A `calibrate.Calibration` of `spec` (dense, with weights) from its own ops (see the module docstring)."""
-    from vorch_jax.controller.calibrate import (
-        KL_TOLERANCE, PSI_STATE, Calibration, _probe, lossy_loss_of, machine_key, model_key,
+    from vorch_jax.controller.calibration_record import (
+        KL_TOLERANCE, PSI_STATE, Calibration, lossy_loss_of, machine_key, model_key,
     )
+    from vorch_jax.controller.calibration_record import probe_links as link_bandwidths  # the flag has its name
     from vorch_jax.tiers.dequant_cost import measure_dequant_seconds
 
     t0 = time.perf_counter()
@@ -91,7 +91,7 @@ def calibrate_by_ops(spec, *, tokens: int = 64, states=("S1", "S2", "S6"), block
     bandwidths, delta = {}, {}
     if probe_links:
         say("probing links and dequant cost")
-        bandwidths = {k: float(v) for k, v in _probe(store_dir).items()}
+        bandwidths = {k: float(v) for k, v in link_bandwidths(store_dir).items()}
         for b in order:  # one block of each kind
             kind = spec.block_info[b].kind
             if kind not in delta and any(len(v.shape) == 2 for v in W[b].values()):
