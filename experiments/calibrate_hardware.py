@@ -58,6 +58,32 @@ def matmul_flops() -> dict:
     return out
 
 
+def host_compute_overheads(k: int = 64, width: int = 576) -> dict:
+    """Seconds a host op computed in place costs beyond the same op on the device (a k x k matmul through
+    `compute_on('device_host')` on pinned_host weights), and one activation copy ([1, width] to pinned_host and
+    back in one jitted program, halved): the `host_compute` section's overheads."""
+    from jax.experimental.compute_on import compute_on
+    from jax.sharding import SingleDeviceSharding
+
+    dev = jax.devices()[0]
+    w_host = jax.device_put(jnp.full((k, k), 1e-3), SingleDeviceSharding(dev, memory_kind="pinned_host"))
+    w_dev, x = jnp.full((k, k), 1e-3), jnp.ones((1, k))
+
+    @jax.jit
+    def on_host(x, w):
+        with compute_on("device_host"):
+            y = jax.device_put(x, jax.memory.Space.Host) @ w
+        return jax.device_put(y, jax.memory.Space.Device)
+
+    on_device = jax.jit(lambda x, w: x @ w)
+    round_trip = jax.jit(lambda a: jax.device_put(jax.device_put(a, jax.memory.Space.Host), jax.memory.Space.Device))
+    act = jnp.ones((1, width))
+    host_s = _median(lambda: on_host(x, w_host).block_until_ready(), repeats=101)
+    dev_s = _median(lambda: on_device(x, w_dev).block_until_ready(), repeats=101)
+    return {"op_overhead": max(0.0, host_s - dev_s), "host_op": host_s, "device_op": dev_s, "k": k, "width": width,
+            "activation_latency": _median(lambda: round_trip(act).block_until_ready(), repeats=101) / 2}
+
+
 def block_fit() -> tuple[float, float, dict]:
     """(bandwidth bytes/s, overhead s, {kind: seconds}) from the runtime's decode-shaped block functions."""
     from vorch_jax.models import llama_compute as C
@@ -368,7 +394,8 @@ def main(argv=None):
                          "bandwidth, host time per position, memory bandwidth and copy contention from those runs "
                          "(what sim_validate does each round)")
     args = ap.parse_args(argv)
-    measured = {"fl": matmul_flops(), "blk": block_fit(), "ln": links(None), "dq": dequant()}
+    measured = {"fl": matmul_flops(), "blk": block_fit(), "ln": links(None), "dq": dequant(),
+                "hc": host_compute_overheads()}
     Path(args.out).write_text(profile_text(**measured, cal=None, from_runs=0))
     if args.from_runs:
         from vorch_jax.simulation.hardware import load_profile
@@ -390,7 +417,7 @@ def main(argv=None):
     print(Path(args.out).read_text())
 
 
-def profile_text(fl, blk, ln, dq, cal, from_runs) -> str:
+def profile_text(fl, blk, ln, dq, hc, cal, from_runs) -> str:
     """The YAML profile, each value with its source; `cal` (from `fit_from_runs`) replaces the parameters it fits."""
     import os
     import platform
@@ -479,6 +506,14 @@ compute:
   prefetch_beside_compute_s: {ahead:.6e}  # {src['ahead']}
 host:
   dispatch_s_per_block: {blk['dispatch']:.6e}  # {src['disp']}
+host_compute:  # the same {os.cpu_count()} cores and DRAM as the 'device' above: an op computed in place competes with the device's compute
+  cores: {os.cpu_count()}  # os.cpu_count() here
+  flops_per_s_per_core:
+    fp32: {fl['fp32'] / os.cpu_count():.6e}  # compute.flops_per_s.fp32 above (measured here) over the {os.cpu_count()} cores
+    bf16: {fl['bf16'] / os.cpu_count():.6e}  # compute.flops_per_s.bf16 above (measured here) over the {os.cpu_count()} cores
+  dram_bandwidth_bytes_per_s: {bw:.6e}  # hbm.bandwidth_bytes_per_s above: the same DRAM
+  op_overhead_s: {hc['op_overhead']:.6e}  # {m}: a {hc['k']}x{hc['k']} op through compute_on('device_host') took {hc['host_op'] * 1e6:.1f} us against {hc['device_op'] * 1e6:.1f} us on the device)
+  activation_latency_s: {hc['activation_latency']:.6e}  # {m}: half a jitted program moving a [1, {hc['width']}] activation to pinned_host and back)
 """
 
 

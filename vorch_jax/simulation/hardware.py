@@ -31,6 +31,15 @@ Schema (dotted names are the error messages' field names)::
                                                     # speculative, planned) takes: the host goes on dispatching
                                                     # compute, which runs beside it throughout (0 on GPUs/TPUs)
     host.dispatch_s_per_block                       # host (Python + dispatch) time per schedule position
+    host_compute.cores                              # host CPU cores an op computed in place runs on (all of them)
+    host_compute.flops_per_s_per_core.{bf16, fp32}  # one core's matmul throughput per precision
+    host_compute.dram_bandwidth_bytes_per_s         # what a host op streams weights from DRAM at (all cores)
+    host_compute.op_overhead_s                      # fixed host seconds per op computed in place (its launch)
+    host_compute.activation_latency_s               # one activation copy (a few KB) between device and host, each way
+
+`host_compute` prices an op computed where its weights live (`compute: host`, `in_place: auto`): the activations
+cross the link (latency + bytes / bandwidth each way) and the host streams the weights from DRAM
+(`HostCompute.op_seconds`).
 
 The time model that reads these lives in `sim_engine.py` (links) and `backend.py` (compute, `position_seconds`).
 """
@@ -55,6 +64,22 @@ class Link:
 
 
 @dataclasses.dataclass(frozen=True)
+class HostCompute:
+    """The host CPU as a place to compute a block whose weights sit in its DRAM (issue: compute in place)."""
+
+    cores: int
+    flops_per_s_per_core: dict  # "bf16" | "fp32" -> FLOP/s of one core
+    dram_bandwidth_bytes_per_s: float
+    op_overhead_s: float
+    activation_latency_s: float
+
+    def op_seconds(self, flops: float, weight_bytes: float, precision: str) -> float:
+        """Host seconds of one op: overhead + max(FLOPs over all cores, weight bytes from DRAM) (a roofline)."""
+        rate = self.cores * self.flops_per_s_per_core[precision]
+        return self.op_overhead_s + max(flops / rate, weight_bytes / self.dram_bandwidth_bytes_per_s)
+
+
+@dataclasses.dataclass(frozen=True)
 class HardwareProfile:
     name: str
     device: str
@@ -76,6 +101,7 @@ class HardwareProfile:
     copy_beside_compute_s: float  # a waited-for copy's extra seconds when compute is queued (CPU: waits for a core)
     prefetch_beside_compute_s: float  # an unwaited copy's (prefetch) extra seconds: compute beside it throughout
     dispatch_s_per_block: float
+    host_compute: HostCompute
     source: str = ""  # the file it was read from
 
     def replace(self, **kw) -> "HardwareProfile":
@@ -107,11 +133,14 @@ _SCHEMA = {
         "prefetch_beside_compute_s": float,
     },
     "host": {"dispatch_s_per_block": float},
+    "host_compute": {"cores": int, "flops_per_s_per_core": {"bf16": float, "fp32": float},
+                     "dram_bandwidth_bytes_per_s": float, "op_overhead_s": float, "activation_latency_s": float},
 }
 _MAY_BE_ZERO = {"links.host_to_device.latency_s", "links.device_to_host.latency_s", "nvme.latency_s",
                 "compute.block_overhead_s", "host.dispatch_s_per_block",
                 "compute.copy_contention", "compute.copy_beside_compute_s",
-                "compute.prefetch_beside_compute_s"}
+                "compute.prefetch_beside_compute_s", "host_compute.op_overhead_s",
+                "host_compute.activation_latency_s"}
 
 
 def _check(data, schema: dict, where: str, src: str) -> dict:
@@ -167,7 +196,10 @@ def profile_from_dict(data, source: str = "<dict>") -> HardwareProfile:
         copy_contention=d["compute"]["copy_contention"],
         copy_beside_compute_s=d["compute"]["copy_beside_compute_s"],
         prefetch_beside_compute_s=d["compute"]["prefetch_beside_compute_s"],
-        dispatch_s_per_block=d["host"]["dispatch_s_per_block"], source=source)
+        dispatch_s_per_block=d["host"]["dispatch_s_per_block"],
+        host_compute=HostCompute(**{**d["host_compute"],
+                                    "flops_per_s_per_core": dict(d["host_compute"]["flops_per_s_per_core"])}),
+        source=source)
 
 
 def load_profile(name_or_path) -> HardwareProfile:
@@ -206,4 +238,6 @@ def profile_to_dict(p: HardwareProfile) -> dict:
                     "copy_beside_compute_s": p.copy_beside_compute_s,
                     "prefetch_beside_compute_s": p.prefetch_beside_compute_s},
         "host": {"dispatch_s_per_block": p.dispatch_s_per_block},
+        "host_compute": {**dataclasses.asdict(p.host_compute),
+                         "flops_per_s_per_core": dict(p.host_compute.flops_per_s_per_core)},
     }
