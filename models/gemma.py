@@ -138,6 +138,8 @@ def mlp(cfg, w, x_BxTxD):
 class GemmaCompute(LlamaCompute):
     """Gemma's ops over the Llama carry: a scaled embedding, windowed attention, GeGLU; the same norm and head."""
 
+    mlp_fn = staticmethod(mlp)  # GeGLU, also where it runs in place
+
     def run(self, position, w, c):
         op, cfg = position.op, self.cfg
         if op == "embed":

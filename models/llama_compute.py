@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from . import llama_layers as L
 from .llama import KVCache
+from .host_ops import moved_bytes, on_host
 from .weights import matmul
 
 
@@ -86,6 +87,17 @@ class LlamaCompute:
         else:
             raise ValueError(f"op '{op}' is not a Llama op")
         return None
+
+    def run_in_place(self, position, w_host, c: Carry) -> dict[str, int]:
+        """Compute `position` where its weights live (`w_host`: the block's leaves in host memory, `host_ops`);
+        returns the activation bytes moved per link. Only the MLP: attention reads its KV cache on the device."""
+        if position.op != "mlp":
+            raise ValueError(f"op '{position.op}' cannot run in place (ops that can: mlp)")
+        x = c.x_BxTxD
+        c.x_BxTxD = on_host(self.mlp_fn, self.cfg)(w_host, x)
+        return moved_bytes(x, c.x_BxTxD)
+
+    mlp_fn = staticmethod(mlp)  # the family's MLP (cfg, w, x) -> x: what runs in place
 
     def finish(self, c: Carry):
         """(logits [B, T, V] float32, the updated cache)."""

@@ -50,6 +50,7 @@ class LlamaSpec(ModelSpec):
     """A Llama decoder. `gguf`: a zero-argument loader of its GGUF source (None: shape-only from `cfg`)."""
 
     ops = "llama"
+    in_place_ops = ("mlp",)
 
     def __init__(self, name: str, cfg: LlamaConfig | None = None, *, tied: bool = True, gguf=None,
                  note: str = "", requirements: tuple = ()):

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from . import moe
+from .host_ops import moved_bytes, on_host
 from .llama_compute import Carry, LlamaCompute
 
 
@@ -38,7 +39,7 @@ def expert_add(w, h_BxTxD, x_BxTxD, mask_BxTxE, e):
     """x + [token chose e]·expert_e(h): one expert's contribution (`moe.moe_combine`, one expert at a time)."""
     y = moe.expert_mlp(w, h_BxTxD)
     chose = jax.lax.dynamic_slice_in_dim(mask_BxTxE, e, 1, axis=-1)
-    return x_BxTxD + jnp.where(chose, y, jnp.zeros_like(y))
+    return x_BxTxD + y * chose.astype(y.dtype)  # no constant array: on the host every operand must live there
 
 
 class MoECompute(LlamaCompute):
@@ -61,6 +62,15 @@ class MoECompute(LlamaCompute):
             c.x_BxTxD = expert_add(w, c.extra["h"], c.x_BxTxD, c.extra["mask"], self._expert_index[position.expert])
             return None
         return super().run(position, w, c)
+
+    def run_in_place(self, position, w_host, c: Carry) -> dict[str, int]:
+        """An expert computed where its weights live (host memory): h, x and the routing mask go to it, x comes
+        back; returns the activation bytes per link."""
+        if position.op != "expert":
+            return super().run_in_place(position, w_host, c)
+        acts = (c.extra["h"], c.x_BxTxD, c.extra["mask"], self._expert_index[position.expert])
+        c.x_BxTxD = on_host(expert_add)(w_host, *acts)
+        return moved_bytes(acts, c.x_BxTxD)
 
     def speculate(self, gate_next_w, c: Carry, top_k: int):
         """(predicted bool[E], mean probs [E]) device arrays of the next layer's router on this layer's MoE input."""

@@ -59,6 +59,8 @@ class MoESpec(ModelSpec):
     of (block source, tokenizer) (None: shape-only). The block table needs only the config: the MoE is built the
     first time its weights are read."""
 
+    in_place_ops = ("expert",)
+
     def __init__(self, name: str, config, n_experts: int, top_k: int, expert_d_ff: int | None = None, *, tied: bool,
                  router_bias: bool, build=None, note: str = "", requirements: tuple = ()):
         self.name, self._config, self.n_experts, self.top_k, self.tied = name, config, n_experts, top_k, tied

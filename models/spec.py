@@ -51,6 +51,8 @@ class ModelSpec:
     has_weights: bool = True  # False: shape-only (the simulator's models at scale)
     ops: str = ""  # whose layer functions compute a pass ('llama', 'gemma', ...): what op-level tools key on
     top_k: int = 0  # experts per token (0: dense)
+    in_place_ops: tuple = ()  # ops that may run where their block's weights live, in host memory (`compute(dtype)`
+    # has `run_in_place` for them; an op that reads device state, like attention's KV cache, cannot)
     n_experts: int = 0
 
     # -- what the blocks are
@@ -121,6 +123,16 @@ class ModelSpec:
                 out += [q.block for q in self.experts(p.layer, np.ones(self.n_experts, bool))]
         return out
 
+    @functools.cached_property
+    def block_op(self) -> dict:
+        """{block: the op its positions compute} over one pass reading every block."""
+        out = {}
+        for p in self.skeleton():
+            out.setdefault(p.block, p.op)
+            if p.op == "route":
+                out.update({q.block: q.op for q in self.experts(p.layer, np.ones(self.n_experts, bool))})
+        return out
+
     def compile_positions(self) -> list[Position]:
         """A pass that runs every op at least once (each routed layer with its expert 0): what compiles a model."""
         out = []
@@ -159,6 +171,14 @@ class ModelSpec:
         ctx = self.attention_context(position.layer, context)
         flops += 4.0 * tokens * ctx * cfg.n_heads * cfg.head_dim
         return flops, weight_bytes + 2.0 * ctx * cfg.n_kv_heads * cfg.head_dim * itemsize
+
+    def activation_bytes(self, position: Position, tokens: int, itemsize: int) -> tuple[int, int]:
+        """(to the host, back to the device) bytes an op computed in place moves: the residual stream x in and
+        out; an expert also takes its normed input h, the routing mask (bool [T, E]) and its index (int32)."""
+        x = tokens * self.config.d_model * itemsize
+        if position.op == "expert":
+            return 2 * x + tokens * self.n_experts + 4, x
+        return x, x
 
     @functools.cached_property
     def _matmul_params(self) -> dict:

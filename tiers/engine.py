@@ -47,7 +47,7 @@ from vorch_jax.tiers.nvme_store import CorruptBlockError, NvmeBlock
 from vorch_jax.tiers.packed_home import PackedHostBlock, PackedNvmeBlock, convert_on_device
 from vorch_jax.tiers.pinned_host import PinnedHostBlock
 from vorch_jax.tiers.state import (
-    BlockInFlightError, Hop, State, UnknownBlockError, UnknownStateError, from_compressed_home, route,
+    BlockInFlightError, Hop, OffDeviceError, State, UnknownBlockError, UnknownStateError, from_compressed_home, route,
 )
 
 WHERES = ("device", "host", "disk")
@@ -257,6 +257,20 @@ class MovementEngine:
             if not pending.cancelled():
                 pending.result()
         return self.get(block_id)
+
+    def host_leaves(self, block_id: str) -> dict:
+        """The block's lossless arrays in pinned host memory (its S3 home, kept while on device or in flight), for an
+        op computed where they live: nothing moves. OffDeviceError when its home is on NVMe."""
+        with self._lock:
+            entry = self._entry(block_id)
+            host = [r for r in (entry.home, entry.rep) if isinstance(r, PinnedHostBlock)]
+        if not host:
+            raise OffDeviceError(f"block '{block_id}' has no copy in host DRAM to compute in place (home on NVMe)")
+        return host[0].leaves
+
+    def record_in_place(self, block_id: str, start: float, end: float, link_bytes: dict) -> None:
+        """An op computed where the block lives: the activation bytes per link and the host span."""
+        self.events.append(Event("in_place", block_id, State.S3, State.S3, start, end, link_bytes, reason="in_place"))
 
     def inspect(self, block_id: str) -> dict[str, np.ndarray]:
         """Host numpy copy of the block's content in any settled state (lossy states dequantized); for tests

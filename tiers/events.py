@@ -13,7 +13,8 @@ from typing import Iterator, Mapping
 
 from vorch_jax.tiers.state import State
 
-KINDS = ("transition", "stall", "recovered", "cancelled", "error", "staged")  # staged: a compressed home was made
+# staged: a compressed home was made; in_place: an op computed where the block lives (link_bytes: its activations)
+KINDS = ("transition", "stall", "recovered", "cancelled", "error", "staged", "in_place")
 
 
 @dataclasses.dataclass(frozen=True)

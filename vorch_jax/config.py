@@ -71,6 +71,7 @@ __all__ = [
     "RunConfig",
     "MoEConfig",
     "POLICIES",
+    "IN_PLACE",
     "EXECUTORS",
     "DTYPES",
     "GROUP_SIZES",
@@ -92,6 +93,9 @@ STATES = ("S0", "S1", "S2", "S3", "S4", "S5", "S6")
 RULE_STATES = ("S0", "S1", "S2", "S3", "S4", "S6")  # S5 (in flight) is transient: no rule may ask for it
 HOME_FORMATS = ("int8", "int4", "lowrank")  # a compressed home's format: it loads as S1, S2, S6 (runtime.setup)
 LOSSY_STATES = ("S1", "S2", "S6")
+# `in_place`: off, or auto (a block off device whose op can run where its weights live, in host DRAM, is computed
+# there when that is quicker than loading it: `vorch_jax.runtime.in_place`)
+IN_PLACE = ("off", "auto")
 # Higher is better to compute with; same values as vorch_jax.controller.state_ids.QUALITY_RANK (tests check they agree).
 QUALITY_RANK = {"S0": 5, "S1": 4, "S2": 3, "S3": 1, "S4": 0, "S5": 1, "S6": 2}
 
@@ -206,6 +210,10 @@ class PlacementRule:
     (None = computed); `home_format` (int8, int4, lowrank; needs `lossy`) keeps a compressed copy of each matched
     block (in DRAM, else on NVMe), made once, and every load of it moves and lands that format (S1, S2, S6): FlexGen-style
     compression of what streams, e.g. ``{path: 'layers.*', home_format: int4}`` with ``policy: static``.
+    `compute`: where the blocks' ops run. ``host``: always where the weights live, in host DRAM (their lossless home
+    is laid out there): the activations cross the link instead, the block never loads and takes no HBM (llama.cpp's
+    ``--n-cpu-moe``: ``{path: 'layers.*expert.*', compute: host}``); ``device``: always moved to the device; ""
+    (default): the run's ``in_place`` decides.
     """
 
     path: str
@@ -214,11 +222,18 @@ class PlacementRule:
     floor: str = ""
     kappa: float | None = None
     home_format: str = ""
+    compute: str = ""
 
     def __post_init__(self) -> None:
         F.check_types(self)
         F.require(self.path != "", "path", "must be a non-empty regex")
         F.choice(self, "home_format", ("",) + HOME_FORMATS)
+        F.choice(self, "compute", ("", "device", "host"))
+        if self.compute == "host":
+            F.require(not (self.protect or self.state in ("S0", "S1", "S2", "S4", "S6") or self.home_format), "compute",
+                      f"is host (computed where the weights live in DRAM) but the rule also sets "
+                      f"{'protect' if self.protect else 'home_format' if self.home_format else 'state ' + self.state}"
+                      f", which puts them elsewhere: drop one of the two")
         F.require(not (self.home_format and (self.state in ("S0", "S1", "S2", "S6") or self.protect)), "home_format",
                   f"is set but the rule pins the blocks on device ({'protect' if self.protect else 'state ' + self.state})"
                   f", so they never load from a home: drop one of the two")
@@ -258,6 +273,7 @@ class RunConfig:
     routing_trace: str = ""  # executor sim, MoE: a routing.json a real MoE run wrote (else Zipf routing)
     eval_tokens: int = 256
     dtype: str = "float32"
+    in_place: str = "off"
     score: ScoreConfig = field(default_factory=ScoreConfig)
     guardrail: GuardrailConfig = field(default_factory=GuardrailConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -271,6 +287,7 @@ class RunConfig:
         F.choice(self, "policy", POLICIES)
         F.choice(self, "executor", EXECUTORS)
         F.choice(self, "dtype", DTYPES)
+        F.choice(self, "in_place", IN_PLACE)
         for name in ("hbm_budget", "dram_budget"):
             try:
                 F.budget_spec(getattr(self, name))

@@ -39,11 +39,12 @@ class Placement:
     kappa: float | None = None
     rule: int | None = None
     home_format: str | None = None
+    compute: str | None = None  # "host" | "device": where the block's op runs (None: the run's in_place decides)
 
 
 def _placement(rule: PlacementRule, index: int) -> Placement:
     return Placement(state=rule.state or None, protect=rule.protect, floor=rule.floor or None, kappa=rule.kappa,
-                     rule=index, home_format=rule.home_format or None)
+                     rule=index, home_format=rule.home_format or None, compute=rule.compute or None)
 
 
 def _first_matches(rules: Sequence[PlacementRule], block_ids: Iterable[str]) -> tuple[dict[str, int | None], list[int]]:

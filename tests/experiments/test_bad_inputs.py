@@ -68,6 +68,15 @@ CASES = [
     ("run-home-format-over-quality", "run " + DEMO + " lossy=true policy=static quality.calibration_tokens=16 " + TINY
      + " \"placement=[{{path: "
      "'layers.*', home_format: int4}}]\" --out {d}", "quality.max_kl", None),
+    ("run-in-place-unknown", f"run {DEMO} in_place=always --out {{d}}", "key 'in_place'", None),
+    ("run-compute-host-protected", "run " + DEMO + " \"placement=[{{path: 'layers.*mlp', protect: true, "
+     "compute: host}}]\" --out {d}", "which puts them elsewhere", None),
+    ("run-compute-unknown", "run " + DEMO + " \"placement=[{{path: 'layers.*mlp', compute: cpu}}]\" --out {d}",
+     "must be one of '', 'device', 'host'", None),
+    ("run-compute-host-attention", "run " + DEMO + " \"placement=[{{path: 'layers.*', compute: host}}]\" --out {d}",
+     "cannot run in place", None),
+    ("run-compute-host-over-dram", "run " + DEMO + " dram_budget=1MB \"placement=[{{path: 'layers.*mlp', "
+     "compute: host}}]\" --out {d}", "raise dram_budget", None),
     ("run-lossy-uncalibrated-family", f"run {DEMO} model=smollm2-135m-moe lossy=true --out {{d}}",
      "does not measure for this model yet", None),
     ("run-routing-trace-real", f"run {DEMO} routing_trace=x.json --out {{d}}", "replayed only by the simulator", None),

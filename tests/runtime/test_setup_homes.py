@@ -2,7 +2,11 @@
 of blocks without a compressed copy first), the rest on NVMe (compressed homes too); the policy loads a block in its
 compressed home's state."""
 
+import pytest
+
 from vorch_jax.config import load_config
+from vorch_jax.errors import RunError
+from vorch_jax.placement import Placement
 from vorch_jax.runtime.inputs import policy_context
 from vorch_jax.runtime.setup import build_setup, lay_out_homes
 from vorch_jax.policies.baselines import StaticPolicy
@@ -15,7 +19,7 @@ RULES = ("placement=[{path: embed, state: S0, protect: true}, {path: final_norm,
 
 def test_compressed_homes_take_dram_first_and_their_lossless_homes_last():
     order = ["a", "b", "c", "d"]
-    placement = {b: type("P", (), {"state": None})() for b in order}
+    placement = {b: Placement() for b in order}
     size = {b: 10 for b in order}
     # c and d keep 3-byte compressed homes: 6 bytes, then a and b (no compressed copy) in pass order, then c
     homes, where = lay_out_homes(order, order, placement, size, {"c": 3, "d": 3}, dram=27)
@@ -23,6 +27,15 @@ def test_compressed_homes_take_dram_first_and_their_lossless_homes_last():
     assert lay_out_homes(order, order, placement, size, {"c": 3, "d": 3}, dram=36)[0]["c"] == S3
     homes, where = lay_out_homes(order, order, placement, size, {"c": 3, "d": 3}, dram=5)
     assert where == {"c": "host", "d": "disk"} and homes == {b: S4 for b in order}  # what does not fit: NVMe
+
+
+def test_blocks_computed_on_the_host_take_dram_before_anything_else():
+    order = ["a", "b", "c", "d"]
+    placement = {b: Placement(compute="host" if b == "d" else None) for b in order}
+    homes, where = lay_out_homes(order, order, placement, {b: 10 for b in order}, {"c": 3}, dram=14)
+    assert homes == {"a": S4, "b": S4, "c": S4, "d": S3} and where == {"c": "host"}  # d first, then c's 3 bytes
+    with pytest.raises(RunError, match="dram_budget of 9 bytes cannot hold the 1 blocks of toy"):
+        lay_out_homes(order, order, placement, {b: 10 for b in order}, {}, dram=9, model="toy")
 
 
 def test_a_home_format_rule_makes_its_blocks_stream_compressed():

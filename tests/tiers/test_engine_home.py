@@ -67,3 +67,22 @@ def test_leaving_for_another_off_device_state_frees_the_old_home(engine, tmp_pat
     assert engine.state("b2") == S4 and engine.bytes_in("host") == 0 and engine.bytes_in("device") == 0
     assert engine.bytes_in("disk") > 0
     assert sum(a.nbytes for a in engine.live_arrays()) == 0
+
+
+def test_host_leaves_are_the_kept_home_and_an_op_in_place_is_an_event(engine):
+    from vorch_jax.tiers.state import OffDeviceError
+
+    src = engine.source
+    engine.register("b0", S3)
+    engine.register("b1", S4)
+    for on_device in (False, True):
+        leaves = engine.host_leaves("b0")
+        assert {a.sharding.memory_kind for a in leaves.values()} == {"pinned_host"}
+        for k, v in src.blocks["b0"].items():
+            np.testing.assert_array_equal(np.asarray(leaves[k]), v)
+        engine.request("b0", S0).result()
+    with pytest.raises(OffDeviceError, match="home on NVMe"):
+        engine.host_leaves("b1")
+    engine.record_in_place("b0", 1.0, 1.5, {"device->host": 8, "host->device": 8})
+    e = engine.events[-1]
+    assert e.kind == "in_place" and e.duration == 0.5 and e.total_bytes == 16 and e.src == e.dst == S3

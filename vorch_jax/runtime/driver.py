@@ -3,7 +3,8 @@
 The loop is the schedule (FlexGen's shape):
 
     for position in the pass:              (a router's position reveals the experts that follow it)
-        w = residency.fetch(block)         ensure (hit, or load and wait: a timed stall), then prefetch ahead
+        w = residency.fetch(block)         ensure (hit, or load and wait: a timed stall), then prefetch ahead; or an
+                                           `InPlace`: the op runs where the weights live (runtime/in_place.py)
         backend.run(position, w)           async dispatch on the real backend; a modelled span on the simulated one
         if position routes: the router's choice comes to the host; the next layer's router may speculate
         residency.done(); at a layer's end: residency.after_layer (the policy's tick)
@@ -58,6 +59,7 @@ class Driver:
         cursor, res, be = self.cursor, self.residency, self.backend
         be.begin_pass(ids_BxT, cache, pos, self.passes)
         cursor.begin_pass()
+        res.begin_pass(np.shape(ids_BxT)[1])
         chosen = [[] for _ in cursor.route_of_layer] if cursor.routed else None
         while (p := cursor.next()) is not None:
             with be.host():

@@ -83,7 +83,8 @@ def with_quality_budget_homes(cfg: RunConfig, setup, lossy_states: dict | None, 
     """A lossy scored run with `quant.compressed_homes`: each block the quality budget allows lossy states keeps a
     compressed home in the best-quality of them (`quality_budget.compressed_home_states`), and streams in it, among
     the states the controller's ladder would give it too: none for protected or rule-fixed blocks, none below a rule's
-    floor, int8 at worst for a block the ψ guardrail holds (`scored_policy.sensitive_blocks`). Else `setup`."""
+    floor, int8 at worst for a block the ψ guardrail holds (`scored_policy.sensitive_blocks`), none for a block a rule
+    computes on the host. Else `setup`."""
     from vorch_jax.controller.quality_budget import compressed_home_states
     from vorch_jax.controller.scored_policy import sensitive_blocks
     from vorch_jax.controller.state_ids import QUALITY_RANK
@@ -97,7 +98,8 @@ def with_quality_budget_homes(cfg: RunConfig, setup, lossy_states: dict | None, 
         return tuple(s for s in lossy_states.get(b, ()) if not (b in hot and s in (State.S2, State.S6))
                      and (not floor or QUALITY_RANK[s] >= QUALITY_RANK[State.parse(floor)]))
 
-    free = [b for b in setup.block_ids if b not in setup.protected and b not in setup.forced]
+    free = [b for b in setup.block_ids if b not in setup.protected and b not in setup.forced
+            and setup.placement[b].compute != "host"]  # read in place from its lossless home: never streams
     return setup.with_compressed_homes(compressed_home_states({b: ladder(b) for b in free}))
 
 

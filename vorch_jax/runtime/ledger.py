@@ -55,17 +55,21 @@ class Counters:
     prefetch_wasted_bytes: int = 0
     controller_s: float = 0.0
     peak_device_bytes: int = 0
+    in_place: int = 0  # reads computed where the block's weights live (`in_place.py`): neither hits nor misses
+    in_place_loads: int = 0  # background loads of blocks just computed in place
 
 
-def check_fits(policy, device_bytes: dict, budget: int, state_bytes: dict | None = None) -> None:
+def check_fits(policy, device_bytes: dict, budget: int, state_bytes: dict | None = None,
+               host_only=frozenset()) -> None:
     """The budget must hold the pinned blocks (in the state the policy loads them) plus the largest block that has
-    to stream through (the most bytes the policy may load it in: `Policy.largest_load`)."""
+    to stream through (the most bytes the policy may load it in: `Policy.largest_load`); blocks computed on the
+    host (`host_only`) never stream."""
     def held(b):
         return state_bytes[b][policy.device_state(b)] if state_bytes else device_bytes[b]
 
     pinned = sum(held(b) for b in policy.pinned)
     streamed = [policy.largest_load(b) if state_bytes else device_bytes[b] for b in device_bytes
-                if b not in policy.pinned]
+                if b not in policy.pinned and b not in host_only]
     need = pinned + (max(streamed) if streamed else 0)
     if need > budget:
         raise BudgetError(f"the HBM budget of {budget} bytes cannot hold the blocks the policy keeps on device "
@@ -82,7 +86,8 @@ class Ledger:
 
     def __init__(self, info: dict, cursor, engine, policy, *, budget_bytes: int, device_bytes: dict, homes: dict,
                  state_bytes: dict, tick_every_n_layers: int, now=time.perf_counter, settle_ticks: bool = False,
-                 speculative: bool = False, spec_min_prob: float = 0.45, eager_plan_loads: bool | None = None):
+                 speculative: bool = False, spec_min_prob: float = 0.45, eager_plan_loads: bool | None = None,
+                 in_place=None):
         self.info, self.cursor, self.engine, self.policy = info, cursor, engine, policy
         self.budget = int(budget_bytes)
         self.device_bytes = dict(device_bytes)  # block -> full-precision (S0) bytes on device
@@ -110,8 +115,12 @@ class Ledger:
         self._spec_pending: dict[str, int] = {}  # block -> layer, speculatively loaded and not yet read
         self._spec_pred: tuple[int, np.ndarray] | None = None
         self.spec_trace: dict[tuple[int, int], tuple] = {}  # (pass, layer) -> (predicted ids, mean probs), as made
+        self.in_place = in_place  # an `in_place.InPlaceChoice`, or None: every read on the device
+        self.host_only = in_place.host_only if in_place is not None else frozenset()  # never loaded
+        self.requested_at: dict[str, float] = {}  # block -> when its load in flight was requested
+        self.tokens = 1  # new tokens of the pass running (what an op in place is priced for)
         policy.run_by(self)
-        check_fits(policy, self.device_bytes, self.budget, self.state_bytes)
+        check_fits(policy, self.device_bytes, self.budget, self.state_bytes, self.host_only)
 
     # ------------------------------------------------------------------ placement
     def place_initial(self):
@@ -122,7 +131,7 @@ class Ledger:
             keep = self.policy.pinned if self.policy.name == "static" else self.policy.ctx.protected
         used = 0
         for b in self.policy.initial_resident():
-            if b in self.on_device or (keep is not None and b not in keep):
+            if b in self.on_device or b in self.host_only or (keep is not None and b not in keep):
                 continue
             need = self._bytes(b, self.policy.device_state(b))
             if used + need > self.budget:
@@ -166,11 +175,72 @@ class Ledger:
     def weights_of(self, block: str):
         return self.engine.get(block)
 
+    def begin_pass(self, tokens: int) -> None:
+        self.tokens = int(tokens)
+
     def fetch(self, block: str):
-        """ensure, then prefetch: what the runtime does before a position computes."""
-        w = self.ensure(block)
+        """ensure, then prefetch: what the runtime does before a position computes; or, where the run computes it
+        in place (`in_place.py`), an `InPlace` for the backend instead of device weights."""
+        if self.in_place is not None and self._chooses_in_place(block):
+            w = self._read_in_place(block)
+        else:
+            w = self.ensure(block)
         self.prefetch()
         return w
+
+    def _chooses_in_place(self, block: str) -> bool:
+        landed = block in self.on_device and block not in self.inflight
+        since = self.requested_at.get(block) if block in self.inflight else None
+        return self.in_place.choose(self.cursor.current, self.tokens, landed=landed,
+                                    in_flight_for=None if since is None else self.now() - since,
+                                    load_bytes=self.device_bytes[block])  # no compressed home: it moves S0
+
+    def _read_in_place(self, block: str):
+        """The read runs where the weights live: no load, no HBM; the policy still sees the access, and an
+        `auto` block loads in the background when the link is idle and the policy ranks it above its victims."""
+        from vorch_jax.runtime.in_place import InPlace
+
+        t0 = self.now()
+        self.counters.in_place += 1
+        self.policy.on_access(self.t, block)
+        self.accesses.append(Access(self.t, self.step, self.info[block].layer, block, False, t0, t0,
+                                    State.S3.name))
+        if self.in_place.mode(block) == "auto":
+            self._background_load(block)
+        return InPlace(block, self.engine.host_leaves(block),
+                       lambda start, end, link_bytes: self.engine.record_in_place(block, start, end, link_bytes))
+
+    def _settle_landed(self) -> None:
+        """Loads that have landed leave `inflight` (they are otherwise settled when their block is next read)."""
+        for b in [b for b in self.inflight if self.engine.state(b) != State.S5]:
+            self.inflight.pop(b)
+            self.on_device[b] = self.engine.representation(b).nbytes
+
+    def _background_load(self, block: str) -> None:
+        """Load `block`, just computed in place, if nothing is in flight and room is made by evicting only blocks
+        the policy ranks below it (`victim_order` over them and it: it must not come first)."""
+        self._settle_landed()
+        if self.inflight or block in self.on_device:
+            return
+        need = self._bytes(block, self.policy.device_state(block))
+        used = sum(self.on_device.values())
+        victims, freed = [], 0
+        if used + need > self.budget:
+            window = self._window()
+            candidates = [b for b in self.on_device if b not in window]
+            for v in self.policy.victim_order(self.t, candidates + [block]):
+                if used - freed + need <= self.budget or v == block:
+                    break
+                victims.append(v)
+                freed += self.on_device[v]
+            if used - freed + need > self.budget:
+                return
+        for v in victims:
+            self._evict(v, "evict:in-place")
+        self._load(block, "prefetch:in-place")
+        self.prefetched.add(block)
+        self.counters.prefetch_issued += 1
+        self.counters.in_place_loads += 1
 
     def done(self):
         """The position computed: the next one begins."""
@@ -181,8 +251,11 @@ class Ledger:
         without evicting anything needed before them."""
         here, ahead = self.current(), self.upcoming()
         for j, u in enumerate(ahead):
-            if u in self.on_device:
+            if u in self.on_device or u in self.host_only:
                 continue
+            if self.in_place is not None and not self.in_place.loads_pay(self.cursor.known()[j], self.tokens,
+                                                                          self.device_bytes[u]):
+                continue  # the read runs in place before a load could land
             horizon = {here, *ahead[: j + 1]}
             if not self._make_room(u, self._bytes(u, self.policy.device_state(u)), strict=False, keep=horizon,
                                    read_within=self.policy.prefetch_victims_read_within):
@@ -222,6 +295,7 @@ class Ledger:
         `reasons`: the controller's reason per block (SCORE, BUDGET, PREFETCH, ...), recorded on each transition."""
         if not self.eager_plan_loads:
             targets = {b: s for b, s in targets.items() if b in self.on_device and State(int(s)).on_device}
+        targets = {b: s for b, s in targets.items() if b not in self.host_only}
         if not targets:
             return
         why = {b: f"plan:{(reasons or {}).get(b, 'SCORE')}" for b in targets}
@@ -266,6 +340,7 @@ class Ledger:
         state = self.policy.device_state(block)
         self.on_device[block] = self._bytes(block, state)
         self.inflight[block] = self.engine.request(block, state, reason)
+        self.requested_at[block] = self.now()
 
     def _evict(self, block: str, reason: str):
         self._spec_pending.pop(block, None)  # evicted before its layer read it: not a used prefetch
@@ -351,7 +426,7 @@ class Ledger:
             self._speculative_load(layer, experts[int(e)].block)
 
     def _speculative_load(self, layer: int, block: str):
-        if block in self.on_device:
+        if block in self.on_device or block in self.host_only:
             return
         need = self._bytes(block, self.policy.device_state(block))
         if not self._make_room(block, need, strict=False, keep=self._window() | {block}):

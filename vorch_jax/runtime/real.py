@@ -2,7 +2,11 @@
 
 `run` dispatches a position's op asynchronously (transfers the movement engine runs on its threads overlap with
 it); a router's decision comes to the host with `jax.device_get` (one small sync per routed layer, as in every MoE
-offloading runtime); speculation runs the next layer's router on this layer's MoE input.
+offloading runtime); speculation runs the next layer's router on this layer's MoE input. A position handed over as
+`InPlace` runs where its weights live (the family's `run_in_place`: the op under `compute_on('device_host')` on the
+pinned_host home), timed from its input being ready to its result being back, which the engine records as an
+`in_place` event; `compile(..., in_place_ops=...)` also times each such op per batch size (`in_place_s`: what the
+ledger prices computing in place with).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class RealBackend:
         self.spec, self.dtype = spec, dtype
         self.compute = spec.compute(dtype)
         self.carry = None
+        self.in_place_s: dict = {}  # (op, tokens) -> median seconds of the op computed in place (`compile`)
 
     def now(self) -> float:
         return time.perf_counter()
@@ -37,6 +42,15 @@ class RealBackend:
         self.carry = self.compute.start(ids_BxT, cache, pos)
 
     def run(self, position, w):
+        from vorch_jax.runtime.in_place import InPlace
+
+        if isinstance(w, InPlace):
+            jax.block_until_ready(self.carry.x_BxTxD)  # its input: the device's work before it is not its time
+            t0 = time.perf_counter()
+            moved = self.compute.run_in_place(position, w.leaves, self.carry)
+            jax.block_until_ready(self.carry.x_BxTxD)
+            w.record(t0, time.perf_counter(), moved)
+            return None
         return self.compute.run(position, w, self.carry)
 
     def routing(self, position, out) -> tuple[np.ndarray, np.ndarray]:
@@ -54,13 +68,15 @@ class RealBackend:
     def next_token(self, logits) -> int:
         return argmax_token(logits)
 
-    def compile(self, seq_lens, max_len: int, states=(), quant=None) -> None:
+    def compile(self, seq_lens, max_len: int, states=(), quant=None, in_place_ops=()) -> None:
         """Compile every op for each sequence length before anything is timed: one pass of the spec's
         `compile_positions` (every op at least once, each routed layer with one expert) on zero weights, each op
         reading the zeros of the first block it is given, so variants that depend on the layer (a window) compile
         too; and the next layer's router's speculation where the spec speculates. `states`: the on-device states the
         run may hold blocks in (S0 always); each lossy one's representation (int8, int4, low-rank of the zeros, by
-        `quant`'s group size and rank) runs every op once more, so a lossy run compiles nothing while timed."""
+        `quant`'s group size and rank) runs every op once more, so a lossy run compiles nothing while timed.
+        `in_place_ops`: ops the run may compute in place: compiled there too, and timed (median of 3 after the
+        compiling call) per sequence length into `in_place_s`."""
         import jax.numpy as jnp
 
         from vorch_jax.tiers.full_precision import FullPrecisionBlock
@@ -83,9 +99,30 @@ class RealBackend:
                 for p in positions:
                     w = rep[firsts[p.op]].materialize()
                     compute.run(p, w, c)
+                    if p.op in in_place_ops and rep is zeros and (p.op, T) not in self.in_place_s:
+                        self.in_place_s[(p.op, T)] = self._time_in_place(p, c)
                     if p.op == "route" and hasattr(compute, "speculate"):
                         compute.speculate(w, c, spec.top_k)
                 jax.block_until_ready(compute.finish(c))
         for rep in reps:
             for block in rep.values():
                 block.free()
+
+    def _time_in_place(self, position, carry) -> float:
+        """Median seconds of `position`'s op computed in place on zero weights in pinned host memory (the first
+        call compiles and is not counted)."""
+        import statistics
+
+        from vorch_jax.tiers.pinned_host import PinnedHostBlock
+
+        shapes = self.spec.block_shapes(position.block)
+        host = PinnedHostBlock.from_numpy({k: np.zeros(s.shape, s.dtype) for k, s in shapes.items()}, jax.devices()[0])
+        times = []
+        for _ in range(4):
+            jax.block_until_ready(carry.x_BxTxD)
+            t0 = time.perf_counter()
+            self.compute.run_in_place(position, host.leaves, carry)
+            jax.block_until_ready(carry.x_BxTxD)
+            times.append(time.perf_counter() - t0)
+        host.free()
+        return statistics.median(times[1:])

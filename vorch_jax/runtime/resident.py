@@ -19,6 +19,9 @@ class ResidentWeights:
         self.speculation: list[list] = []
         self._pass: list = []
 
+    def begin_pass(self, tokens: int) -> None:
+        pass
+
     def fetch(self, block: str):
         self.stream.append(block)
         return self.weights[block]

@@ -28,6 +28,7 @@ from vorch_jax.runtime import telemetry as T
 from vorch_jax.simulation.routing_trace import read_routing_trace, write_routing_trace
 from vorch_jax.runtime.cursor import PassCursor
 from vorch_jax.runtime.driver import Driver, greedy_generate
+from vorch_jax.runtime.in_place import in_place_choice, in_place_section, measured_prices
 from vorch_jax.runtime.inputs import (make_policy, policy_context, quality_guard, scored_inputs, simulated_lossy_states,
                                       simulated_scored_inputs, speculative, stored_calibration,
                                       with_quality_budget_homes)
@@ -77,21 +78,24 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None) -> dict
 
     engine = MovementEngine(setup.source, store_dir, int4_group_size=cfg.quant.int4_group_size,
                             lowrank_rank=cfg.quant.lowrank_rank, keep_home=True)
+    from vorch_jax.tiers.link_probe import probe_bandwidths
+
+    link_bw = probe_bandwidths(engine.store_dir)  # for the floor: the links' speed measured now, not a datasheet
+    backend = RealBackend(setup.spec, dtype)
     try:
         ledger = Ledger(setup.info, cursor, engine, policy, budget_bytes=setup.hbm_budget,
                         device_bytes=setup.device_bytes, homes=setup.homes, state_bytes=setup.state_bytes,
-                        tick_every_n_layers=cfg.tick_every_n_layers, speculative=speculative(cfg))
-        return _run_real(cfg, setup, engine, ledger, policy, out_dir, dtype, reference, say, guard)
+                        tick_every_n_layers=cfg.tick_every_n_layers, speculative=speculative(cfg),
+                        in_place=in_place_choice(setup, measured_prices(backend, link_bw)))
+        return _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, reference, say, guard, link_bw)
     finally:
         engine.close()
         if scratch:
             shutil.rmtree(store_dir, ignore_errors=True)
 
 
-def _run_real(cfg, setup, engine, ledger, policy, out_dir, dtype, reference: Reference, say, guard):
-    from vorch_jax.tiers.link_probe import probe_bandwidths
-
-    link_bw = probe_bandwidths(engine.store_dir)  # for the floor: the links' speed measured now, not a datasheet
+def _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, reference: Reference, say, guard,
+              link_bw):
     say("registering blocks at their homes")
     for b in setup.block_ids:
         engine.register(b, setup.homes[b])
@@ -100,13 +104,13 @@ def _run_real(cfg, setup, engine, ledger, policy, out_dir, dtype, reference: Ref
         say(f"staging {len(setup.packed)} compressed homes ({setup.packed_bytes / 1e6:.1f} MB, {on_disk} on NVMe)")
     for b, state in setup.packed.items():
         engine.stage_compressed(b, state, setup.packed_where[b])
-    backend = RealBackend(setup.spec, dtype)
     driver = Driver(setup.spec, ledger, backend)
     say("compiling")
     P, n_eval = len(setup.prompt_ids), len(setup.eval_ids) - 1
     states = run_states(cfg, setup, guard)
-    backend.compile({P, 1}, P + cfg.new_tokens, states, cfg.quant)
-    backend.compile({n_eval}, n_eval, states, cfg.quant)
+    in_place_ops = setup.spec.in_place_ops if setup.in_place else ()
+    backend.compile({P, 1}, P + cfg.new_tokens, states, cfg.quant, in_place_ops)
+    backend.compile({n_eval}, n_eval, states, cfg.quant, in_place_ops)
 
     say("initial placement")
     # Traffic is counted from a cold device: the initial placement's loads belong to the run (and the oracle starts
@@ -132,6 +136,7 @@ def _run_real(cfg, setup, engine, ledger, policy, out_dir, dtype, reference: Ref
     q["budget"] = guard.summary(q["kl_mean"]) if guard is not None else None
     s["states"] = states_section(setup, ledger.accesses, events, t_gen0, t_gen1,
                                 guard.calibration.kl if guard is not None else None)
+    s["in_place"] = in_place_section(setup, counters, events, gen)
     s |= {"tokens": gen.tokens, "tokens_match_resident": gen.tokens == reference.tokens,
           "stream_matches_resident": stream == list(reference.stream),
           "text": setup.tokenizer.decode(gen.tokens), "quality": q,
@@ -184,7 +189,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     from vorch_jax.simulation.hardware import load_profile
 
     from vorch_jax.simulation.sim_engine import Clock, SimEngine
-    from vorch_jax.simulation.backend import SimBackend, zipf_routing
+    from vorch_jax.simulation.backend import SimBackend, simulated_prices, zipf_routing
 
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
@@ -221,7 +226,8 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     ledger = Ledger(setup.info, cursor, engine, policy, budget_bytes=setup.hbm_budget, device_bytes=setup.device_bytes,
                     homes=setup.homes, state_bytes=setup.state_bytes, tick_every_n_layers=cfg.tick_every_n_layers,
                     now=lambda: clock.now, settle_ticks=True,
-                    speculative=speculative(cfg) and speculation is not None)
+                    speculative=speculative(cfg) and speculation is not None,
+                    in_place=in_place_choice(setup, simulated_prices(hw, spec, setup.state_bytes, setup.weight_dtype)))
     backend = SimBackend(spec, hw, engine, setup.state_bytes, setup.weight_dtype, routing=routing,
                          speculation=speculation)
     driver = Driver(spec, ledger, backend)
@@ -239,6 +245,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
                      resident_step_s=resident_step, probe_h2d=hw.host_to_device.bandwidth_bytes_per_s)
     gen_accesses = [a for a in ledger.accesses if a.start >= gen.marks[0]]
     s["states"] = states_section(setup, ledger.accesses, events, gen.marks[0], t_gen1, cal.kl if cal else None)
+    s["in_place"] = in_place_section(setup, ledger.counters, events, gen)
     s |= {"simulated": True, "executor": "sim", "hardware": hw.name, "tokens": None, "tokens_match_resident": None,
           "text": None, "compute_s": sum(d for _, b, d in backend.compute_spans if b >= gen.marks[0]),
           "quality": {"simulated": True, "note": "quality is not simulated",

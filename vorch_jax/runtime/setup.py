@@ -61,8 +61,27 @@ class Setup:
         homes laid out again (the compressed copies take DRAM first)."""
         packed = {**packed, **self.packed}
         homes, where = lay_out_homes(self.pass_order, self.block_ids, self.placement, self.device_bytes,
-                                     {b: self.state_bytes[b][s] for b, s in packed.items()}, self.dram_budget)
+                                     {b: self.state_bytes[b][s] for b, s in packed.items()}, self.dram_budget,
+                                     self.cfg.model)
         return dataclasses.replace(self, packed=packed, packed_where=where, homes=homes)
+
+    @property
+    def in_place(self) -> dict:
+        """block -> "host" | "auto": the reads that may run where the block's weights live (`runtime/in_place.py`):
+        a rule's `compute: host`; with `in_place: auto`, every block whose op the model can run in place, with its
+        lossless home in DRAM and no compressed home, not protected and not ruled `compute: device`. None for the
+        resident reference."""
+        if self.cfg.policy == "resident":
+            return {}
+        ops, out = self.spec.block_op, {}
+        for b in self.block_ids:
+            p = self.placement[b]
+            if p.compute == "host":
+                out[b] = "host"
+            elif (self.cfg.in_place == "auto" and p.compute != "device" and ops.get(b) in self.spec.in_place_ops
+                  and b not in self.protected and b not in self.packed and self.homes[b] == State.S3):
+                out[b] = "auto"
+        return out
 
     @property
     def packed_bytes(self) -> int:
@@ -142,9 +161,10 @@ def build_setup(cfg: RunConfig, *, simulated: bool | None = None) -> Setup:
         raise RunError(f"hbm_budget of {hbm} bytes is below the {need} bytes of the blocks that must stay on device "
                        f"({len(protected)} protected or pinned blocks of {cfg.model})")
     order = spec.pass_order()
+    check_host_rules(spec, placement)
     packed = {b: HOME_FORMATS[p.home_format] for b, p in placement.items() if p.home_format and b not in protected}
     homes, where = lay_out_homes(order, ids, placement, device_bytes, {b: state_bytes[b][s] for b, s in packed.items()},
-                                 dram)
+                                 dram, cfg.model)
     prompt_ids, eval_ids = texts(cfg, spec, simulated)
     return Setup(cfg, spec, weight_dtype, ids, info, device_bytes, {b: info[b].kind for b in ids},
                  {b: info[b].layer for b in ids}, model_bytes, hbm, dram, homes, protected, placement, forced,
@@ -154,20 +174,38 @@ def build_setup(cfg: RunConfig, *, simulated: bool | None = None) -> Setup:
 HOME_FORMATS = {"int8": State.S1, "int4": State.S2, "lowrank": State.S6}  # a compressed home's format -> its state
 
 
+def check_host_rules(spec, placement: dict) -> None:
+    """A rule's `compute: host` must match blocks whose op the model can run where the weights live."""
+    for b, p in placement.items():
+        op = spec.block_op.get(b)
+        if p.compute == "host" and op not in spec.in_place_ops:
+            raise RunError(f"placement[{p.rule}].compute is host but it matches '{b}', whose op '{op}' cannot run in "
+                           f"place in {spec.name} (ops that can: {', '.join(spec.in_place_ops) or 'none'}); narrow "
+                           f"its path")
+
+
 def lay_out_homes(order: list, ids: list, placement: dict, device_bytes: dict, packed_bytes: dict,
-                  dram: int) -> tuple[dict, dict]:
+                  dram: int, model: str = "the model") -> tuple[dict, dict]:
     """(each block's lossless home, S3 (DRAM) or S4 (NVMe); where each compressed home lives, "host" or "disk").
-    DRAM holds the compressed homes first, in pass order (what streams), then lossless homes in pass order, those of
-    blocks without a compressed copy before the rest (theirs is what loads); what does not fit spills to NVMe. A
-    rule's S3 / S4 decides its blocks' lossless homes."""
-    used, where = 0, {}
+    DRAM holds the homes of blocks computed on the host first (a rule's `compute: host`: they are read there), then
+    the compressed homes, in pass order (what streams), then lossless homes in pass order, those of blocks without a
+    compressed copy before the rest (theirs is what loads); what does not fit spills to NVMe. A rule's S3 / S4
+    decides its blocks' lossless homes."""
+    host = [b for b in ids if placement[b].compute == "host"]
+    used = sum(device_bytes[b] for b in host)
+    if used > dram:
+        raise RunError(f"dram_budget of {dram} bytes cannot hold the {len(host)} blocks of {model} a rule computes "
+                       f"on the host ({used} bytes): raise dram_budget")
+    where = {}
     for b in dict.fromkeys(order + ids):
         if b in packed_bytes:
             where[b] = "host" if used + packed_bytes[b] <= dram else "disk"
             used += packed_bytes[b] if where[b] == "host" else 0
-    homes = {}
+    homes = {b: State.S3 for b in host}
     for b in sorted(dict.fromkeys(order + ids), key=lambda b: b in packed_bytes):  # stable: pass order kept
         ruled = placement[b].state
+        if b in homes:
+            continue
         if ruled in ("S3", "S4"):
             homes[b] = State.parse(ruled)
         else:

@@ -100,6 +100,9 @@ def trace_records(accesses, events, t0: float, scores=()) -> list[dict]:
             for link, n in links.items():
                 recs.append({**base, "event": "transition" if e.kind == "transition" else "recovered",
                              "bytes": n, "link": link})
+        elif e.kind == "in_place":  # an op computed where the block lives: activations moved, no weight bytes
+            recs.append({**base, "event": "in_place", "bytes": 0, "link": None,
+                         "activation_bytes": dict(e.link_bytes)})
         else:
             recs.append({**base, "event": e.kind, "bytes": 0, "link": None, "detail": e.detail})
     for t, step, layer, per_block in scores:
@@ -110,8 +113,8 @@ def trace_records(accesses, events, t0: float, scores=()) -> list[dict]:
 
 
 def perfetto(records: list[dict]) -> dict:
-    """Chrome/Perfetto trace: one track per link, one for stalls, one for the compute schedule, and a counter per
-    sampled block's controller score."""
+    """Chrome/Perfetto trace: one track per link, one for stalls, one for the compute schedule, one for ops computed
+    in place on the host, and a counter per sampled block's controller score."""
     tracks = {"compute": 1, "stall": 2}
     events = []
     for r in records:
@@ -123,6 +126,8 @@ def perfetto(records: list[dict]) -> dict:
             track, name = "compute", r["block"]
         elif r["event"] == "stall":
             track, name = "stall", f"stall {r['block']}"
+        elif r["event"] == "in_place":
+            track, name = "host compute", f"{r['block']} in place"
         else:
             track, name = (r["link"] or "drop"), f"{r['block']} {r['from']}->{r['to']}"
         tid = tracks.setdefault(track, len(tracks) + 1)

@@ -11,6 +11,13 @@ modelled links), the compute of a position (a roofline over the spec's cost mode
     `block_overhead_s + max(FLOPs / flops_per_s[precision], bytes read / hbm bandwidth, low-bit bytes / dequant)`,
     FLOPs and bytes from `ModelSpec.cost` for the pass's new tokens over its cached context, slowed by copies beside
     it where they share the cores (`SimEngine.compute_slowdown`);
+  * in place (`runtime/in_place.py`): a position the ledger hands over as `InPlace` runs on the host, whose
+    weights sit in its DRAM: its input leaves the device when the stream has made it (`host_compute`'s activation
+    latency + bytes / the device->host link), the host computes it (`HostCompute.op_seconds`: a roofline over its
+    cores and DRAM; one op at a time), and the result comes back (latency + bytes / host->device) before the stream
+    goes on; the host thread waits for it, as the real backend does. Activation copies are not queued behind the
+    weight loads on the links (a few KB beside megabytes; GPUs copy each direction on its own engine). On this
+    machine's profile the host is the device's own 2 cores: the model does not charge the two against each other;
   * routing: a routed plan replays a routing trace ([pass][layer] -> the experts run: a real MoE run's
     `routing.json`, or a Zipf draw, `zipf_routing`), and its recorded speculation (the router's call costs a
     router's compute and a sync, as in the real run).
@@ -28,6 +35,30 @@ from vorch_jax.tiers.state import State
 PRECISION = {"float32": "fp32", "bfloat16": "bf16"}
 ITEMSIZE = {"float32": 4, "bfloat16": 2}
 LOWBIT = {State.S1: "int8", State.S2: "int4"}
+
+
+def in_place_seconds(hw, spec, position, tokens: int, state_bytes: dict, dtype: str) -> tuple[float, float, float,
+                                                                                             dict]:
+    """(seconds for the activations to reach the host, the op there, the result back; activation bytes per link) of
+    one position computed where its weights live, on `hw`'s host and links."""
+    hc, itemsize = hw.host_compute, ITEMSIZE[dtype]
+    s0 = state_bytes[position.block][State.S0]
+    flops, _ = spec.cost(position, tokens, 0, s0, itemsize)
+    up, down = spec.activation_bytes(position, tokens, itemsize)
+    to_host = hc.activation_latency_s + up / hw.device_to_host.bandwidth_bytes_per_s
+    back = hc.activation_latency_s + down / hw.host_to_device.bandwidth_bytes_per_s
+    return to_host, hc.op_seconds(flops, s0, PRECISION[dtype]), back, {"device->host": up, "host->device": down}
+
+
+def simulated_prices(hw, spec, state_bytes: dict, dtype: str):
+    """What the ledger prices compute in place with on `hw`: the same model the simulated backend charges."""
+    from vorch_jax.runtime.in_place import InPlacePrices
+
+    def host_s(position, tokens):
+        return sum(in_place_seconds(hw, spec, position, tokens, state_bytes, dtype)[:3])
+
+    link = hw.host_to_device
+    return InPlacePrices(host_s=host_s, move_s=lambda nbytes: link.latency_s + nbytes / link.bandwidth_bytes_per_s)
 
 
 def position_seconds(hw, spec, position, state: State, tokens: int, context: int, state_bytes: dict,
@@ -53,6 +84,7 @@ class SimBackend:
         self.state_bytes, self.dtype = state_bytes, dtype
         self.routing_trace, self.speculation = routing, speculation
         self.compute_spans: list[tuple[str, float, float]] = []  # (block, start, seconds) of every position
+        self.host_free = 0.0  # when the host's cores finish the op computed in place before
         self._pass, self._tokens, self._context = 0, 0, 0
 
     def now(self) -> float:
@@ -91,8 +123,24 @@ class SimBackend:
         self.clock.now = max(self.clock.now, self.clock.gpu)
 
     def run(self, position, w):
-        self._compute(position)
+        from vorch_jax.runtime.in_place import InPlace
+
+        if isinstance(w, InPlace):
+            self._compute_in_place(position)
+        else:
+            self._compute(position)
         return None
+
+    def _compute_in_place(self, position) -> None:
+        """Dispatch one position computed on the host (see the module docstring); the host waits for its result."""
+        self.clock.now += self.hw.dispatch_s_per_block
+        to_host, host_s, back, moved = in_place_seconds(self.hw, self.spec, position, self._tokens, self.state_bytes,
+                                                        self.dtype)
+        ready = max(self.clock.now, self.clock.gpu)  # its input: what the stream computed before it
+        start = max(ready + to_host, self.host_free)
+        self.host_free = start + host_s
+        self.clock.gpu = self.clock.now = self.host_free + back
+        self.engine.record_in_place(position.block, ready, self.clock.now, moved)
 
     def routing(self, position, out):
         self._sync()

@@ -184,6 +184,12 @@ class SimEngine:
     def get(self, block: str):
         return None  # no weights: the simulated backend computes nothing
 
+    def host_leaves(self, block: str):
+        return None  # (the same: an op computed in place is modelled, `SimBackend`)
+
+    def record_in_place(self, block: str, start: float, end: float, link_bytes: dict) -> None:
+        self._event("in_place", block, State.S3, State.S3, start, end, link_bytes, reason="in_place")
+
     def state(self, block: str) -> State:
         self._settle(block)
         return State.S5 if block in self.pending else self.rep[block].state
