@@ -348,6 +348,9 @@ def _complete(rows: Sequence[Mapping]) -> list[Mapping]:
 
 
 def ppl_delta(row: Mapping) -> float:
+    """ppl - resident ppl; NaN for a simulated run (quality is not simulated: its row has no ppl)."""
+    if row.get("quality.ppl") is None or row.get("quality.ppl_resident") is None:
+        return float("nan")
     return row["quality.ppl"] - row["quality.ppl_resident"]
 
 
@@ -369,7 +372,7 @@ def budget_curves(rows: Sequence[Mapping], title: str = "") -> Figure:
     panels = (("decode_tok_s", "decode throughput (tokens/s)", lambda r: r["decode_tok_s"]),
               ("belady", "bytes moved / Belady bytes (ratio)", belady_ratio),
               ("ppl", "perplexity - resident perplexity", ppl_delta),
-              ("kl", "mean KL(resident || run) per token (nats)", lambda r: r["quality.kl_mean"]))
+              ("kl", "mean KL(resident || run) per token (nats)", lambda r: r.get("quality.kl_mean", float("nan"))))
     fig = figure(16, 4.4)
     axes = fig.subplots(1, 4)
     names = sorted({variant(r) for r in done})

@@ -66,8 +66,8 @@ def sweep_table(rows: Sequence[Mapping]) -> list[list[str]]:
                     _num(r["decode_tok_s"], ".2f"), _num(r["decode_step_s"] * 1e3, ".1f"), _num(r["stall_s"], ".3f"),
                     _mb(r["bytes_moved"]), _num(plots.belady_ratio(r), ".3f"),
                     _num(plots.bound_ratio(r), ".3f"), _mb(r["peak_device_bytes"]),
-                    _num(r["quality.ppl"], ".4f"), _num(plots.ppl_delta(r), "+.4f"), _num(r["quality.kl_mean"], ".2e"),
-                    _num(r["quality.top1_agree"], ".3f"), "complete"])
+                    _num(r.get("quality.ppl"), ".4f"), _num(plots.ppl_delta(r), "+.4f"),
+                    _num(r.get("quality.kl_mean"), ".2e"), _num(r.get("quality.top1_agree"), ".3f"), "complete"])
     return out
 
 
