@@ -218,7 +218,9 @@ class Ledger:
 
     def _background_load(self, block: str) -> None:
         """Load `block`, just computed in place, if nothing is in flight and room is made by evicting only blocks
-        the policy ranks below it (`victim_order` over them and it: it must not come first)."""
+        the policy ranks below it (`victim_order` over them and it: it must not come first) and that the plan does
+        not know to be read before it comes again: a load that pushes out a block needed sooner only churns (on a
+        dense pass, where the cursor knows every next read, LRU would always rank the block just read first)."""
         self._settle_landed()
         if self.inflight or block in self.on_device:
             return
@@ -228,8 +230,11 @@ class Ledger:
         if used + need > self.budget:
             window = self._window()
             candidates = [b for b in self.on_device if b not in window]
-            for v in self.policy.victim_order(self.t, candidates + [block]):
-                if used - freed + need <= self.budget or v == block:
+            order = self.policy.victim_order(self.t, candidates + [block])
+            nxt = dict(zip(order, self.cursor.next_uses(order)))
+            for v in order:
+                if used - freed + need <= self.budget or v == block or (self.cursor.is_known(v)
+                                                                          and nxt[v] <= nxt[block]):
                     break
                 victims.append(v)
                 freed += self.on_device[v]
