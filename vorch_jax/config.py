@@ -70,6 +70,7 @@ __all__ = [
     "PlacementRule",
     "RunConfig",
     "MoEConfig",
+    "MeshConfig",
     "POLICIES",
     "IN_PLACE",
     "EXECUTORS",
@@ -93,9 +94,7 @@ STATES = ("S0", "S1", "S2", "S3", "S4", "S5", "S6")
 RULE_STATES = ("S0", "S1", "S2", "S3", "S4", "S6")  # S5 (in flight) is transient: no rule may ask for it
 HOME_FORMATS = ("int8", "int4", "lowrank")  # a compressed home's format: it loads as S1, S2, S6 (runtime.setup)
 LOSSY_STATES = ("S1", "S2", "S6")
-# `in_place`: off, or auto (a block off device whose op can run where its weights live, in host DRAM, is computed
-# there when that is quicker than loading it: `vorch_jax.runtime.in_place`)
-IN_PLACE = ("off", "auto")
+IN_PLACE = ("off", "auto")  # auto: a read off device runs where its weights live when quicker (runtime/in_place.py)
 # Higher is better to compute with; same values as vorch_jax.controller.state_ids.QUALITY_RANK (tests check they agree).
 QUALITY_RANK = {"S0": 5, "S1": 4, "S2": 3, "S3": 1, "S4": 0, "S5": 1, "S6": 2}
 
@@ -192,6 +191,26 @@ class MoEConfig:
         F.choice(self, "speculative", ("auto", "on", "off"))
 
 
+@dataclass(frozen=True)
+class MeshConfig:
+    """A mesh of devices (simulated runs; `vorch_jax/simulation/mesh.py`): `tp`-way tensor parallelism (attention
+    heads, MLP width, vocabulary) and `ep`-way expert parallelism (each device its share of every layer's experts).
+    tp x ep devices, each with the run's `hbm_budget` (a fraction of the bytes of its own shard) and its own host
+    link as the hardware profile's `mesh` section describes."""
+
+    tp: int = 1
+    ep: int = 1
+
+    def __post_init__(self) -> None:
+        F.check_types(self)
+        for name in ("tp", "ep"):
+            F.require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.ep
+
+
 def _model_names() -> tuple[str, ...]:
     """The registered models (`vorch_jax.models.spec`): what `model` may name."""
     from vorch_jax.models.registry import names
@@ -279,6 +298,7 @@ class RunConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     quality: QualityConfig = field(default_factory=QualityConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
     placement: tuple[PlacementRule, ...] = ()
 
     def __post_init__(self) -> None:
@@ -297,6 +317,8 @@ class RunConfig:
             F.require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("prefetch_depth", "seed"):
             F.require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
+        F.require(self.mesh.devices == 1 or self.executor == "sim", "mesh",
+                  f"asks for {self.mesh.devices} devices, which only the simulator runs so far (executor: sim)")
         F.require(not self.routing_trace or self.executor == "sim", "routing_trace",
                  "is replayed only by the simulator (executor: sim); a real run routes with its own router")
         if not self.lossy:
@@ -312,7 +334,7 @@ class RunConfig:
 
 
 _SECTIONS: dict[str, type] = {"score": ScoreConfig, "guardrail": GuardrailConfig, "quant": QuantConfig,
-                              "quality": QualityConfig, "moe": MoEConfig}
+                              "quality": QualityConfig, "moe": MoEConfig, "mesh": MeshConfig}
 
 
 # ------------------------------------------------------------------------------------------------ dict -> config

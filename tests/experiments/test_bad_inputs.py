@@ -77,6 +77,13 @@ CASES = [
      "cannot run in place", None),
     ("run-compute-host-over-dram", "run " + DEMO + " dram_budget=1MB \"placement=[{{path: 'layers.*mlp', "
      "compute: host}}]\" --out {d}", "raise dram_budget", None),
+    ("run-mesh-real", f"run {DEMO} mesh.tp=2 --out {{d}}", "only the simulator", None),
+    ("run-mesh-one-device-profile", f"run {DEMO} executor=sim hardware=h100-sxm model=llama-3-8b mesh.tp=2 "
+                                    "--out {d}", "describes one device", None),
+    ("run-mesh-tp-not-dividing", f"run {DEMO} executor=sim hardware=8x-h100-sxm model=llama-3-8b mesh.tp=3 "
+                                 "--out {d}", "does not divide", None),
+    ("run-mesh-ep-dense", f"run {DEMO} executor=sim hardware=8x-h100-sxm model=llama-3-8b mesh.ep=2 --out {{d}}",
+     "must divide", None),
     ("run-lossy-uncalibrated-family", f"run {DEMO} model=smollm2-135m-moe lossy=true --out {{d}}",
      "does not measure for this model yet", None),
     ("run-routing-trace-real", f"run {DEMO} routing_trace=x.json --out {{d}}", "replayed only by the simulator", None),

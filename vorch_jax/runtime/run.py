@@ -49,6 +49,10 @@ def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None =
     (a sweep, a compare or a test may share it); computed here when None.
     """
     if cfg.executor == "sim":
+        if cfg.mesh.devices > 1:
+            from vorch_jax.simulation.mesh import simulate_mesh
+
+            return simulate_mesh(cfg, out_dir, progress=progress)
         return simulate(cfg, out_dir, progress=progress)
     try:
         return _run(cfg, out_dir, progress, reference)
@@ -177,14 +181,15 @@ def plan_stream(spec, routing=None, passes: int = 1) -> list[str]:
 
 
 def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculation=None, progress=None,
-             write_traces: bool = True) -> dict:
+             write_traces: bool = True, device: int = 0) -> dict:
     """Run `cfg` on the simulated backend of `hardware` (a profile, its name or path; default `cfg.hardware`).
 
     `routing`: for a routed model, [pass][layer] -> expert ids (default: `cfg.routing_trace`, else Zipf seeded by
     `cfg.seed`); `speculation`: the real run's speculative predictions for the same passes ([pass][layer] ->
     (expert ids, mean probabilities)), which the scored policy replays (none: no speculation). `write_traces=False`
     writes only `summary.json` (sweeps that need no trace: serialising ~10^5 records costs more than simulating
-    them). Returns the summary."""
+    them). On a mesh (`cfg.mesh`), the run of device `device` alone (`simulation.mesh` runs them all): its shard,
+    its host link as shared, and its layers' time spans for the mesh's barrier. Returns the summary."""
     from vorch_jax.errors import RoutingTraceError
     from vorch_jax.simulation.hardware import load_profile
 
@@ -194,7 +199,11 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
     hw = load_profile(hardware if hardware is not None else cfg.hardware)
-    setup = build_setup(cfg, simulated=True)
+    if cfg.mesh.devices > 1:
+        from vorch_jax.simulation.mesh import device_profile
+
+        hw = device_profile(hw, cfg.mesh.devices)
+    setup = build_setup(cfg, simulated=True, device=device)
     spec = setup.spec
     if setup.hbm_budget > hw.hbm_capacity_bytes:
         raise BudgetError(f"hbm_budget of {setup.hbm_budget} bytes exceeds {hw.name}'s {hw.hbm_capacity_bytes:.0f} "
@@ -246,6 +255,10 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     gen_accesses = [a for a in ledger.accesses if a.start >= gen.marks[0]]
     s["states"] = states_section(setup, ledger.accesses, events, gen.marks[0], t_gen1, cal.kl if cal else None)
     s["in_place"] = in_place_section(setup, ledger.counters, events, gen)
+    if cfg.mesh.devices > 1:
+        from vorch_jax.simulation.mesh import layer_segments
+
+        s["mesh_device"] = {"device": device, "layer_segments": layer_segments(ledger.accesses, gen)}
     s |= {"simulated": True, "executor": "sim", "hardware": hw.name, "tokens": None, "tokens_match_resident": None,
           "text": None, "compute_s": sum(d for _, b, d in backend.compute_spans if b >= gen.marks[0]),
           "quality": {"simulated": True, "note": "quality is not simulated",

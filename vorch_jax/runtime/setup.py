@@ -105,9 +105,15 @@ class Setup:
         return self.pass_order
 
 
-def model_spec(cfg: RunConfig):
-    """The spec of `cfg.model` with the run's model options (the `moe` section)."""
-    return registry.get(cfg.model, router_config=cfg.moe.router_config, top_k=cfg.moe.top_k)
+def model_spec(cfg: RunConfig, device: int = 0):
+    """The spec of `cfg.model` with the run's model options (the `moe` section); on a mesh, what device `device`
+    holds and runs (`models.shard_spec.ShardSpec`)."""
+    spec = registry.get(cfg.model, router_config=cfg.moe.router_config, top_k=cfg.moe.top_k)
+    if cfg.mesh.devices == 1:
+        return spec
+    from vorch_jax.models.shard_spec import ShardSpec
+
+    return ShardSpec(spec, cfg.mesh.tp, cfg.mesh.ep, device)
 
 
 def _shapes(spec, block: str, dtype: str) -> dict:
@@ -133,9 +139,10 @@ def state_bytes_of(spec, ids, dtype: str, quant, lossy: bool) -> dict:
     return out
 
 
-def build_setup(cfg: RunConfig, *, simulated: bool | None = None) -> Setup:
-    """The run's set-up (see the module docstring); every problem is a one-line error before any work."""
-    spec = model_spec(cfg)
+def build_setup(cfg: RunConfig, *, simulated: bool | None = None, device: int = 0) -> Setup:
+    """The run's set-up (see the module docstring), of device `device` on a mesh (its budget, a fraction of its own
+    shard's bytes); every problem is a one-line error before any work."""
+    spec = model_spec(cfg, device)
     simulated = cfg.executor == "sim" if simulated is None else simulated
     if not spec.has_weights and not simulated:
         raise RunError(f"model '{cfg.model}' is shape-only (no weights here): run it with executor=sim and a "

@@ -10,7 +10,8 @@ modelled links), the compute of a position (a roofline over the spec's cost mode
   * compute stream: a position starts when the host dispatched it and the previous one finished, and lasts
     `block_overhead_s + max(FLOPs / flops_per_s[precision], bytes read / hbm bandwidth, low-bit bytes / dequant)`,
     FLOPs and bytes from `ModelSpec.cost` for the pass's new tokens over its cached context, slowed by copies beside
-    it where they share the cores (`SimEngine.compute_slowdown`);
+    it where they share the cores (`SimEngine.compute_slowdown`); on a mesh, the collective after it
+    (`ModelSpec.collective_bytes`) on the stream too: the interconnect's latency + bytes / its bandwidth;
   * in place (`runtime/in_place.py`): a position the ledger hands over as `InPlace` runs on the host, whose
     weights sit in its DRAM: its input leaves the device when the stream has made it (`host_compute`'s activation
     latency + bytes / the device->host link), the host computes it (`HostCompute.op_seconds`: a roofline over its
@@ -115,6 +116,10 @@ class SimBackend:
                                self.dtype)
         start = max(self.clock.now, self.clock.gpu)
         dur += self.engine.compute_slowdown(start, dur)
+        if hw.mesh is not None:
+            sent = self.spec.collective_bytes(position, self._tokens, ITEMSIZE[self.dtype])
+            if sent:
+                dur += hw.mesh.interconnect.latency_s + sent / hw.mesh.interconnect.bandwidth_bytes_per_s
         self.clock.gpu = start + dur
         self.compute_spans.append((position.block, start, dur))
 

@@ -37,6 +37,14 @@ Schema (dotted names are the error messages' field names)::
     host_compute.op_overhead_s                      # fixed host seconds per op computed in place (its launch)
     host_compute.activation_latency_s               # one activation copy (a few KB) between device and host, each way
 
+An optional `mesh` section makes the profile a multi-device host (the simulator's mesh runs, `mesh.py`):
+
+    mesh.devices                                    # accelerators in the host; the sections above describe one
+    mesh.interconnect.{bandwidth_bytes_per_s, latency_s}   # device<->device (NVLink): one device's send rate
+    mesh.devices_per_host_link                      # devices behind one host link (1: each its own; 2: a PCIe
+                                                    # switch's uplink shared by two, each then gets half)
+    mesh.host_dram_bandwidth_bytes_per_s            # what all devices' host->device copies together draw from DRAM
+
 `host_compute` prices an op computed where its weights live (`compute: host`, `in_place: auto`): the activations
 cross the link (latency + bytes / bandwidth each way) and the host streams the weights from DRAM
 (`HostCompute.op_seconds`).
@@ -80,6 +88,23 @@ class HostCompute:
 
 
 @dataclasses.dataclass(frozen=True)
+class Mesh:
+    """A multi-device host: `devices` accelerators, each described by the profile's other sections."""
+
+    devices: int
+    interconnect: Link
+    devices_per_host_link: int
+    host_dram_bandwidth_bytes_per_s: float
+
+    def host_link_share(self, link: Link, loading_devices: int) -> Link:
+        """One device's host link when `loading_devices` devices load at once: its uplink shared with the devices
+        behind it, and all of them together capped by the host's DRAM."""
+        behind = min(self.devices_per_host_link, loading_devices)
+        bw = min(link.bandwidth_bytes_per_s / behind, self.host_dram_bandwidth_bytes_per_s / loading_devices)
+        return Link(bw, link.latency_s)
+
+
+@dataclasses.dataclass(frozen=True)
 class HardwareProfile:
     name: str
     device: str
@@ -103,6 +128,16 @@ class HardwareProfile:
     dispatch_s_per_block: float
     host_compute: HostCompute
     source: str = ""  # the file it was read from
+    mesh: Mesh | None = None  # a multi-device host (None: one device)
+
+    def device_view(self, loading_devices: int) -> "HardwareProfile":
+        """One device of the mesh as a one-device profile: its host links as shared when `loading_devices` devices
+        load at once (`Mesh.host_link_share`)."""
+        if self.mesh is None:
+            return self
+        m = self.mesh
+        return self.replace(host_to_device=m.host_link_share(self.host_to_device, loading_devices),
+                            device_to_host=m.host_link_share(self.device_to_host, loading_devices))
 
     def replace(self, **kw) -> "HardwareProfile":
         return dataclasses.replace(self, **kw)
@@ -177,8 +212,18 @@ def _check(data, schema: dict, where: str, src: str) -> dict:
     return out
 
 
+_MESH_SCHEMA = {"devices": int, "interconnect": {"bandwidth_bytes_per_s": float, "latency_s": float},
+                "devices_per_host_link": int, "host_dram_bandwidth_bytes_per_s": float}
+
+
 def profile_from_dict(data, source: str = "<dict>") -> HardwareProfile:
     """A checked profile from the nested mapping a YAML file holds; errors name `source` and the dotted field."""
+    mesh = None
+    if isinstance(data, dict) and "mesh" in data:
+        data = dict(data)
+        m = _check(data.pop("mesh"), _MESH_SCHEMA, "mesh.", source)
+        mesh = Mesh(m["devices"], Link(**m["interconnect"]), m["devices_per_host_link"],
+                    m["host_dram_bandwidth_bytes_per_s"])
     d = _check(data, _SCHEMA, "", source)
     links = d["links"]
     return HardwareProfile(
@@ -199,7 +244,7 @@ def profile_from_dict(data, source: str = "<dict>") -> HardwareProfile:
         dispatch_s_per_block=d["host"]["dispatch_s_per_block"],
         host_compute=HostCompute(**{**d["host_compute"],
                                     "flops_per_s_per_core": dict(d["host_compute"]["flops_per_s_per_core"])}),
-        source=source)
+        source=source, mesh=mesh)
 
 
 def load_profile(name_or_path) -> HardwareProfile:
@@ -240,4 +285,4 @@ def profile_to_dict(p: HardwareProfile) -> dict:
         "host": {"dispatch_s_per_block": p.dispatch_s_per_block},
         "host_compute": {**dataclasses.asdict(p.host_compute),
                          "flops_per_s_per_core": dict(p.host_compute.flops_per_s_per_core)},
-    }
+    } | ({"mesh": dataclasses.asdict(p.mesh)} if p.mesh is not None else {})

@@ -1,0 +1,88 @@
+"""A mesh of devices on the simulator (`models/shard_spec.py`, `simulation/mesh.py`): what each device holds,
+per-device budgets and links, the mesh's step from the devices' layer spans, and the one-line refusals."""
+
+import json
+
+import pytest
+
+from vorch_jax.config import ConfigError, load_config
+from vorch_jax.errors import ProfileError
+from vorch_jax.models.errors import ModelError
+from vorch_jax.models.registry import get
+from vorch_jax.models.shard_spec import ShardSpec
+from vorch_jax.runtime.run import run
+from vorch_jax.simulation.hardware import load_profile
+from vorch_jax.simulation.mesh import barrier_step_s
+
+SIM = ["executor=sim", "dtype=bfloat16", "prompt_tokens=8", "new_tokens=4"]
+
+
+def test_tensor_parallel_shards_split_every_matrix_and_replicate_the_norms():
+    base = get("llama-3-8b")
+    shard = ShardSpec(base, tp=4)
+    for b in ("layers.0.attn", "layers.0.mlp", "lm_head"):
+        two_d = sum(s.size * 4 for s in base.block_shapes(b).values() if len(s.shape) == 2)
+        one_d = sum(s.size * 4 for s in base.block_shapes(b).values() if len(s.shape) == 1)
+        assert shard.block_info[b].nbytes == two_d // 4 + one_d
+    assert shard.block_shapes("layers.0.mlp")["w_down"].shape == (14336 // 4, 4096)  # row-parallel
+    assert shard.block_shapes("layers.0.mlp")["w_up"].shape == (4096, 14336 // 4)  # column-parallel
+    assert shard.collective_bytes(shard.skeleton()[1], 1, 2) == 2 * 3 / 4 * 4096 * 2  # a ring all-reduce of x
+    with pytest.raises(ModelError, match="does not divide"):
+        ShardSpec(base, tp=3)
+    with pytest.raises(ModelError, match="must divide"):
+        ShardSpec(base, ep=2)
+
+
+def test_expert_parallel_devices_hold_and_run_their_own_experts():
+    base = get("mixtral-8x7b")
+    shard = ShardSpec(base, ep=4, device=1)
+    experts = [b for b in shard.blocks() if b.kind == "expert"]
+    assert len(experts) == base.n_layers * 2 and {b.expert for b in experts} == {1, 5}
+    assert [p.expert for p in shard.experts(0, [True] * 8)] == [1, 5]
+    assert len([b for b in shard.blocks() if b.kind != "expert"]) == len([b for b in base.blocks()
+                                                                         if b.kind != "expert"])
+
+
+def test_a_tensor_parallel_mesh_keeps_each_budget_and_its_own_link(tmp_path):
+    cfg = load_config(None, SIM + ["model=llama-3-8b", "policy=lru", "hbm_budget=0.5", "mesh.tp=4",
+                                   "hardware=8x-h100-pcie-shared"])
+    s = run(cfg, tmp_path)
+    assert json.loads((tmp_path / "summary.json").read_text())["mesh"]["tp"] == 4
+    m = s["mesh"]
+    assert m["simulated_devices"] == [0] and len(m["per_device"]) == 1
+    dev = m["per_device"][0]
+    assert dev["shard_bytes"] == ShardSpec(get("llama-3-8b"), tp=4).model_bytes // 2  # bf16 on the device
+    assert dev["peak_device_bytes"] <= dev["hbm_budget_bytes"] == int(0.5 * dev["shard_bytes"])
+    assert dev["bytes_moved"] >= dev["belady_bytes"] > 0
+    assert s["bytes_moved"] == 4 * dev["bytes_moved"]  # four equal devices
+    assert m["host_link_gbps"] == pytest.approx(48.3 / 2)  # two GPUs behind each switch uplink
+    assert (tmp_path / "device-0" / "trace.jsonl").exists()
+
+
+def test_an_expert_parallel_mesh_runs_every_device_and_meets_at_each_layer(tmp_path):
+    cfg = load_config(None, SIM + ["model=mixtral-8x7b", "policy=lfu", "hbm_budget=0.5", "mesh.ep=4",
+                                   "hardware=8x-h100-sxm"])
+    s = run(cfg, tmp_path)
+    m = s["mesh"]
+    assert m["simulated_devices"] == [0, 1, 2, 3]
+    assert all(d["peak_device_bytes"] <= d["hbm_budget_bytes"] for d in m["per_device"])
+    assert m["decode_step_s_barrier"] >= m["decode_step_s_no_barrier"] * (1 - 1e-9)
+    assert s["decode_step_s"] == m["decode_step_s_barrier"]
+    assert s["bytes_moved"] == sum(d["bytes_moved"] for d in m["per_device"])
+
+
+def test_barrier_step_is_the_slowest_device_layer_by_layer():
+    a = [[1.0, 5.0, 1.0], [1.0, 5.0, 1.0]]  # device a: two steps of three segments
+    b = [[3.0, 1.0, 1.0], [3.0, 1.0, 1.0]]
+    assert barrier_step_s([a, b]) == 3.0 + 5.0 + 1.0  # each alone takes 7 and 5
+    assert barrier_step_s([a, [[1.0, 1.0], [1.0, 1.0]]]) is None  # steps that do not line up
+
+
+def test_a_mesh_needs_a_mesh_profile_and_the_simulator(tmp_path):
+    with pytest.raises(ProfileError, match="describes one device"):
+        run(load_config(None, SIM + ["model=llama-3-8b", "mesh.tp=2", "hardware=h100-sxm"]), tmp_path)
+    with pytest.raises(ProfileError, match="has 8"):
+        run(load_config(None, SIM + ["model=llama-3-8b", "mesh.tp=16", "hardware=8x-h100-sxm"]), tmp_path / "b")
+    with pytest.raises(ConfigError, match="only the simulator"):
+        load_config(None, ["mesh.tp=2"])
+    assert load_profile("8x-h100-sxm").device_view(8).host_to_device.bandwidth_bytes_per_s == 48.3e9
