@@ -6,9 +6,9 @@ Takes: a few minutes on this 2-core CPU (Mixtral's eight devices are each a run 
 Each row is one policy on a mesh profile (`configs/hardware/8x-h100-sxm.yaml`: DGX H100, each GPU its own host link;
 `8x-h100-pcie-shared.yaml`: two GPUs behind each PCIe switch uplink), every device with `hbm_budget` = 30%, 50% or
 80% of its own shard's bf16 bytes (`simulation/mesh.py`, `models/shard_spec.py`). Columns: decode tok/s and ms per
-step of the mesh (devices meeting at every layer; in brackets the slowest device alone, no barrier), the floor
-(per device: its resident compute step, or its decode bytes over its host link), GB each device moves per decode
-step, bytes / Belady over the devices. Beside each budget, one H100 (`h100-sxm`) holding the same fraction of the
+step of the mesh (its devices meeting at every layer's end), the floor (the slowest device's: its resident compute
+step, or its decode bytes over its host link), GB the first device moves per decode step, bytes / Belady summed over
+the devices. Beside each budget, one H100 (`h100-sxm`) holding the same fraction of the
 whole model behind its one link, where its 80 GB hold that ("what changes against one device"). Mixtral replays a
 Zipf(1.0) routing trace, top-2 of 8, seeded; the same trace on every device.
 """
@@ -48,9 +48,8 @@ def row(label: str, s: dict | str) -> str:
     if isinstance(s, str):
         return f"  {label:28s} -- {s[:100]}"
     m = s.get("mesh")
-    alone = f"({m['decode_step_s_no_barrier'] * 1e3:.0f})" if m else ""
     per_device = (m["per_device"][0]["decode_h2d_bytes_per_step"] if m else s["decode_h2d_bytes_per_step"]) / 1e9
-    return (f"  {label:28s} {s['decode_tok_s']:7.2f} {s['decode_step_s'] * 1e3:8.1f} {alone:>7s} "
+    return (f"  {label:28s} {s['decode_tok_s']:7.2f} {s['decode_step_s'] * 1e3:8.1f} "
             f"{s['floor_step_s'] * 1e3:8.1f} {per_device:9.2f} {s['moved_over_belady']:8.3f}")
 
 
@@ -64,7 +63,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     out = [f"# {Path(__file__).name} --tokens {args.tokens}  ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; "
            f"simulated on the profiles, computed on this CPU)"]
-    hdr = (f"  {'policy':28s} {'tok/s':>7s} {'ms/step':>8s} {'(alone)':>7s} {'floor ms':>8s} {'GB/dev/tok':>9s} "
+    hdr = (f"  {'policy':28s} {'tok/s':>7s} {'ms/step':>8s} {'floor ms':>8s} {'GB/dev/tok':>9s} "
            f"{'/belady':>8s}")
     print(out[0])
     for model, mesh in MESHES:

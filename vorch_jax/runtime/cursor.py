@@ -65,7 +65,10 @@ class PassCursor:
         self._known, self._resolved = None, True
 
     def ends_layer(self, position) -> bool:
-        """Whether `position` is its layer's last feed-forward position (the MLP, or the last chosen expert)."""
+        """Whether `position` is its layer's last feed-forward position (the MLP, or the last chosen expert, or the
+        router when none of the experts it chose runs here: a mesh device holding none of them)."""
+        if position.op == "route":
+            return self._resolved and not self._experts
         return position.op == "mlp" or (position.op == "expert" and not self._experts)
 
     # ------------------------------------------------------------------ what is known

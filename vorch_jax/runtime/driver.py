@@ -7,7 +7,7 @@ The loop is the schedule (FlexGen's shape):
                                            `InPlace`: the op runs where the weights live (runtime/in_place.py)
         backend.run(position, w)           async dispatch on the real backend; a modelled span on the simulated one
         if position routes: the router's choice comes to the host; the next layer's router may speculate
-        residency.done(); at a layer's end: residency.after_layer (the policy's tick)
+        residency.done(); at a layer's end: residency.after_layer (the policy's tick), backend.layer_done
 
 Residency is the `Ledger` (a budget, an engine, a policy) or `ResidentWeights` (everything on device: the reference
 run). The backend is `RealBackend` (the spec's jitted ops) or `SimBackend` (the simulator's clock and cost model):
@@ -77,10 +77,13 @@ class Driver:
                     if guess is not None:
                         with be.host():
                             res.observe_speculation(p.layer + 1, *guess)
+            ends_layer = cursor.ends_layer(p)
             with be.host():
                 res.done()
-                if cursor.ends_layer(p):
+                if ends_layer:
                     res.after_layer(p.layer)
+            if ends_layer:
+                be.layer_done(p.layer)  # a mesh's devices meet here (the simulator's; nothing on one device)
         with be.host():
             res.end_pass()
         if chosen is not None:

@@ -53,6 +53,9 @@ class RealBackend:
             return None
         return self.compute.run(position, w, self.carry)
 
+    def layer_done(self, layer: int) -> None:
+        pass  # one device: nothing to meet
+
     def routing(self, position, out) -> tuple[np.ndarray, np.ndarray]:
         sel, probs = jax.device_get(out)  # the router's decision: the one host sync per layer
         return np.asarray(sel), np.asarray(probs)

@@ -52,7 +52,7 @@ def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None =
         if cfg.mesh.devices > 1:
             from vorch_jax.simulation.mesh import simulate_mesh
 
-            return simulate_mesh(cfg, out_dir, progress=progress)
+            return simulate_mesh(cfg, out_dir, simulate, progress=progress)
         return simulate(cfg, out_dir, progress=progress)
     try:
         return _run(cfg, out_dir, progress, reference)
@@ -181,15 +181,15 @@ def plan_stream(spec, routing=None, passes: int = 1) -> list[str]:
 
 
 def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculation=None, progress=None,
-             write_traces: bool = True, device: int = 0) -> dict:
+             write_traces: bool = True, device: int = 0, barrier=None) -> dict:
     """Run `cfg` on the simulated backend of `hardware` (a profile, its name or path; default `cfg.hardware`).
 
     `routing`: for a routed model, [pass][layer] -> expert ids (default: `cfg.routing_trace`, else Zipf seeded by
     `cfg.seed`); `speculation`: the real run's speculative predictions for the same passes ([pass][layer] ->
     (expert ids, mean probabilities)), which the scored policy replays (none: no speculation). `write_traces=False`
     writes only `summary.json` (sweeps that need no trace: serialising ~10^5 records costs more than simulating
-    them). On a mesh (`cfg.mesh`), the run of device `device` alone (`simulation.mesh` runs them all): its shard,
-    its host link as shared, and its layers' time spans for the mesh's barrier. Returns the summary."""
+    them). On a mesh (`cfg.mesh`), the run of device `device` (`simulation.mesh` runs them all, each in a thread):
+    its shard, its host link as shared, meeting the others at each layer's end at `barrier`. Returns the summary."""
     from vorch_jax.errors import RoutingTraceError
     from vorch_jax.simulation.hardware import load_profile
 
@@ -238,7 +238,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
                     speculative=speculative(cfg) and speculation is not None,
                     in_place=in_place_choice(setup, simulated_prices(hw, spec, setup.state_bytes, setup.weight_dtype)))
     backend = SimBackend(spec, hw, engine, setup.state_bytes, setup.weight_dtype, routing=routing,
-                         speculation=speculation)
+                         speculation=speculation, barrier=barrier)
     driver = Driver(spec, ledger, backend)
     wall0 = time.perf_counter()
     t_place0 = clock.now
@@ -256,9 +256,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     s["states"] = states_section(setup, ledger.accesses, events, gen.marks[0], t_gen1, cal.kl if cal else None)
     s["in_place"] = in_place_section(setup, ledger.counters, events, gen)
     if cfg.mesh.devices > 1:
-        from vorch_jax.simulation.mesh import layer_segments
-
-        s["mesh_device"] = {"device": device, "layer_segments": layer_segments(ledger.accesses, gen)}
+        s["mesh_device"] = device
     s |= {"simulated": True, "executor": "sim", "hardware": hw.name, "tokens": None, "tokens_match_resident": None,
           "text": None, "compute_s": sum(d for _, b, d in backend.compute_spans if b >= gen.marks[0]),
           "quality": {"simulated": True, "note": "quality is not simulated",

@@ -79,13 +79,18 @@ def position_seconds(hw, spec, position, state: State, tokens: int, context: int
 class SimBackend:
     settles_ticks = True
 
-    def __init__(self, spec, hw, engine, state_bytes: dict, dtype: str, *, routing=None, speculation=None):
-        """`dtype`: what the modelled device holds weights in (its FLOP rate and the bytes it streams)."""
+    def __init__(self, spec, hw, engine, state_bytes: dict, dtype: str, *, routing=None, speculation=None,
+                 barrier=None):
+        """`dtype`: what the modelled device holds weights in (its FLOP rate and the bytes it streams); `barrier`:
+        the mesh's meeting point at each layer's end (`simulation.mesh.LayerBarrier`; None on one device). A device of
+        a mesh runs in a thread of its own beside the others, so its host time is its thread's CPU time."""
         self.spec, self.hw, self.engine, self.clock = spec, hw, engine, engine.clock
         self.state_bytes, self.dtype = state_bytes, dtype
         self.routing_trace, self.speculation = routing, speculation
         self.compute_spans: list[tuple[str, float, float]] = []  # (block, start, seconds) of every position
         self.host_free = 0.0  # when the host's cores finish the op computed in place before
+        self.barrier = barrier
+        self.host_clock = time.thread_time if barrier is not None else time.perf_counter
         self._pass, self._tokens, self._context = 0, 0, 0
 
     def now(self) -> float:
@@ -94,11 +99,11 @@ class SimBackend:
     @contextlib.contextmanager
     def host(self):
         """The real ledger and policy code runs inside; its wall time is the host's time on the modelled clock."""
-        t0 = time.perf_counter()
+        t0 = self.host_clock()
         try:
             yield
         finally:
-            self.clock.now += time.perf_counter() - t0
+            self.clock.now += self.host_clock() - t0
 
     def new_cache(self, max_len: int, dtype):
         return None
@@ -146,6 +151,11 @@ class SimBackend:
         self.host_free = start + host_s
         self.clock.gpu = self.clock.now = self.host_free + back
         self.engine.record_in_place(position.block, ready, self.clock.now, moved)
+
+    def layer_done(self, layer: int) -> None:
+        """On a mesh, the layer's collective: no device's stream goes on before every device's has reached it."""
+        if self.barrier is not None:
+            self.clock.gpu = self.barrier.meet(self.clock.gpu)
 
     def routing(self, position, out):
         self._sync()

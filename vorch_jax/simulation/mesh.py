@@ -6,20 +6,21 @@ host's DRAM; the interconnect the collectives use):
   * each device is a run of its own: its shard of the model (`models.shard_spec.ShardSpec`), the run's
     `hbm_budget` as a fraction of that shard's bytes, the policy deciding for it alone, the collectives after its
     positions on its compute stream, its host link as shared by the devices that load at once (all of them: they
-    run the same schedule). With tp alone every device runs the same schedule on an equal shard, so device 0 is
-    simulated for all (the summary says so); with ep each device holds other experts and sees other reads, and each
-    is simulated (the same routing trace for all);
-  * the mesh's decode step: the devices meet at every layer (its collective), so a step lasts, layer by layer, as
-    long as the slowest device's span of that layer (`layer_segments`); also reported: the slowest device's whole
-    step (no barrier: a lower bracket, as if the devices could run ahead of each other);
-  * `summary.json` in `out_dir`: the mesh's figures (bytes summed over all devices; stall, transfer and controller
-    time the slowest device's) and a row per device (budget, peak, bytes moved, Belady's bytes for its own stream,
-    its floor); each device's own run (summary and trace) under `device-<d>/`.
+    run the same schedule);
+  * the devices meet at every layer's end (its collective: `LayerBarrier`): no device's stream goes past it before
+    every device's has reached it, so a device stalled on a load holds the others, whose links go on loading
+    meanwhile. The devices run in threads side by side, each on its own modelled clock (host time: each thread's
+    CPU time). With tp alone every device runs the same schedule on an equal shard, so device 0 is simulated for all
+    (the summary says so); with ep each device holds other experts and sees other reads, and all are simulated, on
+    the same routing trace;
+  * `summary.json` in `out_dir`: the mesh's figures (its step: the slowest device's; bytes summed over all
+    devices; stall, transfer and controller time the slowest device's) and a row per device (budget, peak, bytes
+    moved, Belady's bytes for its own stream, its floor); each device's own run (summary and trace) under
+    `device-<d>/`.
 """
-
 from __future__ import annotations
 
-import statistics
+import threading
 from pathlib import Path
 
 from vorch_jax.errors import ProfileError
@@ -37,50 +38,73 @@ def device_profile(hw, devices: int):
     return hw.device_view(devices)
 
 
-def layer_segments(accesses, gen) -> list[list[float]]:
-    """Per measured decode step (`Generation.measured_window`), the seconds from the step's start to its first read
-    of layer 0, from each layer's first read to the next layer's, and from the last one to the step's end."""
-    w0, w1, n = gen.measured_window()
-    first = len(gen.marks) - 1 - n  # decode step k spans marks[k] .. marks[k + 1]
-    starts: dict[int, dict[int, float]] = {}
-    for a in accesses:
-        if first <= a.step < first + n and a.layer >= 0:
-            starts.setdefault(a.step, {}).setdefault(a.layer, a.start)
-    out = []
-    for k in range(first, first + n):
-        layers = starts.get(k, {})
-        bounds = [gen.marks[k]] + [layers[i] for i in sorted(layers)] + [gen.marks[k + 1]]
-        out.append([b - a for a, b in zip(bounds, bounds[1:])])
-    return out
+class LayerBarrier:
+    """Where the devices' compute streams meet: each device's `meet(its stream's time)` returns, once all have
+    called it for this layer, the latest of those times (the collective ends for all when the last one starts it)."""
+
+    def __init__(self, devices: int, timeout_s: float = 600.0):
+        self._barrier = threading.Barrier(devices, timeout=timeout_s)
+        self._lock = threading.Lock()
+        self._latest: dict[int, float] = {}
+        self._round = threading.local()
+
+    def meet(self, stream_time: float) -> float:
+        k = getattr(self._round, "k", 0)
+        self._round.k = k + 1
+        with self._lock:
+            self._latest[k] = max(self._latest.get(k, stream_time), stream_time)
+        self._barrier.wait()
+        return self._latest[k]
+
+    def abort(self) -> None:
+        """A device failed: release the others (their `meet` raises BrokenBarrierError)."""
+        self._barrier.abort()
 
 
-def barrier_step_s(segments_per_device: list) -> float | None:
-    """The mesh's mean decode step when the devices meet at every layer: per step, Σ over segments of the slowest
-    device's; None when the devices' steps do not line up segment by segment."""
-    steps = list(zip(*segments_per_device))
-    if any(len({len(seg) for seg in step}) != 1 for step in steps):
-        return None
-    return statistics.fmean(sum(max(col) for col in zip(*step)) for step in steps)
+def _run_devices(simulate, cfg, out_dir: Path, hw, devices: list, progress) -> list:
+    """Each device's simulated run (`simulate`: runtime.run's), side by side in threads meeting at every layer; the
+    first error re-raised."""
+    from vorch_jax.runtime.setup import model_spec
+
+    base = model_spec(cfg).base
+    base.blocks(), base.leaf_shapes  # the shared base spec's tables, built once before the threads read them
+    barrier = LayerBarrier(len(devices)) if len(devices) > 1 else None
+    runs, errors = {}, []
+
+    def one(d):
+        try:
+            runs[d] = simulate(cfg, out_dir / f"device-{d}", hardware=hw, device=d, progress=progress,
+                               barrier=barrier)
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below, the other devices released
+            errors.append(err)
+            if barrier is not None:
+                barrier.abort()
+
+    threads = [threading.Thread(target=one, args=(d,), name=f"mesh-device-{d}") for d in devices]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    first = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0] if errors else None)
+    if first is not None:
+        raise first
+    return [runs[d] for d in devices]
 
 
-def simulate_mesh(cfg, out_dir, *, hardware=None, progress=None) -> dict:
-    """Simulate `cfg` on its mesh (see the module docstring); returns the mesh's summary."""
+def simulate_mesh(cfg, out_dir, simulate, *, hardware=None, progress=None) -> dict:
+    """Simulate `cfg` on its mesh (see the module docstring), each device's run by `simulate` (runtime.run's: passed
+    in, so this module does not import the runtime that calls it); returns the mesh's summary."""
     from vorch_jax.runtime import telemetry as T
-    from vorch_jax.runtime.run import simulate
 
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
     hw = load_profile(hardware if hardware is not None else cfg.hardware)
     device_profile(hw, cfg.mesh.devices)
     simulated = list(range(cfg.mesh.ep)) if cfg.mesh.ep > 1 else [0]
-    runs = []
-    for d in simulated:
-        say(f"device {d} of {cfg.mesh.devices}")
-        runs.append(simulate(cfg, out_dir / f"device-{d}", hardware=hw, device=d, progress=progress))
-    alone = max(r["decode_step_s"] for r in runs)
-    barrier = barrier_step_s([r["mesh_device"]["layer_segments"] for r in runs])
-    step = barrier if barrier is not None else alone
-    rows = [{"device": r["mesh_device"]["device"], "hbm_budget_bytes": r["hbm_budget_bytes"],
+    say(f"{len(simulated)} of {cfg.mesh.devices} devices simulated")
+    runs = _run_devices(simulate, cfg, out_dir, hw, simulated, progress)
+    step = max(r["decode_step_s"] for r in runs)
+    rows = [{"device": r["mesh_device"], "hbm_budget_bytes": r["hbm_budget_bytes"],
              "shard_bytes": r["model_bytes"], "peak_device_bytes": r["peak_device_bytes"],
              "bytes_moved": r["bytes_moved"], "belady_bytes": r["belady_bytes"],
              "moved_over_belady": r["moved_over_belady"], "decode_step_s": r["decode_step_s"],
@@ -104,8 +128,9 @@ def simulate_mesh(cfg, out_dir, *, hardware=None, progress=None) -> dict:
                    "simulated_devices": simulated,
                    "note": ("tensor parallel alone: every device runs the same schedule on an equal shard; device 0 "
                             "was simulated for all" if len(simulated) == 1 else
-                            "each device simulated with its own experts, the same routing for all"),
-                   "decode_step_s_barrier": barrier, "decode_step_s_no_barrier": alone, "per_device": rows}}
+                            "each device simulated with its own experts, the same routing for all, the devices "
+                            "meeting at every layer's end"),
+                   "per_device": rows}}
     s["moved_over_belady"] = s["bytes_moved"] / s["belady_bytes"] if s["belady_bytes"] else float("nan")
     with writing(out_dir):
         T.write_json_atomic(out_dir / "summary.json", s)
