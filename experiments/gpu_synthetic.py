@@ -136,6 +136,10 @@ class SyntheticTextMixin:
     def bos_id(self) -> int:
         return self.bos
 
+    def text(self, max_chars: int) -> str:
+        """Words for the synthetic tokenizer to count (no corpus needed: its ids come from the seeded stream)."""
+        return " ".join(["w"] * (max_chars // 2))
+
 
 def note(real: str) -> str:
     """The spec's note (what its quality figures are relative to: nothing)."""

@@ -106,6 +106,13 @@ class ModelSpec:
     def bos_id(self) -> int:
         raise ModelError(f"{self.name} has no tokenizer here (a shape-only model: run it with executor=sim)")
 
+    def text(self, max_chars: int) -> str:
+        """The text a real run's prompt and evaluation are taken from (its first `max_chars` characters): the KJV,
+        unless a model says otherwise (a model without a language, e.g. random weights, gives its own)."""
+        from .corpus import kjv_text
+
+        return kjv_text(max_chars=max_chars)
+
     # -- a pass
     def skeleton(self) -> list[Position]:
         raise NotImplementedError

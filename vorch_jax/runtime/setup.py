@@ -228,10 +228,8 @@ def texts(cfg: RunConfig, spec, simulated: bool) -> tuple[list, list]:
     """(prompt ids, evaluation ids), BOS first. A simulated run has no text: ids of the configured lengths."""
     if simulated:
         return [0] * (cfg.prompt_tokens + 1), [0] * (cfg.eval_tokens + 1)
-    from vorch_jax.models.corpus import kjv_text
-
     tok, bos = spec.tokenizer(), spec.bos_id()
-    text_ids = tok.encode(kjv_text(max_chars=16 * (cfg.prompt_tokens + cfg.eval_tokens) + 1000)).ids
+    text_ids = tok.encode(spec.text(16 * (cfg.prompt_tokens + cfg.eval_tokens) + 1000)).ids
     prompt = tok.encode(cfg.prompt).ids if cfg.prompt else text_ids[: cfg.prompt_tokens]
     if not prompt:
         raise RunError("the prompt is empty: give a prompt or prompt_tokens >= 1")
