@@ -29,6 +29,9 @@ Parts (each independent: one that fails prints its error's first lines, the othe
      against one jitted whole-model decode step (`bench_driver.fused_step_s`), both in float32.
   3. sim: `compare` with executor=sim on part 1's configs, on the device's profile (`matching_profile`, or
      `--profile`): simulated vs measured decode step per row.
+  5. in_place (issue 20): the first model at the first budget, static all-move against `in_place: auto` and every
+     MLP computed on the host (`compute: host`): decode tok/s, weight MB moved, reads in place, host compute share,
+     tokens == resident's (on a GPU the host is the CPU: what moving activations instead of weights gains there).
   4. kernels: compiled Pallas int8 / int4 dequant-matmul (`bench_kernels.run`) at Llama-3-8B and Llama-2-70B
      layers' decode shapes (M = 1, 4, 16; K, N from `models.llama_spec`) against the bf16 matmul and the measured
      copy bandwidth; a layer's projections weighted by how often a layer runs each shape.
@@ -60,7 +63,7 @@ if str(REPO) not in sys.path:
 
 RESULTS = REPO / "experiments" / "results"
 DRY_RESULTS = Path(tempfile.gettempdir()) / "gpu_check_run-dry"  # a dry run's numbers are never results
-PARTS = {1: "compare", 2: "driver", 3: "sim", 4: "kernels"}
+PARTS = {1: "compare", 2: "driver", 3: "sim", 4: "kernels", 5: "in_place"}
 POLICIES = ("resident", "static", "static-prefetch", "lru", "scored", "belady")
 DRY_POLICIES = ("resident", "static-prefetch")  # the dry run's budget: a run costs seconds on CPU
 TARGET_INT4_BW_SHARE = 0.70  # int4 dequant-matmul at Llama-2-70B decode shapes, M=1: share of the copy bandwidth
@@ -112,7 +115,8 @@ class _Parser(argparse.ArgumentParser):
 def parse_plan(argv: list[str]) -> Plan:
     """The plan from the command line; UsageError naming the first bad value."""
     ap = _Parser(prog="gpu_check_run.py", description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", default="1,2,3,4", help="comma-separated: 1 compare, 2 driver, 3 sim, 4 kernels")
+    ap.add_argument("--parts", default="1,2,3,4,5", help="comma-separated: 1 compare, 2 driver, 3 sim, 4 kernels, "
+                                                         "5 in_place")
     ap.add_argument("--models", default=None, help="comma-separated models (default smollm2-135m,gemma3-270m)")
     ap.add_argument("--budgets", default=None, help="comma-separated hbm budgets in (0, 1] (default 0.3,0.5)")
     ap.add_argument("--tokens", type=int, default=None, help="new tokens per run (default 32; dry run 3)")
@@ -340,6 +344,43 @@ def decode_over_floor(summary: dict) -> float:
     return summary["decode_step_s"] / summary["floor_step_s"]
 
 
+# ------------------------------------------------------------------------------------------------- part 5
+
+
+IN_PLACE_HEADER = ["model", "budget", "variant", "tok/s", "decode ms", "weights MB", "reads in place", "host share",
+                   "same tokens"]
+IN_PLACE_VARIANTS = (("static", []), ("static + in_place auto", ["in_place=auto"]),
+                     ("static, MLPs on host", ["placement=[{path: 'layers\\.[0-9]+\\.mlp', compute: host}]"]))
+
+
+def in_place_part(plan: Plan, measured: Measured) -> Table:
+    """Part 5: all-move against compute in place on the first model and budget; fails if a row's tokens differ
+    from resident's (every variant is lossless)."""
+    import jax.numpy as jnp
+
+    from vorch_jax.config import apply_overrides
+    from vorch_jax.runtime.reference import resident_reference
+    from vorch_jax.runtime.run import run
+    from vorch_jax.runtime.setup import build_setup
+
+    model, budget = plan.models[0], plan.budgets[0]
+    table = Table(f"5. in_place ({plan.dtype}, {plan.tokens} new tokens)", IN_PLACE_HEADER)
+    base = plan.config(model, budget)
+    reference = resident_reference(build_setup(base), jnp.dtype(plan.dtype), plan.tokens)  # one for the three
+    for k, (label, over) in enumerate(IN_PLACE_VARIANTS):
+        cfg = apply_overrides(base, ["policy=static"] + over)
+        s = run(cfg, measured.work / f"in-place-{k}", reference=reference)
+        ip = s.get("in_place") or {}
+        table.rows.append([model, f"{budget:g}", label, f"{s['decode_tok_s']:.1f}", f"{s['decode_step_s'] * 1e3:.2f}",
+                           f"{s['bytes_moved'] / 1e6:.1f}", str(ip.get("reads", 0)),
+                           f"{ip.get('decode_host_compute_share', 0.0):.2f}", str(s["tokens_match_resident"])])
+        if not s["tokens_match_resident"]:
+            table.failure = f"{label}: tokens differ from resident's"
+    table.notes.append("reads in place: reads computed where the weights live (activations moved instead); host "
+                       "share: their host seconds over the decode time")
+    return table
+
+
 # ------------------------------------------------------------------------------------------------- part 2
 
 
@@ -518,6 +559,8 @@ def run_part(number: int, plan: Plan, measured: Measured, device: tuple[str, str
         return compare_part(plan, measured)
     if number == 2:
         return driver_part(plan, measured)
+    if number == 5:
+        return in_place_part(plan, measured)
     if number == 3:
         profile, how = (plan.profile, "given by --profile") if plan.profile else matching_profile(*device)
         if profile is None:

@@ -27,6 +27,7 @@ PART_COLUMNS = {
     "driver": ["model", "fused ms", "driver ms", "driver/fused"],
     "sim": ["model", "budget", "policy", "measured ms", "simulated ms", "rel err", "within"],
     "kernels": ["model", "format", "M", "layer ms", "GB/s", "of copy BW", "vs full"],
+    "in_place": G.IN_PLACE_HEADER,
 }
 
 
@@ -112,7 +113,7 @@ def test_driver_sim_and_kernel_ratios_are_finite_and_positive(dry_run):
 
 
 @pytest.mark.parametrize("argv, fragment", [
-    (["--parts", "1,5"], "unknown part '5'"),
+    (["--parts", "1,6"], "unknown part '6'"),
     (["--parts", ","], "--parts is empty"),
     (["--budgets", "0"], "bad budget '0'"),
     (["--budgets", "0.5,1.5"], "bad budget '1.5'"),
@@ -200,3 +201,12 @@ def test_the_twins_weights_and_ids_are_seeded_float32():
     ids = tok.encode("in the beginning God created").ids
     assert len(ids) == 5 and tok.encode("in the beginning").ids == ids[:3]
     assert all(S.FIRST_TEXT_ID <= i < 49152 for i in tok.encode("word " * 5000).ids)
+
+
+@pytest.mark.slow
+def test_in_place_rows_are_lossless_and_the_host_rows_read_in_place(dry_run):
+    _, rows, _ = table_of(dry_run[2], "in_place")
+    assert [r["variant"] for r in rows] == [label for label, _ in G.IN_PLACE_VARIANTS]
+    assert all(r["same tokens"] == "True" for r in rows)
+    assert rows[0]["reads in place"] == "0" and int(rows[2]["reads in place"]) > 0
+    assert float(rows[2]["weights MB"]) < float(rows[0]["weights MB"])  # MLPs on the host never load
