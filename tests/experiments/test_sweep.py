@@ -157,8 +157,19 @@ def _wait_running(out: Path, point_id: str, proc: subprocess.Popen, timeout: flo
     raise AssertionError(f"point {point_id} did not start within {timeout} s")
 
 
+# Three simulated points of a few seconds each (Mixtral's 100 simulated passes), long enough to be interrupted
+# mid-point and far cheaper than the shipped smoke sweep's real runs (a model load and a compile each).
+SLOW_SIM_SWEEP = """name: smoke
+base: {model: mixtral-8x7b, executor: sim, hardware: h100-sxm, dtype: bfloat16, new_tokens: 100, prompt_tokens: 8}
+groups:
+  - product: {hbm_budget: [0.3], policy: [static, lru]}
+  - product: {hbm_budget: [0.5], policy: [lru]}
+"""
+
+
 def test_resume_after_sigint_and_sigkill(tmp_path):
-    sweep_file = SWEEPS / "smoke.yaml"
+    sweep_file = tmp_path / "smoke.yaml"
+    sweep_file.write_text(SLOW_SIM_SWEEP)
     ids = [p.id for p in load_sweep(sweep_file).points]
     assert len(ids) == 3
     out = tmp_path / "smoke"
