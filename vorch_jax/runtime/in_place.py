@@ -57,9 +57,10 @@ class InPlaceChoice:
         return self.modes.get(block)
 
     def loads_pay(self, position, tokens: int, load_bytes: int) -> bool:
-        """Whether loading `position`'s block ahead can serve that read: not for an `auto` block a load of which
-        takes longer than computing the read in place (the read runs in place whatever arrives; whether the block
-        is worth keeping on device is the background load's decision), nor for a host-only one."""
+        """Whether loading `position`'s block ahead is worth it for that read: not for a host-only block, nor for
+        an `auto` one a whole load of which takes longer than computing the read in place (a prefetch issued a
+        position or two ahead would mostly still be in flight, and the read would run in place beside it; whether
+        the block is worth keeping on device is the background load's decision)."""
         mode = self.modes.get(position.block)
         if mode is None:
             return True
@@ -88,7 +89,8 @@ def in_place_choice(setup, prices: InPlacePrices) -> InPlaceChoice | None:
 
 def measured_prices(backend, link_bw: dict) -> InPlacePrices:
     """A real run's prices: each op in place as the backend timed it at compile time (per batch size), a load at
-    the host->device rate probed before the run."""
+    the host->device rate probed before the run (16 MiB copies: their per-copy latency is inside that rate, not
+    priced apart as the simulated prices' is)."""
     return InPlacePrices(host_s=lambda position, tokens: backend.in_place_s[(position.op, tokens)],
                          move_s=lambda nbytes: nbytes / link_bw["host->device"])
 

@@ -44,8 +44,11 @@ def make_policy(cfg: RunConfig, ctx: PolicyContext, extras: dict | None = None):
 
 
 def policy_context(cfg: RunConfig, setup, future) -> PolicyContext:
+    """What a policy plans with. Blocks a rule computes on the host never load: they are out of the schedule a
+    static placement fills and the initial placement follows, so no budget is held for them."""
+    host_only = {b for b, m in setup.in_place.items() if m == "host"}
     return PolicyContext(block_ids=tuple(setup.block_ids), device_bytes=setup.device_bytes,
-                         budget_bytes=setup.hbm_budget, schedule=tuple(setup.pass_order),
+                         budget_bytes=setup.hbm_budget, schedule=tuple(b for b in setup.pass_order if b not in host_only),
                          prefetch_depth=cfg.prefetch_depth, protected=setup.protected, future=tuple(future),
                          forced=setup.forced, state_bytes=setup.state_bytes, packed=setup.packed,
                          packed_where=setup.packed_where)

@@ -55,7 +55,6 @@ class Counters:
     prefetch_wasted_bytes: int = 0
     controller_s: float = 0.0
     peak_device_bytes: int = 0
-    in_place: int = 0  # reads computed where the block's weights live (`in_place.py`): neither hits nor misses
     in_place_loads: int = 0  # background loads of blocks just computed in place
 
 
@@ -162,6 +161,7 @@ class Ledger:
         w = self.engine.wait(block)  # records a stall event only when it had to wait
         if block in self.inflight:
             self.inflight.pop(block)
+            self.requested_at.pop(block, None)
             self.on_device[block] = self.engine.representation(block).nbytes  # the landed arrays' real size
         self.policy.on_access(self.t, block)
         self._sample_peak()
@@ -201,8 +201,7 @@ class Ledger:
         from vorch_jax.runtime.in_place import InPlace
 
         t0 = self.now()
-        self.counters.in_place += 1
-        self.policy.on_access(self.t, block)
+        self.policy.on_access(self.t, block)  # neither a hit nor a miss: the summary counts it from its event
         self.accesses.append(Access(self.t, self.step, self.info[block].layer, block, False, t0, t0,
                                     State.S3.name))
         if self.in_place.mode(block) == "auto":
@@ -214,6 +213,7 @@ class Ledger:
         """Loads that have landed leave `inflight` (they are otherwise settled when their block is next read)."""
         for b in [b for b in self.inflight if self.engine.state(b) != State.S5]:
             self.inflight.pop(b)
+            self.requested_at.pop(b, None)
             self.on_device[b] = self.engine.representation(b).nbytes
 
     def _background_load(self, block: str) -> None:

@@ -84,9 +84,9 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None) -> dict
                             lowrank_rank=cfg.quant.lowrank_rank, keep_home=True)
     from vorch_jax.tiers.link_probe import probe_bandwidths
 
-    link_bw = probe_bandwidths(engine.store_dir)  # for the floor: the links' speed measured now, not a datasheet
-    backend = RealBackend(setup.spec, dtype)
     try:
+        link_bw = probe_bandwidths(engine.store_dir)  # for the floor: the links' speed measured now, not a datasheet
+        backend = RealBackend(setup.spec, dtype)
         ledger = Ledger(setup.info, cursor, engine, policy, budget_bytes=setup.hbm_budget,
                         device_bytes=setup.device_bytes, homes=setup.homes, state_bytes=setup.state_bytes,
                         tick_every_n_layers=cfg.tick_every_n_layers, speculative=speculative(cfg),

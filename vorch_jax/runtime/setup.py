@@ -69,7 +69,7 @@ class Setup:
     def in_place(self) -> dict:
         """block -> "host" | "auto": the reads that may run where the block's weights live (`runtime/in_place.py`):
         a rule's `compute: host`; with `in_place: auto`, every block whose op the model can run in place, with its
-        lossless home in DRAM and no compressed home, not protected and not ruled `compute: device`. None for the
+        lossless home in DRAM and no compressed home, not protected and not ruled `compute: device`. Empty for the
         resident reference."""
         if self.cfg.policy == "resident":
             return {}

@@ -11,7 +11,9 @@ accesses the ledger recorded, never from the plan.
     a simulated one), the whole run's rate while its link was busy, or the measured steps' own rate, whichever is
     highest. The last one alone keeps the floor at or below the measured step (its copies cannot have taken longer
     than the steps they ran in);
-  * a routed plan adds a `routing` section: expert hit rate and bytes, the speculative prefetch as measured.
+  * a routed plan adds a `routing` section: expert hit rate and bytes, the speculative prefetch as measured;
+  * reads computed in place (`runtime/in_place.py`) load nothing: they are out of Belady's and the bound's stream
+    and out of the hit rate (the `in_place` section counts them).
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
     gen_events = T.window(events, t_gen0, t_gen1)
     n_gen = sum(1 for a in ledger.accesses if t_gen0 <= a.start < t_gen1)
     first = next((i for i, a in enumerate(ledger.accesses) if a.start >= t_gen0), len(ledger.accesses))
-    window = ledger.accesses[first:first + n_gen]
+    # the reads on the device: one computed in place (read in S3, `runtime/in_place.py`) loads nothing, so the
+    # oracle and the bound are not charged for it either
+    window = [a for a in ledger.accesses[first:first + n_gen] if a.state != State.S3.name]
     stream = [a.block for a in window]
     # what each access's block occupied from then on, in the state it was read in (a lossy run's change states)
     occupied = [setup.state_bytes[a.block].get(State[a.state], setup.device_bytes[a.block]) for a in window]
@@ -112,7 +116,8 @@ def routing_section(setup, ledger, spec: dict, events, t_gen0: float, t_gen1: fl
     Each load issued is checked against the engine's events (a host->device transition of that block). `spec`: the
     ledger's speculation counters as generation ended."""
     gen = [a for a in ledger.accesses if t_gen0 <= a.start < t_gen1]
-    experts = [a for a in gen if setup.kinds[a.block] == "expert"]
+    in_place = [a for a in gen if setup.kinds[a.block] == "expert" and a.state == State.S3.name]
+    experts = [a for a in gen if setup.kinds[a.block] == "expert" and a.state != State.S3.name]  # read on device
     h2d = [e for e in T.window(events, t_gen0, t_gen1) if e.kind == "transition" and e.link_bytes.get("host->device")]
     expert_bytes = sum(e.link_bytes["host->device"] for e in h2d if setup.kinds[e.block] == "expert")
     landed = {e.block for e in h2d}
@@ -120,9 +125,10 @@ def routing_section(setup, ledger, spec: dict, events, t_gen0: float, t_gen1: fl
     return {
         "n_experts": setup.spec.n_experts,
         "top_k": setup.spec.top_k,
-        "expert_accesses": len(experts),
+        "expert_accesses": len(experts) + len(in_place),
+        "expert_reads_in_place": len(in_place),
         "expert_hits": sum(a.hit for a in experts),
-        "expert_hit_rate": (sum(a.hit for a in experts) / len(experts)) if experts else nan,
+        "expert_hit_rate": (sum(a.hit for a in experts) / len(experts)) if experts else nan,  # of the device reads
         "expert_bytes_moved": expert_bytes,
         "speculative": {
             "enabled": ledger.speculative,

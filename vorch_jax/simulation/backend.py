@@ -120,13 +120,16 @@ class SimBackend:
         dur = position_seconds(hw, self.spec, position, state, self._tokens, self._context, self.state_bytes,
                                self.dtype)
         start = max(self.clock.now, self.clock.gpu)
-        dur += self.engine.compute_slowdown(start, dur)
-        if hw.mesh is not None:
-            sent = self.spec.collective_bytes(position, self._tokens, ITEMSIZE[self.dtype])
-            if sent:
-                dur += hw.mesh.interconnect.latency_s + sent / hw.mesh.interconnect.bandwidth_bytes_per_s
+        dur += self.engine.compute_slowdown(start, dur) + self._collective_s(position, self._tokens)
         self.clock.gpu = start + dur
         self.compute_spans.append((position.block, start, dur))
+
+    def _collective_s(self, position, tokens: int) -> float:
+        """On a mesh, the collective after `position` (`ModelSpec.collective_bytes`): latency + bytes / bandwidth of
+        the interconnect; nothing on one device."""
+        mesh = self.hw.mesh
+        sent = self.spec.collective_bytes(position, tokens, ITEMSIZE[self.dtype]) if mesh is not None else 0.0
+        return mesh.interconnect.latency_s + sent / mesh.interconnect.bandwidth_bytes_per_s if sent else 0.0
 
     def _sync(self) -> None:
         """The host waits for the compute stream (a value it needs comes back from the device)."""
@@ -184,7 +187,7 @@ class SimBackend:
     def resident_step_s(self, positions, context: int) -> float:
         """Compute-only decode step of the all-resident model on this profile (the floor's compute term)."""
         dev = sum(position_seconds(self.hw, self.spec, p, State.S0, 1, context, self.state_bytes, self.dtype)
-                  for p in positions)
+                  + self._collective_s(p, 1) for p in positions)
         return max(dev, self.hw.dispatch_s_per_block * len(positions))
 
 
