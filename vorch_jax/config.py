@@ -193,10 +193,8 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """A mesh of devices (simulated runs; `vorch_jax/simulation/mesh.py`): `tp`-way tensor parallelism (attention
-    heads, MLP width, vocabulary) and `ep`-way expert parallelism (each device its share of every layer's experts).
-    tp x ep devices, each with the run's `hbm_budget` (a fraction of the bytes of its own shard) and its own host
-    link as the hardware profile's `mesh` section describes."""
+    """A mesh (simulated; `simulation/mesh.py`): `tp`-way tensor and `ep`-way expert parallelism, tp x ep devices,
+    each with `hbm_budget` (of its own shard's bytes) and a host link as the profile's `mesh` section says."""
 
     tp: int = 1
     ep: int = 1
@@ -319,10 +317,9 @@ class RunConfig:
             F.require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
         F.require(self.mesh.devices == 1 or self.executor == "sim", "mesh",
                   f"asks for {self.mesh.devices} devices, which only the simulator runs so far (executor: sim)")
-        F.require(self.mesh.devices == 1 or (self.in_place == "off" and not any(r.compute == "host"
-                                                                                for r in self.placement)), "mesh",
-                  "with compute in place is not modelled (each device would get the whole host): drop in_place / "
-                  "compute: host, or the mesh")
+        host = self.in_place != "off" or any(r.compute == "host" for r in self.placement)
+        F.require(self.mesh.devices == 1 or not host, "mesh", "with compute in place is not modelled (each device "
+                  "would get the whole host): drop in_place / compute: host, or the mesh")
         F.require(not self.routing_trace or self.executor == "sim", "routing_trace",
                  "is replayed only by the simulator (executor: sim); a real run routes with its own router")
         if not self.lossy:
