@@ -96,3 +96,13 @@ def test_a_mesh_needs_a_mesh_profile_and_the_simulator(tmp_path):
     with pytest.raises(ConfigError, match="only the simulator"):
         load_config(None, ["mesh.tp=2"])
     assert load_profile("8x-h100-sxm").device_view(8).host_to_device.bandwidth_bytes_per_s == 48.3e9
+
+
+@pytest.mark.parametrize("mesh, one", [("8x-h100-sxm", "h100-sxm"), ("8x-h100-pcie-shared", "h100-pcie")])
+def test_a_mesh_profile_is_its_one_device_profile_plus_a_mesh(mesh, one):
+    """Every section but `mesh` is copied from the one-GPU profile: this keeps the two in step."""
+    import dataclasses
+
+    m, o = load_profile(mesh), load_profile(one)
+    assert m.mesh is not None and o.mesh is None
+    assert dataclasses.replace(m, name=o.name, device=o.device, source=o.source, mesh=None) == o
