@@ -21,6 +21,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Callable
 
+from vorch_jax.runtime.telemetry import link_bytes
+
 MODES = ("host", "auto")
 
 
@@ -106,18 +108,13 @@ def in_place_section(setup, counters, events, gen) -> dict | None:
     gen_ev = [e for e in events if e.kind == "in_place" and gen.marks[0] <= e.start < gen.marks[-1]]
     decode_ev = [e for e in gen_ev if w0 <= e.start < w1]
     decode_s = sum(e.duration for e in decode_ev)
+    activations = ("in_place",)  # the event kind whose link bytes are activations
 
-    def per_link(evs) -> dict:
-        out: dict = {}
-        for e in evs:
-            for link, n in e.link_bytes.items():
-                out[link] = out.get(link, 0) + n
-        return dict(sorted(out.items()))
     return {"mode": setup.cfg.in_place, "blocks_host": sum(m == "host" for m in modes.values()),
             "blocks_auto": sum(m == "auto" for m in modes.values()), "reads": len(gen_ev),
             "blocks_read": len({e.block for e in gen_ev}), "host_compute_s": sum(e.duration for e in gen_ev),
             "decode_host_compute_share": decode_s / (w1 - w0) if w1 > w0 else float("nan"),
-            "activation_bytes": per_link(gen_ev),
-            "decode_activation_bytes_per_step": {k: v / max(1, steps) for k, v in per_link(decode_ev).items()},
+            "activation_bytes": link_bytes(gen_ev, activations),
+            "decode_activation_bytes_per_step": {k: v / max(1, steps) for k, v in link_bytes(decode_ev, activations).items()},
             "decode_reads_per_step": len(decode_ev) / max(1, steps), "background_loads": counters.in_place_loads,
             "note": "bytes_moved, Belady and the lower bound count weight loads; a read in place moves none"}

@@ -45,13 +45,18 @@ class RealBackend:
         from vorch_jax.runtime.in_place import InPlace
 
         if isinstance(w, InPlace):
-            jax.block_until_ready(self.carry.x_BxTxD)  # its input: the device's work before it is not its time
-            t0 = time.perf_counter()
-            moved = self.compute.run_in_place(position, w.leaves, self.carry)
-            jax.block_until_ready(self.carry.x_BxTxD)
-            w.record(t0, time.perf_counter(), moved)
+            w.record(*self._run_in_place(position, w.leaves, self.carry))
             return None
         return self.compute.run(position, w, self.carry)
+
+    def _run_in_place(self, position, leaves, carry) -> tuple[float, float, dict]:
+        """(start, end, activation bytes per link) of `position` computed in place: timed from its input being
+        ready (the device's work before it is not its time) to its result being back."""
+        jax.block_until_ready(carry.x_BxTxD)
+        t0 = time.perf_counter()
+        moved = self.compute.run_in_place(position, leaves, carry)
+        jax.block_until_ready(carry.x_BxTxD)
+        return t0, time.perf_counter(), moved
 
     def layer_done(self, layer: int) -> None:
         pass  # one device: nothing to meet
@@ -122,10 +127,7 @@ class RealBackend:
         host = PinnedHostBlock.from_numpy({k: np.zeros(s.shape, s.dtype) for k, s in shapes.items()}, jax.devices()[0])
         times = []
         for _ in range(4):
-            jax.block_until_ready(carry.x_BxTxD)
-            t0 = time.perf_counter()
-            self.compute.run_in_place(position, host.leaves, carry)
-            jax.block_until_ready(carry.x_BxTxD)
-            times.append(time.perf_counter() - t0)
+            t0, t1, _moved = self._run_in_place(position, host.leaves, carry)
+            times.append(t1 - t0)
         host.free()
         return statistics.median(times[1:])

@@ -18,10 +18,11 @@ def window(events, t_start: float, t_end: float):
     return [e for e in events if t_start <= e.start < t_end]
 
 
-def link_bytes(events) -> dict[str, int]:
+def link_bytes(events, kinds=("transition", "recovered")) -> dict[str, int]:
+    """Bytes per link of the events of `kinds`: weights moved (the default), or `("in_place",)`: activations."""
     out: Counter = Counter()
     for e in events:
-        if e.kind in ("transition", "recovered"):
+        if e.kind in kinds:
             out.update(dict(e.link_bytes))
     return dict(sorted(out.items()))
 

@@ -15,8 +15,8 @@ modelled links), the compute of a position (a roofline over the spec's cost mode
   * in place (`runtime/in_place.py`): a position the ledger hands over as `InPlace` runs on the host, whose
     weights sit in its DRAM: its input leaves the device when the stream has made it (`host_compute`'s activation
     latency + bytes / the device->host link), the host computes it (`HostCompute.op_seconds`: a roofline over its
-    cores and DRAM; one op at a time), and the result comes back (latency + bytes / host->device) before the stream
-    goes on; the host thread waits for it, as the real backend does. Activation copies are not queued behind the
+    cores and DRAM), and the result comes back (latency + bytes / host->device) before the stream goes on; the host
+    thread waits for it, as the real backend does, so host ops never overlap. Activation copies are not queued behind the
     weight loads on the links (a few KB beside megabytes; GPUs copy each direction on its own engine). On this
     machine's profile the host is the device's own 2 cores: the model does not charge the two against each other;
   * routing: a routed plan replays a routing trace ([pass][layer] -> the experts run: a real MoE run's
@@ -88,7 +88,6 @@ class SimBackend:
         self.state_bytes, self.dtype = state_bytes, dtype
         self.routing_trace, self.speculation = routing, speculation
         self.compute_spans: list[tuple[str, float, float]] = []  # (block, start, seconds) of every position
-        self.host_free = 0.0  # when the host's cores finish the op computed in place before
         self.barrier = barrier
         self.host_clock = time.thread_time if barrier is not None else time.perf_counter
         self._pass, self._tokens, self._context = 0, 0, 0
@@ -150,9 +149,7 @@ class SimBackend:
         to_host, host_s, back, moved = in_place_seconds(self.hw, self.spec, position, self._tokens, self.state_bytes,
                                                         self.dtype)
         ready = max(self.clock.now, self.clock.gpu)  # its input: what the stream computed before it
-        start = max(ready + to_host, self.host_free)
-        self.host_free = start + host_s
-        self.clock.gpu = self.clock.now = self.host_free + back
+        self.clock.gpu = self.clock.now = ready + to_host + host_s + back  # the host waits: one op at a time
         self.engine.record_in_place(position.block, ready, self.clock.now, moved)
 
     def layer_done(self, layer: int) -> None:
