@@ -39,6 +39,13 @@ def attention_block(cfg: LlamaConfig, w: dict, x_BxTxD, k_BxSxKVxDh, v_BxSxKVxDh
 
     Returns (x + attention, updated k cache, updated v cache).
     """
+    delta_BxTxD, k_cache, v_cache = attention_delta(cfg, w, x_BxTxD, k_BxSxKVxDh, v_BxSxKVxDh, pos)
+    return x_BxTxD + delta_BxTxD, k_cache, v_cache
+
+
+def attention_delta(cfg: LlamaConfig, w: dict, x_BxTxD, k_BxSxKVxDh, v_BxSxKVxDh, pos):
+    """What attention adds to the residual stream (and the updated caches): over `cfg.n_heads` heads, so on a
+    tensor-parallel shard (its heads, `wo`'s rows for them) a partial sum the devices add up."""
     B, T, _ = x_BxTxD.shape
     H, KV, Dh = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     S = k_BxSxKVxDh.shape[1]
@@ -56,14 +63,19 @@ def attention_block(cfg: LlamaConfig, w: dict, x_BxTxD, k_BxSxKVxDh, v_BxSxKVxDh
     probs = jax.nn.softmax(logits_BxKVxGxTxS, axis=-1)
     out_BxTxKVxGxDh = jnp.einsum("bkgts,bskd->btkgd", probs, v_cache.astype(jnp.float32))
     out = out_BxTxKVxGxDh.reshape(B, T, H * Dh).astype(x_BxTxD.dtype)
-    return x_BxTxD + matmul(out, w["wo"]), k_cache, v_cache
+    return matmul(out, w["wo"]), k_cache, v_cache
 
 
 def mlp_block(cfg: LlamaConfig, w: dict, x_BxTxD):
     """Pre-norm SwiGLU: x + W_down(silu(W_gate h) * W_up h)."""
+    return x_BxTxD + mlp_delta(cfg, w, x_BxTxD)
+
+
+def mlp_delta(cfg: LlamaConfig, w: dict, x_BxTxD):
+    """What the MLP adds to the residual stream; on a tensor-parallel shard (its hidden units) a partial sum."""
     h = rms_norm(x_BxTxD, w["ffn_norm"], cfg.norm_eps)
     gated_BxTxF = jax.nn.silu(matmul(h, w["w_gate"])) * matmul(h, w["w_up"])
-    return x_BxTxD + matmul(gated_BxTxF, w["w_down"])
+    return matmul(gated_BxTxF, w["w_down"])
 
 
 def embed_tokens(w: dict, ids_BxT, dtype):
