@@ -106,6 +106,11 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.overrides)
     check_out_dir(args.out)
+    if args.distributed or args.coordinator or args.processes is not None or args.process_id is not None:
+        from vorch_jax.runtime.mesh_run import start_processes
+
+        start_processes(cfg.mesh.devices, coordinator=args.coordinator, processes=args.processes,
+                        process_id=args.process_id)
     summary = run(cfg, args.out, progress=lambda msg: print(f"[vorch] {msg}", file=sys.stderr, flush=True))
     print(format_summary_row(summary, header=True))
     return 0
@@ -202,6 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. policy=lru hbm_budget=0.3")
     r.add_argument("--out", required=True, help="output directory")
+    r.add_argument("--distributed", action="store_true", help="one of several processes of a mesh run: JAX finds "
+                   "the others (TPU slice, SLURM, Open MPI); or give the three options below")
+    r.add_argument("--coordinator", help="host:port of process 0 of a multi-process mesh run")
+    r.add_argument("--processes", type=int, help="how many processes the mesh run has")
+    r.add_argument("--process-id", type=int, help="this process's index, 0..processes-1")
     r.set_defaults(func=cmd_run)
 
     c = sub.add_parser("compare", help="several policies on one config, side by side (shares the resident run)")

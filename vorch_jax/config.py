@@ -193,8 +193,8 @@ class MoEConfig:
 
 @dataclass(frozen=True)
 class MeshConfig:
-    """A mesh (simulated; `simulation/mesh.py`): `tp`-way tensor and `ep`-way expert parallelism, tp x ep devices,
-    each with `hbm_budget` (of its own shard's bytes) and a host link as the profile's `mesh` section says."""
+    """`tp`-way tensor and `ep`-way expert parallelism on tp x ep devices, each with `hbm_budget` of its own shard's
+    bytes: real (`runtime/mesh_run.py`) or simulated, with the profile's `mesh` section (`simulation/mesh.py`)."""
 
     tp: int = 1
     ep: int = 1
@@ -315,8 +315,8 @@ class RunConfig:
             F.require(getattr(self, name) >= 1, name, f"must be >= 1, got {getattr(self, name)}")
         for name in ("prefetch_depth", "seed"):
             F.require(getattr(self, name) >= 0, name, f"must be >= 0, got {getattr(self, name)}")
-        F.require(self.mesh.devices == 1 or self.executor == "sim", "mesh",
-                  f"asks for {self.mesh.devices} devices, which only the simulator runs so far (executor: sim)")
+        F.require(self.mesh.devices == 1 or self.executor == "sim" or not self.lossy, "mesh",
+                  "runs lossless on real devices so far (lossy: false), lossy on the simulator (executor: sim)")
         host = self.in_place != "off" or any(r.compute == "host" for r in self.placement)
         F.require(self.mesh.devices == 1 or not host, "mesh", "with compute in place is not modelled (each device "
                   "would get the whole host): drop in_place / compute: host, or the mesh")

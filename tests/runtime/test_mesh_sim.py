@@ -29,7 +29,7 @@ def test_tensor_parallel_shards_split_every_matrix_and_replicate_the_norms():
     assert shard.block_shapes("layers.0.mlp")["w_up"].shape == (4096, 14336 // 4)  # column-parallel
     assert shard.collective_bytes(shard.skeleton()[1], 1, 2) == 2 * 3 / 4 * 4096 * 2  # a ring all-reduce of x
     with pytest.raises(ModelError, match="does not divide"):
-        ShardSpec(base, tp=3)
+        ShardSpec(base, tp=3)  # 14336 MLP units
     with pytest.raises(ModelError, match="must divide"):
         ShardSpec(base, ep=2)
 
@@ -88,13 +88,13 @@ def test_the_layer_barrier_hands_every_device_the_latest_stream_time():
     assert got == {d: [3.0, 10.0] for d in range(3)}
 
 
-def test_a_mesh_needs_a_mesh_profile_and_the_simulator(tmp_path):
+def test_a_simulated_mesh_needs_a_mesh_profile_and_a_real_one_lossless_states(tmp_path):
     with pytest.raises(ProfileError, match="describes one device"):
         run(load_config(None, SIM + ["model=llama-3-8b", "mesh.tp=2", "hardware=h100-sxm"]), tmp_path)
     with pytest.raises(ProfileError, match="has 8"):
         run(load_config(None, SIM + ["model=llama-3-8b", "mesh.tp=16", "hardware=8x-h100-sxm"]), tmp_path / "b")
-    with pytest.raises(ConfigError, match="only the simulator"):
-        load_config(None, ["mesh.tp=2"])
+    with pytest.raises(ConfigError, match="runs lossless on real devices"):
+        load_config(None, ["mesh.tp=2", "lossy=true"])
     assert load_profile("8x-h100-sxm").device_view(8).host_to_device.bandwidth_bytes_per_s == 48.3e9
 
 

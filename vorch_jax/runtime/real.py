@@ -23,9 +23,14 @@ from vorch_jax.runtime.driver import argmax_token
 class RealBackend:
     settles_ticks = False  # a tick's result is adopted when the device has it (ScoredPolicy.tick)
 
-    def __init__(self, spec, dtype):
+    def __init__(self, spec, dtype, collectives=None):
+        """`collectives`: on a real mesh, this device's (`runtime/collectives.py`), which its shard's ops join the
+        other devices' with."""
         self.spec, self.dtype = spec, dtype
-        self.compute = spec.compute(dtype)
+        self.compute = spec.compute(dtype) if collectives is None else spec.compute(dtype, collectives)
+        # a mesh device's arrays are committed to it: a jitted op whose inputs are all uncommitted may run on
+        # another thread's default device
+        self.device = getattr(collectives, "device", None)
         self.carry = None
         self.in_place_s: dict = {}  # (op, tokens) -> median seconds of the op computed in place (`compile`)
 
@@ -36,10 +41,13 @@ class RealBackend:
         return contextlib.nullcontext()
 
     def new_cache(self, max_len: int, dtype):
-        return self.spec.new_cache(1, max_len, dtype)
+        return self._put(self.spec.new_cache(1, max_len, dtype))
+
+    def _put(self, tree):
+        return tree if self.device is None else jax.device_put(tree, self.device)
 
     def begin_pass(self, ids_BxT, cache, pos: int, index: int) -> None:
-        self.carry = self.compute.start(ids_BxT, cache, pos)
+        self.carry = self.compute.start(self._put(np.asarray(ids_BxT, np.int32)), self._put(cache), pos)
 
     def run(self, position, w):
         from vorch_jax.runtime.in_place import InPlace
@@ -59,7 +67,9 @@ class RealBackend:
         return t0, time.perf_counter(), moved
 
     def layer_done(self, layer: int) -> None:
-        pass  # one device: nothing to meet
+        """A layer's end: a mesh device's ops may join the others' here (`models/shard_compute.py`)."""
+        if hasattr(self.compute, "layer_done"):
+            self.compute.layer_done(self.carry, layer)
 
     def routing(self, position, out) -> tuple[np.ndarray, np.ndarray]:
         sel, probs = jax.device_get(out)  # the router's decision: the one host sync per layer
@@ -96,14 +106,15 @@ class RealBackend:
         firsts = {}
         for p in positions:
             firsts.setdefault(p.op, p.block)
-        zeros = {b: FullPrecisionBlock({k: jnp.zeros(s.shape, s.dtype) for k, s in spec.block_shapes(b).items()})
+        zeros = {b: FullPrecisionBlock(self._put({k: jnp.zeros(s.shape, s.dtype)
+                                                  for k, s in spec.block_shapes(b).items()}))
                  for b in set(firsts.values())}
         reps = [zeros] + [{b: convert_on_device(z, s, int4_group_size=quant.int4_group_size,
                                                 lowrank_rank=quant.lowrank_rank) for b, z in zeros.items()}
                           for s in sorted(set(states) & LOSSY)]
         for T in seq_lens:
             for rep in reps:
-                c = compute.start(jnp.zeros((1, T), jnp.int32), spec.new_cache(1, max_len, self.dtype), 0)
+                c = compute.start(self._put(jnp.zeros((1, T), jnp.int32)), self.new_cache(max_len, self.dtype), 0)
                 for p in positions:
                     w = rep[firsts[p.op]].materialize()
                     compute.run(p, w, c)

@@ -31,6 +31,12 @@ class Reference:
     routing: tuple = ()  # generation's passes: [pass][layer] -> expert ids (routed plans)
     speculation: tuple | None = None  # generation's passes: [pass][layer] -> (ids, probs) or None
 
+    def held_by(self, blocks) -> "Reference":
+        """The reference as a mesh device holding `blocks` sees it: its stream, the reads of its own blocks."""
+        keep = [b in blocks for b in self.stream]
+        return dataclasses.replace(self, stream=tuple(b for b, k in zip(self.stream, keep) if k),
+                                   gen_positions=sum(keep[:self.gen_positions]))
+
 
 def resident_reference(setup, dtype, new_tokens: int, *, speculation: bool = False) -> Reference:
     spec = setup.spec

@@ -55,15 +55,20 @@ def run(cfg: RunConfig, out_dir, *, progress=None, reference: Reference | None =
             return simulate_mesh(cfg, out_dir, simulate, progress=progress)
         return simulate(cfg, out_dir, progress=progress)
     try:
+        if cfg.mesh.devices > 1:
+            from vorch_jax.runtime.mesh_run import run_mesh
+
+            return run_mesh(cfg, out_dir, _run, progress=progress, reference=reference)
         return _run(cfg, out_dir, progress, reference)
     finally:  # the run's blocks are garbage now (some in reference cycles): collect, give the memory back
         return_freed_memory(collect=True)
 
 
-def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None) -> dict:
+def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None, seat=None) -> dict:
+    """One device's run; `seat`: its place on a real mesh (`mesh_run.Seat`: index, jax device, collectives)."""
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
-    setup = build_setup(cfg)
+    setup = build_setup(cfg, device=seat.index if seat is not None else 0)
     with writing(out_dir):
         (out_dir / "config.yaml").write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))  # what it was
     dtype = jnp.dtype(cfg.dtype)
@@ -74,6 +79,8 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None) -> dict
     if reference is None:
         say("resident reference")
         reference = resident_reference(setup, dtype, cfg.new_tokens)
+    if seat is not None:
+        reference = reference.held_by(setup.info)
     cursor = PassCursor(setup.spec)
     extras = scored_inputs(cfg, setup, store_dir, guard) if cfg.policy == "scored" else None
     policy = make_policy(cfg, policy_context(cfg, setup, reference.stream), extras)
@@ -81,17 +88,19 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None) -> dict
     from vorch_jax.tiers.engine import MovementEngine
 
     engine = MovementEngine(setup.source, store_dir, int4_group_size=cfg.quant.int4_group_size,
-                            lowrank_rank=cfg.quant.lowrank_rank, keep_home=True)
+                            lowrank_rank=cfg.quant.lowrank_rank, keep_home=True,
+                            device=seat.device if seat is not None else None)
     from vorch_jax.tiers.link_probe import probe_bandwidths
 
     try:
-        link_bw = probe_bandwidths(engine.store_dir)  # for the floor: the links' speed measured now, not a datasheet
-        backend = RealBackend(setup.spec, dtype)
+        link_bw = probe_bandwidths(engine.store_dir, device=engine.device)  # for the floor: measured now
+        backend = RealBackend(setup.spec, dtype, seat.collectives if seat is not None else None)
         ledger = Ledger(setup.info, cursor, engine, policy, budget_bytes=setup.hbm_budget,
                         device_bytes=setup.device_bytes, homes=setup.homes, state_bytes=setup.state_bytes,
                         tick_every_n_layers=cfg.tick_every_n_layers, speculative=speculative(cfg),
                         in_place=in_place_choice(setup, measured_prices(backend, link_bw)))
-        return _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, reference, say, guard, link_bw)
+        return _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, reference, say, guard, link_bw,
+                         seat)
     finally:
         engine.close()
         if scratch:
@@ -99,7 +108,7 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None) -> dict
 
 
 def _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, reference: Reference, say, guard,
-              link_bw):
+              link_bw, seat):
     say("registering blocks at their homes")
     for b in setup.block_ids:
         engine.register(b, setup.homes[b])
@@ -146,6 +155,8 @@ def _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, refer
           "text": setup.tokenizer.decode(gen.tokens), "quality": q,
           "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
           "link_gbps": {k: v / 1e9 for k, v in link_bw.items()}, "backend": jax.default_backend()}
+    if seat is not None:
+        s |= {"mesh_device": seat.index, "jax_device": str(seat.device)}
     if ledger.routed:
         s["routing"] = routing_section(setup, ledger, spec, events, t_gen0, t_gen1)
     if q["budget"] is not None and not q["budget"]["within_budget"]:
@@ -330,8 +341,10 @@ def compare(cfg: RunConfig, policies: list[str], out_dir, *, progress=None) -> l
     policies = with_companions(policies)
     reference = None
     if cfg.executor != "sim":  # a simulation has no quality to compare
+        from vorch_jax.runtime.mesh_run import whole_model
+
         say("resident reference")
-        reference = resident_reference(build_setup(cfg), jnp.dtype(cfg.dtype), cfg.new_tokens)
+        reference = resident_reference(build_setup(whole_model(cfg)), jnp.dtype(cfg.dtype), cfg.new_tokens)
     stale = out_dir / "compare.json"
     if stale.exists():
         stale.unlink()  # written again once every policy has run

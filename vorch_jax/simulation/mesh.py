@@ -62,39 +62,23 @@ class LayerBarrier:
 
 
 def _run_devices(simulate, cfg, out_dir: Path, hw, devices: list, progress) -> list:
-    """Each device's simulated run (`simulate`: runtime.run's), side by side in threads meeting at every layer; the
-    first error re-raised."""
+    """Each device's simulated run (`simulate`: runtime.run's), side by side in threads meeting at every layer."""
+    from vorch_jax.runtime.mesh_devices import run_devices
     from vorch_jax.runtime.setup import model_spec
 
     base = model_spec(cfg).base
     base.blocks(), base.leaf_shapes  # the shared base spec's tables, built once before the threads read them
     barrier = LayerBarrier(len(devices)) if len(devices) > 1 else None
-    runs, errors = {}, []
-
-    def one(d):
-        try:
-            runs[d] = simulate(cfg, out_dir / f"device-{d}", hardware=hw, device=d, progress=progress,
-                               barrier=barrier)
-        except BaseException as err:  # noqa: BLE001 - handed to the caller below, the other devices released
-            errors.append(err)
-            if barrier is not None:
-                barrier.abort()
-
-    threads = [threading.Thread(target=one, args=(d,), name=f"mesh-device-{d}") for d in devices]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    first = next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0] if errors else None)
-    if first is not None:
-        raise first
-    return [runs[d] for d in devices]
+    return run_devices(lambda d: simulate(cfg, out_dir / f"device-{d}", hardware=hw, device=d, progress=progress,
+                                          barrier=barrier),
+                       devices, barrier.abort if barrier is not None else lambda: None)
 
 
 def simulate_mesh(cfg, out_dir, simulate, *, hardware=None, progress=None) -> dict:
     """Simulate `cfg` on its mesh (see the module docstring), each device's run by `simulate` (runtime.run's: passed
     in, so this module does not import the runtime that calls it); returns the mesh's summary."""
     from vorch_jax.runtime import telemetry as T
+    from vorch_jax.runtime.mesh_devices import mesh_summary
 
     out_dir = check_out_dir(Path(out_dir))
     say = progress or (lambda msg: None)
@@ -103,35 +87,14 @@ def simulate_mesh(cfg, out_dir, simulate, *, hardware=None, progress=None) -> di
     simulated = list(range(cfg.mesh.ep)) if cfg.mesh.ep > 1 else [0]
     say(f"{len(simulated)} of {cfg.mesh.devices} devices simulated")
     runs = _run_devices(simulate, cfg, out_dir, hw, simulated, progress)
-    step = max(r["decode_step_s"] for r in runs)
-    rows = [{"device": r["mesh_device"], "hbm_budget_bytes": r["hbm_budget_bytes"],
-             "shard_bytes": r["model_bytes"], "peak_device_bytes": r["peak_device_bytes"],
-             "bytes_moved": r["bytes_moved"], "belady_bytes": r["belady_bytes"],
-             "moved_over_belady": r["moved_over_belady"], "decode_step_s": r["decode_step_s"],
-             "floor_step_s": r["floor_step_s"], "decode_h2d_bytes_per_step": r["decode_h2d_bytes_per_step"],
-             "stall_s": r["stall_s"]} for r in runs]
-    base, slowest = runs[0], max(runs, key=lambda r: r["decode_step_s"])
-    copies = cfg.mesh.devices // len(rows)  # devices each simulated run stands for
-    s = {k: base[k] for k in ("complete", "config", "model", "policy", "lossy", "home_formats", "hbm_budget_bytes",
-                              "dram_budget_bytes", "model_bytes", "prompt_tokens", "simulated", "executor", "hardware",
-                              "quality", "tokens", "tokens_match_resident", "versions")}
-    s |= {k: slowest[k] for k in ("stall_s", "transfer_s", "controller_s", "wall_s")}  # the slowest device's
-    s |= {"decode_step_s": step, "decode_tok_s": 1.0 / step if step > 0 else float("nan"),
-          "floor_step_s": max(r["floor_step_s"] for r in rows),
-          "bytes_moved": sum(r["bytes_moved"] for r in rows) * copies,
-          "belady_bytes": sum(r["belady_bytes"] for r in rows) * copies,
-          "lower_bound_bytes": sum(r["lower_bound_bytes"] for r in runs) * copies,
-          "peak_device_bytes": max(r["peak_device_bytes"] for r in rows),
-          "mesh": {"tp": cfg.mesh.tp, "ep": cfg.mesh.ep, "devices": cfg.mesh.devices,
-                   "profile_devices": hw.mesh.devices, "host_link_gbps": device_profile(
-                       hw, cfg.mesh.devices).host_to_device.bandwidth_bytes_per_s / 1e9,
-                   "simulated_devices": simulated,
-                   "note": ("tensor parallel alone: every device runs the same schedule on an equal shard; device 0 "
-                            "was simulated for all" if len(simulated) == 1 else
-                            "each device simulated with its own experts, the same routing for all, the devices "
-                            "meeting at every layer's end"),
-                   "per_device": rows}}
-    s["moved_over_belady"] = s["bytes_moved"] / s["belady_bytes"] if s["belady_bytes"] else float("nan")
+    s = mesh_summary(cfg, runs, cfg.mesh.devices // len(simulated), {
+        "profile_devices": hw.mesh.devices,
+        "host_link_gbps": device_profile(hw, cfg.mesh.devices).host_to_device.bandwidth_bytes_per_s / 1e9,
+        "simulated_devices": simulated,
+        "note": ("tensor parallel alone: every device runs the same schedule on an equal shard; device 0 was "
+                 "simulated for all" if len(simulated) == 1 else
+                 "each device simulated with its own experts, the same routing for all, the devices meeting at "
+                 "every layer's end")})
     with writing(out_dir):
         T.write_json_atomic(out_dir / "summary.json", s)
     return s
