@@ -62,8 +62,13 @@ def two_process(overrides: list[str], out: Path) -> list[dict]:
 
 
 def main() -> int:
-    from vorch_jax.config import load_config
-    from vorch_jax.runtime.run import compare
+    import jax.numpy as jnp
+
+    from vorch_jax.config import apply_overrides, load_config
+    from vorch_jax.runtime.mesh_run import whole_model
+    from vorch_jax.runtime.reference import resident_reference
+    from vorch_jax.runtime.run import run
+    from vorch_jax.runtime.setup import build_setup
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=8)
@@ -81,7 +86,9 @@ def main() -> int:
     for model, mesh in MODELS:
         t0 = time.perf_counter()
         cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"model={model}", mesh, *common])
-        summaries = compare(cfg, policies, Path(a.out) / model, progress=None)
+        reference = resident_reference(build_setup(whole_model(cfg)), jnp.float32, cfg.new_tokens)  # one device
+        summaries = [run(apply_overrides(cfg, [f"policy={p}"]), Path(a.out) / model / p, reference=reference)
+                     for p in policies]
         lines.append(f"## {model}, {mesh}, hbm_budget {a.budget} of each device's shard, {a.tokens} tokens "
                      f"({time.perf_counter() - t0:.0f} s)")
         for s in summaries:

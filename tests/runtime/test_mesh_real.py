@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[2]
-POLICIES = ("lru", "belady")
+POLICIES = ("lru", "scored")  # scored: the expert-parallel devices speculate on their own experts
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,8 @@ def test_each_device_keeps_its_budget_and_generates_the_one_device_tokens(mesh_r
             assert d["jax_device"] == f"cpu:{r['device']}"  # each run on its own device
             assert 0 < r["peak_device_bytes"] <= r["hbm_budget_bytes"] < r["shard_bytes"]
             assert r["bytes_moved"] >= r["lower_bound_bytes"] > 0  # the LP bound over the device's own reads
-            if policy == "belady":  # the oracle's replay of the device's own stream is what the policy moved
-                assert r["bytes_moved"] == pytest.approx(r["belady_bytes"], rel=0.01)
-            else:
-                assert r["bytes_moved"] >= r["belady_bytes"]
+            if policy == "lru":
+                assert r["bytes_moved"] >= r["belady_bytes"]  # Belady over the device's own reads
         assert s["bytes_moved"] == sum(r["bytes_moved"] for r in rows)
 
 

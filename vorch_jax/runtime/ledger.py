@@ -426,9 +426,10 @@ class Ledger:
         self.spec_trace[(self.step, layer)] = speculation_record(predicted_E, probs_E)
         self.router.observe_speculation(layer, probs_E)
         sure = predicted_E & (probs_E >= self.spec_min_prob)
-        experts = self.cursor.spec.experts(layer, np.ones(len(predicted_E), bool))
+        held = {p.expert: p.block for p in self.cursor.spec.experts(layer, np.ones(len(predicted_E), bool))}
         for e in np.flatnonzero(sure)[np.argsort(-probs_E[sure])]:
-            self._speculative_load(layer, experts[int(e)].block)
+            if int(e) in held:  # a mesh device holds only its share of the experts
+                self._speculative_load(layer, held[int(e)])
 
     def _speculative_load(self, layer: int, block: str):
         if block in self.on_device or block in self.host_only:
