@@ -64,6 +64,14 @@ def test_each_devices_traffic_is_its_own_trace(mesh_runs):
                 assert experts and all(int(b.rsplit(".", 1)[1]) % 4 == d for b in experts)
 
 
+def test_a_mesh_run_is_reported_from_its_first_devices_trace(mesh_runs):
+    from vorch_jax.tooling.report import report
+
+    out, _ = mesh_runs
+    md = report(out / "smollm2-135m-moe" / "lru").read_text()
+    assert "tp 1 x ep 4" in md and "device 0's trace" in md and "x the LP lower bound" in md
+
+
 def test_tensor_parallel_shards_are_quarter_mlps_and_replicated_attention(mesh_runs):
     """SmolLM2's 9 attention heads do not split 4 ways: each device holds all of attention, a quarter of each MLP
     and of the embedding."""

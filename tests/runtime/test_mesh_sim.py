@@ -58,6 +58,10 @@ def test_a_tensor_parallel_mesh_keeps_each_budget_and_its_own_link(tmp_path):
     assert s["bytes_moved"] == 4 * dev["bytes_moved"]  # four equal devices
     assert m["host_link_gbps"] == pytest.approx(48.3 / 2)  # two GPUs behind each switch uplink
     assert (tmp_path / "device-0" / "trace.jsonl").exists()
+    from vorch_jax.tooling.report import report
+
+    md = report(tmp_path).read_text()  # a simulated mesh: figures from device 0's trace, no quality
+    assert "tp 4 x ep 1" in md and "not measured: a simulated run" in md
 
 
 def test_an_expert_parallel_mesh_runs_every_device_in_step(tmp_path):

@@ -3,8 +3,8 @@
 A mesh run is one run per device (its shard, budget, link, policy and driver), the devices meeting where their
 compute streams must (a collective: `collectives.py` on a real mesh, `simulation.mesh.LayerBarrier` on a modelled
 one). `run_devices` runs them in threads and re-raises the first device's error after releasing the others;
-`mesh_summary` is the mesh's `summary.json`: the step of the slowest device, bytes summed over the devices, and a
-row per device (budget, peak, bytes moved, Belady's bytes for its own stream, its floor).
+`mesh_summary` is the mesh's `summary.json`: the step of the slowest device, bytes and counts summed over the
+devices, and a row per device (budget, peak, bytes moved, Belady's bytes for its own stream, its floor).
 """
 
 from __future__ import annotations
@@ -54,9 +54,13 @@ def mesh_summary(cfg, runs: list, copies: int, mesh: dict) -> dict:
     step = max(r["decode_step_s"] for r in runs)
     base, slowest = runs[0], max(runs, key=lambda r: r["decode_step_s"])
     s = {k: base[k] for k in ("complete", "config", "model", "policy", "lossy", "home_formats", "dram_budget_bytes",
-                              "prompt_tokens", "simulated", "executor", "hardware", "quality", "tokens", "versions")
+                              "prompt_tokens", "simulated", "executor", "hardware", "quality", "tokens", "versions",
+                              "resident_step_s", "backend")
          if k in base}
-    s |= {k: slowest[k] for k in ("stall_s", "transfer_s", "controller_s", "wall_s")}  # the slowest device's
+    s |= {k: slowest[k] for k in ("stall_s", "transfer_s", "controller_s", "wall_s", "prefill_s") if k in slowest}
+    s |= {k: sum(r[k] for r in runs) * copies for k in ("hits", "misses") if all(k in r for r in runs)}
+    links = sorted({link for r in runs for link in r.get("link_bytes", {})})
+    s["link_bytes"] = {link: sum(r.get("link_bytes", {}).get(link, 0) for r in runs) * copies for link in links}
     s |= {"hbm_budget_bytes": base["hbm_budget_bytes"], "model_bytes": base["model_bytes"],  # one device's shard
           "decode_step_s": step, "decode_tok_s": 1.0 / step if step > 0 else float("nan"),
           "floor_step_s": max(r["floor_step_s"] for r in rows),

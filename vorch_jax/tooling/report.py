@@ -33,8 +33,10 @@ def report(directory: str | Path) -> Path:
         return report_sweep(directory)
     if (directory / MANIFEST).exists():
         return report_compare(directory)
-    if (directory / "summary.json").exists() and (directory / "trace.jsonl").exists():
-        return report_run(directory)
+    if (directory / "summary.json").exists() and ((directory / "trace.jsonl").exists()
+                                                  or any(directory.glob("device-*/trace.jsonl"))
+                                                  or any(directory.parent.glob("device-*/trace.jsonl"))):
+        return report_run(directory)  # a mesh's traces are per device
     if (directory / "config.yaml").exists():
         raise ReportError(f"{directory} holds a run that did not complete (no summary.json): re-run it")
     raise ReportError(f"{directory} holds neither a sweep (results.csv), a compare (compare.json) nor a complete "

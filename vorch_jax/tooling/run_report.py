@@ -69,9 +69,10 @@ def run_table(s: Mapping) -> list[tuple[str, str]]:
     q = s.get("quality", {})
     ratio = s["bytes_moved"] / s["belady_bytes"] if s.get("belady_bytes") else float("nan")
     bound, lb = s.get("lower_bound_bytes"), s.get("lower_bound") or {}
-    bound_text = "-" if not bound else (
-        f"{_num(s['bytes_moved'] / bound, '.3f')} x the LP lower bound ({_mb(bound)} MB, solved in "
-        f"{_num(lb.get('solver_s'), '.2f')} s{'' if lb.get('status') == 'optimal' else ', ' + str(lb.get('status'))})")
+    solved = "" if not lb else (f", solved in {_num(lb.get('solver_s'), '.2f')} s"
+                                f"{'' if lb.get('status') == 'optimal' else ', ' + str(lb.get('status'))}")
+    bound_text = "-" if not bound else \
+        f"{_num(s['bytes_moved'] / bound, '.3f')} x the LP lower bound ({_mb(bound)} MB{solved})"
     return [
         ("policy", f"{s['policy']}{' (lossy states allowed)' if s.get('lossy') else ''}"),
         ("HBM budget", f"{_mb(s['hbm_budget_bytes'])} MB ({s['hbm_budget_bytes'] / s['model_bytes']:.2f} of "
@@ -87,24 +88,38 @@ def run_table(s: Mapping) -> list[tuple[str, str]]:
         ("per link", ", ".join(f"{k} {_mb(v)} MB" for k, v in s.get("link_bytes", {}).items()) or "-"),
         ("hits / misses", f"{s['hits']} / {s['misses']}"),
         ("peak device", f"{_mb(s['peak_device_bytes'])} MB"),
-        ("quality", f"ppl {_num(q.get('ppl'), '.4f')} vs resident {_num(q.get('ppl_resident'), '.4f')}, "
+        ("quality", "not measured: a simulated run computes no logits" if s.get("simulated") else
+                    f"ppl {_num(q.get('ppl'), '.4f')} vs resident {_num(q.get('ppl_resident'), '.4f')}, "
                     f"KL {_num(q.get('kl_mean'), '.2e')}, top-1 agreement {_num(q.get('top1_agree'), '.3f')} "
                     f"on {q.get('eval_tokens')} tokens"),
         ("same tokens as resident", str(s.get("tokens_match_resident"))),
         ("backend", str(s.get("backend"))),
-    ]
+    ] + ([("mesh", f"tp {s['mesh']['tp']} x ep {s['mesh']['ep']}: budget, peak and model bytes are per device, "
+                   f"bytes moved summed over the devices; figures from device {s['mesh']['per_device'][0]['device']}'s "
+                   f"trace")] if "mesh" in s else [])
 
 
 SUMMARY_FIELDS = ("policy", "hbm_budget_bytes", "model_bytes", "decode_tok_s", "decode_step_s", "floor_step_s",
                   "bytes_moved", "belady_bytes", "peak_device_bytes")
 
 
+def trace_folder(directory: Path, summary) -> Path:
+    """Where a run's trace is: its own folder, or for a mesh (traces per device) its first device's folder, beside
+    the summary or one level up (a process of a multi-process run writes `process-<i>/summary.json`)."""
+    if not isinstance(summary, dict) or "mesh" not in summary or (directory / "trace.jsonl").exists():
+        return directory
+    rows = summary["mesh"].get("per_device") or [{"device": 0}]
+    name = f"device-{rows[0]['device']}"
+    return directory / name if (directory / name).is_dir() else directory.parent / name
+
+
 def read_run(directory: Path) -> tuple[dict, list]:
-    """(summary, trace records) of a complete run folder; ReportError naming the file when either is damaged."""
+    """(summary, trace records) of a complete run folder; ReportError naming the file when either is damaged. A
+    mesh's figures are its first device's (`trace_folder`)."""
     path = directory / "summary.json"
     try:
         summary = json.loads(path.read_text())
-        records = plots.read_trace(directory)
+        records = plots.read_trace(trace_folder(directory, summary))
     except (OSError, ValueError) as e:
         raise ReportError(f"cannot report {directory}: {e}; re-run it") from None
     missing = [k for k in SUMMARY_FIELDS if k not in summary] if isinstance(summary, dict) else ["all"]
@@ -118,7 +133,7 @@ def report_run(directory: str | Path) -> Path:
     """Figures and report.md for one run directory."""
     directory = Path(directory)
     summary, records = read_run(directory)
-    n_tokens = len(summary.get("tokens", [])) or None
+    n_tokens = len(summary.get("tokens") or []) or None  # a simulated run has no tokens
     name = f"{summary['policy']}{' +lossy' if summary.get('lossy') else ''}, budget " \
            f"{summary['hbm_budget_bytes'] / summary['model_bytes']:.2f}"
     notes = []
