@@ -17,6 +17,13 @@ sizes, and where blocks differ by 25x (Gemma 3's 168 MB embedding shards beside 
 moves least depends on the budget: simulated, 16 passes, bytes over the LP bound at budgets 0.3 / 0.5 / 0.8: p = 0
 1.302 / 1.384 / 1.070, p = 1 1.204 / 1.843 / 2.906, p = -1 1.302 / 1.384 / 1.045 (the exact optimum at 0.3 is
 1.194). So p is measured per run like W, from the candidates `CANDIDATE_SIZE_POWERS`.
+
+One more candidate follows the optimum itself (`pass_plan`): a dense run's passes repeat, so the integral optimum of
+three passes (`lower_bound.integral_keeps`: HiGHS, 50 nodes, 0.3 s at most here) says, for each read of a pass, whether
+the block stays until its next read or leaves after this one. Replayed as a victim order, the blocks the plan lets
+go leave first (furthest next read first among them), and a prefetch may evict only those: their reload is paid
+anyway, so the load moves earlier at no cost in bytes (no window needed). On Gemma 3 at budget 0.5, where the
+embedding shards are read twice a pass, the size rules move 1.383x the LP bound and the plan 1.148x.
 """
 
 from __future__ import annotations
@@ -36,14 +43,39 @@ class Replay:
     bytes_moved: int
     misses: int
     size_power: float = 0.0
+    plan: bool = False  # victims ordered by `pass_plan` first
+
+
+PLAN_PASSES = 3  # the optimum of this many passes; its middle pass's decisions stand for every pass
+
+
+def pass_plan(pass_blocks: list[str], device_bytes: dict, budget: int, protected) -> dict | None:
+    """{(block, position in the pass): keep}: the integral optimum's decision at each read of a repeating pass
+    (middle pass of PLAN_PASSES; a read followed at once by the next read of its block has no decision and is
+    absent). None when the solver finds no schedule in time."""
+    from vorch_jax.policies.lower_bound import integral_keeps
+
+    n = len(pass_blocks)
+    keeps = integral_keeps(list(pass_blocks) * PLAN_PASSES, device_bytes, budget, pinned=protected)
+    if keeps is None:
+        return None
+    middle = range(n * (PLAN_PASSES // 2), n * (PLAN_PASSES // 2 + 1))
+    return {(b, t % n): keep for (b, t), keep in keeps.items() if t in middle}
+
+
+def kept_by_plan(plan: dict | None, block: str, last_read: int | None, pass_len: int) -> bool:
+    """Whether `plan` keeps `block` through the gap after its last read (no plan, or not read yet: kept)."""
+    if plan is None or last_read is None:
+        return True
+    return plan.get((block, last_read % pass_len), True)
 
 
 def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, initial: list[str], depth: int,
-           window: int, passes: int, size_power: float = 0.0) -> Replay:
+           window: int, passes: int, size_power: float = 0.0, plan: dict | None = None) -> Replay:
     """The ledger's rules on `passes` repetitions of `pass_blocks`: a miss evicts the unprotected blocks whose next
-    read is furthest ahead, weighed by size^`size_power` (`victim_key`; keeping the prefetch window's if it can); a
-    prefetch of one of the next `depth` positions evicts only blocks needed after it and read in the last `window`
-    positions, else stops."""
+    read is furthest ahead, weighed by size^`size_power` (`victim_key`; keeping the prefetch window's if it can),
+    those `plan` lets go first; a prefetch of one of the next `depth` positions evicts only blocks needed after it
+    and read in the last `window` positions (0: any), with a plan only blocks it lets go, else stops."""
     stream = list(pass_blocks) * passes
     known = stream + list(pass_blocks)  # a dense cursor knows the next pass: the ledger prefetches into it and
     # orders victims by their reads there
@@ -70,17 +102,19 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
         if used + need <= budget:
             return True
         order = sorted((v for v in on if v != block and v not in keep and v not in protected),
-                       key=lambda v: -victim_key(next_read(v, t) - t, device_bytes[v], size_power))
+                       key=lambda v: (kept_by_plan(plan, v, last.get(v), len(pass_blocks)),
+                                      -victim_key(next_read(v, t) - t, device_bytes[v], size_power)))
         if not strict:
             nb = next_read(block, t)
-            order = [v for v in order if next_read(v, t) > nb]
+            order = [v for v in order if next_read(v, t) > nb
+                     and (plan is None or not kept_by_plan(plan, v, last.get(v), len(pass_blocks)))]
         victims, freed = [], 0
         for v in order:
             if used - freed + need <= budget:
                 break
             victims.append(v)
             freed += on[v]
-        if not strict and any(last.get(v, -1) < t - window for v in victims):
+        if not strict and window and any(last.get(v, -1) < t - window for v in victims):
             return False
         if used - freed + need > budget:
             if strict and keep:
@@ -106,7 +140,7 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
                 break
             on[u] = device_bytes[u]
             moved += device_bytes[u]
-    return Replay(window, moved, misses, size_power)
+    return Replay(window, moved, misses, size_power, plan is not None)
 
 
 def victim_key(distance: float, nbytes: int, size_power: float) -> float:
@@ -114,15 +148,20 @@ def victim_key(distance: float, nbytes: int, size_power: float) -> float:
     return distance * float(nbytes) ** size_power if size_power else distance
 
 
-def choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes) -> tuple[Replay, list[Replay]]:
-    """The (window, size power) replay with the fewest misses among those within BYTES_TOLERANCE of the fewest
-    bytes, replaying the run's `passes` (up to MAX_REPLAY_PASSES), and every candidate's replay (for the run's
-    summary). Without prefetch (depth 0) the window does not matter: only the size power is chosen."""
+def choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes,
+                  plan: dict | None = None) -> tuple[Replay, list[Replay]]:
+    """The (window, size power, plan) replay with the fewest misses among those within BYTES_TOLERANCE of the
+    fewest bytes, replaying the run's `passes` (up to MAX_REPLAY_PASSES), and every candidate's replay (for the
+    run's summary). Without prefetch (depth 0) the window does not matter: only the size power is chosen. `plan`
+    (`pass_plan`) adds the candidate that follows it (window 0: its prefetches evict only what it lets go)."""
     n = max(1, min(passes, MAX_REPLAY_PASSES))
     windows = CANDIDATE_WINDOWS if depth > 0 else CANDIDATE_WINDOWS[:1]
     replays = [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n, p)
                for p in CANDIDATE_SIZE_POWERS for w in windows]
+    if plan is not None:
+        replays.append(replay(pass_blocks, device_bytes, budget, protected, initial, depth, 0, n, plan=plan))
     fewest = min(r.bytes_moved for r in replays)
     close = [r for r in replays if r.bytes_moved <= (1 + BYTES_TOLERANCE) * fewest]
-    best = min(close, key=lambda r: (r.misses, r.bytes_moved, CANDIDATE_SIZE_POWERS.index(r.size_power), r.window))
+    best = min(close, key=lambda r: (r.misses, r.bytes_moved, r.plan, CANDIDATE_SIZE_POWERS.index(r.size_power),
+                                     r.window))
     return best, replays

@@ -46,7 +46,7 @@ from vorch_jax.controller import state_ids as sid
 from vorch_jax.controller.access_stats import update_rho
 from vorch_jax.errors import BudgetError
 from vorch_jax.controller.block_table import BlockTable
-from vorch_jax.controller.prefetch_window import choose_window, victim_key
+from vorch_jax.controller.prefetch_window import choose_window, kept_by_plan, pass_plan, victim_key
 from vorch_jax.controller.score import ScoreWeights, score
 from vorch_jax.controller.state_update import REASON_NAMES, TickParams, check_budget, commit, tick
 from vorch_jax.tiers.state import State
@@ -87,6 +87,8 @@ class ScoredPolicy(Policy):
     _expected_next_uses = None  # blocks -> expected positions until their next reads, from the ledger running this
     victim_size_power = 0.0  # the victim key's size weight (`prefetch_window.victim_key`), dense plans
     _victim_bytes: dict = {}
+    _plan = None  # the optimum's keep decisions per read of a pass, where the replay chose to follow them
+    _pass_len = 0
 
     def __init__(self, ctx, cfg, *, state_bytes: dict, homes: dict, kinds: dict, layers: dict, placement: dict,
                  h2d_bytes_per_s: float, nvme_bytes_per_s: float, psi: dict | None = None,
@@ -258,19 +260,31 @@ class ScoredPolicy(Policy):
             self.prefetch_victims_read_within = 0
             return
         device_bytes = {b: executor._bytes(b, self.device_state(b)) for b in self.ids}
-        best, self.window_replays = choose_window(
-            [p.block for p in executor.cursor.skeleton], device_bytes, executor.budget, self.ctx.protected,
-            self.initial_resident(), self.prefetch_depth, self.passes)
+        pass_blocks = [p.block for p in executor.cursor.skeleton]
+        plan = pass_plan(pass_blocks, device_bytes, executor.budget, self.ctx.protected)
+        best, self.window_replays = choose_window(pass_blocks, device_bytes, executor.budget, self.ctx.protected,
+                                                  self.initial_resident(), self.prefetch_depth, self.passes, plan)
         self.prefetch_victims_read_within, self.victim_size_power = best.window, best.size_power
         self._victim_bytes = device_bytes
+        self._plan, self._pass_len = (plan if best.plan else None), len(pass_blocks)
+
+    def _kept(self, block) -> bool:
+        return kept_by_plan(self._plan, block, self.last_use.get(block), self._pass_len)
+
+    def prefetch_may_evict(self, block) -> bool:
+        """Following the optimum's plan (`prefetch_window.pass_plan`), a prefetch evicts only what it lets go."""
+        return self._plan is None or not self._kept(block)
 
     def victim_order(self, t, candidates):
         """Unprotected blocks, the one whose expected next read lies furthest ahead first (the module docstring),
-        weighed by size^`victim_size_power` where the replay chose so (`prefetch_window.victim_key`)."""
+        weighed by size^`victim_size_power` where the replay chose so (`prefetch_window.victim_key`), or where it
+        chose the optimum's plan, the blocks the plan lets go first."""
         free = [b for b in candidates if b not in self.ctx.protected]
         if self._expected_next_uses is None:  # not run by a ledger: most recently used first (a pass's furthest)
             return sorted(free, key=lambda b: -self.last_use.get(b, -1))
         uses = self._expected_next_uses(free)
+        if self._plan is not None:  # what the optimum's plan lets go first, each group furthest next read first
+            return [free[i] for i in sorted(range(len(free)), key=lambda i: (self._kept(free[i]), -uses[i]))]
         p = self.victim_size_power
         if not p:  # furthest-next-use (routed plans always): no sizes needed
             return [free[i] for i in sorted(range(len(free)), key=lambda i: -uses[i])]

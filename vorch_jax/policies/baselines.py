@@ -61,6 +61,10 @@ class Policy:
         self.last_use[block] = t
         self.uses[block] = self.uses.get(block, 0) + 1
 
+    def prefetch_may_evict(self, block: str) -> bool:
+        """Whether a prefetch may evict `block` (the ledger asks before its other rules); every block here."""
+        return True
+
     def victim_order(self, t: int, candidates: list[str]) -> list[str]:
         raise NotImplementedError
 

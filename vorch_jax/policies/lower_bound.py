@@ -148,6 +148,29 @@ def integral_optimum(stream, device_bytes: dict, budget_bytes: int, *, pinned=fr
                            "optimal" if res.status == 0 else res.message)
 
 
+def integral_keeps(stream, device_bytes: dict, budget_bytes: int, *, pinned=frozenset(), node_limit: int = 50,
+                   time_limit_s: float = 10.0) -> dict | None:
+    """The integral optimum's decisions for `stream` (`integral_optimum`'s problem): {(block, t): keep} for every gap
+    of an unpinned block that spans another access, `t` the access the gap starts at, keep = the block stays on the
+    device until its next access (else it leaves after this one and is loaded again). The best schedule HiGHS finds
+    within `node_limit` branch-and-bound nodes (deterministic: the same schedule on any machine; `time_limit_s` only
+    as a safeguard); None if it found none."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    stream = list(stream)
+    gaps, first = _gaps(stream, pinned)
+    problem = _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, device_bytes)
+    if problem is None:
+        return {}
+    A, b_ub, reload, scale = problem
+    res = milp(-reload / scale, constraints=LinearConstraint(A, -np.inf, b_ub), integrality=np.ones(len(gaps)),
+               bounds=Bounds(0, 1), options={"node_limit": node_limit, "time_limit": time_limit_s,
+                                              "mip_rel_gap": 1e-6})
+    if res.x is None:
+        return None
+    return {(b, start): bool(y > 0.5) for (b, start, _), y in zip(gaps, res.x)}
+
+
 def _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load, access_bytes=None):
     """(A, b, reload, scale) of the LP in units of the largest reload (well-conditioned for HiGHS): one row per
     access some gap spans, one column per gap; None when no gap exists. ValueError if an access cannot fit.

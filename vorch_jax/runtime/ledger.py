@@ -374,6 +374,8 @@ class Ledger:
                 break
             if nxt is not None and self.cursor.next_use(v) <= nxt:
                 continue  # a prefetch may only evict blocks needed after the prefetched one
+            if not strict and not self.policy.prefetch_may_evict(v):
+                continue
             victims.append(v)
             freed += self.on_device[v]
         if not strict and read_within and any(self.policy.last_use.get(v, -1) < self.t - read_within for v in victims):
