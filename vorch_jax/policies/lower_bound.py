@@ -127,8 +127,6 @@ def integral_optimum(stream, device_bytes: dict, budget_bytes: int, *, pinned=fr
     """The fewest bytes any schedule loads for `stream` (evictions and loads at any time, the future known), by
     HiGHS's branch and bound over the LP above with integral y. Exponential in the worst case: an offline measure
     of how far the LP bound lies below what is achievable (experiments/offline_optimum.py), not for every run."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
     t0 = time.perf_counter()
     stream = list(stream)
     gaps, first = _gaps(stream, pinned)
@@ -137,8 +135,7 @@ def integral_optimum(stream, device_bytes: dict, budget_bytes: int, *, pinned=fr
     if problem is None:
         return IntegralOptimum(cold, cold, time.perf_counter() - t0, "optimal")
     A, b_ub, reload, scale = problem
-    res = milp(-reload / scale, constraints=LinearConstraint(A, -np.inf, b_ub), integrality=np.ones(len(gaps)),
-               bounds=Bounds(0, 1), options={"time_limit": time_limit_s, "mip_rel_gap": 1e-6})
+    res = _integral(A, b_ub, reload, scale, time_limit=time_limit_s)
     solver_s = time.perf_counter() - t0
     to_bytes = lambda f: round(cold + reload.sum() + f * scale)  # noqa: E731
     found = to_bytes(res.fun) if res.x is not None else None
@@ -148,6 +145,15 @@ def integral_optimum(stream, device_bytes: dict, budget_bytes: int, *, pinned=fr
                            "optimal" if res.status == 0 else res.message)
 
 
+def _integral(A, b_ub, reload, scale, **options):
+    """HiGHS's branch and bound over the problem of `_problem` with integral y (keep a gap or not): maximise the
+    reloads saved."""
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    return milp(-reload / scale, constraints=LinearConstraint(A, -np.inf, b_ub), integrality=np.ones(len(reload)),
+                bounds=Bounds(0, 1), options={**options, "mip_rel_gap": 1e-6})
+
+
 def integral_keeps(stream, device_bytes: dict, budget_bytes: int, *, pinned=frozenset(), node_limit: int = 50,
                    time_limit_s: float = 10.0) -> dict | None:
     """The integral optimum's decisions for `stream` (`integral_optimum`'s problem): {(block, t): keep} for every gap
@@ -155,17 +161,12 @@ def integral_keeps(stream, device_bytes: dict, budget_bytes: int, *, pinned=froz
     device until its next access (else it leaves after this one and is loaded again). The best schedule HiGHS finds
     within `node_limit` branch-and-bound nodes (deterministic: the same schedule on any machine; `time_limit_s` only
     as a safeguard); None if it found none."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-
     stream = list(stream)
     gaps, first = _gaps(stream, pinned)
     problem = _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, device_bytes)
     if problem is None:
         return {}
-    A, b_ub, reload, scale = problem
-    res = milp(-reload / scale, constraints=LinearConstraint(A, -np.inf, b_ub), integrality=np.ones(len(gaps)),
-               bounds=Bounds(0, 1), options={"node_limit": node_limit, "time_limit": time_limit_s,
-                                              "mip_rel_gap": 1e-6})
+    res = _integral(*problem, node_limit=node_limit, time_limit=time_limit_s)
     if res.x is None:
         return None
     return {(b, start): bool(y > 0.5) for (b, start, _), y in zip(gaps, res.x)}
