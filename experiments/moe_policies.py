@@ -1,8 +1,10 @@
 """MoE SmolLM2 under a budget: lru, lfu, scored (speculative prefetch, router λ) and belady side by side.
 
-    .venv/bin/python experiments/moe_policies.py [--new-tokens 24] [--fractions 0.25 0.5] [--out runs/moe_policies]
+    .venv/bin/python experiments/moe_policies.py [--model smollm2-135m-moe-shared] [--new-tokens 24]
+                                                 [--fractions 0.25 0.5] [--out runs/moe_policies]
 
-Budgets hold every dense block (embedding, attention, router gates, final norm: protected by placement rules) plus a
+Budgets hold every dense block (embedding, attention, router gates with the shared part where the model has one,
+final norm: protected by placement rules) plus a
 fraction of all expert bytes plus a streaming reserve of `--reserve` experts; the computation is printed. One
 resident reference (its recorded access stream feeds Belady) is shared by all runs; every run is lossless and must
 reproduce its tokens. Per run: expert hit rate, bytes moved host->device (initial placement and generation),
@@ -105,6 +107,7 @@ def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: floa
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m-moe", choices=["smollm2-135m-moe", "smollm2-135m-moe-shared"])
     ap.add_argument("--new-tokens", type=int, default=24)
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--eval-tokens", type=int, default=16)
@@ -115,7 +118,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--out", default="runs/moe_policies")
     args = ap.parse_args(argv)
 
-    model = "smollm2-135m-moe"
+    model = args.model
     base = RunConfig(model=model, policy="lru", hbm_budget=1.0, new_tokens=args.new_tokens,
                      prompt_tokens=args.prompt_tokens, eval_tokens=args.eval_tokens,
                      placement=protect_all_but(get_spec(model), "expert"))

@@ -59,7 +59,7 @@ def oracle_forward(cfg, blocks, ids_BxT, top_k: int):
         gw, ews = blocks[moe.gate_block_id(i)], [blocks[moe.expert_block_id(i, e)] for e in range(E)]
         h = Lay.rms_norm(x, gw["ffn_norm"], cfg.norm_eps)
         mass_BxTxE = jnp.stack([jnp.abs(jax.nn.silu(h @ w["w_gate"]) * (h @ w["w_up"])).sum(-1) for w in ews], -1)
-        x = moe.moe_combine(x, h, ews, moe.topk_mask(mass_BxTxE, top_k))
+        x = moe.moe_combine(moe.add_shared(gw, x, h), h, ews, moe.topk_mask(mass_BxTxE, top_k))
     return Lay.lm_head(cfg, blocks["final_norm"], blocks["embed"], x)
 
 
@@ -83,21 +83,56 @@ def usage_table(masks: list, k: int, run_k: int, verbose: bool) -> list:
     print(f"\n== expert usage, top-{k} routing, hidden states of the top-{run_k} model "
           f"(uniform share = {1 / E:.3f}) ==")
     if verbose:
-        print(f"{'layer':>5} {'H/logE':>6} {'max':>6} {'min':>6}  shares e0..e{E - 1}")
+        print(f"{'layer':>5} {'H/logE':>6} {'max':>6} {'min':>6} {'reuse':>6}  shares e0..e{E - 1}")
     usage = []
     for i, m in enumerate(masks):
         share = m.sum(0) / m.sum()
         p = share[share > 0]
         ent = float(-(p * np.log(p)).sum() / math.log(E))
+        reuse = float((m[1:] & m[:-1]).sum() / max(1, m[1:].sum()))  # of token t+1's experts, chosen at t too
         usage.append({"layer": i, "entropy_over_logE": ent, "max": float(share.max()), "min": float(share.min()),
-                      "shares": share.round(4).tolist()})
+                      "next_token_reuse": reuse, "shares": share.round(4).tolist()})
         if verbose:
-            print(f"{i:>5} {ent:>6.3f} {share.max():>6.3f} {share.min():>6.3f}  " + " ".join(f"{s:.2f}" for s in share))
+            print(f"{i:>5} {ent:>6.3f} {share.max():>6.3f} {share.min():>6.3f} {reuse:>6.3f}  "
+                  + " ".join(f"{s:.2f}" for s in share))
     ents = [u["entropy_over_logE"] for u in usage]
+    print(f"next-token reuse mean {np.mean([u['next_token_reuse'] for u in usage]):.3f} (uniform random routing: "
+          f"{k / E:.3f})")
     print(f"entropy/logE mean {np.mean(ents):.3f} (min {np.min(ents):.3f}); max share mean "
           f"{np.mean([u['max'] for u in usage]):.3f}, min share mean {np.mean([u['min'] for u in usage]):.3f}; "
           f"max/min ratio median {np.median([u['max'] / max(u['min'], 1e-9) for u in usage]):.1f}")
     return usage
+
+
+# Mixtral of Experts (Jiang et al. 2024, arXiv 2401.04088), Table 5: consecutive tokens routed to the same expert, at
+# layers 0 / 15 / 31, the range over its eight datasets; with random routing 1/8 = 12.5% (first choice) and
+# 1 - (6/8)(5/7) = 46% (first or second choice: the two tokens' top-2 sets share an expert).
+MIXTRAL_REPETITION = {"first": ("13.6-14.9%", "23.6-28.4%", "19.7-26.3%"),
+                      "either": ("44.9-49.9%", "61.6-67.0%", "44.5-53.6%")}
+
+
+def repetition_table(cfg, blocks, moe_in: list, k: int) -> dict:
+    """Per layer, the share of consecutive tokens whose first choice is the same expert, and whose top-k sets share
+    an expert: Mixtral's Table 5 measured here, at the first, middle and last layer beside Mixtral's."""
+    first, either = [], []
+    for i, x in enumerate(moe_in):
+        gw = blocks[moe.gate_block_id(i)]
+        probs = np.asarray(moe.moe_router_probs(gw, Lay.rms_norm(x, gw["ffn_norm"], cfg.norm_eps)))
+        probs = probs.reshape(-1, probs.shape[-1])
+        top1, mask = probs.argmax(-1), topk_np(probs, k)
+        first.append(float((top1[1:] == top1[:-1]).mean()))
+        either.append(float((mask[1:] & mask[:-1]).any(-1).mean()))
+    E, L = probs.shape[-1], len(moe_in)
+    rand_either = 1 - math.comb(E - k, k) / math.comb(E, k)
+    print(f"\n== consecutive tokens routed to the same expert (Mixtral's Table 5; random: first {1 / E:.1%}, "
+          f"either {rand_either:.1%}) ==")
+    print(f"{'layer':>12} {'first here':>10} {'Mixtral':>11} {'either here':>11} {'Mixtral':>11}")
+    for name, i in (("first", 0), ("middle", L // 2), ("last", L - 1)):
+        j = ("first", "middle", "last").index(name)
+        print(f"{name + ' ' + str(i):>12} {first[i]:>10.1%} {MIXTRAL_REPETITION['first'][j]:>11} {either[i]:>11.1%} "
+              f"{MIXTRAL_REPETITION['either'][j]:>11}")
+    print(f"{'mean':>12} {np.mean(first):>10.1%} {'':>11} {np.mean(either):>11.1%}")
+    return {"first_choice_L": first, "either_choice_L": either}
 
 
 def speculative_table(cfg, blocks, moe_in, moe_out, masks, k: int, run_k: int) -> list:
@@ -159,7 +194,9 @@ def main(argv=None) -> dict:
     out = {"dense_ppl": math.exp(nll_dense), "eval_tokens": int(len(ids_T) - 1), "n_experts": E, "rows": []}
 
     print(f"\n== ppl on BOS + {len(ids_T) - 1} KJV tokens (dense: {math.exp(nll_dense):.3f}) ==")
-    print(f"{'top_k':>5} {'expert frac':>11} {'ppl':>9} {'ppl/dense':>9} {'rel logit err':>13} {'top1 agree':>10}"
+    fs, fe = partition.n_shared, partition.neurons_LxExFe.shape[2]
+    print(f"MLP compute per token at top-k: (shared {fs} + k x {fe} routed neurons) / {cfg.d_ff}")
+    print(f"{'top_k':>5} {'MLP compute':>11} {'ppl':>9} {'ppl/dense':>9} {'rel logit err':>13} {'top1 agree':>10}"
           f" {'oracle-routed ppl':>17}")
     collected = {}
     for k in rcfg.eval_top_ks:
@@ -170,9 +207,9 @@ def main(argv=None) -> dict:
         agree = float((lg.argmax(-1) == dense_logits.argmax(-1)).mean())
         ppl = math.exp(nll(lg, ids_T))
         ppl_oracle = math.exp(nll(np.asarray(oracle_forward_jit(cfg, blocks, ids, top_k=k)[0]), ids_T))
-        out["rows"].append({"top_k": k, "ppl": ppl, "rel_logit_err": rel, "top1_agree": agree,
+        out["rows"].append({"top_k": k, "mlp_compute": (fs + k * fe) / cfg.d_ff, "ppl": ppl, "rel_logit_err": rel, "top1_agree": agree,
                             "ppl_oracle_routing": ppl_oracle})
-        print(f"{k:>5} {k / E:>11.3f} {ppl:>9.3f} {ppl / out['dense_ppl']:>9.3f} {rel:>13.2e} {agree:>10.3f}"
+        print(f"{k:>5} {(fs + k * fe) / cfg.d_ff:>11.3f} {ppl:>9.3f} {ppl / out['dense_ppl']:>9.3f} {rel:>13.2e} {agree:>10.3f}"
               f" {ppl_oracle:>17.3f}")
 
     kr = rcfg.target_top_k
@@ -196,6 +233,7 @@ def main(argv=None) -> dict:
             moe_forward(cfg, blocks, ids, top_k=run_k, collect=True)[1:]
         masks = routed_masks(cfg, blocks, moe_in, kr)
         out[f"usage_run_k{run_k}"] = usage_table(masks, kr, run_k, verbose=run_k == kr)
+        out[f"repetition_run_k{run_k}"] = repetition_table(cfg, blocks, moe_in, kr)
         out[f"speculative_run_k{run_k}"] = speculative_table(cfg, blocks, moe_in, moe_out, masks, kr, run_k)
     if args.json:
         with open(args.json, "w") as f:

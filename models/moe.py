@@ -9,10 +9,16 @@ so outputs are **not** weighted by router probabilities: with top_k = E the MoE 
 (one linear map [D, E] per layer, trained in `moe_build`) picks, per token, the top_k experts to compute; the rest
 contribute nothing and need not be on device.
 
+A shared-expert variant (DeepSeek-MoE, Qwen-MoE) sets `Fs` of each layer's neurons apart, `partition.shared_LxFs`:
+every token computes them, and the E routed experts are made from the other F - Fs. They live in the layer's gate
+block (the part of the layer every token reads), so `mlp(h) = shared(h) + Σ_e expert_e(h)` still holds exactly.
+
 Blocks (the tiers' units), per layer i:
   * `layers.{i}.moe_gate` (kind `norm`): leaves `ffn_norm [D]`, `router_w [D, E]`, `router_b [E]`. Kind `norm`
     because, like the final norm, it is tiny (D·(E+1)+E floats, 21 KiB at E=8) and needed by every token of every
-    step; kind `mlp` would count it with the dense FFNs it replaces.
+    step; kind `mlp` would count it with the dense FFNs it replaces. With a shared part it also holds
+    `shared_w_gate [D, Fs]`, `shared_w_up [D, Fs]`, `shared_w_down [Fs, D]` and is of kind `mlp`: a dense FFN
+    every token runs (`gate_kind`).
   * `layers.{i}.expert.{e}` (kind `expert`): leaves `w_gate [D, Fe]`, `w_up [D, Fe]`, `w_down [Fe, D]`, Fe = F/E.
 
 Shapes: B batch, T tokens, D model width, F dense MLP width, E experts, Fe = F/E neurons per expert, L layers.
@@ -34,6 +40,7 @@ from .weights import matmul
 from .block_ids import expert_block_id, layer_block_id, parse_block_id
 
 GATE_LEAVES = ("ffn_norm", "router_w", "router_b")
+SHARED_LEAVES = ("shared_w_gate", "shared_w_up", "shared_w_down")  # in the gate block, where a shared part exists
 EXPERT_LEAVES = ("w_gate", "w_up", "w_down")
 
 
@@ -44,11 +51,13 @@ EXPERT_LEAVES = ("w_gate", "w_up", "w_down")
 class ExpertPartition:
     """Which dense neurons each expert keeps.
 
-    Invariant (checked by `check`): `neurons_LxExFe[i]` is a permutation of range(F) reshaped [E, Fe], each row
-    sorted ascending: every neuron of every layer belongs to exactly one expert, and every expert has Fe = F/E.
+    Invariant (checked by `check`): `neurons_LxExFe[i]` (and `shared_LxFs[i]`, where a shared part exists) together
+    are a permutation of range(F), each row sorted ascending: every neuron of every layer belongs to exactly one
+    expert or to the shared part, and every routed expert has Fe = (F - Fs) / E.
     """
 
     neurons_LxExFe: np.ndarray  # int32
+    shared_LxFs: np.ndarray | None = None  # int32; None: no shared part
 
     @property
     def n_layers(self) -> int:
@@ -59,15 +68,23 @@ class ExpertPartition:
         return self.neurons_LxExFe.shape[1]
 
     @property
+    def n_shared(self) -> int:
+        """Fs: neurons per layer every token computes (0: no shared part)."""
+        return 0 if self.shared_LxFs is None else self.shared_LxFs.shape[1]
+
+    @property
     def d_ff(self) -> int:
-        return self.neurons_LxExFe.shape[1] * self.neurons_LxExFe.shape[2]
+        return self.neurons_LxExFe.shape[1] * self.neurons_LxExFe.shape[2] + self.n_shared
 
     def check(self, n_layers: int, d_ff: int) -> "ExpertPartition":
-        n = self.neurons_LxExFe
-        if n.ndim != 3 or n.shape[0] != n_layers or n.shape[1] * n.shape[2] != d_ff:
-            raise MoEError(f"partition of shape {n.shape} does not fit a model of {n_layers} layers × {d_ff} neurons")
+        n, fs = self.neurons_LxExFe, self.n_shared
+        if n.ndim != 3 or n.shape[0] != n_layers or n.shape[1] * n.shape[2] + fs != d_ff or (
+                self.shared_LxFs is not None and self.shared_LxFs.shape[0] != n_layers):
+            raise MoEError(f"partition of shape {n.shape} (shared {fs}) does not fit a model of {n_layers} layers × "
+                           f"{d_ff} neurons")
         for i in range(n_layers):
-            if not np.array_equal(np.sort(n[i].reshape(-1)), np.arange(d_ff)):
+            every = n[i].reshape(-1) if not fs else np.concatenate([n[i].reshape(-1), self.shared_LxFs[i]])
+            if not np.array_equal(np.sort(every), np.arange(d_ff)):
                 raise MoEError(f"partition of layer {i} does not cover each of its {d_ff} neurons exactly once")
         return self
 
@@ -101,7 +118,12 @@ def moe_block_ids(n_layers: int, n_experts: int) -> list[str]:
     return ids + ["final_norm"]
 
 
-def moe_block_kind_layer(n_layers: int, block: str) -> tuple[str, int]:
+def gate_kind(shared: bool) -> str:
+    """The gate block's kind: `norm` (norm and router, tiny), or `mlp` where it also holds a shared part."""
+    return "mlp" if shared else "norm"
+
+
+def moe_block_kind_layer(n_layers: int, block: str, shared: bool = False) -> tuple[str, int]:
     """(kind, layer) of an MoE model's block id (`llama.block_kind_layer` knows only the dense ids)."""
     if block == "embed":
         return "embed", -1
@@ -109,7 +131,7 @@ def moe_block_kind_layer(n_layers: int, block: str) -> tuple[str, int]:
         return "norm", n_layers
     part, layer, _ = parse_block_id(block)
     if layer is not None and part in ("attn", "moe_gate", "expert"):
-        return ("norm" if part == "moe_gate" else part), layer
+        return (gate_kind(shared) if part == "moe_gate" else part), layer
     raise KeyError(f"'{block}' is not a block id of an MoE model")
 
 
@@ -119,12 +141,13 @@ def _parse_layer_block(block: str) -> tuple[int, str, int]:
     return layer, part, expert
 
 
-def expert_weights(dense_mlp: dict, neurons_Fe: np.ndarray) -> dict[str, np.ndarray]:
-    """An expert's leaves sliced from a dense MLP block (new contiguous float32 arrays)."""
+def expert_weights(dense_mlp: dict, neurons_Fe: np.ndarray, prefix: str = "") -> dict[str, np.ndarray]:
+    """An expert's leaves sliced from a dense MLP block (new contiguous float32 arrays); `prefix` "shared_" names
+    the shared part's leaves in the gate block."""
     return {
-        "w_gate": np.ascontiguousarray(dense_mlp["w_gate"][:, neurons_Fe], np.float32),
-        "w_up": np.ascontiguousarray(dense_mlp["w_up"][:, neurons_Fe], np.float32),
-        "w_down": np.ascontiguousarray(dense_mlp["w_down"][neurons_Fe, :], np.float32),
+        prefix + "w_gate": np.ascontiguousarray(dense_mlp["w_gate"][:, neurons_Fe], np.float32),
+        prefix + "w_up": np.ascontiguousarray(dense_mlp["w_up"][:, neurons_Fe], np.float32),
+        prefix + "w_down": np.ascontiguousarray(dense_mlp["w_down"][neurons_Fe, :], np.float32),
     }
 
 
@@ -167,7 +190,7 @@ class MoESource:
         return list(self._ids)
 
     def block_kind_layer(self, block_id: str) -> tuple[str, int]:
-        return moe_block_kind_layer(self.config.n_layers, block_id)
+        return moe_block_kind_layer(self.config.n_layers, block_id, self.partition.n_shared > 0)
 
     def tokenizer_metadata(self) -> dict:
         return self.dense.tokenizer_metadata()
@@ -175,11 +198,14 @@ class MoESource:
     def block_shapes(self, block_id: str) -> dict:
         """{leaf: jax.ShapeDtypeStruct} as `__call__` returns it, read from nothing."""
         self._require(block_id)
-        D, E, Fe = self.config.d_model, self.n_experts, self.config.d_ff // self.n_experts
+        D, E, Fs = self.config.d_model, self.n_experts, self.partition.n_shared
+        Fe = (self.config.d_ff - Fs) // E
         f32 = np.float32
         if block_id.endswith(".moe_gate"):
+            shared = {"shared_w_gate": jax.ShapeDtypeStruct((D, Fs), f32), "shared_w_up": jax.ShapeDtypeStruct(
+                (D, Fs), f32), "shared_w_down": jax.ShapeDtypeStruct((Fs, D), f32)} if Fs else {}
             return {"ffn_norm": jax.ShapeDtypeStruct((D,), f32), "router_w": jax.ShapeDtypeStruct((D, E), f32),
-                    "router_b": jax.ShapeDtypeStruct((E,), f32)}
+                    "router_b": jax.ShapeDtypeStruct((E,), f32), **shared}
         if ".expert." in block_id:
             return {"w_gate": jax.ShapeDtypeStruct((D, Fe), f32), "w_up": jax.ShapeDtypeStruct((D, Fe), f32),
                     "w_down": jax.ShapeDtypeStruct((Fe, D), f32)}
@@ -205,10 +231,12 @@ class MoESource:
         return self._cached_mlp
 
     def _share(self, index: int) -> int:
-        """File bytes of the layer's index-th block (0 = gate's ffn_norm, 1 + e = expert e), summing exactly."""
-        D, F, E = self.config.d_model, self.config.d_ff, self.n_experts
+        """File bytes of the layer's index-th block (0 = gate's ffn_norm and shared part, 1 + e = expert e), summing
+        exactly."""
+        D, F, E, Fs = self.config.d_model, self.config.d_ff, self.n_experts, self.partition.n_shared
         total = D + 3 * D * F
-        cum = [0, D] + [D + 3 * D * (F // E) * (e + 1) for e in range(E)]
+        gate = D + 3 * D * Fs
+        cum = [0, gate] + [gate + 3 * D * ((F - Fs) // E) * (e + 1) for e in range(E)]
         nb = self._cached_file_bytes
         return nb * cum[index + 1] // total - nb * cum[index] // total
 
@@ -227,6 +255,8 @@ class MoESource:
                 out = {"ffn_norm": np.array(mlp["ffn_norm"], np.float32),
                        "router_w": np.array(self.routers.w_LxDxE[layer], np.float32),
                        "router_b": np.array(self.routers.b_LxE[layer], np.float32)}
+                if self.partition.n_shared:
+                    out.update(expert_weights(mlp, self.partition.shared_LxFs[layer], prefix="shared_"))
                 self.nbytes_read += self._share(0) + out["router_w"].nbytes + out["router_b"].nbytes
             else:
                 out = expert_weights(mlp, self.partition.neurons_LxExFe[layer, e])
@@ -268,10 +298,18 @@ def moe_route(cfg: LlamaConfig, gate_w: dict, x_BxTxD, top_k: int):
     return h, topk_mask(probs, top_k), probs
 
 
-def expert_mlp(w: dict, h_BxTxD):
-    """One expert's SwiGLU on its neurons: W_down_e(silu(W_gate_e h) * W_up_e h), [B, T, D]."""
-    gated_BxTxFe = jax.nn.silu(matmul(h_BxTxD, w["w_gate"])) * matmul(h_BxTxD, w["w_up"])
-    return matmul(gated_BxTxFe, w["w_down"])
+def expert_mlp(w: dict, h_BxTxD, prefix: str = ""):
+    """One expert's SwiGLU on its neurons: W_down_e(silu(W_gate_e h) * W_up_e h), [B, T, D]; `prefix` "shared_":
+    the shared part's in a gate block."""
+    gated_BxTxFe = jax.nn.silu(matmul(h_BxTxD, w[prefix + "w_gate"])) * matmul(h_BxTxD, w[prefix + "w_up"])
+    return matmul(gated_BxTxFe, w[prefix + "w_down"])
+
+
+def add_shared(gate_w: dict, x_BxTxD, h_BxTxD):
+    """x + shared(h): the shared part every token runs, where the gate block holds one; else x."""
+    if "shared_w_gate" not in gate_w:
+        return x_BxTxD
+    return x_BxTxD + expert_mlp(gate_w, h_BxTxD, prefix="shared_")
 
 
 def moe_combine(x_BxTxD, h_BxTxD, expert_ws: list, mask_BxTxE):
@@ -290,14 +328,14 @@ def moe_combine(x_BxTxD, h_BxTxD, expert_ws: list, mask_BxTxE):
 
 
 def moe_mlp_block(cfg: LlamaConfig, gate_block_w: dict, expert_ws: list, x_BxTxD, top_k: int):
-    """Pre-norm MoE MLP: x + Σ_{e in top_k(router(h))} expert_e(h), h = rms_norm(x, ffn_norm).
+    """Pre-norm MoE MLP: x + shared(h) + Σ_{e in top_k(router(h))} expert_e(h), h = rms_norm(x, ffn_norm).
 
     With top_k = E every expert is chosen and the result is the dense `mlp_block` (to float32 rounding).
     """
     if len(expert_ws) != gate_block_w["router_b"].shape[-1]:
         raise MoEError(f"{len(expert_ws)} expert weight dicts for a router over {gate_block_w['router_b'].shape[-1]}")
     h, mask, _ = moe_route(cfg, gate_block_w, x_BxTxD, top_k)
-    return moe_combine(x_BxTxD, h, expert_ws, mask)
+    return moe_combine(add_shared(gate_block_w, x_BxTxD, h), h, expert_ws, mask)
 
 
 def speculative_expert_probs(router_next: dict, x_current_BxTxD, eps: float):

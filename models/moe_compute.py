@@ -1,8 +1,9 @@
 """The jitted ops of a routed (MoE) Llama pass: the Llama ops plus `route` and `expert`, and speculation.
 
 A routed layer runs its router (`route`): the normed input h, each token's top_k experts (mask [B, T, E]), and what
-the runtime needs on the host, the experts any token chose (bool [E]) and the mean router probabilities [E]; then
-each chosen expert adds its contribution (`expert`). `speculate` applies the next layer's router to this layer's
+the runtime needs on the host, the experts any token chose (bool [E]) and the mean router probabilities [E]; a
+shared part, where the gate block holds one, adds its output there; then each chosen expert adds its contribution
+(`expert`). `speculate` applies the next layer's router to this layer's
 MoE input (the Mixtral-offloading trick, `moe.speculative_expert_probs`): the runtime's speculative prefetch.
 
 Shapes: B batch, T tokens, D model width, E experts per layer.
@@ -22,9 +23,10 @@ from .llama_compute import Carry, LlamaCompute
 
 @functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
 def route(cfg, gate_w, x_BxTxD, top_k):
-    """(h [B,T,D], mask [B,T,E], selected bool[E], mean probs float32[E]) of one layer's router."""
+    """(x + shared(h) [B,T,D], h [B,T,D], mask [B,T,E], selected bool[E], mean probs float32[E]) of one layer's
+    router (x unchanged without a shared part)."""
     h, mask, probs = moe.moe_route(cfg, gate_w, x_BxTxD, top_k)
-    return h, mask, mask.any((0, 1)), probs.mean((0, 1))
+    return moe.add_shared(gate_w, x_BxTxD, h), h, mask, mask.any((0, 1)), probs.mean((0, 1))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "top_k"))
@@ -56,7 +58,7 @@ class MoECompute(LlamaCompute):
     def run(self, position, w, c: Carry):
         if position.op == "route":
             c.extra["moe_in"] = c.x_BxTxD
-            c.extra["h"], c.extra["mask"], sel, probs = route(self.cfg, w, c.x_BxTxD, self.top_k)
+            c.x_BxTxD, c.extra["h"], c.extra["mask"], sel, probs = route(self.cfg, w, c.x_BxTxD, self.top_k)
             return sel, probs
         if position.op == "expert":
             c.x_BxTxD = expert_add(w, c.extra["h"], c.x_BxTxD, c.extra["mask"], self._expert_index[position.expert])
