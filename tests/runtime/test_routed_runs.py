@@ -96,6 +96,29 @@ def test_lambda_is_router_probability_decayed_with_distance(setup):
     assert lam["layers.2.expert.0"] == pytest.approx(0.25 * 0.9 ** (L + 1))  # behind: next step
 
 
+def test_the_estimator_that_predicts_the_routers_best_is_the_one_read(setup):
+    """P(selected) is read from whichever estimator (`routing.ESTIMATORS`) has the least squared error on the
+    routers' decisions so far: routing that is skewed over the run but not repeated token to token favours the run's
+    mean; routing that holds for a few tokens and then moves favours a short average."""
+    from vorch_jax.runtime.routing import ESTIMATORS
+
+    L, E = setup.spec.n_layers, setup.spec.n_experts
+    rng = np.random.default_rng(0)
+
+    def stats_after(choose):
+        stats = RouterStats(setup.info, PassCursor(setup.spec), setup.block_ids)
+        for t in range(60):
+            stats.observe(2, np.isin(np.arange(E), choose(t)))
+        return stats
+
+    skewed = stats_after(lambda t: [0, rng.choice([1, 2, 3, 4, 5, 6, 7], p=[.4, .2, .1, .1, .1, .05, .05])])
+    assert ESTIMATORS[skewed.estimator] is None
+    assert skewed.p_sel_LxE[2, 0] == pytest.approx(61 / 61, abs=0.05) and skewed.p_sel_LxE[2, 7] < 0.15
+    runs = stats_after(lambda t: [(t // 6) % E, (t // 6 + 3) % E])  # each pair held for six tokens
+    assert ESTIMATORS[runs.estimator] == 0.4
+    assert runs.p_sel_LxE[5].tolist() == [2 / E] * E  # a layer never observed keeps the uniform rate
+
+
 def test_budget_below_the_dense_blocks_fails_before_work(tmp_path, reference):
     with pytest.raises(RunError, match="protected"):
         run(dataclasses.replace(BASE, hbm_budget="100MiB"), tmp_path, reference=reference)

@@ -131,6 +131,7 @@ def routing_section(setup, ledger, spec: dict, events, t_gen0: float, t_gen1: fl
         "expert_hits": sum(a.hit for a in experts),
         "expert_hit_rate": (sum(a.hit for a in experts) / len(experts)) if experts else nan,  # of the device reads
         "expert_bytes_moved": expert_bytes,
+        "p_selected_estimator": _estimator_name(ledger.router),
         "speculative": {
             "enabled": ledger.speculative,
             "issued": spec["issued"],
@@ -143,3 +144,13 @@ def routing_section(setup, ledger, spec: dict, events, t_gen0: float, t_gen1: fl
             "prediction_recall": spec["predicted_and_actual"] / spec["actual"] if spec["actual"] else nan,
         },
     }
+
+
+def _estimator_name(router) -> str | None:
+    """Which P(expert selected) estimator the run read at its end (`routing.ESTIMATORS`)."""
+    from vorch_jax.runtime.routing import ESTIMATORS
+
+    if router is None:
+        return None
+    w = ESTIMATORS[router.estimator]
+    return "run mean" if w is None else f"ema {w}"
