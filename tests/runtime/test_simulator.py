@@ -16,7 +16,7 @@ from vorch_jax.simulation.hardware import Link, ProfileError, load_profile, prof
 from vorch_jax.models import registry
 from vorch_jax.models.llama_spec import LLAMA3_8B
 from vorch_jax.models.moe_spec import MoESpec
-from vorch_jax.simulation.routing_trace import write_routing_trace
+from vorch_jax.simulation.routing_trace import stretch_layers, write_routing_trace
 from vorch_jax.runtime.ledger import Ledger
 from vorch_jax.runtime.run import simulate
 from vorch_jax.simulation.backend import zipf_routing
@@ -170,6 +170,24 @@ def test_moe_routing_trace(tmp_path):
         s = simulate(cfg_for(policy, 0.5, 4, model=TINY_MOE), tmp_path / policy, hardware=fast(), routing=routing)
         assert s["peak_device_bytes"] <= s["hbm_budget_bytes"]
         assert s["hits"] + s["misses"] == sum(1 + 4 * 4 + 2 for _ in range(4))  # embed, (attn router 2x expert), 2
+
+
+def test_a_trace_stretched_to_a_deeper_model_keeps_each_layers_routing_in_order(tmp_path):
+    """30 recorded layers on 32: the ends map to the ends, each layer takes the recorded layer at its relative
+    depth, and the stretched trace runs the deeper model."""
+    recorded = [[[(p + layer) % 8, (p + layer + 3) % 8] for layer in range(30)] for p in range(3)]
+    out = stretch_layers(recorded, 32)
+    assert [len(p) for p in out] == [32, 32, 32]
+    assert all(p[0] == r[0] and p[-1] == r[-1] for p, r in zip(out, recorded))
+    picked = [round(i * 29 / 31) for i in range(32)]
+    assert picked == sorted(picked) and len(set(picked)) == 30  # every recorded layer used, two of them twice
+    assert all(out[j][i] == recorded[j][picked[i]] for j in range(3) for i in range(32))
+    assert stretch_layers(recorded, 30) == recorded and stretch_layers([], 32) == []
+    moe = registry.get(TINY_MOE)
+    shallow = [[[e, (e + 1) % 8] for e in (0, 2)] for _ in range(4)]  # a 2-layer trace on the 4-layer model
+    s = simulate(cfg_for("lru", 0.5, 4, model=TINY_MOE), tmp_path, hardware=fast(),
+                 routing=stretch_layers(shallow, moe.n_layers))
+    assert s["hits"] + s["misses"] == 4 * (1 + 4 * 4 + 2)
 
 
 def test_bad_routing_traces_fail_clearly(tmp_path):

@@ -56,3 +56,18 @@ def read_routing_trace(path, *, n_layers: int, n_experts: int, passes: int) -> t
                                     f"for each of {n_layers} layers")
     spec = data.get("speculation")
     return routing[:passes], (spec[:passes] if spec else None)
+
+
+def stretch_layers(routing: list, n_layers: int) -> list:
+    """[pass][layer] -> ids of a trace recorded on a model of another depth, replayed on `n_layers` layers: layer l
+    takes the recorded layer nearest its relative depth, round(l · (L_trace - 1) / (n_layers - 1)). Each pass keeps
+    its recorded order of layers, so reuse across tokens and the skew of each layer are the recorded ones; where
+    `n_layers` exceeds the trace's depth some recorded layers appear twice (their routing then repeats within a
+    pass, which a deeper real model's would not)."""
+    if not routing:
+        return []
+    depth = len(routing[0])
+    if n_layers == depth:
+        return [list(p) for p in routing]
+    pick = [round(l * (depth - 1) / max(1, n_layers - 1)) for l in range(n_layers)]
+    return [[list(p[j]) for j in pick] for p in routing]
