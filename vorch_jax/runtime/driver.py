@@ -66,17 +66,19 @@ class Driver:
                 w = res.fetch(p.block)
             out = be.run(p, w)
             if p.op == "route":
+                with be.host():
+                    gate = res.speculation_gate(p.layer)
+                # the next layer's router is started before this one's decision is read: one wait for both
+                guess = None if gate is None else be.speculate(cursor.route_of_layer[p.layer + 1],
+                                                               res.weights_of(gate), self.spec.top_k)
                 selected, probs = be.routing(p, out)
                 cursor.resolve(p.layer, selected)
                 chosen[p.layer] = np.flatnonzero(selected).tolist()
                 with be.host():
                     res.observe_routing(p.layer, selected)
-                    gate = res.speculation_gate(p.layer)
-                if gate is not None:
-                    guess = be.speculate(cursor.route_of_layer[p.layer + 1], res.weights_of(gate), self.spec.top_k)
-                    if guess is not None:
-                        with be.host():
-                            res.observe_speculation(p.layer + 1, *guess)
+                if guess is not None and (guess := be.speculation(guess)) is not None:
+                    with be.host():
+                        res.observe_speculation(p.layer + 1, *guess)
             ends_layer = cursor.ends_layer(p)
             with be.host():
                 res.done()

@@ -76,7 +76,12 @@ class RealBackend:
         return np.asarray(sel), np.asarray(probs)
 
     def speculate(self, gate_position, gate_w, top_k: int):
-        pred, probs = jax.device_get(self.compute.speculate(gate_w, self.carry, top_k))
+        """Start the next layer's router on this layer's MoE input; `speculation` reads it (device arrays until
+        then, so that the router's decision and this prediction come back in one wait)."""
+        return self.compute.speculate(gate_w, self.carry, top_k)
+
+    def speculation(self, started) -> tuple[np.ndarray, np.ndarray]:
+        pred, probs = jax.device_get(started)
         return np.asarray(pred), np.asarray(probs, np.float64)
 
     def end_pass(self):

@@ -86,7 +86,7 @@ class SimBackend:
         a mesh runs in a thread of its own beside the others, so its host time is its thread's CPU time."""
         self.spec, self.hw, self.engine, self.clock = spec, hw, engine, engine.clock
         self.state_bytes, self.dtype = state_bytes, dtype
-        self.routing_trace, self.speculation = routing, speculation
+        self.routing_trace, self.recorded_speculation = routing, speculation
         self.compute_spans: list[tuple[str, float, float]] = []  # (block, start, seconds) of every position
         self.barrier = barrier
         self.host_clock = time.thread_time if barrier is not None else time.perf_counter
@@ -164,7 +164,12 @@ class SimBackend:
         return selected, None
 
     def speculate(self, gate_position, gate_w, top_k: int):
-        recorded = self.speculation[self._pass][gate_position.layer] if self.speculation is not None else None
+        """The prediction is modelled where it is read (`speculation`), as the real backend's wait is."""
+        return gate_position
+
+    def speculation(self, gate_position):
+        recorded = self.recorded_speculation[self._pass][gate_position.layer] \
+            if self.recorded_speculation is not None else None
         if recorded is None:  # the recorded run made no prediction here
             return None
         self._compute(gate_position)
