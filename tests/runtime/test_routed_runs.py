@@ -15,6 +15,7 @@ import pytest
 from vorch_jax.config import PlacementRule, RunConfig
 from vorch_jax.errors import RunError
 from vorch_jax.models import registry
+from vorch_jax.controller.access_stats import lookahead_lambda
 from vorch_jax.controller.scored_policy import ScoredPolicy
 from vorch_jax.runtime.cursor import PassCursor
 from vorch_jax.runtime.reference import resident_reference
@@ -94,6 +95,11 @@ def test_lambda_is_router_probability_decayed_with_distance(setup):
     assert lam["layers.3.expert.1"] == pytest.approx(1.0) and lam["layers.3.expert.0"] == pytest.approx(0.25)
     assert lam["layers.5.expert.0"] == pytest.approx(0.25 * 0.9 ** 2)
     assert lam["layers.2.expert.0"] == pytest.approx(0.25 * 0.9 ** (L + 1))  # behind: next step
+    for layer in (0, 3, L - 1, L):  # the host's numpy rule is the controller's jnp reference over a whole pass
+        ref = lookahead_lambda(stats.layer_B, layer, L, L + 2, 0.9, np.ones(len(stats.ids), np.float32),
+                               ~stats.is_expert_B)
+        p_B = np.where(stats.is_expert_B, stats.p_sel_LxE[np.clip(stats.layer_B, 0, L - 1), stats.expert_B], 1.0)
+        np.testing.assert_allclose(stats.lam_for_tick(layer), np.asarray(ref) * p_B, rtol=1e-6)
 
 
 def test_the_estimator_that_predicts_the_routers_best_is_the_one_read(setup):

@@ -114,10 +114,24 @@ class PassCursor:
         return self._slot_of.get((p.block, p.op), 0) if p is not None else self.n - 1
 
     def next_uses(self, blocks) -> list[int]:
-        """`next_use` of each of `blocks` (one lookup of what is known for all: the eviction order's hot path)."""
-        self.known()
-        index = self._known_index
-        return [index[b] + 1 if b in index else self.next_use(b) for b in blocks]
+        """`next_use` of each of `blocks` (one lookup of what is known, and the current slot, for all: the eviction
+        order's hot path)."""
+        known = self.known()
+        index, here, n, unselected = self._known_index, self.current_slot(), self.n, self.unselected
+        beyond = len(known)
+        out = []
+        for b in blocks:
+            k = index.get(b)
+            if k is not None:
+                out.append(k + 1)
+                continue
+            slots = self._slots.get(b)
+            if not slots:
+                out.append(n + 1 + beyond)
+                continue
+            d = min(((s - here - 1) % n) + 1 for s in slots) if len(slots) > 1 else ((slots[0] - here - 1) % n) + 1
+            out.append(d + (n if b in unselected else 0) + beyond)
+        return out
 
     def next_use(self, block: str) -> int:
         """Positions until `block` is next read: exact where known, else its pass-order slot distance (plus a pass

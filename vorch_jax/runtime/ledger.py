@@ -298,9 +298,7 @@ class Ledger:
     def apply_targets(self, targets: dict, reasons: dict | None = None):
         """Carry out a policy's target states: evict what should leave, load (as prefetch) what should come.
         `reasons`: the controller's reason per block (SCORE, BUDGET, PREFETCH, ...), recorded on each transition."""
-        if not self.eager_plan_loads:
-            targets = {b: s for b, s in targets.items() if b in self.on_device and State(int(s)).on_device}
-        targets = {b: s for b, s in targets.items() if b not in self.host_only}
+        targets = self.actionable_targets(targets)
         if not targets:
             return
         why = {b: f"plan:{(reasons or {}).get(b, 'SCORE')}" for b in targets}
@@ -323,6 +321,15 @@ class Ledger:
                     self._load(b, why[b])
                     self.prefetched.add(b)
                     self.counters.prefetch_issued += 1
+
+    def actionable_targets(self, targets: dict) -> dict:
+        """The targets `apply_targets` would act on: a routed plan's only where a block on the device changes its
+        on-device state (it never loads or evicts for the plan: `eager_plan_loads`), never a block computed on the
+        host. The scored policy ticks less often while none of its changes is actionable."""
+        if not self.eager_plan_loads:
+            targets = {b: s for b, s in targets.items() if b in self.on_device and State(int(s)).on_device
+                       and self.engine.state(b) != State(int(s))}
+        return {b: s for b, s in targets.items() if b not in self.host_only}
 
     # ------------------------------------------------------------------ movement
     def _bytes(self, block: str, state) -> int:
@@ -454,7 +461,7 @@ class Ledger:
         d = self.cursor.next_uses(blocks)
         if self.router is None:
             return d
-        return [x + self.router.expected_skip_positions(b) for x, b in zip(d, blocks)]
+        return [x + skip for x, skip in zip(d, self.router.expected_skips(blocks))]
 
     def set_lambda(self, current_layer: int):
         """Write λ into the scored policy's block table (other policies have no table: nothing to do)."""

@@ -20,15 +20,12 @@ Coordinates (layer, expert index) come from the spec's block table, never from b
 
 from __future__ import annotations
 
-import jax
 import numpy as np
 
-from vorch_jax.controller.access_stats import lookahead_lambda
 
 ESTIMATORS = (0.2, 0.4, 0.1, None)  # EMA weights of the newest observation (routing or speculation); None: the run's
 # mean selection rate (routing only). The first is read until the routers' decisions say otherwise.
 
-_lookahead_lambda = jax.jit(lookahead_lambda, static_argnums=(2, 3))  # one dispatch per tick, not ten eager ops
 
 
 def speculation_record(predicted_E, probs_E) -> tuple[list, list]:
@@ -49,6 +46,7 @@ class RouterStats:
         self._selected_LxE = np.zeros((L, E))  # decisions so far, per layer (the mean-rate estimator)
         self._decisions_L = np.zeros(L)
         self._before_speculation: dict[int, np.ndarray] = {}  # layer -> [C, E] estimates before its speculation
+        self._best = 0  # the estimator read now: argmin of the Brier totals (ties: the earlier), kept on each decision
         self.ids = list(ids)
         self.layer_B = np.asarray([info[b].layer for b in self.ids], np.int32)
         self.expert_B = np.asarray([max(info[b].expert, 0) for b in self.ids], np.int32)
@@ -67,12 +65,13 @@ class RouterStats:
     @property
     def estimator(self) -> int:
         """Index into ESTIMATORS of the one read now (ties: the earlier)."""
-        return int(np.argmin(self._brier_C))
+        return self._best
 
     def observe(self, layer: int, selected_E: np.ndarray) -> None:
         sel = selected_E.astype(np.float64)
         predicted_CxE = self._before_speculation.pop(layer, self._p_CxLxE[:, layer])
         self._brier_C += ((predicted_CxE - sel) ** 2).sum(-1)
+        self._best = int(np.argmin(self._brier_C))
         self._selected_LxE[layer] += sel
         self._decisions_L[layer] += 1
         prior = self.top_k / self.n_experts  # one pseudo-decision at the uniform rate
@@ -91,18 +90,28 @@ class RouterStats:
 
     def expected_skip_positions(self, block: str) -> float:
         """For an expert not known to come next: the passes its router is expected to skip it, in positions."""
-        coords = self._coords.get(block)
-        if coords is None or self.cursor.is_known(block):
-            return 0.0
-        q = max(float(self.p_sel_LxE[coords]), 1e-3)
-        return self.cursor.n * (1.0 / q - 1.0)
+        return self.expected_skips([block])[0]
+
+    def expected_skips(self, blocks) -> list[float]:
+        """`expected_skip_positions` of each of `blocks` at once (the eviction order's hot path: one array lookup)."""
+        coords = [self._coords.get(b) for b in blocks]
+        rows = [i for i, c in enumerate(coords) if c is not None and not self.cursor.is_known(blocks[i])]
+        out = [0.0] * len(blocks)
+        if rows:
+            lay, exp = zip(*(coords[i] for i in rows))
+            q = np.maximum(self.p_sel_LxE[list(lay), list(exp)], 1e-3)
+            for i, x in zip(rows, (self.cursor.n * (1.0 / q - 1.0)).tolist()):
+                out[i] = x
+        return out
 
     def lam_for_tick(self, current_layer: int) -> np.ndarray:
         """float32[B]: λ of every block for a tick at `current_layer`: 1 for dense blocks, P(selected)·decay^distance
-        for experts (distance in layers ahead, wrapping into the next step; `access_stats.lookahead_lambda`)."""
+        for experts (distance in layers ahead, wrapping into the next step). The rule is
+        `access_stats.lookahead_lambda` over a whole pass (its jnp reference; tests check the two agree), computed
+        here in numpy: on the device it cost a round trip per tick, and the host waited for every op queued before
+        it (7% of a routed decode step, the shared-expert MoE at 50% of experts, this CPU)."""
         L = self.n_layers
-        p_B = np.where(self.is_expert_B, self.p_sel_LxE[np.clip(self.layer_B, 0, L - 1), self.expert_B],
-                       1.0).astype(np.float32)
-        decayed = _lookahead_lambda(self.layer_B, np.int32(current_layer), L, L + 2, np.float32(self.lam_decay),
-                                    np.ones(len(self.ids), np.float32), ~self.is_expert_B)
-        return np.asarray(decayed) * p_B
+        p_B = np.where(self.is_expert_B, self.p_sel_LxE[np.clip(self.layer_B, 0, L - 1), self.expert_B], 1.0)
+        dist_B = np.mod(self.layer_B - np.int32(current_layer), L + 2)
+        decayed_B = np.where(self.is_expert_B, np.float32(self.lam_decay) ** dist_B.astype(np.float32), 1.0)
+        return (decayed_B * p_B).astype(np.float32)
