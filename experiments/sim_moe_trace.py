@@ -65,22 +65,17 @@ def simulated(tokens: int, hw, fraction: float, policy: str, routing, out: Path)
                     write_traces=False)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=32, help="passes: the prefill's and tokens - 1 decode steps")
-    ap.add_argument("--profile", default="h100-sxm")
-    ap.add_argument("--trace", help="a routing.json of the shared-expert MoE to replay (default: record one now)")
-    ap.add_argument("--write", action="store_true", help="write experiments/results/sim_moe_trace.txt")
-    args = ap.parse_args(argv)
-    hw = load_profile(args.profile)
+def compare(tokens: int, hw, trace: Path | None = None) -> tuple[list[str], dict]:
+    """(report lines, {(routing, fraction, policy): summary}): the recorded trace (recorded now if None) and Zipf
+    routing, each policy at each budget."""
     work = Path(tempfile.mkdtemp(prefix="sim_moe_trace-"))
-    trace = Path(args.trace) if args.trace else record(args.tokens, work / "recorded")
+    trace = trace or record(tokens, work / "recorded")
     recorded_spec = get_spec(RECORDED)
     passes, _ = read_routing_trace(trace, n_layers=recorded_spec.n_layers, n_experts=recorded_spec.n_experts,
-                                   passes=args.tokens)
+                                   passes=tokens)
     target = get_spec(TARGET)
     stretched = stretch_layers(passes, target.n_layers)
-    lines = [f"# python experiments/sim_moe_trace.py --tokens {args.tokens} --profile {args.profile}  "
+    lines = [f"# python experiments/sim_moe_trace.py --tokens {tokens} --profile {hw.name}  "
              "(simulated; the trace recorded on this project's 2-core CPU)",
              f"{TARGET} (bf16, shape only) on {hw.name}; routing: zipf = Zipf(1.0) per layer, seeded; trace = "
              f"{RECORDED}'s recorded routing ({len(passes)} passes, {recorded_spec.n_layers} layers stretched to "
@@ -89,7 +84,7 @@ def main(argv=None) -> int:
     results = {}
     for name, routing in (("zipf", None), ("trace", stretched)):
         for frac in FRACTIONS:
-            rows = {p: simulated(args.tokens, hw, frac, p, routing, work / name / f"{frac}" / p) for p in POLICIES}
+            rows = {p: simulated(tokens, hw, frac, p, routing, work / name / f"{frac}" / p) for p in POLICIES}
             rank = {p: i + 1 for i, p in enumerate(sorted(POLICIES, key=lambda p: rows[p]["bytes_moved"]))}
             for p in POLICIES:
                 s = rows[p]
@@ -106,6 +101,17 @@ def main(argv=None) -> int:
              for a, b in zip(stretched[1:], stretched[2:])]  # decode passes only
     lines.append(f"trace: next-token reuse (share of a pass's experts its layer also read the pass before) "
                  f"{sum(reuse) / max(1, len(reuse)):.3f}")
+    return lines, results
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=32, help="passes: the prefill's and tokens - 1 decode steps")
+    ap.add_argument("--profile", default="h100-sxm")
+    ap.add_argument("--trace", help="a routing.json of the shared-expert MoE to replay (default: record one now)")
+    ap.add_argument("--write", action="store_true", help="write experiments/results/sim_moe_trace.txt")
+    args = ap.parse_args(argv)
+    lines, results = compare(args.tokens, load_profile(args.profile), Path(args.trace) if args.trace else None)
     text = "\n".join(lines)
     print(text)
     if args.write:

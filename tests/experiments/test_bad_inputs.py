@@ -136,6 +136,9 @@ CASES = [
     ("calibrate-few-tokens", "calibrate --tokens 1", "at least 2", None),
     ("calibrate-unknown-model", "calibrate --model nope", "registered models are", None),
     ("calibrate-routed", "calibrate --model smollm2-135m-moe", "is routed", None),
+    ("run-router-config-of-other-moe", f"run {DEMO} model=smollm2-135m-moe "
+     f"moe.router_config={ROOT / 'configs' / 'moe' / 'router_shared.yaml'} {TINY} --out {{d}}",
+     "builds smollm2-135m-moe-shared, not smollm2-135m-moe", None),
     ("calibrate-shape-only", "calibrate --model llama-2-70b", "shape-only", None),
     ("calibrate-bad-regex", "calibrate --blocks (", "not a regular expression", None),
     ("calibrate-no-match", "calibrate --blocks zzz", "matches none", None),
