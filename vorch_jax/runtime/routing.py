@@ -1,16 +1,17 @@
 """What a routed run learns from its routers: P(expert selected) per layer, and what the controller reads from it.
 
-P(selected) per (layer, expert) is estimated several ways at once (`ESTIMATORS`): exponential averages of the router's
-decisions at that layer, at weights 0.2, 0.4 and 0.1, and the run's mean selection rate. Which one the run reads is measured, not guessed: each
-router decision scores every estimator's prediction for it (Brier: Σ_e (q_e - selected_e)²), and the one with the
-least total so far is used. Routing differs between models: the MoE SmolLM2's experts of all neurons are reused by the
-next token more than by chance (the short averages predict best there), while the shared-expert variant's are more
-skewed over the run (its mean selection rate predicts best), and no one weight serves both (replays of recorded
-expert streams, results/moe_policies.txt). The next layer's speculative prediction (as min(1, top_k·p), the mean
-over tokens) also enters the averages, but each estimator is scored on what it predicted *before* that layer's
+P(selected) per (layer, expert) is estimated several ways at once (`ESTIMATORS`): exponential averages of the
+router's decisions at that layer, at weights 0.2, 0.4 and 0.1, and the run's mean selection rate. Which one the run
+reads is measured, not guessed: each router decision scores every estimator's prediction for it (Brier:
+Σ_e (q_e - selected_e)²), and the one with the least total so far is used. No one weight serves every model: replaying
+the recorded expert streams of 24 tokens at 25% of the experts, the MoE SmolLM2 of all neurons evicted best on the
+shorter averages (expert loads: 0.4 539, 0.2 552, run mean 607) and the shared-expert variant, whose routing is more
+skewed over the run, on the longer ones (0.2 693, 0.1 681, run mean 670); in real runs the Brier score picked 0.2 and
+0.1 (the summary's `routing.p_selected_estimator`). The next layer's speculative prediction (as min(1, top_k·p), the
+mean over tokens) also enters the averages, but each estimator is scored on what it predicted *before* that layer's
 speculation: a speculation tells the pass now running, while P(selected) orders evictions by the passes to come, and
 scored on the speculation-fed value an average won while ordering evictions worse (shared-expert MoE at 25% of
-experts: 774 MB of experts moved, against 692 MB with the run's choice made on routing alone). It gives the scored
+experts: 774 MB of experts moved, against 705 MB scored before the speculation). It gives the scored
 controller's λ (`lam_for_tick`: experts P(selected) decayed with layer distance, dense blocks 1) and the MoE
 policy's expected next read (`expected_skip_positions`: an expert its router is not known to choose is expected to
 be passed over 1/q - 1 more times, a geometric wait, each a whole pass).
