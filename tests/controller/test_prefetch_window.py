@@ -57,12 +57,13 @@ def test_the_chosen_window_misses_least_among_those_within_the_tolerance(budget)
 
 
 def test_on_smollm2_at_half_the_bytes_a_wider_window_removes_the_misses_of_the_narrowest():
-    # W = 1 there waits for a miss whenever an MLP (10.6 MB) is next and the block just read is an attention
-    # (3.5 MB); a window of 4 frees the room from the last few blocks at 1.7% more bytes (measured, this shape)
+    # W = 1 there may wait for a miss where an MLP (10.6 MB) is next and the blocks just read are attentions
+    # (3.5 MB); a wider window frees the room from the last few blocks at 1.7% more bytes (this shape). Since the
+    # prefetch also runs once a position has computed (`Ledger.done`), W = 1 misses 6 times in 16 passes, not 100+.
     best, replays = choose_window(*pass_of(budget=0.5), depth=2, passes=16)
     w = best.window
     by_w = {r.window: r for r in replays if r.size_power == best.size_power}
-    assert by_w[1].misses >= 100 and by_w[w].misses <= 2 and w > 1
+    assert by_w[1].misses > 0 and by_w[w].misses == 0 and w > 1
     assert by_w[w].bytes_moved > by_w[1].bytes_moved  # the misses are bought with bytes, within the tolerance
 
 

@@ -75,7 +75,8 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
     """The ledger's rules on `passes` repetitions of `pass_blocks`: a miss evicts the unprotected blocks whose next
     read is furthest ahead, weighed by size^`size_power` (`victim_key`; keeping the prefetch window's if it can),
     those `plan` lets go first; a prefetch of one of the next `depth` positions evicts only blocks needed after it
-    and read in the last `window` positions (0: any), with a plan only blocks it lets go, else stops."""
+    and read in the last `window` positions (0: any), with a plan only blocks it lets go, else stops. The prefetch
+    runs before each position computes and again after (`Ledger.done`), when the block just read may go too."""
     stream = list(pass_blocks) * passes
     known = stream + list(pass_blocks)  # a dense cursor knows the next pass: the ledger prefetches into it and
     # orders victims by their reads there
@@ -96,7 +97,8 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
             on[b] = device_bytes[b]
             moved += device_bytes[b]
 
-    def make_room(block, t, keep, strict):
+    def make_room(block, t, keep, strict, now=None):  # now: the ledger's position count (t + 1 once t computed)
+        now = t if now is None else now
         used = sum(on.values())
         need = device_bytes[block]
         if used + need <= budget:
@@ -114,7 +116,7 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
                 break
             victims.append(v)
             freed += on[v]
-        if not strict and window and any(last.get(v, -1) < t - window for v in victims):
+        if not strict and window and any(last.get(v, -1) < now - window for v in victims):
             return False
         if used - freed + need > budget:
             if strict and keep:
@@ -132,14 +134,16 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
             moved += device_bytes[b]
             misses += 1
         last[b] = t
-        for j in range(1, depth + 1):
-            u = known[t + j]
-            if u in on:
-                continue
-            if not make_room(u, t, frozenset(known[t:t + j + 1]), False):
-                break
-            on[u] = device_bytes[u]
-            moved += device_bytes[u]
+        for computed in (False, True):  # before the position computes, and again once its block may leave
+            for j in range(1, depth + 1):
+                u = known[t + j]
+                if u in on:
+                    continue
+                keep = frozenset(known[t + 1:t + j + 1] if computed else known[t:t + j + 1])
+                if not make_room(u, t, keep, False, now=t + computed):
+                    break
+                on[u] = device_bytes[u]
+                moved += device_bytes[u]
     return Replay(window, moved, misses, size_power, plan is not None)
 
 

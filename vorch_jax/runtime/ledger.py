@@ -7,6 +7,7 @@ without traffic, as in every offloading runtime where weights are read-only. A p
 
     ensure(block)   hit, or load it now and wait (a timed stall)
     prefetch()      loads for the next `prefetch_depth` known positions, evicting only blocks needed after them
+                    (again in `done()`, once the position has computed and its block may leave)
     (compute)
     after_layer()   every N layers, the policy's tick (the scored controller) and its targets
 
@@ -248,12 +249,19 @@ class Ledger:
         self.counters.in_place_loads += 1
 
     def done(self):
-        """The position computed: the next one begins."""
+        """The position computed: the next one begins. Its block may now leave, so the prefetch runs again: on a
+        full device (the scored policy's rotation keeps it full) a load can only start once room is freed, and
+        waiting for the next position's prefetch started each load one position ahead of its use. Measured on
+        SmolLM2, lossless, 16 tokens, 3 rounds, medians, this CPU: scored 9.60 / 12.26 / 17.89 tok/s at budgets
+        0.3 / 0.5 / 0.8 before, 10.92 / 12.86 / 19.76 after, the same bytes (static-prefetch 10.26 / 12.91 /
+        19.09); a load's lead before its use was 0.8 ms against static-prefetch's 2.2 ms."""
         self.t += 1
+        self.prefetch(computed=True)
 
-    def prefetch(self):
+    def prefetch(self, computed: bool = False):
         """Issue loads for the next `prefetch_depth` known positions that are off device, if room can be made
-        without evicting anything needed before them."""
+        without evicting anything needed before them; `computed`: the current position has run, so its block is
+        no longer kept for it."""
         here, ahead = self.current(), self.upcoming()
         for j, u in enumerate(ahead):
             if u in self.on_device or u in self.host_only:
@@ -261,7 +269,7 @@ class Ledger:
             if self.in_place is not None and not self.in_place.loads_pay(self.cursor.known()[j], self.tokens,
                                                                           self.device_bytes[u]):
                 continue  # the read runs in place before a load could land
-            horizon = {here, *ahead[: j + 1]}
+            horizon = set(ahead[: j + 1]) if computed else {here, *ahead[: j + 1]}
             if not self._make_room(u, self._bytes(u, self.policy.device_state(u)), strict=False, keep=horizon,
                                    read_within=self.policy.prefetch_victims_read_within):
                 return
