@@ -33,7 +33,7 @@ def main() -> int:
     from vorch_jax.models import llama_layers as L
     from vorch_jax.models.block_ids import layer_block_id
     from vorch_jax.models.corpus import kjv_text
-    from vorch_jax.models.moe_build import balanced_kmeans
+    from vorch_jax.models.moe_build import activation_mass, most_massive, partition_layer
     from vorch_jax.models.registry import get
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -76,15 +76,12 @@ def main() -> int:
         n_shared = int(round(f * cfg.d_ff / EXPERTS)) * EXPERTS  # the rest splits into equal experts
         shared, experts = [], []
         for i in range(cfg.n_layers):
-            mass_F = np.abs(np.asarray(cal_acts[i])).mean(0) * np.linalg.norm(np.asarray(mlp[i]["w_down"]), axis=1)
-            order = np.argsort(-mass_F, kind="stable")
-            rest = np.sort(order[n_shared:])
-            feats = np.concatenate([np.asarray(mlp[i]["w_gate"]).T[rest], np.asarray(mlp[i]["w_up"]).T[rest]], 1)
-            assign = balanced_kmeans(feats, EXPERTS, seed=i, iters=20)
+            mlp_np = {k: np.asarray(v) for k, v in mlp[i].items()}
+            shared_Fs = most_massive(activation_mass(cal_acts[i], mlp_np["w_down"]), n_shared)
             keep_F = np.zeros(cfg.d_ff, np.float32)
-            keep_F[order[:n_shared]] = 1
+            keep_F[shared_Fs] = 1
             shared.append(jnp.asarray(keep_F))
-            experts.append(jnp.asarray(np.stack([rest[assign == e] for e in range(EXPERTS)])))
+            experts.append(jnp.asarray(partition_layer(mlp_np, EXPERTS, seed=i, iters=20, shared_Fs=shared_Fs)))
         for k in (1, 2, 4):
             def routed(i, act_TxF, k=k):
                 ex = experts[i]  # [E, Fe]

@@ -179,16 +179,25 @@ def shared_neurons(cfg: RouterConfig, d_ff: int) -> int:
     return int(round(cfg.shared_fraction * d_ff / (2 * cfg.n_experts))) * 2 * cfg.n_experts
 
 
+def activation_mass(act_NxF, w_down_FxD) -> np.ndarray:
+    """float64 [F]: each neuron's mean |activation| over the tokens times ‖w_down[n]‖ (what it adds to the output)."""
+    act = np.abs(np.asarray(act_NxF, np.float64)).reshape(-1, np.shape(act_NxF)[-1])
+    return act.mean(0) * np.linalg.norm(np.asarray(w_down_FxD, np.float64), axis=1)
+
+
 def neuron_mass(mlp_w: dict, h_NxD) -> np.ndarray:
     """float64 [F]: each neuron's mean activation mass |silu(h·g_n)·(h·u_n)|·‖w_down[n]‖ over the tokens h."""
-    act_NxF = np.abs(np.asarray(jax.nn.silu(h_NxD @ mlp_w["w_gate"]) * (h_NxD @ mlp_w["w_up"]), np.float64))
-    return act_NxF.mean(0) * np.linalg.norm(np.asarray(mlp_w["w_down"], np.float64), axis=1)
+    return activation_mass(jax.nn.silu(h_NxD @ mlp_w["w_gate"]) * (h_NxD @ mlp_w["w_up"]), mlp_w["w_down"])
+
+
+def most_massive(mass_F: np.ndarray, n_shared: int) -> np.ndarray:
+    """int32 [Fs] sorted: the `n_shared` neurons of most mass (stable order on ties)."""
+    return np.sort(np.argsort(-mass_F, kind="stable")[:n_shared]).astype(np.int32)
 
 
 def choose_shared(mlp_w: dict, h_NxD, n_shared: int) -> np.ndarray:
-    """int32 [Fs] sorted: the `n_shared` neurons with the most mean activation mass (stable order on ties)."""
-    order = np.argsort(-neuron_mass(mlp_w, h_NxD), kind="stable")
-    return np.sort(order[:n_shared]).astype(np.int32)
+    """int32 [Fs] sorted: the `n_shared` neurons with the most mean activation mass on the tokens h."""
+    return most_massive(neuron_mass(mlp_w, h_NxD), n_shared)
 
 
 def _balanced_assign(sim_NxE: np.ndarray, capacity: int) -> np.ndarray:

@@ -114,35 +114,20 @@ class PassCursor:
         return self._slot_of.get((p.block, p.op), 0) if p is not None else self.n - 1
 
     def next_uses(self, blocks) -> list[int]:
-        """`next_use` of each of `blocks` (one lookup of what is known, and the current slot, for all: the eviction
+        """`next_use` of each of `blocks` (what is known and the current slot looked up once for all: the eviction
         order's hot path)."""
         known = self.known()
-        index, here, n, unselected = self._known_index, self.current_slot(), self.n, self.unselected
-        beyond = len(known)
-        out = []
-        for b in blocks:
-            k = index.get(b)
-            if k is not None:
-                out.append(k + 1)
-                continue
-            slots = self._slots.get(b)
-            if not slots:
-                out.append(n + 1 + beyond)
-                continue
-            d = min(((s - here - 1) % n) + 1 for s in slots) if len(slots) > 1 else ((slots[0] - here - 1) % n) + 1
-            out.append(d + (n if b in unselected else 0) + beyond)
-        return out
+        index, here = self._known_index, self.current_slot()
+        return [index[b] + 1 if b in index else self._beyond_known(b, here, len(known)) for b in blocks]
 
     def next_use(self, block: str) -> int:
         """Positions until `block` is next read: exact where known, else its pass-order slot distance (plus a pass
         for an expert its router just passed over) beyond what is known."""
-        known = self.known()
-        k = self._known_index.get(block)
-        if k is not None:
-            return k + 1
-        here = self.current_slot()
+        return self.next_uses([block])[0]
+
+    def _beyond_known(self, block: str, here: int, beyond: int) -> int:
         slots = self._slots.get(block)
         if not slots:
-            return self.n + 1 + len(known)
+            return self.n + 1 + beyond
         d = min(((s - here - 1) % self.n) + 1 for s in slots)
-        return d + (self.n if block in self.unselected else 0) + len(known)
+        return d + (self.n if block in self.unselected else 0) + beyond
