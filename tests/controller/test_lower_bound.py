@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vorch_jax.policies.belady import belady_bytes
-from vorch_jax.policies.lower_bound import integral_optimum, lower_bound
+from vorch_jax.policies.lower_bound import cyclic_keeps, integral_optimum, lower_bound
 
 
 def exact_optimum(stream, size: dict, budget: int) -> int:
@@ -123,3 +123,47 @@ def test_a_stream_too_long_for_the_limit_is_bounded_on_a_prefix_and_says_so():
 def test_an_access_that_cannot_fit_raises():
     with pytest.raises(ValueError, match="cannot fit"):
         lower_bound("ab", {"a": 5, "b": 1}, 4)
+
+
+def cyclic_reloads(cycle, size: dict, budget: int) -> int:
+    """Fewest bytes reloaded per repetition of `cycle` by a schedule that repeats with it: every subset of the gaps
+    (a block's reads to its next, wrapping) tried, kept through its gap or reloaded at its end."""
+    n = len(cycle)
+    gaps = []
+    for i, b in enumerate(cycle):
+        j = next(k for k in range(i + 1, i + n + 1) if cycle[k % n] == b)
+        gaps.append((b, i, j))
+    best = None
+    for keep in itertools.product([False, True], repeat=len(gaps)):
+        fits = all(size[cycle[t]] + sum(size[b] for (b, s, e), k in zip(gaps, keep) if k and any(
+            (s + d) % n == t for d in range(1, e - s))) <= budget for t in range(n))
+        cost = sum(size[b] for (b, s, e), k in zip(gaps, keep) if not k and e - s > 1)
+        if fits and (best is None or cost < best):
+            best = cost
+    return best
+
+
+def test_the_cyclic_optimum_is_the_best_repeating_schedule():
+    # a b c, unit blocks, room for 2: a schedule that repeats every pass keeps one block (2 reloads a pass); one
+    # that repeats every two passes rotates the kept block as Belady does (3 reloads in two passes)
+    unit = {k: 1 for k in "abc"}
+    keeps = cyclic_keeps("abc", unit, 2)
+    assert sorted(keeps.values()) == [False, False, True]
+    keeps2 = cyclic_keeps("abc" * 2, unit, 2)
+    assert sum(not k for k in keeps2.values()) == 3
+    rng = np.random.default_rng(5)
+    for _ in range(25):
+        n_blocks = int(rng.integers(2, 5))
+        size = {f"b{i}": int(rng.integers(1, 6)) for i in range(n_blocks)}
+        cycle = [f"b{i}" for i in rng.permutation(n_blocks)] + [f"b{i}" for i in rng.integers(0, n_blocks, 3)]
+        budget = max(size.values()) + int(rng.integers(0, 8))
+        keeps = cyclic_keeps(cycle, size, budget)
+        assert sum(size[b] for (b, _), k in keeps.items() if not k) == cyclic_reloads(cycle, size, budget)
+
+
+def test_the_cyclic_optimum_keeps_pinned_blocks_out_of_its_choices_and_refuses_what_cannot_fit():
+    size = {"a": 2, "b": 1, "c": 1}
+    keeps = cyclic_keeps("abc", size, 3, pinned=frozenset({"a"}))
+    assert {b for b, _ in keeps} == {"b", "c"} and sum(keeps.values()) == 0  # a's 2 beside the read leave no room
+    with pytest.raises(ValueError, match="cannot fit"):
+        cyclic_keeps("abc", size, 2, pinned=frozenset({"a"}))

@@ -206,3 +206,40 @@ def _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load, acce
     reload = np.array([float(load[b]) for b, _, _ in gaps])
     scale = max(1.0, float(reload.max()))  # bytes to units of the largest block: well-conditioned for HiGHS
     return A / scale, rhs_t[used_rows] / scale, reload, scale
+
+
+def cyclic_keeps(cycle, device_bytes: dict, budget_bytes: int, *, pinned=frozenset(), node_limit: int = 100,
+                 time_limit_s: float = 5.0) -> dict | None:
+    """The integral optimum of a stream that repeats `cycle` for ever, per repetition: {(block, i): keep} for every
+    read i of the cycle whose gap to the block's next read (wrapping into the next repetition) spans another read;
+    keep = the block stays on the device through that gap. The same problem as `integral_keeps`, each gap's
+    constraint rows taken modulo the cycle, so a decision holds in every repetition: the steady state of a dense
+    run, with no first or last pass. Pinned blocks hold their bytes throughout. The best schedule HiGHS finds within
+    `node_limit` nodes (`time_limit_s` a safeguard); None if it found none; ValueError if a read cannot fit."""
+    from scipy.sparse import csr_array
+
+    cycle = list(cycle)
+    n = len(cycle)
+    reads: dict[str, list[int]] = {}
+    for i, b in enumerate(cycle):
+        reads.setdefault(b, []).append(i)
+    gaps = [(b, s, r[(k + 1) % len(r)] + (n if k + 1 == len(r) else 0))
+            for b, r in reads.items() if b not in pinned for k, s in enumerate(r)]
+    gaps = [(b, s, e) for b, s, e in gaps if e - s > 1]
+    pinned_bytes = sum(device_bytes[b] for b in reads if b in pinned)
+    rhs_i = np.array([budget_bytes - pinned_bytes - (0 if b in pinned else device_bytes[b]) for b in cycle], float)
+    if n and rhs_i.min() < 0:
+        b = cycle[int(np.argmin(rhs_i))]
+        raise ValueError(f"block '{b}' ({device_bytes[b]} bytes) cannot fit under the budget of {budget_bytes} bytes")
+    if not gaps:
+        return {}
+    spans = [np.arange(s + 1, e) % n for _, s, e in gaps]
+    rows = np.concatenate(spans)
+    cols = np.concatenate([np.full(sp.size, j) for j, sp in enumerate(spans)])
+    size_g = np.array([float(device_bytes[b]) for b, _, _ in gaps])
+    scale = max(1.0, float(size_g.max()))
+    A = csr_array((size_g[cols] / scale, (rows, cols)), shape=(n, len(gaps)))
+    res = _integral(A, rhs_i / scale, size_g, scale, node_limit=node_limit, time_limit=time_limit_s)
+    if res.x is None:
+        return None
+    return {(b, s): bool(y > 0.5) for (b, s, _), y in zip(gaps, res.x)}
