@@ -5,7 +5,7 @@ import pytest
 
 from vorch_jax.config import load_config
 from vorch_jax.controller.prefetch_window import (BYTES_TOLERANCE, CANDIDATE_SIZE_POWERS, CANDIDATE_WINDOWS,
-                                                  choose_window, pass_plan, replay)
+                                                  choose, choose_window, pass_plans, replay)
 from vorch_jax.runtime.setup import build_setup
 
 
@@ -56,18 +56,19 @@ def test_the_chosen_window_misses_least_among_those_within_the_tolerance(budget)
     assert all(chosen.misses <= r.misses for r in replays if r.bytes_moved <= (1 + BYTES_TOLERANCE) * fewest)
 
 
-def test_on_smollm2_at_half_the_bytes_a_wider_window_removes_the_misses_of_the_narrowest():
+def test_on_smollm2_at_half_the_bytes_a_wider_window_buys_the_narrowest_ones_misses_with_more_than_the_tolerance():
     # W = 1 there may wait for a miss where an MLP (10.6 MB) is next and the blocks just read are attentions
-    # (3.5 MB); a wider window frees the room from the last few blocks at 1.7% more bytes (this shape). Since the
-    # prefetch also runs once a position has computed (`Ledger.done`), W = 1 misses 6 times in 16 passes, not 100+.
+    # (3.5 MB); a wider window frees the room from the last few blocks, at 1.7% more bytes (this shape). Since the
+    # prefetch also runs once a position has computed (`Ledger.done`), W = 1 misses 6 times in 16 passes, not 100+:
+    # the choice keeps them rather than pay more bytes than the tolerance.
     best, replays = choose_window(*pass_of(budget=0.5), depth=2, passes=16)
-    w = best.window
     by_w = {r.window: r for r in replays if r.size_power == best.size_power}
-    assert by_w[1].misses > 0 and by_w[w].misses == 0 and w > 1
-    assert by_w[w].bytes_moved > by_w[1].bytes_moved  # the misses are bought with bytes, within the tolerance
+    assert best.window == 1 and 0 < by_w[1].misses <= 8 and min(r.misses for r in by_w.values()) == 0
+    assert all(r.bytes_moved > (1 + BYTES_TOLERANCE) * by_w[1].bytes_moved for r in by_w.values() if r.misses == 0)
 
 
-@pytest.mark.parametrize("model, budget", [("smollm2-135m", 0.5), ("gemma3-270m", 0.3), ("gemma3-270m", 0.5)])
+@pytest.mark.parametrize("model, budget", [("smollm2-135m", 0.5), ("gemma3-270m", 0.3), ("gemma3-270m", 0.5),
+                                           ("gemma3-270m", 0.8)])
 def test_replay_counts_what_the_ledger_then_does(model, budget, tmp_path):
     """A simulated scored run moves over its passes what the replay of the same passes predicts (the run's first
     pass is the prompt's: the same blocks in the same order), with the window and the size power it chose."""
@@ -81,7 +82,8 @@ def test_replay_counts_what_the_ledger_then_does(model, budget, tmp_path):
     blocks, sizes, budget_bytes, protected, initial = pass_of(model, budget)
     passes = (s["hits"] + s["misses"]) // len(blocks)
     assert passes * len(blocks) == s["hits"] + s["misses"] and passes == 6
-    plan = pass_plan(blocks, sizes, budget_bytes, protected) if s["prefetch"]["follows_plan"] else None
+    best, _, plan = choose(blocks, sizes, budget_bytes, protected, initial, depth=2, passes=passes)
+    assert (best.window, best.size_power, best.plan) == (w, p, s["prefetch"]["follows_plan"])
     r = replay(blocks, sizes, budget_bytes, protected, initial, depth=2, window=w, passes=passes, size_power=p,
                plan=plan)
     assert s["misses"] == r.misses
@@ -98,17 +100,38 @@ def test_on_gemma_at_a_third_of_the_bytes_size_weighted_victims_move_less():
     assert {r.size_power for r in replays} == set(CANDIDATE_SIZE_POWERS)
 
 
-def test_on_gemma_at_half_the_bytes_the_choice_follows_the_optimums_plan():
-    """Gemma 3 at 0.5: every size rule moves about 1.38x the LP bound over 16 passes; following the integral
-    optimum of three passes (`pass_plan`: which reads keep their block until the next) moves about 1.15x, and the
-    choice takes it. Without a plan the candidates are the size rules alone."""
+def bound_of(args, passes=16):
     from vorch_jax.policies.lower_bound import lower_bound
 
-    args = pass_of("gemma3-270m", 0.5)
-    plan = pass_plan(*args[:4])
-    assert plan and not all(plan.values())  # some reads let their block go
-    best, replays = choose_window(*args, depth=2, passes=16, plan=plan)
-    assert best.plan and sum(r.plan for r in replays) == 1
     blocks, sizes, budget, protected, _ = args
-    bound = lower_bound(blocks * 16, sizes, budget, pinned=protected).bytes
-    assert best.bytes_moved < 1.2 * bound < 1.3 * bound < min(r.bytes_moved for r in replays if not r.plan)
+    return lower_bound(blocks * passes, sizes, budget, pinned=protected).bytes
+
+
+def test_on_gemma_at_half_the_bytes_the_choice_follows_the_optimum_of_three_passes():
+    """Gemma 3 at 0.5: every size rule moves about 1.38x the LP bound over 16 passes, the steady state of one pass
+    (`pass_plans`: which reads keep their block until the next) about 1.15x; every rule and one-pass plan lies more
+    than PLAN_MORE_OVER_BOUND above the bound, so the cycle of three passes is solved too, where the four embedding
+    shards take turns leaving: about 1.075x (the proven optimum of 16 passes: 1.074x), and the choice takes it."""
+    args = pass_of("gemma3-270m", 0.5)
+    one = pass_plans(*args[:4])
+    assert one and not all(one[0].keeps.values())  # some reads let their block go
+    best, replays, plan = choose(*args, depth=2, passes=16)
+    bound = bound_of(args)
+    assert plan is not None and plan.passes == 3 and best.plan == plan.name
+    rules = [r for r in replays if not r.plan]
+    one_pass = [r for r in replays if r.plan == one[0].name]
+    assert best.bytes_moved < 1.09 * bound < 1.12 * bound < min(r.bytes_moved for r in one_pass)
+    assert 1.3 * bound < min(r.bytes_moved for r in rules)
+
+
+def test_on_gemma_at_four_fifths_the_choice_keeps_the_plans_large_blocks_and_streams_the_small_ones():
+    """Gemma 3 at 0.8: the one-pass steady state keeps a fixed set (about 1.04x the bound); the optimum of 16 passes
+    keeps the embedding shards and rotates which layer blocks stream. The candidate that follows the plan for
+    the shards and lets every smaller block go, furthest next read first, moves within 1.03x, and is chosen."""
+    args = pass_of("gemma3-270m", 0.8)
+    best, replays, plan = choose(*args, depth=2, passes=16)
+    bound = bound_of(args)
+    assert plan is not None and plan.streamed_below > 0 and best.plan == plan.name
+    assert best.bytes_moved <= 1.03 * bound
+    fixed = [r for r in replays if r.plan == "1-pass"]
+    assert fixed and min(r.bytes_moved for r in fixed) > 1.03 * bound

@@ -18,12 +18,23 @@ moves least depends on the budget: simulated, 16 passes, bytes over the LP bound
 1.302 / 1.384 / 1.070, p = 1 1.204 / 1.843 / 2.906, p = -1 1.302 / 1.384 / 1.045 (the exact optimum at 0.3 is
 1.194). So p is measured per run like W, from the candidates `CANDIDATE_SIZE_POWERS`.
 
-One more candidate follows the optimum itself (`pass_plan`): a dense run's passes repeat, so the integral optimum of
-three passes (`lower_bound.integral_keeps`: HiGHS, 50 nodes, 0.3 s at most here) says, for each read of a pass, whether
-the block stays until its next read or leaves after this one. Replayed as a victim order, the blocks the plan lets
-go leave first (furthest next read first among them), and a prefetch may evict only those: their reload is paid
-anyway, so the load moves earlier at no cost in bytes (no window needed). On Gemma 3 at budget 0.5, where the
-embedding shards are read twice a pass, the size rules move 1.383x the LP bound and the plan 1.148x.
+More candidates follow the optimum itself (`PassPlan`): a dense run's passes repeat, so the integral optimum of a
+stream that repeats a cycle of passes for ever (`lower_bound.cyclic_keeps`, its constraints taken modulo the cycle)
+says, for each read, whether the block stays until its next read or leaves after this one, in every repetition.
+Replayed as a victim order, the blocks the plan lets go leave first (furthest next read first among them), and a
+prefetch may evict only those: their reload is paid anyway, so the load moves earlier at no cost in bytes.
+
+  * A cycle of one pass (HiGHS, 0.02-0.15 s here) is the steady state of a fixed resident set. The 16-pass optimum
+    does better where blocks differ in size: on Gemma 3 at 0.8 it keeps the 168 MB embedding shards and streams a
+    run of layer blocks that moves back a layer every pass or two (measured: `experiments/offline_optimum.py`'s
+    problem solved for 60 s), a rotation no one-pass cycle can express. So one more candidate keeps the plan's
+    decisions for the large blocks and lets every block under half the largest go, furthest next read first
+    among them: Belady's rule, optimal where sizes are equal, rotates the streamed run by itself. Replayed, 16
+    passes, bytes over the LP bound at 0.8: the one-pass plan 1.040, this one 1.021 (the optimum 1.013).
+  * A cycle of three passes is solved only where the best candidate so far moves more than `PLAN_MORE_OVER_BOUND`
+    times the LP bound (up to a few seconds on SmolLM2's 63-position pass, where it gains nothing): on Gemma 3 at
+    0.5, where the four embedding shards take turns leaving, it moves 1.075x the bound (the proven optimum of 16
+    passes: 1.074x) against the one-pass plan's 1.146x.
 """
 
 from __future__ import annotations
@@ -33,7 +44,7 @@ import dataclasses
 
 CANDIDATE_WINDOWS = (1, 2, 3, 4)
 CANDIDATE_SIZE_POWERS = (0.0, 1.0, -1.0)  # 0 first: on a tie the size-blind rule stays
-BYTES_TOLERANCE = 0.02  # a window may move this much more than the fewest-bytes one if it misses less
+BYTES_TOLERANCE = 0.01  # a window may move this much more than the fewest-bytes one if it misses less
 MAX_REPLAY_PASSES = 64  # a run's passes, up to this many (a replay of 16 SmolLM2 passes takes ~10 ms a window)
 
 
@@ -43,35 +54,62 @@ class Replay:
     bytes_moved: int
     misses: int
     size_power: float = 0.0
-    plan: bool = False  # victims ordered by `pass_plan` first
+    plan: str = ""  # the `PassPlan` whose let-go blocks are victims first ('': none)
 
 
-PLAN_PASSES = 3  # the optimum of this many passes; its middle pass's decisions stand for every pass
+PLAN_WINDOWS = (0, 1)  # a plan's candidates: prefetches evict what it lets go, read at any time or just before
+PLAN_MORE_OVER_BOUND = 1.02  # above this many times the LP bound, the three-pass cycle is solved too
+STREAMED_FRACTION = 0.5  # the streaming candidate lets go every block under this fraction of the largest
 
 
-def pass_plan(pass_blocks: list[str], device_bytes: dict, budget: int, protected) -> dict | None:
-    """{(block, position in the pass): keep}: the integral optimum's decision at each read of a repeating pass
-    (middle pass of PLAN_PASSES; a read followed at once by the next read of its block has no decision and is
-    absent). None when the solver finds no schedule in time."""
-    from vorch_jax.policies.lower_bound import integral_keeps
+@dataclasses.dataclass(frozen=True)
+class PassPlan:
+    """The steady-state optimum's decision at each read of a cycle of `passes` passes (`lower_bound.cyclic_keeps`):
+    {(block, position in the cycle): keep}; a read absent from it (followed at once by the block's next read) keeps.
+    Blocks under `streamed_below` bytes are let go at every read whatever the plan says (the module docstring)."""
 
-    n = len(pass_blocks)
-    keeps = integral_keeps(list(pass_blocks) * PLAN_PASSES, device_bytes, budget, pinned=protected)
+    keeps: dict
+    cycle: int  # positions in a cycle: `passes` times a pass's
+    passes: int
+    streamed_below: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.passes}-pass" + (f", streams < {self.streamed_below} B" if self.streamed_below else "")
+
+    def kept(self, block: str, last_read: int | None, nbytes: int) -> bool:
+        """Whether the plan keeps `block` through the gap after its last read (not read yet: kept)."""
+        if last_read is None:
+            return True
+        if nbytes < self.streamed_below:
+            return False
+        return self.keeps.get((block, last_read % self.cycle), True)
+
+
+def pass_plans(pass_blocks: list[str], device_bytes: dict, budget: int, protected, passes: int = 1) -> list[PassPlan]:
+    """The plans of a cycle of `passes` passes: the optimum's, and with one pass also the one that streams the
+    blocks under STREAMED_FRACTION of the largest unprotected one; none where the solver found no schedule."""
+    from vorch_jax.policies.lower_bound import cyclic_keeps
+
+    keeps = cyclic_keeps(list(pass_blocks) * passes, device_bytes, budget, pinned=protected)
     if keeps is None:
-        return None
-    middle = range(n * (PLAN_PASSES // 2), n * (PLAN_PASSES // 2 + 1))
-    return {(b, t % n): keep for (b, t), keep in keeps.items() if t in middle}
+        return []
+    n = len(pass_blocks) * passes
+    plans = [PassPlan(keeps, n, passes)]
+    sizes = {device_bytes[b] for b in pass_blocks if b not in protected}
+    below = int(STREAMED_FRACTION * max(sizes, default=0))
+    if passes == 1 and any(x < below for x in sizes):
+        plans.append(PassPlan(keeps, n, passes, below))
+    return plans
 
 
-def kept_by_plan(plan: dict | None, block: str, last_read: int | None, pass_len: int) -> bool:
-    """Whether `plan` keeps `block` through the gap after its last read (no plan, or not read yet: kept)."""
-    if plan is None or last_read is None:
-        return True
-    return plan.get((block, last_read % pass_len), True)
+def kept_by_plan(plan: PassPlan | None, block: str, last_read: int | None, nbytes: int) -> bool:
+    """Whether `plan` keeps `block` through the gap after its last read (no plan: kept)."""
+    return plan is None or plan.kept(block, last_read, nbytes)
 
 
 def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, initial: list[str], depth: int,
-           window: int, passes: int, size_power: float = 0.0, plan: dict | None = None) -> Replay:
+           window: int, passes: int, size_power: float = 0.0, plan: PassPlan | None = None) -> Replay:
     """The ledger's rules on `passes` repetitions of `pass_blocks`: a miss evicts the unprotected blocks whose next
     read is furthest ahead, weighed by size^`size_power` (`victim_key`; keeping the prefetch window's if it can),
     those `plan` lets go first; a prefetch of one of the next `depth` positions evicts only blocks needed after it
@@ -104,12 +142,12 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
         if used + need <= budget:
             return True
         order = sorted((v for v in on if v != block and v not in keep and v not in protected),
-                       key=lambda v: (kept_by_plan(plan, v, last.get(v), len(pass_blocks)),
+                       key=lambda v: (kept_by_plan(plan, v, last.get(v), device_bytes[v]),
                                       -victim_key(next_read(v, t) - t, device_bytes[v], size_power)))
         if not strict:
             nb = next_read(block, t)
             order = [v for v in order if next_read(v, t) > nb
-                     and (plan is None or not kept_by_plan(plan, v, last.get(v), len(pass_blocks)))]
+                     and (plan is None or not kept_by_plan(plan, v, last.get(v), device_bytes[v]))]
         victims, freed = [], 0
         for v in order:
             if used - freed + need <= budget:
@@ -144,7 +182,7 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
                     break
                 on[u] = device_bytes[u]
                 moved += device_bytes[u]
-    return Replay(window, moved, misses, size_power, plan is not None)
+    return Replay(window, moved, misses, size_power, plan.name if plan else "")
 
 
 def victim_key(distance: float, nbytes: int, size_power: float) -> float:
@@ -153,19 +191,37 @@ def victim_key(distance: float, nbytes: int, size_power: float) -> float:
 
 
 def choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes,
-                  plan: dict | None = None) -> tuple[Replay, list[Replay]]:
+                  plans: list[PassPlan] = ()) -> tuple[Replay, list[Replay]]:
     """The (window, size power, plan) replay with the fewest misses among those within BYTES_TOLERANCE of the
     fewest bytes, replaying the run's `passes` (up to MAX_REPLAY_PASSES), and every candidate's replay (for the
-    run's summary). Without prefetch (depth 0) the window does not matter: only the size power is chosen. `plan`
-    (`pass_plan`) adds the candidate that follows it (window 0: its prefetches evict only what it lets go)."""
+    run's summary). Without prefetch (depth 0) the window does not matter: only the size power is chosen. Each of
+    `plans` adds the candidates that follow it (`PLAN_WINDOWS`: its prefetches evict only what it lets go)."""
     n = max(1, min(passes, MAX_REPLAY_PASSES))
     windows = CANDIDATE_WINDOWS if depth > 0 else CANDIDATE_WINDOWS[:1]
     replays = [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n, p)
                for p in CANDIDATE_SIZE_POWERS for w in windows]
-    if plan is not None:
-        replays.append(replay(pass_blocks, device_bytes, budget, protected, initial, depth, 0, n, plan=plan))
+    for plan in plans:
+        replays += [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n, plan=plan)
+                    for w in (PLAN_WINDOWS if depth > 0 else PLAN_WINDOWS[:1])]
     fewest = min(r.bytes_moved for r in replays)
     close = [r for r in replays if r.bytes_moved <= (1 + BYTES_TOLERANCE) * fewest]
-    best = min(close, key=lambda r: (r.misses, r.bytes_moved, r.plan, CANDIDATE_SIZE_POWERS.index(r.size_power),
+    best = min(close, key=lambda r: (r.misses, r.bytes_moved, r.plan != "", CANDIDATE_SIZE_POWERS.index(r.size_power),
                                      r.window))
     return best, replays
+
+
+def choose(pass_blocks, device_bytes, budget, protected, initial, depth, passes
+           ) -> tuple[Replay, list[Replay], PassPlan | None]:
+    """`choose_window` over the size rules and the one-pass plans, and where its best moves more than
+    PLAN_MORE_OVER_BOUND times the LP bound of the replayed passes (its fewest bytes), over the three-pass plans too; the best replay,
+    every replay and the plan the best follows (None: a size rule)."""
+    from vorch_jax.policies.lower_bound import lower_bound
+
+    plans = pass_plans(pass_blocks, device_bytes, budget, protected)
+    best, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes, plans)
+    stream = list(pass_blocks) * max(1, min(passes, MAX_REPLAY_PASSES))
+    bound = lower_bound(stream, device_bytes, budget, pinned=protected).bytes
+    if bound and min(r.bytes_moved for r in replays) > PLAN_MORE_OVER_BOUND * bound:
+        plans += pass_plans(pass_blocks, device_bytes, budget, protected, passes=3)
+        best, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes, plans)
+    return best, replays, next((p for p in plans if p.name == best.plan), None)

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +47,7 @@ from vorch_jax.controller import state_ids as sid
 from vorch_jax.controller.access_stats import update_rho
 from vorch_jax.errors import BudgetError
 from vorch_jax.controller.block_table import BlockTable
-from vorch_jax.controller.prefetch_window import choose_window, kept_by_plan, pass_plan, victim_key
+from vorch_jax.controller.prefetch_window import choose, kept_by_plan, victim_key
 from vorch_jax.controller.score import ScoreWeights, score
 from vorch_jax.controller.state_update import REASON_NAMES, TickParams, check_budget, commit, tick
 from vorch_jax.tiers.state import State
@@ -88,8 +89,8 @@ class ScoredPolicy(Policy):
     victim_size_power = 0.0  # the victim key's size weight (`prefetch_window.victim_key`), dense plans
     _victim_bytes: dict = {}
     _plan = None  # the optimum's keep decisions per read of a pass, where the replay chose to follow them
+    choice_s = 0.0  # the wall time of that choice (plans and replays), before the run's first pass
     _actionable = staticmethod(lambda changed: changed)  # the ledger's filter: which target changes it acts on
-    _pass_len = 0
 
     def __init__(self, ctx, cfg, *, state_bytes: dict, homes: dict, kinds: dict, layers: dict, placement: dict,
                  h2d_bytes_per_s: float, nvme_bytes_per_s: float, psi: dict | None = None,
@@ -263,18 +264,19 @@ class ScoredPolicy(Policy):
             return
         device_bytes = {b: executor._bytes(b, self.device_state(b)) for b in self.ids}
         pass_blocks = [p.block for p in executor.cursor.skeleton]
-        plan = pass_plan(pass_blocks, device_bytes, executor.budget, self.ctx.protected)
-        best, self.window_replays = choose_window(pass_blocks, device_bytes, executor.budget, self.ctx.protected,
-                                                  self.initial_resident(), self.prefetch_depth, self.passes, plan)
+        t0 = time.perf_counter()
+        best, self.window_replays, self._plan = choose(pass_blocks, device_bytes, executor.budget,
+                                                       self.ctx.protected, self.initial_resident(),
+                                                       self.prefetch_depth, self.passes)
+        self.choice_s = time.perf_counter() - t0
         self.prefetch_victims_read_within, self.victim_size_power = best.window, best.size_power
         self._victim_bytes = device_bytes
-        self._plan, self._pass_len = (plan if best.plan else None), len(pass_blocks)
 
     def _kept(self, block) -> bool:
-        return kept_by_plan(self._plan, block, self.last_use.get(block), self._pass_len)
+        return kept_by_plan(self._plan, block, self.last_use.get(block), self._victim_bytes[block])
 
     def prefetch_may_evict(self, block) -> bool:
-        """Following the optimum's plan (`prefetch_window.pass_plan`), a prefetch evicts only what it lets go."""
+        """Following the optimum's plan (`prefetch_window.PassPlan`), a prefetch evicts only what it lets go."""
         return self._plan is None or not self._kept(block)
 
     def victim_order(self, t, candidates):

@@ -93,7 +93,8 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
         "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted_bytes": c.prefetch_wasted_bytes,
                      "victims_read_within": policy.prefetch_victims_read_within,
                      "victim_size_power": getattr(policy, "victim_size_power", 0.0),
-                     "follows_plan": getattr(policy, "_plan", None) is not None,
+                     "follows_plan": getattr(getattr(policy, "_plan", None), "name", ""),  # '': no plan
+                     "choice_s": round(getattr(policy, "choice_s", 0.0), 3),
                      "window_replays": [dataclasses.asdict(r) for r in getattr(policy, "window_replays", [])]},
         "transitions": T.transition_counts(gen_events),
         "transition_reasons": T.transition_reasons(gen_events),
