@@ -33,16 +33,20 @@ from vorch_jax.runtime.setup import build_setup, expert_budget, protect_all_but
 from vorch_jax.config import RunConfig
 
 
-def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: float = 0.4) -> dict:
+def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: float = 0.4,
+                  lookaheads: tuple = ()) -> dict:
     """Expert loads of a cache of `n_slots` experts replaying the recorded expert stream (generation only). Pure
     bookkeeping, no timing; each rule evicts the cached expert with the largest (estimated) wait until its next read:
-      * `lru`: the longest unused;  `belady`: the true next read (the recorded future);
+      * `lru`: the longest unused;  `lfu`: the fewest reads so far (ties: the longest unused);
+      * `belady`: the true next read (the recorded future);
       * `expected`: Belady's rule on an estimate, the rule the scored policy follows: layer distance to the
         expert's next visit plus (1/q - 1) passes, q = its selection frequency at that layer so far (an EMA of
         weight `ema`; the executor's estimate uses 0.2 and also folds in the speculative router probabilities);
       * `expected-oracle`: the same with q = the expert's true frequency over the whole stream *and* exact knowledge
         of which experts the rest of the current pass selects: knowledge no online policy has. A heuristic ceiling
-        for rules that know later tokens only by frequency, not a proof of optimality.
+        for rules that know later tokens only by frequency, not a proof of optimality;
+      * `lookahead-j` (each j of `lookaheads`): expected-oracle that also knows the routing of the next j passes
+        exactly: how much of Belady's advantage is knowing the coming tokens' routing.
     Each pass reads every layer's selected experts in layer order."""
     from vorch_jax.policies.belady import NextUse
 
@@ -99,9 +103,25 @@ def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: floa
             q_LxE[current[0][1]] = (1 - ema) * q_LxE[current[0][1]] + ema * sel
         current[:] = [key]
 
-    out = {"lru": run(lru_wait, lru_observe), "belady": run(lambda c, t: nu.after(c, t))}
+    count = collections.Counter()
+
+    def lfu_observe(t):
+        lru_observe(t)
+        count[stream[t]] += 1
+
+    def ahead(c, t, j):  # wait in layers: exact within the next j passes, else expected-oracle's beyond them
+        u = nu.after(c, t)
+        if u != float("inf") and visit[u] <= visit[t] + j:
+            return (visit[u] - visit[t]) * L + layer[u] - layer[t]
+        lc = parse_block_id(c)[1]
+        return (j + 1) * L + lc - layer[t] + L * (1 / max(true_q[c], 1e-3) - 1)
+
+    out = {"lru": run(lru_wait, lru_observe), "lfu": run(lambda c, t: (-count[c], t - last[c]), lfu_observe),
+           "belady": run(lambda c, t: nu.after(c, t))}
     out["expected"] = run(lambda c, t: estimated(c, t, q_LxE[parse_block_id(c)[1:]], False), freq_observe)
     out["expected-oracle"] = run(lambda c, t: estimated(c, t, true_q[c], True))
+    for j in lookaheads:
+        out[f"lookahead-{j}"] = run(lambda c, t, j=j: ahead(c, t, j))
     return out
 
 
