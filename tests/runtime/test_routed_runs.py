@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vorch_jax.config import PlacementRule, RunConfig
+from vorch_jax.config import MoEConfig, PlacementRule, RunConfig
 from vorch_jax.errors import RunError
 from vorch_jax.models import registry
 from vorch_jax.controller.access_stats import lookahead_lambda
@@ -53,9 +53,13 @@ def test_reference_stream_is_the_routed_schedule(setup, reference):
     assert len(reference.tokens) == BASE.new_tokens
 
 
+SPECULATING = MoEConfig(speculative="on")  # `auto` measures whether it pays: on this CPU it does not
+
+
 @pytest.mark.parametrize("policy", ["lru", "lfu", "scored", "belady", "static"])
 def test_lossless_policies_generate_the_resident_tokens(tmp_path, setup, reference, budget, policy):
-    cfg = dataclasses.replace(BASE, policy=policy, hbm_budget=str(budget))
+    cfg = dataclasses.replace(BASE, policy=policy, hbm_budget=str(budget),
+                              moe=SPECULATING if policy == "scored" else BASE.moe)
     s = run(cfg, tmp_path, reference=reference)
     assert s["tokens"] == reference.tokens and s["tokens_match_resident"]
     assert s["stream_matches_resident"]  # same routing, position for position: Belady's future is exact
@@ -72,6 +76,22 @@ def test_lossless_policies_generate_the_resident_tokens(tmp_path, setup, referen
         assert 0 < sp["precision"] <= 1 and 0 < sp["prediction_recall"] <= 1
     else:
         assert not sp["enabled"] and sp["issued"] == 0
+
+
+def test_auto_speculates_only_where_an_experts_load_is_half_a_layer_or_more(tmp_path, reference, budget):
+    """`moe.speculative: auto` reads the run's measured expert load time and resident layer time, says both in the
+    summary, and follows SPECULATION_MIN_LOAD_OF_LAYER; `on` and `off` are obeyed whatever they say."""
+    from vorch_jax.runtime.inputs import SPECULATION_MIN_LOAD_OF_LAYER, speculative
+
+    s = run(dataclasses.replace(BASE, policy="scored", hbm_budget=str(budget)), tmp_path, reference=reference)
+    sp = s["routing"]["speculative"]
+    assert sp["expert_load_s"] > 0 and sp["layer_s"] > 0
+    assert sp["enabled"] == (sp["expert_load_s"] >= SPECULATION_MIN_LOAD_OF_LAYER * sp["layer_s"])
+    cfg = lambda pol, mode: dataclasses.replace(BASE, policy=pol, moe=MoEConfig(speculative=mode))  # noqa: E731
+    assert speculative(cfg("scored", "auto"), 1.0, 1.0) and not speculative(cfg("scored", "auto"), 0.1, 1.0)
+    assert speculative(cfg("scored", "auto"))  # nothing measured: on for scored
+    assert not speculative(cfg("lru", "auto"), 1.0, 1.0)  # the baselines stay plain caches
+    assert speculative(cfg("lru", "on"), 0.0, 1.0) and not speculative(cfg("scored", "off"), 9.0, 1.0)
 
 
 def test_experts_computed_on_the_host_generate_the_resident_tokens(tmp_path, setup, reference, budget):
@@ -163,7 +183,8 @@ def test_simulator_replays_a_real_moe_run_move_for_move(tmp_path, setup, referen
     """The simulator's routed executor, fed the reference's routing and speculative predictions, makes the real
     run's decisions: the same hits, misses, prefetches (speculative ones included) and bytes on every link. Time is
     modelled, traffic is not: this is what the timing validation (experiments/sim_validate.py) stands on."""
-    cfg = dataclasses.replace(BASE, policy=policy, hbm_budget=str(budget))
+    cfg = dataclasses.replace(BASE, policy=policy, hbm_budget=str(budget),
+                              moe=SPECULATING if policy == "scored" else BASE.moe)
     real = run(cfg, tmp_path / "real", reference=reference)
     trace = json.loads((tmp_path / "real" / "routing.json").read_text())  # what the run wrote for the simulator
     assert trace["passes"] == [list(map(list, p)) for p in reference.routing]

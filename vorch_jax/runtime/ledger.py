@@ -108,6 +108,7 @@ class Ledger:
         # nothing), so the plan there only decides what is kept; on-device conversions are applied either way.
         self.eager_plan_loads = (not self.routed) if eager_plan_loads is None else eager_plan_loads
         self.speculative = speculative and self.routed
+        self.speculation_basis: dict = {}  # the measured times the run's speculation choice read (set by the run)
         self.spec_min_prob = spec_min_prob
         self.router = RouterStats(info, cursor, policy.ctx.block_ids) if self.routed else None
         self.spec = {"predicted": 0, "actual": 0, "predicted_and_actual": 0, "issued": 0, "issued_bytes": 0,

@@ -135,6 +135,7 @@ def routing_section(setup, ledger, spec: dict, events, t_gen0: float, t_gen1: fl
         "p_selected_estimator": _estimator_name(ledger.router),
         "speculative": {
             "enabled": ledger.speculative,
+            **ledger.speculation_basis,  # what `moe.speculative: auto` decided on (`inputs.speculative`)
             "issued": spec["issued"],
             "issued_bytes": spec["issued_bytes"],
             "issued_with_engine_event": sum(1 for _, b in spec["loads"] if b in landed),
