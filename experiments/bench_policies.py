@@ -9,7 +9,8 @@ static-prefetch, scored and belady; static and lru load on a miss), in one proce
 by round so that the machine's drift falls on all of them alike. Per budget and policy it prints the median decode
 tok/s over the rounds and every round's figure (this CPU's noise, beside it), the bytes moved host->device over the
 LP lower bound of the same access stream (`policies/lower_bound.py`; a run's bytes do not vary between rounds),
-misses, the controller's share of wall time, the scored policy's prefetch window, and whether every run's tokens
+misses, the controller's share of wall time, the scored policy's prefetch window and the steady-state plan it
+follows (`pass_plan`: '1-pass', '1-pass+s' streaming the small blocks, '3-pass'), and whether every run's tokens
 match the resident reference. Then, per budget, scored against the targets of the controller issue: bytes within
 1.03x the bound, tok/s at least static-prefetch's (medians), controller <= 1%. Where scored's bytes exceed 1.03x,
 the integral optimum of the same passes (`lower_bound.integral_optimum`, HiGHS for `--optimum-s` seconds) says
@@ -65,7 +66,9 @@ def optimum_note(base, budget: float, summary: dict, time_limit_s: float) -> str
     if lb != summary["lower_bound_bytes"]:
         return "optimum: not computed (the rebuilt stream's bound differs from the run's)"
     io = integral_optimum(stream, st.device_bytes, st.hbm_budget, pinned=st.protected, time_limit_s=time_limit_s)
-    proven = io.proven_bytes / lb if io.proven_bytes else float("nan")
+    if io.proven_bytes is None or io.bytes is None:
+        return f"the optimum of these passes: unknown (HiGHS {io.solver_s:.0f} s, {io.status})"
+    proven = io.proven_bytes / lb
     return (f"the optimum of these passes is >= {proven:.3f}x the bound (HiGHS {io.solver_s:.0f} s, {io.status}): "
             f"{'no schedule meets 1.03' if proven > 1.03 else '1.03 is within reach'}; scored moves "
             f"{summary['bytes_moved'] / io.bytes:.3f}x the best schedule found")
@@ -73,7 +76,7 @@ def optimum_note(base, budget: float, summary: dict, time_limit_s: float) -> str
 
 def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> list[str]:
     lines = [f"{'budget':>6s} {'policy':16s} {'tok/s':>7s} {'bytes/bound':>11s} {'misses':>6s} {'ctrl %':>6s} "
-             f"{'window':>6s} {'match':>5s}   rounds tok/s"]
+             f"{'window':>6s} {'plan':>8s} {'match':>5s}   rounds tok/s"]
     verdicts = []
     for b in budgets:
         med = {}
@@ -83,9 +86,11 @@ def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> 
             med[pol] = statistics.median(tok)
             ctrl = max(s["controller_s"] / s["wall_s"] for s in rs)
             window = rs[0]["prefetch"].get("victims_read_within", 0)
+            plan = rs[0]["prefetch"].get("follows_plan", "")
+            plan = plan.split(",")[0] + ("+s" if "streams" in plan else "") if plan else "-"
             match = all(s["tokens_match_resident"] for s in rs)
             lines.append(f"{b:6.2f} {pol:16s} {med[pol]:7.2f} {rs[0]['moved_over_lower_bound']:11.3f} "
-                         f"{rs[0]['misses']:6d} {100 * ctrl:6.2f} {window or '-':>6} {str(match):>5s}   "
+                         f"{rs[0]['misses']:6d} {100 * ctrl:6.2f} {window or '-':>6} {plan:>8s} {str(match):>5s}   "
                          + " ".join(f"{t:.2f}" for t in tok))
         if "scored" in med:
             s = runs[(b, "scored")]

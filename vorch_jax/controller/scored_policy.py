@@ -47,7 +47,8 @@ from vorch_jax.controller import state_ids as sid
 from vorch_jax.controller.access_stats import update_rho
 from vorch_jax.errors import BudgetError
 from vorch_jax.controller.block_table import BlockTable
-from vorch_jax.controller.prefetch_window import choose, kept_by_plan, victim_key
+from vorch_jax.controller.pass_plan import kept_by_plan
+from vorch_jax.controller.prefetch_window import choose_eviction_rule, victim_key
 from vorch_jax.controller.score import ScoreWeights, score
 from vorch_jax.controller.state_update import REASON_NAMES, TickParams, check_budget, commit, tick
 from vorch_jax.tiers.state import State
@@ -88,7 +89,7 @@ class ScoredPolicy(Policy):
     _expected_next_uses = None  # blocks -> expected positions until their next reads, from the ledger running this
     victim_size_power = 0.0  # the victim key's size weight (`prefetch_window.victim_key`), dense plans
     _victim_bytes: dict = {}
-    _plan = None  # the optimum's keep decisions per read of a pass, where the replay chose to follow them
+    _plan = None  # the steady-state optimum's `PassPlan` (a cycle of passes), where the replay chose to follow it
     choice_s = 0.0  # the wall time of that choice (plans and replays), before the run's first pass
     _actionable = staticmethod(lambda changed: changed)  # the ledger's filter: which target changes it acts on
 
@@ -265,9 +266,9 @@ class ScoredPolicy(Policy):
         device_bytes = {b: executor._bytes(b, self.device_state(b)) for b in self.ids}
         pass_blocks = [p.block for p in executor.cursor.skeleton]
         t0 = time.perf_counter()
-        best, self.window_replays, self._plan = choose(pass_blocks, device_bytes, executor.budget,
-                                                       self.ctx.protected, self.initial_resident(),
-                                                       self.prefetch_depth, self.passes)
+        best, self.window_replays, self._plan = choose_eviction_rule(
+            pass_blocks, device_bytes, executor.budget, self.ctx.protected, self.initial_resident(),
+            self.prefetch_depth, self.passes)
         self.choice_s = time.perf_counter() - t0
         self.prefetch_victims_read_within, self.victim_size_power = best.window, best.size_power
         self._victim_bytes = device_bytes
@@ -276,7 +277,7 @@ class ScoredPolicy(Policy):
         return kept_by_plan(self._plan, block, self.last_use.get(block), self._victim_bytes[block])
 
     def prefetch_may_evict(self, block) -> bool:
-        """Following the optimum's plan (`prefetch_window.PassPlan`), a prefetch evicts only what it lets go."""
+        """Following the optimum's plan (`pass_plan.PassPlan`), a prefetch evicts only what it lets go."""
         return self._plan is None or not self._kept(block)
 
     def victim_order(self, t, candidates):

@@ -1,0 +1,59 @@
+"""The steady-state optimum of a dense run's repeating passes, as decisions the scored policy's victim order follows.
+
+A dense run reads the same pass again and again, so the integral optimum of a stream that repeats a cycle of passes
+for ever (`lower_bound.cyclic_keeps`) says, for each read, whether the block stays until its next read or leaves after
+this one, in every repetition. `prefetch_window` replays these plans beside its size rules and the run follows the
+one that moves least (its module docstring has the measurements).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+STREAMED_FRACTION = 0.5  # the streaming candidate lets go every block under this fraction of the largest
+
+
+@dataclasses.dataclass(frozen=True)
+class PassPlan:
+    """The steady-state optimum's decision at each read of a cycle of `passes` passes (`lower_bound.cyclic_keeps`):
+    {(block, position in the cycle): keep}; a read absent from it (followed at once by the block's next read) keeps.
+    Blocks under `streamed_below` bytes are let go at every read whatever the plan says (the module docstring)."""
+
+    keeps: dict
+    cycle: int  # positions in a cycle: `passes` times a pass's
+    passes: int
+    streamed_below: int = 0
+
+    @property
+    def name(self) -> str:
+        return f"{self.passes}-pass" + (f", streams < {self.streamed_below} B" if self.streamed_below else "")
+
+    def kept(self, block: str, last_read: int | None, nbytes: int) -> bool:
+        """Whether the plan keeps `block` through the gap after its last read (not read yet: kept)."""
+        if last_read is None:
+            return True
+        if nbytes < self.streamed_below:
+            return False
+        return self.keeps.get((block, last_read % self.cycle), True)
+
+
+def pass_plans(pass_blocks: list[str], device_bytes: dict, budget: int, protected, passes: int = 1) -> list[PassPlan]:
+    """The plans of a cycle of `passes` passes: the optimum's, and with one pass also the one that streams the
+    blocks under STREAMED_FRACTION of the largest unprotected one; none where the solver found no schedule."""
+    from vorch_jax.policies.lower_bound import cyclic_keeps
+
+    keeps = cyclic_keeps(list(pass_blocks) * passes, device_bytes, budget, pinned=protected)
+    if keeps is None:
+        return []
+    n = len(pass_blocks) * passes
+    plans = [PassPlan(keeps, n, passes)]
+    sizes = {device_bytes[b] for b in pass_blocks if b not in protected}
+    below = int(STREAMED_FRACTION * max(sizes, default=0))
+    if passes == 1 and any(x < below for x in sizes):
+        plans.append(PassPlan(keeps, n, passes, below))
+    return plans
+
+
+def kept_by_plan(plan: PassPlan | None, block: str, last_read: int | None, nbytes: int) -> bool:
+    """Whether `plan` keeps `block` through the gap after its last read (no plan: kept)."""
+    return plan is None or plan.kept(block, last_read, nbytes)
