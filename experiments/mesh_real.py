@@ -79,7 +79,8 @@ def main() -> int:
     ap.add_argument("--write", action="store_true", help="write experiments/results/mesh_real.txt")
     a = ap.parse_args()
     policies = a.policies.split(",")
-    common = [f"new_tokens={a.tokens}", "prompt_tokens=16", "eval_tokens=32", f"hbm_budget={a.budget}"]
+    common = [f"new_tokens={a.tokens}", "prompt_tokens=16", "eval_tokens=32", f"hbm_budget={a.budget}",
+              "moe.speculative=on"]  # scored's devices speculate on their own experts (`auto` would not, here)
     lines = [f"# python experiments/mesh_real.py --tokens {a.tokens} --budget {a.budget}"
              f"{' --two-process' if a.two_process else ''}  (this CPU: {os.cpu_count()} cores, jax "
              f"{jax.__version__}, 4 CPU devices of one process)", ""]

@@ -1,4 +1,4 @@
-"""MoE SmolLM2 under a budget: lru, lfu, scored (speculative prefetch, router λ) and belady side by side.
+"""MoE SmolLM2 under a budget: lru, lfu, scored (router λ, speculation where measured to pay), belady side by side.
 
     .venv/bin/python experiments/moe_policies.py [--model smollm2-135m-moe-shared] [--new-tokens 24]
                                                  [--fractions 0.25 0.5] [--out runs/moe_policies]
@@ -9,7 +9,9 @@ fraction of all expert bytes plus a streaming reserve of `--reserve` experts; th
 resident reference (its recorded access stream feeds Belady) is shared by all runs; every run is lossless and must
 reproduce its tokens. Per run: expert hit rate, bytes moved host->device (initial placement and generation),
 bytes / belady_bytes, decode tok/s, and for scored the speculative prefetch as measured (precision = speculative
-loads read by their layer / loads issued, each issued load matched to an engine transition).
+loads read by their layer / loads issued, each issued load matched to an engine transition), then the MoE issue's
+targets: scored's expert bytes against the better of lru and lfu, its decode speed against lru's, and what its
+`moe.speculative: auto` read (an expert's load time, a layer's resident compute time).
 Takes: about 2 minutes at the defaults (10 runs of 24 tokens) on 2 CPU cores.
 """
 
@@ -31,6 +33,8 @@ from vorch_jax.runtime.reference import resident_reference
 from vorch_jax.runtime.run import run
 from vorch_jax.runtime.setup import build_setup, expert_budget, protect_all_but
 from vorch_jax.config import RunConfig
+
+TARGET_UNDER_SIMPLE = 0.15  # the MoE issue's: scored's expert bytes this much under the better of lru and lfu
 
 
 def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: float = 0.4,
@@ -71,7 +75,7 @@ def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: floa
                 continue
             loads += 1
             if len(cache) >= n_slots:
-                cache.remove(max(cache - {b}, key=lambda c: wait(c, t)))
+                cache.remove(max(sorted(cache - {b}), key=lambda c: wait(c, t)))  # ties: the same on every run
             cache.add(b)
         return loads
 
@@ -109,12 +113,12 @@ def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: floa
         lru_observe(t)
         count[stream[t]] += 1
 
-    def ahead(c, t, j):  # wait in layers: exact within the next j passes, else expected-oracle's beyond them
+    def ahead(c, t, j):  # (wait in layers, then reads): exact within the next j passes, else expected-oracle's
         u = nu.after(c, t)
         if u != float("inf") and visit[u] <= visit[t] + j:
-            return (visit[u] - visit[t]) * L + layer[u] - layer[t]
+            return (visit[u] - visit[t]) * L + layer[u] - layer[t], u - t
         lc = parse_block_id(c)[1]
-        return (j + 1) * L + lc - layer[t] + L * (1 / max(true_q[c], 1e-3) - 1)
+        return (j + 1) * L + lc - layer[t] + L * (1 / max(true_q[c], 1e-3) - 1), float("inf")
 
     out = {"lru": run(lru_wait, lru_observe), "lfu": run(lambda c, t: (-count[c], t - last[c]), lfu_observe),
            "belady": run(lambda c, t: nu.after(c, t))}
@@ -132,8 +136,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--prompt-tokens", type=int, default=8)
     ap.add_argument("--eval-tokens", type=int, default=16)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.25, 0.5])
-    ap.add_argument("--policies", nargs="+", default=["lru", "lfu", "scored", "scored-nospec", "belady"],
-                    help="'scored-nospec': scored without speculative prefetch (to show what speculation costs)")
+    ap.add_argument("--policies", nargs="+", default=["lru", "lfu", "scored", "scored-spec", "belady"],
+                    help="scored speculates as `moe.speculative: auto` decides; 'scored-spec' / 'scored-nospec' force "
+                         "speculative prefetch on / off (what it gains or costs)")
     ap.add_argument("--reserve", type=int, default=5, help="streaming reserve, in experts")
     ap.add_argument("--out", default="runs/moe_policies")
     args = ap.parse_args(argv)
@@ -155,9 +160,9 @@ def main(argv=None) -> list[dict]:
         budget, how = expert_budget(setup, frac, args.reserve)
         print(f"\nbudget at {frac:.0%} of experts: {how}")
         for pol in args.policies:
-            cfg = dataclasses.replace(base, policy=pol.removesuffix("-nospec"), hbm_budget=str(budget),
-                                      moe=dataclasses.replace(base.moe, speculative="off" if pol.endswith("-nospec")
-                                                              else "auto"))
+            mode = "off" if pol.endswith("-nospec") else "on" if pol.endswith("-spec") else "auto"
+            cfg = dataclasses.replace(base, policy=pol.removesuffix("-nospec").removesuffix("-spec"),
+                                      hbm_budget=str(budget), moe=dataclasses.replace(base.moe, speculative=mode))
             s = run(cfg, Path(args.out) / f"f{int(frac * 100)}" / pol, reference=ref)
             m = s["routing"]
             hit = s["hits"] / max(1, s["hits"] + s["misses"])
@@ -181,6 +186,12 @@ def main(argv=None) -> list[dict]:
         if "scored" in by and "lru" in by:
             sc, lru = by["scored"], by["lru"]
             sp = sc["speculative"]
+            simple = min((by[p] for p in ("lru", "lfu") if p in by), key=lambda r: r["expert_bytes_moved"])
+            print(f"{frac:.0%}: scored expert bytes {sc['expert_bytes_moved'] / simple['expert_bytes_moved'] - 1:+.1%} "
+                  f"vs the better of lru and lfu ({simple['policy']}; target {-TARGET_UNDER_SIMPLE:+.0%}), decode "
+                  f"{sc['decode_tok_s'] / lru['decode_tok_s']:.2f}x lru's tok/s (target >= 1); speculation "
+                  f"{'on' if sp['enabled'] else 'off'} (auto: an expert loads in {1e3 * sp['expert_load_s']:.3f} ms, "
+                  f"a layer computes in {1e3 * sp['layer_s']:.3f} ms)")
             print(f"{frac:.0%}: scored bytes {sc['bytes_moved'] / lru['bytes_moved'] - 1:+.1%} vs lru, "
                   f"{sc['ratio']:.2f} x belady; speculative prefetch: {sp['issued']} loads issued "
                   f"({sp['issued_with_engine_event']} seen as engine transitions), precision {sp['precision']:.2f}, "
@@ -189,10 +200,11 @@ def main(argv=None) -> list[dict]:
     experts = [b for b in ref.stream[: ref.gen_positions] if ".expert." in b]
     print(f"\nreplay of the recorded expert stream ({len(experts)} expert reads in generation): expert loads of a "
           "cache of n experts (see replay_bounds: expected = Belady's rule on online router frequencies, as scored "
-          "evicts; expected-oracle = true frequencies and the current pass's routing known exactly)")
+          "evicts; expected-oracle = true frequencies and the current pass's routing known exactly; lookahead-1 = "
+          "also the next token's routing known)")
     for frac in args.fractions:
         slots = int(frac * L * E) + args.reserve
-        r = replay_bounds(experts, slots, L, E)
+        r = replay_bounds(experts, slots, L, E, lookaheads=(1,))
         print(f"{frac:.0%} ({slots} slots): " + ", ".join(f"{k} {v} ({v / r['belady']:.2f} x belady)"
                                                           for k, v in r.items()))
     out = Path(args.out)

@@ -188,12 +188,15 @@ def moe_sim(policy: str, hbm_budget: str, tokens: int, profile, routing, specula
 
 def moe_config(policy: str, hbm_budget, tokens: int):
     """The validation's MoE run: every block but the experts protected, 16 prompt and evaluation tokens."""
-    from vorch_jax.config import RunConfig
+    from vorch_jax.config import MoEConfig, RunConfig
     from vorch_jax.runtime.setup import protect_all_but
 
+    # speculation on outright: the real run measures whether it pays, the simulated one models it, and the two
+    # must make the same moves for the timing to be compared
     return RunConfig(model="smollm2-135m-moe", policy=policy, hbm_budget=hbm_budget, new_tokens=tokens,
                      prompt_tokens=16, eval_tokens=16, placement=protect_all_but(get_spec("smollm2-135m-moe"),
-                                                                                  "expert"))
+                                                                                  "expert"),
+                     moe=MoEConfig(speculative="on"))
 
 
 def moe_resident_sim(tokens: int, budget_bytes: int, routing, speculation):

@@ -4,7 +4,7 @@ count by hand."""
 import numpy as np
 
 from experiments.moe_policies import replay_bounds
-from models.block_ids import expert_block_id
+from vorch_jax.models.block_ids import expert_block_id
 
 
 def test_lfu_keeps_the_expert_read_most_where_lru_lets_it_go():

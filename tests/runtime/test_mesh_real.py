@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parents[2]
-POLICIES = ("lru", "scored")  # scored: where `moe.speculative: auto` speculates, each device on its own experts
+POLICIES = ("lru", "scored")  # scored: the expert-parallel devices speculate on their own experts
 
 
 @pytest.fixture(scope="module")

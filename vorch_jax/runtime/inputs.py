@@ -11,6 +11,8 @@ first when none is stored) and the lossy states its quality budget allows each b
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 from pathlib import Path
 
@@ -62,21 +64,27 @@ def speculative(cfg: RunConfig, expert_load_s: float | None = None, layer_s: flo
     one expert (`expert_load_s`: its bytes over the measured host->device rate) takes at least
     SPECULATION_MIN_LOAD_OF_LAYER of a layer's resident compute (`layer_s`: the resident decode step over the
     layers). A speculated load starts one layer early, so it can hide at most a layer's compute per expert, and
-    each speculation costs a router call and a host read whatever it hides. On this project's CPU the shared-expert
-    MoE's expert loads in 0.06 ms against a 1.3 ms layer (5%), and speculation cost 11% of decode tok/s at 50% of
-    the experts (15.42 against 17.33 without, experiments/results/moe_policies.txt at 06c3af7); on Mixtral's
-    176 MB experts over a 44 GB/s link a load is several layers. Unmeasured (either None): `auto` is on for scored."""
+    each speculation costs a router call and a host read whatever it hides. On this project's CPU speculation cost
+    11% of the shared-expert MoE's decode tok/s at 50% of the experts (15.42 against 17.33 without,
+    experiments/results/moe_policies.txt at 06c3af7; the expert's load and the layer's compute the rule reads are
+    printed there now); on Mixtral's 176 MB experts over a 44 GB/s link a load lasts several layers. Unmeasured
+    (either None or not finite: a run of one token has no decode step): `auto` is on for scored."""
     if cfg.moe.speculative != "auto":
         return cfg.moe.speculative == "on"
     if cfg.policy != "scored":
         return False
-    return expert_load_s is None or layer_s is None or expert_load_s >= SPECULATION_MIN_LOAD_OF_LAYER * layer_s
+    if expert_load_s is None or layer_s is None or not math.isfinite(expert_load_s) or not math.isfinite(layer_s):
+        return True
+    return expert_load_s >= SPECULATION_MIN_LOAD_OF_LAYER * layer_s
 
 
-def expert_load_seconds(setup, h2d_bytes_per_s: float) -> float | None:
-    """The largest expert's device bytes over the host->device rate; None for a model that routes nothing."""
-    sizes = [setup.device_bytes[b] for b in setup.block_ids if setup.info[b].kind == "expert"]
-    return max(sizes) / h2d_bytes_per_s if sizes and h2d_bytes_per_s > 0 else None
+def speculation_choice(cfg: RunConfig, setup, h2d_bytes_per_s: float, layer_s: float) -> tuple[bool, dict]:
+    """(`speculative`'s answer, what it read): the largest expert's device bytes over `h2d_bytes_per_s`, and
+    `layer_s`, both for the run's summary."""
+    experts = [setup.device_bytes[b] for b in setup.block_ids if setup.kinds[b] == "expert"]
+    load_s = max(experts) / h2d_bytes_per_s if experts and h2d_bytes_per_s > 0 else None
+    basis = {"expert_load_s": load_s, "layer_s": layer_s}
+    return speculative(cfg, load_s, layer_s), basis
 
 
 # ------------------------------------------------------------------------------------------------ calibration

@@ -86,8 +86,8 @@ class Ledger:
 
     def __init__(self, info: dict, cursor, engine, policy, *, budget_bytes: int, device_bytes: dict, homes: dict,
                  state_bytes: dict, tick_every_n_layers: int, now=time.perf_counter, settle_ticks: bool = False,
-                 speculative: bool = False, spec_min_prob: float = 0.45, eager_plan_loads: bool | None = None,
-                 in_place=None):
+                 speculative: bool = False, speculation_basis: dict | None = None, spec_min_prob: float = 0.45,
+                 eager_plan_loads: bool | None = None, in_place=None):
         self.info, self.cursor, self.engine, self.policy = info, cursor, engine, policy
         self.budget = int(budget_bytes)
         self.device_bytes = dict(device_bytes)  # block -> full-precision (S0) bytes on device
@@ -108,7 +108,7 @@ class Ledger:
         # nothing), so the plan there only decides what is kept; on-device conversions are applied either way.
         self.eager_plan_loads = (not self.routed) if eager_plan_loads is None else eager_plan_loads
         self.speculative = speculative and self.routed
-        self.speculation_basis: dict = {}  # the measured times the run's speculation choice read (set by the run)
+        self.speculation_basis = dict(speculation_basis or {})  # what `inputs.speculation_choice` read
         self.spec_min_prob = spec_min_prob
         self.router = RouterStats(info, cursor, policy.ctx.block_ids) if self.routed else None
         self.spec = {"predicted": 0, "actual": 0, "predicted_and_actual": 0, "issued": 0, "issued_bytes": 0,

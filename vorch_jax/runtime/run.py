@@ -30,7 +30,7 @@ from vorch_jax.runtime.cursor import PassCursor
 from vorch_jax.runtime.driver import Driver, greedy_generate
 from vorch_jax.runtime.in_place import in_place_choice, in_place_section, measured_prices
 from vorch_jax.runtime.inputs import (make_policy, policy_context, quality_guard, scored_inputs, simulated_lossy_states,
-                                      simulated_scored_inputs, speculative, expert_load_seconds, stored_calibration,
+                                      simulated_scored_inputs, speculation_choice, stored_calibration,
                                       with_quality_budget_homes)
 from vorch_jax.runtime.ledger import Ledger
 from vorch_jax.runtime.real import RealBackend
@@ -95,13 +95,13 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None, seat=No
     try:
         link_bw = probe_bandwidths(engine.store_dir, device=engine.device)  # for the floor: measured now
         backend = RealBackend(setup.spec, dtype, seat.collectives if seat is not None else None)
-        basis = {"expert_load_s": expert_load_seconds(setup, link_bw["host->device"]),
-                 "layer_s": reference.step_s / setup.spec.n_layers}
+        spec_on, spec_basis = speculation_choice(cfg, setup, link_bw["host->device"],
+                                                 reference.step_s / setup.spec.n_layers)
         ledger = Ledger(setup.info, cursor, engine, policy, budget_bytes=setup.hbm_budget,
                         device_bytes=setup.device_bytes, homes=setup.homes, state_bytes=setup.state_bytes,
-                        tick_every_n_layers=cfg.tick_every_n_layers, speculative=speculative(cfg, **basis),
+                        tick_every_n_layers=cfg.tick_every_n_layers, speculative=spec_on,
+                        speculation_basis=spec_basis,
                         in_place=in_place_choice(setup, measured_prices(backend, link_bw)))
-        ledger.speculation_basis = basis
         return _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, reference, say, guard, link_bw,
                          seat)
     finally:
@@ -249,15 +249,14 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     backend = SimBackend(spec, hw, engine, setup.state_bytes, setup.weight_dtype, routing=routing,
                          speculation=speculation, barrier=barrier)
     P = len(setup.prompt_ids)
-    first_positions = list(cursor.skeleton) if not cursor.routed else _last_pass_positions(spec, routing[-1])
-    basis = {"expert_load_s": expert_load_seconds(setup, hw.host_to_device.bandwidth_bytes_per_s),
-             "layer_s": backend.resident_step_s(first_positions, P) / spec.n_layers}
+    decode_positions = list(cursor.skeleton) if not cursor.routed else _last_pass_positions(spec, routing[-1])
+    spec_on, spec_basis = speculation_choice(cfg, setup, hw.host_to_device.bandwidth_bytes_per_s,
+                                             backend.resident_step_s(decode_positions, P) / spec.n_layers)
     ledger = Ledger(setup.info, cursor, engine, policy, budget_bytes=setup.hbm_budget, device_bytes=setup.device_bytes,
                     homes=setup.homes, state_bytes=setup.state_bytes, tick_every_n_layers=cfg.tick_every_n_layers,
                     now=lambda: clock.now, settle_ticks=True,
-                    speculative=speculation is not None and speculative(cfg, **basis),
+                    speculative=speculation is not None and spec_on, speculation_basis=spec_basis,
                     in_place=in_place_choice(setup, simulated_prices(hw, spec, setup.state_bytes, setup.weight_dtype)))
-    ledger.speculation_basis = basis
     driver = Driver(spec, ledger, backend)
     wall0 = time.perf_counter()
     t_place0 = clock.now
@@ -266,8 +265,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
                           on_step=lambda k: say(f"simulated pass {k}/{n}"))
     t_gen1 = gen.marks[-1] + 1e-9  # windows are half-open; the last drop happens at the end
     events = engine.events.snapshot()
-    positions = [p for p in cursor.skeleton] if not cursor.routed else _last_pass_positions(spec, routing[-1])
-    resident_step = backend.resident_step_s(positions, P + n - 1) if n > 1 else float("nan")
+    resident_step = backend.resident_step_s(decode_positions, P + n - 1) if n > 1 else float("nan")
     s = core_summary(cfg, setup, policy, ledger, ledger.counters, events, gen, t_place0=t_place0, t_gen1=t_gen1,
                      resident_step_s=resident_step, probe_h2d=hw.host_to_device.bandwidth_bytes_per_s)
     gen_accesses = [a for a in ledger.accesses if a.start >= gen.marks[0]]
