@@ -383,12 +383,14 @@ class Ledger:
             return True
         candidates = [b for b in self.on_device if b != block and b not in keep and b not in self.inflight]
         order = self.policy.victim_order(self.t, candidates)
-        nxt = None if strict else self.cursor.next_use(block)
+        if not strict:  # every candidate's next use at once (one walk of what is known), the prefetched block's last
+            *uses, nxt = self.cursor.next_uses(order + [block])
+            later = {v for v, u in zip(order, uses) if u > nxt}
         freed, victims = 0, []
         for v in order:
             if used - freed + need <= self.budget:
                 break
-            if nxt is not None and self.cursor.next_use(v) <= nxt:
+            if not strict and v not in later:
                 continue  # a prefetch may only evict blocks needed after the prefetched one
             if not strict and not self.policy.prefetch_may_evict(v):
                 continue
