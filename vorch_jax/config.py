@@ -178,9 +178,8 @@ class MoEConfig:
 
     `top_k`: experts per token a run routes with (0: the k its routers were trained for); `router_config`: the
     router build of the MoE SmolLM2 (default configs/moe/router.yaml); `speculative`: the next layer's router
-    predicts its experts and the sure guesses load early (`auto`: for the scored policy only, so the baselines are
-    the plain caches, and only where loading one expert takes at least half a layer's resident compute, both
-    measured at the run's start: `runtime.inputs.speculative`)."""
+    predicts its experts and the sure guesses load early (`auto`: scored only, the baselines stay plain caches, and
+    only where an expert's load takes half a layer's resident compute or more: `runtime.inputs.speculative`)."""
 
     top_k: int = 0
     router_config: str = ""
