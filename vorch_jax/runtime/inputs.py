@@ -67,8 +67,8 @@ def speculative(cfg: RunConfig, expert_load_s: float | None = None, layer_s: flo
     11% of the shared-expert MoE's decode tok/s at 50% of the experts (15.42 against 17.33 without,
     experiments/results/moe_policies.txt at 06c3af7), where an expert loads in 0.12-0.40 ms against a 1.1-1.3 ms
     layer (the same file since: the probe varies ~3x); on Mixtral's 176 MB experts over a 44 GB/s link a load lasts
-    several layers. Unmeasured
-    (either None or not finite: a run of one token has no decode step): `auto` is on for scored."""
+    several layers. Unmeasured (either None or not finite: a run of one token has no decode step): `auto` is on
+    for scored."""
     if cfg.moe.speculative != "auto":
         return cfg.moe.speculative == "on"
     if cfg.policy != "scored":
