@@ -157,7 +157,9 @@ def _integral(A, b_ub, reload, scale, **options):
 def _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load, access_bytes=None):
     """(A, b, reload, scale) of the LP in units of the largest reload (well-conditioned for HiGHS): one row per
     access some gap spans, one column per gap; None when no gap exists. ValueError if an access cannot fit.
-    `access_bytes[t]`: what the block of access t occupies until its next access (default: its device bytes)."""
+    `access_bytes[t]`: what the block of access t occupies until its next access (default: its device bytes). A gap
+    may end past the stream's last access (`cyclic_keeps`: it wraps into the next repetition): its rows are taken
+    modulo the stream's length."""
     from scipy.sparse import csr_array
 
     n = len(stream)
@@ -177,11 +179,11 @@ def _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load, acce
 
     rows, cols, vals = [], [], []
     for j, (b, start, end) in enumerate(gaps):
-        span = np.arange(start + 1, end)
+        span = np.arange(start + 1, end) % n
         rows.append(span)
         cols.append(np.full(span.size, j))
         # what it holds through the gap: the smaller of its states at the two accesses (a conversion in between)
-        vals.append(np.full(span.size, float(min(occupies_t[start], occupies_t[end]))))
+        vals.append(np.full(span.size, float(min(occupies_t[start], occupies_t[end % n]))))
     rows, cols, vals = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
     used_rows = np.unique(rows)  # a step no gap spans constrains nothing
     A = csr_array((vals, (np.searchsorted(used_rows, rows), cols)), shape=(used_rows.size, len(gaps)))
@@ -200,8 +202,6 @@ def cyclic_keeps(cycle, device_bytes: dict, budget_bytes: int, *, pinned=frozens
     `node_limit` nodes: deterministic, the same plan on any machine (0.02-2.6 s on this project's CPU for SmolLM2's
     and Gemma 3's passes, one or three of them); `time_limit_s` only a safeguard. None if it found none; ValueError
     if a read cannot fit."""
-    from scipy.sparse import csr_array
-
     cycle = list(cycle)
     n = len(cycle)
     reads: dict[str, list[int]] = {}
@@ -210,20 +210,11 @@ def cyclic_keeps(cycle, device_bytes: dict, budget_bytes: int, *, pinned=frozens
     gaps = [(b, s, r[(k + 1) % len(r)] + (n if k + 1 == len(r) else 0))
             for b, r in reads.items() if b not in pinned for k, s in enumerate(r)]
     gaps = [(b, s, e) for b, s, e in gaps if e - s > 1]
-    pinned_bytes = sum(device_bytes[b] for b in reads if b in pinned)
-    rhs_i = np.array([budget_bytes - pinned_bytes - (0 if b in pinned else device_bytes[b]) for b in cycle], float)
-    if n and rhs_i.min() < 0:
-        b = cycle[int(np.argmin(rhs_i))]
-        raise ValueError(f"block '{b}' ({device_bytes[b]} bytes) cannot fit under the budget of {budget_bytes} bytes")
-    if not gaps:
+    first = {b: 0 for b in reads}  # in the steady state a pinned block holds its bytes from the cycle's start
+    problem = _problem(cycle, gaps, first, device_bytes, budget_bytes, pinned, device_bytes)
+    if problem is None:
         return {}
-    spans = [np.arange(s + 1, e) % n for _, s, e in gaps]
-    rows = np.concatenate(spans)
-    cols = np.concatenate([np.full(sp.size, j) for j, sp in enumerate(spans)])
-    size_g = np.array([float(device_bytes[b]) for b, _, _ in gaps])
-    scale = max(1.0, float(size_g.max()))
-    A = csr_array((size_g[cols] / scale, (rows, cols)), shape=(n, len(gaps)))
-    res = _integral(A, rhs_i / scale, size_g, scale, node_limit=node_limit, time_limit=time_limit_s)
+    res = _integral(*problem, node_limit=node_limit, time_limit=time_limit_s)
     if res.x is None:
         return None
     return {(b, s): bool(y > 0.5) for (b, s, _), y in zip(gaps, res.x)}
