@@ -33,6 +33,7 @@ from vorch_jax.models.errors import ModelError  # noqa: E402
 from vorch_jax.models import llama_layers as Lay  # noqa: E402
 from vorch_jax.models import moe  # noqa: E402
 from vorch_jax.models import moe_build as mb  # noqa: E402
+from vorch_jax.models.moe_store import build_or_load  # noqa: E402
 from vorch_jax.models.corpus import kjv_text  # noqa: E402
 from vorch_jax.models.gguf_source import load_smollm2_source  # noqa: E402
 from vorch_jax.models.smollm2 import bos_id  # noqa: E402
@@ -47,8 +48,7 @@ def routed_stream(rcfg, n_tokens: int) -> tuple[list[str], int, int]:
     cfg = src.config
     tok = tokenizer_from_gguf_metadata(src.tokenizer_metadata())
     bos = bos_id(tok)
-    partition, routers = mb.build_or_load(src, tok, lambda n: kjv_text(max_chars=n), bos, rcfg)
-    ms = moe.moe_source(src, partition, routers)
+    ms = moe.moe_source(src, *build_or_load(src, tok, lambda n: kjv_text(max_chars=n), bos, rcfg))
     blocks = {b: ms(b) for b in ms.block_ids}
     ids = tok.encode(kjv_text(max_chars=16 * n_tokens + 1000)).ids[:n_tokens]
     ids_BxT = jnp.asarray(np.asarray([bos] + ids, np.int32)[None])

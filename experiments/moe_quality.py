@@ -26,6 +26,8 @@ from vorch_jax.models.corpus import kjv_text
 from vorch_jax.models import llama_layers as Lay
 from vorch_jax.models import moe
 from vorch_jax.models import moe_build as mb
+from vorch_jax.models import moe_distill
+from vorch_jax.models import moe_store as store
 from vorch_jax.models.gguf_source import load_smollm2_source
 from vorch_jax.models.llama import KVCache, LlamaModel
 from vorch_jax.models.smollm2 import bos_id
@@ -64,6 +66,22 @@ def oracle_forward(cfg, blocks, ids_BxT, top_k: int):
 
 
 oracle_forward_jit = jax.jit(oracle_forward, static_argnames=("cfg", "top_k"))
+
+
+def distill_progress(src, rcfg, ids_T: np.ndarray):
+    """`build_or_load`'s eval_fn: during a distillation, the top-`target_top_k` ppl on the evaluation text."""
+
+    def for_moe(partition, routers):
+        weights = moe_distill.stacked_weights(src, partition, routers)
+        run = jax.jit(lambda d, ids: moe_distill.routed_logits(src.config, weights, d, ids, rcfg.target_top_k))
+
+        def report(delta) -> str:
+            logits = np.asarray(run(delta, jnp.asarray(ids_T[None]))[0])
+            return f"held-out top-{rcfg.target_top_k} ppl {math.exp(nll(logits, ids_T)):.3f}"
+
+        return report
+
+    return for_moe
 
 
 def routed_masks(cfg, blocks, moe_in: list, k: int) -> list:
@@ -169,21 +187,27 @@ def main(argv=None) -> dict:
     tok = tokenizer_from_gguf_metadata(src.tokenizer_metadata())
     bos = bos_id(tok)
     t0 = time.perf_counter()
-    partition, routers = mb.build_or_load(src, tok, lambda n: kjv_text(max_chars=n), bos, rcfg, rebuild=args.rebuild)
+    text_ids = tok.encode(kjv_text(max_chars=16 * rcfg.eval_tokens + 1000)).ids
+    ids_T = np.asarray([bos] + text_ids[: rcfg.eval_tokens], np.int32)
+    ids = jnp.asarray(ids_T[None])
+    partition, routers, deltas = store.build_or_load(src, tok, lambda n: kjv_text(max_chars=n), bos, rcfg,
+                                                     rebuild=args.rebuild, eval_fn=distill_progress(src, rcfg, ids_T))
     print(f"build/load: {time.perf_counter() - t0:.1f} s")
-    meta = json.loads((mb.default_store_dir(rcfg) / "meta.json").read_text())
+    meta = json.loads((store.store_in_use(rcfg) / "meta.json").read_text())
     if "stats" in meta:
         s = meta["stats"]
         print(f"stored build: partition {s['partition_seconds']:.1f} s, calibration {s['calibration_seconds']:.1f} s,"
               f" router training {s['seconds']:.1f} s; train top-{rcfg.target_top_k} recall mean "
               f"{np.mean(s['recall_L']):.3f}")
+        if "distill_kl" in s:
+            kl = s["distill_kl"]
+            print(f"distillation: {rcfg.distill_steps} steps, rank {rcfg.distill_rank} ({deltas.nbytes / 2**20:.1f} MiB"
+                  f" of corrections), KL(dense || MoE) {kl[0][1]:.3f} at step {kl[0][0]} -> {kl[-1][1]:.3f} at step "
+                  f"{kl[-1][0]}, {s['distill_seconds']:.0f} s")
 
     E, L = rcfg.n_experts, cfg.n_layers
-    ms = moe.moe_source(src, partition, routers)
+    ms = moe.moe_source(src, partition, routers, deltas)
     blocks = {b: ms(b) for b in ms.block_ids}
-    text_ids = tok.encode(kjv_text(max_chars=16 * rcfg.eval_tokens + 1000)).ids
-    ids_T = np.asarray([bos] + text_ids[: rcfg.eval_tokens], np.int32)
-    ids = jnp.asarray(ids_T[None])
 
     dense_blocks = {b: src(b) for b in ["embed", "final_norm"] + [f"layers.{i}.{k}" for i in range(L)
                                                                  for k in ("attn", "mlp")]}

@@ -5,7 +5,8 @@ columns of `w_gate`/`w_up` [D, F] and rows of `w_down` [F, D]. Because SwiGLU ac
 
     mlp(h) = Σ_{e < E} expert_e(h)      (exactly, up to float32 summation order)
 
-so outputs are **not** weighted by router probabilities: with top_k = E the MoE model is the dense model. A router
+so outputs are **not** weighted by router probabilities: with top_k = E the MoE model is the dense model (a
+distilled one, `moe_distill`, is the dense model plus its low-rank MLP corrections). A router
 (one linear map [D, E] per layer, trained in `moe_build`) picks, per token, the top_k experts to compute; the rest
 contribute nothing and need not be on device.
 
@@ -167,11 +168,17 @@ class MoESource:
     So reading every block once counts the dense file's bytes plus the routers'. Physically, a layer's dense MLP is
     read once and cached while its blocks are read in turn (`nbytes_read_physical` counts that, from the dense
     source); a per-expert store (the tiers' S4) holds exactly the shares.
+
+    A distilled MoE (`deltas`, `moe_distill.MLPDeltas`) adds each layer's low-rank corrections to its dense MLP
+    when that MLP is read, before any slicing: the blocks keep their shapes and their byte shares, and the
+    corrections (held in memory beside the routers, 12 MB at rank 16) are not counted as reads, unlike the
+    routers, which every gate read counts.
     """
 
-    def __init__(self, dense_source, partition: ExpertPartition, routers: Routers):
+    def __init__(self, dense_source, partition: ExpertPartition, routers: Routers, deltas=None):
         cfg = dense_source.config
         self.dense = dense_source
+        self.deltas = None if deltas is None else deltas.check(cfg.n_layers, cfg.d_model, cfg.d_ff)
         self.config: LlamaConfig = cfg
         self.partition = partition.check(cfg.n_layers, cfg.d_ff)
         self.n_experts = partition.n_experts
@@ -224,6 +231,8 @@ class MoESource:
             before = getattr(self.dense, "nbytes_read", 0)
             mlp = self.dense(layer_block_id(layer, "mlp"))
             n = getattr(self.dense, "nbytes_read", 0) - before
+            if self.deltas is not None:
+                mlp = self.deltas.merged(layer, mlp)
             if n == 0:  # a source that does not count bytes: its float32 bytes
                 n = sum(int(a.nbytes) for a in mlp.values())
             self._cached_layer, self._cached_mlp, self._cached_file_bytes = layer, mlp, n
@@ -264,9 +273,10 @@ class MoESource:
         return out
 
 
-def moe_source(dense_source, partition: ExpertPartition, routers: Routers) -> MoESource:
-    """The MoE model's block source over a dense Llama source (e.g. `GGUFSource`)."""
-    return MoESource(dense_source, partition, routers)
+def moe_source(dense_source, partition: ExpertPartition, routers: Routers, deltas=None) -> MoESource:
+    """The MoE model's block source over a dense Llama source (e.g. `GGUFSource`); `deltas`
+    (`moe_distill.MLPDeltas`), where given, correct the dense MLPs before their neurons are sliced."""
+    return MoESource(dense_source, partition, routers, deltas)
 
 
 # ------------------------------------------------------------------------------------------------------ compute

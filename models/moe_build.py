@@ -22,6 +22,9 @@ the `target_top_k` experts carrying the most activation mass Σ_{n in e} |silu(h
 against the multi-hot target / k). All layers train at once (vmap), full batch, adam; fixed seed ⇒ identical
 routers.
 
+Where the config asks (`distill_steps` > 0), `moe_store.build_or_load` then distils the dense model's logits into
+low-rank MLP corrections (`moe_distill.py`); storing and loading a built MoE is `moe_store.py`'s.
+
 The router config (`configs/moe/router.yaml`) has its own small schema, validated as strictly as `RunConfig`:
 unknown keys, keys set twice and wrong types fail with one line naming the key and the file.
 """
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import time
 import typing
 from pathlib import Path
@@ -45,7 +47,6 @@ from .block_ids import layer_block_id
 from .errors import MoEError, RouterConfigError
 from .moe import ExpertPartition, Routers
 
-FORMAT_VERSION = 1
 MOE_MODELS = {"smollm2-135m-moe": "smollm2-135m",  # MoE model key -> the dense model it is built from
               "smollm2-135m-moe-shared": "smollm2-135m"}
 
@@ -72,6 +73,11 @@ class RouterConfig:
     out_dir: str = ""
     eval_tokens: int = 256
     eval_top_ks: tuple[int, ...] = (1, 2, 4, 8)
+    distill_steps: int = 0  # 0: the experts are the dense MLP's neurons as they are (models/moe_distill.py)
+    distill_rank: int = 16
+    distill_batch: int = 4
+    distill_seqs: int = 256  # calibration sequences of calib_seq_len the distillation draws its batches from
+    distill_learning_rate: float = 2.0e-3
 
     def training_key(self) -> dict:
         """What a stored result must agree on to be reused (evaluation keys excluded)."""
@@ -86,14 +92,17 @@ def _check_router_config(cfg: RouterConfig, where: str) -> RouterConfig:
     if cfg.model not in MOE_MODELS:
         raise bad("model", f"must be one of {sorted(MOE_MODELS)}, got {cfg.model!r}")
     for key in ("n_experts", "kmeans_iters", "target_top_k", "calib_tokens", "calib_seq_len", "steps", "log_every",
-                "eval_tokens"):
+                "eval_tokens", "distill_rank", "distill_batch", "distill_seqs"):
         if getattr(cfg, key) < 1:
             raise bad(key, f"must be >= 1, got {getattr(cfg, key)}")
-    for key in ("seed", "calib_char_offset"):
+    for key in ("seed", "calib_char_offset", "distill_steps"):
         if getattr(cfg, key) < 0:
             raise bad(key, f"must be >= 0, got {getattr(cfg, key)}")
-    if not cfg.learning_rate > 0:
-        raise bad("learning_rate", f"must be > 0, got {cfg.learning_rate}")
+    for key in ("learning_rate", "distill_learning_rate"):
+        if not getattr(cfg, key) > 0:
+            raise bad(key, f"must be > 0, got {getattr(cfg, key)}")
+    if cfg.distill_batch > cfg.distill_seqs:
+        raise bad("distill_batch", f"must be <= distill_seqs ({cfg.distill_seqs}), got {cfg.distill_batch}")
     if not 0.0 <= cfg.shared_fraction < 1.0:
         raise bad("shared_fraction", f"must lie in [0, 1), got {cfg.shared_fraction}")
     if cfg.target_top_k > cfg.n_experts:
@@ -358,13 +367,14 @@ def train_routers(h_LxNxD, mass_LxNxE, *, top_k: int, steps: int, learning_rate:
 # -------------------------------------------------------------------------------------------- calibration, build
 
 
-def calibration_ids(tokenizer, text: str, bos: int, cfg: RouterConfig) -> np.ndarray:
-    """int32 [calib_tokens / calib_seq_len, calib_seq_len]: BOS + text tokens, from `calib_char_offset` on.
+def calibration_ids(tokenizer, text: str, bos: int, cfg: RouterConfig, n_seq: int | None = None) -> np.ndarray:
+    """int32 [n_seq, calib_seq_len]: BOS + text tokens, from `calib_char_offset` on; n_seq defaults to
+    calib_tokens / calib_seq_len (the routers' calibration; the distillation asks for `distill_seqs`).
 
     The evaluation text is the start of the corpus; calibrating after the offset keeps the two apart.
     """
-    n_seq, seq = cfg.calib_tokens // cfg.calib_seq_len, cfg.calib_seq_len
-    ids = tokenizer.encode(text[cfg.calib_char_offset:]).ids
+    n_seq, seq = n_seq or cfg.calib_tokens // cfg.calib_seq_len, cfg.calib_seq_len
+    ids = tokenizer.encode(text[cfg.calib_char_offset:calibration_chars(cfg)]).ids
     need = n_seq * (seq - 1)
     if len(ids) < need:
         raise MoEError(f"calibration text has {len(ids)} tokens after char {cfg.calib_char_offset}, need {need}")
@@ -374,7 +384,8 @@ def calibration_ids(tokenizer, text: str, bos: int, cfg: RouterConfig) -> np.nda
 
 def calibration_chars(cfg: RouterConfig) -> int:
     """How many corpus characters `calibration_ids` needs (a generous 8 chars per token)."""
-    return cfg.calib_char_offset + 8 * cfg.calib_tokens + 1000
+    tokens = max(cfg.calib_tokens, cfg.distill_seqs * cfg.calib_seq_len if cfg.distill_steps else 0)
+    return cfg.calib_char_offset + 8 * tokens + 1000
 
 
 def build_moe(dense_source, tokenizer, text: str, bos: int, cfg: RouterConfig, *, layers=None,
@@ -407,88 +418,3 @@ def build_moe(dense_source, tokenizer, text: str, bos: int, cfg: RouterConfig, *
                                    learning_rate=cfg.learning_rate, seed=cfg.seed, log_every=cfg.log_every, say=say)
     stats.update(partition_seconds=t_part, calibration_seconds=t_calib)
     return partition, routers, stats
-
-
-# -------------------------------------------------------------------------------------------------- store, load
-
-
-def default_store_dir(cfg: RouterConfig) -> Path:
-    if cfg.out_dir:
-        return Path(cfg.out_dir).expanduser()
-    return Path("~/.cache/vorch_jax/moe").expanduser() / f"{cfg.model}-E{cfg.n_experts}"
-
-
-def _expected_meta(dense_config, cfg: RouterConfig) -> dict:
-    return {"format": FORMAT_VERSION, "dense_model": MOE_MODELS[cfg.model],
-            "n_layers": dense_config.n_layers, "d_model": dense_config.d_model, "d_ff": dense_config.d_ff,
-            "training": cfg.training_key()}
-
-
-def save_moe(store_dir: str | Path, dense_config, cfg: RouterConfig, partition: ExpertPartition,
-             routers: Routers, stats: dict | None = None) -> Path:
-    """Write `meta.json` and an orbax checkpoint `state/` (neurons, router_w, router_b) under store_dir."""
-    import orbax.checkpoint as ocp
-
-    store_dir = Path(store_dir).expanduser().absolute()
-    store_dir.mkdir(parents=True, exist_ok=True)
-    tree = {"neurons": np.asarray(partition.neurons_LxExFe, np.int32),
-            "router_w": np.asarray(routers.w_LxDxE, np.float32), "router_b": np.asarray(routers.b_LxE, np.float32)}
-    if partition.shared_LxFs is not None:
-        tree["shared"] = np.asarray(partition.shared_LxFs, np.int32)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(store_dir / "state", tree, force=True)
-    meta = _expected_meta(dense_config, cfg)
-    if stats:
-        meta["stats"] = {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v) for k, v in stats.items()}
-    (store_dir / "meta.json").write_text(json.dumps(meta, indent=1))
-    return store_dir
-
-
-def load_moe(store_dir: str | Path, dense_config, cfg: RouterConfig) -> tuple[ExpertPartition, Routers]:
-    """Read a stored MoE; MoEError (naming what differs) if it was built for another model, shape or training."""
-    import orbax.checkpoint as ocp
-
-    store_dir = Path(store_dir).expanduser().absolute()
-    meta_path = store_dir / "meta.json"
-    if not meta_path.is_file():
-        raise MoEError(f"no stored MoE at {store_dir} (meta.json missing)")
-    meta = json.loads(meta_path.read_text())
-    want = _expected_meta(dense_config, cfg)
-    for key in ("format", "dense_model", "n_layers", "d_model", "d_ff"):
-        if meta.get(key) != want[key]:
-            raise MoEError(f"stored MoE at {store_dir} has {key} = {meta.get(key)!r}, this model needs {want[key]!r}; "
-                           "delete it or choose another out_dir")
-    default = RouterConfig().training_key()  # a key added since the store was written has its default there
-    stored = {k: meta["training"].get(k, default.get(k)) for k in want["training"]}
-    diff = {k: (stored[k], v) for k, v in want["training"].items() if stored[k] != v}
-    if diff:
-        shown = ", ".join(f"{k}: stored {a!r} vs config {b!r}" for k, (a, b) in diff.items())
-        raise MoEError(f"stored MoE at {store_dir} was built with other settings ({shown}); rebuild it or choose "
-                       "another out_dir")
-    with ocp.StandardCheckpointer() as ckpt:
-        tree = ckpt.restore(store_dir / "state")
-    shared = np.asarray(tree["shared"], np.int32) if "shared" in tree else None
-    partition = ExpertPartition(np.asarray(tree["neurons"], np.int32), shared).check(dense_config.n_layers,
-                                                                                      dense_config.d_ff)
-    if partition.n_experts != cfg.n_experts or partition.n_shared != shared_neurons(cfg, dense_config.d_ff):
-        raise MoEError(f"stored MoE at {store_dir} has {partition.n_experts} experts and {partition.n_shared} shared "
-                       f"neurons, config asks {cfg.n_experts} and {shared_neurons(cfg, dense_config.d_ff)}: rebuild it")
-    routers = Routers(np.asarray(tree["router_w"], np.float32), np.asarray(tree["router_b"], np.float32))
-    return partition, routers.check(dense_config.n_layers, dense_config.d_model, cfg.n_experts)
-
-
-def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig, *, rebuild: bool = False,
-                  say=print) -> tuple[ExpertPartition, Routers]:
-    """The stored MoE for `cfg` if there is one (a mismatching one raises), else build and store it.
-
-    `text_fn(max_chars) -> str` supplies calibration text (e.g. `vorch_jax.corpus.kjv_text`); models/ does not
-    import the corpus itself.
-    """
-    store = default_store_dir(cfg)
-    if (store / "meta.json").is_file() and not rebuild:
-        say(f"loading stored MoE from {store}")
-        return load_moe(store, dense_source.config, cfg)
-    partition, routers, stats = build_moe(dense_source, tokenizer, text_fn(calibration_chars(cfg)), bos, cfg, say=say)
-    save_moe(store, dense_source.config, cfg, partition, routers, stats)
-    say(f"stored MoE in {store}")
-    return partition, routers

@@ -164,14 +164,15 @@ def smollm2_moe_spec(router_config: str = "", top_k: int = 0, name: str = "smoll
     def build():
         from .corpus import kjv_text
         from .moe import moe_source
+        from .moe_store import build_or_load
         from .smollm2 import bos_id
         from .tokenizer import tokenizer_from_gguf_metadata
 
         dense = load_smollm2_source()
         tok = tokenizer_from_gguf_metadata(dense.tokenizer_metadata())
-        partition, routers = mb.build_or_load(dense, tok, lambda n: kjv_text(max_chars=n), bos_id(tok), rcfg,
-                                              say=lambda m: None)
-        return moe_source(dense, partition, routers), tok
+        partition, routers, deltas = build_or_load(dense, tok, lambda n: kjv_text(max_chars=n), bos_id(tok), rcfg,
+                                                   say=lambda m: None)
+        return moe_source(dense, partition, routers, deltas), tok
 
     return MoESpec(rcfg.model, lambda: load_smollm2_source().config, rcfg.n_experts, k, tied=True, router_bias=True,
                    build=build, shared_d_ff=lambda c: mb.shared_neurons(rcfg, c.d_ff),

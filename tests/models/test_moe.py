@@ -14,6 +14,7 @@ import pytest
 from vorch_jax.models import llama_layers as Lay
 from vorch_jax.models import moe
 from vorch_jax.models import moe_build as mb
+from vorch_jax.models import moe_store as store
 from vorch_jax.models.llama import KVCache, LlamaModel
 
 REPO = Path(__file__).resolve().parents[2]
@@ -147,29 +148,30 @@ def _cfg(tmp_path, **kw):
 def test_save_load_round_trip(tmp_path, smollm2_source, partition):
     cfg = _cfg(tmp_path)
     routers = _random_routers(smollm2_source.config, seed=2)
-    where = mb.save_moe(mb.default_store_dir(cfg), smollm2_source.config, cfg, partition, routers, {"seconds": 1.0})
-    p2, r2 = mb.load_moe(where, smollm2_source.config, cfg)
+    where = store.save_moe(store.default_store_dir(cfg), smollm2_source.config, cfg, partition, routers, {"seconds": 1.0})
+    p2, r2, d2 = store.load_moe(where, smollm2_source.config, cfg)
     assert np.array_equal(p2.neurons_LxExFe, partition.neurons_LxExFe)
     assert np.array_equal(r2.w_LxDxE, routers.w_LxDxE) and np.array_equal(r2.b_LxE, routers.b_LxE)
+    assert d2 is None  # not distilled
     # build_or_load finds the stored result and does not rebuild
-    got_p, _ = mb.build_or_load(smollm2_source, None, None, 0, cfg, say=lambda _: None)
+    got_p, _, _ = store.build_or_load(smollm2_source, None, None, 0, cfg, say=lambda _: None)
     assert np.array_equal(got_p.neurons_LxExFe, partition.neurons_LxExFe)
 
 
 def test_mismatched_store_raises(tmp_path, smollm2_source, partition):
     mcfg = smollm2_source.config
     cfg = _cfg(tmp_path)
-    where = mb.save_moe(mb.default_store_dir(cfg), mcfg, cfg, partition, _random_routers(mcfg))
+    where = store.save_moe(store.default_store_dir(cfg), mcfg, cfg, partition, _random_routers(mcfg))
     with pytest.raises(moe.MoEError, match="d_ff"):
-        mb.load_moe(where, dataclasses.replace(mcfg, d_ff=2048), cfg)
+        store.load_moe(where, dataclasses.replace(mcfg, d_ff=2048), cfg)
     with pytest.raises(moe.MoEError, match="n_experts"):
-        mb.load_moe(where, mcfg, _cfg(tmp_path, n_experts=4))
+        store.load_moe(where, mcfg, _cfg(tmp_path, n_experts=4))
     with pytest.raises(moe.MoEError, match="seed"):
-        mb.load_moe(where, mcfg, _cfg(tmp_path, seed=1))
+        store.load_moe(where, mcfg, _cfg(tmp_path, seed=1))
     with pytest.raises(moe.MoEError, match="routers of shapes"):
         moe.moe_source(smollm2_source, partition, _random_routers(mcfg, n_experts=4))
     with pytest.raises(moe.MoEError, match="meta.json missing"):
-        mb.load_moe(tmp_path / "nothing", mcfg, cfg)
+        store.load_moe(tmp_path / "nothing", mcfg, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------- source

@@ -1,0 +1,149 @@
+"""Where a built MoE lives: an orbax checkpoint plus `meta.json`, in the user's cache or shipped with the repository.
+
+`build_or_load` looks in three places, in order: the cache store of the router config (`default_store_dir`, or its
+`out_dir`), the store shipped in the repository (`SHIPPED_DIR`, for builds too heavy for a fresh machine: the
+distilled MoE trains for about half an hour on a 2-core CPU), and otherwise builds (partition, routers, and the
+distillation where the config asks for it) and writes the cache store. A store is used only if its meta says it was
+built from the same dense model with the same training settings; a shipped store that does not match is passed
+over, a cache store that does not match is an error naming the difference.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .errors import MoEError
+from .moe import ExpertPartition, Routers
+from .moe_build import MOE_MODELS, RouterConfig, build_moe, calibration_chars, calibration_ids, shared_neurons
+from .moe_distill import MLPDeltas, distill
+
+FORMAT_VERSION = 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "shipped" / "moe"
+
+
+def store_name(cfg: RouterConfig) -> str:
+    return f"{cfg.model}-E{cfg.n_experts}"
+
+
+def default_store_dir(cfg: RouterConfig) -> Path:
+    if cfg.out_dir:
+        return Path(cfg.out_dir).expanduser()
+    return Path("~/.cache/vorch_jax/moe").expanduser() / store_name(cfg)
+
+
+def store_in_use(cfg: RouterConfig) -> Path | None:
+    """The store `build_or_load` reads first for `cfg`: the cache store, else the shipped one, else None."""
+    for where in (default_store_dir(cfg), None if cfg.out_dir else SHIPPED_DIR / store_name(cfg)):
+        if where is not None and (where / "meta.json").is_file():
+            return where
+    return None
+
+
+def _expected_meta(dense_config, cfg: RouterConfig) -> dict:
+    return {"format": FORMAT_VERSION, "dense_model": MOE_MODELS[cfg.model],
+            "n_layers": dense_config.n_layers, "d_model": dense_config.d_model, "d_ff": dense_config.d_ff,
+            "training": cfg.training_key()}
+
+
+def save_moe(store_dir: str | Path, dense_config, cfg: RouterConfig, partition: ExpertPartition,
+             routers: Routers, stats: dict | None = None, deltas: MLPDeltas | None = None) -> Path:
+    """Write `meta.json` and an orbax checkpoint `state/` (neurons, router_w, router_b; shared and the MLP
+    corrections where they exist) under store_dir."""
+    import orbax.checkpoint as ocp
+
+    store_dir = Path(store_dir).expanduser().absolute()
+    store_dir.mkdir(parents=True, exist_ok=True)
+    tree = {"neurons": np.asarray(partition.neurons_LxExFe, np.int32),
+            "router_w": np.asarray(routers.w_LxDxE, np.float32), "router_b": np.asarray(routers.b_LxE, np.float32)}
+    if partition.shared_LxFs is not None:
+        tree["shared"] = np.asarray(partition.shared_LxFs, np.int32)
+    if deltas is not None:
+        tree["delta"] = deltas.tree()
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(store_dir / "state", tree, force=True)
+    meta = _expected_meta(dense_config, cfg)
+    if stats:
+        meta["stats"] = {k: (np.asarray(v).tolist() if isinstance(v, np.ndarray) else v) for k, v in stats.items()}
+    (store_dir / "meta.json").write_text(json.dumps(meta, indent=1))
+    return store_dir
+
+
+def load_moe(store_dir: str | Path, dense_config,
+             cfg: RouterConfig) -> tuple[ExpertPartition, Routers, MLPDeltas | None]:
+    """Read a stored MoE; MoEError (naming what differs) if it was built for another model, shape or training."""
+    import orbax.checkpoint as ocp
+
+    store_dir = Path(store_dir).expanduser().absolute()
+    meta_path = store_dir / "meta.json"
+    if not meta_path.is_file():
+        raise MoEError(f"no stored MoE at {store_dir} (meta.json missing)")
+    meta = json.loads(meta_path.read_text())
+    want = _expected_meta(dense_config, cfg)
+    for key in ("format", "dense_model", "n_layers", "d_model", "d_ff"):
+        if meta.get(key) != want[key]:
+            raise MoEError(f"stored MoE at {store_dir} has {key} = {meta.get(key)!r}, this model needs {want[key]!r}; "
+                           "delete it or choose another out_dir")
+    default = RouterConfig().training_key()  # a key added since the store was written has its default there
+    stored = {k: meta["training"].get(k, default.get(k)) for k in want["training"]}
+    diff = {k: (stored[k], v) for k, v in want["training"].items() if stored[k] != v}
+    if diff:
+        shown = ", ".join(f"{k}: stored {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise MoEError(f"stored MoE at {store_dir} was built with other settings ({shown}); rebuild it or choose "
+                       "another out_dir")
+    with ocp.StandardCheckpointer() as ckpt:
+        tree = ckpt.restore(store_dir / "state")
+    shared = np.asarray(tree["shared"], np.int32) if "shared" in tree else None
+    partition = ExpertPartition(np.asarray(tree["neurons"], np.int32), shared).check(dense_config.n_layers,
+                                                                                      dense_config.d_ff)
+    if partition.n_experts != cfg.n_experts or partition.n_shared != shared_neurons(cfg, dense_config.d_ff):
+        raise MoEError(f"stored MoE at {store_dir} has {partition.n_experts} experts and {partition.n_shared} shared "
+                       f"neurons, config asks {cfg.n_experts} and {shared_neurons(cfg, dense_config.d_ff)}: rebuild it")
+    routers = Routers(np.asarray(tree["router_w"], np.float32), np.asarray(tree["router_b"], np.float32))
+    deltas = None
+    if cfg.distill_steps:
+        if "delta" not in tree:
+            raise MoEError(f"stored MoE at {store_dir} holds no MLP corrections, the config distils for "
+                           f"{cfg.distill_steps} steps: rebuild it")
+        deltas = MLPDeltas.from_tree(tree["delta"]).check(dense_config.n_layers, dense_config.d_model,
+                                                          dense_config.d_ff)
+    return partition, routers.check(dense_config.n_layers, dense_config.d_model, cfg.n_experts), deltas
+
+
+def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig, *, rebuild: bool = False,
+                  eval_fn=None, say=print) -> tuple[ExpertPartition, Routers, MLPDeltas | None]:
+    """The stored MoE for `cfg` (cache, then shipped; a mismatching cache store raises), else build and store it.
+
+    `text_fn(max_chars) -> str` supplies calibration text (e.g. `vorch_jax.corpus.kjv_text`); models/ does not
+    import the corpus itself. `eval_fn(partition, routers) -> (delta_tree -> str)`, if given, reports held-out
+    quality during the distillation.
+    """
+    store = default_store_dir(cfg)
+    if (store / "meta.json").is_file() and not rebuild:
+        say(f"loading stored MoE from {store}")
+        return load_moe(store, dense_source.config, cfg)
+    shipped = SHIPPED_DIR / store_name(cfg)
+    if not cfg.out_dir and not rebuild and (shipped / "meta.json").is_file():
+        try:
+            found = load_moe(shipped, dense_source.config, cfg)
+            say(f"loading the MoE shipped in {shipped}")
+            return found
+        except MoEError as e:
+            say(f"the shipped MoE does not fit this config, building instead ({e})")
+    text = text_fn(calibration_chars(cfg))
+    partition, routers, stats = build_moe(dense_source, tokenizer, text, bos, cfg, say=say)
+    deltas = None
+    if cfg.distill_steps:
+        ids = calibration_ids(tokenizer, text, bos, cfg, n_seq=cfg.distill_seqs)
+        say(f"distilling the dense model into the top-{cfg.target_top_k} MoE: {cfg.distill_steps} steps of "
+            f"{cfg.distill_batch} x {cfg.calib_seq_len} tokens, rank {cfg.distill_rank}")
+        deltas, more = distill(dense_source, partition, routers, ids, top_k=cfg.target_top_k,
+                               steps=cfg.distill_steps, rank=cfg.distill_rank, batch=cfg.distill_batch,
+                               learning_rate=cfg.distill_learning_rate, seed=cfg.seed,
+                               eval_fn=eval_fn(partition, routers) if eval_fn else None, say=say)
+        stats.update(more)
+    save_moe(store, dense_source.config, cfg, partition, routers, stats, deltas)
+    say(f"stored MoE in {store}")
+    return partition, routers, deltas
