@@ -11,7 +11,7 @@ Belady (the whole future). The stream: the model's own top-k routing, teacher-fo
 from the start of the book (text the routers never trained on), each token a pass reading every layer's chosen
 experts in layer order; a cache of a fraction of all experts. The first row whose loads lie 15% under the better of
 lru and lfu shows how much of the future such a target asks a policy to know.
-Takes: about a minute on 2 CPU cores (the stored MoE build loads; a first build adds about 30 s).
+Takes: about a minute on 2 CPU cores (the stored or shipped MoE loads; see models/moe_store.py).
 """
 
 from __future__ import annotations

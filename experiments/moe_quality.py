@@ -2,13 +2,16 @@
 
     .venv/bin/python experiments/moe_quality.py configs/moe/router.yaml [--rebuild]
 
-Builds (or loads) the MoE model of the router config, then on BOS + the first `eval_tokens` tokens of KJV:
-  1. ppl of the MoE model for each k in `eval_top_ks` beside the dense model's (k = E must equal dense), with the
+Builds (or loads) the MoE model of the router config (with `distill_steps`, the distillation reports the held-out
+top-k ppl as it trains), then on BOS + the first `eval_tokens` tokens of KJV:
+  1. ppl of the MoE model for each k in `eval_top_ks` beside the dense model's (k = E equals dense unless the
+     model is distilled: then it is the dense model plus its corrections), with the
      relative logit error vs dense, top-1 agreement, and the ppl under oracle routing (top-k by activation mass);
-  2. router recall on the evaluation text: the router's top-k vs the experts with most activation mass (oracle);
+  2. router recall on the evaluation text, on the dense model's hidden states: the router's top-k vs the experts
+     with most activation mass (oracle);
   3. per-layer expert usage under top-`target_top_k` routing: entropy / log E, max and min share;
   4. speculative routing: layer l+1's router on layer l's residual state vs the experts layer l+1 actually picks.
-  3 and 4 are measured twice: in the top-`target_top_k` model, and on the dense model's hidden states (k = E).
+  3 and 4 are measured twice: in the top-`target_top_k` model, and with every expert run (k = E).
 """
 
 from __future__ import annotations
@@ -73,10 +76,10 @@ def distill_progress(src, rcfg, ids_T: np.ndarray):
 
     def for_moe(partition, routers):
         weights = moe_distill.stacked_weights(src, partition, routers)
-        run = jax.jit(lambda d, ids: moe_distill.routed_logits(src.config, weights, d, ids, rcfg.target_top_k))
+        run = jax.jit(lambda w, d, ids: moe_distill.routed_logits(src.config, w, d, ids, rcfg.target_top_k))
 
         def report(delta) -> str:
-            logits = np.asarray(run(delta, jnp.asarray(ids_T[None]))[0])
+            logits = np.asarray(run(weights, delta, jnp.asarray(ids_T[None]))[0])
             return f"held-out top-{rcfg.target_top_k} ppl {math.exp(nll(logits, ids_T)):.3f}"
 
         return report
@@ -237,12 +240,13 @@ def main(argv=None) -> dict:
               f" {ppl_oracle:>17.3f}")
 
     kr = rcfg.target_top_k
-    # Router vs oracle on the evaluation text, on the dense model's hidden states (k = E run is the dense model).
-    dense_in = collected[E][0] if E in collected else moe_forward(cfg, blocks, ids, top_k=E, collect=True)[1]
+    # Router vs oracle on the evaluation text, on the dense model's hidden states (what the routers trained on; a
+    # distilled model's k = E run is the dense model plus its corrections, so it is not used here).
+    dense_h = mb.dense_mlp_inputs(cfg, dense_blocks, ids)
     rec = []
     for i in range(L):
         gw = blocks[moe.gate_block_id(i)]
-        h = Lay.rms_norm(dense_in[i], gw["ffn_norm"], cfg.norm_eps).reshape(-1, cfg.d_model)
+        h = dense_h[i].reshape(-1, cfg.d_model)
         mass = np.asarray(mb.expert_mass(dense_blocks[f"layers.{i}.mlp"], partition.neurons_LxExFe[i], h))
         pred = topk_np(np.asarray(moe.moe_router_probs(gw, h)), kr)
         rec.append(float((pred & topk_np(mass, kr)).sum() / (kr * len(h))))
@@ -250,8 +254,8 @@ def main(argv=None) -> dict:
     print(f"\n== router top-{kr} vs activation-mass top-{kr} on the evaluation text (dense hidden states) ==")
     print(f"recall mean {np.mean(rec):.3f}, min {np.min(rec):.3f} (layer {int(np.argmin(rec))}), max {np.max(rec):.3f}")
 
-    # Usage and speculative routing in the top-kr routed model, and in the dense model (k = E: what a runtime that
-    # keeps quality would see; the routed model's hidden states drift far from the dense ones at small k).
+    # Usage and speculative routing in the top-kr routed model, and with every expert run (k = E: the dense model,
+    # plus its corrections where distilled; what a runtime that keeps quality would see).
     for run_k in dict.fromkeys((kr, E)):
         moe_in, moe_out = collected[run_k] if run_k in collected else \
             moe_forward(cfg, blocks, ids, top_k=run_k, collect=True)[1:]

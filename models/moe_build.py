@@ -1,4 +1,4 @@
-"""Build the MoE SmolLM2: balanced k-means expert partition, routers trained with optax, stored with orbax.
+"""Build the MoE SmolLM2: balanced k-means expert partition, routers trained with optax (`moe_store` keeps it).
 
 Partition: per layer, balanced spherical k-means on each neuron's weight vector [w_gate[:, n]; w_up[:, n]] (2D
 floats). Chosen over co-activation clustering because it needs no calibration pass (the partition is a function
@@ -80,8 +80,11 @@ class RouterConfig:
     distill_learning_rate: float = 2.0e-3
 
     def training_key(self) -> dict:
-        """What a stored result must agree on to be reused (evaluation keys excluded)."""
+        """What a stored result must agree on to be reused (evaluation keys excluded; the distillation's keys only
+        where it runs)."""
         skip = {"log_every", "out_dir", "eval_tokens", "eval_top_ks"}
+        if not self.distill_steps:
+            skip |= {k for k in dataclasses.asdict(self) if k.startswith("distill_") and k != "distill_steps"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 

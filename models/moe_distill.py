@@ -15,7 +15,7 @@ the undistilled MoE.
 
 Deterministic for a fixed seed on one machine (numpy batch order, a jax PRNG init, XLA on CPU). Training runs the
 whole model per step, about 9 s a step of 4 x 256 tokens on this project's 2-core CPU: a build of hundreds of steps
-runs once, outside the test suite, and its result ships (`moe_build.SHIPPED_DIR`).
+runs once, outside the test suite, and its result ships (`moe_store.SHIPPED_DIR`).
 
 Shapes: L layers, B batch, T tokens, D model width, F MLP width, E experts, r the correction's rank.
 """
@@ -32,6 +32,7 @@ import numpy as np
 from . import llama_layers as Lay
 from .block_ids import layer_block_id
 from .errors import MoEError
+from .moe import topk_mask
 
 DELTA_LEAVES = ("ga", "gb", "ua", "ub", "da", "db")
 
@@ -52,7 +53,8 @@ class MLPDeltas:
         return cls(*(np.asarray(tree[k], np.float32) for k in DELTA_LEAVES))
 
     def tree(self) -> dict:
-        return dict(zip(DELTA_LEAVES, dataclasses.astuple(self)))
+        """{leaf: array} in DELTA_LEAVES order (the arrays themselves, not copies)."""
+        return {k: getattr(self, f.name) for k, f in zip(DELTA_LEAVES, dataclasses.fields(self))}
 
     @property
     def rank(self) -> int:
@@ -60,12 +62,12 @@ class MLPDeltas:
 
     @property
     def nbytes(self) -> int:
-        return sum(a.nbytes for a in dataclasses.astuple(self))
+        return sum(a.nbytes for a in self.tree().values())
 
     def check(self, n_layers: int, d_model: int, d_ff: int) -> "MLPDeltas":
         r = self.rank
         want = [(n_layers, d_model, r), (n_layers, r, d_ff)] * 2 + [(n_layers, d_ff, r), (n_layers, r, d_model)]
-        got = [a.shape for a in dataclasses.astuple(self)]
+        got = [a.shape for a in self.tree().values()]
         if got != want:
             raise MoEError(f"MLP corrections of shapes {got} do not fit a model of {n_layers} layers, D = {d_model}, "
                            f"F = {d_ff} (want {want})")
@@ -124,8 +126,8 @@ def routed_logits(cfg, weights: dict, delta: dict | None, ids_BxT, top_k: int):
         if d is not None:
             wg, wu, wd = wg + d["ga"] @ d["gb"], wu + d["ua"] @ d["ub"], wd + d["da"] @ d["db"]
         act_BxTxF = jax.nn.silu(h @ wg) * (h @ wu)
-        if top_k:
-            chose_BxTxE = jax.nn.one_hot(jax.lax.top_k(h @ rw + rb, top_k)[1], experts_ExF.shape[0]).sum(-2)
+        if top_k:  # the runtime's rule: top_k of the router's probabilities (`moe.moe_route`)
+            chose_BxTxE = topk_mask(jax.nn.softmax(h @ rw + rb, axis=-1), top_k).astype(jnp.float32)
             act_BxTxF = act_BxTxF * jnp.maximum(chose_BxTxE @ experts_ExF, shared_F)
         return x + act_BxTxF @ wd, None
 
@@ -161,7 +163,8 @@ def distill(dense_source, partition, routers, ids_NxT: np.ndarray, *, top_k: int
 
     cfg = dense_source.config
     if batch > len(ids_NxT):
-        raise MoEError(f"distillation batch {batch} exceeds the {len(ids_NxT)} calibration sequences")
+        raise MoEError(f"distillation batch {batch} exceeds the {len(ids_NxT)} calibration sequences: lower "
+                       "distill_batch or raise distill_seqs")
     weights = stacked_weights(dense_source, partition, routers)
     delta = initial_delta(cfg.n_layers, cfg.d_model, cfg.d_ff, rank, seed)
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(1, min(10, steps // 10)), steps + 1)
@@ -169,7 +172,7 @@ def distill(dense_source, partition, routers, ids_NxT: np.ndarray, *, top_k: int
     state = opt.init(delta)
 
     @jax.jit
-    def step(delta, state, ids):
+    def step(weights, delta, state, ids):  # weights an argument: closed over, jit would bake them in as constants
         loss, grad = jax.value_and_grad(lambda d: kl_dense_moe(cfg, weights, d, ids, top_k))(delta)
         update, state = opt.update(grad, state, delta)
         return optax.apply_updates(delta, update), state, loss
@@ -178,7 +181,7 @@ def distill(dense_source, partition, routers, ids_NxT: np.ndarray, *, top_k: int
     t0, logged, recent = time.perf_counter(), [], []
     for s in range(1, steps + 1):
         rows = np.sort(rng.choice(len(ids_NxT), batch, replace=False))
-        delta, state, loss = step(delta, state, jnp.asarray(ids_NxT[rows]))
+        delta, state, loss = step(weights, delta, state, jnp.asarray(ids_NxT[rows]))
         recent.append(float(loss))
         if s % log_every == 0 or s == steps:
             logged.append((s, float(np.mean(recent))))

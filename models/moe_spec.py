@@ -144,7 +144,8 @@ class MoESpec(ModelSpec):
 
 def smollm2_moe_spec(router_config: str = "", top_k: int = 0, name: str = "smollm2-135m-moe") -> MoESpec:
     """The MoE SmolLM2 of `router_config` (default `default_config`): E, the shared part and the trained top_k from
-    it, `top_k` > 0 overriding the k a run routes with. Built on first use (about 2 minutes) and cached on disk.
+    it, `top_k` > 0 overriding the k a run routes with. Built on first use (about 2 minutes; a distilled config loads
+    the store shipped in models/shipped/moe, or trains for about 50 minutes) and cached on disk.
     `name`: smollm2-135m-moe (no shared part, configs/moe/router.yaml) or smollm2-135m-moe-shared (a shared part,
     configs/moe/router_shared.yaml)."""
     from . import moe_build as mb

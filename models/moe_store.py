@@ -25,7 +25,8 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "shipped" / "moe"
 
 
 def store_name(cfg: RouterConfig) -> str:
-    return f"{cfg.model}-E{cfg.n_experts}"
+    """`{model}-E{n_experts}`, `-distilled` added where the config distils: the two never share a store."""
+    return f"{cfg.model}-E{cfg.n_experts}" + ("-distilled" if cfg.distill_steps else "")
 
 
 def default_store_dir(cfg: RouterConfig) -> Path:
@@ -107,8 +108,11 @@ def load_moe(store_dir: str | Path, dense_config,
         if "delta" not in tree:
             raise MoEError(f"stored MoE at {store_dir} holds no MLP corrections, the config distils for "
                            f"{cfg.distill_steps} steps: rebuild it")
-        deltas = MLPDeltas.from_tree(tree["delta"]).check(dense_config.n_layers, dense_config.d_model,
-                                                          dense_config.d_ff)
+        try:
+            deltas = MLPDeltas.from_tree(tree["delta"]).check(dense_config.n_layers, dense_config.d_model,
+                                                              dense_config.d_ff)
+        except MoEError as e:
+            raise MoEError(f"stored MoE at {store_dir}: {e}; rebuild it") from None
     return partition, routers.check(dense_config.n_layers, dense_config.d_model, cfg.n_experts), deltas
 
 
@@ -120,12 +124,22 @@ def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig,
     import the corpus itself. `eval_fn(partition, routers) -> (delta_tree -> str)`, if given, reports held-out
     quality during the distillation.
     """
-    store = default_store_dir(cfg)
+    store, shipped = default_store_dir(cfg), SHIPPED_DIR / store_name(cfg)
+    use_shipped = not cfg.out_dir and not rebuild and (shipped / "meta.json").is_file()
     if (store / "meta.json").is_file() and not rebuild:
         say(f"loading stored MoE from {store}")
-        return load_moe(store, dense_source.config, cfg)
-    shipped = SHIPPED_DIR / store_name(cfg)
-    if not cfg.out_dir and not rebuild and (shipped / "meta.json").is_file():
+        try:
+            return load_moe(store, dense_source.config, cfg)
+        except MoEError as cache_error:
+            if not use_shipped:
+                raise
+            try:
+                found = load_moe(shipped, dense_source.config, cfg)
+            except MoEError:
+                raise cache_error from None
+            say(f"the cache store does not fit this config; loading the MoE shipped in {shipped}")
+            return found
+    if use_shipped:
         try:
             found = load_moe(shipped, dense_source.config, cfg)
             say(f"loading the MoE shipped in {shipped}")

@@ -136,6 +136,24 @@ def test_build_or_load_reads_a_matching_shipped_store(tmp_path, two, parts, monk
     with pytest.raises(RuntimeError, match="no calibration text"):
         store.build_or_load(two, None, no_text, 0, dataclasses.replace(cfg, distill_steps=7), say=said.append)
     assert "does not fit" in said[-1]
+    with pytest.raises(RuntimeError, match="no calibration text"):  # rebuild reads neither store
+        store.build_or_load(two, None, no_text, 0, cfg, rebuild=True, say=said.append)
+    # a cache store built with other settings: the matching shipped one is read; with none matching, the cache's
+    # error is raised
+    store.save_moe(tmp_path / "cache", two.config, dataclasses.replace(cfg, distill_steps=9), *parts, None, deltas)
+    store.build_or_load(two, None, None, 0, cfg, say=said.append)
+    assert "cache store does not fit" in said[-1]
+    with pytest.raises(MoEError, match="distill_steps: stored 9 vs config 8"):
+        store.build_or_load(two, None, None, 0, dataclasses.replace(cfg, distill_steps=8), say=said.append)
+
+
+def test_store_names_keep_plain_and_distilled_apart():
+    plain = mb.RouterConfig(model="smollm2-135m-moe-shared")
+    assert store.store_name(plain) == "smollm2-135m-moe-shared-E8"
+    assert store.store_name(dataclasses.replace(plain, distill_steps=3)) == "smollm2-135m-moe-shared-E8-distilled"
+    # a plain config's training key ignores the distillation's other keys
+    assert plain.training_key() == dataclasses.replace(plain, distill_rank=7).training_key()
+    assert plain.training_key() != dataclasses.replace(plain, distill_steps=3).training_key()
 
 
 def test_config_checks_the_distillation_keys():
