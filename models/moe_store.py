@@ -5,7 +5,8 @@
 distilled MoE trains for about half an hour on a 2-core CPU), and otherwise builds (partition, routers, and the
 distillation where the config asks for it) and writes the cache store. A store is used only if its meta says it was
 built from the same dense model with the same training settings; a shipped store that does not match is passed
-over, a cache store that does not match is an error naming the difference.
+over, a cache store that does not match yields to a matching shipped store and is otherwise an error naming the
+difference.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def load_moe(store_dir: str | Path, dense_config,
 
 def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig, *, rebuild: bool = False,
                   eval_fn=None, say=print) -> tuple[ExpertPartition, Routers, MLPDeltas | None]:
-    """The stored MoE for `cfg` (cache, then shipped; a mismatching cache store raises), else build and store it.
+    """The stored MoE for `cfg` (cache, then shipped; a mismatching cache store with no matching shipped one
+    raises), else build and store it.
 
     `text_fn(max_chars) -> str` supplies calibration text (e.g. `vorch_jax.corpus.kjv_text`); models/ does not
     import the corpus itself. `eval_fn(partition, routers) -> (delta_tree -> str)`, if given, reports held-out
