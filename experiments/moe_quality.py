@@ -17,8 +17,10 @@ top-k ppl as it trains), then on BOS + the first `eval_tokens` tokens of KJV:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
+import sys
 import time
 
 import jax
@@ -29,6 +31,7 @@ from vorch_jax.models.corpus import kjv_text
 from vorch_jax.models import llama_layers as Lay
 from vorch_jax.models import moe
 from vorch_jax.models import moe_build as mb
+from vorch_jax.models.errors import ModelError, RouterConfigError
 from vorch_jax.models import moe_distill
 from vorch_jax.models import moe_store as store
 from vorch_jax.models.gguf_source import load_smollm2_source
@@ -182,8 +185,17 @@ def main(argv=None) -> dict:
     ap.add_argument("config", help="router config, e.g. configs/moe/router.yaml")
     ap.add_argument("--rebuild", action="store_true", help="rebuild even if a stored result exists")
     ap.add_argument("--json", help="also write the numbers to this JSON file")
+    ap.add_argument("--eval-tokens", type=int, help="evaluate on BOS + this many KJV tokens (default: the config's)")
+    ap.add_argument("--no-distill", action="store_true",
+                    help="the same partition and routers without the distilled corrections (distill_steps: 0)")
     args = ap.parse_args(argv)
     rcfg = mb.load_router_config(args.config)
+    if args.eval_tokens is not None:
+        if args.eval_tokens < 1:
+            raise RouterConfigError(f"--eval-tokens must be >= 1, got {args.eval_tokens}")
+        rcfg = dataclasses.replace(rcfg, eval_tokens=args.eval_tokens)
+    if args.no_distill:
+        rcfg = dataclasses.replace(rcfg, distill_steps=0)
 
     src = load_smollm2_source()
     cfg = src.config
@@ -270,4 +282,8 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ModelError as e:  # a bad router config or flag: one line, exit 2
+        print(f"moe_quality: {e}", file=sys.stderr)
+        sys.exit(2)
