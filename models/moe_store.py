@@ -117,6 +117,14 @@ def load_moe(store_dir: str | Path, dense_config,
     return partition, routers.check(dense_config.n_layers, dense_config.d_model, cfg.n_experts), deltas
 
 
+def _load_or_error(store_dir: Path, dense_config, cfg: RouterConfig):
+    """`load_moe`'s result, or the MoEError it raised (so callers can fall back to another store)."""
+    try:
+        return load_moe(store_dir, dense_config, cfg)
+    except MoEError as e:
+        return e
+
+
 def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig, *, rebuild: bool = False,
                   eval_fn=None, say=print) -> tuple[ExpertPartition, Routers, MLPDeltas | None]:
     """The stored MoE for `cfg` (cache, then shipped; a mismatching cache store with no matching shipped one
@@ -130,24 +138,20 @@ def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig,
     use_shipped = not cfg.out_dir and not rebuild and (shipped / "meta.json").is_file()
     if (store / "meta.json").is_file() and not rebuild:
         say(f"loading stored MoE from {store}")
-        try:
-            return load_moe(store, dense_source.config, cfg)
-        except MoEError as cache_error:
-            if not use_shipped:
-                raise
-            try:
-                found = load_moe(shipped, dense_source.config, cfg)
-            except MoEError:
-                raise cache_error from None
-            say(f"the cache store does not fit this config; loading the MoE shipped in {shipped}")
-            return found
+        cached = _load_or_error(store, dense_source.config, cfg)
+        if not isinstance(cached, MoEError):
+            return cached
+        found = _load_or_error(shipped, dense_source.config, cfg) if use_shipped else cached
+        if isinstance(found, MoEError):
+            raise cached
+        say(f"the cache store does not fit this config; loading the MoE shipped in {shipped}")
+        return found
     if use_shipped:
-        try:
-            found = load_moe(shipped, dense_source.config, cfg)
+        found = _load_or_error(shipped, dense_source.config, cfg)
+        if not isinstance(found, MoEError):
             say(f"loading the MoE shipped in {shipped}")
             return found
-        except MoEError as e:
-            say(f"the shipped MoE does not fit this config, building instead ({e})")
+        say(f"the shipped MoE does not fit this config, building instead ({found})")
     text = text_fn(calibration_chars(cfg))
     partition, routers, stats = build_moe(dense_source, tokenizer, text, bos, cfg, say=say)
     deltas = None
