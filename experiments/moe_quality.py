@@ -3,7 +3,9 @@
     .venv/bin/python experiments/moe_quality.py configs/moe/router.yaml [--rebuild]
 
 Builds (or loads) the MoE model of the router config (with `distill_steps`, the distillation reports the held-out
-top-k ppl as it trains), then on BOS + the first `eval_tokens` tokens of KJV:
+top-k ppl as it trains), then on BOS + the first `eval_tokens` tokens of KJV (the book's opening, which the dense
+model partly recites: its ppl there is far below its ppl elsewhere) and on `eval_windows` windows spread over the
+text after all the training text (`moe_build.held_out_windows`):
   1. ppl of the MoE model for each k in `eval_top_ks` beside the dense model's (k = E equals dense unless the
      model is distilled: then it is the dense model plus its corrections), with the
      relative logit error vs dense, top-1 agreement, and the ppl under oracle routing (top-k by activation mass);
@@ -48,6 +50,30 @@ def nll(logits_TxV: np.ndarray, ids_T: np.ndarray) -> float:
     z = z - z.max(-1, keepdims=True)
     logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
     return float(-logp[np.arange(len(ids_T) - 1), ids_T[1:]].mean())
+
+
+def mean_nll(logits_fn, windows_NxT: np.ndarray, batch: int = 4) -> float:
+    """Mean over windows of `nll` of `logits_fn(ids [b, T]) -> logits [b, T, V]`, `batch` windows at a time."""
+    total = []
+    for i in range(0, len(windows_NxT), batch):
+        rows = windows_NxT[i:i + batch]
+        logits = np.asarray(logits_fn(jnp.asarray(rows)))
+        total += [nll(lg, ids_T) for lg, ids_T in zip(logits, rows)]
+    return float(np.mean(total))
+
+
+def held_out_table(cfg, dense_logits_fn, blocks, windows_NxT: np.ndarray, top_ks, mlp_compute) -> dict:
+    """ppl of the dense model and of the MoE at each top-k (router- and oracle-routed) over the held-out windows."""
+    dense = math.exp(mean_nll(dense_logits_fn, windows_NxT))
+    print(f"dense ppl {dense:.3f}")
+    print(f"{'top_k':>5} {'MLP compute':>11} {'ppl':>9} {'ppl/dense':>9} {'oracle-routed ppl':>17} {'x dense':>7}")
+    rows = []
+    for k in top_ks:
+        ppl = math.exp(mean_nll(lambda i: moe_forward(cfg, blocks, i, top_k=k)[0], windows_NxT))
+        oracle = math.exp(mean_nll(lambda i: oracle_forward_jit(cfg, blocks, i, top_k=k), windows_NxT))
+        rows.append({"top_k": k, "mlp_compute": mlp_compute(k), "ppl": ppl, "ppl_oracle_routing": oracle})
+        print(f"{k:>5} {mlp_compute(k):>11.3f} {ppl:>9.3f} {ppl / dense:>9.3f} {oracle:>17.3f} {oracle / dense:>7.3f}")
+    return {"dense_ppl": dense, "windows": int(len(windows_NxT)), "rows": rows}
 
 
 def topk_np(scores_NxE: np.ndarray, k: int) -> np.ndarray:
@@ -250,6 +276,16 @@ def main(argv=None) -> dict:
                             "ppl_oracle_routing": ppl_oracle})
         print(f"{k:>5} {(fs + k * fe) / cfg.d_ff:>11.3f} {ppl:>9.3f} {ppl / out['dense_ppl']:>9.3f} {rel:>13.2e} {agree:>10.3f}"
               f" {ppl_oracle:>17.3f}")
+
+    if rcfg.eval_windows:
+        text = kjv_text()
+        windows, start = mb.held_out_windows(tok, text, bos, rcfg)
+        dense_fn = jax.jit(lambda m, i: m(i, KVCache.zeros(cfg, i.shape[0], i.shape[1]), 0)[0])
+        print(f"\n== ppl on {len(windows)} windows of {windows.shape[1] - 1} tokens spread over KJV characters "
+              f"{start:,}-{len(text):,}, after all the training text ==")
+        out["held_out_windows"] = held_out_table(cfg, lambda i: dense_fn(model, i), blocks, windows, rcfg.eval_top_ks,
+                                                 lambda k: (fs + k * fe) / cfg.d_ff)
+        out["held_out_windows"]["first_char"] = start
 
     kr = rcfg.target_top_k
     # Router vs oracle on the evaluation text, on the dense model's hidden states (what the routers trained on; a

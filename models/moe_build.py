@@ -73,6 +73,7 @@ class RouterConfig:
     out_dir: str = ""
     eval_tokens: int = 256
     eval_top_ks: tuple[int, ...] = (1, 2, 4, 8)
+    eval_windows: int = 16  # evaluation: windows of calib_seq_len tokens spread over the text after the training text
     distill_steps: int = 0  # 0: the experts are the dense MLP's neurons as they are (models/moe_distill.py)
     distill_rank: int = 16
     distill_batch: int = 4
@@ -82,7 +83,7 @@ class RouterConfig:
     def training_key(self) -> dict:
         """What a stored result must agree on to be reused (evaluation keys excluded; the distillation's keys only
         where it runs)."""
-        skip = {"log_every", "out_dir", "eval_tokens", "eval_top_ks"}
+        skip = {"log_every", "out_dir", "eval_tokens", "eval_top_ks", "eval_windows"}
         if not self.distill_steps:
             skip |= {k for k in dataclasses.asdict(self) if k.startswith("distill_") and k != "distill_steps"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
@@ -98,7 +99,7 @@ def _check_router_config(cfg: RouterConfig, where: str) -> RouterConfig:
                 "eval_tokens", "distill_rank", "distill_batch", "distill_seqs"):
         if getattr(cfg, key) < 1:
             raise bad(key, f"must be >= 1, got {getattr(cfg, key)}")
-    for key in ("seed", "calib_char_offset", "distill_steps"):
+    for key in ("seed", "calib_char_offset", "distill_steps", "eval_windows"):
         if getattr(cfg, key) < 0:
             raise bad(key, f"must be >= 0, got {getattr(cfg, key)}")
     for key in ("learning_rate", "distill_learning_rate"):
@@ -383,6 +384,25 @@ def calibration_ids(tokenizer, text: str, bos: int, cfg: RouterConfig, n_seq: in
         raise MoEError(f"calibration text has {len(ids)} tokens after char {cfg.calib_char_offset}, need {need}")
     body = np.asarray(ids[:need], np.int32).reshape(n_seq, seq - 1)
     return np.concatenate([np.full((n_seq, 1), bos, np.int32), body], axis=1)
+
+
+def held_out_windows(tokenizer, text: str, bos: int, cfg: RouterConfig) -> tuple[np.ndarray, int]:
+    """(int32 [eval_windows, calib_seq_len]: BOS + tokens, first character of the held-out text): windows starting
+    at verse starts evenly spread over the corpus after `calibration_chars(cfg)`, the last character any training
+    reads. The corpus's opening (the `eval_tokens` evaluation) is the best-known text of the book, which a small
+    model partly recites; these windows sample the rest of what training never saw."""
+    start, seq = calibration_chars(cfg), cfg.calib_seq_len
+    span = 12 * seq  # characters read per window: ample for seq - 1 tokens
+    if len(text) < start + cfg.eval_windows * span:
+        raise MoEError(f"the corpus has {len(text)} characters: too few after the training text (char {start}) for "
+                       f"{cfg.eval_windows} windows of {seq} tokens; lower eval_windows")
+    rows = []
+    for a in np.linspace(start, len(text) - span, cfg.eval_windows).astype(int):
+        a = text.find("\n", a) + 1 or a
+        rows.append([bos] + tokenizer.encode(text[a:a + span]).ids[: seq - 1])
+        if len(rows[-1]) < seq:
+            raise MoEError(f"the held-out window at char {a} has {len(rows[-1]) - 1} tokens, need {seq - 1}")
+    return np.asarray(rows, np.int32), start
 
 
 def calibration_chars(cfg: RouterConfig) -> int:

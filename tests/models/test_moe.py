@@ -264,6 +264,7 @@ def test_shipped_router_config_loads_and_has_a_header():
     ("learning_rate: 1e-3\n", "key 'learning_rate' expects float"),
     ("n_experts: 8\ntarget_top_k: 9\n", "key 'target_top_k'"),
     ("model: smollm2-135m\n", "key 'model'"),
+    ("eval_windows: -1\n", "key 'eval_windows' must be >= 0"),
 ])
 def test_router_config_errors_name_key_and_file(tmp_path, body, match):
     path = tmp_path / "bad.yaml"
@@ -271,3 +272,29 @@ def test_router_config_errors_name_key_and_file(tmp_path, body, match):
     with pytest.raises(mb.RouterConfigError, match=match) as err:
         mb.load_router_config(path)
     assert str(path) in str(err.value)
+
+
+class _CharTokenizer:  # one token per character: a window's tokens map back to the text exactly
+    def encode(self, text):
+        return type("Encoding", (), {"ids": [ord(c) for c in text]})()
+
+
+def test_held_out_windows_lie_after_all_training_text_at_verse_starts():
+    cfg = dataclasses.replace(mb.RouterConfig(), calib_char_offset=100, calib_tokens=64, calib_seq_len=32,
+                              eval_windows=5)
+    verses = [f"verse {i} " + "x" * (i % 7) for i in range(3000)]
+    text = "\n".join(verses)
+    windows, start = mb.held_out_windows(_CharTokenizer(), text, 1, cfg)
+    assert start == mb.calibration_chars(cfg) and start > cfg.calib_char_offset
+    assert windows.shape == (5, 32) and windows.dtype == np.int32 and (windows[:, 0] == 1).all()
+    firsts = []
+    for row in windows:
+        chunk = "".join(map(chr, row[1:]))
+        at = text.index(chunk, start)  # every window is text from `start` on ...
+        assert text[at - 1] == "\n"  # ... and begins a verse
+        firsts.append(at)
+    assert firsts == sorted(set(firsts)) and firsts[-1] - firsts[0] > len(text) // 2  # spread, not clustered
+    # a training-key no-op: changing it reuses a stored MoE
+    assert mb.RouterConfig().training_key() == dataclasses.replace(mb.RouterConfig(), eval_windows=3).training_key()
+    with pytest.raises(mb.MoEError, match="lower eval_windows"):
+        mb.held_out_windows(_CharTokenizer(), text[: start + 500], 1, cfg)
