@@ -52,27 +52,32 @@ def nll(logits_TxV: np.ndarray, ids_T: np.ndarray) -> float:
     return float(-logp[np.arange(len(ids_T) - 1), ids_T[1:]].mean())
 
 
-def mean_nll(logits_fn, windows_NxT: np.ndarray, batch: int = 4) -> float:
-    """Mean over windows of `nll` of `logits_fn(ids [b, T]) -> logits [b, T, V]`, `batch` windows at a time."""
-    total = []
+def window_nlls(logits_fn, windows_NxT: np.ndarray, batch: int = 4) -> np.ndarray:
+    """float64 [N]: `nll` of each window under `logits_fn(ids [b, T]) -> logits [b, T, V]`, `batch` at a time."""
+    out = []
     for i in range(0, len(windows_NxT), batch):
         rows = windows_NxT[i:i + batch]
-        logits = np.asarray(logits_fn(jnp.asarray(rows)))
-        total += [nll(lg, ids_T) for lg, ids_T in zip(logits, rows)]
-    return float(np.mean(total))
+        out += [nll(lg, ids_T) for lg, ids_T in zip(np.asarray(logits_fn(jnp.asarray(rows))), rows)]
+    return np.asarray(out)
 
 
 def held_out_table(cfg, dense_logits_fn, blocks, windows_NxT: np.ndarray, top_ks, mlp_compute) -> dict:
-    """ppl of the dense model and of the MoE at each top-k (router- and oracle-routed) over the held-out windows."""
-    dense = math.exp(mean_nll(dense_logits_fn, windows_NxT))
+    """ppl of the dense model and of the MoE at each top-k (router- and oracle-routed) over the held-out windows,
+    with the range of the windows' own ppl ratios (how much the text moves it)."""
+    dense_N = window_nlls(dense_logits_fn, windows_NxT)
+    dense = math.exp(dense_N.mean())
     print(f"dense ppl {dense:.3f}")
-    print(f"{'top_k':>5} {'MLP compute':>11} {'ppl':>9} {'ppl/dense':>9} {'oracle-routed ppl':>17} {'x dense':>7}")
+    print(f"{'top_k':>5} {'MLP compute':>11} {'ppl':>9} {'ppl/dense':>9} {'windows min-max':>15} "
+          f"{'oracle-routed ppl':>17} {'x dense':>7}")
     rows = []
     for k in top_ks:
-        ppl = math.exp(mean_nll(lambda i: moe_forward(cfg, blocks, i, top_k=k)[0], windows_NxT))
-        oracle = math.exp(mean_nll(lambda i: oracle_forward_jit(cfg, blocks, i, top_k=k), windows_NxT))
-        rows.append({"top_k": k, "mlp_compute": mlp_compute(k), "ppl": ppl, "ppl_oracle_routing": oracle})
-        print(f"{k:>5} {mlp_compute(k):>11.3f} {ppl:>9.3f} {ppl / dense:>9.3f} {oracle:>17.3f} {oracle / dense:>7.3f}")
+        moe_N = window_nlls(lambda i: moe_forward(cfg, blocks, i, top_k=k), windows_NxT)
+        oracle = math.exp(window_nlls(lambda i: oracle_forward_jit(cfg, blocks, i, top_k=k), windows_NxT).mean())
+        ppl, lo, hi = math.exp(moe_N.mean()), *np.exp([(moe_N - dense_N).min(), (moe_N - dense_N).max()])
+        rows.append({"top_k": k, "mlp_compute": mlp_compute(k), "ppl": ppl, "ppl_oracle_routing": oracle,
+                     "window_ratio_min": float(lo), "window_ratio_max": float(hi)})
+        print(f"{k:>5} {mlp_compute(k):>11.3f} {ppl:>9.3f} {ppl / dense:>9.3f} {f'{lo:.2f}-{hi:.2f}':>15} "
+              f"{oracle:>17.3f} {oracle / dense:>7.3f}")
     return {"dense_ppl": dense, "windows": int(len(windows_NxT)), "rows": rows}
 
 
@@ -220,6 +225,7 @@ def main(argv=None) -> dict:
         if args.eval_tokens < 1:
             raise RouterConfigError(f"--eval-tokens must be >= 1, got {args.eval_tokens}")
         rcfg = dataclasses.replace(rcfg, eval_tokens=args.eval_tokens)
+    window_cfg = rcfg  # the held-out windows lie after the distilled build's training text, --no-distill or not
     if args.no_distill:
         rcfg = dataclasses.replace(rcfg, distill_steps=0)
 
@@ -279,7 +285,7 @@ def main(argv=None) -> dict:
 
     if rcfg.eval_windows:
         text = kjv_text()
-        windows, start = mb.held_out_windows(tok, text, bos, rcfg)
+        windows, start = mb.held_out_windows(tok, text, bos, window_cfg)
         dense_fn = jax.jit(lambda m, i: m(i, KVCache.zeros(cfg, i.shape[0], i.shape[1]), 0)[0])
         print(f"\n== ppl on {len(windows)} windows of {windows.shape[1] - 1} tokens spread over KJV characters "
               f"{start:,}-{len(text):,}, after all the training text ==")
