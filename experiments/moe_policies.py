@@ -12,7 +12,7 @@ bytes / belady_bytes, decode tok/s, and for scored the speculative prefetch as m
 loads read by their layer / loads issued, each issued load matched to an engine transition), then the MoE issue's
 targets: scored's expert bytes against the better of lru and lfu, its decode speed against lru's, and what its
 `moe.speculative: auto` read (an expert's load time, a layer's resident compute time).
-Takes: about 2 minutes at the defaults (10 runs of 24 tokens) on 2 CPU cores.
+Takes: about 6 minutes at the defaults (3 rounds of 10 runs of 24 tokens) on 2 CPU cores.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import collections
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -129,6 +130,24 @@ def replay_bounds(stream, n_slots: int, n_layers: int, n_experts: int, ema: floa
     return out
 
 
+def policy_row(frac: float, pol: str, budget: int, summaries: list) -> dict:
+    """One (budget, policy)'s row over its rounds: bytes and hits from the first run (every later round must move the
+    same bytes: the runs are deterministic), decode tok/s and stall the medians."""
+    s = summaries[0]
+    if any(x["bytes_moved"] != s["bytes_moved"] for x in summaries):
+        raise RuntimeError(f"{pol} at {frac:.0%}: bytes moved differ between rounds "
+                           f"{[x['bytes_moved'] for x in summaries]}: the runs are not deterministic")
+    m = s["routing"]
+    toks = [x["decode_tok_s"] for x in summaries]
+    return {"fraction": frac, "policy": pol, "budget": budget, "hit_rate": s["hits"] / max(1, s["hits"] + s["misses"]),
+            "expert_hit_rate": m["expert_hit_rate"], "bytes_moved": s["bytes_moved"],
+            "expert_bytes_moved": m["expert_bytes_moved"], "belady_bytes": s["belady_bytes"],
+            "ratio": s["bytes_moved"] / s["belady_bytes"], "decode_tok_s": float(np.median(toks)),
+            "decode_tok_s_rounds": toks, "stall_s": float(np.median([x["stall_s"] for x in summaries])),
+            "tokens_match": all(x["tokens_match_resident"] for x in summaries),
+            "stream_match": all(x["stream_matches_resident"] for x in summaries), "speculative": m["speculative"]}
+
+
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m-moe", choices=["smollm2-135m-moe", "smollm2-135m-moe-shared"])
@@ -140,8 +159,13 @@ def main(argv=None) -> list[dict]:
                     help="scored speculates as `moe.speculative: auto` decides; 'scored-spec' / 'scored-nospec' force "
                          "speculative prefetch on / off (what it gains or costs)")
     ap.add_argument("--reserve", type=int, default=5, help="streaming reserve, in experts")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each (budget, policy), interleaved round by round; "
+                    "tok/s and stall are medians (this CPU's noise is about +-25%%), bytes must repeat exactly")
     ap.add_argument("--out", default="runs/moe_policies")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        print(f"moe_policies: --rounds must be >= 1, got {args.rounds}", file=sys.stderr)
+        sys.exit(2)
 
     model = args.model
     base = RunConfig(model=model, policy="lru", hbm_budget=1.0, new_tokens=args.new_tokens,
@@ -159,28 +183,26 @@ def main(argv=None) -> list[dict]:
     for frac in args.fractions:
         budget, how = expert_budget(setup, frac, args.reserve)
         print(f"\nbudget at {frac:.0%} of experts: {how}")
-        for pol in args.policies:
-            mode = "off" if pol.endswith("-nospec") else "on" if pol.endswith("-spec") else "auto"
-            cfg = dataclasses.replace(base, policy=pol.removesuffix("-nospec").removesuffix("-spec"),
-                                      hbm_budget=str(budget), moe=dataclasses.replace(base.moe, speculative=mode))
-            s = run(cfg, Path(args.out) / f"f{int(frac * 100)}" / pol, reference=ref)
-            m = s["routing"]
-            hit = s["hits"] / max(1, s["hits"] + s["misses"])
-            rows.append({"fraction": frac, "policy": pol, "budget": budget, "hit_rate": hit,
-                         "expert_hit_rate": m["expert_hit_rate"], "bytes_moved": s["bytes_moved"],
-                         "expert_bytes_moved": m["expert_bytes_moved"], "belady_bytes": s["belady_bytes"],
-                         "ratio": s["bytes_moved"] / s["belady_bytes"], "decode_tok_s": s["decode_tok_s"],
-                         "stall_s": s["stall_s"], "tokens_match": s["tokens_match_resident"],
-                         "stream_match": s["stream_matches_resident"], "speculative": m["speculative"]})
-            print(f"  {pol} done: {rows[-1]['ratio']:.2f} x belady, tokens match {s['tokens_match_resident']}",
+        runs = {pol: [] for pol in args.policies}
+        for rnd in range(args.rounds):  # round by round, so that drift in the machine's speed hits every policy
+            for pol in args.policies:
+                mode = "off" if pol.endswith("-nospec") else "on" if pol.endswith("-spec") else "auto"
+                cfg = dataclasses.replace(base, policy=pol.removesuffix("-nospec").removesuffix("-spec"),
+                                          hbm_budget=str(budget), moe=dataclasses.replace(base.moe, speculative=mode))
+                runs[pol].append(run(cfg, Path(args.out) / f"f{int(frac * 100)}" / pol / f"r{rnd}", reference=ref))
+        for pol, summaries in runs.items():
+            rows.append(policy_row(frac, pol, budget, summaries))
+            print(f"  {pol} done: {rows[-1]['ratio']:.2f} x belady, tokens match {rows[-1]['tokens_match']}, "
+                  f"tok/s over {args.rounds} rounds {' '.join(f'{t:.2f}' for t in rows[-1]['decode_tok_s_rounds'])}",
                   flush=True)
     print(f"\n{'experts':>7} {'policy':>13} {'hit':>5} {'exp hit':>7} {'MB moved':>9} {'expert MB':>9} "
-          f"{'belady MB':>9} {'/belady':>7} {'tok/s':>6} {'stall s':>7} {'lossless':>8}")
+          f"{'belady MB':>9} {'/belady':>7} {'tok/s':>6} {'stall s':>7} {'lossless':>8}   rounds tok/s")
     for r in rows:
         print(f"{r['fraction']:>7.0%} {r['policy']:>13} {r['hit_rate']:>5.2f} {r['expert_hit_rate']:>7.2f} "
               f"{r['bytes_moved'] / 1e6:>9.1f} {r['expert_bytes_moved'] / 1e6:>9.1f} {r['belady_bytes'] / 1e6:>9.1f} "
               f"{r['ratio']:>7.2f} {r['decode_tok_s']:>6.2f} {r['stall_s']:>7.2f} "
-              f"{str(r['tokens_match'] and r['stream_match']):>8}")
+              f"{str(r['tokens_match'] and r['stream_match']):>8}   "
+              f"{' '.join(f'{t:.2f}' for t in r['decode_tok_s_rounds'])}")
     for frac in args.fractions:
         by = {r["policy"]: r for r in rows if r["fraction"] == frac}
         if "scored" in by and "lru" in by:
