@@ -170,6 +170,33 @@ def test_expected_next_use_adds_the_passes_the_router_is_expected_to_skip(setup)
     assert cursor.next_use("layers.4.expert.1") > n  # passed over by its router: a pass and more away
 
 
+def test_next_uses_remembered_within_a_position_equal_a_fresh_walk(setup):
+    """The cursor keeps each block's distance for the position it was asked at; moving on, a router's choice and
+    clearing `unselected` each invalidate it, so every answer equals the distance computed afresh."""
+    cursor = PassCursor(setup.spec)
+    blocks = list(setup.block_ids)
+
+    def fresh():
+        known, here = cursor.known(), cursor.current_slot()
+        return [cursor._known_index[b] + 1 if b in cursor._known_index else cursor._beyond_known(b, here, len(known))
+                for b in blocks]
+
+    rng = np.random.default_rng(0)
+    checked = 0
+    for _ in range(2):
+        cursor.begin_pass()
+        while (p := cursor.next()) is not None:
+            assert cursor.next_uses(blocks) == fresh() and cursor.next_uses(blocks[::-1]) == fresh()[::-1]
+            if p.op == "route":
+                cursor.resolve(p.layer, rng.permutation(setup.spec.n_experts) < setup.spec.top_k)
+                assert cursor.next_uses(blocks) == fresh()
+                before = cursor.next_uses(blocks)
+                cursor.unselected = set()  # what the ledger does when the layer ends
+                assert cursor.next_uses(blocks) == fresh() != before
+            checked += 1
+    assert checked > 2 * setup.spec.n_layers
+
+
 def test_scored_evicts_the_furthest_expected_use_first_and_never_a_protected_block(setup):
     policy = object.__new__(ScoredPolicy)  # the rule alone, without a controller
     policy.ctx = SimpleNamespace(protected=frozenset({"layers.0.attn"}))

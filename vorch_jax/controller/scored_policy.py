@@ -92,6 +92,7 @@ class ScoredPolicy(Policy):
     _plan = None  # the steady-state optimum's `PassPlan` (a cycle of passes), where the replay chose to follow it
     choice_s = 0.0  # the wall time of that choice (plans and replays), before the run's first pass
     _actionable = staticmethod(lambda changed: changed)  # the ledger's filter: which target changes it acts on
+    lam_source = None  # () -> float32 [B]: λ for the next dispatched tick, where a router supplies it (the ledger)
 
     def __init__(self, ctx, cfg, *, state_bytes: dict, homes: dict, kinds: dict, layers: dict, placement: dict,
                  h2d_bytes_per_s: float, nvme_bytes_per_s: float, psi: dict | None = None,
@@ -208,6 +209,9 @@ class ScoredPolicy(Policy):
 
     def _dispatch(self, params: TickParams | None = None) -> None:
         """Start a tick on the device; nothing waits for it here."""
+        if self.lam_source is not None:
+            self.table = self.table.replace(lam=jnp.asarray(self.lam_source(), jnp.float32))
+            self.lam_source = None
         accessed = np.full(self._pad, -1, np.int32)
         accessed[: len(self._accessed[: self._pad])] = self._accessed[: self._pad]
         self._accessed = []

@@ -25,6 +25,7 @@ class PassCursor:
         self._slot_of = {}  # (block, op) -> slot: the head's tied embedding has its own slot at the end
         for p, i in zip(self._positions_with_every_expert(), range(self.n)):
             self._slot_of.setdefault((p.block, p.op), i)
+        self._single_slot = {b: s[0] for b, s in self._slots.items() if len(s) == 1}
         self.route_of_layer = {p.layer: p for p in self.skeleton if p.op == "route"}
         self.routed = bool(self.route_of_layer)
         self._first_route = next((i for i, p in enumerate(self.skeleton) if p.op == "route"), None)
@@ -41,9 +42,22 @@ class PassCursor:
         self._i = 0  # next skeleton index
         self._experts: list = []  # resolved experts of the current layer still to run
         self.current = None
-        self.unselected: set[str] = set()  # experts of the current routed layer its router did not choose
+        self.unselected = set()  # experts of the current routed layer its router did not choose
         self._known = None
         self._resolved = False
+
+    @property
+    def unselected(self) -> set:
+        return self._unselected
+
+    @unselected.setter
+    def unselected(self, blocks) -> None:
+        self._unselected = set(blocks)
+        self._clear_uses()  # next uses beyond what is known count a pass more for these
+
+    def _clear_uses(self) -> None:
+        self._uses = {}
+        self.epoch = getattr(self, "epoch", 0) + 1  # memos of what `next_uses` says (the ledger's) hold within one
 
     def next(self):
         """The next position of the pass, or None at its end."""
@@ -89,6 +103,7 @@ class PassCursor:
         """The positions known to follow the current one, in order (see the module docstring)."""
         if self._known is None:
             self._known = list(self._iter_known())
+            self._clear_uses()  # `next_uses` of this position, block by block (the eviction order asks repeatedly)
             self._known_index = {}
             for k, p in enumerate(self._known):
                 self._known_index.setdefault(p.block, k)
@@ -114,11 +129,18 @@ class PassCursor:
         return self._slot_of.get((p.block, p.op), 0) if p is not None else self.n - 1
 
     def next_uses(self, blocks) -> list[int]:
-        """`next_use` of each of `blocks` (what is known and the current slot looked up once for all: the eviction
-        order's hot path)."""
+        """`next_use` of each of `blocks`: the eviction order's hot path, so each block's distance is computed once a
+        position (what is known, the current slot and `unselected` fix it; each of them changing clears the memo).
+        Measured on the shared-expert MoE at 25% of its experts, under cProfile: 127,726 slot-distance walks in a
+        24-token decode, where the ledger asks for the same few dozen blocks several times a position."""
         known = self.known()
-        index, here = self._known_index, self.current_slot()
-        return [index[b] + 1 if b in index else self._beyond_known(b, here, len(known)) for b in blocks]
+        uses = self._uses
+        missing = [b for b in blocks if b not in uses]
+        if missing:
+            index, here = self._known_index, self.current_slot()
+            for b in missing:
+                uses[b] = index[b] + 1 if b in index else self._beyond_known(b, here, len(known))
+        return [uses[b] for b in blocks]
 
     def next_use(self, block: str) -> int:
         """Positions until `block` is next read: exact where known, else its pass-order slot distance (plus a pass
@@ -126,8 +148,11 @@ class PassCursor:
         return self.next_uses([block])[0]
 
     def _beyond_known(self, block: str, here: int, beyond: int) -> int:
-        slots = self._slots.get(block)
-        if not slots:
+        single = self._single_slot.get(block)
+        if single is not None:
+            d = ((single - here - 1) % self.n) + 1
+        elif block in self._slots:
+            d = min(((s - here - 1) % self.n) + 1 for s in self._slots[block])
+        else:
             return self.n + 1 + beyond
-        d = min(((s - here - 1) % self.n) + 1 for s in slots)
         return d + (self.n if block in self.unselected else 0) + beyond

@@ -22,9 +22,9 @@ no token may select).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
-import jax.numpy as jnp
 import numpy as np
 
 from vorch_jax.errors import BudgetError
@@ -111,6 +111,8 @@ class Ledger:
         self.speculation_basis = dict(speculation_basis or {})  # what `inputs.speculation_choice` read
         self.spec_min_prob = spec_min_prob
         self.router = RouterStats(info, cursor, policy.ctx.block_ids) if self.routed else None
+        self._expected: dict[str, float] = {}  # `expected_next_uses` of the blocks asked for at (cursor epoch,
+        self._expected_key = None  # router version) `_expected_key`
         self.spec = {"predicted": 0, "actual": 0, "predicted_and_actual": 0, "issued": 0, "issued_bytes": 0,
                      "used": 0, "loads": []}  # loads: (layer, block) of every speculative load issued
         self._spec_pending: dict[str, int] = {}  # block -> layer, speculatively loaded and not yet read
@@ -469,14 +471,22 @@ class Ledger:
         """Expected positions until each of `blocks` is next read (the scored policy's eviction order), in one pass
         over what the cursor knows: the cursor's distance, plus, for an expert not known to come, the passes its
         router is expected to skip it (`RouterStats`)."""
-        d = self.cursor.next_uses(blocks)
         if self.router is None:
-            return d
-        return [x + skip for x, skip in zip(d, self.router.expected_skips(blocks))]
+            return self.cursor.next_uses(blocks)
+        self.cursor.known()  # settles the cursor's epoch for this position
+        key = (self.cursor.epoch, self.router.version)
+        if key != self._expected_key:  # each victim search of a position asks again for mostly the same blocks
+            self._expected, self._expected_key = {}, key
+        memo = self._expected
+        missing = [b for b in blocks if b not in memo]
+        if missing:
+            for b, d, skip in zip(missing, self.cursor.next_uses(missing), self.router.expected_skips(missing)):
+                memo[b] = d + skip
+        return [memo[b] for b in blocks]
 
     def set_lambda(self, current_layer: int):
-        """Write λ into the scored policy's block table (other policies have no table: nothing to do)."""
-        table = getattr(self.policy, "table", None)
-        if table is None:
-            return
-        self.policy.table = table.replace(lam=jnp.asarray(self.router.lam_for_tick(current_layer), jnp.float32))
+        """Hand the scored policy λ for a tick at `current_layer` (other policies have no table: nothing to do). It
+        is computed only if a tick is dispatched before the next layer's: most are deferred or quiet, and writing λ
+        into the table at every one cost 0.09 s of a 2.5 s routed decode under cProfile (shared-expert MoE, 25%)."""
+        if getattr(self.policy, "table", None) is not None:
+            self.policy.lam_source = functools.partial(self.router.lam_for_tick, current_layer)

@@ -48,6 +48,7 @@ class RouterStats:
         self._decisions_L = np.zeros(L)
         self._before_speculation: dict[int, np.ndarray] = {}  # layer -> [C, E] estimates before its speculation
         self._best = 0  # the estimator read now: argmin of the Brier totals (ties: the earlier), kept on each decision
+        self.version = 0  # counts changes of P(selected): memos of `expected_skips` (the ledger's) hold within one
         self.ids = list(ids)
         self.layer_B = np.asarray([info[b].layer for b in self.ids], np.int32)
         self.expert_B = np.asarray([max(info[b].expert, 0) for b in self.ids], np.int32)
@@ -62,6 +63,7 @@ class RouterStats:
     @p_sel_LxE.setter
     def p_sel_LxE(self, value) -> None:  # set outright (tests): every estimator then says the same
         self._p_CxLxE[:] = np.asarray(value, np.float64)[None]
+        self.version += 1
 
     @property
     def estimator(self) -> int:
@@ -69,6 +71,7 @@ class RouterStats:
         return self._best
 
     def observe(self, layer: int, selected_E: np.ndarray) -> None:
+        self.version += 1
         sel = selected_E.astype(np.float64)
         predicted_CxE = self._before_speculation.pop(layer, self._p_CxLxE[:, layer])
         self._brier_C += ((predicted_CxE - sel) ** 2).sum(-1)
@@ -83,6 +86,7 @@ class RouterStats:
     def observe_speculation(self, layer: int, probs_E: np.ndarray) -> None:
         """Layer `layer`'s router applied a layer early: the averages move towards min(1, top_k·p); the Brier score
         of the coming decision still reads the estimates from before (the module docstring)."""
+        self.version += 1
         self._before_speculation.setdefault(layer, self._p_CxLxE[:, layer].copy())
         p = np.minimum(1.0, self.top_k * probs_E)
         for c, w in enumerate(ESTIMATORS):
