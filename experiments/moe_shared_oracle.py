@@ -9,8 +9,10 @@ on held-out KJV text (the evaluation text, BOS + 256 tokens; calibration uses 1,
 on), beside the dense model. SmolLM2 was 4-bit (Q4_1) to begin with; every figure here is that model in float32.
 
 What it shows: the issue's target (top-2 within 1.3x of dense perplexity at no more than 60% of the dense MLP's
-compute) is out of reach of any selection of neurons and any router on this model; it needs training that changes
-the weights (distillation into the experts, or corrections), which this script does not do.
+compute) is out of reach of any router over these 8 experts on this model; it needs training that changes the
+weights (distillation into the experts, or corrections), which this script does not do. A selection of each token's own
+neurons at the same compute would reach it without training (experiments/moe_granularity.py): the limit is the
+grouping into 8 experts, not the compute.
 
 Run: python experiments/moe_shared_oracle.py [--shared 0 0.25 0.4] [--write]   (about 40 s on this 2-core CPU)
 """

@@ -1,8 +1,9 @@
 """Distil the dense SmolLM2 into its routed MoE: low-rank MLP corrections trained on the dense model's logits.
 
 The MoE's experts are slices of the dense MLP (`moe.py`), so at top-k < E each token loses the neurons of the
-experts it did not choose. Measured on held-out KJV, a top-2 of 8 shared MoE reaches 4.9x the dense perplexity and
-no router or neuron selection gets below 4.4x (`experiments/moe_shared_oracle.py`). This module changes the weights:
+experts it did not choose. Measured on the book's opening, a top-2 of 8 shared MoE reaches 4.9x the dense perplexity
+and no router over those experts gets below 4.4x (`experiments/moe_shared_oracle.py`; each token's own neurons at the
+same compute would: `experiments/moe_granularity.py`). This module changes the weights:
 per layer, one low-rank correction of each dense MLP matrix,
 
     w_gate + ga @ gb,   w_up + ua @ ub,   w_down + da @ db        (ga [D, r], gb [r, F], da [F, r], db [r, D])
