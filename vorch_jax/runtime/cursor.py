@@ -110,8 +110,12 @@ class PassCursor:
         return self._known
 
     def is_known(self, block: str) -> bool:
+        return block in self.known_index()
+
+    def known_index(self) -> dict:
+        """block -> index of its first known position (what `is_known` asks, for many blocks at once)."""
         self.known()
-        return block in self._known_index
+        return self._known_index
 
     def ahead(self, depth: int) -> list[str]:
         """The blocks of the next `depth` known positions."""

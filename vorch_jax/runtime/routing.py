@@ -49,6 +49,7 @@ class RouterStats:
         self._before_speculation: dict[int, np.ndarray] = {}  # layer -> [C, E] estimates before its speculation
         self._best = 0  # the estimator read now: argmin of the Brier totals (ties: the earlier), kept on each decision
         self.version = 0  # counts changes of P(selected): memos of `expected_skips` (the ledger's) hold within one
+        self._skip_rows, self._skip_version = None, -1  # `_skip_table` and the version it was built at
         self.ids = list(ids)
         self.layer_B = np.asarray([info[b].layer for b in self.ids], np.int32)
         self.expert_B = np.asarray([max(info[b].expert, 0) for b in self.ids], np.int32)
@@ -98,16 +99,18 @@ class RouterStats:
         return self.expected_skips([block])[0]
 
     def expected_skips(self, blocks) -> list[float]:
-        """`expected_skip_positions` of each of `blocks` at once (the eviction order's hot path: one array lookup)."""
-        coords = [self._coords.get(b) for b in blocks]
-        rows = [i for i, c in enumerate(coords) if c is not None and not self.cursor.is_known(blocks[i])]
-        out = [0.0] * len(blocks)
-        if rows:
-            lay, exp = zip(*(coords[i] for i in rows))
-            q = np.maximum(self.p_sel_LxE[list(lay), list(exp)], 1e-3)
-            for i, x in zip(rows, (self.cursor.n * (1.0 / q - 1.0)).tolist()):
-                out[i] = x
-        return out
+        """`expected_skip_positions` of each of `blocks` at once (the eviction order's hot path: a table of every
+        expert's wait, rebuilt only when P(selected) changes, and one lookup a block)."""
+        known, skip = self.cursor.known_index(), self._skip_table()
+        coords = self._coords
+        return [skip[c[0]][c[1]] if (c := coords.get(b)) is not None and b not in known else 0.0 for b in blocks]
+
+    def _skip_table(self) -> list:
+        """[L][E] lists: n·(1/q - 1) positions for each expert, q = P(selected) (at least 1e-3), at `version`."""
+        if self._skip_version != self.version:
+            q_LxE = np.maximum(self.p_sel_LxE, 1e-3)
+            self._skip_rows, self._skip_version = (self.cursor.n * (1.0 / q_LxE - 1.0)).tolist(), self.version
+        return self._skip_rows
 
     def lam_for_tick(self, current_layer: int) -> np.ndarray:
         """float32[B]: λ of every block for a tick at `current_layer`: 1 for dense blocks, P(selected)·decay^distance
