@@ -29,6 +29,7 @@ class PassCursor:
         self.route_of_layer = {p.layer: p for p in self.skeleton if p.op == "route"}
         self.routed = bool(self.route_of_layer)
         self._first_route = next((i for i, p in enumerate(self.skeleton) if p.op == "route"), None)
+        self.epoch = 0  # counts clearings of the `next_uses` memo: memos built on it (the ledger's) hold within one
         self.begin_pass()
 
     def _positions_with_every_expert(self):
@@ -57,7 +58,7 @@ class PassCursor:
 
     def _clear_uses(self) -> None:
         self._uses = {}
-        self.epoch = getattr(self, "epoch", 0) + 1  # memos of what `next_uses` says (the ledger's) hold within one
+        self.epoch += 1
 
     def next(self):
         """The next position of the pass, or None at its end."""
