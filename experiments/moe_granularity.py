@@ -20,21 +20,24 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vorch_jax.models import llama_layers as Lay
-from vorch_jax.models import moe_build as mb
-from vorch_jax.models import moe_distill as md
-from vorch_jax.models import moe_store as store
-from vorch_jax.models.corpus import kjv_text
-from vorch_jax.models.errors import ModelError
-from vorch_jax.models.gguf_source import load_smollm2_source
-from vorch_jax.models.moe import topk_mask
-from vorch_jax.models.smollm2 import bos_id
-from vorch_jax.models.tokenizer import tokenizer_from_gguf_metadata
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from experiments.moe_quality import window_nlls  # noqa: E402
+from vorch_jax.models import llama_layers as Lay  # noqa: E402
+from vorch_jax.models import moe_build as mb  # noqa: E402
+from vorch_jax.models import moe_distill as md  # noqa: E402
+from vorch_jax.models import moe_store as store  # noqa: E402
+from vorch_jax.models.corpus import kjv_text  # noqa: E402
+from vorch_jax.models.errors import ModelError  # noqa: E402
+from vorch_jax.models.gguf_source import load_smollm2_source  # noqa: E402
+from vorch_jax.models.moe import topk_mask  # noqa: E402
+from vorch_jax.models.smollm2 import bos_id  # noqa: E402
+from vorch_jax.models.tokenizer import tokenizer_from_gguf_metadata  # noqa: E402
 
 GROUPINGS = (8, 16, 29, 58)  # experts per layer; (1536 - 608 shared) / E neurons each
 
@@ -65,13 +68,8 @@ def oracle_logits(cfg, weights, shared_LxF, experts_LxExF, ids_BxT, k: int, per_
 oracle_logits_jit = jax.jit(oracle_logits, static_argnames=("cfg", "k", "per_neuron"))
 
 
-def mean_nll(logits_fn, windows_NxT: np.ndarray, batch: int = 4) -> float:
-    out = []
-    for i in range(0, len(windows_NxT), batch):
-        ids = jnp.asarray(windows_NxT[i:i + batch])
-        logp = jax.nn.log_softmax(logits_fn(ids)[:, :-1], -1)
-        out.append(float(-jnp.take_along_axis(logp, ids[:, 1:, None], -1).mean()))
-    return float(np.mean(out))
+def _mean_nll(logits_fn, windows_NxT) -> float:
+    return float(window_nlls(logits_fn, windows_NxT).mean())  # moe_quality's per-window nll
 
 
 def main(argv=None) -> int:
@@ -90,7 +88,7 @@ def main(argv=None) -> int:
     windows, start = mb.held_out_windows(tok, text, bos_id(tok), rcfg)
     weights = md.stacked_weights(src, partition, routers)
     fs, F = partition.n_shared, cfg.d_ff
-    dense = mean_nll(lambda i: md.routed_logits(cfg, weights, None, i, 0), windows)
+    dense = _mean_nll(lambda i: md.routed_logits(cfg, weights, None, i, 0), windows)
     print(f"{args.config}: {len(windows)} held-out windows of {windows.shape[1] - 1} tokens from KJV character "
           f"{start:,} on; dense ppl {math.exp(dense):.3f}; shared part {fs} of {F} neurons; oracle routing, no training")
     print(f"{'experts':>8} {'neurons':>7} {'top-k':>5} {'MLP compute':>11} {'ppl':>8} {'x dense':>7}")
@@ -101,14 +99,14 @@ def main(argv=None) -> int:
         shared_LxF, experts_LxExF = (jnp.asarray(a) for a in md.neuron_masks(part, F))
         fe = part.neurons_LxExFe.shape[2]
         for k in sorted({max(1, E // 8), E // 4, E // 2}):
-            v = mean_nll(lambda i: oracle_logits_jit(cfg, weights, shared_LxF, experts_LxExF, i, k=k), windows)
+            v = _mean_nll(lambda i: oracle_logits_jit(cfg, weights, shared_LxF, experts_LxExF, i, k=k), windows)
             print(f"{E:>8} {fe:>7} {k:>5} {(fs + k * fe) / F:>11.3f} {math.exp(v):>8.3f} {math.exp(v - dense):>7.3f}",
                   flush=True)
     fe8 = (F - fs) // rcfg.n_experts
     routed = rcfg.target_top_k * fe8
     for label, shared_LxF, n in (("neuron", weights["shared"], routed),
                                  ("neuron*", jnp.zeros_like(weights["shared"]), fs + routed)):
-        v = mean_nll(lambda i: oracle_logits_jit(cfg, weights, shared_LxF, weights["experts"], i, k=1,
+        v = _mean_nll(lambda i: oracle_logits_jit(cfg, weights, shared_LxF, weights["experts"], i, k=1,
                                                  per_neuron=n), windows)
         print(f"{label:>8} {1:>7} {n:>5} {(fs + routed) / F:>11.3f} {math.exp(v):>8.3f} {math.exp(v - dense):>7.3f}")
     print("neuron: each token's own routed neurons beside the shared part; neuron*: its own neurons, no shared part")
