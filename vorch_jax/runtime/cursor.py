@@ -29,7 +29,6 @@ class PassCursor:
         self.route_of_layer = {p.layer: p for p in self.skeleton if p.op == "route"}
         self.routed = bool(self.route_of_layer)
         self._first_route = next((i for i, p in enumerate(self.skeleton) if p.op == "route"), None)
-        self.epoch = 0  # counts clearings of the `next_uses` memo: memos built on it (the ledger's) hold within one
         self.begin_pass()
 
     def _positions_with_every_expert(self):
@@ -54,11 +53,7 @@ class PassCursor:
     @unselected.setter
     def unselected(self, blocks) -> None:
         self._unselected = set(blocks)
-        self._clear_uses()  # next uses beyond what is known count a pass more for these
-
-    def _clear_uses(self) -> None:
-        self._uses = {}
-        self.epoch += 1
+        self._uses = {}  # the memo of `next_uses`: beyond what is known these count a pass more
 
     def next(self):
         """The next position of the pass, or None at its end."""
@@ -104,7 +99,7 @@ class PassCursor:
         """The positions known to follow the current one, in order (see the module docstring)."""
         if self._known is None:
             self._known = list(self._iter_known())
-            self._clear_uses()  # `next_uses` of this position, block by block (the eviction order asks repeatedly)
+            self._uses = {}  # `next_uses` of this position, block by block (the eviction order asks repeatedly)
             self._known_index = {}
             for k, p in enumerate(self._known):
                 self._known_index.setdefault(p.block, k)

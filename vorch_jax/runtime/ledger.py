@@ -111,8 +111,6 @@ class Ledger:
         self.speculation_basis = dict(speculation_basis or {})  # what `inputs.speculation_choice` read
         self.spec_min_prob = spec_min_prob
         self.router = RouterStats(info, cursor, policy.ctx.block_ids) if self.routed else None
-        self._expected: dict[str, float] = {}  # `expected_next_uses` of the blocks asked for at (cursor epoch,
-        self._expected_key = None  # router version) `_expected_key`
         self.spec = {"predicted": 0, "actual": 0, "predicted_and_actual": 0, "issued": 0, "issued_bytes": 0,
                      "used": 0, "loads": []}  # loads: (layer, block) of every speculative load issued
         self._spec_pending: dict[str, int] = {}  # block -> layer, speculatively loaded and not yet read
@@ -470,19 +468,12 @@ class Ledger:
     def expected_next_uses(self, blocks) -> list[float]:
         """Expected positions until each of `blocks` is next read (the scored policy's eviction order), in one pass
         over what the cursor knows: the cursor's distance, plus, for an expert not known to come, the passes its
-        router is expected to skip it (`RouterStats`)."""
+        router is expected to skip it (`RouterStats`). The eviction order asks this again and again: the cursor keeps
+        its distances for a position, the router its waits for its current P(selected)."""
+        d = self.cursor.next_uses(blocks)
         if self.router is None:
-            return self.cursor.next_uses(blocks)
-        self.cursor.known()  # settles the cursor's epoch for this position
-        key = (self.cursor.epoch, self.router.version)
-        if key != self._expected_key:  # each victim search of a position asks again for mostly the same blocks
-            self._expected, self._expected_key = {}, key
-        memo = self._expected
-        missing = [b for b in blocks if b not in memo]
-        if missing:
-            for b, d, skip in zip(missing, self.cursor.next_uses(missing), self.router.expected_skips(missing)):
-                memo[b] = d + skip
-        return [memo[b] for b in blocks]
+            return d
+        return [x + skip for x, skip in zip(d, self.router.expected_skips(blocks))]
 
     def set_lambda(self, current_layer: int):
         """Hand the scored policy λ for a tick at `current_layer` (other policies have no table: nothing to do). It

@@ -48,7 +48,7 @@ class RouterStats:
         self._decisions_L = np.zeros(L)
         self._before_speculation: dict[int, np.ndarray] = {}  # layer -> [C, E] estimates before its speculation
         self._best = 0  # the estimator read now: argmin of the Brier totals (ties: the earlier), kept on each decision
-        self.version = 0  # counts changes of P(selected): memos of `expected_skips` (the ledger's) hold within one
+        self.version = 0  # counts changes of P(selected): `_skip_table` is rebuilt when it moves
         self._skip_rows, self._skip_version = None, -1  # `_skip_table` and the version it was built at
         self.ids = list(ids)
         self.layer_B = np.asarray([info[b].layer for b in self.ids], np.int32)
