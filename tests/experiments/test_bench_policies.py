@@ -1,0 +1,38 @@
+"""bench_policies' verdict on scored: bytes against the tightest lower bound it has (the LP's, or the integral
+problem's proven one where the LP's is missed), tok/s against static-prefetch's medians, the controller's share."""
+
+import pytest
+
+import experiments.bench_policies as bench
+
+
+def _run(over_lp: float, ctrl_s: float = 0.001) -> dict:
+    return {"moved_over_lower_bound": over_lp, "controller_s": ctrl_s, "wall_s": 1.0}
+
+
+MEDIANS = {"scored": 10.0, "static-prefetch": 9.9}
+
+
+def test_within_the_lp_bound_no_integral_problem_is_solved(monkeypatch):
+    monkeypatch.setattr(bench, "integral_bound", lambda *a: pytest.fail("solved although the LP bound is met"))
+    (line,) = bench.scored_verdict(0.5, [_run(1.02)], MEDIANS, base=object(), optimum_s=60)
+    assert "1.020x the LP bound (ok)" in line and "1.010x static-prefetch's (ok)" in line and "0.10% (ok)" in line
+
+
+def test_over_the_lp_bound_the_proven_integral_bound_judges(monkeypatch):
+    monkeypatch.setattr(bench, "integral_bound", lambda *a: (1.19, "integral problem: ..."))
+    line, note = bench.scored_verdict(0.3, [_run(1.20)], MEDIANS, base=object(), optimum_s=60)
+    assert "1.200x the LP bound, 1.008x the integral problem's proven bound (ok)" in line
+    assert note == "  integral problem: ..."
+    monkeypatch.setattr(bench, "integral_bound", lambda *a: (1.10, "integral problem: ..."))
+    line, _ = bench.scored_verdict(0.3, [_run(1.20)], MEDIANS, base=object(), optimum_s=60)
+    assert "1.091x the integral problem's proven bound (over 1.03)" in line
+
+
+def test_without_a_proven_bound_the_lp_bound_judges(monkeypatch):
+    monkeypatch.setattr(bench, "integral_bound", lambda *a: (None, "integral bound: none proven"))
+    line, _ = bench.scored_verdict(0.3, [_run(1.20, ctrl_s=0.02)], {"scored": 9.0, "static-prefetch": 10.0},
+                                   base=object(), optimum_s=60)
+    assert "1.200x the LP bound (over 1.03)" in line and "(below)" in line and "(over 1%)" in line
+    (line,) = bench.scored_verdict(0.3, [_run(1.20)], MEDIANS, base=None, optimum_s=0)
+    assert "1.200x the LP bound (over 1.03)" in line
