@@ -11,6 +11,13 @@ on the run's passes for each candidate W and takes the one with the fewest misse
 `BYTES_TOLERANCE` more than the fewest-bytes candidate. A miss makes the compute wait for its load; a prefetched
 load runs beside the compute.
 
+A window may count positions, or only the reads of blocks a prefetch may evict (`LET_GO_READS`: the protected
+blocks and those the plan keeps do not count). Counted as positions, the protected blocks between a pass's last
+layer and the next pass's first leave W = 1 no victim there, so the first layer waits for a miss; counted as reads,
+the prefetch there may evict the last layer's block, but a window that reaches across a run of kept blocks can also
+ping-pong two blocks where the position count rotates through all of them (four blocks in three slots between two
+protected ones: 2 loads a pass against 4/3). Neither is better everywhere, so both are candidates.
+
 The same replay chooses how block sizes weigh in the victim order (`size_power` p: the victim is the block whose
 distance to its next read times its size^p is largest; p = 0 is furthest-next-use). Furthest-next-use is blind to
 sizes, and where blocks differ by 25x (Gemma 3's 168 MB embedding shards beside 6.6 MB attention blocks) which rule
@@ -45,6 +52,7 @@ import dataclasses
 from vorch_jax.controller.pass_plan import PassPlan, kept_by_plan, pass_plans
 
 CANDIDATE_WINDOWS = (1, 2, 3, 4)
+POSITIONS, LET_GO_READS = "positions", "let-go reads"  # what a window counts (`Policy.reads_ago`)
 CANDIDATE_SIZE_POWERS = (0.0, 1.0, -1.0)  # 0 first: on a tie the size-blind rule stays
 BYTES_TOLERANCE = 0.01  # a window may move this much more than the fewest-bytes one if it misses less
 MAX_REPLAY_PASSES = 64  # a run's passes, up to this many (a replay of 16 SmolLM2 passes takes ~10 ms a window)
@@ -57,6 +65,7 @@ class Replay:
     misses: int
     size_power: float = 0.0
     plan: str = ""  # the `PassPlan` whose let-go blocks are victims first ('': none)
+    counts: str = POSITIONS  # what the window counts: positions, or LET_GO_READS (`Policy.reads_ago`)
 
 
 PLAN_WINDOWS = (0, 1)  # a plan's candidates: prefetches evict what it lets go, read at any time or just before
@@ -64,12 +73,15 @@ PLAN_MORE_OVER_BOUND = 1.02  # above this many times the LP bound, the three-pas
 
 
 def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, initial: list[str], depth: int,
-           window: int, passes: int, size_power: float = 0.0, plan: PassPlan | None = None) -> Replay:
+           window: int, passes: int, size_power: float = 0.0, plan: PassPlan | None = None,
+           counts: str = POSITIONS) -> Replay:
     """The ledger's rules on `passes` repetitions of `pass_blocks`: a miss evicts the unprotected blocks whose next
     read is furthest ahead, weighed by size^`size_power` (`victim_key`; keeping the prefetch window's if it can),
     those `plan` lets go first; a prefetch of one of the next `depth` positions evicts only blocks needed after it
-    and read in the last `window` positions (0: any), with a plan only blocks it lets go, else stops. The prefetch
-    runs before each position computes and again after (`Ledger.done`), when the block just read may go too."""
+    and read in the last `window` positions, or with `counts` = LET_GO_READS among the last `window` reads of
+    blocks a prefetch may evict (0: any; `Policy.reads_ago`), with a plan only blocks it lets go, else stops. The
+    prefetch runs before each position computes and again after (`Ledger.done`), when the block just read may go
+    too."""
     stream = list(pass_blocks) * passes
     known = stream + list(pass_blocks)  # a dense cursor knows the next pass: the ledger prefetches into it and
     # orders victims by their reads there
@@ -84,14 +96,19 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
 
     on: dict[str, int] = {}
     last: dict[str, int] = {}
+    let_go: dict[str, int] = {}  # block -> the reads a prefetch may evict that ran before its last read
+    n_let_go = 0
     moved = misses = 0
     for b in initial:  # the ledger's initial placement: in order, skipping what does not fit
         if b not in on and sum(on.values()) + device_bytes[b] <= budget:
             on[b] = device_bytes[b]
             moved += device_bytes[b]
 
-    def make_room(block, t, keep, strict, now=None):  # now: the ledger's position count (t + 1 once t computed)
-        now = t if now is None else now
+    def reads_ago(v, now, recent):  # now: the ledger's position count (t + 1 once t computed); recent: the reads
+        # a prefetch may evict run by then
+        return recent - let_go.get(v, -1) if counts == LET_GO_READS else now - last.get(v, -1)
+
+    def make_room(block, t, keep, strict, now=0, recent=0):
         used = sum(on.values())
         need = device_bytes[block]
         if used + need <= budget:
@@ -109,7 +126,7 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
                 break
             victims.append(v)
             freed += on[v]
-        if not strict and window and any(last.get(v, -1) < now - window for v in victims):
+        if not strict and window and any(reads_ago(v, now, recent) > window for v in victims):
             return False
         if used - freed + need > budget:
             if strict and keep:
@@ -127,17 +144,21 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
             moved += device_bytes[b]
             misses += 1
         last[b] = t
+        before = n_let_go
+        if b not in protected and (plan is None or not kept_by_plan(plan, b, t, device_bytes[b])):
+            let_go[b] = n_let_go
+            n_let_go += 1
         for computed in (False, True):  # before the position computes, and again once its block may leave
             for j in range(1, depth + 1):
                 u = known[t + j]
                 if u in on:
                     continue
                 keep = frozenset(known[t + 1:t + j + 1] if computed else known[t:t + j + 1])
-                if not make_room(u, t, keep, False, now=t + computed):
+                if not make_room(u, t, keep, False, now=t + computed, recent=n_let_go if computed else before):
                     break
                 on[u] = device_bytes[u]
                 moved += device_bytes[u]
-    return Replay(window, moved, misses, size_power, plan.name if plan else "")
+    return Replay(window, moved, misses, size_power, plan.name if plan else "", counts)
 
 
 def victim_key(distance: float, nbytes: int, size_power: float) -> float:
@@ -155,17 +176,22 @@ def choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, 
     n = max(1, min(passes, MAX_REPLAY_PASSES))
     windows = CANDIDATE_WINDOWS if depth > 0 else CANDIDATE_WINDOWS[:1]
     if replays is None:
-        replays = [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n, p)
-                   for p in CANDIDATE_SIZE_POWERS for w in windows]
+        replays = [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n, p, counts=c)
+                   for p in CANDIDATE_SIZE_POWERS for w in windows for c in _counts(w)]
     replays = list(replays)
     for plan in plans:
-        replays += [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n, plan=plan)
-                    for w in (PLAN_WINDOWS if depth > 0 else PLAN_WINDOWS[:1])]
+        replays += [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n, plan=plan, counts=c)
+                    for w in (PLAN_WINDOWS if depth > 0 else PLAN_WINDOWS[:1]) for c in _counts(w)]
     fewest = min(r.bytes_moved for r in replays)
     close = [r for r in replays if r.bytes_moved <= (1 + BYTES_TOLERANCE) * fewest]
     best = min(close, key=lambda r: (r.misses, r.bytes_moved, r.plan != "",
-                                     CANDIDATE_SIZE_POWERS.index(r.size_power), r.window))
+                                     CANDIDATE_SIZE_POWERS.index(r.size_power), r.window, r.counts != POSITIONS))
     return best, replays
+
+
+def _counts(window: int) -> tuple[str, ...]:
+    """What a window may count: no window (0) counts nothing."""
+    return (POSITIONS, LET_GO_READS) if window else (POSITIONS,)
 
 
 def choose_eviction_rule(pass_blocks, device_bytes, budget, protected, initial, depth, passes

@@ -275,6 +275,7 @@ class ScoredPolicy(Policy):
             self.prefetch_depth, self.passes)
         self.choice_s = time.perf_counter() - t0
         self.prefetch_victims_read_within, self.victim_size_power = best.window, best.size_power
+        self.prefetch_window_counts = best.counts
         self._victim_bytes = device_bytes
 
     def _kept(self, block) -> bool:

@@ -44,13 +44,17 @@ class PolicyContext:
 class Policy:
     name = "base"
     prefetch_depth = 0
-    prefetch_victims_read_within = 0  # > 0: a prefetch may evict only blocks read in that many last positions
+    prefetch_victims_read_within = 0  # > 0: a prefetch may evict only blocks read that many reads ago at most
+    prefetch_window_counts = "positions"  # what those reads are: positions, or "let-go reads" (`reads_ago`)
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
         self.pinned: frozenset = frozenset(ctx.protected)
         self.last_use: dict[str, int] = {}
         self.uses: dict[str, int] = {}
+        self.let_go_rank: dict[str, int] = {}  # block -> how many reads of blocks a prefetch may evict preceded its
+        # last one, if a prefetch may evict it then (`prefetch_window.replay` counts the same)
+        self._let_go_reads, self._last_let_go_t = 0, -1
 
     def initial_resident(self) -> list[str]:
         """Protected blocks first, then the rest in schedule order; the executor stops at the budget."""
@@ -60,6 +64,16 @@ class Policy:
     def on_access(self, t: int, block: str) -> None:
         self.last_use[block] = t
         self.uses[block] = self.uses.get(block, 0) + 1
+        if block not in self.ctx.protected and self.prefetch_may_evict(block):
+            self.let_go_rank[block] = self._let_go_reads
+            self._let_go_reads, self._last_let_go_t = self._let_go_reads + 1, t
+
+    def reads_ago(self, block: str, t: int) -> int:
+        """How long before position `t` `block` was last read, for the prefetch window: in positions, or in reads of
+        blocks a prefetch may evict (`prefetch_window` says why both). Never read: as if read at position -1."""
+        if self.prefetch_window_counts == "positions":
+            return t - self.last_use.get(block, -1)
+        return self._let_go_reads - (self._last_let_go_t >= t) - self.let_go_rank.get(block, -1)
 
     def prefetch_may_evict(self, block: str) -> bool:
         """Whether a prefetch may evict `block` (the ledger asks before its other rules); every block here."""

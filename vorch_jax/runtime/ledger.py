@@ -376,8 +376,9 @@ class Ledger:
 
     def _make_room(self, block: str, need: int, *, strict: bool, keep=frozenset(), read_within: int = 0) -> bool:
         """Evict the policy's victims until `need` bytes fit. strict (a miss): must succeed. Otherwise (a prefetch)
-        only blocks needed after `block` may go, and with `read_within` = W > 0 only if every victim was read in the
-        last W positions: on a pass, the blocks read furthest ahead, those a miss of `block` would evict too."""
+        only blocks needed after `block` may go, and with `read_within` = W > 0 only if every victim was read at
+        most W reads ago (`Policy.reads_ago`): on a pass, the blocks read furthest ahead, those a miss of `block`
+        would evict too."""
         used = sum(self.on_device.values())
         if used + need <= self.budget:
             return True
@@ -396,7 +397,7 @@ class Ledger:
                 continue
             victims.append(v)
             freed += self.on_device[v]
-        if not strict and read_within and any(self.policy.last_use.get(v, -1) < self.t - read_within for v in victims):
+        if not strict and read_within and any(self.policy.reads_ago(v, self.t) > read_within for v in victims):
             return False  # a victim the pass may still need: not worth a prefetch (ScoredPolicy's docstring)
         if used - freed + need > self.budget:
             if strict:

@@ -92,6 +92,7 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
         "misses": c.misses,
         "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted_bytes": c.prefetch_wasted_bytes,
                      "victims_read_within": policy.prefetch_victims_read_within,
+                     "window_counts": policy.prefetch_window_counts,
                      "victim_size_power": getattr(policy, "victim_size_power", 0.0),
                      "follows_plan": getattr(getattr(policy, "_plan", None), "name", ""),  # '': no plan
                      "choice_s": round(getattr(policy, "choice_s", 0.0), 3),
