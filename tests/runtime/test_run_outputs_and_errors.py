@@ -28,7 +28,8 @@ def test_summary_has_every_field_and_figures_come_from_events(lru_run):
                 "decode_tok_s", "wall_s", "stall_s", "controller_s", "peak_device_bytes", "link_bytes", "bytes_moved",
                 "belady_bytes", "lower_bound_bytes", "moved_over_lower_bound", "lower_bound", "hits", "misses", "prefetch", "transitions", "quality"):
         assert key in s, key
-    assert set(s["prefetch"]) == {"issued", "useful", "wasted_bytes", "victims_read_within", "victim_size_power",
+    assert set(s["prefetch"]) == {"issued", "useful", "wasted_bytes", "victims_read_within", "window_counts",
+                                  "victim_size_power",
                                   "follows_plan", "choice_s", "window_replays"}
     assert set(s["states"]) == {"per_state", "block_seconds", "lossy_blocks", "compressed_homes"}
     assert sum(v["reads"] for v in s["states"]["per_state"].values()) == s["hits"] + s["misses"]
