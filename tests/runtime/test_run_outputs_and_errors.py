@@ -29,8 +29,7 @@ def test_summary_has_every_field_and_figures_come_from_events(lru_run):
                 "belady_bytes", "lower_bound_bytes", "moved_over_lower_bound", "lower_bound", "hits", "misses", "prefetch", "transitions", "quality"):
         assert key in s, key
     assert set(s["prefetch"]) == {"issued", "useful", "wasted_bytes", "victims_read_within", "window_counts",
-                                  "victim_size_power",
-                                  "follows_plan", "choice_s", "window_replays"}
+                                  "victim_size_power", "follows_plan", "choice_s", "window_replays"}
     assert set(s["states"]) == {"per_state", "block_seconds", "lossy_blocks", "compressed_homes"}
     assert sum(v["reads"] for v in s["states"]["per_state"].values()) == s["hits"] + s["misses"]
     assert s["home_formats"] == "" and s["states"]["compressed_homes"]["blocks"] == 0  # a lossless run
