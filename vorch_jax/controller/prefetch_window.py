@@ -50,9 +50,9 @@ import bisect
 import dataclasses
 
 from vorch_jax.controller.pass_plan import PassPlan, kept_by_plan, pass_plans
+from vorch_jax.policies.baselines import LET_GO_READS, POSITIONS
 
 CANDIDATE_WINDOWS = (1, 2, 3, 4)
-POSITIONS, LET_GO_READS = "positions", "let-go reads"  # what a window counts (`Policy.reads_ago`)
 CANDIDATE_SIZE_POWERS = (0.0, 1.0, -1.0)  # 0 first: on a tie the size-blind rule stays
 BYTES_TOLERANCE = 0.01  # a window may move this much more than the fewest-bytes one if it misses less
 MAX_REPLAY_PASSES = 64  # a run's passes, up to this many (a replay of 16 SmolLM2 passes takes ~10 ms a window)

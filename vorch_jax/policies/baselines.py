@@ -41,11 +41,14 @@ class PolicyContext:
     packed_where: dict = dataclasses.field(default_factory=dict)  # block -> "host" | "disk": where that home is
 
 
+POSITIONS, LET_GO_READS = "positions", "let-go reads"  # what the prefetch window counts (`Policy.reads_ago`)
+
+
 class Policy:
     name = "base"
     prefetch_depth = 0
     prefetch_victims_read_within = 0  # > 0: a prefetch may evict only blocks read that many reads ago at most
-    prefetch_window_counts = "positions"  # what those reads are: positions, or "let-go reads" (`reads_ago`)
+    prefetch_window_counts = POSITIONS  # what those reads are: positions, or LET_GO_READS (`reads_ago`)
 
     def __init__(self, ctx: PolicyContext):
         self.ctx = ctx
@@ -71,7 +74,7 @@ class Policy:
     def reads_ago(self, block: str, t: int) -> int:
         """How long before position `t` `block` was last read, for the prefetch window: in positions, or in reads of
         blocks a prefetch may evict (`prefetch_window` says why both). Never read: as if read at position -1."""
-        if self.prefetch_window_counts == "positions":
+        if self.prefetch_window_counts == POSITIONS:
             return t - self.last_use.get(block, -1)
         return self._let_go_reads - (self._last_let_go_t >= t) - self.let_go_rank.get(block, -1)
 
