@@ -6,8 +6,8 @@ import pytest
 from vorch_jax.config import load_config
 from vorch_jax.controller.pass_plan import pass_plans
 from vorch_jax.controller.prefetch_window import (BYTES_TOLERANCE, CANDIDATE_SIZE_POWERS, CANDIDATE_WINDOWS,
-                                                  LET_GO_READS, POSITIONS, choose_eviction_rule, choose_window,
-                                                  replay)
+                                                  choose_eviction_rule, choose_window, replay)
+from vorch_jax.policies.baselines import LET_GO_READS, POSITIONS
 from vorch_jax.runtime.setup import build_setup
 
 

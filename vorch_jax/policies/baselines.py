@@ -67,7 +67,8 @@ class Policy:
     def on_access(self, t: int, block: str) -> None:
         self.last_use[block] = t
         self.uses[block] = self.uses.get(block, 0) + 1
-        if block not in self.ctx.protected and self.prefetch_may_evict(block):
+        if self.prefetch_window_counts == LET_GO_READS and block not in self.ctx.protected \
+                and self.prefetch_may_evict(block):  # counted only where the window counts them
             self.let_go_rank[block] = self._let_go_reads
             self._let_go_reads, self._last_let_go_t = self._let_go_reads + 1, t
 
