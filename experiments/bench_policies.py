@@ -38,6 +38,7 @@ from vorch_jax.errors import ConfigError, VorchError  # noqa: E402
 from vorch_jax.runtime.reference import resident_reference  # noqa: E402
 from vorch_jax.runtime.run import run  # noqa: E402
 from vorch_jax.runtime.setup import build_setup  # noqa: E402
+from vorch_jax.tiers.host_memory import huge_page_heap  # noqa: E402
 
 POLICIES = ("static", "static-prefetch", "lru", "scored", "belady")
 
@@ -151,8 +152,9 @@ def main(argv=None):
     except VorchError as e:
         print(f"bench_policies: {e}", file=sys.stderr)
         return 2
-    print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}; {args.model}, lossless, "
-          f"{args.tokens} decode tokens, {args.rounds} rounds, medians")
+    print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, huge-page heap "
+          f"{'on' if huge_page_heap() else 'off'}; {args.model}, lossless, {args.tokens} decode tokens, {args.rounds} "
+          f"rounds, medians")
     with tempfile.TemporaryDirectory() as d:
         runs = measure(base, args.policies, args.budgets, args.rounds, Path(d))
     for line in report(runs, args.policies, args.budgets, base, args.optimum_s):

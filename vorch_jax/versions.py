@@ -16,13 +16,17 @@ def _version(name: str) -> str | None:
 
 
 def environment() -> dict:
-    """{package: version} of the stack, the Python version, and the JAX backend with its devices."""
+    """{package: version} of the stack, the Python version, the JAX backend with its devices, and whether the heap
+    uses huge pages (`tiers/host_memory.huge_page_heap`: on CPU, how fast a block lands)."""
     import jax
+
+    from vorch_jax.tiers.host_memory import huge_page_heap
 
     out = {name: _version(name) for name in PACKAGES}
     out["python"] = platform.python_version()
     out["backend"] = jax.default_backend()
     out["devices"] = sorted({d.device_kind for d in jax.devices()})
+    out["huge_page_heap"] = huge_page_heap()
     return out
 
 
@@ -32,4 +36,5 @@ def version_text() -> str:
     lines = [f"vorch_jax {env['vorch_jax']}"]
     lines += [f"  {name} {env[name]}" for name in PACKAGES[1:] + ("python",)]
     lines.append(f"  backend {env['backend']} ({', '.join(env['devices'])})")
+    lines.append(f"  huge-page heap {'on' if env['huge_page_heap'] else 'off'}")
     return "\n".join(lines)
