@@ -36,3 +36,8 @@ def test_without_a_proven_bound_the_lp_bound_judges(monkeypatch):
     assert "1.200x the LP bound (over 1.03)" in line and "(below)" in line and "(over 1%)" in line
     (line,) = bench.scored_verdict(0.3, [_run(1.20)], MEDIANS, base=None, optimum_s=0)
     assert "1.200x the LP bound (over 1.03)" in line
+
+
+def test_the_rounds_ratios_print_beside_the_medians_verdict():
+    (line,) = bench.scored_verdict(0.5, [_run(1.02)], MEDIANS, base=None, optimum_s=0, paired=[1.02, 0.99, 1.04])
+    assert "1.010x static-prefetch's (ok; by round 1.020 0.990 1.040)" in line
