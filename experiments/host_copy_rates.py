@@ -1,0 +1,88 @@
+"""How fast a block lands on the device from pinned host memory, by where it lands: fresh memory or memory held.
+
+Run:   .venv/bin/python experiments/host_copy_rates.py [--sizes-mb 4 16 42 168] [--repeats 8]
+       GLIBC_TUNABLES=glibc.malloc.hugetlb=1 .venv/bin/python experiments/host_copy_rates.py     (huge pages)
+Takes: about 20 s on 2 CPU cores.
+
+Per block size, the median GB/s (1e9 bytes/s) over `--repeats` copies after one warm-up, of
+  fresh      `jax.device_put` to memory_kind "device", the result deleted before the next copy: what the movement
+             engine does for every load (`FullPrecisionBlock.from_pinned_host`); on a CPU backend each lands in a
+             new allocation, and one above glibc's mmap threshold (at most 32 MB) in new pages the copy faults in;
+  into held  a jitted copy into device arrays of the same shape, donated to it (their memory reused; the script
+             checks the address did not change): what a runtime that recycles a dropped block's memory would pay.
+The header says whether the heap used huge pages (`tiers/host_memory.huge_page_heap`). On an accelerator both land
+in memory its allocator pools, and the two should agree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vorch_jax.tiers.full_precision import device_sharding, pinned_host_sharding  # noqa: E402
+from vorch_jax.tiers.host_memory import huge_page_heap  # noqa: E402
+
+
+def copy_into(device):
+    """`(dst, src) -> dst` with `src` (pinned host) copied into the donated device array `dst`."""
+    dev, host = device_sharding(device), pinned_host_sharding(device)
+    return jax.jit(lambda dst, src: jax.lax.dynamic_update_slice(dst, jax.device_put(src, dev), (0,)),
+                   donate_argnums=0, in_shardings=(dev, host), out_shardings=dev)
+
+
+def rates(size_mb: float, repeats: int, device) -> dict[str, float]:
+    """Median GB/s of each way of landing `size_mb` MB (float32) from pinned host memory."""
+    n = max(1, int(size_mb * 2**20) // 4)
+    src = jax.device_put(np.random.default_rng(0).random(n, np.float32), pinned_host_sharding(device))
+    nbytes = src.nbytes
+    fresh = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        x = jax.device_put(src, device_sharding(device))
+        x.block_until_ready()
+        fresh.append(time.perf_counter() - t0)
+        x.delete()
+    f = copy_into(device)
+    # made by XLA, not put from numpy (a device_put of a numpy array may alias its memory, which cannot be donated)
+    dst = jax.jit(lambda: jnp.zeros(n, jnp.float32), out_shardings=device_sharding(device))()
+    address = dst.unsafe_buffer_pointer()
+    held = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        dst = f(dst, src)
+        dst.block_until_ready()
+        held.append(time.perf_counter() - t0)
+    if dst.unsafe_buffer_pointer() != address or not np.array_equal(np.asarray(dst), np.asarray(src)):
+        raise RuntimeError("the donated copy moved its buffer or changed the bytes")
+    return {"fresh": nbytes / statistics.median(fresh[1:]) / 1e9, "into held": nbytes / statistics.median(held[1:]) / 1e9}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes-mb", nargs="+", type=float, default=[4, 16, 42, 168])
+    ap.add_argument("--repeats", type=int, default=8)
+    args = ap.parse_args(argv)
+    if min(args.sizes_mb) <= 0 or args.repeats < 1:
+        print("host_copy_rates: --sizes-mb must be > 0 and --repeats >= 1", file=sys.stderr)
+        return 2
+    device = jax.devices()[0]
+    print(f"{jax.default_backend()} ({device.device_kind}), jax {jax.__version__}, huge-page heap "
+          f"{'on' if huge_page_heap() else 'off'}; pinned_host -> device, median of {args.repeats} copies")
+    print(f"{'MB':>7s} {'fresh GB/s':>11s} {'into held GB/s':>15s}")
+    for mb in args.sizes_mb:
+        r = rates(mb, args.repeats, device)
+        print(f"{mb:7.0f} {r['fresh']:11.2f} {r['into held']:15.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
