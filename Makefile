@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 DEMO := runs/demo
 
 # glibc backs the heap with transparent huge pages: on a CPU backend a landed block is a fresh allocation, which
-# the copy otherwise faults in 4 KB at a time (tiers/host_memory.py: 1.6 against 6-7 GB/s for a 168 MB block).
+# the copy otherwise faults in 4 KB at a time (tiers/host_memory.py; experiments/results/host_copy_rates.txt).
 export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
 
 .PHONY: setup demo test check-install lock clean

@@ -45,7 +45,7 @@ def rates(size_mb: float, repeats: int, device) -> dict[str, float]:
     src = jax.device_put(np.random.default_rng(0).random(n, np.float32), pinned_host_sharding(device))
     nbytes = src.nbytes
     fresh = []
-    for i in range(repeats + 1):
+    for _ in range(repeats + 1):
         t0 = time.perf_counter()
         x = jax.device_put(src, device_sharding(device))
         x.block_until_ready()
@@ -56,14 +56,15 @@ def rates(size_mb: float, repeats: int, device) -> dict[str, float]:
     dst = jax.jit(lambda: jnp.zeros(n, jnp.float32), out_shardings=device_sharding(device))()
     address = dst.unsafe_buffer_pointer()
     held = []
-    for i in range(repeats + 1):
+    for _ in range(repeats + 1):
         t0 = time.perf_counter()
         dst = f(dst, src)
         dst.block_until_ready()
         held.append(time.perf_counter() - t0)
     if dst.unsafe_buffer_pointer() != address or not np.array_equal(np.asarray(dst), np.asarray(src)):
         raise RuntimeError("the donated copy moved its buffer or changed the bytes")
-    return {"fresh": nbytes / statistics.median(fresh[1:]) / 1e9, "into held": nbytes / statistics.median(held[1:]) / 1e9}
+    return {"fresh": nbytes / statistics.median(fresh[1:]) / 1e9,
+            "into held": nbytes / statistics.median(held[1:]) / 1e9}
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,5 @@
-"""Hand the heap memory of freed blocks back to the operating system.
+"""The process heap on the host: hand the memory of freed blocks back to the operating system, and say whether
+the heap uses huge pages.
 
 glibc keeps freed heap memory for reuse instead of returning it, and a run frees hundreds of megabytes in pieces of
 a few (every dequantized source block, every host copy, every array a transition deleted). A process that runs many
@@ -13,6 +14,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import os
 
 
 @functools.cache
@@ -42,12 +44,10 @@ def huge_page_heap(tunables: str | None = None, thp_mode_file: str = THP_MODE_FI
     `never`.
 
     On a CPU backend every block a transition lands is a fresh heap allocation, and a large one (over glibc's mmap
-    threshold, at most 32 MB) is a fresh mapping that the copy then faults in 4 KB at a time: measured on this
-    project's 2-core CPU, pinned_host -> device copies of 168 MB (a Gemma 3 embedding shard) ran at 1.6 GB/s into
-    fresh memory against 8-9 GB/s into memory the allocator reused, and at 6-7 GB/s with huge pages
-    (/tmp probes, 2026-12-06). So on CPU the "link" measured page faults; the summary's `versions` records which."""
-    import os
-
+    threshold, at most 32 MB) is a fresh mapping that the copy then faults in 4 KB at a time, several times slower
+    than a copy into memory already held; huge pages make that faulting much cheaper, though not steadier
+    (`experiments/host_copy_rates.py` measures all three). So on CPU the host->device "link" depends on this
+    setting, and the summary's `versions` records it."""
     tunables = os.environ.get("GLIBC_TUNABLES", "") if tunables is None else tunables
     setting = [kv.partition("=")[2] for kv in tunables.split(":") if kv.partition("=")[0] == "glibc.malloc.hugetlb"]
     if not setting or setting[-1].strip() not in ("1", "2"):
