@@ -5,7 +5,7 @@ Run:   .venv/bin/python experiments/host_copy_rates.py [--sizes-mb 4 16 42 168] 
 Takes: about 20 s on 2 CPU cores.
 
 Per block size, the median GB/s (1e9 bytes/s) over `--repeats` copies after one warm-up, of
-  fresh      `jax.device_put` to memory_kind "device", the result deleted before the next copy: what the movement
+  fresh      `jax.device_put` to memory_kind "device", landed and deleted (freeing it is timed too): what the movement
              engine does for every load (`FullPrecisionBlock.from_pinned_host`); on a CPU backend each lands in a
              new allocation, and one above glibc's mmap threshold (at most 32 MB) in new pages the copy faults in;
   into held  a jitted copy into device arrays of the same shape, donated to it (their memory reused; the script
@@ -17,9 +17,7 @@ in memory its allocator pools, and the two should agree.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +28,7 @@ import numpy as np  # noqa: E402
 
 from vorch_jax.tiers.full_precision import device_sharding, pinned_host_sharding  # noqa: E402
 from vorch_jax.tiers.host_memory import huge_page_heap  # noqa: E402
+from vorch_jax.tiers.link_probe import median_seconds  # noqa: E402
 
 
 def copy_into(device):
@@ -43,28 +42,27 @@ def rates(size_mb: float, repeats: int, device) -> dict[str, float]:
     """Median GB/s of each way of landing `size_mb` MB (float32) from pinned host memory."""
     n = max(1, int(size_mb * 2**20) // 4)
     src = jax.device_put(np.random.default_rng(0).random(n, np.float32), pinned_host_sharding(device))
-    nbytes = src.nbytes
-    fresh = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
+    f = copy_into(device)
+    held = {}
+
+    def fresh():
         x = jax.device_put(src, device_sharding(device))
         x.block_until_ready()
-        fresh.append(time.perf_counter() - t0)
         x.delete()
-    f = copy_into(device)
+
+    def into_held():
+        held["dst"] = f(held["dst"], src)
+        held["dst"].block_until_ready()
+
+    fresh_s = median_seconds(fresh, repeats)
     # made by XLA, not put from numpy (a device_put of a numpy array may alias its memory, which cannot be donated)
-    dst = jax.jit(lambda: jnp.zeros(n, jnp.float32), out_shardings=device_sharding(device))()
-    address = dst.unsafe_buffer_pointer()
-    held = []
-    for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        dst = f(dst, src)
-        dst.block_until_ready()
-        held.append(time.perf_counter() - t0)
+    held["dst"] = jax.jit(lambda: jnp.zeros(n, jnp.float32), out_shardings=device_sharding(device))()
+    address = held["dst"].unsafe_buffer_pointer()
+    held_s = median_seconds(into_held, repeats)
+    dst = held["dst"]
     if dst.unsafe_buffer_pointer() != address or not np.array_equal(np.asarray(dst), np.asarray(src)):
         raise RuntimeError("the donated copy moved its buffer or changed the bytes")
-    return {"fresh": nbytes / statistics.median(fresh[1:]) / 1e9,
-            "into held": nbytes / statistics.median(held[1:]) / 1e9}
+    return {"fresh": src.nbytes / fresh_s / 1e9, "into held": src.nbytes / held_s / 1e9}
 
 
 def main(argv=None) -> int:
