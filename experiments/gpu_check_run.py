@@ -508,8 +508,9 @@ def kernel_part(plan: Plan) -> Table:
             for fmt in sorted({r.fmt for r in rows if r.path != "full"}) + ["full"]:
                 seconds, nbytes = layer_total(rows, counts, m, fmt)
                 share = nbytes / seconds / bandwidth
-                table.rows.append([name, fmt, str(m), f"{seconds * 1e3:.4f}", f"{nbytes / seconds / 1e9:.1f}",
-                                   f"{share * 100:.1f}%", f"{full_s / seconds:.2f}x"])
+                # significant digits, not fixed decimals: the CPU's interpreted kernels once printed a share of 0.0%
+                table.rows.append([name, fmt, str(m), f"{seconds * 1e3:.4g}", f"{nbytes / seconds / 1e9:.3g}",
+                                   f"{share * 100:.3g}%", f"{full_s / seconds:.3g}x"])
                 if fmt.startswith("int4") and m == 1 and name == list(models)[-1]:  # Llama-2-70B (or its stand-in)
                     table.notes.append(target_line(f"{name} int4 layer at M=1, share of the copy bandwidth", share,
                                                    TARGET_INT4_BW_SHARE, at_most=False))

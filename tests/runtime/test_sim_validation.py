@@ -12,12 +12,14 @@ at 203 / 281 / 198 ms where this machine ran 163 / 163 / 157), not the simulator
 script's, and its numbers are in the record and the issue's notes.
 
 The rows checked are three the record's simulation meets the 15% target on with room (record of 2026-11-29
-15:03 UTC, 5 repeats, replayed: dense static 0.5 +6.8%, dense lru 0.5 +5.5%, moe lru 0.3 -5.9%). The record's rows:
+15:03 UTC, 5 repeats, replayed: dense static 0.5 +6.8%, dense lru 0.5 +5.5%, moe lru 0.3 -5.9%; replayed on
+2026-12-07 with host time as CPU time: +10.4%, +7.2%, -9.2%, and +10.7%, +7.3%, -4.1% beside two busy loops, where
+wall time gave +13.0%, +9.0%, +8.5%, and CI, beside the other test worker, +22.5% for the MoE row). The record's rows:
 median 9.5%, max 36.5%, 15 of 18 within 15% (out: dense static 0.3 +29.0%, moe scored 0.5 -21.2%, 0.8 -36.5%); the
 record's own runs, split into even and odd rounds, disagree by a median 12.8% and up to 21.4% (the record of 14:17
 UTC, `sim_validation-2026-11-29-1417.json`: 12.9% and 57.6%, dense static 0.5 ran 56 / 199 / 87 / 71 / 85 ms):
 checking the rows the simulator misses would assert a known miss or the machine's noise. Scored rows are left out
-for another reason too: the simulator charges the host the wall time of the real policy code it runs (eviction
+for another reason too: the simulator charges the host the CPU time of the real policy code it runs (eviction
 order, ticks), and that moves a scored replay by up to 20% (dense scored 0.3 of the 15:03 record: 133.1 ms when
 measured, 164.4 ms in the replay; MoE scored 0.3 of the 12:08 record: 58.4 and 51.8 ms in two replays).
 """

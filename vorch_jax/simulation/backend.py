@@ -82,14 +82,17 @@ class SimBackend:
     def __init__(self, spec, hw, engine, state_bytes: dict, dtype: str, *, routing=None, speculation=None,
                  barrier=None):
         """`dtype`: what the modelled device holds weights in (its FLOP rate and the bytes it streams); `barrier`:
-        the mesh's meeting point at each layer's end (`simulation.mesh.LayerBarrier`; None on one device). A device of
-        a mesh runs in a thread of its own beside the others, so its host time is its thread's CPU time."""
+        the mesh's meeting point at each layer's end (`simulation.mesh.LayerBarrier`; None on one device). Host time is
+        CPU time, not wall time, so that the machine's other load does not enter the model (a CI run beside another
+        worker once replayed the MoE lru row 22% slower than on a quiet machine): the process's CPU time on one device
+        (the controller's jitted work runs on XLA's threads), its own thread's on a mesh, where each device runs in a
+        thread of its own beside the others."""
         self.spec, self.hw, self.engine, self.clock = spec, hw, engine, engine.clock
         self.state_bytes, self.dtype = state_bytes, dtype
         self.routing_trace, self.recorded_speculation = routing, speculation
         self.compute_spans: list[tuple[str, float, float]] = []  # (block, start, seconds) of every position
         self.barrier = barrier
-        self.host_clock = time.thread_time if barrier is not None else time.perf_counter
+        self.host_clock = time.thread_time if barrier is not None else time.process_time
         self._pass, self._tokens, self._context = 0, 0, 0
 
     def now(self) -> float:
@@ -97,7 +100,8 @@ class SimBackend:
 
     @contextlib.contextmanager
     def host(self):
-        """The real ledger and policy code runs inside; its wall time is the host's time on the modelled clock."""
+        """The real ledger and policy code runs inside; its CPU time (`host_clock`) is the host's time on the modelled
+        clock."""
         t0 = self.host_clock()
         try:
             yield
