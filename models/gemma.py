@@ -8,9 +8,14 @@ are the same four kinds, the embedding tied as the head.
 
 The 262k-token vocabulary makes the embedding about 60% of the model's bytes (671 MB in float32): as one block it
 could never be resident under half the model's bytes, so it is `VOCAB_SHARDS` blocks `embed.k`, each the columns of
-a quarter of the vocabulary (168 MB), read from the GGUF's rows for those tokens. A pass looks a token up in every
+a sixteenth of the vocabulary (42 MB), read from the GGUF's rows for those tokens. A pass looks a token up in every
 shard (each adds the rows of the tokens it holds: exact, as every token is in one shard) and computes the head's
 logits one shard of columns at a time; the runtime moves each shard on its own.
+
+Why sixteen: blocks of like sizes let a schedule use the budget as the LP relaxation does (with four shards of 168 MB
+beside 6.6-15.7 MB layer blocks, even the exact integral optimum moved 1.19x the LP bound at 0.3), and sixteen was
+the finest split that left the resident decode step as it was on this project's CPU (each shard adds two positions
+a pass). The measurements: `experiments/results/gemma_shards.txt`.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ def _config(reader) -> G.GemmaConfig:
         sliding_window=int(field(reader, a + "attention.sliding_window")))
 
 
-VOCAB_SHARDS = 4
+VOCAB_SHARDS = 16
 
 
 def embed_block_id(shard: int) -> str:

@@ -21,6 +21,7 @@ import pytest
 from vorch_jax.experiments import gpu_check_run as G
 from vorch_jax.experiments import gpu_synthetic as S
 from vorch_jax.models import registry
+from vorch_jax.models.gemma import VOCAB_SHARDS
 
 PART_COLUMNS = {
     "compare": G.COMPARE_HEADER,
@@ -190,7 +191,8 @@ def test_the_twins_have_the_real_shapes():
 
 def test_the_twins_weights_and_ids_are_seeded_float32():
     gemma = registry.get("gemma3-270m-synthetic")
-    assert [b.id for b in gemma.blocks()][:5] == ["embed.0", "embed.1", "embed.2", "embed.3", "layers.0.attn"]
+    shards = [f"embed.{k}" for k in range(VOCAB_SHARDS)]
+    assert [b.id for b in gemma.blocks()][:VOCAB_SHARDS + 1] == [*shards, "layers.0.attn"]
     assert gemma.block_shapes("layers.0.attn")["wq"].shape == (640, 1024) and gemma.bos_id() == 2
     source = registry.get("smollm2-135m-synthetic").source()
     first, again, other = source("layers.3.mlp"), source("layers.3.mlp"), source("layers.4.mlp")

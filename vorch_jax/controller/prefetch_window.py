@@ -20,10 +20,11 @@ protected ones: 2 loads a pass against 4/3). Neither is better everywhere, so bo
 
 The same replay chooses how block sizes weigh in the victim order (`size_power` p: the victim is the block whose
 distance to its next read times its size^p is largest; p = 0 is furthest-next-use). Furthest-next-use is blind to
-sizes, and where blocks differ by 25x (Gemma 3's 168 MB embedding shards beside 6.6 MB attention blocks) which rule
-moves least depends on the budget: simulated, 16 passes, bytes over the LP bound at budgets 0.3 / 0.5 / 0.8: p = 0
-1.302 / 1.384 / 1.070, p = 1 1.204 / 1.843 / 2.906, p = -1 1.302 / 1.384 / 1.045 (the exact optimum at 0.3 is
-1.194). So p is measured per run like W, from the candidates `CANDIDATE_SIZE_POWERS`.
+sizes, and where blocks differ by 25x (Gemma 3 as it was split until 2026-12-07: four 168 MB embedding shards
+beside 6.6 MB attention blocks) which rule moves least depends on the budget: simulated, 16 passes, bytes over
+the LP bound at budgets 0.3 / 0.5 / 0.8: p = 0 1.302 / 1.384 / 1.070, p = 1 1.204 / 1.843 / 2.906, p = -1 1.302 /
+1.384 / 1.045 (the exact optimum at 0.3 is 1.194). So p is measured per run like W, from the candidates
+`CANDIDATE_SIZE_POWERS`.
 
 More candidates follow the optimum itself (`PassPlan`): a dense run's passes repeat, so the integral optimum of a
 stream that repeats a cycle of passes for ever (`lower_bound.cyclic_keeps`, its constraints taken modulo the cycle)
@@ -32,7 +33,7 @@ Replayed as a victim order, the blocks the plan lets go leave first (furthest ne
 prefetch may evict only those: their reload is paid anyway, so the load moves earlier at no cost in bytes.
 
   * A cycle of one pass (HiGHS, 0.02-0.15 s here) is the steady state of a fixed resident set. The 16-pass optimum
-    does better where blocks differ in size: on Gemma 3 at 0.8 it keeps the 168 MB embedding shards and streams a
+    does better where blocks differ in size: on Gemma 3 at 0.8 (four shards) it keeps the embedding shards and streams a
     run of layer blocks that moves back a layer every pass or two (measured: `experiments/offline_optimum.py`'s
     problem solved for 60 s), a rotation no one-pass cycle can express. So one more candidate keeps the plan's
     decisions for the large blocks and lets every block under half the largest go, furthest next read first
