@@ -145,7 +145,7 @@ class GGUFSource:
         if not self.path.is_file():
             raise ModelFileError(f"model file {self.path} does not exist")
         try:
-            self._reader = gguf.GGUFReader(str(self.path))
+            self._reader = _plain_reader_class(gguf)(str(self.path))
         except Exception as e:  # gguf raises ValueError/IndexError/struct errors on damaged files
             raise ModelFileError(f"model file {self.path} is unreadable or truncated ({type(e).__name__}: {e})") from None
         found = _field(self._reader, "general.architecture")
@@ -230,6 +230,24 @@ class GGUFSource:
             w = np.asarray(w, dtype=np.float32)
             out[leaf] = np.ascontiguousarray(w.T) if transpose else w
         return out
+
+
+def _plain_reader_class(gguf):
+    """`gguf.GGUFReader` reading through a plain ndarray view of its memmap: numpy finalizes every slice of a memmap,
+    and the reader slices once per metadata item (Gemma 3's 262k-token vocabulary: 13.2 s to open on this CPU, 4.0 s
+    this way), the dequantizer once per row group of a tensor it reads (SmolLM2's tensor-parallel shards: 228k
+    slices, half of the 18 s a device took to read its shard). The view shares the mapping, so nothing is read
+    before it is used."""
+
+    class PlainReader(gguf.GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            if not hasattr(self, "_plain"):
+                self._plain = self.data.view(np.ndarray)
+            count = int(count)
+            arr = self._plain[offset:offset + np.dtype(dtype).itemsize * count].view(dtype=dtype)[:count]
+            return arr.view(arr.dtype.newbyteorder(self.byte_order if override_order is None else override_order))
+
+    return PlainReader
 
 
 def load_smollm2_source() -> GGUFSource:
