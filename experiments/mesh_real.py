@@ -5,10 +5,11 @@ Every device is a CPU device of this process (`jax_num_cpu_devices`, set below b
 between memory kinds, the devices' partial results are summed by XLA collectives), the speed is not a GPU's. Per
 model and policy, one row per device: its budget, peak, bytes moved, Belady's bytes over its own reads, and whether
 its tokens are the single-device resident run's. With `--two-process`, the first policy runs again as two processes
-of two devices each (`vorch run --coordinator ... --processes 2`, jax.distributed on this machine), and each
-device's tokens and bytes are compared with the one-process run.
+of half the devices each (`vorch run --coordinator ... --processes 2`, jax.distributed on this machine), and each
+device's tokens and bytes are compared with the one-process run. `--devices 2` runs tp=2 and ep=2 instead (the test
+suite's case: every device compiles its own programs, so two take half the time of four on this 2-core CPU).
 
-Run: python experiments/mesh_real.py [--tokens 8] [--budget 0.5] [--two-process] [--out runs/mesh_real]
+Run: python experiments/mesh_real.py [--tokens 8] [--budget 0.5] [--two-process] [--devices 4] [--out runs/mesh_real]
 Writes experiments/results/mesh_real.txt with --write.
 """
 
@@ -24,11 +25,11 @@ from pathlib import Path
 
 import jax
 
-jax.config.update("jax_num_cpu_devices", 4)  # before any JAX work: 4 CPU devices, each with every memory kind
+DEVICES = 4
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ["static", "static-prefetch", "lru", "lfu", "scored", "belady"]
-MODELS = [("smollm2-135m", "mesh.tp=4"), ("smollm2-135m-moe", "mesh.ep=4")]
+MODELS = [("smollm2-135m", "tp"), ("smollm2-135m-moe", "ep")]  # each model's mesh axis
 
 
 def device_table(s: dict) -> list[str]:
@@ -42,7 +43,7 @@ def device_table(s: dict) -> list[str]:
 
 
 def two_process(overrides: list[str], out: Path) -> list[dict]:
-    """The same run as two processes of two CPU devices each; their per-device rows, in device order."""
+    """The same run as two processes of half the CPU devices each; their per-device rows, in device order."""
     cmd = [sys.executable, "-m", "vorch_jax.cli", "run", str(ROOT / "configs" / "smoke.yaml"), *overrides,
            "--out", str(out), "--coordinator", "localhost:12391", "--processes", "2"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -62,6 +63,16 @@ def two_process(overrides: list[str], out: Path) -> list[dict]:
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument("--budget", type=float, default=0.5)
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--two-process", action="store_true")
+    ap.add_argument("--devices", type=int, default=DEVICES, choices=(2, 4))
+    ap.add_argument("--out", default="runs/mesh_real")
+    ap.add_argument("--write", action="store_true", help="write experiments/results/mesh_real.txt")
+    a = ap.parse_args()
+    jax.config.update("jax_num_cpu_devices", a.devices)  # before any JAX work: CPU devices, each with every memory kind
     import jax.numpy as jnp
 
     from vorch_jax.config import apply_overrides, load_config
@@ -70,21 +81,14 @@ def main() -> int:
     from vorch_jax.runtime.run import run
     from vorch_jax.runtime.setup import build_setup
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=8)
-    ap.add_argument("--budget", type=float, default=0.5)
-    ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--two-process", action="store_true")
-    ap.add_argument("--out", default="runs/mesh_real")
-    ap.add_argument("--write", action="store_true", help="write experiments/results/mesh_real.txt")
-    a = ap.parse_args()
     policies = a.policies.split(",")
     common = [f"new_tokens={a.tokens}", "prompt_tokens=16", "eval_tokens=32", f"hbm_budget={a.budget}",
               "moe.speculative=on"]  # scored's devices speculate on their own experts (`auto` would not, here)
-    lines = [f"# python experiments/mesh_real.py --tokens {a.tokens} --budget {a.budget}"
-             f"{' --two-process' if a.two_process else ''}  (this CPU: {os.cpu_count()} cores, jax "
-             f"{jax.__version__}, 4 CPU devices of one process)", ""]
-    for model, mesh in MODELS:
+    flags = (" --two-process" if a.two_process else "") + (f" --devices {a.devices}" if a.devices != DEVICES else "")
+    lines = [f"# python experiments/mesh_real.py --tokens {a.tokens} --budget {a.budget}{flags}  (this CPU: "
+             f"{os.cpu_count()} cores, jax {jax.__version__}, {a.devices} CPU devices of one process)", ""]
+    for model, axis in MODELS:
+        mesh = f"mesh.{axis}={a.devices}"
         t0 = time.perf_counter()
         cfg = load_config(ROOT / "configs" / "smoke.yaml", [f"model={model}", mesh, *common])
         reference = resident_reference(build_setup(whole_model(cfg)), jnp.float32, cfg.new_tokens)  # one device
@@ -105,7 +109,7 @@ def main() -> int:
             same = [(r["tokens_match_resident"], r["bytes_moved"], r["peak_device_bytes"]) for r in rows] == \
                    [(r["tokens_match_resident"], r["bytes_moved"], r["peak_device_bytes"])
                     for r in first["mesh"]["per_device"]]
-            lines.append(f"two processes x 2 devices, {first['policy']}: per-device tokens, bytes moved and peak "
+            lines.append(f"two processes x {a.devices // 2} devices, {first['policy']}: per-device tokens, bytes moved and peak "
                          f"identical to one process: {same}")
             lines += device_table({"mesh": {"per_device": rows}})
             lines.append("")
