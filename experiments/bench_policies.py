@@ -9,7 +9,10 @@ static-prefetch, scored and belady; static and lru load on a miss), in one proce
 by round so that the machine's drift falls on all of them alike. Per budget and policy it prints the median decode
 tok/s over the rounds and every round's figure (this CPU's noise, beside it), the bytes moved host->device over the
 LP lower bound of the same access stream (`policies/lower_bound.py`; a run's bytes do not vary between rounds),
-misses, the controller's share of wall time, the scored policy's prefetch window and the steady-state plan it
+misses, the controller's share of wall time, the share of the link's busy time with two or more loads under way
+(`2 lanes`: the engine runs loads on two threads, and on this CPU a copy beside another runs at 75-85% of its rate
+alone, so a schedule that keeps two loads going moves about 1.6x the bytes per second; a GPU's host->device copies
+share one copy engine), the scored policy's prefetch window and the steady-state plan it
 follows (`pass_plan`: '1-pass', '1-pass+s' streaming the small blocks, '3-pass'), and whether every run's tokens
 match the resident reference. Then, per budget, scored against the targets of the controller issue: bytes within
 1.03x the lower bound, tok/s at least static-prefetch's (medians; each round's ratio beside them), controller <= 1%.
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import statistics
 import sys
 import tempfile
@@ -54,8 +58,28 @@ def measure(base, policies, budgets, rounds, out: Path) -> dict:
             for pol in policies:
                 cfg = dataclasses.replace(base, policy=pol, hbm_budget=b)
                 s = run(cfg, out / f"{b}" / pol / f"round{r}", reference=reference)
+                s["two_lanes_share"] = two_lanes_share(out / f"{b}" / pol / f"round{r}" / "trace.jsonl")
                 runs.setdefault((b, pol), []).append(s)
     return runs
+
+
+def two_lanes_share(trace_path: Path) -> float:
+    """Of the time the host->device link was busy during generation (the trace's t >= 0), the share with at least
+    two loads under way."""
+    spans = []
+    for line in trace_path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("event") == "transition" and r.get("link") == "host->device" and r["t"] >= 0:
+            spans.append((r["t"], 1))
+            spans.append((r["t"] + r["dur_s"], -1))
+    busy = both = 0.0
+    n, prev = 0, None
+    for t, d in sorted(spans):
+        if prev is not None:
+            busy += (t - prev) if n >= 1 else 0.0
+            both += (t - prev) if n >= 2 else 0.0
+        n, prev = n + d, t
+    return both / busy if busy > 0 else 0.0
 
 
 def integral_bound(base, budget: float, summary: dict, time_limit_s: float) -> tuple[float | None, str]:
@@ -81,7 +105,7 @@ def integral_bound(base, budget: float, summary: dict, time_limit_s: float) -> t
 
 def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> list[str]:
     lines = [f"{'budget':>6s} {'policy':16s} {'tok/s':>7s} {'bytes/bound':>11s} {'misses':>6s} {'ctrl %':>6s} "
-             f"{'window':>6s} {'plan':>8s} {'match':>5s}   rounds tok/s"]
+             f"{'2 lanes':>7s} {'window':>6s} {'plan':>8s} {'match':>5s}   rounds tok/s"]
     verdicts = []
     for b in budgets:
         med = {}
@@ -94,8 +118,9 @@ def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> 
             plan = rs[0]["prefetch"].get("follows_plan", "")
             plan = plan.split(",")[0] + ("+s" if "streams" in plan else "") if plan else "-"
             match = all(s["tokens_match_resident"] for s in rs)
+            lanes = statistics.median(s.get("two_lanes_share", float("nan")) for s in rs)
             lines.append(f"{b:6.2f} {pol:16s} {med[pol]:7.2f} {rs[0]['moved_over_lower_bound']:11.3f} "
-                         f"{rs[0]['misses']:6d} {100 * ctrl:6.2f} {window or '-':>6} {plan:>8s} {str(match):>5s}   "
+                         f"{rs[0]['misses']:6d} {100 * ctrl:6.2f} {100 * lanes:6.0f}% {window or '-':>6} {plan:>8s} {str(match):>5s}   "
                          + " ".join(f"{t:.2f}" for t in tok))
         if "scored" in med:
             paired = ([x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[(b, "scored")],

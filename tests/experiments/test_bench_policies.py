@@ -41,3 +41,20 @@ def test_without_a_proven_bound_the_lp_bound_judges(monkeypatch):
 def test_the_rounds_ratios_print_beside_the_medians_verdict():
     (line,) = bench.scored_verdict(0.5, [_run(1.02)], MEDIANS, base=None, optimum_s=0, paired=[1.02, 0.99, 1.04])
     assert "1.010x static-prefetch's (ok; by round 1.020 0.990 1.040)" in line
+
+
+def test_two_lanes_share_is_the_busy_time_with_two_loads_under_way(tmp_path):
+    import json
+
+    recs = [  # loads at [0, 4) and [2, 6): busy 6 s, two at once 2 s; one before generation and one other link
+        {"event": "transition", "link": "host->device", "t": 0.0, "dur_s": 4.0},
+        {"event": "transition", "link": "host->device", "t": 2.0, "dur_s": 4.0},
+        {"event": "transition", "link": "host->device", "t": -3.0, "dur_s": 10.0},
+        {"event": "transition", "link": "device->host", "t": 1.0, "dur_s": 5.0},
+        {"event": "access", "t": 1.0},
+    ]
+    path = tmp_path / "trace.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in recs))
+    assert bench.two_lanes_share(path) == pytest.approx(2 / 6)
+    path.write_text("")
+    assert bench.two_lanes_share(path) == 0.0
