@@ -120,7 +120,8 @@ def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> 
             match = all(s["tokens_match_resident"] for s in rs)
             lanes = statistics.median(s.get("two_lanes_share", float("nan")) for s in rs)
             lines.append(f"{b:6.2f} {pol:16s} {med[pol]:7.2f} {rs[0]['moved_over_lower_bound']:11.3f} "
-                         f"{rs[0]['misses']:6d} {100 * ctrl:6.2f} {100 * lanes:6.0f}% {window or '-':>6} {plan:>8s} {str(match):>5s}   "
+                         f"{rs[0]['misses']:6d} {100 * ctrl:6.2f} {100 * lanes:6.0f}% {window or '-':>6} {plan:>8s} "
+                         f"{str(match):>5s}   "
                          + " ".join(f"{t:.2f}" for t in tok))
         if "scored" in med:
             paired = ([x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[(b, "scored")],

@@ -109,8 +109,8 @@ def main() -> int:
             same = [(r["tokens_match_resident"], r["bytes_moved"], r["peak_device_bytes"]) for r in rows] == \
                    [(r["tokens_match_resident"], r["bytes_moved"], r["peak_device_bytes"])
                     for r in first["mesh"]["per_device"]]
-            lines.append(f"two processes x {a.devices // 2} devices, {first['policy']}: per-device tokens, bytes moved and peak "
-                         f"identical to one process: {same}")
+            lines.append(f"two processes x {a.devices // 2} devices, {first['policy']}: per-device tokens, bytes "
+                         f"moved and peak identical to one process: {same}")
             lines += device_table({"mesh": {"per_device": rows}})
             lines.append("")
     text = "\n".join(lines)
