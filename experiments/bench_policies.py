@@ -66,20 +66,12 @@ def measure(base, policies, budgets, rounds, out: Path) -> dict:
 def two_lanes_share(trace_path: Path) -> float:
     """Of the time the host->device link was busy during generation (the trace's t >= 0), the share with at least
     two loads under way."""
-    spans = []
-    for line in trace_path.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("event") == "transition" and r.get("link") == "host->device" and r["t"] >= 0:
-            spans.append((r["t"], 1))
-            spans.append((r["t"] + r["dur_s"], -1))
-    busy = both = 0.0
-    n, prev = 0, None
-    for t, d in sorted(spans):
-        if prev is not None:
-            busy += (t - prev) if n >= 1 else 0.0
-            both += (t - prev) if n >= 2 else 0.0
-        n, prev = n + d, t
-    return both / busy if busy > 0 else 0.0
+    from vorch_jax.runtime.telemetry import covered_seconds
+
+    spans = [(r["t"], r["t"] + r["dur_s"]) for r in map(json.loads, trace_path.read_text().splitlines())
+             if r.get("event") == "transition" and r.get("link") == "host->device" and r["t"] >= 0]
+    busy = covered_seconds(spans)
+    return covered_seconds(spans, at_least=2) / busy if busy > 0 else 0.0
 
 
 def integral_bound(base, budget: float, summary: dict, time_limit_s: float) -> tuple[float | None, str]:

@@ -41,20 +41,21 @@ def stall_seconds(events) -> float:
     return sum(e.duration for e in events if e.kind == "stall")
 
 
+def covered_seconds(spans, at_least: int = 1) -> float:
+    """Seconds during which at least `at_least` of the (start, end) spans are under way: with 1 their union
+    (overlapping spans counted once), with 2 the time two run at once."""
+    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
+    total, n, prev = 0.0, 0, None
+    for t, d in edges:
+        if prev is not None and n >= at_least:
+            total += t - prev
+        n, prev = n + d, t
+    return total
+
+
 def link_seconds(events, link: str) -> float:
     """Wall seconds during which at least one transition used `link` (overlapping transfers counted once)."""
-    spans = sorted((e.start, e.end) for e in events if e.kind == "transition" and e.link_bytes.get(link))
-    total, cur_s, cur_e = 0.0, None, None
-    for s, e in spans:
-        if cur_e is None or s > cur_e:
-            if cur_e is not None:
-                total += cur_e - cur_s
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    if cur_e is not None:
-        total += cur_e - cur_s
-    return total
+    return covered_seconds([(e.start, e.end) for e in events if e.kind == "transition" and e.link_bytes.get(link)])
 
 
 def link_rate(events, link: str, t_start: float, t_end: float) -> float | None:
@@ -62,15 +63,7 @@ def link_rate(events, link: str, t_start: float, t_end: float) -> float | None:
     over the time at least one of them was under way, clipped to the window (overlapping copies counted once, so
     two copies at once do not halve the rate). None when nothing crossed the link."""
     moved = [e for e in window(events, t_start, t_end) if e.kind == "transition" and e.link_bytes.get(link)]
-    spans = sorted((max(e.start, t_start), min(e.end, t_end)) for e in moved)
-    busy, cur_s, cur_e = 0.0, None, None
-    for s, e in spans:
-        if cur_e is None or s > cur_e:
-            busy += (cur_e - cur_s) if cur_e is not None else 0.0
-            cur_s, cur_e = s, e
-        else:
-            cur_e = max(cur_e, e)
-    busy += (cur_e - cur_s) if cur_e is not None else 0.0
+    busy = covered_seconds([(max(e.start, t_start), min(e.end, t_end)) for e in moved])
     return sum(e.link_bytes[link] for e in moved) / busy if busy > 0 else None
 
 
