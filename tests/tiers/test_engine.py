@@ -129,7 +129,9 @@ def test_accounting_matches_live_arrays_and_files(smol, tmp_path):
         ]
         for plan in rounds:
             handles = [eng.request(b, s) for b, s in plan]  # all four in flight together
-            assert all(eng.request(b, s) is t for (b, s), t in zip(plan, handles))  # same target: same handle
+            for (b, s), t in zip(plan, handles):  # the same target again: the pending handle, or once landed a
+                again = eng.request(b, s)  # finished transition to it (a small block may land at once)
+                assert again is t or (t.done() and again.done() and again.dst == s)
             for b, s in plan:
                 eng.wait(b) if s.on_device else eng.request(b, s).result()
             assert_accounting(eng, others)
