@@ -65,9 +65,7 @@ CASES = [
      "home_format: int8}}]\" --out {d}", "pins the blocks on device (protect)", None),
     ("run-home-format-pinned", "run " + DEMO + " lossy=true \"placement=[{{path: 'layers.*', state: S0, "
      "home_format: int8}}]\" --out {d}", "never load from a home", None),
-    ("run-home-format-over-quality", "run " + DEMO + " lossy=true policy=static quality.calibration_tokens=16 " + TINY
-     + " \"placement=[{{path: "
-     "'layers.*', home_format: int4}}]\" --out {d}", "quality.max_kl", None),
+    # (compressed homes over the quality budget: tests/runtime/test_lossy_runs.py, where a calibration is stored)
     ("run-in-place-unknown", f"run {DEMO} in_place=always --out {{d}}", "key 'in_place'", None),
     ("run-compute-host-protected", "run " + DEMO + " \"placement=[{{path: 'layers.*mlp', protect: true, "
      "compute: host}}]\" --out {d}", "which puts them elsewhere", None),

@@ -4,6 +4,7 @@ run-level quality budget respected, and the lossless guarantees that still hold 
 The calibration is measured on 16 tokens into a temporary cache, once for the module (about 30 s here)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,7 @@ from vorch_jax.errors import QualityError
 from vorch_jax.runtime.run import run
 
 LOSSY_READS = ("S1", "S2", "S6")
+SMOKE = Path(__file__).parents[2] / "configs" / "smoke.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +93,19 @@ def test_placement_rules_above_the_budget_stop_before_any_work(lossy_run, cache,
                        "placement=[{path: 'layers\\.\\d+\\.mlp', state: S6}, {path: embed, state: S0, protect: true}]")
     with pytest.raises(QualityError, match="quality.max_kl"):
         run(cfg, tmp_path, reference=reference)
+
+
+def test_compressed_homes_over_the_quality_budget_are_one_line_exit_2(lossy_run, cache, tmp_path, capsys):
+    """From the command line, with the calibration the module stored: int4 homes for every layer spend more ΔKL than
+    quality.max_kl allows, which the run says in one line before any work."""
+    from vorch_jax.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["run", str(SMOKE), "lossy=true", "policy=static", "quality.calibration_tokens=16", "new_tokens=2",
+               "prompt_tokens=8", "eval_tokens=16", "placement=[{path: 'layers.*', home_format: int4}]", "--out", str(out)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("vorch: error:") and "quality.max_kl" in err[0], err
+    assert not (out / "summary.json").exists()
 
 
 # ------------------------------------------------------------------------------------------- compressed homes
