@@ -102,7 +102,8 @@ def test_compressed_homes_over_the_quality_budget_are_one_line_exit_2(lossy_run,
 
     out = tmp_path / "out"
     rc = main(["run", str(SMOKE), "lossy=true", "policy=static", "quality.calibration_tokens=16", "new_tokens=2",
-               "prompt_tokens=8", "eval_tokens=16", "placement=[{path: 'layers.*', home_format: int4}]", "--out", str(out)])
+               "prompt_tokens=8", "eval_tokens=16", "placement=[{path: 'layers.*', home_format: int4}]",
+               "--out", str(out)])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and err[0].startswith("vorch: error:") and "quality.max_kl" in err[0], err
     assert not (out / "summary.json").exists()
