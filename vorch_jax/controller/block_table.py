@@ -197,14 +197,20 @@ class BlockTable:
         dw = col(dwell, np.full(b, SETTLED_DWELL), np.int64, "dwell")
         _nonneg_or_raise(dw, "dwell", label)
 
-        f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+        f32 = lambda a: _on_device(np.asarray(a, np.float32))  # noqa: E731
         return cls(
-            state=jnp.asarray(state_i), bytes_per_state=f32(bps), host_bytes=f32(hb), kind=jnp.asarray(kind_i),
-            layer=jnp.asarray(layer_i), protected=jnp.asarray(prot), floor_state=jnp.asarray(floor),
-            allowed=jnp.asarray(allow), rho=f32(terms["rho"]), lam=f32(terms["lam"]), kappa=f32(terms["kappa"]),
+            state=_on_device(state_i), bytes_per_state=f32(bps), host_bytes=f32(hb), kind=_on_device(kind_i),
+            layer=_on_device(layer_i), protected=_on_device(prot), floor_state=_on_device(floor),
+            allowed=_on_device(allow), rho=f32(terms["rho"]), lam=f32(terms["lam"]), kappa=f32(terms["kappa"]),
             psi=f32(terms["psi"]), delta=f32(dl), tau=f32(tu),
-            dwell=jnp.asarray(np.minimum(dw, SETTLED_DWELL), jnp.int32),
+            dwell=_on_device(np.minimum(dw, SETTLED_DWELL).astype(np.int32)),
         )
+
+
+def _on_device(x_host: np.ndarray) -> jax.Array:
+    """A host array on the default device as it is (its dtype cast already, on the host). Not `jnp.asarray`: in jax
+    0.10 that compiles a copy program for every new shape and dtype (10 ms each; a table of B blocks is 15 of them)."""
+    return jax.device_put(x_host)
 
 
 def _labeler(names, b):
@@ -262,14 +268,17 @@ def pad_to(table: BlockTable, n: int) -> BlockTable:
     if k == 0:
         return table
 
-    def cat(x, fill):
-        return jnp.concatenate([x, jnp.full((k,) + x.shape[1:], fill, x.dtype)], axis=0)
+    def cat(x, fill):  # on the host: a device concatenate compiles once per table size
+        x = np.asarray(x)
+        return _on_device(np.concatenate([x, np.full((k,) + x.shape[1:], fill, x.dtype)], axis=0))
 
-    inert_allowed = jnp.zeros((k, sid.NUM_STATES), bool).at[:, sid.S4].set(True)
+    inert_allowed = np.zeros((k, sid.NUM_STATES), bool)
+    inert_allowed[:, sid.S4] = True
+    allowed = np.concatenate([np.asarray(table.allowed), inert_allowed], axis=0)
     return table.replace(
         state=cat(table.state, sid.S4), bytes_per_state=cat(table.bytes_per_state, 0),
         host_bytes=cat(table.host_bytes, 0),
         kind=cat(table.kind, KIND_NORM), layer=cat(table.layer, 0), protected=cat(table.protected, False),
-        floor_state=cat(table.floor_state, sid.S6), allowed=jnp.concatenate([table.allowed, inert_allowed], axis=0),
+        floor_state=cat(table.floor_state, sid.S6), allowed=_on_device(allowed),
         rho=cat(table.rho, 0), lam=cat(table.lam, 0), kappa=cat(table.kappa, 0), psi=cat(table.psi, 0),
         delta=cat(table.delta, 0), tau=cat(table.tau, 0), dwell=cat(table.dwell, SETTLED_DWELL))
