@@ -21,6 +21,7 @@ from .errors import MoEError
 from .moe import ExpertPartition, Routers
 from .moe_build import MOE_MODELS, RouterConfig, build_moe, calibration_chars, calibration_ids, shared_neurons
 from .moe_distill import MLPDeltas, distill
+from .user_cache import cache_root
 
 FORMAT_VERSION = 1
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped" / "moe"
@@ -34,7 +35,7 @@ def store_name(cfg: RouterConfig) -> str:
 def default_store_dir(cfg: RouterConfig) -> Path:
     if cfg.out_dir:
         return Path(cfg.out_dir).expanduser()
-    return Path("~/.cache/vorch_jax/moe").expanduser() / store_name(cfg)
+    return cache_root(sub="moe") / store_name(cfg)
 
 
 def store_in_use(cfg: RouterConfig) -> Path | None:

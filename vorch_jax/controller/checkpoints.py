@@ -22,17 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from vorch_jax.errors import RecordMismatchError
+from vorch_jax.models.user_cache import cache_root  # noqa: F401  (the cache's place: models/user_cache.py)
 
-DEFAULT_ROOT = Path("~/.cache/vorch_jax")
-ENV_ROOT = "VORCH_CACHE"
-
-
-def cache_root(override: str | os.PathLike | None = None, sub: str = "") -> Path:
-    """The cache directory: `override` if given, else `$VORCH_CACHE`, else `~/.cache/vorch_jax`; then `/sub`."""
-    if override is not None:
-        return Path(override).expanduser()
-    base = Path(os.environ[ENV_ROOT]).expanduser() if os.environ.get(ENV_ROOT) else DEFAULT_ROOT.expanduser()
-    return base / sub if sub else base
 
 
 def safe_name(key: str) -> str:
