@@ -4,8 +4,8 @@
 small numpy calls a tensor, and the transpose to `[in, out]` is then one more strided copy of the whole tensor. Here
 the same `dequantize_blocks` runs over groups of about `GROUP_VALUES` values, each written straight to its place in
 the output, transposed where asked. Its arithmetic is elementwise per block, so the values are bit for bit
-`gguf.quants.dequantize`'s (tests/models/test_gguf_dequant.py checks every tensor of both models); only the grouping
-differs. A type without block code here (F32, F16, or one this gguf version names differently) takes gguf's path.
+`gguf.quants.dequantize`'s (checked once over every tensor of both models' files; tests/models/test_gguf_dequant.py
+checks each tensor type in uneven groups); only the grouping differs. A type without block code here (F32, F16, or one this gguf version names differently) takes gguf's path.
 """
 
 from __future__ import annotations

@@ -13,8 +13,9 @@ if _stray is not None and Path(getattr(_stray, "__file__", "") or "").parent != 
 
 @pytest.fixture(scope="session", autouse=True)
 def _own_cache(tmp_path_factory):
-    """The suite keeps its calibrations out of the user's cache ($VORCH_CACHE, else ~/.cache/vorch_jax): what a test
-    finds there must be what the suite itself stored. A test that needs an empty cache sets its own."""
+    """The suite keeps what it builds (calibrations, MoE stores) out of the user's cache ($VORCH_CACHE, else
+    ~/.cache/vorch_jax): what a test finds there must be what the suite itself stored. A test that needs an empty
+    cache sets its own."""
     mp = pytest.MonkeyPatch()
     mp.setenv("VORCH_CACHE", str(tmp_path_factory.mktemp("vorch-cache")))
     yield
