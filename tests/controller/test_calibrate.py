@@ -121,7 +121,7 @@ def test_cli_second_invocation_reuses(cal, smollm2_source, tmp_path, monkeypatch
 
 
 def test_cache_dir_from_env(monkeypatch, tmp_path):
-    from vorch_jax.controller.checkpoints import cache_root
+    from vorch_jax.models.user_cache import cache_root
 
     monkeypatch.setenv("VORCH_CACHE", str(tmp_path))
     assert cache_root(None, "calibration") == tmp_path / "calibration"

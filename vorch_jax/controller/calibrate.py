@@ -43,7 +43,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vorch_jax.controller import sensitivity as S
-from vorch_jax.controller.checkpoints import RecordMismatchError, cache_root, restore_record, save_record
+from vorch_jax.controller.checkpoints import RecordMismatchError, restore_record, save_record
+from vorch_jax.models.user_cache import cache_root
 from vorch_jax.errors import VorchError
 from vorch_jax.controller.calibration_record import (  # noqa: F401 - re-exported: calibrate.X stays valid
     KL_TOLERANCE, PSI_STATE, STATES, Calibration, lossy_loss_of, machine_key, model_key,

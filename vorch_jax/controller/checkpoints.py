@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 
 from vorch_jax.errors import RecordMismatchError
-from vorch_jax.models.user_cache import cache_root  # noqa: F401  (the cache's place: models/user_cache.py)
 
 
 
