@@ -6,10 +6,12 @@ Takes: about 20 s on 2 CPU cores.
 
 Per block size, the median GB/s (1e9 bytes/s) over `--repeats` copies after one warm-up, of
   fresh      `jax.device_put` to memory_kind "device", landed and deleted (freeing it is timed too): what the movement
-             engine does for every load (`FullPrecisionBlock.from_pinned_host`); on a CPU backend each lands in a
-             new allocation, and one above glibc's mmap threshold (at most 32 MB) in new pages the copy faults in;
+             engine does for a load with no held memory of its shapes (`FullPrecisionBlock.from_pinned_host`); on a
+             CPU backend each lands in a new allocation, and one above glibc's mmap threshold (at most 32 MB) in new
+             pages the copy faults in;
   into held  a jitted copy into device arrays of the same shape, donated to it (their memory reused; the script
-             checks the address did not change): what a runtime that recycles a dropped block's memory would pay.
+             checks the address did not change): what the engine pays for a load landing in a dropped block's
+             memory (`tiers/device_pool.py`, since 2026-12-07).
 The header says whether the heap used huge pages (`tiers/host_memory.huge_page_heap`). On an accelerator both land
 in memory its allocator pools, and the two should agree.
 """
@@ -26,23 +28,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vorch_jax.tiers.full_precision import device_sharding, pinned_host_sharding  # noqa: E402
+from vorch_jax.tiers.full_precision import copy_into, device_sharding, pinned_host_sharding  # noqa: E402
 from vorch_jax.tiers.host_memory import huge_page_heap  # noqa: E402
 from vorch_jax.tiers.link_probe import median_seconds  # noqa: E402
-
-
-def copy_into(device):
-    """`(dst, src) -> dst` with `src` (pinned host) copied into the donated device array `dst`."""
-    dev, host = device_sharding(device), pinned_host_sharding(device)
-    return jax.jit(lambda dst, src: jax.lax.dynamic_update_slice(dst, jax.device_put(src, dev), (0,)),
-                   donate_argnums=0, in_shardings=(dev, host), out_shardings=dev)
 
 
 def rates(size_mb: float, repeats: int, device) -> dict[str, float]:
     """Median GB/s of each way of landing `size_mb` MB (float32) from pinned host memory."""
     n = max(1, int(size_mb * 2**20) // 4)
     src = jax.device_put(np.random.default_rng(0).random(n, np.float32), pinned_host_sharding(device))
-    f = copy_into(device)
     held = {}
 
     def fresh():
@@ -51,7 +45,7 @@ def rates(size_mb: float, repeats: int, device) -> dict[str, float]:
         x.delete()
 
     def into_held():
-        held["dst"] = f(held["dst"], src)
+        held["dst"] = copy_into(held["dst"], src, device)
         held["dst"].block_until_ready()
 
     fresh_s = median_seconds(fresh, repeats)

@@ -24,6 +24,10 @@ Design (the simplest honest one):
     states from off device (or another lossy state) moves that copy (nvme->host first when it is on disk, then
     host->device) and lands it as is: the event counts the compressed bytes (`state.route(..., packed=...)`). Dropping back to the home frees the device copy
     only; the compressed copy stays until the block is dropped.
+  * Held memory (`hold_dropped_memory`, what the runtime uses): a block dropped from S0 to its home leaves its
+    device arrays to a pool, bounded by what the run's budget leaves free, and a later S0 load from pinned host
+    memory copies its leaves of the same shapes into them instead of landing in fresh allocations
+    (`tiers/device_pool.py`). `bytes_in("device")` and `live_arrays` count the held arrays.
 
 Threads: a ThreadPoolExecutor of `workers` threads runs routes; tensorstore futures run the disk I/O of all
 leaves of a block together. A GGUF source (one with `nbytes_read`) is read under a lock so the file bytes
@@ -41,6 +45,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from vorch_jax.tiers.device_pool import DevicePool
 from vorch_jax.tiers.events import Event, EventLog
 from vorch_jax.tiers.full_precision import FullPrecisionBlock
 from vorch_jax.tiers.nvme_store import CorruptBlockError, NvmeBlock
@@ -61,6 +66,7 @@ class Transition:
         self.block_id, self.src, self.dst = block_id, src, dst
         self.reason = reason
         self.requested_at = time.perf_counter()
+        self.into: dict = {}  # held device arrays its leaves land in (`device_pool`), claimed when requested
         self._future = future
 
     def done(self) -> bool:
@@ -127,6 +133,13 @@ class MovementEngine:
         self._device_bytes = 0  # Σ nbytes of the device representations, kept as entries change (read every access)
         self._source_lock = threading.Lock()
         self._pool = cf.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vorch-move")
+        self.held: DevicePool | None = None  # device memory of dropped blocks (`hold_dropped_memory`)
+
+    def hold_dropped_memory(self, room) -> DevicePool:
+        """Keep the device arrays of blocks dropped to their homes, up to `room()` bytes (what the run's budget
+        leaves free), and land loads of the same shapes in them (`tiers/device_pool.py`)."""
+        self.held = DevicePool(room)
+        return self.held
 
     # ---------------------------------------------------------------- public API
     @property
@@ -220,6 +233,10 @@ class MovementEngine:
                 return self._drop_to_home(block_id, entry, reason)
             future: cf.Future = cf.Future()  # placeholder so the handle exists before the worker may start
             transition = Transition(block_id, src, dst, future, reason)
+            if self.held is not None and dst == State.S0 and isinstance(entry.rep, PinnedHostBlock):
+                transition.into = self.held.claim(entry.rep.leaves)
+            elif self.held is not None and dst.on_device:  # lands in fresh memory: the pool first fits the room
+                self.held.trim()
             entry.pending = transition
             transition._future = self._pool.submit(self._run, block_id, entry, transition)
             transition._future.add_done_callback(lambda f, t=transition: self._on_done(t))
@@ -296,15 +313,16 @@ class MovementEngine:
         """Every jax.Array the engine's blocks hold right now (device and pinned host)."""
         with self._lock:
             reps = [r for e in self._entries.values() for r in (e.rep, e.home, *e.packed.values()) if r is not None]
-        return [a for r in reps for a in r.arrays()]
+        return [a for r in reps for a in r.arrays()] + (self.held.arrays() if self.held is not None else [])
 
     def bytes_in(self, where: str) -> int:
-        """Bytes held by blocks in 'device', 'host' or 'disk', from the live arrays / chunk files."""
+        """Bytes held by blocks in 'device', 'host' or 'disk', from the live arrays / chunk files; on the device
+        also the dropped blocks' memory held for the next loads (`hold_dropped_memory`)."""
         if where not in WHERES:
             raise ValueError(f"unknown place {where!r}: expected one of {WHERES}")
         with self._lock:
             if where == "device":
-                return self._device_bytes
+                return self._device_bytes + (self.held.nbytes if self.held is not None else 0)
             reps = [r for e in self._entries.values() for r in (e.rep, e.home, *e.packed.values()) if r is not None]
         return sum(r.nbytes for r in reps if r.where == where)
 
@@ -324,6 +342,8 @@ class MovementEngine:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.held is not None:
+            self.held.clear()
 
     def __enter__(self):
         return self
@@ -347,6 +367,7 @@ class MovementEngine:
 
     def _on_done(self, transition: Transition) -> None:
         if transition.cancelled():  # never started: the block keeps its prior representation
+            _delete(transition.into)
             with self._lock:
                 entry = self._entries.get(transition.block_id)
                 if entry is not None and entry.pending is transition:
@@ -361,7 +382,10 @@ class MovementEngine:
         self._device_bytes -= self._on_device(entry)
         entry.rep, entry.home = entry.home, None
         self._device_bytes += self._on_device(entry)
-        dropped.free()
+        if self.held is not None and isinstance(dropped, FullPrecisionBlock):
+            self.held.give(dropped.leaves)
+        else:
+            dropped.free()
         self.events.append(Event("transition", block_id, src, entry.rep.state, t0, time.perf_counter(), {},
                                  "device copy dropped; home copy kept", reason))
         done = cf.Future()
@@ -380,8 +404,9 @@ class MovementEngine:
         else:
             src_state = start.state
         try:
-            new = self._execute(block_id, start, src_state, dst, transition.reason, packed)
+            new = self._execute(block_id, start, src_state, dst, transition.reason, packed, transition.into)
         except BaseException:
+            _delete(transition.into)
             with self._lock:
                 entry.pending = None
             raise
@@ -402,16 +427,17 @@ class MovementEngine:
             old_home.free()
         return transition.dst
 
-    def _execute(self, block_id: str, origin, src: State | None, dst: State, reason: str = "", packed=frozenset()):
-        """Run the route src -> dst hop by hop (`packed`: the compressed homes, `state.route`); return the landed
-        representation. `origin` is never freed here; intermediates are. Records one `transition` event, or an
-        `error` event and re-raises."""
+    def _execute(self, block_id: str, origin, src: State | None, dst: State, reason: str = "", packed=frozenset(),
+                 into=None):
+        """Run the route src -> dst hop by hop (`packed`: the compressed homes, `state.route`; `into`: held device
+        arrays the host->device hop lands leaves in); return the landed representation. `origin` is never freed
+        here; intermediates are. Records one `transition` event, or an `error` event and re-raises."""
         t0 = time.perf_counter()
         link_bytes: dict[str, int] = {}
         cur = origin
         try:
             for hop in route(src, dst, packed):
-                nxt = self._hop(block_id, cur, hop, link_bytes)
+                nxt = self._hop(block_id, cur, hop, link_bytes, into)
                 if cur is not origin:
                     cur.free()
                 cur = nxt
@@ -425,7 +451,7 @@ class MovementEngine:
                                  reason=reason))
         return cur
 
-    def _hop(self, block_id: str, cur, hop: Hop, link_bytes: dict[str, int]):
+    def _hop(self, block_id: str, cur, hop: Hop, link_bytes: dict[str, int], into=None):
         def count(n: int) -> None:
             link_bytes[hop.link] = link_bytes.get(hop.link, 0) + int(n)
 
@@ -460,7 +486,7 @@ class MovementEngine:
             count(new.nbytes)
             return new
         if hop.link == "host->device":
-            new = FullPrecisionBlock.from_pinned_host(cur, self.device)
+            new = FullPrecisionBlock.from_pinned_host(cur, self.device, into)
             count(new.nbytes)
             return new
         if hop.link == "host->nvme":
@@ -493,3 +519,10 @@ class MovementEngine:
         self.events.append(Event("recovered", block_id, State.S4, State.S4, t0, time.perf_counter(),
                                  {"source->host": n_src, "host->nvme": rewritten.nbytes}, str(error)))
         return leaves
+
+
+def _delete(arrays: dict) -> None:
+    """Free held arrays a transition claimed and did not land in (cancelled, or failed before its copy)."""
+    for a in arrays.values():
+        if not a.is_deleted():
+            a.delete()

@@ -20,6 +20,23 @@ def pinned_host_sharding(device: jax.Device) -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
 
 
+@functools.cache
+def _copy_into(device: jax.Device):
+    dev, host = device_sharding(device), pinned_host_sharding(device)
+    return jax.jit(lambda dst, src: jax.lax.dynamic_update_slice(dst, jax.device_put(src, dev), (0,) * dst.ndim),
+                   donate_argnums=0, in_shardings=(dev, host), out_shardings=dev)
+
+
+def copy_into(held: jax.Array, src: jax.Array, device: jax.Device) -> jax.Array:
+    """`src` (pinned host) copied into the memory of `held` (device, same shape and dtype), which it consumes."""
+    return _copy_into(device)(held, src)
+
+
+def copy_into_reference(held: jax.Array, src: jax.Array, device: jax.Device) -> jax.Array:
+    """What `copy_into` returns, by a fresh landing (`held` is left alone)."""
+    return jax.device_put(src, device_sharding(device))
+
+
 def tree_nbytes(tree) -> int:
     """Bytes of the arrays in a pytree, from the arrays themselves."""
     return sum(int(x.nbytes) for x in jax.tree.leaves(tree))
@@ -69,9 +86,11 @@ class FullPrecisionBlock(DeviceBlock):
         self.leaves = leaves
 
     @classmethod
-    def from_pinned_host(cls, host, device: jax.Device) -> "FullPrecisionBlock":
-        """Copy an S3 block (PinnedHostBlock) host->device; the host copy is left for the caller to free."""
-        sharding = device_sharding(device)
-        leaves = {k: jax.device_put(v, sharding) for k, v in host.leaves.items()}
+    def from_pinned_host(cls, host, device: jax.Device, into: dict | None = None) -> "FullPrecisionBlock":
+        """Copy an S3 block (PinnedHostBlock) host->device; the host copy is left for the caller to free. `into`:
+        held device arrays (same shape and dtype) the named leaves are copied into (`copy_into`)."""
+        sharding, into = device_sharding(device), into or {}
+        leaves = {k: copy_into(into[k], v, device) if k in into else jax.device_put(v, sharding)
+                  for k, v in host.leaves.items()}
         jax.block_until_ready(leaves)
         return cls(leaves)
