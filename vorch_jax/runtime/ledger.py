@@ -371,8 +371,8 @@ class Ledger:
         if block in self.inflight:
             self.engine.wait(block)
             self.inflight.pop(block, None)
+        self.on_device.pop(block, None)  # first: the room its device memory leaves may hold it (`free_bytes`)
         self.engine.request(block, self.homes[block], reason).result()  # kept home copy: no bytes move
-        self.on_device.pop(block, None)
 
     def _make_room(self, block: str, need: int, *, strict: bool, keep=frozenset(), read_within: int = 0) -> bool:
         """Evict the policy's victims until `need` bytes fit. strict (a miss): must succeed. Otherwise (a prefetch)
@@ -417,6 +417,11 @@ class Ledger:
         for v in victims:
             self._evict(v, f"evict:{'miss' if strict else 'prefetch'}")
         return True
+
+    def free_bytes(self) -> int:
+        """Device bytes the budget leaves free: what the engine may hold of dropped blocks' memory for the next
+        loads (`MovementEngine.hold_dropped_memory`)."""
+        return self.budget - sum(self.on_device.values())
 
     def _sample_peak(self):
         self.counters.peak_device_bytes = max(self.counters.peak_device_bytes, self.engine.bytes_in("device"))

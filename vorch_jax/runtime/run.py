@@ -102,6 +102,7 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None, seat=No
                         tick_every_n_layers=cfg.tick_every_n_layers, speculative=spec_on,
                         speculation_basis=spec_basis,
                         in_place=in_place_choice(setup, measured_prices(backend, link_bw)))
+        engine.hold_dropped_memory(ledger.free_bytes)
         return _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, reference, say, guard, link_bw,
                          seat)
     finally:
@@ -157,7 +158,10 @@ def _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, refer
           "stream_matches_resident": stream == list(reference.stream),
           "text": setup.tokenizer.decode(gen.tokens), "quality": q,
           "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
-          "link_gbps": {k: v / 1e9 for k, v in link_bw.items()}, "backend": jax.default_backend()}
+          "link_gbps": {k: v / 1e9 for k, v in link_bw.items()}, "backend": jax.default_backend(),
+          # leaves of full-precision loads landed in a dropped block's held memory, or fresh, over the whole run
+          "held_memory": {"leaves_reused": engine.held.reused, "leaves_fresh": engine.held.fresh,
+                          "bytes_reused": engine.held.reused_bytes, "bytes_fresh": engine.held.fresh_bytes}}
     if seat is not None:
         s |= {"mesh_device": seat.index, "jax_device": str(seat.device)}
     if ledger.routed:
