@@ -29,6 +29,13 @@ def leaf_key(a) -> tuple:
     return tuple(a.shape), str(a.dtype)
 
 
+def free_unlanded(arrays: dict) -> None:
+    """Free held arrays a load claimed and did not land in (cancelled, or failed before its copy consumed them)."""
+    for a in arrays.values():
+        if not a.is_deleted():
+            a.delete()
+
+
 def _remove(arrays: list, a) -> None:
     """Remove `a` itself from `arrays` (`list.remove` would compare arrays by value)."""
     del arrays[next(i for i, x in enumerate(arrays) if x is a)]

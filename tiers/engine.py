@@ -45,7 +45,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from vorch_jax.tiers.device_pool import DevicePool
+from vorch_jax.tiers.device_pool import DevicePool, free_unlanded
 from vorch_jax.tiers.events import Event, EventLog
 from vorch_jax.tiers.full_precision import FullPrecisionBlock
 from vorch_jax.tiers.nvme_store import CorruptBlockError, NvmeBlock
@@ -54,43 +54,9 @@ from vorch_jax.tiers.pinned_host import PinnedHostBlock
 from vorch_jax.tiers.state import (
     BlockInFlightError, Hop, OffDeviceError, State, UnknownBlockError, UnknownStateError, from_compressed_home, route,
 )
+from vorch_jax.tiers.transition import Transition
 
 WHERES = ("device", "host", "disk")
-
-
-class Transition:
-    """Future-like handle of one requested transition. `.result()` returns the target state or raises the
-    worker's exception; `.cancel()` succeeds only while the transition is still queued."""
-
-    def __init__(self, block_id: str, src: State, dst: State, future: cf.Future, reason: str = ""):
-        self.block_id, self.src, self.dst = block_id, src, dst
-        self.reason = reason
-        self.requested_at = time.perf_counter()
-        self.into: dict = {}  # held device arrays its leaves land in (`device_pool`), claimed when requested
-        self._future = future
-
-    def done(self) -> bool:
-        return self._future.done()
-
-    def running(self) -> bool:
-        return self._future.running()
-
-    def cancelled(self) -> bool:
-        return self._future.cancelled()
-
-    def cancel(self) -> bool:
-        return self._future.cancel()
-
-    def result(self, timeout: float | None = None) -> State:
-        self._future.result(timeout)
-        return self.dst
-
-    def exception(self, timeout: float | None = None):
-        return self._future.exception(timeout)
-
-    def __repr__(self) -> str:
-        status = "done" if self.done() else "running" if self.running() else "queued"
-        return f"Transition({self.block_id!r}, {self.src.name}->{self.dst.name}, {status})"
 
 
 @dataclasses.dataclass
@@ -367,7 +333,7 @@ class MovementEngine:
 
     def _on_done(self, transition: Transition) -> None:
         if transition.cancelled():  # never started: the block keeps its prior representation
-            _delete(transition.into)
+            free_unlanded(transition.into)
             with self._lock:
                 entry = self._entries.get(transition.block_id)
                 if entry is not None and entry.pending is transition:
@@ -406,7 +372,7 @@ class MovementEngine:
         try:
             new = self._execute(block_id, start, src_state, dst, transition.reason, packed, transition.into)
         except BaseException:
-            _delete(transition.into)
+            free_unlanded(transition.into)
             with self._lock:
                 entry.pending = None
             raise
@@ -520,9 +486,3 @@ class MovementEngine:
                                  {"source->host": n_src, "host->nvme": rewritten.nbytes}, str(error)))
         return leaves
 
-
-def _delete(arrays: dict) -> None:
-    """Free held arrays a transition claimed and did not land in (cancelled, or failed before its copy)."""
-    for a in arrays.values():
-        if not a.is_deleted():
-            a.delete()
