@@ -19,6 +19,10 @@ def test_policy_generates_resident_tokens_within_budget(policy, budget, referenc
     assert 0 < s["lower_bound_bytes"] <= min(s["belady_bytes"], s["bytes_moved"]), "no policy beats the LP bound"
     assert s["link_bytes"].get("host->device", 0) == s["bytes_moved"] > 0  # blocks really moved
     assert s["hits"] + s["misses"] == 4 * 63  # 4 passes x (62 blocks + the tied head's second use of embed)
+    held = s["held_memory"]  # loads land in evicted blocks' memory (peak above counts it), fresh memory otherwise
+    assert held["bytes_reused"] + held["bytes_fresh"] >= s["bytes_moved"]  # every S0 load, the quality pass's too
+    if s["bytes_moved"] > s["model_bytes"]:  # blocks were dropped and loaded again
+        assert held["bytes_reused"] > 0
 
 
 def test_resident_policy_moves_only_the_initial_placement(reference, small_config, tmp_path):

@@ -10,7 +10,9 @@ import pytest
 from tests.tiers.test_engine import ToySource, assert_accounting, assert_bitwise
 from vorch_jax.tiers.device_pool import DevicePool
 from vorch_jax.tiers.engine import MovementEngine
-from vorch_jax.tiers.full_precision import copy_into, copy_into_reference, device_sharding, pinned_host_sharding
+from vorch_jax.tiers.full_precision import (
+    copy_into, copy_into_reference, device_sharding, land, pinned_host_sharding,
+)
 from vorch_jax.tiers.state import State
 
 S0, S3 = State.S0, State.S3
@@ -119,3 +121,15 @@ def test_a_load_landing_in_fresh_memory_first_trims_the_pool_to_the_room(tmp_pat
         room["bytes"] = 0  # what the ledger's room reads once it admitted b1's load
         eng.request("b1", S0).result()
         assert pool.nbytes == 0 and eng.bytes_in("device") == block_bytes
+
+
+@pytest.mark.parametrize("shape", [(5,), (33, 7)])
+def test_land_copies_into_new_memory_bitwise(shape):
+    dev = jax.devices()[0]
+    src_np = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    src = jax.device_put(src_np, pinned_host_sharding(dev))
+    out = land(src, dev)
+    assert out.sharding.memory_kind == "device" and out.unsafe_buffer_pointer() != src.unsafe_buffer_pointer()
+    out.delete()  # the host copy is not freed with it
+    assert np.asarray(src).tobytes() == src_np.tobytes()
+    assert np.asarray(land(src, dev)).tobytes() == src_np.tobytes()

@@ -55,8 +55,19 @@ from vorch_jax.policies.baselines import LET_GO_READS, POSITIONS
 
 CANDIDATE_WINDOWS = (1, 2, 3, 4)
 CANDIDATE_SIZE_POWERS = (0.0, 1.0, -1.0)  # 0 first: on a tie the size-blind rule stays
-BYTES_TOLERANCE = 0.01  # a window may move this much more than the fewest-bytes one if it misses less
+BYTES_TOLERANCE = 0.01  # a window may move this much more than the fewest-bytes one if it is quicker
+BYTES_OVER_BOUND = 1.02  # ... or up to this many times the LP bound of the replayed passes, where that is more
+TIME_TOLERANCE = 0.02  # modelled times this close to the quickest are ties (the inputs are measured, and noisy)
 MAX_REPLAY_PASSES = 64  # a run's passes, up to this many (a replay of 16 SmolLM2 passes takes ~10 ms a window)
+
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    """What a replay prices time with: the seconds a byte takes over the host->device link (one load at a time) and
+    each block's compute seconds per read."""
+
+    load_s_per_byte: float
+    compute_s: dict  # block -> seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +78,7 @@ class Replay:
     size_power: float = 0.0
     plan: str = ""  # the `PassPlan` whose let-go blocks are victims first ('': none)
     counts: str = POSITIONS  # what the window counts: positions, or LET_GO_READS (`Policy.reads_ago`)
+    modelled_s: float | None = None  # the replayed passes' time under a `Timing` (None: not timed)
 
 
 PLAN_WINDOWS = (0, 1)  # a plan's candidates: prefetches evict what it lets go, read at any time or just before
@@ -75,14 +87,15 @@ PLAN_MORE_OVER_BOUND = 1.02  # above this many times the LP bound, the three-pas
 
 def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, initial: list[str], depth: int,
            window: int, passes: int, size_power: float = 0.0, plan: PassPlan | None = None,
-           counts: str = POSITIONS) -> Replay:
+           counts: str = POSITIONS, timing: Timing | None = None) -> Replay:
     """The ledger's rules on `passes` repetitions of `pass_blocks`: a miss evicts the unprotected blocks whose next
     read is furthest ahead, weighed by size^`size_power` (`victim_key`; keeping the prefetch window's if it can),
     those `plan` lets go first; a prefetch of one of the next `depth` positions evicts only blocks needed after it
     and read in the last `window` positions, or with `counts` = LET_GO_READS among the last `window` reads of
     blocks a prefetch may evict (0: any; `Policy.reads_ago`), with a plan only blocks it lets go, else stops. The
     prefetch runs before each position computes and again after (`Ledger.done`), when the block just read may go
-    too."""
+    too. With a `timing`, the replay also keeps a clock from the end of the initial placement: a load starts when
+    it is issued and the link is free, a read waits for its block to land, then computes."""
     stream = list(pass_blocks) * passes
     known = stream + list(pass_blocks)  # a dense cursor knows the next pass: the ledger prefetches into it and
     # orders victims by their reads there
@@ -100,16 +113,27 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
     let_go: dict[str, int] = {}  # block -> the reads a prefetch may evict that ran before its last read
     n_let_go = 0
     moved = misses = 0
+    now = link_free = 0.0
+    landed_at: dict[str, float] = {}
+
+    def issue(u):
+        nonlocal link_free, moved
+        on[u] = device_bytes[u]
+        moved += device_bytes[u]
+        if timing is not None:
+            link_free = max(now, link_free) + device_bytes[u] * timing.load_s_per_byte
+            landed_at[u] = link_free
+
     for b in initial:  # the ledger's initial placement: in order, skipping what does not fit
         if b not in on and sum(on.values()) + device_bytes[b] <= budget:
             on[b] = device_bytes[b]
             moved += device_bytes[b]
 
-    def reads_ago(v, now, recent):  # now: the ledger's position count (t + 1 once t computed); recent: the reads
-        # a prefetch may evict run by then
-        return recent - let_go.get(v, -1) if counts == LET_GO_READS else now - last.get(v, -1)
+    def reads_ago(v, position, recent):  # position: the ledger's position count (t + 1 once t computed); recent:
+        # the reads a prefetch may evict run by then
+        return recent - let_go.get(v, -1) if counts == LET_GO_READS else position - last.get(v, -1)
 
-    def make_room(block, t, keep, strict, now=0, recent=0):
+    def make_room(block, t, keep, strict, position=0, recent=0):
         used = sum(on.values())
         need = device_bytes[block]
         if used + need <= budget:
@@ -127,7 +151,7 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
                 break
             victims.append(v)
             freed += on[v]
-        if not strict and window and any(reads_ago(v, now, recent) > window for v in victims):
+        if not strict and window and any(reads_ago(v, position, recent) > window for v in victims):
             return False
         if used - freed + need > budget:
             if strict and keep:
@@ -141,25 +165,29 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
         if b not in on:
             if not make_room(b, t, frozenset(known[t:t + depth + 1]), True):
                 raise ValueError(f"block '{b}' does not fit in the budget beside the protected blocks")
-            on[b] = device_bytes[b]
-            moved += device_bytes[b]
+            issue(b)
             misses += 1
+        if timing is not None:
+            now = max(now, landed_at.get(b, 0.0))
         last[b] = t
         before = n_let_go
         if b not in protected and (plan is None or not kept_by_plan(plan, b, t, device_bytes[b])):
             let_go[b] = n_let_go
             n_let_go += 1
         for computed in (False, True):  # before the position computes, and again once its block may leave
+            if computed and timing is not None:
+                now += timing.compute_s[b]
             for j in range(1, depth + 1):
                 u = known[t + j]
                 if u in on:
                     continue
                 keep = frozenset(known[t + 1:t + j + 1] if computed else known[t:t + j + 1])
-                if not make_room(u, t, keep, False, now=t + computed, recent=n_let_go if computed else before):
+                if not make_room(u, t, keep, False, position=t + computed,
+                                 recent=n_let_go if computed else before):
                     break
-                on[u] = device_bytes[u]
-                moved += device_bytes[u]
-    return Replay(window, moved, misses, size_power, plan.name if plan else "", counts)
+                issue(u)
+    return Replay(window, moved, misses, size_power, plan.name if plan else "", counts,
+                  now if timing is not None else None)
 
 
 def victim_key(distance: float, nbytes: int, size_power: float) -> float:
@@ -168,23 +196,32 @@ def victim_key(distance: float, nbytes: int, size_power: float) -> float:
 
 
 def choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes,
-                  plans: list[PassPlan] = (), replays: list[Replay] | None = None) -> tuple[Replay, list[Replay]]:
-    """The (window, size power, plan) replay with the fewest misses among those within BYTES_TOLERANCE of the
-    fewest bytes, replaying the run's `passes` (up to MAX_REPLAY_PASSES), and every candidate's replay (for the
-    run's summary). Without prefetch (depth 0) the window does not matter: only the size power is chosen. Each of
-    `plans` adds the candidates that follow it (`PLAN_WINDOWS`: its prefetches evict only what it lets go);
-    `replays`: candidates already replayed (the size rules are then not replayed again)."""
+                  plans: list[PassPlan] = (), replays: list[Replay] | None = None, timing: Timing | None = None,
+                  bound_bytes: float = 0.0) -> tuple[Replay, list[Replay]]:
+    """The (window, size power, plan) replay that is quickest under `timing` (without one: misses least) among
+    those moving at most BYTES_TOLERANCE more than the fewest bytes, or BYTES_OVER_BOUND times `bound_bytes` (the
+    LP bound of the replayed passes) where that is more, replaying the run's `passes` (up to MAX_REPLAY_PASSES);
+    and every candidate's replay (for the run's summary). Without prefetch (depth 0) the window does not matter:
+    only the size power is chosen. Each of `plans` adds the candidates that follow it (`PLAN_WINDOWS`: its
+    prefetches evict only what it lets go); `replays`: candidates already replayed (the size rules are then not
+    replayed again)."""
     n = max(1, min(passes, MAX_REPLAY_PASSES))
     windows = CANDIDATE_WINDOWS if depth > 0 else CANDIDATE_WINDOWS[:1]
     if replays is None:
-        replays = [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n, p, counts=c)
+        replays = [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n, p, counts=c,
+                          timing=timing)
                    for p in CANDIDATE_SIZE_POWERS for w in windows for c in _counts(w)]
     replays = list(replays)
     for plan in plans:
-        replays += [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n, plan=plan, counts=c)
+        replays += [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n, plan=plan, counts=c,
+                           timing=timing)
                     for w in (PLAN_WINDOWS if depth > 0 else PLAN_WINDOWS[:1]) for c in _counts(w)]
     fewest = min(r.bytes_moved for r in replays)
-    close = [r for r in replays if r.bytes_moved <= (1 + BYTES_TOLERANCE) * fewest]
+    allowed = max((1 + BYTES_TOLERANCE) * fewest, BYTES_OVER_BOUND * bound_bytes)
+    close = [r for r in replays if r.bytes_moved <= allowed]
+    if timing is not None:  # modelled ties (TIME_TOLERANCE) go to the fewest misses: those the model prices least well
+        quickest = min(r.modelled_s for r in close)
+        close = [r for r in close if r.modelled_s <= (1 + TIME_TOLERANCE) * quickest]
     best = min(close, key=lambda r: (r.misses, r.bytes_moved, r.plan != "",
                                      CANDIDATE_SIZE_POWERS.index(r.size_power), r.window, r.counts != POSITIONS))
     return best, replays
@@ -195,21 +232,24 @@ def _counts(window: int) -> tuple[str, ...]:
     return (POSITIONS, LET_GO_READS) if window else (POSITIONS,)
 
 
-def choose_eviction_rule(pass_blocks, device_bytes, budget, protected, initial, depth, passes
-                         ) -> tuple[Replay, list[Replay], PassPlan | None]:
+def choose_eviction_rule(pass_blocks, device_bytes, budget, protected, initial, depth, passes,
+                         timing: Timing | None = None) -> tuple[Replay, list[Replay], PassPlan | None]:
     """`choose_window` over the size rules and the one-pass plans, and where every candidate moves more than
     PLAN_MORE_OVER_BOUND times the LP bound of the replayed passes, over the three-pass plan too: the best replay,
-    every replay, and the plan the best follows (None: a size rule). The 1% tolerance trades bytes for misses: on
-    Gemma 3 at 0.3 it takes the one-pass plan (1.202x the bound, no miss) over a candidate at 1.194x with misses."""
+    every replay, and the plan the best follows (None: a size rule). The byte tolerance trades bytes for time:
+    on Gemma 3 at 0.3 (four shards), counting misses, it took the one-pass plan (1.202x the bound, no miss) over
+    a candidate at 1.194x with misses."""
     from vorch_jax.policies.lower_bound import lower_bound
 
-    plans = pass_plans(pass_blocks, device_bytes, budget, protected)
-    best, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes, plans)
     stream = list(pass_blocks) * max(1, min(passes, MAX_REPLAY_PASSES))
     bound = lower_bound(stream, device_bytes, budget, pinned=protected)
+    bound_bytes = bound.bytes if bound.status == "optimal" else 0.0
+    plans = pass_plans(pass_blocks, device_bytes, budget, protected)
+    best, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes, plans,
+                                  timing=timing, bound_bytes=bound_bytes)
     if bound.status == "optimal" and min(r.bytes_moved for r in replays) > PLAN_MORE_OVER_BOUND * bound.bytes:
         longer = pass_plans(pass_blocks, device_bytes, budget, protected, passes=3)
         plans += longer
         best, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes, longer,
-                                      replays)
+                                      replays, timing=timing, bound_bytes=bound_bytes)
     return best, replays, {p.name: p for p in plans}.get(best.plan)

@@ -48,7 +48,7 @@ from vorch_jax.controller.access_stats import update_rho
 from vorch_jax.errors import BudgetError
 from vorch_jax.controller.block_table import BlockTable
 from vorch_jax.controller.pass_plan import kept_by_plan
-from vorch_jax.controller.prefetch_window import choose_eviction_rule, victim_key
+from vorch_jax.controller.prefetch_window import Timing, choose_eviction_rule, victim_key
 from vorch_jax.controller.score import ScoreWeights, score
 from vorch_jax.controller.state_update import REASON_NAMES, TickParams, check_budget, commit, tick
 from vorch_jax.tiers.state import State
@@ -97,8 +97,10 @@ class ScoredPolicy(Policy):
     def __init__(self, ctx, cfg, *, state_bytes: dict, homes: dict, kinds: dict, layers: dict, placement: dict,
                  h2d_bytes_per_s: float, nvme_bytes_per_s: float, psi: dict | None = None,
                  delta: dict | None = None, lossy_loss: tuple | None = None, calibration: str | None = None,
-                 lossy_states: dict | None = None):
+                 lossy_states: dict | None = None, pass_compute_s: float | None = None):
         super().__init__(ctx)
+        self.h2d_bytes_per_s = h2d_bytes_per_s
+        self.pass_compute_s = pass_compute_s  # a resident decode pass's compute seconds (None: unmeasured)
         self.prefetch_depth = cfg.prefetch_depth
         self.passes = cfg.new_tokens  # passes the run will make (the prompt's, then one a decoded token after the first)
         self.ids = list(ctx.block_ids)
@@ -272,11 +274,20 @@ class ScoredPolicy(Policy):
         t0 = time.perf_counter()
         best, self.window_replays, self._plan = choose_eviction_rule(
             pass_blocks, device_bytes, executor.budget, self.ctx.protected, self.initial_resident(),
-            self.prefetch_depth, self.passes)
+            self.prefetch_depth, self.passes, self._timing(pass_blocks, device_bytes))
         self.choice_s = time.perf_counter() - t0
         self.prefetch_victims_read_within, self.victim_size_power = best.window, best.size_power
         self.prefetch_window_counts = best.counts
         self._victim_bytes = device_bytes
+
+    def _timing(self, pass_blocks, device_bytes) -> Timing | None:
+        """The replay's clock: loads over the measured host->device rate, one at a time, and a position's compute
+        its block's share of the pass's device bytes times the resident pass (a decode step reads its weights once)."""
+        if not self.pass_compute_s or not np.isfinite(self.pass_compute_s) or not self.h2d_bytes_per_s:
+            return None
+        total = sum(device_bytes[b] for b in pass_blocks)
+        return Timing(1.0 / self.h2d_bytes_per_s,
+                      {b: self.pass_compute_s * device_bytes[b] / total for b in set(pass_blocks)})
 
     def _kept(self, block) -> bool:
         return kept_by_plan(self._plan, block, self.last_use.get(block), self._victim_bytes[block])

@@ -82,7 +82,9 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None, seat=No
     if seat is not None:
         reference = reference.held_by(setup.info)
     cursor = PassCursor(setup.spec)
-    extras = scored_inputs(cfg, setup, store_dir, guard) if cfg.policy == "scored" else None
+    extras = None
+    if cfg.policy == "scored":
+        extras = scored_inputs(cfg, setup, store_dir, guard) | {"pass_compute_s": reference.step_s}
     policy = make_policy(cfg, policy_context(cfg, setup, reference.stream), extras)
 
     from vorch_jax.tiers.engine import MovementEngine
@@ -102,7 +104,8 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None, seat=No
                         tick_every_n_layers=cfg.tick_every_n_layers, speculative=spec_on,
                         speculation_basis=spec_basis,
                         in_place=in_place_choice(setup, measured_prices(backend, link_bw)))
-        engine.hold_dropped_memory(ledger.free_bytes)
+        if engine.device.platform == "cpu":  # accelerators pool their own memory; held copies there are unmeasured
+            engine.hold_dropped_memory(ledger.free_bytes)
         return _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, reference, say, guard, link_bw,
                          seat)
     finally:
@@ -160,8 +163,9 @@ def _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, refer
           "quality_pass_link_bytes": T.link_bytes(T.window(events, t_gen1, t_q1)),
           "link_gbps": {k: v / 1e9 for k, v in link_bw.items()}, "backend": jax.default_backend(),
           # leaves of full-precision loads landed in a dropped block's held memory, or fresh, over the whole run
-          "held_memory": {"leaves_reused": engine.held.reused, "leaves_fresh": engine.held.fresh,
-                          "bytes_reused": engine.held.reused_bytes, "bytes_fresh": engine.held.fresh_bytes}}
+          "held_memory": None if engine.held is None else {
+              "leaves_reused": engine.held.reused, "leaves_fresh": engine.held.fresh,
+              "bytes_reused": engine.held.reused_bytes, "bytes_fresh": engine.held.fresh_bytes}}
     if seat is not None:
         s |= {"mesh_device": seat.index, "jax_device": str(seat.device)}
     if ledger.routed:
@@ -246,14 +250,17 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     cal = stored_calibration(cfg, setup) if spec.has_weights else None
     lossy_states = simulated_lossy_states(cfg, setup, cal)
     setup = with_quality_budget_homes(cfg, setup, lossy_states, cal.psi if cal is not None else None)
-    extras = simulated_scored_inputs(cfg, setup, hw, cal, lossy_states) if cfg.policy == "scored" else None
-    policy = make_policy(cfg, policy_context(cfg, setup, stream), extras)
     clock = Clock()
     engine = SimEngine(hw, setup.state_bytes, setup.homes, clock, packed=setup.packed, packed_where=setup.packed_where)
     backend = SimBackend(spec, hw, engine, setup.state_bytes, setup.weight_dtype, routing=routing,
                          speculation=speculation, barrier=barrier)
     P = len(setup.prompt_ids)
     decode_positions = list(cursor.skeleton) if not cursor.routed else _last_pass_positions(spec, routing[-1])
+    extras = None
+    if cfg.policy == "scored":
+        extras = simulated_scored_inputs(cfg, setup, hw, cal, lossy_states)
+        extras["pass_compute_s"] = backend.resident_step_s(decode_positions, P)
+    policy = make_policy(cfg, policy_context(cfg, setup, stream), extras)
     spec_on, spec_basis = speculation_choice(cfg, setup, hw.host_to_device.bandwidth_bytes_per_s,
                                              backend.resident_step_s(decode_positions, P) / spec.n_layers)
     ledger = Ledger(setup.info, cursor, engine, policy, budget_bytes=setup.hbm_budget, device_bytes=setup.device_bytes,
