@@ -5,10 +5,12 @@ Run:   .venv/bin/python experiments/host_copy_rates.py [--sizes-mb 4 16 42 168] 
 Takes: about 20 s on 2 CPU cores.
 
 Per block size, the median GB/s (1e9 bytes/s) over `--repeats` copies after one warm-up, of
-  fresh      `jax.device_put` to memory_kind "device", landed and deleted (freeing it is timed too): what the movement
-             engine does for a load with no held memory of its shapes (`FullPrecisionBlock.from_pinned_host`); on a
-             CPU backend each lands in a new allocation, and one above glibc's mmap threshold (at most 32 MB) in new
+  fresh      `jax.device_put` to memory_kind "device", landed and deleted (freeing it is timed too); on a CPU
+             backend each lands in a new allocation, and one above glibc's mmap threshold (at most 32 MB) in new
              pages the copy faults in;
+  landed     the same by a compiled transfer (`full_precision.land`): what the engine does on a CPU backend for a
+             load with no held memory of its shapes (`FullPrecisionBlock.from_pinned_host`; elsewhere it uses
+             `jax.device_put`);
   into held  a jitted copy into device arrays of the same shape, donated to it (their memory reused; the script
              checks the address did not change): what the engine pays for a load landing in a dropped block's
              memory (`tiers/device_pool.py`, since 2026-12-07).
@@ -28,7 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vorch_jax.tiers.full_precision import copy_into, device_sharding, pinned_host_sharding  # noqa: E402
+from vorch_jax.tiers.full_precision import copy_into, device_sharding, land, pinned_host_sharding  # noqa: E402
 from vorch_jax.tiers.host_memory import huge_page_heap  # noqa: E402
 from vorch_jax.tiers.link_probe import median_seconds  # noqa: E402
 
@@ -44,11 +46,17 @@ def rates(size_mb: float, repeats: int, device) -> dict[str, float]:
         x.block_until_ready()
         x.delete()
 
+    def landed():
+        x = land(src, device)
+        x.block_until_ready()
+        x.delete()
+
     def into_held():
         held["dst"] = copy_into(held["dst"], src, device)
         held["dst"].block_until_ready()
 
     fresh_s = median_seconds(fresh, repeats)
+    landed_s = median_seconds(landed, repeats)
     # made by XLA, not put from numpy (a device_put of a numpy array may alias its memory, which cannot be donated)
     held["dst"] = jax.jit(lambda: jnp.zeros(n, jnp.float32), out_shardings=device_sharding(device))()
     address = held["dst"].unsafe_buffer_pointer()
@@ -56,7 +64,8 @@ def rates(size_mb: float, repeats: int, device) -> dict[str, float]:
     dst = held["dst"]
     if dst.unsafe_buffer_pointer() != address or not np.array_equal(np.asarray(dst), np.asarray(src)):
         raise RuntimeError("the donated copy moved its buffer or changed the bytes")
-    return {"fresh": src.nbytes / fresh_s / 1e9, "into held": src.nbytes / held_s / 1e9}
+    return {"fresh": src.nbytes / fresh_s / 1e9, "landed": src.nbytes / landed_s / 1e9,
+            "into held": src.nbytes / held_s / 1e9}
 
 
 def main(argv=None) -> int:
@@ -70,10 +79,10 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     print(f"{jax.default_backend()} ({device.device_kind}), jax {jax.__version__}, huge-page heap "
           f"{'on' if huge_page_heap() else 'off'}; pinned_host -> device, median of {args.repeats} copies")
-    print(f"{'MB':>7s} {'fresh GB/s':>11s} {'into held GB/s':>15s}")
+    print(f"{'MB':>7s} {'fresh GB/s':>11s} {'landed GB/s':>12s} {'into held GB/s':>15s}")
     for mb in args.sizes_mb:
         r = rates(mb, args.repeats, device)
-        print(f"{mb:7.0f} {r['fresh']:11.2f} {r['into held']:15.2f}")
+        print(f"{mb:7.1f} {r['fresh']:11.2f} {r['landed']:12.2f} {r['into held']:15.2f}")
     return 0
 
 

@@ -16,7 +16,8 @@ Division of labour, so that every term does one job:
     (`prefetch_victims_read_within`): on a pass those are read furthest ahead, the blocks a miss of the prefetched
     one would evict too, so the load moves earlier without a reload. A prefetch that would evict a block the pass
     still needs is not issued: its benefit (one hidden load) is below its cost (a reload). W is chosen per run by
-    replaying the dense pass (`prefetch_window`). Against the baselines and the LP bound:
+    replaying the dense pass under a clock of the measured link and the resident pass's compute (`prefetch_window`):
+    the quickest rule within 1% of the fewest bytes or 2% over the LP bound. Against the baselines and the LP bound:
     experiments/bench_policies.py and experiments/results/bench_policies.txt.
 Terms, all measured or configured, none keyword-guessed:
   ρ  decayed access counts of this run (access_stats.update_rho);
