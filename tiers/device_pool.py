@@ -1,13 +1,13 @@
 """Device memory of blocks dropped to their homes, kept for the next loads of the same shapes.
 
-On a CPU backend every block a load lands is a fresh allocation, which the copy then faults in page by page and
-freeing unmaps again: `experiments/host_copy_rates.py` measured 1.4-7 GB/s for such a landing against 12-22 GB/s
-for a copy into device memory already held, on this project's 2-core CPU. A run under a budget drops and loads
-blocks of a handful of shapes over and over (every layer's attention has the same shapes, and every embedding
+On a CPU backend a load with nowhere to land takes a fresh allocation, which a large copy then faults in page by
+page and freeing unmaps again; a copy into device memory already held is 2-6x faster on this project's 2-core CPU
+(`experiments/host_copy_rates.py`, its results file: 'into held' against 'landed'). A run under a budget drops and
+loads blocks of a handful of shapes over and over (every layer's attention has the same shapes, and every embedding
 shard), so the engine keeps the arrays of a block dropped to its home here and copies the next load of a leaf of
-the same shape and dtype into one of them (`full_precision.copy_into`: a jitted copy that donates the held array, so XLA writes
-its output into that memory). Accelerators allocate from their own pools, and there the copy should cost what a
-fresh landing costs.
+the same shape and dtype into one of them (`full_precision.copy_into`: a jitted copy that donates the held array,
+so XLA writes its output into that memory). Accelerators allocate from pools of their own; the runtime holds
+dropped memory on CPU backends only (`runtime/run.py`), where it was measured.
 
 The pool never holds memory the budget does not leave free: it keeps at most `room()` bytes, the device bytes its
 runtime's budget leaves unused (the ledger: the budget less the bytes landed or in flight to the device), checked
@@ -67,7 +67,7 @@ class DevicePool:
         room = self._room()
         with self._lock:
             for a in leaves.values():
-                if isinstance(a, jax.Array) and self._bytes + a.nbytes <= room:
+                if self._bytes + a.nbytes <= room:
                     self._held.setdefault(leaf_key(a), []).append(a)
                     self._order.append(a)
                     self._bytes += a.nbytes
