@@ -119,7 +119,7 @@ def test_a_window_of_reads_across_protected_blocks_can_ping_pong_where_positions
 def test_replay_counts_what_the_ledger_then_does(model, budget, tmp_path):
     """A simulated scored run moves over its passes what the replay of the same passes predicts (the run's first
     pass is the prompt's: the same blocks in the same order), with the window, size power and plan it chose (by
-    the replays' modelled time, on the profile's link and compute: `test_choice_*` check the choice)."""
+    the replays' modelled time on the profile's link and compute: `test_the_timed_choice_*` checks the choice)."""
     from vorch_jax.runtime.run import run
 
     cfg = load_config("configs/demo.yaml", [f"model={model}", f"hbm_budget={budget}", "executor=sim",
