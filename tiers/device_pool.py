@@ -7,7 +7,7 @@ loads blocks of a handful of shapes over and over (every layer's attention has t
 shard), so the engine keeps the arrays of a block dropped to its home here and copies the next load of a leaf of
 the same shape and dtype into one of them (`full_precision.copy_into`: a jitted copy that donates the held array,
 so XLA writes its output into that memory). Accelerators allocate from pools of their own; the runtime holds
-dropped memory on CPU backends only (`runtime/run.py`), where it was measured.
+dropped memory only where it was measured to pay (`full_precision.copies_measured`: CPU backends).
 
 The pool never holds memory the budget does not leave free: it keeps at most `room()` bytes, the device bytes its
 runtime's budget leaves unused (the ledger: the budget less the bytes landed or in flight to the device), checked

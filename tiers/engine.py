@@ -485,4 +485,3 @@ class MovementEngine:
         self.events.append(Event("recovered", block_id, State.S4, State.S4, t0, time.perf_counter(),
                                  {"source->host": n_src, "host->nvme": rewritten.nbytes}, str(error)))
         return leaves
-

@@ -37,6 +37,16 @@ def copy_into_reference(held: jax.Array, src: jax.Array, device: jax.Device) -> 
     return jax.device_put(src, device_sharding(device))
 
 
+COPIES_MEASURED_ON = ("cpu",)  # platforms where `land` and copies into held memory were measured to pay
+
+
+def copies_measured(device: jax.Device) -> bool:
+    """Whether `device`'s platform is one where the compiled landing and copies into held memory
+    (`experiments/host_copy_rates.py`) were measured faster than `jax.device_put`: elsewhere the runtime keeps
+    `jax.device_put` and fresh memory."""
+    return device.platform in COPIES_MEASURED_ON
+
+
 @functools.cache
 def _land(device: jax.Device):
     dev, host = device_sharding(device), pinned_host_sharding(device)
@@ -47,7 +57,7 @@ def land(src: jax.Array, device: jax.Device) -> jax.Array:
     """`src` (pinned host) copied into new device memory: on a CPU backend by a compiled transfer, faster than
     `jax.device_put` at every size measured (`experiments/host_copy_rates.py`, its results file: 'landed' against
     'fresh'); elsewhere, where that is unmeasured, by `jax.device_put`."""
-    if device.platform != "cpu":
+    if not copies_measured(device):
         return jax.device_put(src, device_sharding(device))
     return _land(device)(src)
 

@@ -88,6 +88,7 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None, seat=No
     policy = make_policy(cfg, policy_context(cfg, setup, reference.stream), extras)
 
     from vorch_jax.tiers.engine import MovementEngine
+    from vorch_jax.tiers.full_precision import copies_measured
 
     engine = MovementEngine(setup.source, store_dir, int4_group_size=cfg.quant.int4_group_size,
                             lowrank_rank=cfg.quant.lowrank_rank, keep_home=True,
@@ -104,7 +105,7 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None, seat=No
                         tick_every_n_layers=cfg.tick_every_n_layers, speculative=spec_on,
                         speculation_basis=spec_basis,
                         in_place=in_place_choice(setup, measured_prices(backend, link_bw)))
-        if engine.device.platform == "cpu":  # accelerators pool their own memory; held copies there are unmeasured
+        if copies_measured(engine.device):  # accelerators pool their own memory; held copies there are unmeasured
             engine.hold_dropped_memory(ledger.free_bytes)
         return _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, reference, say, guard, link_bw,
                          seat)
