@@ -59,6 +59,7 @@ def measure(base, policies, budgets, rounds, out: Path) -> dict:
                 cfg = dataclasses.replace(base, policy=pol, hbm_budget=b)
                 s = run(cfg, out / f"{b}" / pol / f"round{r}", reference=reference)
                 s["two_lanes_share"] = two_lanes_share(out / f"{b}" / pol / f"round{r}" / "trace.jsonl")
+                s["reference_stream"] = reference.stream  # the blocks the generation reads, for `integral_bound`
                 runs.setdefault((b, pol), []).append(s)
     return runs
 
@@ -76,16 +77,17 @@ def two_lanes_share(trace_path: Path) -> float:
 
 def integral_bound(base, budget: float, summary: dict, time_limit_s: float) -> tuple[float | None, str]:
     """The integral problem's proven lower bound over the LP bound of the run's passes (the runs' access stream: the
-    dense pass order, once per pass), None where HiGHS proved none; and a line on it with scored's bytes over the
-    best schedule HiGHS found."""
+    resident reference's generation, which every run of the bench matched), None where HiGHS proved none; and a line on it with
+    scored's bytes over the best schedule HiGHS found."""
     from vorch_jax.policies.lower_bound import integral_optimum, lower_bound
 
     st = build_setup(dataclasses.replace(base, hbm_budget=budget), simulated=True)
-    pass_blocks = [p.block for p in st.spec.skeleton()]
-    stream = pass_blocks * ((summary["hits"] + summary["misses"]) // len(pass_blocks))
+    if not summary.get("stream_matches_resident") or "reference_stream" not in summary:
+        return None, "integral bound: not computed (the run's access stream is not the resident reference's)"
+    stream = list(summary["reference_stream"])[:summary["lower_bound"]["of"]]  # the generation's (then: quality)
     lb = lower_bound(stream, st.device_bytes, st.hbm_budget, pinned=st.protected).bytes
     if lb != summary["lower_bound_bytes"]:
-        return None, "integral bound: not computed (the rebuilt stream's LP bound differs from the run's)"
+        return None, "integral bound: not computed (the stream's LP bound differs from the run's)"
     io = integral_optimum(stream, st.device_bytes, st.hbm_budget, pinned=st.protected, time_limit_s=time_limit_s)
     if io.proven_bytes is None or io.bytes is None:
         return None, f"integral bound: none proven (HiGHS {io.solver_s:.0f} s, {io.status})"

@@ -5,7 +5,8 @@ Run:   .venv/bin/python experiments/offline_optimum.py [--models smollm2-135m ge
 Takes: up to `--time-limit` seconds per (model, budget), about 5 minutes at the defaults on 2 CPU cores.
 
 The stream is the demo's lossless run (`--passes` passes of the model's pass order: the prompt's and the decode
-steps'), the blocks' device bytes and the budget as `vorch run` sets them up (SmolLM2 with the demo's placement,
+steps'; the positions every pass runs, `ModelSpec.every_pass`: without Gemma's one token-routed lookup), the
+blocks' device bytes and the budget as `vorch run` sets them up (SmolLM2 with the demo's placement,
 its embedding protected; other models with none). Per row: the LP bound (`policies/lower_bound.py`, what every
 summary's `moved_over_lower_bound` divides by), the integral optimum (`integral_optimum`: HiGHS's branch and bound;
 at a time limit the optimum lies between the proven bound and the best schedule found) and both over the LP. A
@@ -45,7 +46,7 @@ def main(argv=None):
             except VorchError as e:
                 print(f"offline_optimum: {e}", file=sys.stderr)
                 return 2
-            stream = [p.block for p in setup.spec.skeleton()] * args.passes
+            stream = [p.block for p in setup.spec.every_pass()] * args.passes
             lb = lower_bound(stream, setup.device_bytes, setup.hbm_budget, pinned=setup.protected)
             io = integral_optimum(stream, setup.device_bytes, setup.hbm_budget, pinned=setup.protected,
                                   time_limit_s=args.time_limit)

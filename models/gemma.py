@@ -8,9 +8,10 @@ are the same four kinds, the embedding tied as the head.
 
 The 262k-token vocabulary makes the embedding about 60% of the model's bytes (671 MB in float32): as one block it
 could never be resident under half the model's bytes, so it is `VOCAB_SHARDS` blocks `embed.k`, each the columns of
-a sixteenth of the vocabulary (42 MB), read from the GGUF's rows for those tokens. A pass looks a token up in every
-shard (each adds the rows of the tokens it holds: exact, as every token is in one shard) and computes the head's
-logits one shard of columns at a time; the runtime moves each shard on its own.
+a sixteenth of the vocabulary (42 MB), read from the GGUF's rows for those tokens. A pass looks its tokens up in the
+shards that hold them (each adds the rows of the tokens it holds: exact, as every token is in one shard; a decode
+step reads one shard) and computes the head's logits one shard of columns at a time; the runtime moves each shard
+on its own.
 
 Why sixteen: blocks of like sizes let a schedule use the budget as the LP relaxation does (with four shards of 168 MB
 beside 6.6-15.7 MB layer blocks, even the exact integral optimum moved 1.19x the LP bound at 0.3), and sixteen was
@@ -24,6 +25,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from . import gemma_layers as G
@@ -148,7 +150,7 @@ class GemmaCompute(LlamaCompute):
     def run(self, position, w, c):
         op, cfg = position.op, self.cfg
         if op == "embed":
-            if position.part == 0:
+            if c.x_BxTxD is None:  # the pass's first lookup (a pass looks up only the shards holding its tokens)
                 c.x_BxTxD = jnp.zeros((*c.ids_BxT.shape, cfg.d_model), self.dtype)
             lo = jnp.int32(vocab_rows(cfg, position.part)[0])
             c.x_BxTxD = embed_shard_lookup(cfg, w, c.ids_BxT, lo, c.x_BxTxD, self.dtype.name)
@@ -195,6 +197,18 @@ class GemmaSpec(LlamaSpec):
             out += [Position(layer_block_id(i, "attn"), "attn", i), Position(layer_block_id(i, "mlp"), "mlp", i)]
         return out + [Position("final_norm", "norm", L)] + [Position(embed_block_id(k), "head", -1, part=k)
                                                              for k in shards]
+
+    def token_routed(self, position) -> bool:
+        return position.op == "embed"
+
+    def reads_tokens(self, position, ids_BxT) -> bool:
+        """A lookup runs where its shard holds one of the ids: the others would add zeros. In a decode step that is
+        one shard of the sixteen, so a pass reads each of the other shards once (at the head), not twice."""
+        if position.op != "embed":
+            return True
+        lo, hi = vocab_rows(self.config, position.part)
+        ids = np.asarray(ids_BxT)
+        return bool(((ids >= lo) & (ids < hi)).any())
 
     def compute(self, dtype):
         return GemmaCompute(self.config, dtype)

@@ -7,8 +7,9 @@ A `ModelSpec` says everything the runtime needs and nothing about where a block 
     shape-only model, which only the simulator runs);
   * `skeleton()`: the positions of one forward pass, `Position(block, op, layer)`. A routed layer has one
     `route` position; the experts its router chooses are the positions `experts(layer, selected)` the runtime
-    inserts after it once the choice is known. `pass_order()` is one pass touching every block (every expert),
-    the order a static placement fills in;
+    inserts after it once the choice is known. A token-routed position (`token_routed`) runs only in a pass
+    whose tokens it reads (`pass_positions(ids)`): a lookup shard of a vocabulary. `pass_order()` is one pass
+    touching every block (every expert), the order a static placement fills in;
   * `compute(dtype)`: the jitted functions of the ops over a carry (`start`, `run(position, weights, carry)`,
     `finish`), for the real and the resident runs; `cost(position, ...)`: FLOPs and bytes of a position, for the
     simulated run;
@@ -121,10 +122,33 @@ class ModelSpec:
         """The expert positions of `layer` for its router's choice (bool [E]), ascending; dense models have none."""
         return []
 
+    def token_routed(self, position: Position) -> bool:
+        """Whether a pass runs `position` only for some tokens (`reads_tokens`): Gemma's vocabulary shards' lookups.
+        Such a position is not known before its pass's tokens are, so prefetching does not plan on it."""
+        return False
+
+    def reads_tokens(self, position: Position, ids_BxT) -> bool:
+        """Whether a pass over the token ids `ids_BxT` runs `position` (a token-routed one only where it adds
+        something: a lookup shard holding one of the ids)."""
+        return True
+
+    def pass_positions(self, ids_BxT) -> list[Position]:
+        """The skeleton positions a pass over `ids_BxT` runs, in order (a routed layer's experts come at run time)."""
+        return [p for p in self.skeleton() if not self.token_routed(p) or self.reads_tokens(p, ids_BxT)]
+
+    def every_pass(self) -> list[Position]:
+        """The skeleton positions every pass runs: all but the token-routed ones whose block another position of
+        the pass reads (Gemma's tied embedding shards, read by the head each pass); what is known of a pass before
+        its tokens are, and what a placement plans on."""
+        skeleton = self.skeleton()
+        certain = {p.block for p in skeleton if not self.token_routed(p)}
+        return [p for p in skeleton if not self.token_routed(p) or p.block not in certain]
+
     def pass_order(self) -> list[str]:
-        """One pass touching every block once per read position (each expert of every layer), in pass order."""
+        """One pass touching every block once per read position (each expert of every layer), in pass order: the
+        positions of `every_pass`."""
         out = []
-        for p in self.skeleton():
+        for p in self.every_pass():
             out.append(p.block)
             if p.op == "route":
                 out += [q.block for q in self.experts(p.layer, np.ones(self.n_experts, bool))]

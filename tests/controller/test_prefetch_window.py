@@ -14,11 +14,14 @@ from vorch_jax.policies.lower_bound import lower_bound
 from vorch_jax.runtime.setup import build_setup
 
 
-def pass_of(model="smollm2-135m", budget=0.5):
+def pass_of(model="smollm2-135m", budget=0.5, every_lookup=False):
+    """One pass of `model` as the scored policy plans on it (`every_pass`), or with `every_lookup` the skeleton's
+    whole pass: Gemma's as it ran until 2026-12-07, a lookup in each of the sixteen vocabulary shards before the
+    layers (each shard read twice a pass, as a user's model may read a block), what the rule tests below use."""
     cfg = load_config("configs/demo.yaml", [f"model={model}", f"hbm_budget={budget}"]
                       + (["placement=[]"] if model != "smollm2-135m" else []))  # the demo protects SmolLM2's blocks
     st = build_setup(cfg, simulated=True)
-    blocks = [p.block for p in st.spec.skeleton()]
+    blocks = [p.block for p in (st.spec.skeleton() if every_lookup else st.spec.every_pass())]
     initial = list(st.protected) + [b for b in dict.fromkeys(blocks) if b not in st.protected]
     return blocks, st.device_bytes, st.hbm_budget, st.protected, initial
 
@@ -114,12 +117,14 @@ def test_a_window_of_reads_across_protected_blocks_can_ping_pong_where_positions
     assert best.counts == POSITIONS and best.bytes_moved == 160
 
 
-@pytest.mark.parametrize("model, budget", [("smollm2-135m", 0.5), ("gemma3-270m", 0.3), ("gemma3-270m", 0.5),
-                                           ("gemma3-270m", 0.8)])
+@pytest.mark.parametrize("model, budget", [("smollm2-135m", 0.3), ("smollm2-135m", 0.5), ("gemma3-270m", 0.3),
+                                           ("gemma3-270m", 0.5), ("gemma3-270m", 0.8)])
 def test_replay_counts_what_the_ledger_then_does(model, budget, tmp_path):
     """A simulated scored run moves over its passes what the replay of the same passes predicts (the run's first
     pass is the prompt's: the same blocks in the same order), with the window, size power and plan it chose (by
-    the replays' modelled time on the profile's link and compute: `test_the_timed_choice_*` checks the choice)."""
+    the replays' modelled time on the profile's link and compute: `test_the_timed_choice_*` checks the choice).
+    Gemma's passes also look their token up in one vocabulary shard, which neither the replay nor the cursor knows
+    ahead: those reads can only add a miss and a shard's load each."""
     from vorch_jax.runtime.run import run
 
     cfg = load_config("configs/demo.yaml", [f"model={model}", f"hbm_budget={budget}", "executor=sim",
@@ -128,23 +133,30 @@ def test_replay_counts_what_the_ledger_then_does(model, budget, tmp_path):
     s = run(cfg, tmp_path)
     w, p = s["prefetch"]["victims_read_within"], s["prefetch"]["victim_size_power"]
     blocks, sizes, budget_bytes, protected, initial = pass_of(model, budget)
-    passes = (s["hits"] + s["misses"]) // len(blocks)
-    assert passes * len(blocks) == s["hits"] + s["misses"] and passes == 6
+    passes = 6
+    lookups = s["hits"] + s["misses"] - passes * len(blocks)  # Gemma's: one a pass (the prompt's and 0's shard)
+    assert lookups == (passes if model == "gemma3-270m" else 0)
     name, plan = s["prefetch"]["follows_plan"], None
     if name:
         cycle = int(name.split("-")[0])
         plan = {q.name: q for q in pass_plans(blocks, sizes, budget_bytes, protected, passes=cycle)}[name]
     r = replay(blocks, sizes, budget_bytes, protected, initial, depth=2, window=w, passes=passes, size_power=p,
                plan=plan, counts=s["prefetch"]["window_counts"])
-    assert s["misses"] == r.misses
-    assert s["bytes_moved"] == r.bytes_moved
+    if not lookups:
+        assert s["misses"] == r.misses
+        assert s["bytes_moved"] == r.bytes_moved
+    else:  # a lookup the cursor did not know of before its pass, each at most one miss of one shard: measured, the
+        # same at 0.5 and 0.8; at 0.3 four more misses, 5.8 shards' bytes more (shard 0 let go after its head read)
+        shard = sizes["embed.0"]
+        assert 0 <= s["misses"] - r.misses <= lookups
+        assert 0 <= s["bytes_moved"] - r.bytes_moved <= lookups * shard
 
 
 def four_shard_gemma(budget):
     """Gemma 3's pass with its embedding as four 168 MB blocks beside 6.6-15.7 MB layer blocks (the model's split
     until 2026-12-07; it is sixteen 42 MB shards now): each four consecutive shards one block, the reads of a merged
     block in a row one read. The rules below are for blocks that differ in size by 25x, as a user's model may."""
-    blocks, sizes, budget_bytes, protected, initial = pass_of("gemma3-270m", budget)
+    blocks, sizes, budget_bytes, protected, initial = pass_of("gemma3-270m", budget, every_lookup=True)
     group = VOCAB_SHARDS // 4
 
     def merged(b):
@@ -187,11 +199,11 @@ def bound_of(args, passes=16):
 
 
 def test_on_gemma_at_half_the_bytes_the_choice_follows_the_optimum_of_three_passes():
-    """Gemma 3 with four embedding shards at 0.5: every size rule moves about 1.38x the LP bound over 16 passes, the
-    steady state of one pass (`pass_plans`: which reads keep their block until the next) about 1.15x; every rule and
-    one-pass plan lies more than PLAN_MORE_OVER_BOUND above the bound, so the cycle of three passes is solved too,
-    where the four embedding shards take turns leaving: about 1.075x (the proven optimum of 16 passes: 1.074x), and
-    the choice takes it."""
+    """Gemma 3 with four embedding shards, each looked up every pass, at 0.5: every size rule moves about 1.38x the
+    LP bound over 16 passes, the steady state of one pass (`pass_plans`: which reads keep their block until the
+    next) about 1.15x; every rule and one-pass plan lies more than PLAN_MORE_OVER_BOUND above the bound, so the cycle
+    of three passes is solved too, where the four embedding shards take turns leaving: about 1.075x (the proven
+    optimum of 16 passes: 1.074x), and the choice takes it."""
     args = four_shard_gemma(0.5)
     one = pass_plans(*args[:4])
     assert one and not all(one[0].keeps.values())  # some reads let their block go
@@ -205,10 +217,11 @@ def test_on_gemma_at_half_the_bytes_the_choice_follows_the_optimum_of_three_pass
 
 
 def test_on_gemma_at_four_fifths_the_choice_keeps_the_plans_large_blocks_and_streams_the_small_ones():
-    """Gemma 3 at 0.8: the one-pass steady state keeps a fixed set (about 1.04x the bound); the optimum of 16 passes
-    keeps the embedding shards and rotates which layer blocks stream. The candidate that follows the plan for
-    the shards and lets every smaller block go, furthest next read first, moves within 1.03x, and is chosen."""
-    args = pass_of("gemma3-270m", 0.8)
+    """Gemma 3 looking up every shard each pass, at 0.8: the one-pass steady state keeps a fixed set (about 1.04x
+    the bound); the optimum of 16 passes keeps the embedding shards and rotates which layer blocks stream. The
+    candidate that follows the plan for the shards and lets every smaller block go, furthest next read first, moves
+    within 1.03x, and is chosen."""
+    args = pass_of("gemma3-270m", 0.8, every_lookup=True)
     best, replays, plan = choose_eviction_rule(*args, depth=2, passes=16)
     bound = bound_of(args)
     assert plan is not None and plan.streamed_below > 0 and best.plan == plan.name

@@ -70,8 +70,8 @@ def test_tokenizer_agrees_with_an_independent_bpe_and_round_trips(gemma, tok):
 
 
 def test_the_embedding_is_four_vocabulary_shards_read_row_by_row(gemma):
-    """Each shard is its own block of a quarter of the columns, read from only its tokens' rows of the file; a pass
-    looks every token up in every shard and reads every shard again as the head."""
+    """Each shard is its own block of a sixteenth of the columns, read from only its tokens' rows of the file; a
+    pass looks its tokens up in the shards that hold them and reads every shard as the head."""
     from vorch_jax.models.gemma import VOCAB_SHARDS, embed_block_id
 
     shards = [embed_block_id(k) for k in range(VOCAB_SHARDS)]
@@ -87,7 +87,13 @@ def test_the_embedding_is_four_vocabulary_shards_read_row_by_row(gemma):
     assert src.nbytes_read - before == file_bytes // VOCAB_SHARDS
     assert w.shape == (D, V // VOCAB_SHARDS)
     order = gemma.pass_order()
-    assert all(order.count(b) == 2 for b in shards) and order[:VOCAB_SHARDS] == shards
+    assert all(order.count(b) == 1 for b in shards) and order[-VOCAB_SHARDS:] == shards
+    per = V // VOCAB_SHARDS
+    ids = np.asarray([[3, per + 5, 3]])  # two tokens in shard 0, one in shard 1
+    lookups = [p for p in gemma.pass_positions(ids) if p.op == "embed"]
+    assert [p.block for p in lookups] == shards[:2]
+    assert [p.block for p in gemma.pass_positions(np.asarray([[V - 1]])) if p.op == "embed"] == shards[-1:]
+    assert gemma.every_pass() == [p for p in gemma.skeleton() if p.op != "embed"]
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,5 @@
-"""Gemma 3 through the same runtime as SmolLM2: every lossless policy at the tightest budget (0.3, below two of its
-four embedding shards plus a layer's worth) generates the resident tokens within the budget, above the LP bound."""
+"""Gemma 3 through the same runtime as SmolLM2: every lossless policy at the tightest budget (0.3, under half of its
+embedding's bytes) generates the resident tokens within the budget, above the LP bound."""
 
 import jax.numpy as jnp
 import pytest
@@ -45,3 +45,26 @@ def test_a_lossy_gemma_run_is_calibrated_through_its_own_ops_and_keeps_its_quali
     assert homes["blocks"] > 0 and s["home_formats"], homes
     assert 0 < s["peak_device_bytes"] <= s["hbm_budget_bytes"]
     assert 0 < s["lower_bound_bytes"] <= s["bytes_moved"]
+
+
+def test_a_pass_looks_its_tokens_up_only_in_the_shards_holding_them(reference):
+    """Each pass runs the lookup of the shards holding its tokens, then the layers and the sixteen head shards; what
+    the cursor knows of the next pass before its token is sampled is every position but a lookup."""
+    from vorch_jax.models.gemma import VOCAB_SHARDS, embed_block_id, vocab_rows
+    from vorch_jax.runtime.cursor import PassCursor
+
+    setup = build_setup(load_config(None, SMALL))
+    spec = setup.spec
+    passes = [setup.prompt_ids] + [[t] for t in reference.tokens[:-1]]
+    stream, expected = list(reference.stream), []
+    for ids in passes:
+        shards = sorted({k for k in range(VOCAB_SHARDS) for t in ids if vocab_rows(spec.config, k)[0] <= t
+                         < vocab_rows(spec.config, k)[1]})
+        expected += [embed_block_id(k) for k in shards] + [p.block for p in spec.every_pass()]
+    assert stream[:len(expected)] == expected  # then the quality pass over the evaluation text
+    cursor = PassCursor(spec)
+    cursor.begin_pass([[vocab_rows(spec.config, 1)[0] + 7]])
+    assert cursor.next().block == embed_block_id(1)
+    while cursor.current.block != embed_block_id(VOCAB_SHARDS - 1):
+        cursor.next()
+    assert cursor.known() == spec.every_pass()  # the next pass, without its lookup

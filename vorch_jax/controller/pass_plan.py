@@ -29,7 +29,9 @@ class PassPlan:
         return f"{self.passes}-pass" + (f", streams < {self.streamed_below} B" if self.streamed_below else "")
 
     def kept(self, block: str, last_read: int | None, nbytes: int) -> bool:
-        """Whether the plan keeps `block` through the gap after its last read (not read yet: kept)."""
+        """Whether the plan keeps `block` through the gap after its last read, `last_read` its position in a cycle of
+        the plan's passes (`PassCursor.cycle_position`; None: not read yet, or read by a lookup outside the pass
+        order: kept)."""
         if last_read is None:
             return True
         if nbytes < self.streamed_below:

@@ -259,6 +259,8 @@ class ScoredPolicy(Policy):
     def on_access(self, t, block):
         super().on_access(t, block)
         self._accessed.append(self.index[block])
+        if self._plan is not None:  # where in the plan's cycle of passes it was read (None: a lookup outside it)
+            self._plan_read[block] = self._cursor.cycle_position(self._plan.passes)
 
     def run_by(self, executor):
         """The ledger's expected next use orders the victims; on a dense plan (its passes known before the run) the
@@ -271,7 +273,8 @@ class ScoredPolicy(Policy):
             self.prefetch_victims_read_within = 0
             return
         device_bytes = {b: executor._bytes(b, self.device_state(b)) for b in self.ids}
-        pass_blocks = [p.block for p in executor.cursor.skeleton]
+        self._cursor, self._plan_read = executor.cursor, {}
+        pass_blocks = [p.block for p in executor.cursor.every_pass]
         t0 = time.perf_counter()
         best, self.window_replays, self._plan = choose_eviction_rule(
             pass_blocks, device_bytes, executor.budget, self.ctx.protected, self.initial_resident(),
@@ -291,7 +294,7 @@ class ScoredPolicy(Policy):
                       {b: self.pass_compute_s * device_bytes[b] / total for b in set(pass_blocks)})
 
     def _kept(self, block) -> bool:
-        return kept_by_plan(self._plan, block, self.last_use.get(block), self._victim_bytes[block])
+        return kept_by_plan(self._plan, block, self._plan_read.get(block), self._victim_bytes[block])
 
     def prefetch_may_evict(self, block) -> bool:
         """Following the optimum's plan (`pass_plan.PassPlan`), a prefetch evicts only what it lets go."""

@@ -6,6 +6,10 @@ whose choice is not made yet; where the rest of the pass holds no such router, t
 first router too (a dense model's next pass entirely). That known list is what prefetching reads, and exact
 distances to a block's next read come from it; beyond it `next_use` counts slots in the spec's pass order (one
 pass touching every block), one pass more for an expert its router just passed over.
+
+A pass over given tokens runs the skeleton's positions that read them (`ModelSpec.pass_positions`: a vocabulary
+shard's lookup only where the shard holds one of the tokens); the next pass's tokens are not known while this one
+runs, so what is known of it is `every_pass`, the positions every pass runs.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ class PassCursor:
     def __init__(self, spec):
         self.spec = spec
         self.skeleton = spec.skeleton()
+        self.every_pass = spec.every_pass()  # what is known of a pass before its tokens are
         order = spec.pass_order()
         self.n = len(order)  # positions of a pass that reads every block
         self._slots: dict[str, list[int]] = {}
@@ -28,18 +33,31 @@ class PassCursor:
         self._single_slot = {b: s[0] for b, s in self._slots.items() if len(s) == 1}
         self.route_of_layer = {p.layer: p for p in self.skeleton if p.op == "route"}
         self.routed = bool(self.route_of_layer)
-        self._first_route = next((i for i, p in enumerate(self.skeleton) if p.op == "route"), None)
-        self.begin_pass()
+        self._next_known = self._to_first_route(self.every_pass)
+        self.passes = -1  # passes begun, less one: the index of the running pass (0: the first)
+        self._start(None)
+
+    @staticmethod
+    def _to_first_route(positions) -> list:
+        """`positions` up to and including the first router (all of them where none routes)."""
+        i = next((i for i, p in enumerate(positions) if p.op == "route"), None)
+        return list(positions) if i is None else list(positions[: i + 1])
 
     def _positions_with_every_expert(self):
-        for p in self.skeleton:
+        for p in self.every_pass:
             yield p
             if p.op == "route":
                 yield from self.spec.experts(p.layer, np.ones(self.spec.n_experts, bool))
 
     # ------------------------------------------------------------------ walking a pass
-    def begin_pass(self) -> None:
-        self._i = 0  # next skeleton index
+    def begin_pass(self, ids_BxT=None) -> None:
+        """A pass over the token ids `ids_BxT` begins (None: every skeleton position runs)."""
+        self.passes += 1
+        self._start(ids_BxT)
+
+    def _start(self, ids_BxT) -> None:
+        self._pass = self.skeleton if ids_BxT is None else self.spec.pass_positions(ids_BxT)
+        self._i = 0  # next index into `_pass`
         self._experts: list = []  # resolved experts of the current layer still to run
         self.current = None
         self.unselected = set()  # experts of the current routed layer its router did not choose
@@ -59,8 +77,8 @@ class PassCursor:
         """The next position of the pass, or None at its end."""
         if self._experts:
             self.current = self._experts.pop(0)
-        elif self._i < len(self.skeleton):
-            self.current = self.skeleton[self._i]
+        elif self._i < len(self._pass):
+            self.current = self._pass[self._i]
             self._i += 1
         else:
             self.current = None
@@ -87,13 +105,13 @@ class PassCursor:
         if self.current is not None and self.current.op == "route" and not self._resolved:
             return  # its choice is not made yet: nothing beyond it is known
         cut = None
-        for p in self.skeleton[self._i:]:
+        for p in self._pass[self._i:]:
             yield p
             if p.op == "route":
                 cut = p
                 break
         if cut is None:  # nothing unresolved in this pass: the next pass is known up to its first router
-            yield from (self.skeleton if self._first_route is None else self.skeleton[: self._first_route + 1])
+            yield from self._next_known
 
     def known(self) -> list:
         """The positions known to follow the current one, in order (see the module docstring)."""
@@ -127,6 +145,13 @@ class PassCursor:
     def current_slot(self) -> int:
         p = self.current
         return self._slot_of.get((p.block, p.op), 0) if p is not None else self.n - 1
+
+    def cycle_position(self, passes: int) -> int | None:
+        """Where the running position falls in a cycle of `passes` passes of `pass_order` (what a steady-state
+        plan is indexed by, `pass_plan`); None for a position outside it (a token-routed lookup)."""
+        p = self.current
+        slot = self._slot_of.get((p.block, p.op)) if p is not None else None
+        return None if slot is None else (self.passes % passes) * self.n + slot
 
     def next_uses(self, blocks) -> list[int]:
         """`next_use` of each of `blocks`: the eviction order's hot path, so each block's distance is computed once a

@@ -58,7 +58,7 @@ class Driver:
         """One pass; returns (logits [B, T, V] float32, cache) on the real backend, (None, None) simulated."""
         cursor, res, be = self.cursor, self.residency, self.backend
         be.begin_pass(ids_BxT, cache, pos, self.passes)
-        cursor.begin_pass()
+        cursor.begin_pass(ids_BxT)
         res.begin_pass(np.shape(ids_BxT)[1])
         chosen = [[] for _ in cursor.route_of_layer] if cursor.routed else None
         while (p := cursor.next()) is not None:

@@ -189,18 +189,22 @@ def _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, refer
 # ------------------------------------------------------------------------------------------------- simulated
 
 
-def plan_stream(spec, routing=None, passes: int = 1) -> list[str]:
+def plan_stream(spec, routing=None, passes: int = 1, prompt_ids=None) -> list[str]:
     """The blocks a run of `passes` passes reads, in order (`routing[pass][layer]`: the experts each routed layer
-    runs)."""
+    runs): a simulated run's, whose first pass reads `prompt_ids` and every other token 0 (None: every position of
+    the skeleton in every pass)."""
     out = []
     for j in range(passes):
-        for p in spec.skeleton():
-            out.append(p.block)
-            if p.op == "route":
-                sel = np.zeros(spec.n_experts, bool)
-                sel[list(routing[j][p.layer])] = True
-                out += [q.block for q in spec.experts(p.layer, sel)]
+        out += [p.block for p in _pass_positions(spec, None if routing is None else routing[j],
+                                                 _simulated_ids(prompt_ids, j))]
     return out
+
+
+def _simulated_ids(prompt_ids, j: int):
+    """The token ids of a simulated run's pass `j` (the simulated backend's next token is always 0)."""
+    if prompt_ids is None:
+        return None
+    return np.asarray([prompt_ids]) if j == 0 else np.zeros((1, 1), np.int64)
 
 
 def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculation=None, progress=None,
@@ -247,7 +251,7 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
         source = f"zipf (seed {cfg.seed})"
     if cursor.routed and len(routing) < n:
         raise RoutingTraceError(f"the routing trace has {len(routing)} passes; the run needs {n} (new_tokens)")
-    stream = plan_stream(spec, routing, n)
+    stream = plan_stream(spec, routing, n, setup.prompt_ids)
     cal = stored_calibration(cfg, setup) if spec.has_weights else None
     lossy_states = simulated_lossy_states(cfg, setup, cal)
     setup = with_quality_budget_homes(cfg, setup, lossy_states, cal.psi if cal is not None else None)
@@ -256,7 +260,8 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     backend = SimBackend(spec, hw, engine, setup.state_bytes, setup.weight_dtype, routing=routing,
                          speculation=speculation, barrier=barrier)
     P = len(setup.prompt_ids)
-    decode_positions = list(cursor.skeleton) if not cursor.routed else _last_pass_positions(spec, routing[-1])
+    decode_positions = _pass_positions(spec, routing[-1] if cursor.routed else None,
+                                       _simulated_ids(setup.prompt_ids, 1))
     extras = None
     if cfg.policy == "scored":
         extras = simulated_scored_inputs(cfg, setup, hw, cal, lossy_states)
@@ -314,9 +319,11 @@ def run_states(cfg, setup, guard) -> set:
     return states
 
 
-def _last_pass_positions(spec, experts_per_layer) -> list:
+def _pass_positions(spec, experts_per_layer, ids_BxT) -> list:
+    """The positions of a pass over `ids_BxT` (None: every skeleton position) whose routed layers run
+    `experts_per_layer[layer]` (None: a dense model)."""
     out = []
-    for p in spec.skeleton():
+    for p in (spec.skeleton() if ids_BxT is None else spec.pass_positions(ids_BxT)):
         out.append(p)
         if p.op == "route":
             sel = np.zeros(spec.n_experts, bool)
