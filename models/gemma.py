@@ -31,6 +31,7 @@ from flax import nnx
 from . import gemma_layers as G
 from .gguf_source import GGUFArchitecture, GGUFSource, field
 from .llama import Block, KVCache
+from .host_ops import moved_bytes, on_host
 from .llama_compute import LlamaCompute, final_norm, head
 from .llama_spec import LlamaSpec
 from .spec import Position
@@ -132,6 +133,11 @@ def embed_shard_lookup(cfg, w, ids_BxT, lo, x_BxTxD, dtype):
     return x_BxTxD + G.embed_shard_tokens(cfg, w, ids_BxT, lo, jnp.dtype(dtype))
 
 
+def lookup_add(cfg, dtype, w, ids_BxT, lo, x_BxTxD):
+    """`embed_shard_lookup` in place, the static arguments first: what `host_ops.on_host` runs."""
+    return x_BxTxD + G.embed_shard_tokens_in_place(cfg, w, ids_BxT, lo, jnp.dtype(dtype))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "window", "base"), donate_argnames=("k_cache", "v_cache"))
 def attention(cfg, window, base, w, x_BxTxD, k_cache, v_cache, pos):
     return G.attention_block(cfg, window, base, w, x_BxTxD, k_cache, v_cache, pos)
@@ -150,10 +156,8 @@ class GemmaCompute(LlamaCompute):
     def run(self, position, w, c):
         op, cfg = position.op, self.cfg
         if op == "embed":
-            if c.x_BxTxD is None:  # the pass's first lookup (a pass looks up only the shards holding its tokens)
-                c.x_BxTxD = jnp.zeros((*c.ids_BxT.shape, cfg.d_model), self.dtype)
             lo = jnp.int32(vocab_rows(cfg, position.part)[0])
-            c.x_BxTxD = embed_shard_lookup(cfg, w, c.ids_BxT, lo, c.x_BxTxD, self.dtype.name)
+            c.x_BxTxD = embed_shard_lookup(cfg, w, c.ids_BxT, lo, self._lookup_input(c), self.dtype.name)
         elif op == "attn":
             i = position.layer
             c.x_BxTxD, c.k[i], c.v[i] = attention(cfg, cfg.layer_window(i), cfg.layer_rope_base(i), w, c.x_BxTxD,
@@ -171,6 +175,22 @@ class GemmaCompute(LlamaCompute):
         else:
             raise ValueError(f"op '{op}' is not a Gemma op")
         return None
+
+    def _lookup_input(self, c):
+        """The residual stream a lookup adds its rows to: zeros at the pass's first (a pass looks up only the
+        shards holding its tokens)."""
+        if c.x_BxTxD is None:
+            c.x_BxTxD = jnp.zeros((*c.ids_BxT.shape, self.cfg.d_model), self.dtype)
+        return c.x_BxTxD
+
+    def run_in_place(self, position, w_host, c):
+        """The MLP (`LlamaCompute.run_in_place`), or a lookup gathering its tokens' rows from the shard in host
+        memory (`Ledger._gather`: where the shard has not landed): the ids and the residual stream cross the link."""
+        if position.op != "embed":
+            return super().run_in_place(position, w_host, c)
+        x, lo = self._lookup_input(c), jnp.int32(vocab_rows(self.cfg, position.part)[0])
+        c.x_BxTxD = on_host(lookup_add, self.cfg, self.dtype.name)(w_host, c.ids_BxT, lo, x)
+        return moved_bytes((c.ids_BxT, lo, x), c.x_BxTxD)
 
 
 class GemmaSpec(LlamaSpec):

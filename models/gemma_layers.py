@@ -112,3 +112,15 @@ def embed_shard_tokens(cfg: GemmaConfig, w: dict, ids_BxT, lo, dtype):
     held_BxT = (local_BxT >= 0) & (local_BxT < w["embedding"].shape[-1])
     x = embed_tokens(cfg, w, jnp.where(held_BxT, local_BxT, 0), dtype)
     return jnp.where(held_BxT[..., None], x, jnp.zeros((), dtype))
+
+
+def embed_shard_tokens_in_place(cfg: GemmaConfig, w: dict, ids_BxT, lo, dtype):
+    """`embed_shard_tokens` from a shard's float arrays in host memory, as it runs under `compute_on('device_host')`
+    (`host_ops.on_host`): there (jax 0.10) an op may not mix a host array with an array the trace makes on the
+    device (a `where`'s zeros, `take`'s index clamps), so the masked indices are promised in bounds and the mask
+    multiplies instead of selecting. The same values: a held token's scaled row, zeros for the others."""
+    local_BxT = ids_BxT - lo
+    held_BxT = (local_BxT >= 0) & (local_BxT < w["embedding"].shape[-1])
+    rows = w["embedding"].T.at[local_BxT * held_BxT.astype(local_BxT.dtype)].get(mode="promise_in_bounds")
+    x = rows.astype(dtype) * jnp.asarray(cfg.d_model ** 0.5, dtype)
+    return x * held_BxT[..., None].astype(dtype)

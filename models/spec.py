@@ -205,10 +205,13 @@ class ModelSpec:
 
     def activation_bytes(self, position: Position, tokens: int, itemsize: int) -> tuple[int, int]:
         """(to the host, back to the device) bytes an op computed in place moves: the residual stream x in and
-        out; an expert also takes its normed input h, the routing mask (bool [T, E]) and its index (int32)."""
+        out; an expert also takes its normed input h, the routing mask (bool [T, E]) and its index (int32), a
+        lookup the token ids and its shard's first id (int32)."""
         x = tokens * self.config.d_model * itemsize
         if position.op == "expert":
             return 2 * x + tokens * self.n_experts + 4, x
+        if position.op == "embed":
+            return x + 4 * tokens + 4, x
         return x, x
 
     def collective_bytes(self, position: Position, tokens: int, itemsize: int) -> float:

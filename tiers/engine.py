@@ -241,6 +241,12 @@ class MovementEngine:
                 pending.result()
         return self.get(block_id)
 
+    def has_host_copy(self, block_id: str) -> bool:
+        """Whether the block's lossless arrays are in pinned host memory (`host_leaves` has them)."""
+        with self._lock:
+            entry = self._entry(block_id)
+            return any(isinstance(r, PinnedHostBlock) for r in (entry.home, entry.rep))
+
     def host_leaves(self, block_id: str) -> dict:
         """The block's lossless arrays in pinned host memory (its S3 home, kept while on device or in flight), for an
         op computed where they live: nothing moves. OffDeviceError when its home is on NVMe."""

@@ -96,6 +96,29 @@ def test_the_embedding_is_four_vocabulary_shards_read_row_by_row(gemma):
     assert gemma.every_pass() == [p for p in gemma.skeleton() if p.op != "embed"]
 
 
+def test_a_lookup_in_host_memory_adds_what_the_one_on_the_device_does(gemma):
+    """The lookup a pass gathers in place (`GemmaCompute.run_in_place`, under compute_on('device_host')) adds the
+    same rows as the one on the device, and nothing for a token another shard holds."""
+    import jax
+    import jax.numpy as jnp
+
+    from vorch_jax.models.gemma import embed_shard_lookup, lookup_add, vocab_rows
+    from vorch_jax.models.host_ops import on_host
+
+    cfg = gemma.config
+    lo, hi = vocab_rows(cfg, 2)
+    w = {k: jnp.asarray(v) for k, v in gemma.source()("embed.2").items()}
+    w_host = jax.device_put(w, jax.memory.Space.Host)
+    ids = jnp.asarray([[lo, hi - 1, 5, lo + 123, hi]], jnp.int32)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, cfg.d_model)), jnp.float32)
+    on_device = embed_shard_lookup(cfg, w, ids, jnp.int32(lo), x, "float32")
+    in_place = on_host(lookup_add, cfg, "float32")(w_host, ids, jnp.int32(lo), x)
+    assert in_place.sharding.memory_kind == "device"
+    np.testing.assert_array_equal(np.asarray(in_place), np.asarray(on_device))
+    np.testing.assert_array_equal(np.asarray(in_place)[0, [2, 4]], np.asarray(x)[0, [2, 4]])
+    assert not np.array_equal(np.asarray(in_place)[0, 0], np.asarray(x)[0, 0])
+
+
 @pytest.fixture(scope="module")
 def reference(gemma):
     return _load("numpy_gemma_reference").NumpyGemma(gemma.source().path)

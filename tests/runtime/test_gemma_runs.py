@@ -47,21 +47,24 @@ def test_a_lossy_gemma_run_is_calibrated_through_its_own_ops_and_keeps_its_quali
     assert 0 < s["lower_bound_bytes"] <= s["bytes_moved"]
 
 
-def test_a_pass_looks_its_tokens_up_only_in_the_shards_holding_them(reference):
-    """Each pass runs the lookup of the shards holding its tokens, then the layers and the sixteen head shards; what
-    the cursor knows of the next pass before its token is sampled is every position but a lookup."""
+def test_a_pass_looks_its_tokens_up_only_in_the_shards_holding_them(reference, tmp_path):
+    """Each pass runs the lookup of the shards holding its tokens, then the layers and the sixteen head shards. A
+    lookup gathers its rows where its shard is (`Ledger._gather`: on the device, else in host memory), no read of
+    the access stream; what the cursor knows of the next pass before its token is sampled is every position but a
+    lookup."""
     from vorch_jax.models.gemma import VOCAB_SHARDS, embed_block_id, vocab_rows
     from vorch_jax.runtime.cursor import PassCursor
 
     setup = build_setup(load_config(None, SMALL))
     spec = setup.spec
     passes = [setup.prompt_ids] + [[t] for t in reference.tokens[:-1]]
-    stream, expected = list(reference.stream), []
-    for ids in passes:
-        shards = sorted({k for k in range(VOCAB_SHARDS) for t in ids if vocab_rows(spec.config, k)[0] <= t
-                         < vocab_rows(spec.config, k)[1]})
-        expected += [embed_block_id(k) for k in shards] + [p.block for p in spec.every_pass()]
-    assert stream[:len(expected)] == expected  # then the quality pass over the evaluation text
+    lookups = sum(spec.reads_tokens(p, [ids]) for ids in passes for p in spec.skeleton() if p.op == "embed")
+    assert lookups >= len(passes)
+    every = [p.block for p in spec.every_pass()]
+    assert list(reference.stream[:len(passes) * len(every)]) == every * len(passes)  # then the quality pass's
+    s = run(load_config(None, SMALL + ["policy=static", "hbm_budget=0.3"]), tmp_path, reference=reference)
+    assert s["tokens"] == reference.tokens and s["hits"] + s["misses"] == len(passes) * len(every)
+    assert s["lookups"]["on_device"] + s["lookups"]["in_place"] == lookups and s["lookups"]["in_place"] > 0
     cursor = PassCursor(spec)
     cursor.begin_pass([[vocab_rows(spec.config, 1)[0] + 7]])
     assert cursor.next().block == embed_block_id(1)

@@ -57,6 +57,8 @@ class Counters:
     controller_s: float = 0.0
     peak_device_bytes: int = 0
     in_place_loads: int = 0  # background loads of blocks just computed in place
+    lookups_on_device: int = 0  # token-routed lookups that read their rows on the device (`Ledger._gather`)
+    lookups_in_place: int = 0  # ... and in host memory, where their block had not landed
 
 
 def check_fits(policy, device_bytes: dict, budget: int, state_bytes: dict | None = None,
@@ -120,6 +122,8 @@ class Ledger:
         self.host_only = in_place.host_only if in_place is not None else frozenset()  # never loaded
         self.requested_at: dict[str, float] = {}  # block -> when its load in flight was requested
         self.tokens = 1  # new tokens of the pass running (what an op in place is priced for)
+        self._lookups = any(cursor.spec.token_routed(p) for p in cursor.skeleton)
+        self._gathered = False  # the position running is a lookup `_gather` served
         policy.run_by(self)
         check_fits(policy, self.device_bytes, self.budget, self.state_bytes, self.host_only)
 
@@ -182,13 +186,39 @@ class Ledger:
 
     def fetch(self, block: str):
         """ensure, then prefetch: what the runtime does before a position computes; or, where the run computes it
-        in place (`in_place.py`), an `InPlace` for the backend instead of device weights."""
+        in place (`in_place.py`), an `InPlace` for the backend instead of device weights. A token-routed lookup
+        reads its rows where the block is (`_gather`)."""
+        if self._lookups and self.cursor.spec.token_routed(self.cursor.current):
+            served, w = self._gather(block)
+            if served:
+                self.prefetch()
+                return w
         if self.in_place is not None and self._chooses_in_place(block):
             w = self._read_in_place(block)
         else:
             w = self.ensure(block)
         self.prefetch()
         return w
+
+    def _gather(self, block: str):
+        """A token-routed lookup reads the rows of its tokens, kilobytes, never worth a load: on the device where
+        its block has landed, else in host memory where the block's lossless arrays are (an `InPlace`: the ids and
+        the activations cross the link, `in_place` events record them); neither (a home on NVMe or compressed):
+        not served (False, None), an ordinary read. A lookup served here is no read of the access stream: no policy sees it, no Belady
+        or bound counts it (the resident reference leaves it out too), the position count skips it."""
+        from vorch_jax.runtime.in_place import InPlace
+
+        if block in self.on_device and block not in self.inflight:
+            self.counters.lookups_on_device += 1
+            w = self.engine.wait(block)
+        elif self.engine.has_host_copy(block):
+            self.counters.lookups_in_place += 1
+            w = InPlace(block, self.engine.host_leaves(block),
+                        lambda start, end, link_bytes: self.engine.record_in_place(block, start, end, link_bytes))
+        else:
+            return False, None
+        self._gathered = True
+        return True, w
 
     def _chooses_in_place(self, block: str) -> bool:
         landed = block in self.on_device and block not in self.inflight
@@ -255,8 +285,12 @@ class Ledger:
         waiting for the next position's prefetch started each load one position ahead of its use. Measured on
         SmolLM2, lossless, 16 tokens, 3 rounds, medians, this CPU: scored 9.60 / 12.26 / 17.89 tok/s at budgets
         0.3 / 0.5 / 0.8 before, 10.92 / 12.86 / 19.76 after, the same bytes (static-prefetch 10.26 / 12.91 /
-        19.09); a load's lead before its use was 0.8 ms against static-prefetch's 2.2 ms."""
-        self.t += 1
+        19.09); a load's lead before its use was 0.8 ms against static-prefetch's 2.2 ms. A lookup `_gather`
+        served is no read: the position count does not advance."""
+        if self._gathered:
+            self._gathered = False
+        else:
+            self.t += 1
         self.prefetch(computed=True)
 
     def prefetch(self, computed: bool = False):

@@ -23,7 +23,8 @@ class ResidentWeights:
         pass
 
     def fetch(self, block: str):
-        self.stream.append(block)
+        if not self.cursor.spec.token_routed(self.cursor.current):  # a lookup is no read of the stream (`Ledger`)
+            self.stream.append(block)
         return self.weights[block]
 
     def weights_of(self, block: str):

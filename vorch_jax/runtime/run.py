@@ -129,7 +129,8 @@ def _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, refer
     say("compiling")
     P, n_eval = len(setup.prompt_ids), len(setup.eval_ids) - 1
     states = run_states(cfg, setup, guard)
-    in_place_ops = setup.spec.in_place_ops if setup.in_place else ()
+    lookups = {p.op for p in setup.spec.skeleton() if setup.spec.token_routed(p)}  # gathered in place (`Ledger`)
+    in_place_ops = tuple(sorted(set(setup.spec.in_place_ops if setup.in_place else ()) | lookups))
     backend.compile({P, 1}, P + cfg.new_tokens, states, cfg.quant, in_place_ops)
     backend.compile({n_eval}, n_eval, states, cfg.quant, in_place_ops)
 

@@ -13,7 +13,9 @@ accesses the ledger recorded, never from the plan.
     than the steps they ran in);
   * a routed plan adds a `routing` section: expert hit rate and bytes, the speculative prefetch as measured;
   * reads computed in place (`runtime/in_place.py`) load nothing: they are out of Belady's and the bound's stream
-    and out of the hit rate (the `in_place` section counts them).
+    and out of the hit rate (the `in_place` section counts them); so are token-routed lookups (Gemma's vocabulary
+    shards), which read their tokens' rows where the shard is, on the device or in host memory (`lookups` counts
+    them: `Ledger._gather`).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
         "lower_bound": bound.to_dict(),
         "hits": c.hits,
         "misses": c.misses,
+        "lookups": {"on_device": c.lookups_on_device, "in_place": c.lookups_in_place},
         "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted_bytes": c.prefetch_wasted_bytes,
                      "victims_read_within": policy.prefetch_victims_read_within,
                      "window_counts": policy.prefetch_window_counts,

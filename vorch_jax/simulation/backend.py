@@ -44,11 +44,12 @@ def in_place_seconds(hw, spec, position, tokens: int, state_bytes: dict, dtype: 
     one position computed where its weights live, on `hw`'s host and links."""
     hc, itemsize = hw.host_compute, ITEMSIZE[dtype]
     s0 = state_bytes[position.block][State.S0]
-    flops, _ = spec.cost(position, tokens, 0, s0, itemsize)
+    flops, read = spec.cost(position, tokens, 0, s0, itemsize)
+    read = read if spec.token_routed(position) else s0  # a lookup reads its tokens' rows, the other ops every weight
     up, down = spec.activation_bytes(position, tokens, itemsize)
     to_host = hc.activation_latency_s + up / hw.device_to_host.bandwidth_bytes_per_s
     back = hc.activation_latency_s + down / hw.host_to_device.bandwidth_bytes_per_s
-    return to_host, hc.op_seconds(flops, s0, PRECISION[dtype]), back, {"device->host": up, "host->device": down}
+    return to_host, hc.op_seconds(flops, read, PRECISION[dtype]), back, {"device->host": up, "host->device": down}
 
 
 def simulated_prices(hw, spec, state_bytes: dict, dtype: str):

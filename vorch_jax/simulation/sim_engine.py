@@ -184,6 +184,10 @@ class SimEngine:
     def get(self, block: str):
         return None  # no weights: the simulated backend computes nothing
 
+    def has_host_copy(self, block: str) -> bool:
+        """Whether the block's lossless home is in host DRAM (S3, not compressed): what an op in place reads."""
+        return self.homes[block] == State.S3 and block not in self.packed
+
     def host_leaves(self, block: str):
         return None  # (the same: an op computed in place is modelled, `SimBackend`)
 
