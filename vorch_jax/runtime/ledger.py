@@ -16,7 +16,7 @@ The engine is the real movement engine or the simulator's (same interface); `now
 Routed plans add the router's bookkeeping (`routing.py`'s statistics feed λ and the MoE policy's expected next
 use): known positions only as routers reveal them, speculative loads of the next layer's predicted experts, and an
 initial placement of the protected blocks only (filling the budget with experts in layer order would load experts
-no token may select).
+no token may select). Reads that load nothing (an op computed in place, a lookup's gather) are `reads_in_place`'s.
 """
 
 from __future__ import annotations
@@ -30,21 +30,9 @@ import numpy as np
 from vorch_jax.errors import BudgetError
 from vorch_jax.tiers.state import State
 
+from vorch_jax.runtime.access import Access
+from vorch_jax.runtime.reads_in_place import ReadsInPlace
 from vorch_jax.runtime.routing import RouterStats, speculation_record
-
-
-@dataclasses.dataclass
-class Access:
-    """One position executed: the ledger's own record (the engine records the movements)."""
-
-    t: int
-    step: int
-    layer: int
-    block: str
-    hit: bool
-    start: float
-    end: float  # when the weights were ready to use
-    state: str
 
 
 @dataclasses.dataclass
@@ -83,7 +71,7 @@ def targets_on(targets: dict):
     return [b for b, s in targets.items() if State(int(s)).on_device]
 
 
-class Ledger:
+class Ledger(ReadsInPlace):
     """The residency of a run under a budget (see the module docstring). `info`: block id -> BlockInfo."""
 
     def __init__(self, info: dict, cursor, engine, policy, *, budget_bytes: int, device_bytes: dict, homes: dict,
@@ -199,85 +187,6 @@ class Ledger:
             w = self.ensure(block)
         self.prefetch()
         return w
-
-    def _gather(self, block: str):
-        """A token-routed lookup reads the rows of its tokens, kilobytes, never worth a load: on the device where
-        its block has landed, else in host memory where the block's lossless arrays are (an `InPlace`: the ids and
-        the activations cross the link, `in_place` events record them); neither (a home on NVMe or compressed):
-        not served (False, None), an ordinary read. A lookup served here is no read of the access stream: no policy sees it, no Belady
-        or bound counts it (the resident reference leaves it out too), the position count skips it."""
-        from vorch_jax.runtime.in_place import InPlace
-
-        if block in self.on_device and block not in self.inflight:
-            self.counters.lookups_on_device += 1
-            w = self.engine.wait(block)
-        elif self.engine.has_host_copy(block):
-            self.counters.lookups_in_place += 1
-            w = InPlace(block, self.engine.host_leaves(block),
-                        lambda start, end, link_bytes: self.engine.record_in_place(block, start, end, link_bytes))
-        else:
-            return False, None
-        self._gathered = True
-        return True, w
-
-    def _chooses_in_place(self, block: str) -> bool:
-        landed = block in self.on_device and block not in self.inflight
-        since = self.requested_at.get(block) if block in self.inflight else None
-        return self.in_place.choose(self.cursor.current, self.tokens, landed=landed,
-                                    in_flight_for=None if since is None else self.now() - since,
-                                    load_bytes=self.device_bytes[block])  # no compressed home: it moves S0
-
-    def _read_in_place(self, block: str):
-        """The read runs where the weights live: no load, no HBM; the policy still sees the access, and an
-        `auto` block loads in the background when the link is idle and the policy ranks it above its victims."""
-        from vorch_jax.runtime.in_place import InPlace
-
-        t0 = self.now()
-        self.policy.on_access(self.t, block)  # neither a hit nor a miss: the summary counts it from its event
-        self.accesses.append(Access(self.t, self.step, self.info[block].layer, block, False, t0, t0,
-                                    State.S3.name))
-        if self.in_place.mode(block) == "auto":
-            self._background_load(block)
-        return InPlace(block, self.engine.host_leaves(block),
-                       lambda start, end, link_bytes: self.engine.record_in_place(block, start, end, link_bytes))
-
-    def _settle_landed(self) -> None:
-        """Loads that have landed leave `inflight` (they are otherwise settled when their block is next read)."""
-        for b in [b for b in self.inflight if self.engine.state(b) != State.S5]:
-            self.inflight.pop(b)
-            self.requested_at.pop(b, None)
-            self.on_device[b] = self.engine.representation(b).nbytes
-
-    def _background_load(self, block: str) -> None:
-        """Load `block`, just computed in place, if nothing is in flight and room is made by evicting only blocks
-        the policy ranks below it (`victim_order` over them and it: it must not come first) and that the plan does
-        not know to be read before it comes again: a load that pushes out a block needed sooner only churns (on a
-        dense pass, where the cursor knows every next read, LRU would always rank the block just read first)."""
-        self._settle_landed()
-        if self.inflight or block in self.on_device:
-            return
-        need = self._bytes(block, self.policy.device_state(block))
-        used = sum(self.on_device.values())
-        victims, freed = [], 0
-        if used + need > self.budget:
-            window = self._window()
-            candidates = [b for b in self.on_device if b not in window]
-            order = self.policy.victim_order(self.t, candidates + [block])
-            nxt = dict(zip(order, self.cursor.next_uses(order)))
-            for v in order:
-                if used - freed + need <= self.budget or v == block or (self.cursor.is_known(v)
-                                                                          and nxt[v] <= nxt[block]):
-                    break
-                victims.append(v)
-                freed += self.on_device[v]
-            if used - freed + need > self.budget:
-                return
-        for v in victims:
-            self._evict(v, "evict:in-place")
-        self._load(block, "prefetch:in-place")
-        self.prefetched.add(block)
-        self.counters.prefetch_issued += 1
-        self.counters.in_place_loads += 1
 
     def done(self):
         """The position computed: the next one begins. Its block may now leave, so the prefetch runs again: on a
