@@ -124,7 +124,9 @@ class ModelSpec:
 
     def token_routed(self, position: Position) -> bool:
         """Whether a pass runs `position` only for some tokens (`reads_tokens`): Gemma's vocabulary shards' lookups.
-        Such a position is not known before its pass's tokens are, so prefetching does not plan on it."""
+        Such a position is not known before its pass's tokens are; where another position of the pass reads its
+        block it is left out of `every_pass`, what prefetching and placement plan on, and the runtime reads it
+        where its block is, never as a read of the access stream (`Ledger._gather`)."""
         return False
 
     def reads_tokens(self, position: Position, ids_BxT) -> bool:

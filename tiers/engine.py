@@ -257,9 +257,10 @@ class MovementEngine:
             raise OffDeviceError(f"block '{block_id}' has no copy in host DRAM to compute in place (home on NVMe)")
         return host[0].leaves
 
-    def record_in_place(self, block_id: str, start: float, end: float, link_bytes: dict) -> None:
+    def record_in_place(self, block_id: str, start: float, end: float, link_bytes: dict,
+                        reason: str = "in_place") -> None:
         """An op computed where the block lives: the activation bytes per link and the host span."""
-        self.events.append(Event("in_place", block_id, State.S3, State.S3, start, end, link_bytes, reason="in_place"))
+        self.events.append(Event("in_place", block_id, State.S3, State.S3, start, end, link_bytes, reason=reason))
 
     def inspect(self, block_id: str) -> dict[str, np.ndarray]:
         """Host numpy copy of the block's content in any settled state (lossy states dequantized); for tests

@@ -69,7 +69,7 @@ def test_tokenizer_agrees_with_an_independent_bpe_and_round_trips(gemma, tok):
     assert gemma.bos_id() == 2 and tok.token_to_id("<bos>") == 2
 
 
-def test_the_embedding_is_four_vocabulary_shards_read_row_by_row(gemma):
+def test_the_embedding_is_sixteen_vocabulary_shards_read_row_by_row(gemma):
     """Each shard is its own block of a sixteenth of the columns, read from only its tokens' rows of the file; a
     pass looks its tokens up in the shards that hold them and reads every shard as the head."""
     from vorch_jax.models.gemma import VOCAB_SHARDS, embed_block_id

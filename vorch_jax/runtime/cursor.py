@@ -27,15 +27,26 @@ class PassCursor:
         self._slots: dict[str, list[int]] = {}
         for i, b in enumerate(order):
             self._slots.setdefault(b, []).append(i)
-        self._slot_of = {}  # (block, op) -> slot: the head's tied embedding has its own slot at the end
+        self._slot_of = {}  # (block, op) -> its first slot (a tied embedding's lookup and head have one each)
         for p, i in zip(self._positions_with_every_expert(), range(self.n)):
             self._slot_of.setdefault((p.block, p.op), i)
+        self._every_slot = dict(zip(self._indices_in_skeleton(self.every_pass), range(len(self.every_pass))))
         self._single_slot = {b: s[0] for b, s in self._slots.items() if len(s) == 1}
         self.route_of_layer = {p.layer: p for p in self.skeleton if p.op == "route"}
         self.routed = bool(self.route_of_layer)
         self._next_known = self._to_first_route(self.every_pass)
         self.passes = -1  # passes begun, less one: the index of the running pass (0: the first)
         self._start(None)
+
+    def _indices_in_skeleton(self, positions) -> list[int]:
+        """Where each of `positions`, a subsequence of the skeleton, stands in it."""
+        out, j = [], 0
+        for p in positions:
+            while self.skeleton[j] != p:
+                j += 1
+            out.append(j)
+            j += 1
+        return out
 
     @staticmethod
     def _to_first_route(positions) -> list:
@@ -57,7 +68,10 @@ class PassCursor:
 
     def _start(self, ids_BxT) -> None:
         self._pass = self.skeleton if ids_BxT is None else self.spec.pass_positions(ids_BxT)
+        self._pass_at = (range(len(self._pass)) if self._pass is self.skeleton  # each one's index in the skeleton
+                         else self._indices_in_skeleton(self._pass))
         self._i = 0  # next index into `_pass`
+        self._at = None  # the skeleton index of the current position (None: an expert)
         self._experts: list = []  # resolved experts of the current layer still to run
         self.current = None
         self.unselected = set()  # experts of the current routed layer its router did not choose
@@ -75,10 +89,11 @@ class PassCursor:
 
     def next(self):
         """The next position of the pass, or None at its end."""
+        self._at = None
         if self._experts:
             self.current = self._experts.pop(0)
         elif self._i < len(self._pass):
-            self.current = self._pass[self._i]
+            self.current, self._at = self._pass[self._i], self._pass_at[self._i]
             self._i += 1
         else:
             self.current = None
@@ -147,10 +162,10 @@ class PassCursor:
         return self._slot_of.get((p.block, p.op), 0) if p is not None else self.n - 1
 
     def cycle_position(self, passes: int) -> int | None:
-        """Where the running position falls in a cycle of `passes` passes of `pass_order` (what a steady-state
-        plan is indexed by, `pass_plan`); None for a position outside it (a token-routed lookup)."""
-        p = self.current
-        slot = self._slot_of.get((p.block, p.op)) if p is not None else None
+        """Where the running position falls in a cycle of `passes` passes of a dense model's `pass_order` (what a
+        steady-state plan is indexed by, `pass_plan`): its index among the positions every pass runs, so a block
+        read twice a pass has two; None for a position outside them (a token-routed lookup) or of a routed model."""
+        slot = None if self.routed or self._at is None else self._every_slot.get(self._at)
         return None if slot is None else (self.passes % passes) * self.n + slot
 
     def next_uses(self, blocks) -> list[int]:

@@ -105,7 +105,8 @@ def in_place_section(setup, counters, events, gen) -> dict | None:
     if not modes:
         return None
     w0, w1, steps = gen.measured_window()
-    gen_ev = [e for e in events if e.kind == "in_place" and gen.marks[0] <= e.start < gen.marks[-1]]
+    gen_ev = [e for e in events if e.kind == "in_place" and e.reason != "lookup"  # lookups: the summary's `lookups`
+              and gen.marks[0] <= e.start < gen.marks[-1]]
     decode_ev = [e for e in gen_ev if w0 <= e.start < w1]
     decode_s = sum(e.duration for e in decode_ev)
     activations = ("in_place",)  # the event kind whose link bytes are activations

@@ -47,6 +47,7 @@ class Counters:
     in_place_loads: int = 0  # background loads of blocks just computed in place
     lookups_on_device: int = 0  # token-routed lookups that read their rows on the device (`Ledger._gather`)
     lookups_in_place: int = 0  # ... and in host memory, where their block had not landed
+    lookups_loaded: int = 0  # ... and on the device after a load, where their block had no copy in host DRAM
 
 
 def check_fits(policy, device_bytes: dict, budget: int, state_bytes: dict | None = None,
@@ -149,21 +150,28 @@ class Ledger(ReadsInPlace):
             self.counters.hits += 1
         else:
             self.counters.misses += 1
-            self._make_room(block, self._bytes(block, self.policy.device_state(block)), strict=True,
-                            keep=self._window())
-            self._load(block, "miss")
-        w = self.engine.wait(block)  # records a stall event only when it had to wait
-        if block in self.inflight:
-            self.inflight.pop(block)
-            self.requested_at.pop(block, None)
-            self.on_device[block] = self.engine.representation(block).nbytes  # the landed arrays' real size
+        w = self._bring(block, "miss")
         self.policy.on_access(self.t, block)
-        self._sample_peak()
         self.accesses.append(Access(self.t, self.step, self.info[block].layer, block, hit, t0, self.now(),
                                     self.engine.state(block).name))
         if block in self._spec_pending:  # a speculative load of it was used
             self._spec_pending.pop(block)
             self.spec["used"] += 1
+        return w
+
+    def _bring(self, block: str, reason: str):
+        """The block's weights on the device: loaded now where it is off device (room made as for a miss, the load
+        recorded with `reason`), waited for where it is in flight (a stall event only where it had to wait)."""
+        if block not in self.on_device:
+            self._make_room(block, self._bytes(block, self.policy.device_state(block)), strict=True,
+                            keep=self._window())
+            self._load(block, reason)
+        w = self.engine.wait(block)
+        if block in self.inflight:
+            self.inflight.pop(block)
+            self.requested_at.pop(block, None)
+            self.on_device[block] = self.engine.representation(block).nbytes  # the landed arrays' real size
+        self._sample_peak()
         return w
 
     def weights_of(self, block: str):
@@ -177,10 +185,9 @@ class Ledger(ReadsInPlace):
         in place (`in_place.py`), an `InPlace` for the backend instead of device weights. A token-routed lookup
         reads its rows where the block is (`_gather`)."""
         if self._lookups and self.cursor.spec.token_routed(self.cursor.current):
-            served, w = self._gather(block)
-            if served:
-                self.prefetch()
-                return w
+            w = self._gather(block)
+            self.prefetch()
+            return w
         if self.in_place is not None and self._chooses_in_place(block):
             w = self._read_in_place(block)
         else:

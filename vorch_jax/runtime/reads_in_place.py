@@ -16,23 +16,24 @@ class ReadsInPlace:
     """The `Ledger`'s reads served where the weights live (see the module docstring)."""
 
     def _gather(self, block: str):
-        """(served, weights) of a token-routed lookup, which reads its tokens' rows, kilobytes, never worth a load:
+        """The weights a token-routed lookup reads its tokens' rows from (kilobytes, never worth a load of its own):
         on the device where its block has landed, else in host memory where the block's lossless arrays are (an
-        `InPlace`: the ids and the activations cross the link, an `in_place` event records them); neither (a home
-        on NVMe or compressed): not served, an ordinary read. A lookup served here is no read of the access stream:
-        no policy sees it, neither Belady nor the bound counts it (the resident reference leaves it out too), and
-        the position count skips it."""
+        `InPlace`: the ids and the activations cross the link, an `in_place` event with reason "lookup" records
+        them); a block with no copy in host DRAM (a home on NVMe) loads as on a miss. Whichever, a lookup is no
+        read of the access stream: no policy sees it, neither Belady nor the bound counts it (the resident
+        reference leaves it out too), and the position count skips it; only a load it needed counts in the bytes
+        moved."""
+        self._gathered = True
+        self._settle_landed()
         if block in self.on_device and block not in self.inflight:
             self.counters.lookups_on_device += 1
-            w = self.engine.wait(block)
-        elif self.engine.has_host_copy(block):
+            return self.engine.wait(block)
+        if self.engine.has_host_copy(block):
             self.counters.lookups_in_place += 1
-            w = InPlace(block, self.engine.host_leaves(block),
-                        lambda start, end, link_bytes: self.engine.record_in_place(block, start, end, link_bytes))
-        else:
-            return False, None
-        self._gathered = True
-        return True, w
+            return InPlace(block, self.engine.host_leaves(block), lambda start, end, link_bytes:
+                           self.engine.record_in_place(block, start, end, link_bytes, reason="lookup"))
+        self.counters.lookups_loaded += 1
+        return self._bring(block, "lookup")
 
     def _chooses_in_place(self, block: str) -> bool:
         landed = block in self.on_device and block not in self.inflight

@@ -193,11 +193,11 @@ def _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, refer
 def plan_stream(spec, routing=None, passes: int = 1, prompt_ids=None) -> list[str]:
     """The blocks a run of `passes` passes reads, in order (`routing[pass][layer]`: the experts each routed layer
     runs): a simulated run's, whose first pass reads `prompt_ids` and every other token 0 (None: every position of
-    the skeleton in every pass)."""
+    the skeleton in every pass). A token-routed lookup is no read (`Ledger._gather`): not in it."""
     out = []
     for j in range(passes):
         out += [p.block for p in _pass_positions(spec, None if routing is None else routing[j],
-                                                 _simulated_ids(prompt_ids, j))]
+                                                 _simulated_ids(prompt_ids, j)) if not spec.token_routed(p)]
     return out
 
 

@@ -92,7 +92,7 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
         "lower_bound": bound.to_dict(),
         "hits": c.hits,
         "misses": c.misses,
-        "lookups": {"on_device": c.lookups_on_device, "in_place": c.lookups_in_place},
+        "lookups": {"on_device": c.lookups_on_device, "in_place": c.lookups_in_place, "loaded": c.lookups_loaded},
         "prefetch": {"issued": c.prefetch_issued, "useful": c.prefetch_useful, "wasted_bytes": c.prefetch_wasted_bytes,
                      "victims_read_within": policy.prefetch_victims_read_within,
                      "window_counts": policy.prefetch_window_counts,

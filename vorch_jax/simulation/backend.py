@@ -143,19 +143,19 @@ class SimBackend:
         from vorch_jax.runtime.in_place import InPlace
 
         if isinstance(w, InPlace):
-            self._compute_in_place(position)
+            self._compute_in_place(position, w)
         else:
             self._compute(position)
         return None
 
-    def _compute_in_place(self, position) -> None:
+    def _compute_in_place(self, position, w) -> None:
         """Dispatch one position computed on the host (see the module docstring); the host waits for its result."""
         self.clock.now += self.hw.dispatch_s_per_block
         to_host, host_s, back, moved = in_place_seconds(self.hw, self.spec, position, self._tokens, self.state_bytes,
                                                         self.dtype)
         ready = max(self.clock.now, self.clock.gpu)  # its input: what the stream computed before it
         self.clock.gpu = self.clock.now = ready + to_host + host_s + back  # the host waits: one op at a time
-        self.engine.record_in_place(position.block, ready, self.clock.now, moved)
+        w.record(ready, self.clock.now, moved)  # the engine's `in_place` event, as the ledger asked
 
     def layer_done(self, layer: int) -> None:
         """On a mesh, the layer's collective: no device's stream goes on before every device's has reached it."""

@@ -185,14 +185,16 @@ class SimEngine:
         return None  # no weights: the simulated backend computes nothing
 
     def has_host_copy(self, block: str) -> bool:
-        """Whether the block's lossless home is in host DRAM (S3, not compressed): what an op in place reads."""
-        return self.homes[block] == State.S3 and block not in self.packed
+        """Whether the block's lossless home is in host DRAM (S3; a compressed copy beside it or not): what an op
+        in place reads."""
+        return self.homes[block] == State.S3
 
     def host_leaves(self, block: str):
         return None  # (the same: an op computed in place is modelled, `SimBackend`)
 
-    def record_in_place(self, block: str, start: float, end: float, link_bytes: dict) -> None:
-        self._event("in_place", block, State.S3, State.S3, start, end, link_bytes, reason="in_place")
+    def record_in_place(self, block: str, start: float, end: float, link_bytes: dict,
+                        reason: str = "in_place") -> None:
+        self._event("in_place", block, State.S3, State.S3, start, end, link_bytes, reason=reason)
 
     def state(self, block: str) -> State:
         self._settle(block)
