@@ -157,6 +157,12 @@ def noise(runs: dict) -> str:
             f"(max - min over median), max {100 * max(spreads):.0f}%" if spreads else "noise: one round only")
 
 
+def machine_line() -> str:
+    """What ran a bench: the backend and device, jax, and whether the heap used huge pages."""
+    return (f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, huge-page heap "
+            f"{'on' if huge_page_heap() else 'off'}")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
@@ -178,9 +184,7 @@ def main(argv=None):
     except VorchError as e:
         print(f"bench_policies: {e}", file=sys.stderr)
         return 2
-    print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, huge-page heap "
-          f"{'on' if huge_page_heap() else 'off'}; {args.model}, lossless, {args.tokens} decode tokens, {args.rounds} "
-          f"rounds, medians")
+    print(f"{machine_line()}; {args.model}, lossless, {args.tokens} decode tokens, {args.rounds} rounds, medians")
     with tempfile.TemporaryDirectory() as d:
         runs = measure(base, args.policies, args.budgets, args.rounds, Path(d))
     for line in report(runs, args.policies, args.budgets, base, args.optimum_s):

@@ -27,9 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from experiments.bench_policies import machine_line  # noqa: E402
 from vorch_jax.config import load_config  # noqa: E402
 from vorch_jax.controller import scored_policy  # noqa: E402
 from vorch_jax.controller.pass_plan import pass_plans  # noqa: E402
@@ -37,7 +37,6 @@ from vorch_jax.errors import ConfigError, VorchError  # noqa: E402
 from vorch_jax.runtime.reference import resident_reference  # noqa: E402
 from vorch_jax.runtime.run import run  # noqa: E402
 from vorch_jax.runtime.setup import build_setup  # noqa: E402
-from vorch_jax.tiers.host_memory import huge_page_heap  # noqa: E402
 
 
 def rule_of(replay) -> tuple:
@@ -128,9 +127,8 @@ def main(argv=None):
     except VorchError as e:
         print(f"scored_candidates: {e}", file=sys.stderr)
         return 2
-    print(f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, huge-page heap "
-          f"{'on' if huge_page_heap() else 'off'}; {args.model} at {args.budget}, lossless, {args.tokens} decode tokens, "
-          f"{args.rounds} rounds, medians")
+    print(f"{machine_line()}; {args.model} at {args.budget}, lossless, {args.tokens} decode tokens, {args.rounds} "
+          f"rounds, medians")
     with tempfile.TemporaryDirectory() as d:
         for line in measure(base, args.rounds, args.within, Path(d)):
             print(line)
