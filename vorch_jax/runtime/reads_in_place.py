@@ -30,8 +30,7 @@ class ReadsInPlace:
             return self.engine.wait(block)
         if self.engine.has_host_copy(block):
             self.counters.lookups_in_place += 1
-            return InPlace(block, self.engine.host_leaves(block), lambda start, end, link_bytes:
-                           self.engine.record_in_place(block, start, end, link_bytes, reason="lookup"))
+            return self._in_place(block, "lookup")
         self.counters.lookups_loaded += 1
         return self._bring(block, "lookup")
 
@@ -51,8 +50,13 @@ class ReadsInPlace:
                                     State.S3.name))
         if self.in_place.mode(block) == "auto":
             self._background_load(block)
-        return InPlace(block, self.engine.host_leaves(block),
-                       lambda start, end, link_bytes: self.engine.record_in_place(block, start, end, link_bytes))
+        return self._in_place(block, "in_place")
+
+    def _in_place(self, block: str, reason: str) -> InPlace:
+        """What the backend computes `block`'s op over instead of device weights: its arrays in host memory, and the
+        engine's `in_place` event (with `reason`) to record."""
+        return InPlace(block, self.engine.host_leaves(block), lambda start, end, link_bytes:
+                       self.engine.record_in_place(block, start, end, link_bytes, reason=reason))
 
     def _settle_landed(self) -> None:
         """Loads that have landed leave `inflight` (they are otherwise settled when their block is next read)."""
