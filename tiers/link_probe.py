@@ -48,3 +48,36 @@ def probe_bandwidths(store_dir: str | Path | None = None, *, mib: int = 16, repe
         nvme_s = median_seconds(lambda: stored.read(), repeats)
         stored.free()
     return {"host->device": nbytes / h2d_s, "nvme->host": nbytes / nvme_s}
+
+
+def probe_block_loads(leaf_shapes: dict, *, repeats: int = 5, device: jax.Device | None = None) -> dict[str, float]:
+    """{block: seconds} a load of each block from pinned host to the device takes alone, measured once per distinct
+    set of leaf shapes (`leaf_shapes`: {block: {leaf: ShapeDtypeStruct}}) on zeros of those shapes, the way the
+    engine lands a block in steady state: on a backend where the runtime holds dropped memory
+    (`full_precision.copies_measured`) into the device arrays of the block's previous load, elsewhere into new
+    memory. Bytes alone do not price a load: on this project's 2-core CPU a 6.6 MB attention block of eight leaves
+    lands at about half the rate of a 42 MB embedding shard (`experiments/results/block_load_costs.txt`), and an
+    H200's link moves 4 MiB at 6.7 GB/s against 44 GB/s at 256 MiB."""
+    from vorch_jax.tiers.full_precision import copies_measured
+
+    device = device or jax.devices()[0]
+    held_memory = copies_measured(device)
+    by_shapes: dict[tuple, float] = {}
+    out = {}
+    for block, leaves in leaf_shapes.items():
+        key = tuple(sorted((k, tuple(v.shape), str(v.dtype)) for k, v in leaves.items()))
+        if key not in by_shapes:
+            host = PinnedHostBlock.from_numpy({k: np.zeros(v.shape, v.dtype) for k, v in leaves.items()}, device)
+            landed = [FullPrecisionBlock.from_pinned_host(host, device)]
+
+            def load():
+                into = landed.pop().leaves if held_memory else None
+                if not held_memory:
+                    landed.pop().free()
+                landed.append(FullPrecisionBlock.from_pinned_host(host, device, into))
+
+            by_shapes[key] = median_seconds(load, repeats)
+            landed.pop().free()
+            host.free()
+        out[block] = by_shapes[key]
+    return out

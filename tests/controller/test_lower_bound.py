@@ -161,6 +161,18 @@ def test_the_cyclic_optimum_is_the_best_repeating_schedule():
         assert sum(size[b] for (b, _), k in keeps.items() if not k) == cyclic_reloads(cycle, size, budget)
 
 
+def test_the_cyclic_optimum_prices_loads_by_their_cost_where_one_is_given():
+    # a 6-byte block beside four 3-byte ones, room for 15. By bytes two small blocks go each pass (6 bytes); where a
+    # small block's load costs ten times the large one's, the large block and one small one go (9 bytes, cost 11
+    # against 20)
+    size = {"L": 6, "a": 3, "b": 3, "c": 3, "d": 3}
+    cost = {"L": 1.0, "a": 10.0, "b": 10.0, "c": 10.0, "d": 10.0}
+    by_bytes = [b for (b, _), k in cyclic_keeps("Labcd", size, 15).items() if not k]
+    by_cost = [b for (b, _), k in cyclic_keeps("Labcd", size, 15, load_cost=cost).items() if not k]
+    assert "L" not in by_bytes and len(by_bytes) == 2
+    assert "L" in by_cost and len(by_cost) == 2
+
+
 def test_the_cyclic_optimum_keeps_pinned_blocks_out_of_its_choices_and_refuses_what_cannot_fit():
     size = {"a": 2, "b": 1, "c": 1}
     keeps = cyclic_keeps("abc", size, 3, pinned=frozenset({"a"}))

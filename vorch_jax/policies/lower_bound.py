@@ -112,6 +112,18 @@ def lower_bound(stream, device_bytes: dict, budget_bytes: int, *, pinned=frozens
     return LowerBound(math.ceil(lp - 1e-9 * max(1.0, lp) - 1e-6), n, total, solver_s, status)
 
 
+NS_PER_S = 1e9
+
+
+def lower_bound_seconds(stream, device_bytes: dict, budget_bytes: int, load_s: dict, **kwargs) -> float | None:
+    """The same LP with each load priced in seconds (`load_s`: {block: seconds}, measured) instead of bytes: the
+    least link time any schedule of `stream` spends loading. Solved in nanoseconds (`lower_bound` rounds up to a
+    whole unit); None where the LP reached no optimum or solved only a prefix."""
+    bound = lower_bound(stream, device_bytes, budget_bytes, load_bytes={b: s * NS_PER_S for b, s in load_s.items()},
+                        **kwargs)
+    return bound.bytes / NS_PER_S if bound.status == "optimal" and bound.bytes is not None else None
+
+
 @dataclasses.dataclass(frozen=True)
 class IntegralOptimum:
     """The exact offline optimum (the same problem with y in {0, 1}), as far as the solver got in its time."""
@@ -123,15 +135,17 @@ class IntegralOptimum:
 
 
 def integral_optimum(stream, device_bytes: dict, budget_bytes: int, *, pinned=frozenset(),
-                     time_limit_s: float = 60.0) -> IntegralOptimum:
+                     load_bytes: dict | None = None, time_limit_s: float = 60.0) -> IntegralOptimum:
     """The fewest bytes any schedule loads for `stream` (evictions and loads at any time, the future known), by
-    HiGHS's branch and bound over the LP above with integral y. Exponential in the worst case: an offline measure
-    of how far the LP bound lies below what is achievable (experiments/offline_optimum.py), not for every run."""
+    HiGHS's branch and bound over the LP above with integral y; `load_bytes` as in `lower_bound` (what a load
+    costs: its bytes by default). Exponential in the worst case: an offline measure of how far the LP bound lies
+    below what is achievable (experiments/offline_optimum.py), not for every run."""
     t0 = time.perf_counter()
     stream = list(stream)
+    load = device_bytes if load_bytes is None else load_bytes
     gaps, first = _gaps(stream, pinned)
-    cold = sum(device_bytes[b] for b in first)
-    problem = _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, device_bytes)
+    cold = sum(load[b] for b in first)
+    problem = _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load)
     if problem is None:
         return IntegralOptimum(cold, cold, time.perf_counter() - t0, "optimal")
     A, b_ub, reload, scale = problem
@@ -192,16 +206,17 @@ def _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load, acce
     return A / scale, rhs_t[used_rows] / scale, reload, scale
 
 
-def cyclic_keeps(cycle, device_bytes: dict, budget_bytes: int, *, pinned=frozenset(), node_limit: int = 100,
-                 time_limit_s: float = 30.0) -> dict | None:
+def cyclic_keeps(cycle, device_bytes: dict, budget_bytes: int, *, pinned=frozenset(), load_cost: dict | None = None,
+                 node_limit: int = 100, time_limit_s: float = 30.0) -> dict | None:
     """The integral optimum of a stream that repeats `cycle` for ever, per repetition: {(block, i): keep} for every
     read i of the cycle whose gap to the block's next read (wrapping into the next repetition) spans another read;
     keep = the block stays on the device through that gap. The same problem as `integral_optimum`, each gap's
     constraint rows taken modulo the cycle, so a decision holds in every repetition: the steady state of a dense
     run, with no first or last pass. Pinned blocks hold their bytes throughout. The best schedule HiGHS finds within
     `node_limit` nodes: deterministic, the same plan on any machine (0.02-2.6 s on this project's CPU for SmolLM2's
-    and Gemma 3's passes, one or three of them); `time_limit_s` only a safeguard. None if it found none; ValueError
-    if a read cannot fit."""
+    and Gemma 3's passes, one or three of them); `time_limit_s` only a safeguard. `load_cost`: what a load of each
+    block costs (default: its bytes; `pass_plan` also prices loads in measured seconds). None if it found none;
+    ValueError if a read cannot fit."""
     cycle = list(cycle)
     n = len(cycle)
     reads: dict[str, list[int]] = {}
@@ -211,7 +226,8 @@ def cyclic_keeps(cycle, device_bytes: dict, budget_bytes: int, *, pinned=frozens
             for b, r in reads.items() if b not in pinned for k, s in enumerate(r)]
     gaps = [(b, s, e) for b, s, e in gaps if e - s > 1]
     first = {b: 0 for b in reads}  # in the steady state a pinned block holds its bytes from the cycle's start
-    problem = _problem(cycle, gaps, first, device_bytes, budget_bytes, pinned, device_bytes)
+    problem = _problem(cycle, gaps, first, device_bytes, budget_bytes, pinned,
+                       device_bytes if load_cost is None else load_cost)
     if problem is None:
         return {}
     res = _integral(*problem, node_limit=node_limit, time_limit=time_limit_s)

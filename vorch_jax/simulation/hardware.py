@@ -70,6 +70,10 @@ class Link:
     bandwidth_bytes_per_s: float
     latency_s: float
 
+    def seconds(self, nbytes: float) -> float:
+        """What one copy of `nbytes` takes over the link alone."""
+        return self.latency_s + nbytes / self.bandwidth_bytes_per_s
+
 
 @dataclasses.dataclass(frozen=True)
 class HostCompute:
