@@ -98,8 +98,8 @@ def integral_bound(base, budget: float, summary: dict, time_limit_s: float) -> t
 
 
 def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> list[str]:
-    lines = [f"{'budget':>6s} {'policy':16s} {'tok/s':>7s} {'bytes/bound':>11s} {'misses':>6s} {'ctrl %':>6s} "
-             f"{'2 lanes':>7s} {'window':>6s} {'plan':>8s} {'match':>5s}   rounds tok/s"]
+    lines = [f"{'budget':>6s} {'policy':16s} {'tok/s':>7s} {'bytes/bound':>11s} {'link s/bound':>12s} {'misses':>6s} "
+             f"{'ctrl %':>6s} {'2 lanes':>7s} {'window':>6s} {'plan':>14s} {'match':>5s}   rounds tok/s"]
     verdicts = []
     for b in budgets:
         med = {}
@@ -114,8 +114,8 @@ def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> 
             match = all(s["tokens_match_resident"] for s in rs)
             lanes = statistics.median(s.get("two_lanes_share", float("nan")) for s in rs)
             lines.append(f"{b:6.2f} {pol:16s} {med[pol]:7.2f} {rs[0]['moved_over_lower_bound']:11.3f} "
-                         f"{rs[0]['misses']:6d} {100 * ctrl:6.2f} {100 * lanes:6.0f}% {window or '-':>6} {plan:>8s} "
-                         f"{str(match):>5s}   "
+                         f"{link_over_bound(rs):12.3f} {rs[0]['misses']:6d} {100 * ctrl:6.2f} {100 * lanes:6.0f}% "
+                         f"{window or '-':>6} {plan:>14s} {str(match):>5s}   "
                          + " ".join(f"{t:.2f}" for t in tok))
         if "scored" in med:
             paired = ([x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[(b, "scored")],
@@ -123,6 +123,13 @@ def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> 
                       if "static-prefetch" in med else [])
             verdicts += scored_verdict(b, runs[(b, "scored")], med, base, optimum_s, paired)
     return lines + [""] + verdicts
+
+
+def link_over_bound(rs: list) -> float:
+    """The median over rounds of a run's link seconds over the LP bound priced the same way (`link_seconds`: each
+    run prices its loads by the load times it probed at its start, so the ratio, not the seconds, compares)."""
+    return statistics.median(float("nan") if (s.get("link_seconds") or {}).get("over_bound") is None
+                             else s["link_seconds"]["over_bound"] for s in rs)
 
 
 def scored_verdict(b: float, scored_runs: list, med: dict, base, optimum_s: float, paired=()) -> list[str]:
@@ -140,7 +147,8 @@ def scored_verdict(b: float, scored_runs: list, med: dict, base, optimum_s: floa
             bytes_part += f", {ratio:.3f}x the integral problem's proven bound"
     ctrl = max(x["controller_s"] / x["wall_s"] for x in scored_runs)
     vs = med["scored"] / med["static-prefetch"] if "static-prefetch" in med else float("nan")
-    return [f"budget {b}: {bytes_part} ({'ok' if ratio <= 1.03 else 'over 1.03'}), "
+    return [f"budget {b}: {bytes_part} ({'ok' if ratio <= 1.03 else 'over 1.03'}), link seconds "
+            f"{link_over_bound(scored_runs):.3f}x their LP bound, "
             f"tok/s {vs:.3f}x static-prefetch's ({'ok' if vs >= 1 else 'below'}"
             + (f"; by round {' '.join(f'{r:.3f}' for r in paired)}" if paired else "") + "), controller "
             f"{100 * ctrl:.2f}% ({'ok' if ctrl <= 0.01 else 'over 1%'})"] + note

@@ -57,7 +57,9 @@ def forcing():
         if state["force"] is None:
             return best, replays, plan
         forced = next(r for r in replays if rule_of(r) == state["force"])
-        plans = {p.name: p for n in (1, 3) for p in pass_plans(pass_blocks, device_bytes, budget, protected, passes=n)}
+        load_cost = timing.load_s if timing is not None else None  # the plans priced in link seconds too
+        plans = {p.name: p for n in (1, 3)
+                 for p in pass_plans(pass_blocks, device_bytes, budget, protected, passes=n, load_cost=load_cost)}
         return forced, replays, plans.get(forced.plan)
 
     scored_policy.choose_eviction_rule = pick

@@ -12,6 +12,7 @@ from vorch_jax.models.gemma import VOCAB_SHARDS
 from vorch_jax.policies.baselines import LET_GO_READS, POSITIONS
 from vorch_jax.policies.lower_bound import lower_bound
 from vorch_jax.runtime.setup import build_setup
+from vorch_jax.simulation.hardware import load_profile
 
 
 def pass_of(model="smollm2-135m", budget=0.5, every_lookup=False):
@@ -43,14 +44,31 @@ def test_without_prefetch_every_load_is_a_miss_of_the_block_read_furthest_ahead(
 
 def test_the_replay_clock_adds_compute_and_the_waits_for_loads():
     unit = {"a": 1, "b": 1, "c": 1}
-    timing = Timing(load_s_per_byte=10.0, compute_s={"a": 1.0, "b": 1.0, "c": 1.0})
+    timing = Timing.at_rate(0.1, unit, compute_s={"a": 1.0, "b": 1.0, "c": 1.0})
     held = replay(["a", "b", "c"], unit, 3, frozenset(), ["a", "b", "c"], depth=2, window=1, passes=4, timing=timing)
     assert held.modelled_s == 12.0  # placed before the clock starts: only compute
     r = replay(["a", "b", "c"], unit, 2, frozenset(), ["a", "b"], depth=0, window=1, passes=4, timing=timing)
     assert r.misses == 5 and r.modelled_s == 12.0 + 5 * 10.0  # without prefetch every load is waited for
+    assert r.load_s == 7 * 10.0  # the link seconds of every load, the initial placement's two included
     hidden = replay(["a", "b"], {"a": 1, "b": 1}, 2, frozenset(), ["a"], depth=1, window=1, passes=1,
-                    timing=Timing(1.0, {"a": 2.0, "b": 1.0}))
+                    timing=Timing({"a": 1.0, "b": 1.0}, {"a": 2.0, "b": 1.0}))
     assert hidden.misses == 0 and hidden.modelled_s == 3.0  # b loads while a computes
+
+
+def test_where_loads_cost_seconds_not_bytes_the_choice_follows_the_plan_priced_in_seconds():
+    """A 6-byte block beside four 3-byte ones, room for 15, a small block's load taking ten times the large one's
+    (as on this CPU a small block lands at half the rate per byte, `link_probe.probe_block_loads`): the optimum by
+    bytes lets two small blocks go each pass (6 bytes, 20 s), the optimum by seconds the large one and one small
+    one (9 bytes, 11 s). Priced in seconds, the choice follows a plan priced in seconds: more bytes, less link time."""
+    blocks, size = list("Labcd"), {"L": 6, "a": 3, "b": 3, "c": 3, "d": 3}
+    timing = Timing({"L": 1.0, "a": 10.0, "b": 10.0, "c": 10.0, "d": 10.0}, dict.fromkeys(size, 0.1))
+    best, replays, plan = choose_eviction_rule(blocks, size, 15, frozenset(), blocks, 1, 8, timing=timing)
+    assert best.load_s == min(r.load_s for r in replays) < min(r.load_s for r in replays if r.plan == "1-pass")
+    assert best.bytes_moved > min(r.bytes_moved for r in replays)
+    assert plan is not None and plan.by_time and best.plan == plan.name  # the three-pass one: it rotates the small
+    # block that goes (1-pass by time: 11 s a pass)
+    bytes_best, _, bytes_plan = choose_eviction_rule(blocks, size, 15, frozenset(), blocks, 1, 8)  # no timing
+    assert bytes_best.bytes_moved == min(r.bytes_moved for r in replays) and not (bytes_plan and bytes_plan.by_time)
 
 
 def test_the_timed_choice_is_the_quickest_within_the_bytes_allowed():
@@ -58,10 +76,10 @@ def test_the_timed_choice_is_the_quickest_within_the_bytes_allowed():
     choice allows, a wider window starts them earlier (measured: 10.2 against 12.6 tok/s for W = 3, this CPU)."""
     blocks, sizes, budget_bytes, protected, initial = pass_of(budget=0.3)
     total = sum(sizes[b] for b in blocks)
-    timing = Timing(1 / 6e9, {b: 0.045 * sizes[b] / total for b in set(blocks)})
+    timing = Timing.at_rate(6e9, sizes, {b: 0.045 * sizes[b] / total for b in set(blocks)})
     bound = lower_bound(blocks * 16, sizes, budget_bytes, pinned=protected).bytes
     best, replays = choose_window(blocks, sizes, budget_bytes, protected, initial, 2, 16, timing=timing,
-                                  bound_bytes=bound)
+                                  bounds=(bound, bound / 6e9))  # one rate: link seconds are bytes over it
     fewest = min(r.bytes_moved for r in replays)
     allowed = [r for r in replays if r.bytes_moved <= max((1 + BYTES_TOLERANCE) * fewest, BYTES_OVER_BOUND * bound)]
     assert best in allowed and best.modelled_s <= (1 + TIME_TOLERANCE) * min(r.modelled_s for r in allowed)
@@ -138,7 +156,9 @@ def test_replay_counts_what_the_ledger_then_does(model, budget, tmp_path):
     name, plan = s["prefetch"]["follows_plan"], None
     if name:
         cycle = int(name.split("-")[0])
-        plan = {q.name: q for q in pass_plans(blocks, sizes, budget_bytes, protected, passes=cycle)}[name]
+        link = load_profile("this-machine").host_to_device  # the simulated run prices its loads by it
+        plan = {q.name: q for q in pass_plans(blocks, sizes, budget_bytes, protected, passes=cycle,
+                                              load_cost={b: link.seconds(sizes[b]) for b in sizes})}[name]
     r = replay(blocks, sizes, budget_bytes, protected, initial, depth=2, window=w, passes=passes, size_power=p,
                plan=plan, counts=s["prefetch"]["window_counts"])
     assert s["misses"] == r.misses

@@ -26,7 +26,8 @@ def test_summary_has_every_field_and_figures_come_from_events(lru_run):
     assert on_disk == json.loads(json.dumps(s))
     for key in ("model", "policy", "hbm_budget_bytes", "dram_budget_bytes", "model_bytes", "tokens", "prefill_s",
                 "decode_tok_s", "wall_s", "stall_s", "controller_s", "peak_device_bytes", "link_bytes", "bytes_moved",
-                "belady_bytes", "lower_bound_bytes", "moved_over_lower_bound", "lower_bound", "hits", "misses", "prefetch", "transitions", "quality"):
+                "belady_bytes", "lower_bound_bytes", "moved_over_lower_bound", "lower_bound", "link_seconds", "hits",
+                "misses", "prefetch", "transitions", "quality"):
         assert key in s, key
     assert set(s["prefetch"]) == {"issued", "useful", "wasted_bytes", "victims_read_within", "window_counts",
                                   "victim_size_power", "follows_plan", "choice_s", "window_replays"}
@@ -40,6 +41,11 @@ def test_summary_has_every_field_and_figures_come_from_events(lru_run):
                   and -s["initial_placement_s"] <= r["t"] <= s["wall_s"])
     assert gen_h2d == s["link_bytes"]["host->device"]
     assert sum(r["event"] == "access" and not r["hit"] and 0 <= r["t"] <= s["wall_s"] for r in recs) == s["misses"]
+    # its loads priced by what the run probed a load of each block to take: no less than the LP bound priced alike
+    priced = s["link_seconds"]
+    assert {r["block"] for r in recs if r["event"] == "transition" and r["link"] == "host->device"} <= set(priced["load_s"])
+    assert all(t > 0 for t in priced["load_s"].values())
+    assert 0 < priced["lower_bound"] <= priced["moved"] and priced["over_bound"] == priced["moved"] / priced["lower_bound"]
 
 
 def test_trace_lines_and_perfetto_tracks(lru_run):

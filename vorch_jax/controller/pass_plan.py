@@ -23,10 +23,12 @@ class PassPlan:
     cycle: int  # positions in a cycle: `passes` times a pass's
     passes: int
     streamed_below: int = 0
+    by_time: bool = False  # the optimum of the loads' link seconds (measured per block), not of their bytes
 
     @property
     def name(self) -> str:
-        return f"{self.passes}-pass" + (f", streams < {self.streamed_below} B" if self.streamed_below else "")
+        return (f"{self.passes}-pass" + (" by time" if self.by_time else "")
+                + (f", streams < {self.streamed_below} B" if self.streamed_below else ""))
 
     def kept(self, block: str, last_read: int | None, nbytes: int) -> bool:
         """Whether the plan keeps `block` through the gap after its last read, `last_read` its position in a cycle of
@@ -39,16 +41,25 @@ class PassPlan:
         return self.keeps.get((block, last_read % self.cycle), True)
 
 
-def pass_plans(pass_blocks: list[str], device_bytes: dict, budget: int, protected, passes: int = 1) -> list[PassPlan]:
+def pass_plans(pass_blocks: list[str], device_bytes: dict, budget: int, protected, passes: int = 1,
+               load_cost: dict | None = None) -> list[PassPlan]:
     """The plans of a cycle of `passes` passes: the optimum's, and with one pass also the one that streams the
-    blocks under STREAMED_FRACTION of the largest unprotected one; none where the solver found no schedule."""
+    blocks under STREAMED_FRACTION of the largest unprotected one; none where the solver found no schedule. With
+    `load_cost` ({block: link seconds of a load}), also the optimum of the loads' seconds where it keeps other
+    blocks: where a small block's load takes more per byte than a large one's, it streams the large blocks."""
     from vorch_jax.policies.lower_bound import cyclic_keeps
 
-    keeps = cyclic_keeps(list(pass_blocks) * passes, device_bytes, budget, pinned=protected)
+    cycle = list(pass_blocks) * passes
+    keeps = cyclic_keeps(cycle, device_bytes, budget, pinned=protected)
     if keeps is None:
         return []
-    n = len(pass_blocks) * passes
+    n = len(cycle)
     plans = [PassPlan(keeps, n, passes)]
+    if load_cost is not None:
+        timed = cyclic_keeps(cycle, device_bytes, budget, pinned=protected,
+                             load_cost=load_cost)
+        if timed is not None and timed != keeps:
+            plans.append(PassPlan(timed, n, passes, by_time=True))
     sizes = {device_bytes[b] for b in pass_blocks if b not in protected}
     below = int(STREAMED_FRACTION * max(sizes, default=0))
     if passes == 1 and any(x < below for x in sizes):

@@ -47,6 +47,17 @@ prefetch may evict only those: their reload is paid anyway, so the load moves ea
     times the LP bound (up to a few seconds on SmolLM2's 63-position pass, where it gains nothing): on Gemma 3 at
     0.5, where the four embedding shards take turns leaving, it moves 1.075x the bound (the proven optimum of 16
     passes: 1.074x) against the one-pass plan's 1.146x.
+
+Loads are priced in seconds, not bytes, where the run measured them. Every real run probes what a load of each
+block shape takes alone (`link_probe.probe_block_loads`; a simulated run takes latency + bytes / bandwidth from its
+profile), and the candidates are compared first by their loads' link seconds (`Replay.cost`), then by the clock.
+Bytes alone mislead where a block of many small leaves lands slower per byte than one large array: on this CPU a
+6.6 MB Gemma 3 attention block (eight leaves) took 0.73 ms, 9.0 GB/s, a 42 MB embedding shard 2.02 ms, 20.8 GB/s
+(`experiments/results/block_load_costs.txt`). So each plan is also solved priced in those seconds (`pass_plans`,
+"by time"): on Gemma 3 at 0.5 the byte optimum rotates layer blocks (three-pass plan, 1.034x the LP bound of bytes)
+and decoded at 0.865-0.894x static-prefetch's tok/s; the plan priced in seconds streams embedding shards as a fixed
+resident set does (1.068x the bytes' bound, 1.03x the bound of link seconds) and decodes at static-prefetch's rate
+(bench_policies, 2026-12-07, this CPU).
 """
 
 from __future__ import annotations
@@ -67,11 +78,17 @@ MAX_REPLAY_PASSES = 64  # a run's passes, up to this many (a replay of 16 SmolLM
 
 @dataclasses.dataclass(frozen=True)
 class Timing:
-    """What a replay prices time with: the seconds a byte takes over the host->device link (one load at a time) and
-    each block's compute seconds per read."""
+    """What a replay prices time with: the seconds each block's load takes over the host->device link (one load at
+    a time; measured per block shape where the run probed them, `link_probe.probe_block_loads`) and each block's
+    compute seconds per read."""
 
-    load_s_per_byte: float
+    load_s: dict  # block -> seconds
     compute_s: dict  # block -> seconds
+
+    @classmethod
+    def at_rate(cls, bytes_per_s: float, device_bytes: dict, compute_s: dict) -> "Timing":
+        """Every load priced by its bytes alone, over one link rate."""
+        return cls({b: n / bytes_per_s for b, n in device_bytes.items()}, compute_s)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +100,7 @@ class Replay:
     plan: str = ""  # the `PassPlan` whose let-go blocks are victims first ('': none)
     counts: str = POSITIONS  # what the window counts: positions, or LET_GO_READS (`Policy.reads_ago`)
     modelled_s: float | None = None  # the replayed passes' time under a `Timing` (None: not timed)
+    load_s: float | None = None  # the link seconds of its loads under a `Timing` (None: not timed)
 
 
 PLAN_WINDOWS = (0, 1)  # a plan's candidates: prefetches evict what it lets go, read at any time or just before
@@ -117,21 +135,23 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
     let_go: dict[str, int] = {}  # block -> the reads a prefetch may evict that ran before its last read
     n_let_go = 0
     moved = misses = 0
-    now = link_free = 0.0
+    now = link_free = link_s = 0.0
     landed_at: dict[str, float] = {}
 
     def issue(u):
-        nonlocal link_free, moved
+        nonlocal link_free, moved, link_s
         on[u] = device_bytes[u]
         moved += device_bytes[u]
         if timing is not None:
-            link_free = max(now, link_free) + device_bytes[u] * timing.load_s_per_byte
+            link_free = max(now, link_free) + timing.load_s[u]
+            link_s += timing.load_s[u]
             landed_at[u] = link_free
 
     for b in initial:  # the ledger's initial placement: in order, skipping what does not fit
         if b not in on and sum(on.values()) + device_bytes[b] <= budget:
             on[b] = device_bytes[b]
             moved += device_bytes[b]
+            link_s += timing.load_s[b] if timing is not None else 0.0
 
     def reads_ago(v, position, recent):  # position: the ledger's position count (t + 1 once t computed); recent:
         # the reads a prefetch may evict run by then
@@ -191,7 +211,7 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
                     break
                 issue(u)
     return Replay(window, moved, misses, size_power, plan.name if plan else "", counts,
-                  now if timing is not None else None)
+                  now if timing is not None else None, link_s if timing is not None else None)
 
 
 def victim_key(distance: float, nbytes: int, size_power: float) -> float:
@@ -201,14 +221,14 @@ def victim_key(distance: float, nbytes: int, size_power: float) -> float:
 
 def choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes,
                   plans: list[PassPlan] = (), replays: list[Replay] | None = None, timing: Timing | None = None,
-                  bound_bytes: float = 0.0) -> tuple[Replay, list[Replay]]:
+                  bounds: tuple[float, float] = (0.0, 0.0)) -> tuple[Replay, list[Replay]]:
     """The (window, size power, plan) replay that is quickest under `timing` (without one: misses least) among
-    those moving at most BYTES_TOLERANCE more than the fewest bytes, or BYTES_OVER_BOUND times `bound_bytes` (the
-    LP bound of the replayed passes) where that is more, replaying the run's `passes` (up to MAX_REPLAY_PASSES);
-    and every candidate's replay (for the run's summary). Without prefetch (depth 0) the window does not matter:
-    only the size power is chosen. Each of `plans` adds the candidates that follow it (`PLAN_WINDOWS`: its
-    prefetches evict only what it lets go); `replays`: candidates already replayed (the size rules are then not
-    replayed again)."""
+    those whose loads cost near the least (`near_least`, `cost`: link seconds under `timing`, else bytes; `bounds`:
+    the LP bounds of the replayed passes in bytes and in link seconds, `lower_bounds`), replaying the run's
+    `passes` (up to MAX_REPLAY_PASSES); and every candidate's replay (for the run's summary). Without prefetch (depth 0) the window
+    does not matter: only the size power is chosen. Each of `plans` adds the candidates that follow it
+    (`PLAN_WINDOWS`: its prefetches evict only what it lets go); `replays`: candidates already replayed (the size
+    rules are then not replayed again)."""
     n = max(1, min(passes, MAX_REPLAY_PASSES))
     windows = CANDIDATE_WINDOWS if depth > 0 else CANDIDATE_WINDOWS[:1]
     if replays is None:
@@ -220,15 +240,40 @@ def choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, 
         replays += [replay(pass_blocks, device_bytes, budget, protected, initial, depth, w, n, plan=plan, counts=c,
                            timing=timing)
                     for w in (PLAN_WINDOWS if depth > 0 else PLAN_WINDOWS[:1]) for c in _counts(w)]
-    fewest = min(r.bytes_moved for r in replays)
-    allowed = max((1 + BYTES_TOLERANCE) * fewest, BYTES_OVER_BOUND * bound_bytes)
-    close = [r for r in replays if r.bytes_moved <= allowed]
+    close = near_least(replays, cost(timing), bounds[timing is not None])
     if timing is not None:  # modelled ties (TIME_TOLERANCE) go to the fewest misses: those the model prices least well
         quickest = min(r.modelled_s for r in close)
         close = [r for r in close if r.modelled_s <= (1 + TIME_TOLERANCE) * quickest]
     best = min(close, key=lambda r: (r.misses, r.bytes_moved, r.plan != "",
                                      CANDIDATE_SIZE_POWERS.index(r.size_power), r.window, r.counts != POSITIONS))
     return best, replays
+
+
+def cost(timing: Timing | None):
+    """What candidates are compared by first: their loads' link seconds where the run priced them (`Timing`), else
+    their bytes. Not the clock: it takes a load beside compute as free, and on this project's 2-core CPU it is
+    not (Gemma 3 at 0.5, 2026-12-07: near the least in bytes or in seconds, the clock chose the byte optimum, 1.42x
+    the bound of link seconds, 7.4 tok/s; first by seconds, 1.03x and 8.5 tok/s)."""
+    return (lambda r: r.bytes_moved) if timing is None else (lambda r: r.load_s)
+
+
+def near_least(replays: list[Replay], measure, bound: float) -> list[Replay]:
+    """The replays whose `measure` is at most BYTES_TOLERANCE over the least, or BYTES_OVER_BOUND times `bound`
+    where that is more."""
+    least = min(measure(r) for r in replays)
+    allowed = max((1 + BYTES_TOLERANCE) * least, BYTES_OVER_BOUND * bound)
+    return [r for r in replays if measure(r) <= allowed]
+
+
+def lower_bounds(stream, device_bytes, budget, protected, timing: Timing | None = None) -> tuple[float, float]:
+    """The LP lower bounds on the bytes the loads of `stream` move and, under `timing`, on their link seconds (each
+    0 where the LP found none)."""
+    from vorch_jax.policies.lower_bound import lower_bound, lower_bound_seconds
+
+    bound = lower_bound(stream, device_bytes, budget, pinned=protected)
+    seconds = 0.0 if timing is None else lower_bound_seconds(stream, device_bytes, budget, timing.load_s,
+                                                             pinned=protected)
+    return (bound.bytes if bound.status == "optimal" else 0.0), seconds or 0.0
 
 
 def _counts(window: int) -> tuple[str, ...]:
@@ -238,22 +283,21 @@ def _counts(window: int) -> tuple[str, ...]:
 
 def choose_eviction_rule(pass_blocks, device_bytes, budget, protected, initial, depth, passes,
                          timing: Timing | None = None) -> tuple[Replay, list[Replay], PassPlan | None]:
-    """`choose_window` over the size rules and the one-pass plans, and where every candidate moves more than
-    PLAN_MORE_OVER_BOUND times the LP bound of the replayed passes, over the three-pass plan too: the best replay,
-    every replay, and the plan the best follows (None: a size rule). The byte tolerance trades bytes for time:
-    on Gemma 3 at 0.3 (four shards), counting misses, it took the one-pass plan (1.202x the bound, no miss) over
-    a candidate at 1.194x with misses."""
-    from vorch_jax.policies.lower_bound import lower_bound
-
+    """`choose_window` over the size rules and the one-pass plans, and where the candidates' least `cost` exceeds
+    PLAN_MORE_OVER_BOUND times its LP bound on the replayed passes, over the three-pass plans too: the best replay, every replay, and the plan the best follows (None: a size rule).
+    Under a `timing` the plans include the optimum priced in link seconds (`pass_plan.pass_plans`). The tolerance
+    trades bytes for time: on Gemma 3 at 0.3 (four shards), counting misses, it took the one-pass plan (1.202x the
+    bound, no miss) over a candidate at 1.194x with misses."""
     stream = list(pass_blocks) * max(1, min(passes, MAX_REPLAY_PASSES))
-    bound = lower_bound(stream, device_bytes, budget, pinned=protected)
-    bound_bytes = bound.bytes if bound.status == "optimal" else 0.0
-    plans = pass_plans(pass_blocks, device_bytes, budget, protected)
+    bounds = lower_bounds(stream, device_bytes, budget, protected, timing)
+    load_cost = None if timing is None else timing.load_s
+    plans = pass_plans(pass_blocks, device_bytes, budget, protected, load_cost=load_cost)
     best, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes, plans,
-                                  timing=timing, bound_bytes=bound_bytes)
-    if bound.status == "optimal" and min(r.bytes_moved for r in replays) > PLAN_MORE_OVER_BOUND * bound.bytes:
-        longer = pass_plans(pass_blocks, device_bytes, budget, protected, passes=3)
+                                  timing=timing, bounds=bounds)
+    bound = bounds[timing is not None]
+    if min(map(cost(timing), replays)) > PLAN_MORE_OVER_BOUND * bound > 0:
+        longer = pass_plans(pass_blocks, device_bytes, budget, protected, passes=3, load_cost=load_cost)
         plans += longer
         best, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes, longer,
-                                      replays, timing=timing, bound_bytes=bound_bytes)
+                                      replays, timing=timing, bounds=bounds)
     return best, replays, {p.name: p for p in plans}.get(best.plan)

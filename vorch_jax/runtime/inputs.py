@@ -5,6 +5,9 @@ The scored policy's inputs (ψ, δ, τ's link rates, each lossy state's value lo
   * otherwise, for a real run, probes of the links now (a lossless run needs no ψ);
   * for a simulated run, the hardware profile (links, δ from its dequant rates), with ψ from the model's
     calibration where its weights are here.
+The seconds a load of each block takes (`load_s`, what the scored policy's plans are priced in) are probed at the
+start of every real run, per block shape (`link_probe.probe_block_loads`), and taken from the profile's
+host->device link (latency + bytes / bandwidth) in a simulated one.
 A run that can hold blocks in lossy states is guarded by measurement (`quality_guard`): its calibration (measured
 first when none is stored) and the lossy states its quality budget allows each block (`quality_budget.allocate`).
 """
@@ -214,18 +217,19 @@ def _common(setup) -> dict:
                 placement=setup.placement)
 
 
-def scored_inputs(cfg: RunConfig, setup, store_dir: Path, guard: QualityGuard | None = None) -> dict:
+def scored_inputs(cfg: RunConfig, setup, store_dir: Path, load_s: dict, guard: QualityGuard | None = None,
+                  device=None) -> dict:
     """The scored policy's measured inputs for a real run (see the module docstring)."""
     from vorch_jax.tiers.link_probe import probe_bandwidths
 
     cal = guard.calibration if guard is not None else stored_calibration(cfg, setup)
     if cal is not None:
-        return dict(_common(setup), h2d_bytes_per_s=cal.bandwidths["host->device"],
+        return dict(_common(setup), load_s=load_s, h2d_bytes_per_s=cal.bandwidths["host->device"],
                     nvme_bytes_per_s=cal.bandwidths["nvme->host"], psi=cal.psi, delta=cal.policy_delta(),
                     lossy_loss=cal.tick_lossy_loss(), calibration=f"{cal.model_key} @ {cal.machine_key}, {cal.created}",
                     lossy_states=guard.allowance.states if guard is not None else None)
-    bw = probe_bandwidths(store_dir)
-    return dict(_common(setup), h2d_bytes_per_s=bw["host->device"], nvme_bytes_per_s=bw["nvme->host"], delta=None,
+    bw = probe_bandwidths(store_dir, device=device)
+    return dict(_common(setup), load_s=load_s, h2d_bytes_per_s=bw["host->device"], nvme_bytes_per_s=bw["nvme->host"], delta=None,
                 calibration=None)
 
 
@@ -235,6 +239,11 @@ def simulated_lossy_states(cfg: RunConfig, setup, cal) -> dict | None:
     if cal is None or not cfg.lossy:
         return None
     return lossy_allowance(cfg, setup, cal)[0].states
+
+
+def profile_load_seconds(setup, hw) -> dict:
+    """{block: seconds} a load of each block's full precision takes over the profile's host->device link."""
+    return {b: hw.host_to_device.seconds(setup.device_bytes[b]) for b in setup.block_ids}
 
 
 def simulated_scored_inputs(cfg: RunConfig, setup, hw, cal, lossy_states: dict | None = None) -> dict:
@@ -254,5 +263,6 @@ def simulated_scored_inputs(cfg: RunConfig, setup, hw, cal, lossy_states: dict |
                                            calibration=f"ψ: {cal.model_key} @ {cal.machine_key}, {cal.created}")
     if lossy_states is not None:  # computed once, before the compressed homes they decide (`simulated_lossy_states`)
         from_cal["lossy_states"] = lossy_states
-    return dict(_common(setup), h2d_bytes_per_s=hw.host_to_device.bandwidth_bytes_per_s,
+    return dict(_common(setup), load_s=profile_load_seconds(setup, hw),
+                h2d_bytes_per_s=hw.host_to_device.bandwidth_bytes_per_s,
                 nvme_bytes_per_s=hw.nvme_read_bytes_per_s, delta=delta, **from_cal)

@@ -29,9 +29,9 @@ from vorch_jax.simulation.routing_trace import read_routing_trace, write_routing
 from vorch_jax.runtime.cursor import PassCursor
 from vorch_jax.runtime.driver import Driver, greedy_generate
 from vorch_jax.runtime.in_place import in_place_choice, in_place_section, measured_prices
-from vorch_jax.runtime.inputs import (make_policy, policy_context, quality_guard, scored_inputs, simulated_lossy_states,
-                                      simulated_scored_inputs, speculation_choice, stored_calibration,
-                                      with_quality_budget_homes)
+from vorch_jax.runtime.inputs import (make_policy, policy_context, profile_load_seconds, quality_guard, scored_inputs,
+                                      simulated_lossy_states, simulated_scored_inputs, speculation_choice,
+                                      stored_calibration, with_quality_budget_homes)
 from vorch_jax.runtime.ledger import Ledger
 from vorch_jax.runtime.real import RealBackend
 from vorch_jax.runtime.reference import Reference, quality, resident_reference
@@ -82,9 +82,13 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None, seat=No
     if seat is not None:
         reference = reference.held_by(setup.info)
     cursor = PassCursor(setup.spec)
+    from vorch_jax.tiers.link_probe import probe_block_loads
+
+    device = seat.device if seat is not None else None
+    load_s = probe_block_loads(setup.spec.leaf_shapes, device=device)  # what the plans and the summary price loads by
     extras = None
     if cfg.policy == "scored":
-        extras = scored_inputs(cfg, setup, store_dir, guard) | {"pass_compute_s": reference.step_s}
+        extras = scored_inputs(cfg, setup, store_dir, load_s, guard, device) | {"pass_compute_s": reference.step_s}
     policy = make_policy(cfg, policy_context(cfg, setup, reference.stream), extras)
 
     from vorch_jax.tiers.engine import MovementEngine
@@ -108,7 +112,7 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None, seat=No
         if copies_measured(engine.device):  # accelerators pool their own memory; held copies there are unmeasured
             engine.hold_dropped_memory(ledger.free_bytes)
         return _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, reference, say, guard, link_bw,
-                         seat)
+                         load_s, seat)
     finally:
         engine.close()
         if scratch:
@@ -116,7 +120,7 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None, seat=No
 
 
 def _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, reference: Reference, say, guard,
-              link_bw, seat):
+              link_bw, load_s, seat):
     say("registering blocks at their homes")
     for b in setup.block_ids:
         engine.register(b, setup.homes[b])
@@ -152,7 +156,7 @@ def _run_real(cfg, setup, engine, backend, ledger, policy, out_dir, dtype, refer
 
     events = engine.events.snapshot()
     s = core_summary(cfg, setup, policy, ledger, counters, events, gen, t_place0=t_place0, t_gen1=t_gen1,
-                     resident_step_s=reference.step_s, probe_h2d=link_bw["host->device"])
+                     resident_step_s=reference.step_s, probe_h2d=link_bw["host->device"], load_s=load_s)
     stream = [a.block for a in ledger.accesses if a.start >= t_gen0]
     q = quality(run_logits, reference.logits, setup.eval_ids, setup.spec.note)
     q["budget"] = guard.summary(q["kl_mean"]) if guard is not None else None
@@ -285,7 +289,8 @@ def simulate(cfg: RunConfig, out_dir, *, hardware=None, routing=None, speculatio
     events = engine.events.snapshot()
     resident_step = backend.resident_step_s(decode_positions, P + n - 1) if n > 1 else float("nan")
     s = core_summary(cfg, setup, policy, ledger, ledger.counters, events, gen, t_place0=t_place0, t_gen1=t_gen1,
-                     resident_step_s=resident_step, probe_h2d=hw.host_to_device.bandwidth_bytes_per_s)
+                     resident_step_s=resident_step, probe_h2d=hw.host_to_device.bandwidth_bytes_per_s,
+                     load_s=profile_load_seconds(setup, hw))
     gen_accesses = [a for a in ledger.accesses if a.start >= gen.marks[0]]
     s["states"] = states_section(setup, ledger.accesses, events, gen.marks[0], t_gen1, cal.kl if cal else None)
     s["in_place"] = in_place_section(setup, ledger.counters, events, gen)

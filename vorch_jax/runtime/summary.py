@@ -33,7 +33,7 @@ from vorch_jax.policies.lower_bound import lower_bound
 
 
 def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0: float, t_gen1: float,
-                 resident_step_s: float, probe_h2d: float | None) -> dict:
+                 resident_step_s: float, probe_h2d: float | None, load_s: dict | None = None) -> dict:
     """The fields every run reports (see the module docstring); `gen`: the `driver.Generation`; `counters`: the
     ledger's counters as generation ended (the quality pass comes after)."""
     t_gen0 = gen.marks[0]
@@ -54,6 +54,7 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
     bel = belady_bytes(stream, used, setup.hbm_budget, [], pinned=setup.protected, load_bytes=loads)
     bound = lower_bound(stream, used, setup.hbm_budget, pinned=setup.protected, load_bytes=loads,
                         access_bytes=occupied)
+    priced = link_seconds_section(T.window(events, t_place0, t_gen1), stream, used, setup, loads, occupied, load_s)
     w0, w1, decode_n = gen.measured_window()  # the first decode step is warm-up
     decode_s = w1 - w0
     missed_per_step = T.link_bytes(T.window(events, w0, w1)).get("host->device", 0) / max(1, decode_n)
@@ -90,6 +91,7 @@ def core_summary(cfg, setup, policy, ledger, counters, events, gen, *, t_place0:
         "moved_over_belady": moved.get("host->device", 0) / bel if bel else float("nan"),
         "moved_over_lower_bound": moved.get("host->device", 0) / bound.bytes if bound.bytes else float("nan"),
         "lower_bound": bound.to_dict(),
+        "link_seconds": priced,
         "hits": c.hits,
         "misses": c.misses,
         "lookups": {"on_device": c.lookups_on_device, "in_place": c.lookups_in_place, "loaded": c.lookups_loaded},
@@ -160,3 +162,20 @@ def _estimator_name(router) -> str | None:
         return None
     w = ESTIMATORS[router.estimator]
     return "run mean" if w is None else f"ema {w}"
+
+
+def link_seconds_section(events, stream, used, setup, loads, occupied, load_s: dict | None) -> dict | None:
+    """The run's host->device loads priced by what each block's load was measured to take (`load_s`: {block:
+    seconds of its full precision}, scaled by the bytes a load moved), against the LP bound priced the same way
+    (`lower_bound_seconds`), and `load_s` itself (what the scored policy's plans are priced by): bytes alone do not
+    say what a load costs where small blocks land slower per byte. None without `load_s`."""
+    if load_s is None:
+        return None
+    from vorch_jax.policies.lower_bound import lower_bound_seconds
+
+    per_byte = {b: load_s[b] / setup.device_bytes[b] for b in setup.block_ids}
+    moved = sum(n * per_byte[e.block] for e in events if e.kind in ("transition", "recovered")
+                for link, n in e.link_bytes.items() if link == "host->device")
+    bound = lower_bound_seconds(stream, used, setup.hbm_budget, {b: loads[b] * per_byte[b] for b in loads},
+                                pinned=setup.protected, access_bytes=occupied)
+    return {"moved": moved, "lower_bound": bound, "over_bound": moved / bound if bound else None, "load_s": load_s}
