@@ -50,18 +50,19 @@ def probe_bandwidths(store_dir: str | Path | None = None, *, mib: int = 16, repe
     return {"host->device": nbytes / h2d_s, "nvme->host": nbytes / nvme_s}
 
 
-def probe_block_loads(leaf_shapes: dict, *, repeats: int = 5, device: jax.Device | None = None) -> dict[str, float]:
+def probe_block_loads(leaf_shapes: dict, *, repeats: int = 5, device: jax.Device | None = None,
+                      fresh: bool = False) -> dict[str, float]:
     """{block: seconds} a load of each block from pinned host to the device takes alone, measured once per distinct
     set of leaf shapes (`leaf_shapes`: {block: {leaf: ShapeDtypeStruct}}) on zeros of those shapes, the way the
     engine lands a block in steady state: on a backend where the runtime holds dropped memory
-    (`full_precision.copies_measured`) into the device arrays of the block's previous load, elsewhere into new
-    memory. Bytes alone do not price a load: on this project's 2-core CPU a 6.6 MB attention block of eight leaves
+    (`full_precision.copies_measured`) into the device arrays of the block's previous load, elsewhere, or with
+    `fresh`, into new memory (each landed copy freed before the next, as an eviction before a load frees it). Bytes alone do not price a load: on this project's 2-core CPU a 6.6 MB attention block of eight leaves
     lands at about half the rate of a 42 MB embedding shard (`experiments/results/block_load_costs.txt`), and an
     H200's link moves 4 MiB at 6.7 GB/s against 44 GB/s at 256 MiB."""
     from vorch_jax.tiers.full_precision import copies_measured
 
     device = device or jax.devices()[0]
-    held_memory = copies_measured(device)
+    held_memory = copies_measured(device) and not fresh
     by_shapes: dict[tuple, float] = {}
     out = {}
     for block, leaves in leaf_shapes.items():

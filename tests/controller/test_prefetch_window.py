@@ -1,13 +1,15 @@
 """The scored policy's prefetch window, chosen by replaying a dense pass: the replay's bookkeeping, the choice on
 SmolLM2's real block sizes, and the replay against the ledger that then runs it."""
 
+import dataclasses
+
 import pytest
 
 from vorch_jax.config import load_config
 from vorch_jax.controller.pass_plan import pass_plans
 from vorch_jax.controller.prefetch_window import (BYTES_OVER_BOUND, BYTES_TOLERANCE, CANDIDATE_SIZE_POWERS,
                                                   CANDIDATE_WINDOWS, TIME_TOLERANCE, Timing, choose_eviction_rule,
-                                                  choose_window, replay)
+                                                  choose_window, landing_held, replay)
 from vorch_jax.models.gemma import VOCAB_SHARDS
 from vorch_jax.policies.baselines import LET_GO_READS, POSITIONS
 from vorch_jax.policies.lower_bound import lower_bound
@@ -69,6 +71,25 @@ def test_where_loads_cost_seconds_not_bytes_the_choice_follows_the_plan_priced_i
     # block that goes (1-pass by time: 11 s a pass)
     bytes_best, _, bytes_plan = choose_eviction_rule(blocks, size, 15, frozenset(), blocks, 1, 8)  # no timing
     assert bytes_best.bytes_moved == min(r.bytes_moved for r in replays) and not (bytes_plan and bytes_plan.by_time)
+
+
+def test_a_load_after_dropping_a_block_of_its_size_is_priced_as_landing_in_held_memory():
+    """The engine lands a load in the memory of a dropped block of the same shapes where it holds one (`DevicePool`),
+    several times faster on this CPU than in new memory: the replay prices each load so, one second held, ten fresh."""
+    timing = Timing({"a": 1.0, "b": 1.0, "c": 1.0}, dict.fromkeys("abc", 0.0), fresh_load_s={"a": 10.0, "b": 10.0,
+                                                                                           "c": 10.0})
+    same = replay(list("abc"), dict.fromkeys("abc", 1), 2, frozenset(), ["a", "b"], depth=0, window=1, passes=4,
+                  timing=timing)
+    assert same.misses == 5 and same.load_s == 2 * 1.0 + 5 * 1.0  # each miss follows the drop of a block of its size
+    mixed = replay(["a", "b"], {"a": 1, "b": 2}, 2, frozenset(), ["a", "b"], depth=0, window=1, passes=3,
+                   timing=dataclasses.replace(timing, load_s={"a": 1.0, "b": 1.0}, fresh_load_s={"a": 10, "b": 10}))
+    assert mixed.misses == 5 and mixed.load_s == 1.0 + 5 * 10.0  # never a dropped block of the size it needs
+    unpooled = replay(list("abc"), dict.fromkeys("abc", 1), 2, frozenset(), ["a", "b"], depth=0, window=1,
+                      passes=4, timing=dataclasses.replace(timing, fresh_load_s=None))
+    assert unpooled.load_s == same.load_s  # without fresh prices every load costs `load_s`
+    held = ["x", "z"]
+    assert landing_held(held, "y", {"x": 2, "y": 2, "z": 1}, 1, timing) and held == ["z"]
+    assert not landing_held(held, "y", {"x": 2, "y": 2, "z": 1}, 0, timing) and held == []  # trimmed to the room
 
 
 def test_the_timed_choice_is_the_quickest_within_the_bytes_allowed():

@@ -57,7 +57,10 @@ Bytes alone mislead where a block of many small leaves lands slower per byte tha
 "by time"): on Gemma 3 at 0.5 the byte optimum rotates layer blocks (three-pass plan, 1.034x the LP bound of bytes)
 and decoded at 0.865-0.894x static-prefetch's tok/s; the plan priced in seconds streams embedding shards as a fixed
 resident set does (1.068x the bytes' bound, 1.03x the bound of link seconds) and decodes at static-prefetch's rate
-(bench_policies, 2026-12-07, this CPU).
+(bench_policies, 2026-12-07, this CPU). Where the run holds dropped memory (CPU backends, `tiers/device_pool.py`), a
+load is priced as landing there only after a block of its size was dropped, and otherwise at what a landing in new
+memory was probed to take (`landing_held`): a plan that mixes sizes pays for it. With that, SmolLM2 at 0.8 went
+back from a plan priced in seconds (1.064x the bytes' bound) to one at 1.015x.
 """
 
 from __future__ import annotations
@@ -82,8 +85,9 @@ class Timing:
     a time; measured per block shape where the run probed them, `link_probe.probe_block_loads`) and each block's
     compute seconds per read."""
 
-    load_s: dict  # block -> seconds
+    load_s: dict  # block -> seconds (landing in the memory of a dropped block of its size, where the run holds it)
     compute_s: dict  # block -> seconds
+    fresh_load_s: dict | None = None  # block -> seconds landing in new memory (None: the run holds no dropped memory)
 
     @classmethod
     def at_rate(cls, bytes_per_s: float, device_bytes: dict, compute_s: dict) -> "Timing":
@@ -138,13 +142,17 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
     now = link_free = link_s = 0.0
     landed_at: dict[str, float] = {}
 
+    held: list[str] = []  # blocks dropped whose memory is held for a load of their size, oldest first (`DevicePool`)
+
     def issue(u):
         nonlocal link_free, moved, link_s
         on[u] = device_bytes[u]
         moved += device_bytes[u]
         if timing is not None:
-            link_free = max(now, link_free) + timing.load_s[u]
-            link_s += timing.load_s[u]
+            took = landing_held(held, u, device_bytes, budget - sum(on.values()), timing)
+            load = timing.load_s[u] if took or timing.fresh_load_s is None else timing.fresh_load_s[u]
+            link_free = max(now, link_free) + load
+            link_s += load
             landed_at[u] = link_free
 
     for b in initial:  # the ledger's initial placement: in order, skipping what does not fit
@@ -183,6 +191,7 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
             return False
         for v in victims:
             del on[v]
+            held.append(v)
         return True
 
     for t, b in enumerate(stream):
@@ -212,6 +221,22 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
                 issue(u)
     return Replay(window, moved, misses, size_power, plan.name if plan else "", counts,
                   now if timing is not None else None, link_s if timing is not None else None)
+
+
+def landing_held(held: list[str], block: str, device_bytes: dict, room: int, timing: Timing) -> bool:
+    """Whether a load of `block` lands in held memory: the oldest dropped block of its size in `held` (taken), as
+    the engine's pool of dropped memory matches a load to arrays of its shapes (blocks of one size have one set
+    of shapes in the models here: a coarser match would only misprice). Then `held` keeps only what `room` (the
+    budget less the blocks on the device) leaves, newest last. Without fresh prices nothing is held."""
+    if timing.fresh_load_s is None:
+        held.clear()
+        return False
+    i = next((i for i, v in enumerate(held) if device_bytes[v] == device_bytes[block]), None)
+    if i is not None:
+        del held[i]
+    while held and sum(device_bytes[v] for v in held) > room:
+        del held[0]
+    return i is not None
 
 
 def victim_key(distance: float, nbytes: int, size_power: float) -> float:

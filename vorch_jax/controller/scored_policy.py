@@ -99,10 +99,11 @@ class ScoredPolicy(Policy):
                  h2d_bytes_per_s: float, nvme_bytes_per_s: float, psi: dict | None = None,
                  delta: dict | None = None, lossy_loss: tuple | None = None, calibration: str | None = None,
                  lossy_states: dict | None = None, pass_compute_s: float | None = None,
-                 load_s: dict | None = None):
+                 load_s: dict | None = None, fresh_load_s: dict | None = None):
         super().__init__(ctx)
         self.h2d_bytes_per_s = h2d_bytes_per_s
         self.load_s = load_s  # {block: seconds} a load of its S0 takes alone, measured (None: bytes over the rate)
+        self.fresh_load_s = fresh_load_s  # the same landing in new memory, where the run holds dropped memory
         self.pass_compute_s = pass_compute_s  # a resident decode pass's compute seconds (None: unmeasured)
         self.prefetch_depth = cfg.prefetch_depth
         self.passes = cfg.new_tokens  # passes the run will make (the prompt's, then one a decoded token after the first)
@@ -287,15 +288,16 @@ class ScoredPolicy(Policy):
         self._victim_bytes = device_bytes
 
     def _timing(self, pass_blocks, device_bytes) -> Timing | None:
-        """The replay's clock: loads one at a time, each taking its block's measured load seconds (`load_s`; without
-        them, its bytes over the measured host->device rate), and a position's compute its block's share of the
-        pass's device bytes times the resident pass (a decode step reads its weights once)."""
+        """The replay's clock: loads one at a time, each taking its block's measured load seconds (`load_s`, or
+        `fresh_load_s` where no dropped block of its size left memory to land in; without them, its bytes over the
+        measured host->device rate), and a position's compute its block's share of the pass's device bytes times
+        the resident pass (a decode step reads its weights once)."""
         if not self.pass_compute_s or not np.isfinite(self.pass_compute_s) or not self.h2d_bytes_per_s:
             return None
         total = sum(device_bytes[b] for b in pass_blocks)
         compute_s = {b: self.pass_compute_s * device_bytes[b] / total for b in set(pass_blocks)}
         if self.load_s is not None:
-            return Timing(dict(self.load_s), compute_s)
+            return Timing(dict(self.load_s), compute_s, self.fresh_load_s)
         return Timing.at_rate(self.h2d_bytes_per_s, device_bytes, compute_s)
 
     def _kept(self, block) -> bool:

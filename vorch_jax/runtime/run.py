@@ -89,6 +89,10 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None, seat=No
     extras = None
     if cfg.policy == "scored":
         extras = scored_inputs(cfg, setup, store_dir, load_s, guard, device) | {"pass_compute_s": reference.step_s}
+        from vorch_jax.tiers.full_precision import copies_measured
+
+        if copies_measured(device or jax.devices()[0]):  # the run holds dropped memory: a load may land fresh too
+            extras["fresh_load_s"] = probe_block_loads(setup.spec.leaf_shapes, device=device, fresh=True)
     policy = make_policy(cfg, policy_context(cfg, setup, reference.stream), extras)
 
     from vorch_jax.tiers.engine import MovementEngine
