@@ -5,7 +5,9 @@ accesses the ledger recorded, never from the plan.
   * `belady_bytes` replays the run's own access stream of generation with furthest-next-use eviction under the
     same budget and guardrails (a lossy block travels full precision and converts on device);
     `lower_bound_bytes` is the LP relaxation's optimum over the same stream (`policies/lower_bound.py`): no policy
-    loads less, where Belady (optimal only for blocks of one size) can be beaten;
+    loads less, where Belady (optimal only for blocks of one size) can be beaten; `link_seconds` prices the same
+    loads by what the run probed a load of each block to take, beside the LP bound priced alike (bytes do not
+    price a load alone: README, "Loads priced in seconds");
   * the floor of a decode step is max(the resident compute-only step, the host->device bytes the measured steps
     moved per step / the fastest link rate measured): the probe of the link alone (a real run; the profile's link on
     a simulated one), the whole run's rate while its link was busy, or the measured steps' own rate, whichever is
