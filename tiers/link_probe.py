@@ -56,9 +56,10 @@ def probe_block_loads(leaf_shapes: dict, *, repeats: int = 5, device: jax.Device
     set of leaf shapes (`leaf_shapes`: {block: {leaf: ShapeDtypeStruct}}) on zeros of those shapes, the way the
     engine lands a block in steady state: on a backend where the runtime holds dropped memory
     (`full_precision.copies_measured`) into the device arrays of the block's previous load, elsewhere, or with
-    `fresh`, into new memory (each landed copy freed before the next, as an eviction before a load frees it). Bytes alone do not price a load: on this project's 2-core CPU a 6.6 MB attention block of eight leaves
-    lands at about half the rate of a 42 MB embedding shard (`experiments/results/block_load_costs.txt`), and an
-    H200's link moves 4 MiB at 6.7 GB/s against 44 GB/s at 256 MiB."""
+    `fresh`, into new memory (each landed copy freed before the next, as an eviction before a load frees it).
+    Bytes alone do not price a load: on this project's 2-core CPU a 6.6 MB attention block of eight leaves lands at
+    about half the rate of a 42 MB embedding shard (`experiments/results/block_load_costs.txt`), and an H200's link
+    moves 4 MiB at 6.7 GB/s against 44 GB/s at 256 MiB."""
     from vorch_jax.tiers.full_precision import copies_measured
 
     device = device or jax.devices()[0]
@@ -72,10 +73,11 @@ def probe_block_loads(leaf_shapes: dict, *, repeats: int = 5, device: jax.Device
             landed = [FullPrecisionBlock.from_pinned_host(host, device)]
 
             def load():
-                into = landed.pop().leaves if held_memory else None
+                previous = landed.pop()
                 if not held_memory:
-                    landed.pop().free()
-                landed.append(FullPrecisionBlock.from_pinned_host(host, device, into))
+                    previous.free()
+                landed.append(FullPrecisionBlock.from_pinned_host(host, device,
+                                                                  previous.leaves if held_memory else None))
 
             by_shapes[key] = median_seconds(load, repeats)
             landed.pop().free()

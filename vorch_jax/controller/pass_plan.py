@@ -56,8 +56,7 @@ def pass_plans(pass_blocks: list[str], device_bytes: dict, budget: int, protecte
     n = len(cycle)
     plans = [PassPlan(keeps, n, passes)]
     if load_cost is not None:
-        timed = cyclic_keeps(cycle, device_bytes, budget, pinned=protected,
-                             load_cost=load_cost)
+        timed = cyclic_keeps(cycle, device_bytes, budget, pinned=protected, load_cost=load_cost)
         if timed is not None and timed != keeps:
             plans.append(PassPlan(timed, n, passes, by_time=True))
     sizes = {device_bytes[b] for b in pass_blocks if b not in protected}

@@ -50,7 +50,7 @@ prefetch may evict only those: their reload is paid anyway, so the load moves ea
 
 Loads are priced in seconds, not bytes, where the run measured them. Every real run probes what a load of each
 block shape takes alone (`link_probe.probe_block_loads`; a simulated run takes latency + bytes / bandwidth from its
-profile), and the candidates are compared first by their loads' link seconds (`Replay.cost`), then by the clock.
+profile), and the candidates are compared first by their loads' link seconds (`cost`), then by the clock.
 Bytes alone mislead where a block of many small leaves lands slower per byte than one large array: on this CPU a
 6.6 MB Gemma 3 attention block (eight leaves) took 0.73 ms, 9.0 GB/s, a 42 MB embedding shard 2.02 ms, 20.8 GB/s
 (`experiments/results/block_load_costs.txt`). So each plan is also solved priced in those seconds (`pass_plans`,
@@ -250,10 +250,10 @@ def choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, 
     """The (window, size power, plan) replay that is quickest under `timing` (without one: misses least) among
     those whose loads cost near the least (`near_least`, `cost`: link seconds under `timing`, else bytes; `bounds`:
     the LP bounds of the replayed passes in bytes and in link seconds, `lower_bounds`), replaying the run's
-    `passes` (up to MAX_REPLAY_PASSES); and every candidate's replay (for the run's summary). Without prefetch (depth 0) the window
-    does not matter: only the size power is chosen. Each of `plans` adds the candidates that follow it
-    (`PLAN_WINDOWS`: its prefetches evict only what it lets go); `replays`: candidates already replayed (the size
-    rules are then not replayed again)."""
+    `passes` (up to MAX_REPLAY_PASSES); and every candidate's replay (for the run's summary). Without prefetch
+    (depth 0) the window does not matter: only the size power is chosen. Each of `plans` adds the candidates that
+    follow it (`PLAN_WINDOWS`: its prefetches evict only what it lets go); `replays`: candidates already replayed
+    (the size rules are then not replayed again)."""
     n = max(1, min(passes, MAX_REPLAY_PASSES))
     windows = CANDIDATE_WINDOWS if depth > 0 else CANDIDATE_WINDOWS[:1]
     if replays is None:
@@ -309,10 +309,11 @@ def _counts(window: int) -> tuple[str, ...]:
 def choose_eviction_rule(pass_blocks, device_bytes, budget, protected, initial, depth, passes,
                          timing: Timing | None = None) -> tuple[Replay, list[Replay], PassPlan | None]:
     """`choose_window` over the size rules and the one-pass plans, and where the candidates' least `cost` exceeds
-    PLAN_MORE_OVER_BOUND times its LP bound on the replayed passes, over the three-pass plans too: the best replay, every replay, and the plan the best follows (None: a size rule).
-    Under a `timing` the plans include the optimum priced in link seconds (`pass_plan.pass_plans`). The tolerance
-    trades bytes for time: on Gemma 3 at 0.3 (four shards), counting misses, it took the one-pass plan (1.202x the
-    bound, no miss) over a candidate at 1.194x with misses."""
+    PLAN_MORE_OVER_BOUND times its LP bound on the replayed passes, over the three-pass plans too: the best replay,
+    every replay, and the plan the best follows (None: a size rule). Under a `timing` the plans include the optimum
+    priced in link seconds (`pass_plan.pass_plans`). The tolerance trades cost for time: on Gemma 3 at 0.3 (four
+    shards), counting misses, it took the one-pass plan (1.202x the bound, no miss) over a candidate at 1.194x with
+    misses."""
     stream = list(pass_blocks) * max(1, min(passes, MAX_REPLAY_PASSES))
     bounds = lower_bounds(stream, device_bytes, budget, protected, timing)
     load_cost = None if timing is None else timing.load_s

@@ -229,7 +229,8 @@ def scored_inputs(cfg: RunConfig, setup, store_dir: Path, load_s: dict, guard: Q
                     lossy_loss=cal.tick_lossy_loss(), calibration=f"{cal.model_key} @ {cal.machine_key}, {cal.created}",
                     lossy_states=guard.allowance.states if guard is not None else None)
     bw = probe_bandwidths(store_dir, device=device)
-    return dict(_common(setup), load_s=load_s, h2d_bytes_per_s=bw["host->device"], nvme_bytes_per_s=bw["nvme->host"], delta=None,
+    return dict(_common(setup), load_s=load_s, h2d_bytes_per_s=bw["host->device"], nvme_bytes_per_s=bw["nvme->host"],
+                delta=None,
                 calibration=None)
 
 
