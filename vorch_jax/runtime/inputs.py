@@ -219,19 +219,25 @@ def _common(setup) -> dict:
 
 def scored_inputs(cfg: RunConfig, setup, store_dir: Path, load_s: dict, guard: QualityGuard | None = None,
                   device=None) -> dict:
-    """The scored policy's measured inputs for a real run (see the module docstring)."""
-    from vorch_jax.tiers.link_probe import probe_bandwidths
+    """The scored policy's measured inputs for a real run (see the module docstring); `load_s`: the run's probe of
+    each block's load, and where the run holds dropped memory, a probe of the same landing in new memory too."""
+    import jax
 
+    from vorch_jax.tiers.full_precision import copies_measured
+    from vorch_jax.tiers.link_probe import probe_bandwidths, probe_block_loads
+
+    prices = dict(load_s=load_s)
+    if copies_measured(device or jax.devices()[0]):  # the run holds dropped memory: a load may land fresh too
+        prices["fresh_load_s"] = probe_block_loads(setup.spec.leaf_shapes, device=device, fresh=True)
     cal = guard.calibration if guard is not None else stored_calibration(cfg, setup)
     if cal is not None:
-        return dict(_common(setup), load_s=load_s, h2d_bytes_per_s=cal.bandwidths["host->device"],
+        return dict(_common(setup), **prices, h2d_bytes_per_s=cal.bandwidths["host->device"],
                     nvme_bytes_per_s=cal.bandwidths["nvme->host"], psi=cal.psi, delta=cal.policy_delta(),
                     lossy_loss=cal.tick_lossy_loss(), calibration=f"{cal.model_key} @ {cal.machine_key}, {cal.created}",
                     lossy_states=guard.allowance.states if guard is not None else None)
     bw = probe_bandwidths(store_dir, device=device)
-    return dict(_common(setup), load_s=load_s, h2d_bytes_per_s=bw["host->device"], nvme_bytes_per_s=bw["nvme->host"],
-                delta=None,
-                calibration=None)
+    return dict(_common(setup), **prices, h2d_bytes_per_s=bw["host->device"], nvme_bytes_per_s=bw["nvme->host"],
+                delta=None, calibration=None)
 
 
 def simulated_lossy_states(cfg: RunConfig, setup, cal) -> dict | None:

@@ -82,27 +82,19 @@ def _run(cfg: RunConfig, out_dir, progress, reference: Reference | None, seat=No
     if seat is not None:
         reference = reference.held_by(setup.info)
     cursor = PassCursor(setup.spec)
-    from vorch_jax.tiers.link_probe import probe_block_loads
+    from vorch_jax.tiers.engine import MovementEngine
+    from vorch_jax.tiers.full_precision import copies_measured
+    from vorch_jax.tiers.link_probe import probe_bandwidths, probe_block_loads
 
     device = seat.device if seat is not None else None
     load_s = probe_block_loads(setup.spec.leaf_shapes, device=device)  # what the plans and the summary price loads by
     extras = None
     if cfg.policy == "scored":
         extras = scored_inputs(cfg, setup, store_dir, load_s, guard, device) | {"pass_compute_s": reference.step_s}
-        from vorch_jax.tiers.full_precision import copies_measured
-
-        if copies_measured(device or jax.devices()[0]):  # the run holds dropped memory: a load may land fresh too
-            extras["fresh_load_s"] = probe_block_loads(setup.spec.leaf_shapes, device=device, fresh=True)
     policy = make_policy(cfg, policy_context(cfg, setup, reference.stream), extras)
 
-    from vorch_jax.tiers.engine import MovementEngine
-    from vorch_jax.tiers.full_precision import copies_measured
-
     engine = MovementEngine(setup.source, store_dir, int4_group_size=cfg.quant.int4_group_size,
-                            lowrank_rank=cfg.quant.lowrank_rank, keep_home=True,
-                            device=seat.device if seat is not None else None)
-    from vorch_jax.tiers.link_probe import probe_bandwidths
-
+                            lowrank_rank=cfg.quant.lowrank_rank, keep_home=True, device=device)
     try:
         link_bw = probe_bandwidths(engine.store_dir, device=engine.device)  # for the floor: measured now
         backend = RealBackend(setup.spec, dtype, seat.collectives if seat is not None else None)
