@@ -9,11 +9,13 @@ static-prefetch, scored and belady; static and lru load on a miss), in one proce
 by round so that the machine's drift falls on all of them alike. Per budget and policy it prints the median decode
 tok/s over the rounds and every round's figure (this CPU's noise, beside it), the bytes moved host->device over the
 LP lower bound of the same access stream (`policies/lower_bound.py`; a run's bytes do not vary between rounds),
-misses, the controller's share of wall time, the share of the link's busy time with two or more loads under way
+misses, the controller's share of wall time (its ticks during the decode), the seconds the scored policy spent
+choosing its rule before the first pass (`plan s`: replays and the plans' integral problems), the share of the link's busy time with two or more loads under way
 (`2 lanes`: the engine runs loads on two threads, and on this CPU a copy beside another runs at 75-85% of its rate
 alone, so a schedule that keeps two loads going moves about 1.6x the bytes per second; a GPU's host->device copies
 share one copy engine), the scored policy's prefetch window and the steady-state plan it
-follows (`pass_plan`: '1-pass', '1-pass+s' streaming the small blocks, '3-pass'), and whether every run's tokens
+follows (`pass_plan`: '1-pass', '1-pass+s' streaming the small blocks, '3-pass', '16-pass to the end' the optimum of
+the run's own passes; 'by time' priced in the loads' measured seconds), and whether every run's tokens
 match the resident reference. Then, per budget, scored against the targets of the controller issue: bytes within
 1.03x the lower bound, tok/s at least static-prefetch's (medians; each round's ratio beside them), controller <= 1%.
 The lower bound is the LP's; where scored's bytes exceed 1.03x of it, the integral problem of the same passes
@@ -99,7 +101,7 @@ def integral_bound(base, budget: float, summary: dict, time_limit_s: float) -> t
 
 def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> list[str]:
     lines = [f"{'budget':>6s} {'policy':16s} {'tok/s':>7s} {'bytes/bound':>11s} {'link s/bound':>12s} {'misses':>6s} "
-             f"{'ctrl %':>6s} {'2 lanes':>7s} {'window':>6s} {'plan':>14s} {'match':>5s}   rounds tok/s"]
+             f"{'ctrl %':>6s} {'plan s':>6s} {'2 lanes':>7s} {'window':>6s} {'plan':>26s} {'match':>5s}   rounds tok/s"]
     verdicts = []
     for b in budgets:
         med = {}
@@ -113,9 +115,10 @@ def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> 
             plan = plan.split(",")[0] + ("+s" if "streams" in plan else "") if plan else "-"
             match = all(s["tokens_match_resident"] for s in rs)
             lanes = statistics.median(s.get("two_lanes_share", float("nan")) for s in rs)
+            choice_s = statistics.median(s["prefetch"].get("choice_s", 0.0) for s in rs)  # before the first pass
             lines.append(f"{b:6.2f} {pol:16s} {med[pol]:7.2f} {rs[0]['moved_over_lower_bound']:11.3f} "
-                         f"{link_over_bound(rs):12.3f} {rs[0]['misses']:6d} {100 * ctrl:6.2f} {100 * lanes:6.0f}% "
-                         f"{window or '-':>6} {plan:>14s} {str(match):>5s}   "
+                         f"{link_over_bound(rs):12.3f} {rs[0]['misses']:6d} {100 * ctrl:6.2f} {choice_s:6.1f} {100 * lanes:6.0f}% "
+                         f"{window or '-':>6} {plan:>26s} {str(match):>5s}   "
                          + " ".join(f"{t:.2f}" for t in tok))
         if "scored" in med:
             paired = ([x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[(b, "scored")],

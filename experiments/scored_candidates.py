@@ -32,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 from experiments.bench_policies import machine_line  # noqa: E402
 from vorch_jax.config import load_config  # noqa: E402
 from vorch_jax.controller import scored_policy  # noqa: E402
-from vorch_jax.controller.pass_plan import pass_plans  # noqa: E402
+from vorch_jax.controller.pass_plan import horizon_plan, pass_plans  # noqa: E402
 from vorch_jax.errors import ConfigError, VorchError  # noqa: E402
 from vorch_jax.runtime.reference import resident_reference  # noqa: E402
 from vorch_jax.runtime.run import run  # noqa: E402
@@ -60,6 +60,9 @@ def forcing():
         load_cost = timing.load_s if timing is not None else None  # the plans priced in link seconds too
         plans = {p.name: p for n in (1, 3)
                  for p in pass_plans(pass_blocks, device_bytes, budget, protected, passes=n, load_cost=load_cost)}
+        if "to the end" in forced.plan:
+            to_end = horizon_plan(pass_blocks, device_bytes, budget, protected, passes, load_cost)
+            plans[to_end.name] = to_end
         return forced, replays, plans.get(forced.plan)
 
     scored_policy.choose_eviction_rule = pick

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vorch_jax.policies.belady import belady_bytes
-from vorch_jax.policies.lower_bound import cyclic_keeps, integral_optimum, lower_bound
+from vorch_jax.policies.lower_bound import cyclic_keeps, horizon_keeps, integral_optimum, lower_bound
 
 
 def exact_optimum(stream, size: dict, budget: int) -> int:
@@ -159,6 +159,28 @@ def test_the_cyclic_optimum_is_the_best_repeating_schedule():
         budget = max(size.values()) + int(rng.integers(0, 8))
         keeps = cyclic_keeps(cycle, size, budget)
         assert sum(size[b] for (b, _), k in keeps.items() if not k) == cyclic_reloads(cycle, size, budget)
+
+
+def test_the_optimum_to_the_end_keeps_nothing_for_a_pass_that_never_comes():
+    # a b c twice, unit blocks, room for 2: a steady state reloads two blocks a pass; to the end, a is kept through
+    # b and c, c through a and b, and only b is loaded again (4 loads, the integral optimum). A block's last read
+    # has no decision: nothing after it needs the block.
+    unit = {k: 1 for k in "abc"}
+    keeps = horizon_keeps("abcabc", unit, 2)
+    assert keeps == {("a", 0): True, ("b", 1): False, ("c", 2): True}
+    assert 3 + sum(not k for k in keeps.values()) == integral_optimum("abcabc", unit, 2).bytes == 4
+    rng = np.random.default_rng(7)
+    for _ in range(25):  # a schedule that fits at every read, and loads no less than the exact optimum
+        n_blocks = int(rng.integers(2, 5))
+        size = {f"b{i}": int(rng.integers(1, 6)) for i in range(n_blocks)}
+        stream = [f"b{i}" for i in rng.permutation(n_blocks)] + [f"b{i}" for i in rng.integers(0, n_blocks, 8)]
+        budget = max(size.values()) + int(rng.integers(0, 8))
+        keeps = horizon_keeps(stream, size, budget)
+        for t, b in enumerate(stream):
+            held = sum(size[v] for (v, s), k in keeps.items() if k and s < t < stream.index(v, s + 1) and v != b)
+            assert size[b] + held <= budget
+        loads = sum(size[b] for b in set(stream)) + sum(size[b] for (b, _), k in keeps.items() if not k)
+        assert loads >= integral_optimum(stream, size, budget).bytes
 
 
 def test_the_cyclic_optimum_prices_loads_by_their_cost_where_one_is_given():

@@ -6,7 +6,7 @@ import dataclasses
 import pytest
 
 from vorch_jax.config import load_config
-from vorch_jax.controller.pass_plan import pass_plans
+from vorch_jax.controller.pass_plan import horizon_plan, pass_plans
 from vorch_jax.controller.prefetch_window import (BYTES_OVER_BOUND, BYTES_TOLERANCE, CANDIDATE_SIZE_POWERS,
                                                   CANDIDATE_WINDOWS, TIME_TOLERANCE, Timing, choose_eviction_rule,
                                                   choose_window, landing_held, replay)
@@ -65,7 +65,8 @@ def test_where_loads_cost_seconds_not_bytes_the_choice_follows_the_plan_priced_i
     blocks, size = list("Labcd"), {"L": 6, "a": 3, "b": 3, "c": 3, "d": 3}
     timing = Timing({"L": 1.0, "a": 10.0, "b": 10.0, "c": 10.0, "d": 10.0}, dict.fromkeys(size, 0.1))
     best, replays, plan = choose_eviction_rule(blocks, size, 15, frozenset(), blocks, 1, 8, timing=timing)
-    assert best.load_s == min(r.load_s for r in replays) < min(r.load_s for r in replays if r.plan == "1-pass")
+    least = min(r.load_s for r in replays)
+    assert best.load_s <= (1 + BYTES_TOLERANCE) * least < min(r.load_s for r in replays if r.plan == "1-pass")
     assert best.bytes_moved > min(r.bytes_moved for r in replays)
     assert plan is not None and plan.by_time and best.plan == plan.name  # the three-pass one: it rotates the small
     # block that goes (1-pass by time: 11 s a pass)
@@ -178,8 +179,11 @@ def test_replay_counts_what_the_ledger_then_does(model, budget, tmp_path):
     if name:
         cycle = int(name.split("-")[0])
         link = load_profile("this-machine").host_to_device  # the simulated run prices its loads by it
-        plan = {q.name: q for q in pass_plans(blocks, sizes, budget_bytes, protected, passes=cycle,
-                                              load_cost={b: link.seconds(sizes[b]) for b in sizes})}[name]
+        load_cost = {b: link.seconds(sizes[b]) for b in sizes}
+        plans = pass_plans(blocks, sizes, budget_bytes, protected, passes=cycle, load_cost=load_cost)
+        if "to the end" in name:  # the optimum of the run's own passes (`horizon_plan`)
+            plans = [horizon_plan(blocks, sizes, budget_bytes, protected, cycle, load_cost)]
+        plan = {q.name: q for q in plans}[name]
     r = replay(blocks, sizes, budget_bytes, protected, initial, depth=2, window=w, passes=passes, size_power=p,
                plan=plan, counts=s["prefetch"]["window_counts"])
     assert s["misses"] == r.misses
@@ -264,3 +268,18 @@ def test_on_gemma_at_four_fifths_the_choice_keeps_the_plans_large_blocks_and_str
     assert best.bytes_moved <= 1.03 * bound
     fixed = [r for r in replays if r.plan == pass_plans(*args[:4])[0].name]
     assert fixed and min(r.bytes_moved for r in fixed) > 1.03 * bound
+
+
+@pytest.mark.parametrize("budget", [0.5, 0.8])
+def test_on_gemma_the_optimum_of_the_runs_own_passes_moves_less_than_any_steady_state(budget):
+    """Gemma 3's pass (sixteen 42 MB shards, layer blocks of 6.6-15.7 MB), 16 passes: every steady-state candidate
+    keeps, in the last passes too, what a next pass would need; the optimum of the run's own passes
+    (`horizon_plan`) does not, and its replay moves fewer bytes than every other candidate's (measured: 1.016 /
+    1.025x the LP bound at 0.5 / 0.8, against 1.026 / 1.032x), and the choice follows it."""
+    args = pass_of("gemma3-270m", budget)
+    best, replays, plan = choose_eviction_rule(*args, depth=2, passes=16)
+    to_end = [r for r in replays if r.plan.endswith("to the end")]
+    steady = [r for r in replays if not r.plan.endswith("to the end")]
+    assert to_end and plan is not None and plan.to_end and plan.passes == 16 and best.plan == plan.name
+    assert best.bytes_moved < min(r.bytes_moved for r in steady)
+    assert best.bytes_moved <= 1.03 * bound_of(args)

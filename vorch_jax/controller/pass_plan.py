@@ -3,7 +3,8 @@
 A dense run reads the same pass again and again, so the integral optimum of a stream that repeats a cycle of passes
 for ever (`lower_bound.cyclic_keeps`) says, for each read, whether the block stays until its next read or leaves after
 this one, in every repetition. `prefetch_window` replays these plans beside its size rules and the run follows the
-one that moves least (its module docstring has the measurements).
+one that moves least (its module docstring has the measurements). A run's passes are also finite: `horizon_plan`
+is the optimum of the run's own passes to their end, indexed by position in the whole run.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ class PassPlan:
     passes: int
     streamed_below: int = 0
     by_time: bool = False  # the optimum of the loads' link seconds (measured per block), not of their bytes
+    to_end: bool = False  # the optimum of the run's own passes, to its last (`horizon_plan`), not a steady state
 
     @property
     def name(self) -> str:
-        return (f"{self.passes}-pass" + (" by time" if self.by_time else "")
+        return (f"{self.passes}-pass" + (" to the end" if self.to_end else "") + (" by time" if self.by_time else "")
                 + (f", streams < {self.streamed_below} B" if self.streamed_below else ""))
 
     def kept(self, block: str, last_read: int | None, nbytes: int) -> bool:
@@ -64,6 +66,21 @@ def pass_plans(pass_blocks: list[str], device_bytes: dict, budget: int, protecte
     if passes == 1 and any(x < below for x in sizes):
         plans.append(PassPlan(keeps, n, passes, below))
     return plans
+
+
+def horizon_plan(pass_blocks: list[str], device_bytes: dict, budget: int, protected, passes: int,
+                 load_cost: dict | None = None) -> PassPlan | None:
+    """The plan of the run's own `passes` passes to their end (`lower_bound.horizon_keeps`), priced by `load_cost`
+    where given (then named "by time"), else by bytes; None where the solver found no schedule. A steady-state
+    plan keeps, in the last passes too, what a next pass would need; this one does not, so the passes before the
+    end keep more (the module docstring of `prefetch_window` has the measurements)."""
+    from vorch_jax.policies.lower_bound import horizon_keeps
+
+    stream = list(pass_blocks) * passes
+    keeps = horizon_keeps(stream, device_bytes, budget, pinned=protected, load_cost=load_cost)
+    if keeps is None:
+        return None
+    return PassPlan(keeps, len(stream), passes, by_time=load_cost is not None, to_end=True)
 
 
 def kept_by_plan(plan: PassPlan | None, block: str, last_read: int | None, nbytes: int) -> bool:

@@ -47,6 +47,15 @@ prefetch may evict only those: their reload is paid anyway, so the load moves ea
     times the LP bound (up to a few seconds on SmolLM2's 63-position pass, where it gains nothing): on Gemma 3 at
     0.5, where the four embedding shards take turns leaving, it moves 1.075x the bound (the proven optimum of 16
     passes: 1.074x) against the one-pass plan's 1.146x.
+  * Where the best is still more than `PLAN_MORE_OVER_BOUND` over the bound and the run's passes are few enough to
+    replay, the optimum of the run's own passes to their end (`pass_plan.horizon_plan`, "N-pass to the end"): a
+    steady state keeps, in the last passes too, what a next pass would need, and the LP bound of a finite run does
+    not. HiGHS's first solution (one node: deterministic, 2-4 s on this CPU for 16 passes of Gemma 3 or SmolLM2).
+    Replayed with the probed prices of real runs (2026-12-07, this CPU): Gemma 3 at 0.8 1.026x the bytes' bound
+    and 1.029x the seconds' (the three-pass plan by time: 1.055x, 1.042x), SmolLM2 at 0.8 1.021x and 1.040x (the
+    size rule chosen before: 1.064x, 1.068x). Forced in real runs (3 rounds): Gemma 3 at 0.8 10.75 tok/s and
+    1.035x the run's bound against 10.74 and 1.055x; SmolLM2 at 0.8 17.76 and 1.021x against 18.25 and 1.064x,
+    static-prefetch 17.94.
 
 Loads are priced in seconds, not bytes, where the run measured them. Every real run probes what a load of each
 block shape takes alone (`link_probe.probe_block_loads`; a simulated run takes latency + bytes / bandwidth from its
@@ -68,7 +77,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 
-from vorch_jax.controller.pass_plan import PassPlan, kept_by_plan, pass_plans
+from vorch_jax.controller.pass_plan import PassPlan, horizon_plan, kept_by_plan, pass_plans
 from vorch_jax.policies.baselines import LET_GO_READS, POSITIONS
 
 CANDIDATE_WINDOWS = (1, 2, 3, 4)
@@ -309,7 +318,8 @@ def _counts(window: int) -> tuple[str, ...]:
 def choose_eviction_rule(pass_blocks, device_bytes, budget, protected, initial, depth, passes,
                          timing: Timing | None = None) -> tuple[Replay, list[Replay], PassPlan | None]:
     """`choose_window` over the size rules and the one-pass plans, and where the candidates' least `cost` exceeds
-    PLAN_MORE_OVER_BOUND times its LP bound on the replayed passes, over the three-pass plans too: the best replay,
+    PLAN_MORE_OVER_BOUND times its LP bound on the replayed passes, over the three-pass plans too, and then the
+    optimum of the run's own passes to their end (where they are at most MAX_REPLAY_PASSES): the best replay,
     every replay, and the plan the best follows (None: a size rule). Under a `timing` the plans include the optimum
     priced in link seconds (`pass_plan.pass_plans`). The tolerance trades cost for time: on Gemma 3 at 0.3 (four
     shards), counting misses, it took the one-pass plan (1.202x the bound, no miss) over a candidate at 1.194x with
@@ -326,4 +336,10 @@ def choose_eviction_rule(pass_blocks, device_bytes, budget, protected, initial, 
         plans += longer
         best, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes, longer,
                                       replays, timing=timing, bounds=bounds)
+    if min(map(cost(timing), replays)) > PLAN_MORE_OVER_BOUND * bound > 0 and passes <= MAX_REPLAY_PASSES:
+        to_end = horizon_plan(pass_blocks, device_bytes, budget, protected, passes, load_cost)
+        if to_end is not None:
+            plans.append(to_end)
+            best, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes,
+                                          [to_end], replays, timing=timing, bounds=bounds)
     return best, replays, {p.name: p for p in plans}.get(best.plan)

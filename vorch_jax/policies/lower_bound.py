@@ -230,6 +230,27 @@ def cyclic_keeps(cycle, device_bytes: dict, budget_bytes: int, *, pinned=frozens
                        device_bytes if load_cost is None else load_cost)
     if problem is None:
         return {}
+    return _keeps(gaps, problem, node_limit, time_limit_s)
+
+
+def horizon_keeps(stream, device_bytes: dict, budget_bytes: int, *, pinned=frozenset(),
+                  load_cost: dict | None = None, node_limit: int = 1, time_limit_s: float = 30.0) -> dict | None:
+    """The integral optimum of `stream` itself, to its end: {(block, t): keep} for every read t whose gap to the
+    block's next read spans another read (a block's last read has none: nothing after it needs it). Unlike
+    `cyclic_keeps`, the decisions of the last passes may differ from the steady state: nothing is kept for a
+    pass that never comes, which lets the passes before the end keep more. The best schedule HiGHS finds within
+    `node_limit` nodes (deterministic); `load_cost` and the result as in `cyclic_keeps`."""
+    stream = list(stream)
+    gaps, first = _gaps(stream, pinned)
+    problem = _problem(stream, gaps, first, device_bytes, budget_bytes, pinned,
+                       device_bytes if load_cost is None else load_cost)
+    if problem is None:
+        return {}
+    return _keeps(gaps, problem, node_limit, time_limit_s)
+
+
+def _keeps(gaps, problem, node_limit: int, time_limit_s: float) -> dict | None:
+    """{(block, start of the gap): keep} of the best integral schedule HiGHS finds for `problem` (`_problem`'s)."""
     res = _integral(*problem, node_limit=node_limit, time_limit=time_limit_s)
     if res.x is None:
         return None
