@@ -9,7 +9,7 @@ from vorch_jax.config import load_config
 from vorch_jax.controller.pass_plan import horizon_plan, pass_plans
 from vorch_jax.controller.prefetch_window import (BYTES_OVER_BOUND, BYTES_TOLERANCE, CANDIDATE_SIZE_POWERS,
                                                   CANDIDATE_WINDOWS, TIME_TOLERANCE, Timing, choose_eviction_rule,
-                                                  choose_window, landing_held, replay)
+                                                  choose_window, landing_held, lower_bounds, replay)
 from vorch_jax.models.gemma import VOCAB_SHARDS
 from vorch_jax.policies.baselines import LET_GO_READS, POSITIONS
 from vorch_jax.policies.lower_bound import lower_bound
@@ -91,6 +91,22 @@ def test_a_load_after_dropping_a_block_of_its_size_is_priced_as_landing_in_held_
     held = ["x", "z"]
     assert landing_held(held, "y", {"x": 2, "y": 2, "z": 1}, 1, timing) and held == ["z"]
     assert not landing_held(held, "y", {"x": 2, "y": 2, "z": 1}, 0, timing) and held == []  # trimmed to the room
+
+
+def test_the_bound_in_seconds_prices_each_load_at_the_cheaper_of_its_probes():
+    """Where a block's fresh-memory probe came out below its held one (probe noise, or a small landing glibc serves
+    from freed heap), a replay prices its first loads there, so the seconds' bound takes the cheaper of the two:
+    no candidate's link seconds fall below it."""
+    size = {"a": 1, "b": 2, "c": 1}
+    timing = Timing({"a": 1.0, "b": 3.0, "c": 1.0}, dict.fromkeys(size, 0.0), fresh_load_s={"a": 0.5, "b": 4.0,
+                                                                                           "c": 2.0})
+    assert timing.cheapest_s() == {"a": 0.5, "b": 3.0, "c": 1.0}
+    blocks = list("abcab")
+    _, seconds = lower_bounds(blocks * 4, size, 3, frozenset(), timing)
+    held_only = lower_bounds(blocks * 4, size, 3, frozenset(), dataclasses.replace(timing, fresh_load_s=None))[1]
+    assert seconds < held_only
+    _, replays = choose_window(blocks, size, 3, frozenset(), ["a", "b"], 1, 4, timing=timing)
+    assert min(r.load_s for r in replays) >= seconds
 
 
 def test_the_timed_choice_is_the_quickest_within_the_bytes_allowed():

@@ -98,6 +98,11 @@ class Timing:
     compute_s: dict  # block -> seconds
     fresh_load_s: dict | None = None  # block -> seconds landing in new memory (None: the run holds no dropped memory)
 
+    def cheapest_s(self) -> dict:
+        """Each block's load at the cheaper of its probes, held or fresh memory: what no replay prices it below."""
+        fresh = self.fresh_load_s or {}
+        return {b: min(s, fresh.get(b, s)) for b, s in self.load_s.items()}
+
     @classmethod
     def at_rate(cls, bytes_per_s: float, device_bytes: dict, compute_s: dict) -> "Timing":
         """Every load priced by its bytes alone, over one link rate."""
@@ -301,11 +306,13 @@ def near_least(replays: list[Replay], measure, bound: float) -> list[Replay]:
 
 def lower_bounds(stream, device_bytes, budget, protected, timing: Timing | None = None) -> tuple[float, float]:
     """The LP lower bounds on the bytes the loads of `stream` move and, under `timing`, on their link seconds (each
-    0 where the LP found none)."""
+    0 where the LP found none), each load priced at the cheaper of its probes (`Timing.cheapest_s`): a replay
+    prices some loads at the fresh-memory probe, and where that probe came out lower (SmolLM2's MLP block,
+    2026-12-07: 0.86 ms fresh against 1.19 held), a bound at the held one would not bound it."""
     from vorch_jax.policies.lower_bound import lower_bound, lower_bound_seconds
 
     bound = lower_bound(stream, device_bytes, budget, pinned=protected)
-    seconds = 0.0 if timing is None else lower_bound_seconds(stream, device_bytes, budget, timing.load_s,
+    seconds = 0.0 if timing is None else lower_bound_seconds(stream, device_bytes, budget, timing.cheapest_s(),
                                                              pinned=protected)
     return (bound.bytes if bound.status == "optimal" else 0.0), seconds or 0.0
 
