@@ -98,10 +98,13 @@ class Timing:
     compute_s: dict  # block -> seconds
     fresh_load_s: dict | None = None  # block -> seconds landing in new memory (None: the run holds no dropped memory)
 
-    def cheapest_s(self) -> dict:
-        """Each block's load at the cheaper of its probes, held or fresh memory: what no replay prices it below."""
-        fresh = self.fresh_load_s or {}
-        return {b: min(s, fresh.get(b, s)) for b, s in self.load_s.items()}
+    def __post_init__(self):
+        """A landing in new memory is never quicker than one in held memory (it allocates, then copies as much); a
+        probe that says so is noise (SmolLM2's MLP block, 2026-12-07: 0.86 ms fresh against 1.19 held), and
+        believed, it would price a plan that mixes sizes below what it costs and below the bound in seconds."""
+        if self.fresh_load_s is not None:
+            object.__setattr__(self, "fresh_load_s", {b: max(s, self.load_s.get(b, s))
+                                                      for b, s in self.fresh_load_s.items()})
 
     @classmethod
     def at_rate(cls, bytes_per_s: float, device_bytes: dict, compute_s: dict) -> "Timing":
@@ -306,13 +309,11 @@ def near_least(replays: list[Replay], measure, bound: float) -> list[Replay]:
 
 def lower_bounds(stream, device_bytes, budget, protected, timing: Timing | None = None) -> tuple[float, float]:
     """The LP lower bounds on the bytes the loads of `stream` move and, under `timing`, on their link seconds (each
-    0 where the LP found none), each load priced at the cheaper of its probes (`Timing.cheapest_s`): a replay
-    prices some loads at the fresh-memory probe, and where that probe came out lower (SmolLM2's MLP block,
-    2026-12-07: 0.86 ms fresh against 1.19 held), a bound at the held one would not bound it."""
+    0 where the LP found none), each load priced at its held-memory probe, the cheaper of the two (`Timing`)."""
     from vorch_jax.policies.lower_bound import lower_bound, lower_bound_seconds
 
     bound = lower_bound(stream, device_bytes, budget, pinned=protected)
-    seconds = 0.0 if timing is None else lower_bound_seconds(stream, device_bytes, budget, timing.cheapest_s(),
+    seconds = 0.0 if timing is None else lower_bound_seconds(stream, device_bytes, budget, timing.load_s,
                                                              pinned=protected)
     return (bound.bytes if bound.status == "optimal" else 0.0), seconds or 0.0
 
