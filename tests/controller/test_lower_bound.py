@@ -3,6 +3,7 @@ never above the exact optimum (brute force over eviction choices on tiny streams
 the integral optimum (the same problem solved in whole blocks) equal to that brute force."""
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -201,3 +202,12 @@ def test_the_cyclic_optimum_keeps_pinned_blocks_out_of_its_choices_and_refuses_w
     assert {b for b, _ in keeps} == {"b", "c"} and sum(keeps.values()) == 0  # a's 2 beside the read leave no room
     with pytest.raises(ValueError, match="cannot fit"):
         cyclic_keeps("abc", size, 2, pinned=frozenset({"a"}))
+
+
+def test_what_the_solver_prints_to_file_descriptor_1_is_dropped_and_the_descriptor_restored(capfd):
+    from vorch_jax.policies.lower_bound import _stdout_silenced
+
+    with _stdout_silenced():
+        os.write(1, b"from C++\n")
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out == "after\n"

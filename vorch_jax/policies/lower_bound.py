@@ -26,8 +26,11 @@ on its longest prefix that fits (loads are non-negative, so a prefix's bound bou
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import sys
 import time
 
 import numpy as np
@@ -161,11 +164,33 @@ def integral_optimum(stream, device_bytes: dict, budget_bytes: int, *, pinned=fr
 
 def _integral(A, b_ub, reload, scale, **options):
     """HiGHS's branch and bound over the problem of `_problem` with integral y (keep a gap or not): maximise the
-    reloads saved."""
+    reloads saved. HiGHS's C++ prints a debugging line to the process's stdout on some problems whatever `disp`
+    says ("HighsMipSolverData::transformNewIntegerFeasibleSolution", 18 of them in a Gemma 3 bench's results,
+    2026-12-07), so the solve runs with file descriptor 1 pointed at /dev/null (`_stdout_silenced`)."""
     from scipy.optimize import Bounds, LinearConstraint, milp
 
-    return milp(-reload / scale, constraints=LinearConstraint(A, -np.inf, b_ub), integrality=np.ones(len(reload)),
-                bounds=Bounds(0, 1), options={**options, "mip_rel_gap": 1e-6})
+    with _stdout_silenced():
+        return milp(-reload / scale, constraints=LinearConstraint(A, -np.inf, b_ub),
+                    integrality=np.ones(len(reload)), bounds=Bounds(0, 1), options={**options, "mip_rel_gap": 1e-6})
+
+
+@contextlib.contextmanager
+def _stdout_silenced():
+    """File descriptor 1 points at /dev/null within (Python's own stdout flushed first); where the process has no
+    such descriptor (an embedding host), nothing changes."""
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load, access_bytes=None):
