@@ -50,12 +50,13 @@ prefetch may evict only those: their reload is paid anyway, so the load moves ea
   * Where the best is still more than `PLAN_MORE_OVER_BOUND` over the bound and the run's passes are few enough to
     replay, the optimum of the run's own passes to their end (`pass_plan.horizon_plan`, "N-pass to the end"): a
     steady state keeps, in the last passes too, what a next pass would need, and the LP bound of a finite run does
-    not. HiGHS's first solution (one node: deterministic, 2-4 s on this CPU for 16 passes of Gemma 3 or SmolLM2).
+    not. HiGHS's first solution (one node: deterministic, 2-4 s on this CPU for 16 passes of Gemma 3 or SmolLM2);
+    each block's last read lets it go, so the last pass's prefetches find victims (kept, they missed 9-16 times).
     Replayed with the probed prices of real runs (2026-12-07, this CPU): Gemma 3 at 0.8 1.026x the bytes' bound
     and 1.029x the seconds' (the three-pass plan by time: 1.055x, 1.042x), SmolLM2 at 0.8 1.021x and 1.040x (the
-    size rule chosen before: 1.064x, 1.068x). Forced in real runs (3 rounds): Gemma 3 at 0.8 10.75 tok/s and
-    1.035x the run's bound against 10.74 and 1.055x; SmolLM2 at 0.8 17.76 and 1.021x against 18.25 and 1.064x,
-    static-prefetch 17.94.
+    size rule chosen before: 1.064x, 1.068x). Forced in real runs (3 rounds, last reads still kept): Gemma 3 at
+    0.8 10.75 tok/s and 1.035x the run's bound against 10.74 and 1.055x; SmolLM2 at 0.8 17.76 and 1.021x against
+    18.25 and 1.064x, static-prefetch 17.94.
 
 Loads are priced in seconds, not bytes, where the run measured them. Every real run probes what a load of each
 block shape takes alone (`link_probe.probe_block_loads`; a simulated run takes latency + bytes / bandwidth from its
