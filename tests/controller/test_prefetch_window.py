@@ -8,8 +8,9 @@ import pytest
 from vorch_jax.config import load_config
 from vorch_jax.controller.pass_plan import horizon_plan, pass_plans
 from vorch_jax.controller.prefetch_window import (BYTES_OVER_BOUND, BYTES_TOLERANCE, CANDIDATE_SIZE_POWERS,
-                                                  CANDIDATE_WINDOWS, TIME_TOLERANCE, Timing, choose_eviction_rule,
-                                                  choose_window, landing_held, lower_bounds, replay)
+                                                  CANDIDATE_WINDOWS, TIME_TOLERANCE, TO_END_MIN_SAVING, Timing,
+                                                  choose_eviction_rule, choose_window, landing_held, lower_bounds,
+                                                  replay)
 from vorch_jax.models.gemma import VOCAB_SHARDS
 from vorch_jax.policies.baselines import LET_GO_READS, POSITIONS
 from vorch_jax.policies.lower_bound import lower_bound
@@ -275,29 +276,38 @@ def test_on_gemma_at_four_fifths_the_choice_keeps_the_plans_large_blocks_and_str
     """Gemma 3 looking up every shard each pass, at 0.8: the one-pass steady state keeps a fixed set (about 1.04x
     the bound); the optimum of 16 passes keeps the embedding shards and rotates which layer blocks stream. The
     candidate that follows the plan for the shards and lets every smaller block go, furthest next read first, moves
-    within 1.03x, with misses; the optimum of the run's own passes to their end (`horizon_plan`) moves within 0.1%
-    of it without one, and is chosen."""
+    within 1.03x, and is chosen."""
     args = pass_of("gemma3-270m", 0.8, every_lookup=True)
     best, replays, plan = choose_eviction_rule(*args, depth=2, passes=16)
     bound = bound_of(args)
-    streams = [r for r in replays if "streams" in r.plan]
-    assert streams and min(r.bytes_moved for r in streams) <= 1.03 * bound
-    assert plan is not None and plan.to_end and best.plan == plan.name
-    assert best.bytes_moved <= 1.03 * bound and best.misses < min(streams, key=lambda r: r.bytes_moved).misses
+    assert plan is not None and plan.streamed_below > 0 and best.plan == plan.name
+    assert best.bytes_moved <= 1.03 * bound
     fixed = [r for r in replays if r.plan == pass_plans(*args[:4])[0].name]
     assert fixed and min(r.bytes_moved for r in fixed) > 1.03 * bound
 
 
-@pytest.mark.parametrize("budget", [0.5, 0.8])
-def test_on_gemma_the_optimum_of_the_runs_own_passes_moves_less_than_any_steady_state(budget):
-    """Gemma 3's pass (sixteen 42 MB shards, layer blocks of 6.6-15.7 MB), 16 passes: every steady-state candidate
-    keeps, in the last passes too, what a next pass would need; the optimum of the run's own passes
-    (`horizon_plan`) does not, and its replay moves fewer bytes than every other candidate's (measured: 1.016 /
-    1.025x the LP bound at 0.5 / 0.8, against 1.026 / 1.032x), and the choice follows it."""
-    args = pass_of("gemma3-270m", budget)
+def test_on_gemma_at_half_the_bytes_the_optimum_of_the_runs_own_passes_moves_less_than_any_steady_state():
+    """Gemma 3's pass (sixteen 42 MB shards, layer blocks of 6.6-15.7 MB) at 0.5, 16 passes: every steady-state
+    candidate keeps, in the last passes too, what a next pass would need; the optimum of the run's own passes
+    (`horizon_plan`) does not, and its replay moves fewer bytes than every other candidate's (measured: 1.016x the
+    LP bound against 1.026x), and the choice follows it."""
+    args = pass_of("gemma3-270m", 0.5)
+    best, replays, plan = choose_eviction_rule(*args, depth=2, passes=16)
+    steady = [r for r in replays if not r.plan.endswith("to the end")]
+    assert plan is not None and plan.to_end and plan.passes == 16 and best.plan == plan.name
+    assert best.bytes_moved < min(r.bytes_moved for r in steady)
+    assert best.bytes_moved <= 1.03 * bound_of(args)
+
+
+def test_the_optimum_to_the_end_is_followed_only_where_it_saves_a_share_of_the_bytes():
+    """At 0.8 the plan to the end also moves less than every steady-state candidate (1.025x the LP bound against
+    1.032x), but its candidate the choice would take saves less than TO_END_MIN_SAVING against the choice without
+    it: the choice stays (the constant's comment
+    has what following it cost on SmolLM2)."""
+    args = pass_of("gemma3-270m", 0.8)
     best, replays, plan = choose_eviction_rule(*args, depth=2, passes=16)
     to_end = [r for r in replays if r.plan.endswith("to the end")]
     steady = [r for r in replays if not r.plan.endswith("to the end")]
-    assert to_end and plan is not None and plan.to_end and plan.passes == 16 and best.plan == plan.name
-    assert best.bytes_moved < min(r.bytes_moved for r in steady)
-    assert best.bytes_moved <= 1.03 * bound_of(args)
+    assert to_end and min(r.bytes_moved for r in to_end) < min(r.bytes_moved for r in steady)
+    assert not (plan and plan.to_end)  # its candidate without a miss, the one the choice among its own takes:
+    assert min(r.bytes_moved for r in to_end if not r.misses) > (1 - TO_END_MIN_SAVING) * best.bytes_moved
