@@ -66,9 +66,8 @@ def test_where_loads_cost_seconds_not_bytes_the_choice_follows_the_plan_priced_i
     blocks, size = list("Labcd"), {"L": 6, "a": 3, "b": 3, "c": 3, "d": 3}
     timing = Timing({"L": 1.0, "a": 10.0, "b": 10.0, "c": 10.0, "d": 10.0}, dict.fromkeys(size, 0.1))
     best, replays, plan = choose_eviction_rule(blocks, size, 15, frozenset(), blocks, 1, 8, timing=timing)
-    least = min(r.load_s for r in replays)
-    assert best.load_s <= (1 + BYTES_TOLERANCE) * least and best.load_s < min(r.load_s for r in replays
-                                                                            if r.plan == "1-pass")
+    steady = [r for r in replays if not r.plan.endswith("to the end")]  # the plan to the end: its own test below
+    assert best.load_s == min(r.load_s for r in steady) < min(r.load_s for r in replays if r.plan == "1-pass")
     assert best.bytes_moved > min(r.bytes_moved for r in replays)
     assert plan is not None and plan.by_time and best.plan == plan.name  # the three-pass one: it rotates the small
     # block that goes (1-pass by time: 11 s a pass)
