@@ -62,17 +62,24 @@ def test_where_loads_cost_seconds_not_bytes_the_choice_follows_the_plan_priced_i
     """A 6-byte block beside four 3-byte ones, room for 15, a small block's load taking ten times the large one's
     (as on this CPU a small block lands at half the rate per byte, `link_probe.probe_block_loads`): the optimum by
     bytes lets two small blocks go each pass (6 bytes, 20 s), the optimum by seconds the large one and one small
-    one (9 bytes, 11 s). Priced in seconds, the choice follows a plan priced in seconds: more bytes, less link time."""
+    one (9 bytes, 11 s). Priced in seconds, the choice follows a plan priced in seconds: among the steady states, the
+    quickest on the link moves more bytes than the fewest-bytes one. The run's 8 passes to their end, priced in
+    seconds, need no steady state's compromise here: least link time (112 s) and least bytes at once."""
     blocks, size = list("Labcd"), {"L": 6, "a": 3, "b": 3, "c": 3, "d": 3}
     timing = Timing({"L": 1.0, "a": 10.0, "b": 10.0, "c": 10.0, "d": 10.0}, dict.fromkeys(size, 0.1))
     best, replays, plan = choose_eviction_rule(blocks, size, 15, frozenset(), blocks, 1, 8, timing=timing)
-    steady = [r for r in replays if not r.plan.endswith("to the end")]  # the plan to the end: its own test below
-    assert best.load_s == min(r.load_s for r in steady) < min(r.load_s for r in replays if r.plan == "1-pass")
-    assert best.bytes_moved > min(r.bytes_moved for r in replays)
-    assert plan is not None and plan.by_time and best.plan == plan.name  # the three-pass one: it rotates the small
-    # block that goes (1-pass by time: 11 s a pass)
-    bytes_best, _, bytes_plan = choose_eviction_rule(blocks, size, 15, frozenset(), blocks, 1, 8)  # no timing
-    assert bytes_best.bytes_moved == min(r.bytes_moved for r in replays) and not (bytes_plan and bytes_plan.by_time)
+    steady = [r for r in replays if "to the end" not in r.plan]
+    quickest = min(steady, key=lambda r: (r.load_s, r.bytes_moved))
+    assert quickest.load_s < min(r.load_s for r in replays if r.plan == "1-pass")
+    assert quickest.plan == "3-pass by time" and quickest.bytes_moved > min(r.bytes_moved for r in steady)  # it
+    # rotates the small block that goes (1-pass by time: 11 s a pass)
+    assert best.load_s == min(r.load_s for r in replays) < quickest.load_s
+    assert best.bytes_moved == min(r.bytes_moved for r in replays)
+    assert plan is not None and plan.by_time and plan.to_end and best.plan == plan.name
+    bytes_best, bytes_replays, bytes_plan = choose_eviction_rule(blocks, size, 15, frozenset(), blocks, 1, 8)  # no
+    # timing: the fewest bytes, by a plan priced in bytes
+    assert bytes_best.bytes_moved == min(r.bytes_moved for r in bytes_replays)
+    assert not (bytes_plan and bytes_plan.by_time)
 
 
 def test_a_load_after_dropping_a_block_of_its_size_is_priced_as_landing_in_held_memory():
@@ -292,21 +299,27 @@ def test_on_gemma_at_half_the_bytes_the_optimum_of_the_runs_own_passes_moves_les
     LP bound against 1.026x), and the choice follows it."""
     args = pass_of("gemma3-270m", 0.5)
     best, replays, plan = choose_eviction_rule(*args, depth=2, passes=16)
-    steady = [r for r in replays if not r.plan.endswith("to the end")]
+    steady = [r for r in replays if "to the end" not in r.plan]
     assert plan is not None and plan.to_end and plan.passes == 16 and best.plan == plan.name
     assert best.bytes_moved < min(r.bytes_moved for r in steady)
     assert best.bytes_moved <= 1.03 * bound_of(args)
 
 
-def test_the_optimum_to_the_end_is_followed_only_where_it_saves_a_share_of_the_bytes():
+def test_the_optimum_to_the_end_is_followed_only_where_it_saves_a_share_of_the_bytes(monkeypatch):
     """At 0.8 the plan to the end also moves less than every steady-state candidate (1.025x the LP bound against
-    1.032x), but its candidate the choice would take saves less than TO_END_MIN_SAVING against the choice without
-    it: the choice stays (the constant's comment
-    has what following it cost on SmolLM2)."""
+    1.037x for the choice without it): its candidate without a miss saves 1.2%, so it is followed at the default
+    TO_END_MIN_SAVING (1%) and not where the share asked is 2% (the constant's comment has what following it cost
+    on SmolLM2)."""
+    import vorch_jax.controller.prefetch_window as pw
+
     args = pass_of("gemma3-270m", 0.8)
     best, replays, plan = choose_eviction_rule(*args, depth=2, passes=16)
-    to_end = [r for r in replays if r.plan.endswith("to the end")]
-    steady = [r for r in replays if not r.plan.endswith("to the end")]
+    to_end = [r for r in replays if "to the end" in r.plan]
+    steady = [r for r in replays if "to the end" not in r.plan]
     assert to_end and min(r.bytes_moved for r in to_end) < min(r.bytes_moved for r in steady)
-    assert not (plan and plan.to_end)  # its candidate without a miss, the one the choice among its own takes:
-    assert min(r.bytes_moved for r in to_end if not r.misses) > (1 - TO_END_MIN_SAVING) * best.bytes_moved
+    assert plan is not None and plan.to_end and best.plan == plan.name and not best.misses
+    monkeypatch.setattr(pw, "TO_END_MIN_SAVING", 0.02)
+    held_back, _, steady_plan = choose_eviction_rule(*args, depth=2, passes=16)
+    assert not (steady_plan and steady_plan.to_end) and "to the end" not in held_back.plan
+    saving = 1 - best.bytes_moved / held_back.bytes_moved
+    assert TO_END_MIN_SAVING <= saving < 0.02

@@ -145,8 +145,8 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
     too. With a `timing`, the replay also keeps a clock from the end of the initial placement: a load starts when
     it is issued and the link is free, a read waits for its block to land, then computes."""
     stream = list(pass_blocks) * passes
-    known = stream + list(pass_blocks)  # a dense cursor knows the next pass: the ledger prefetches into it and
-    # orders victims by their reads there
+    known = stream + list(pass_blocks)  # a dense cursor knows the next pass: the ledger orders victims by their
+    # reads there, and prefetches into it except after the run's last pass (`PassCursor.ahead`)
     reads: dict[str, list[int]] = {}
     for t, b in enumerate(known):
         reads.setdefault(b, []).append(t)
@@ -218,7 +218,7 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
 
     for t, b in enumerate(stream):
         if b not in on:
-            if not make_room(b, t, frozenset(known[t:t + depth + 1]), True):
+            if not make_room(b, t, frozenset(stream[t:t + depth + 1]), True):
                 raise ValueError(f"block '{b}' does not fit in the budget beside the protected blocks")
             issue(b)
             misses += 1
@@ -232,11 +232,11 @@ def replay(pass_blocks: list[str], device_bytes: dict, budget: int, protected, i
         for computed in (False, True):  # before the position computes, and again once its block may leave
             if computed and timing is not None:
                 now += timing.compute_s[b]
-            for j in range(1, depth + 1):
-                u = known[t + j]
+            for j in range(1, min(depth, len(stream) - 1 - t) + 1):
+                u = stream[t + j]
                 if u in on:
                     continue
-                keep = frozenset(known[t + 1:t + j + 1] if computed else known[t:t + j + 1])
+                keep = frozenset(stream[t + 1:t + j + 1] if computed else stream[t:t + j + 1])
                 if not make_room(u, t, keep, False, position=t + computed,
                                  recent=n_let_go if computed else before):
                     break

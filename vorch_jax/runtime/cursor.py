@@ -10,6 +10,10 @@ pass touching every block), one pass more for an expert its router just passed o
 A pass over given tokens runs the skeleton's positions that read them (`ModelSpec.pass_positions`: a vocabulary
 shard's lookup only where the shard holds one of the tokens); the next pass's tokens are not known while this one
 runs, so what is known of it is `every_pass`, the positions every pass runs.
+
+The run's last pass (a generation's last token) has no next pass: what lies beyond it still orders victims (a block
+not read again this pass is as far away as its slot says), but nothing beyond it is prefetched (`ahead`). Before
+2026-12-07 every prefetching policy loaded one or two blocks at the end of a run for a pass that never came.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class PassCursor:
         self.routed = bool(self.route_of_layer)
         self._next_known = self._to_first_route(self.every_pass)
         self.passes = -1  # passes begun, less one: the index of the running pass (0: the first)
+        self.last = False  # whether the running pass is the run's last (`begin_pass`)
         self._start(None)
 
     def _indices_in_skeleton(self, positions) -> list[int]:
@@ -61,9 +66,11 @@ class PassCursor:
                 yield from self.spec.experts(p.layer, np.ones(self.spec.n_experts, bool))
 
     # ------------------------------------------------------------------ walking a pass
-    def begin_pass(self, ids_BxT=None) -> None:
-        """A pass over the token ids `ids_BxT` begins (None: every skeleton position runs)."""
+    def begin_pass(self, ids_BxT=None, last: bool = False) -> None:
+        """A pass over the token ids `ids_BxT` begins (None: every skeleton position runs); `last`: no pass follows
+        it in the run (nothing beyond it is prefetched)."""
         self.passes += 1
+        self.last = bool(last)
         self._start(ids_BxT)
 
     def _start(self, ids_BxT) -> None:
@@ -76,6 +83,7 @@ class PassCursor:
         self.current = None
         self.unselected = set()  # experts of the current routed layer its router did not choose
         self._known = None
+        self._this_pass = 0  # of the known positions, those in the running pass (`known`)
         self._resolved = False
 
     @property
@@ -115,7 +123,8 @@ class PassCursor:
         return position.op == "mlp" or (position.op == "expert" and not self._experts)
 
     # ------------------------------------------------------------------ what is known
-    def _iter_known(self):
+    def _iter_known(self, next_pass: bool = True):
+        """What is known to follow, in order; `next_pass` False: only what lies in the running pass."""
         yield from self._experts
         if self.current is not None and self.current.op == "route" and not self._resolved:
             return  # its choice is not made yet: nothing beyond it is known
@@ -125,13 +134,16 @@ class PassCursor:
             if p.op == "route":
                 cut = p
                 break
-        if cut is None:  # nothing unresolved in this pass: the next pass is known up to its first router
+        if cut is None and next_pass:  # nothing unresolved in this pass: the next pass is known up to its first
+            self._reached_next = True  # router
             yield from self._next_known
 
     def known(self) -> list:
         """The positions known to follow the current one, in order (see the module docstring)."""
         if self._known is None:
+            self._reached_next = False
             self._known = list(self._iter_known())
+            self._this_pass = len(self._known) - (len(self._next_known) if self._reached_next else 0)
             self._uses = {}  # `next_uses` of this position, block by block (the eviction order asks repeatedly)
             self._known_index = {}
             for k, p in enumerate(self._known):
@@ -147,11 +159,11 @@ class PassCursor:
         return self._known_index
 
     def ahead(self, depth: int) -> list[str]:
-        """The blocks of the next `depth` known positions."""
+        """The blocks of the next `depth` known positions: what prefetching reads (none past the run's last pass)."""
         if self._known is not None:
-            return [p.block for p in self._known[:depth]]
+            return [p.block for p in self._known[:min(depth, self._this_pass) if self.last else depth]]
         out = []
-        for p in self._iter_known():
+        for p in self._iter_known(next_pass=not self.last):
             if len(out) == depth:
                 break
             out.append(p.block)

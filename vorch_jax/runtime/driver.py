@@ -54,11 +54,12 @@ class Driver:
         self.passes = 0
         self.routing: list[list] = []  # [pass][layer] -> expert ids its router chose (routed plans)
 
-    def forward(self, ids_BxT, cache, pos: int):
-        """One pass; returns (logits [B, T, V] float32, cache) on the real backend, (None, None) simulated."""
+    def forward(self, ids_BxT, cache, pos: int, last: bool = False):
+        """One pass; returns (logits [B, T, V] float32, cache) on the real backend, (None, None) simulated. `last`:
+        the run has no pass after this one, so nothing is prefetched for one (`PassCursor.ahead`)."""
         cursor, res, be = self.cursor, self.residency, self.backend
         be.begin_pass(ids_BxT, cache, pos, self.passes)
-        cursor.begin_pass(ids_BxT)
+        cursor.begin_pass(ids_BxT, last)
         res.begin_pass(np.shape(ids_BxT)[1])
         chosen = [[] for _ in cursor.route_of_layer] if cursor.routed else None
         while (p := cursor.next()) is not None:
@@ -95,17 +96,18 @@ class Driver:
 
 
 def greedy_generate(driver: Driver, prompt_ids: list[int], new_tokens: int, dtype, on_step=None) -> Generation:
-    """Prefill then greedy decode through the driver; the clock is the backend's."""
+    """Prefill then greedy decode through the driver; the clock is the backend's. The pass of the last token is the
+    run's last: nothing is prefetched past it."""
     be = driver.backend
     cache = be.new_cache(len(prompt_ids) + new_tokens, dtype)
     marks = [be.now()]
-    logits, cache = driver.forward(np.asarray([prompt_ids]), cache, 0)
+    logits, cache = driver.forward(np.asarray([prompt_ids]), cache, 0, last=new_tokens == 1)
     nxt = be.next_token(logits)
     marks.append(be.now())
     tokens = [nxt]
     pos = len(prompt_ids)
-    for _ in range(new_tokens - 1):
-        logits, cache = driver.forward(np.asarray([[nxt]]), cache, pos)
+    for k in range(new_tokens - 1):
+        logits, cache = driver.forward(np.asarray([[nxt]]), cache, pos, last=k == new_tokens - 2)
         nxt = be.next_token(logits)
         marks.append(be.now())
         tokens.append(nxt)
