@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -169,9 +170,9 @@ def noise(runs: dict) -> str:
 
 
 def machine_line() -> str:
-    """What ran a bench: the backend and device, jax, and whether the heap used huge pages."""
+    """What ran a bench: the backend and device, jax, whether the heap used huge pages, and the glibc tunables."""
     return (f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, huge-page heap "
-            f"{'on' if huge_page_heap() else 'off'}")
+            f"{'on' if huge_page_heap() else 'off'}, GLIBC_TUNABLES {os.environ.get('GLIBC_TUNABLES') or '(none)'}")
 
 
 def main(argv=None):
