@@ -8,12 +8,9 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO := runs/demo
 
-# On a CPU backend the device's memory is this process's heap. glibc backs it with transparent huge pages, serves
-# every allocation from it (no mmap: a freed 42 MB block's pages stay mapped for the next one) and hands back only
-# what lies free beyond 1 GiB at its top: a block landing in new memory then reuses pages a dropped block freed
-# instead of faulting fresh ones in (tiers/host_memory.py; experiments/results/host_copy_rates.txt).
-HEAP_TUNABLES := glibc.malloc.hugetlb=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=1073741824
-export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)$(HEAP_TUNABLES)
+# glibc backs the heap with transparent huge pages: on a CPU backend a landed block is a fresh allocation, which
+# the copy otherwise faults in 4 KB at a time (tiers/host_memory.py; experiments/results/host_copy_rates.txt).
+export GLIBC_TUNABLES := $(if $(GLIBC_TUNABLES),$(GLIBC_TUNABLES):)glibc.malloc.hugetlb=1
 
 .PHONY: setup demo test check-install lock clean
 
