@@ -114,7 +114,8 @@ def main() -> int:
             lines += device_table({"mesh": {"per_device": rows}})
             lines.append("")
     text = "\n".join(lines)
-    print(text, flush=True)  # before the interpreter's teardown: a two-process run under pytest once returned status 0 with an empty stdout
+    print(text, flush=True)  # before the interpreter's teardown: under pytest a two-process run once returned
+    # status 0 with an empty stdout (2026-12-07, cause not found)
     if a.write:
         (ROOT / "experiments" / "results" / "mesh_real.txt").write_text(text + "\n")
     return 0

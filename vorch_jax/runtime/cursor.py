@@ -84,6 +84,7 @@ class PassCursor:
         self.unselected = set()  # experts of the current routed layer its router did not choose
         self._known = None
         self._this_pass = 0  # of the known positions, those in the running pass (`known`)
+        self._reached_next = False  # whether the last walk of what is known reached into the next pass
         self._resolved = False
 
     @property
@@ -134,8 +135,8 @@ class PassCursor:
             if p.op == "route":
                 cut = p
                 break
-        if cut is None and next_pass:  # nothing unresolved in this pass: the next pass is known up to its first
-            self._reached_next = True  # router
+        if cut is None and next_pass:  # nothing unresolved in this pass: the next pass is known to its first router
+            self._reached_next = True
             yield from self._next_known
 
     def known(self) -> list:
