@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from vorch_jax.config import load_config  # noqa: E402
@@ -46,7 +44,7 @@ from vorch_jax.errors import ConfigError, VorchError  # noqa: E402
 from vorch_jax.runtime.reference import resident_reference  # noqa: E402
 from vorch_jax.runtime.run import run  # noqa: E402
 from vorch_jax.runtime.setup import build_setup  # noqa: E402
-from vorch_jax.tiers.host_memory import huge_page_heap  # noqa: E402
+from vorch_jax.versions import environment  # noqa: E402
 
 POLICIES = ("static", "static-prefetch", "lru", "scored", "belady")
 
@@ -170,9 +168,11 @@ def noise(runs: dict) -> str:
 
 
 def machine_line() -> str:
-    """What ran a bench: the backend and device, jax, whether the heap used huge pages, and the glibc tunables."""
-    return (f"{jax.default_backend()} ({jax.devices()[0].device_kind}), jax {jax.__version__}, huge-page heap "
-            f"{'on' if huge_page_heap() else 'off'}, GLIBC_TUNABLES {os.environ.get('GLIBC_TUNABLES') or '(none)'}")
+    """What ran a bench: the backend and device, jax, whether the heap used huge pages, and the glibc tunables (as
+    every summary's `versions` records them)."""
+    env = environment()
+    return (f"{env['backend']} ({', '.join(env['devices'])}), jax {env['jax']}, huge-page heap "
+            f"{'on' if env['huge_page_heap'] else 'off'}, GLIBC_TUNABLES {env['glibc_tunables'] or '(none)'}")
 
 
 def main(argv=None):
