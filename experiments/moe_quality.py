@@ -219,15 +219,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--eval-tokens", type=int, help="evaluate on BOS + this many KJV tokens (default: the config's)")
     ap.add_argument("--no-distill", action="store_true",
                     help="the same partition and routers without the distilled corrections (distill_steps: 0)")
+    ap.add_argument("--no-refit", action="store_true",
+                    help="the same partition and routers without the refitted w_down (refit_lambda: 0)")
     args = ap.parse_args(argv)
     rcfg = mb.load_router_config(args.config)
     if args.eval_tokens is not None:
         if args.eval_tokens < 1:
             raise RouterConfigError(f"--eval-tokens must be >= 1, got {args.eval_tokens}")
         rcfg = dataclasses.replace(rcfg, eval_tokens=args.eval_tokens)
-    window_cfg = rcfg  # the held-out windows lie after the distilled build's training text, --no-distill or not
-    if args.no_distill:
-        rcfg = dataclasses.replace(rcfg, distill_steps=0)
+    window_cfg = rcfg  # the held-out windows lie after the full build's training text, --no-distill/refit or not
+    if args.no_distill or args.no_refit:
+        plain = {"distill_steps": 0} if args.no_distill else {}
+        if args.no_refit:
+            plain["refit_lambda"] = 0.0
+        out_dir = rcfg.out_dir and rcfg.out_dir.rstrip("/") + "-plain"  # a config's own store keeps the full build
+        rcfg = dataclasses.replace(rcfg, out_dir=out_dir, **plain)
 
     src = load_smollm2_source()
     cfg = src.config
@@ -251,6 +257,10 @@ def main(argv=None) -> dict:
             print(f"distillation: {rcfg.distill_steps} steps, rank {rcfg.distill_rank} ({deltas.nbytes / 2**20:.1f} MiB"
                   f" of corrections), KL(dense || MoE) {kl[0][1]:.3f} at step {kl[0][0]} -> {kl[-1][1]:.3f} at step "
                   f"{kl[-1][0]}, {s['distill_seconds']:.0f} s")
+        if "refit_error_after_L" in s:
+            print(f"refit w_down: λ {rcfg.refit_lambda:g} on {rcfg.refit_seqs} x {rcfg.calib_seq_len} tokens, relative"
+                  f" MLP output error at top-{rcfg.target_top_k} mean {np.mean(s['refit_error_before_L']):.3f} -> "
+                  f"{np.mean(s['refit_error_after_L']):.3f}, {s['refit_seconds']:.0f} s")
 
     E, L = rcfg.n_experts, cfg.n_layers
     ms = moe.moe_source(src, partition, routers, deltas)

@@ -170,7 +170,7 @@ class MoESource:
     source); a per-expert store (the tiers' S4) holds exactly the shares.
 
     A distilled MoE (`deltas`, `moe_distill.MLPDeltas`) adds each layer's low-rank corrections to its dense MLP
-    when that MLP is read, before any slicing: the blocks keep their shapes and their byte shares, and the
+    when that MLP is read, before any slicing (a refitted one, `moe_refit.DownRefit`, replaces its w_down there): the blocks keep their shapes and their byte shares, and the
     corrections (held in memory beside the routers, 12 MB at rank 16) are not counted as reads, unlike the
     routers, which every gate read counts.
     """

@@ -1,12 +1,13 @@
 """Build the MoE SmolLM2: balanced k-means expert partition, routers trained with optax (`moe_store` keeps it).
 
-Partition: per layer, balanced spherical k-means on each neuron's weight vector [w_gate[:, n]; w_up[:, n]] (2D
-floats). Chosen over co-activation clustering because it needs no calibration pass (the partition is a function
-of the weights and the seed alone, so routers trained on different texts share it) and is cheap; co-activation
-would group neurons that fire together, but measured on SmolLM2 it barely helps: on held-out KJV tokens of layers
-0, 5, 13, 20, 28 the oracle top-2 of 8 experts carry 29-40 % of the activation mass (|act|·‖w_down row‖) with
-this partition and 31-43 % with balanced k-means on co-activation profiles (top-4: 55-63 % vs 56-67 %). SwiGLU
-activations here are dense, so any k < E drops much of each MLP's output (see experiments/moe_quality.py).
+Partition (`partition_by`): per layer, balanced spherical k-means over the neurons, on either
+- "weights": each neuron's weight vector [w_gate[:, n]; w_up[:, n]] (2D floats), a function of the weights and the
+  seed alone; or
+- "coactivation": each neuron's activation mass profile over the calibration tokens, |act_n(t)|·‖w_down[n]‖, so
+  neurons that fire on the same tokens share an expert (MoEfication's grouping; the issue's ask).
+Co-activation groups better on SmolLM2 (its routers learn their targets more surely, and the routed model's
+ppl is lower: experiments/results/moe_quality_coact_refit.txt beside moe_quality_shared60.txt). SwiGLU activations
+here are dense, so any k < E drops much of each MLP's output (see experiments/moe_quality.py).
 Balance: each Lloyd step assigns greedily by decreasing cosine similarity under a capacity of F/E per expert, so
 every expert has exactly F/E neurons. Deterministic for a fixed seed (numpy RNG, stable sorts).
 
@@ -22,7 +23,8 @@ the `target_top_k` experts carrying the most activation mass Σ_{n in e} |silu(h
 against the multi-hot target / k). All layers train at once (vmap), full batch, adam; fixed seed ⇒ identical
 routers.
 
-Where the config asks (`distill_steps` > 0), `moe_store.build_or_load` then distils the dense model's logits into
+Where the config asks, `moe_store.build_or_load` then refits each layer's w_down by least squares
+(`refit_lambda` > 0, `moe_refit.py`, about two minutes) or distils the dense model's logits into
 low-rank MLP corrections (`moe_distill.py`); storing and loading a built MoE is `moe_store.py`'s.
 
 The router config (`configs/moe/router.yaml`) has its own small schema, validated as strictly as `RunConfig`:
@@ -47,6 +49,7 @@ from .block_ids import layer_block_id
 from .errors import MoEError, RouterConfigError
 from .moe import ExpertPartition, Routers
 
+PARTITIONS = ("weights", "coactivation")  # RouterConfig.partition_by: what k-means clusters the neurons by
 MOE_MODELS = {"smollm2-135m-moe": "smollm2-135m",  # MoE model key -> the dense model it is built from
               "smollm2-135m-moe-shared": "smollm2-135m"}
 
@@ -79,6 +82,9 @@ class RouterConfig:
     distill_batch: int = 4
     distill_seqs: int = 256  # calibration sequences of calib_seq_len the distillation draws its batches from
     distill_learning_rate: float = 2.0e-3
+    partition_by: str = "weights"  # "weights" (k-means on [w_gate; w_up] columns) or "coactivation" (on activations)
+    refit_lambda: float = 0.0  # > 0: refit each layer's w_down by least squares, this ridge (models/moe_refit.py)
+    refit_seqs: int = 96  # calibration sequences of calib_seq_len the refit solves over (from the distillation's pool)
 
     def training_key(self) -> dict:
         """What a stored result must agree on to be reused (evaluation keys excluded; the distillation's keys only
@@ -86,6 +92,10 @@ class RouterConfig:
         skip = {"log_every", "out_dir", "eval_tokens", "eval_top_ks", "eval_windows"}
         if not self.distill_steps:
             skip |= {k for k in dataclasses.asdict(self) if k.startswith("distill_") and k != "distill_steps"}
+        if not self.refit_lambda:
+            skip |= {"refit_seqs"}
+        if self.refit_lambda:  # the refit draws from the distillation's pool of sequences
+            skip -= {"distill_seqs"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -96,7 +106,7 @@ def _check_router_config(cfg: RouterConfig, where: str) -> RouterConfig:
     if cfg.model not in MOE_MODELS:
         raise bad("model", f"must be one of {sorted(MOE_MODELS)}, got {cfg.model!r}")
     for key in ("n_experts", "kmeans_iters", "target_top_k", "calib_tokens", "calib_seq_len", "steps", "log_every",
-                "eval_tokens", "distill_rank", "distill_batch", "distill_seqs"):
+                "eval_tokens", "distill_rank", "distill_batch", "distill_seqs", "refit_seqs"):
         if getattr(cfg, key) < 1:
             raise bad(key, f"must be >= 1, got {getattr(cfg, key)}")
     for key in ("seed", "calib_char_offset", "distill_steps", "eval_windows"):
@@ -105,6 +115,16 @@ def _check_router_config(cfg: RouterConfig, where: str) -> RouterConfig:
     for key in ("learning_rate", "distill_learning_rate"):
         if not getattr(cfg, key) > 0:
             raise bad(key, f"must be > 0, got {getattr(cfg, key)}")
+    if cfg.partition_by not in PARTITIONS:
+        raise bad("partition_by", f"must be one of {', '.join(PARTITIONS)}, got {cfg.partition_by!r}")
+    if not cfg.refit_lambda >= 0:
+        raise bad("refit_lambda", f"must be >= 0 (0: no refit), got {cfg.refit_lambda}")
+    if cfg.refit_lambda and cfg.distill_steps:
+        raise bad("refit_lambda", "and distill_steps cannot both be set yet (a distillation starts from the dense "
+                                  "weights): set one of them to 0")
+    if cfg.refit_lambda and cfg.refit_seqs > cfg.distill_seqs:
+        raise bad("refit_seqs", f"must be <= distill_seqs ({cfg.distill_seqs}), the pool it draws from, got "
+                                f"{cfg.refit_seqs}")
     if cfg.distill_batch > cfg.distill_seqs:
         raise bad("distill_batch", f"must be <= distill_seqs ({cfg.distill_seqs}), got {cfg.distill_batch}")
     if not 0.0 <= cfg.shared_fraction < 1.0:
@@ -250,20 +270,27 @@ def balanced_kmeans(x_NxK: np.ndarray, n_clusters: int, seed: int, iters: int) -
     return assign
 
 
-def partition_layer(dense_mlp: dict, n_experts: int, seed: int, iters: int, shared_Fs=None) -> np.ndarray:
-    """int32 [E, Fe]: neuron ids per expert (sorted), from the [gate col; up col] vectors of one dense MLP, over
-    the neurons not in `shared_Fs`."""
+def partition_layer(dense_mlp: dict, n_experts: int, seed: int, iters: int, shared_Fs=None, h_NxD=None) -> np.ndarray:
+    """int32 [E, Fe]: neuron ids per expert (sorted), over the neurons not in `shared_Fs`: balanced k-means on each
+    neuron's [gate col; up col] weights, or, given the calibration hidden states `h_NxD`, on its activation mass
+    profile over those tokens, |silu(h·g_n)·(h·u_n)|·‖w_down[n]‖ (co-activation: neurons that fire on the same
+    tokens share an expert)."""
     F = dense_mlp["w_gate"].shape[1]
     rest = np.setdiff1d(np.arange(F), np.asarray([] if shared_Fs is None else shared_Fs, np.int64))
-    feats_FxK = np.concatenate([dense_mlp["w_gate"].T[rest], dense_mlp["w_up"].T[rest]], axis=1)
+    if h_NxD is None:
+        feats_FxK = np.concatenate([dense_mlp["w_gate"].T[rest], dense_mlp["w_up"].T[rest]], axis=1)
+    else:
+        act_NxF = np.abs(np.asarray(jax.nn.silu(h_NxD @ dense_mlp["w_gate"]) * (h_NxD @ dense_mlp["w_up"])))
+        feats_FxK = act_NxF[:, rest].T * np.linalg.norm(np.asarray(dense_mlp["w_down"])[rest], axis=1)[:, None]
     assign = balanced_kmeans(feats_FxK, n_experts, seed, iters)
     return np.stack([rest[assign == e] for e in range(n_experts)]).astype(np.int32)
 
 
 def build_partition(dense_source, n_experts: int, seed: int, iters: int, layers=None,
-                    shared_LxFs: np.ndarray | None = None) -> ExpertPartition:
+                    shared_LxFs: np.ndarray | None = None, h_LxNxD: np.ndarray | None = None) -> ExpertPartition:
     """Partition every layer (or only `layers`, the others keep neurons in order: for fast tests) into experts
-    over the neurons outside the shared part `shared_LxFs` (None: no shared part)."""
+    over the neurons outside the shared part `shared_LxFs` (None: no shared part); by co-activation on the
+    calibration hidden states `h_LxNxD` where given, else by weights (`partition_layer`)."""
     cfg = dense_source.config
     fs = 0 if shared_LxFs is None else shared_LxFs.shape[1]
     if (cfg.d_ff - fs) % n_experts:
@@ -273,7 +300,8 @@ def build_partition(dense_source, n_experts: int, seed: int, iters: int, layers=
     for i in range(cfg.n_layers):
         shared = None if shared_LxFs is None else shared_LxFs[i]
         if layers is None or i in layers:
-            out[i] = partition_layer(dense_source(layer_block_id(i, "mlp")), n_experts, seed + i, iters, shared)
+            out[i] = partition_layer(dense_source(layer_block_id(i, "mlp")), n_experts, seed + i, iters, shared,
+                                     None if h_LxNxD is None else h_LxNxD[i])
         else:
             out[i] = np.setdiff1d(np.arange(cfg.d_ff), [] if shared is None else shared).reshape(n_experts, fe)
     return ExpertPartition(out, shared_LxFs).check(cfg.n_layers, cfg.d_ff)
@@ -407,7 +435,8 @@ def held_out_windows(tokenizer, text: str, bos: int, cfg: RouterConfig) -> tuple
 
 def calibration_chars(cfg: RouterConfig) -> int:
     """How many corpus characters `calibration_ids` needs (a generous 8 chars per token)."""
-    tokens = max(cfg.calib_tokens, cfg.distill_seqs * cfg.calib_seq_len if cfg.distill_steps else 0)
+    pool = cfg.distill_steps or cfg.refit_lambda  # the distillation's (or the refit's) pool of sequences
+    tokens = max(cfg.calib_tokens, cfg.distill_seqs * cfg.calib_seq_len if pool else 0)
     return cfg.calib_char_offset + 8 * tokens + 1000
 
 
@@ -428,10 +457,11 @@ def build_moe(dense_source, tokenizer, text: str, bos: int, cfg: RouterConfig, *
     shared = None if not n_shared else np.stack([choose_shared(blocks[layer_block_id(i, "mlp")], h_LxNxD[i], n_shared)
                                                  for i in range(mcfg.n_layers)])
     t0 = time.perf_counter()
-    partition = build_partition(dense_source, cfg.n_experts, cfg.seed, cfg.kmeans_iters, layers, shared)
+    partition = build_partition(dense_source, cfg.n_experts, cfg.seed, cfg.kmeans_iters, layers, shared,
+                                h_LxNxD if cfg.partition_by == "coactivation" else None)
     t_part = time.perf_counter() - t0
     say(f"partition: {mcfg.n_layers} layers × {cfg.n_experts} experts of {partition.neurons_LxExFe.shape[2]} neurons"
-        f"{f' + {n_shared} shared' if n_shared else ''} ({t_part:.1f} s)")
+        f"{f' + {n_shared} shared' if n_shared else ''}, by {cfg.partition_by} ({t_part:.1f} s)")
     t1 = time.perf_counter()
     mass_LxNxE = np.stack([np.asarray(expert_mass(blocks[layer_block_id(i, "mlp")], partition.neurons_LxExFe[i],
                                                   h_LxNxD[i])) for i in range(mcfg.n_layers)])

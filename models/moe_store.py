@@ -21,6 +21,7 @@ from .errors import MoEError
 from .moe import ExpertPartition, Routers
 from .moe_build import MOE_MODELS, RouterConfig, build_moe, calibration_chars, calibration_ids, shared_neurons
 from .moe_distill import MLPDeltas, distill
+from .moe_refit import DownRefit, refit_down
 from .user_cache import cache_root
 
 FORMAT_VERSION = 1
@@ -28,8 +29,10 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "shipped" / "moe"
 
 
 def store_name(cfg: RouterConfig) -> str:
-    """`{model}-E{n_experts}`, `-distilled` added where the config distils: the two never share a store."""
-    return f"{cfg.model}-E{cfg.n_experts}" + ("-distilled" if cfg.distill_steps else "")
+    """`{model}-E{n_experts}`, `-distilled` or `-refit` added where the config distils or refits w_down: the three
+    never share a store."""
+    return f"{cfg.model}-E{cfg.n_experts}" + ("-distilled" if cfg.distill_steps else "-refit" if cfg.refit_lambda
+                                               else "")
 
 
 def default_store_dir(cfg: RouterConfig) -> Path:
@@ -53,9 +56,9 @@ def _expected_meta(dense_config, cfg: RouterConfig) -> dict:
 
 
 def save_moe(store_dir: str | Path, dense_config, cfg: RouterConfig, partition: ExpertPartition,
-             routers: Routers, stats: dict | None = None, deltas: MLPDeltas | None = None) -> Path:
-    """Write `meta.json` and an orbax checkpoint `state/` (neurons, router_w, router_b; shared and the MLP
-    corrections where they exist) under store_dir."""
+             routers: Routers, stats: dict | None = None, deltas: MLPDeltas | DownRefit | None = None) -> Path:
+    """Write `meta.json` and an orbax checkpoint `state/` (neurons, router_w, router_b; shared and the MLP edit,
+    the distilled corrections or the refitted w_down, where they exist) under store_dir."""
     import orbax.checkpoint as ocp
 
     store_dir = Path(store_dir).expanduser().absolute()
@@ -65,7 +68,7 @@ def save_moe(store_dir: str | Path, dense_config, cfg: RouterConfig, partition: 
     if partition.shared_LxFs is not None:
         tree["shared"] = np.asarray(partition.shared_LxFs, np.int32)
     if deltas is not None:
-        tree["delta"] = deltas.tree()
+        tree["refit" if isinstance(deltas, DownRefit) else "delta"] = deltas.tree()
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(store_dir / "state", tree, force=True)
     meta = _expected_meta(dense_config, cfg)
@@ -76,7 +79,7 @@ def save_moe(store_dir: str | Path, dense_config, cfg: RouterConfig, partition: 
 
 
 def load_moe(store_dir: str | Path, dense_config,
-             cfg: RouterConfig) -> tuple[ExpertPartition, Routers, MLPDeltas | None]:
+             cfg: RouterConfig) -> tuple[ExpertPartition, Routers, MLPDeltas | DownRefit | None]:
     """Read a stored MoE; MoEError (naming what differs) if it was built for another model, shape or training."""
     import orbax.checkpoint as ocp
 
@@ -116,6 +119,14 @@ def load_moe(store_dir: str | Path, dense_config,
                                                               dense_config.d_ff)
         except MoEError as e:
             raise MoEError(f"stored MoE at {store_dir}: {e}; rebuild it") from None
+    if cfg.refit_lambda:
+        if "refit" not in tree:
+            raise MoEError(f"stored MoE at {store_dir} holds no refitted w_down, the config refits it: rebuild it")
+        try:
+            deltas = DownRefit.from_tree(tree["refit"]).check(dense_config.n_layers, dense_config.d_model,
+                                                              dense_config.d_ff)
+        except MoEError as e:
+            raise MoEError(f"stored MoE at {store_dir}: {e}; rebuild it") from None
     return partition, routers.check(dense_config.n_layers, dense_config.d_model, cfg.n_experts), deltas
 
 
@@ -128,9 +139,10 @@ def _load_or_error(store_dir: Path, dense_config, cfg: RouterConfig):
 
 
 def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig, *, rebuild: bool = False,
-                  eval_fn=None, say=print) -> tuple[ExpertPartition, Routers, MLPDeltas | None]:
+                  eval_fn=None, say=print) -> tuple[ExpertPartition, Routers, MLPDeltas | DownRefit | None]:
     """The stored MoE for `cfg` (cache, then shipped; a mismatching cache store with no matching shipped one
-    raises), else build and store it.
+    raises), else build and store it. The third element is the MLP edit `moe.moe_source` applies: the distilled
+    corrections, the refitted w_down, or None.
 
     `text_fn(max_chars) -> str` supplies calibration text (e.g. `vorch_jax.corpus.kjv_text`); models/ does not
     import the corpus itself. `eval_fn(partition, routers) -> (delta_tree -> str)`, if given, reports held-out
@@ -165,6 +177,11 @@ def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig,
                                steps=cfg.distill_steps, rank=cfg.distill_rank, batch=cfg.distill_batch,
                                learning_rate=cfg.distill_learning_rate, seed=cfg.seed,
                                eval_fn=eval_fn(partition, routers) if eval_fn else None, say=say)
+        stats.update(more)
+    elif cfg.refit_lambda:
+        ids = calibration_ids(tokenizer, text, bos, cfg, n_seq=cfg.distill_seqs)[:cfg.refit_seqs]
+        deltas, more = refit_down(dense_source, partition, routers, ids, top_k=cfg.target_top_k,
+                                  lam=cfg.refit_lambda, say=say)
         stats.update(more)
     save_moe(store, dense_source.config, cfg, partition, routers, stats, deltas)
     say(f"stored MoE in {store}")
