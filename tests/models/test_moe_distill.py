@@ -16,34 +16,8 @@ from vorch_jax.models import moe_distill as md
 from vorch_jax.models import moe_store as store
 from vorch_jax.models.errors import MoEError, RouterConfigError
 
-E, LAYERS = 8, 2
+E, LAYERS = 8, 2  # tests/models/conftest.py's two and parts
 IDS = jnp.asarray([[0, 1030, 15, 1100, 28, 355, 17, 9, 4400, 312, 12, 60]], jnp.int32)
-
-
-class _TwoLayers:
-    """The real model's first two layers as a dense source."""
-
-    def __init__(self, source):
-        self.source, self.config = source, dataclasses.replace(source.config, n_layers=LAYERS)
-
-    def __call__(self, block_id):
-        return self.source(block_id)
-
-
-@pytest.fixture(scope="module")
-def two(smollm2_source):
-    return _TwoLayers(smollm2_source)
-
-
-@pytest.fixture(scope="module")
-def parts(two):
-    cfg = two.config
-    rng = np.random.default_rng(0)
-    shared = np.stack([np.sort(rng.choice(cfg.d_ff, 32, replace=False)).astype(np.int32) for _ in range(LAYERS)])
-    partition = mb.build_partition(two, E, seed=0, iters=3, shared_LxFs=shared)
-    routers = moe.Routers(rng.normal(size=(LAYERS, cfg.d_model, E)).astype(np.float32),
-                          np.zeros((LAYERS, E), np.float32))
-    return partition, routers
 
 
 def _rel(a, b):

@@ -2,7 +2,7 @@
 least squares pulled toward the dense w_down, a refit lowers each layer's output error and keeps every block's
 shape, the store keeps it, and co-activation groups neurons that fire on the same tokens.
 
-Two-layer truncations of the real SmolLM2, a shared part of 32 neurons, 8 experts (as test_moe_distill.py).
+Two-layer truncations of the real SmolLM2, a shared part of 32 neurons, 8 experts (tests/models/conftest.py).
 """
 
 import dataclasses
@@ -17,32 +17,8 @@ from vorch_jax.models import moe_refit as mr
 from vorch_jax.models import moe_store as store
 from vorch_jax.models.errors import MoEError, RouterConfigError
 
-E, LAYERS = 8, 2
+E, LAYERS = 8, 2  # tests/models/conftest.py's two and parts
 SHARED_32 = 1 / 48  # shared_neurons: round(f * 1536 / 16) * 16 = 32
-
-
-class _TwoLayers:
-    def __init__(self, source):
-        self.source, self.config = source, dataclasses.replace(source.config, n_layers=LAYERS)
-
-    def __call__(self, block_id):
-        return self.source(block_id)
-
-
-@pytest.fixture(scope="module")
-def two(smollm2_source):
-    return _TwoLayers(smollm2_source)
-
-
-@pytest.fixture(scope="module")
-def parts(two):
-    cfg = two.config
-    rng = np.random.default_rng(0)
-    shared = np.stack([np.sort(rng.choice(cfg.d_ff, 32, replace=False)).astype(np.int32) for _ in range(LAYERS)])
-    partition = mb.build_partition(two, E, seed=0, iters=3, shared_LxFs=shared)
-    routers = moe.Routers(rng.normal(size=(LAYERS, cfg.d_model, E)).astype(np.float32),
-                          np.zeros((LAYERS, E), np.float32))
-    return partition, routers
 
 
 @pytest.fixture(scope="module")
