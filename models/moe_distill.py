@@ -111,6 +111,17 @@ def stacked_weights(dense_source, partition, routers) -> dict:
             "shared": jnp.asarray(shared_LxF), "experts": jnp.asarray(experts_LxExF)}
 
 
+def kept_activations(h_BxTxD, w_gate, w_up, router_w, router_b, shared_F, experts_ExF, top_k: int):
+    """(act ⊙ keep, act), [B, T, F]: the SwiGLU activations and those each token keeps at run time, the shared
+    neurons and its top_k experts' by the runtime's rule (top_k of the router's probabilities, `moe.moe_route`);
+    top_k = 0 keeps every neuron."""
+    act_BxTxF = jax.nn.silu(h_BxTxD @ w_gate) * (h_BxTxD @ w_up)
+    if not top_k:
+        return act_BxTxF, act_BxTxF
+    chose_BxTxE = topk_mask(jax.nn.softmax(h_BxTxD @ router_w + router_b, axis=-1), top_k).astype(jnp.float32)
+    return act_BxTxF * jnp.maximum(chose_BxTxE @ experts_ExF, shared_F), act_BxTxF
+
+
 def routed_logits(cfg, weights: dict, delta: dict | None, ids_BxT, top_k: int):
     """float32 [B, T, V]: the MoE model (dense MLPs plus `delta`, each token running the shared neurons and its
     top_k experts' neurons) on a fresh sequence; `top_k` = 0 runs every neuron (the dense model when `delta` is
@@ -126,11 +137,8 @@ def routed_logits(cfg, weights: dict, delta: dict | None, ids_BxT, top_k: int):
         wg, wu, wd = mlp["w_gate"], mlp["w_up"], mlp["w_down"]
         if d is not None:
             wg, wu, wd = wg + d["ga"] @ d["gb"], wu + d["ua"] @ d["ub"], wd + d["da"] @ d["db"]
-        act_BxTxF = jax.nn.silu(h @ wg) * (h @ wu)
-        if top_k:  # the runtime's rule: top_k of the router's probabilities (`moe.moe_route`)
-            chose_BxTxE = topk_mask(jax.nn.softmax(h @ rw + rb, axis=-1), top_k).astype(jnp.float32)
-            act_BxTxF = act_BxTxF * jnp.maximum(chose_BxTxE @ experts_ExF, shared_F)
-        return x + act_BxTxF @ wd, None
+        kept_BxTxF, _ = kept_activations(h, wg, wu, rw, rb, shared_F, experts_ExF, top_k)
+        return x + kept_BxTxF @ wd, None
 
     xs = (weights["attn"], weights["mlp"], weights["router_w"], weights["router_b"], weights["shared"],
           weights["experts"], delta)

@@ -33,8 +33,7 @@ import numpy as np
 from . import llama_layers as Lay
 from .block_ids import layer_block_id
 from .errors import MoEError
-from .moe import topk_mask
-from .moe_distill import neuron_masks
+from .moe_distill import kept_activations, neuron_masks
 
 SEQS_PER_BATCH = 8  # calibration sequences run at once (memory: activations of 8 x T x F float32)
 
@@ -75,11 +74,9 @@ def ridge_solve(gram_FxF, cross_FxD, w0_FxD, lam: float):
 
 
 def _kept(mlp, router_w, router_b, shared_F, experts_ExF, x_BxTxD, top_k: int, eps: float):
-    """(act ⊙ keep [B, T, F], act [B, T, F]): the dense activations and those each token keeps at run time."""
+    """(act ⊙ keep [B, T, F], act [B, T, F]) of the dense MLP on the residual x: what each token keeps at run time."""
     h = Lay.rms_norm(x_BxTxD, mlp["ffn_norm"], eps)
-    act = jax.nn.silu(h @ mlp["w_gate"]) * (h @ mlp["w_up"])
-    chose_BxTxE = topk_mask(jax.nn.softmax(h @ router_w + router_b, axis=-1), top_k).astype(jnp.float32)
-    return act * jnp.maximum(chose_BxTxE @ experts_ExF, shared_F), act
+    return kept_activations(h, mlp["w_gate"], mlp["w_up"], router_w, router_b, shared_F, experts_ExF, top_k)
 
 
 def refit_down(dense_source, partition, routers, ids_NxT: np.ndarray, *, top_k: int, lam: float,
