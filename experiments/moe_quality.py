@@ -105,12 +105,12 @@ def oracle_forward(cfg, blocks, ids_BxT, top_k: int):
 oracle_forward_jit = jax.jit(oracle_forward, static_argnames=("cfg", "top_k"))
 
 
-def distill_progress(src, rcfg, ids_T: np.ndarray):
+def distill_progress(rcfg, ids_T: np.ndarray):
     """`build_or_load`'s eval_fn: during a distillation, the top-`target_top_k` ppl on the evaluation text."""
 
-    def for_moe(partition, routers):
-        weights = moe_distill.stacked_weights(src, partition, routers)
-        run = jax.jit(lambda w, d, ids: moe_distill.routed_logits(src.config, w, d, ids, rcfg.target_top_k))
+    def for_moe(source, partition, routers):
+        weights = moe_distill.stacked_weights(source, partition, routers)
+        run = jax.jit(lambda w, d, ids: moe_distill.routed_logits(source.config, w, d, ids, rcfg.target_top_k))
 
         def report(delta) -> str:
             logits = np.asarray(run(weights, delta, jnp.asarray(ids_T[None]))[0])
@@ -244,7 +244,7 @@ def main(argv=None) -> dict:
     ids_T = np.asarray([bos] + text_ids[: rcfg.eval_tokens], np.int32)
     ids = jnp.asarray(ids_T[None])
     partition, routers, deltas = store.build_or_load(src, tok, lambda n: kjv_text(max_chars=n), bos, rcfg,
-                                                     rebuild=args.rebuild, eval_fn=distill_progress(src, rcfg, ids_T))
+                                                     rebuild=args.rebuild, eval_fn=distill_progress(rcfg, ids_T))
     print(f"build/load: {time.perf_counter() - t0:.1f} s")
     meta = json.loads((store.store_in_use(rcfg) / "meta.json").read_text())
     if "stats" in meta:
@@ -254,9 +254,10 @@ def main(argv=None) -> dict:
               f"{np.mean(s['recall_L']):.3f}")
         if "distill_kl" in s:
             kl = s["distill_kl"]
-            print(f"distillation: {rcfg.distill_steps} steps, rank {rcfg.distill_rank} ({deltas.nbytes / 2**20:.1f} MiB"
-                  f" of corrections), KL(dense || MoE) {kl[0][1]:.3f} at step {kl[0][0]} -> {kl[-1][1]:.3f} at step "
-                  f"{kl[-1][0]}, {s['distill_seconds']:.0f} s")
+            corrections = getattr(deltas, "deltas", deltas)  # the distilled part of a refit-then-distilled edit
+            print(f"distillation: {rcfg.distill_steps} steps, rank {rcfg.distill_rank} "
+                  f"({corrections.nbytes / 2**20:.1f} MiB of corrections), KL(dense || MoE) {kl[0][1]:.3f} at step "
+                  f"{kl[0][0]} -> {kl[-1][1]:.3f} at step {kl[-1][0]}, {s['distill_seconds']:.0f} s")
         if "refit_error_after_L" in s:
             print(f"refit w_down: λ {rcfg.refit_lambda:g} on {rcfg.refit_seqs} x {rcfg.calib_seq_len} tokens, relative"
                   f" MLP output error at top-{rcfg.target_top_k} mean {np.mean(s['refit_error_before_L']):.3f} -> "

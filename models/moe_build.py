@@ -24,8 +24,9 @@ against the multi-hot target / k). All layers train at once (vmap), full batch, 
 routers.
 
 Where the config asks, `moe_store.build_or_load` then refits each layer's w_down by least squares
-(`refit_lambda` > 0, `moe_refit.py`, about two minutes) or distils the dense model's logits into
-low-rank MLP corrections (`moe_distill.py`); storing and loading a built MoE is `moe_store.py`'s.
+(`refit_lambda` > 0, `moe_refit.py`, about two minutes) and/or distils the dense model's logits into
+low-rank MLP corrections (`moe_distill.py`, on top of the refit where both are asked); storing and loading a
+built MoE is `moe_store.py`'s.
 
 The router config (`configs/moe/router.yaml`) has its own small schema, validated as strictly as `RunConfig`:
 unknown keys, keys set twice and wrong types fail with one line naming the key and the file.
@@ -83,7 +84,8 @@ class RouterConfig:
     distill_seqs: int = 256  # calibration sequences of calib_seq_len the distillation draws its batches from
     distill_learning_rate: float = 2.0e-3
     partition_by: str = "weights"  # "weights" (k-means on [w_gate; w_up] columns) or "coactivation" (on activations)
-    refit_lambda: float = 0.0  # > 0: refit each layer's w_down by least squares, this ridge (models/moe_refit.py)
+    refit_lambda: float = 0.0  # > 0: refit each layer's w_down by least squares, this ridge (models/moe_refit.py);
+    # a distillation (distill_steps > 0) then starts from the refitted weights
     refit_seqs: int = 96  # calibration sequences of calib_seq_len the refit solves over (from the distillation's pool)
 
     def training_key(self) -> dict:
@@ -119,9 +121,6 @@ def _check_router_config(cfg: RouterConfig, where: str) -> RouterConfig:
         raise bad("partition_by", f"must be one of {', '.join(PARTITIONS)}, got {cfg.partition_by!r}")
     if not cfg.refit_lambda >= 0:
         raise bad("refit_lambda", f"must be >= 0 (0: no refit), got {cfg.refit_lambda}")
-    if cfg.refit_lambda and cfg.distill_steps:
-        raise bad("refit_lambda", "and distill_steps cannot both be set yet (a distillation starts from the dense "
-                                  "weights): set one of them to 0")
     if cfg.refit_lambda and cfg.refit_seqs > cfg.distill_seqs:
         raise bad("refit_seqs", f"must be <= distill_seqs ({cfg.distill_seqs}), the pool it draws from, got "
                                 f"{cfg.refit_seqs}")

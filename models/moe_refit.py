@@ -31,9 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import llama_layers as Lay
-from .block_ids import layer_block_id
+from .block_ids import layer_block_id, parse_block_id
 from .errors import MoEError
-from .moe_distill import kept_activations, neuron_masks
+from .moe_distill import MLPDeltas, kept_activations, neuron_masks
 
 SEQS_PER_BATCH = 8  # calibration sequences run at once (memory: activations of 8 x T x F float32)
 
@@ -64,6 +64,40 @@ class DownRefit:
     def merged(self, layer: int, mlp: dict) -> dict:
         """A dense MLP block's leaves with this layer's w_down replaced (the other leaves as they are)."""
         return dict(mlp, w_down=self.w_down_LxFxD[layer])
+
+
+@dataclasses.dataclass(frozen=True)
+class RefitThenDeltas:
+    """The refit, then low-rank corrections distilled on top of it: one MLP edit (`MoESource`), applied in order."""
+
+    refit: DownRefit
+    deltas: MLPDeltas
+
+    @property
+    def nbytes(self) -> int:
+        return self.refit.nbytes + self.deltas.nbytes
+
+    def check(self, n_layers: int, d_model: int, d_ff: int) -> "RefitThenDeltas":
+        self.refit.check(n_layers, d_model, d_ff)
+        self.deltas.check(n_layers, d_model, d_ff)
+        return self
+
+    def merged(self, layer: int, mlp: dict) -> dict:
+        return self.deltas.merged(layer, self.refit.merged(layer, mlp))
+
+
+class RefitSource:
+    """A dense block source with each layer's w_down refitted: what a distillation on top of a refit starts from
+    (`moe_distill.distill` reads `config` and blocks; nothing else)."""
+
+    def __init__(self, dense_source, refit: DownRefit):
+        self.dense, self.config = dense_source, dense_source.config
+        self.refit = refit.check(self.config.n_layers, self.config.d_model, self.config.d_ff)
+
+    def __call__(self, block_id: str) -> dict:
+        part, layer, _ = parse_block_id(block_id)
+        out = self.dense(block_id)
+        return self.refit.merged(layer, out) if part == "mlp" else out
 
 
 def ridge_solve(gram_FxF, cross_FxD, w0_FxD, lam: float):

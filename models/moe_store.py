@@ -21,7 +21,7 @@ from .errors import MoEError
 from .moe import ExpertPartition, Routers
 from .moe_build import MOE_MODELS, RouterConfig, build_moe, calibration_chars, calibration_ids, shared_neurons
 from .moe_distill import MLPDeltas, distill
-from .moe_refit import DownRefit, refit_down
+from .moe_refit import DownRefit, RefitSource, RefitThenDeltas, refit_down
 from .user_cache import cache_root
 
 FORMAT_VERSION = 1
@@ -67,7 +67,9 @@ def save_moe(store_dir: str | Path, dense_config, cfg: RouterConfig, partition: 
             "router_w": np.asarray(routers.w_LxDxE, np.float32), "router_b": np.asarray(routers.b_LxE, np.float32)}
     if partition.shared_LxFs is not None:
         tree["shared"] = np.asarray(partition.shared_LxFs, np.int32)
-    if deltas is not None:
+    if isinstance(deltas, RefitThenDeltas):
+        tree["refit"], tree["delta"] = deltas.refit.tree(), deltas.deltas.tree()
+    elif deltas is not None:
         tree["refit" if isinstance(deltas, DownRefit) else "delta"] = deltas.tree()
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(store_dir / "state", tree, force=True)
@@ -123,10 +125,11 @@ def load_moe(store_dir: str | Path, dense_config,
         if "refit" not in tree:
             raise MoEError(f"stored MoE at {store_dir} holds no refitted w_down, the config refits it: rebuild it")
         try:
-            deltas = DownRefit.from_tree(tree["refit"]).check(dense_config.n_layers, dense_config.d_model,
-                                                              dense_config.d_ff)
+            refit = DownRefit.from_tree(tree["refit"]).check(dense_config.n_layers, dense_config.d_model,
+                                                             dense_config.d_ff)
         except MoEError as e:
             raise MoEError(f"stored MoE at {store_dir}: {e}; rebuild it") from None
+        deltas = refit if deltas is None else RefitThenDeltas(refit, deltas)
     return partition, routers.check(dense_config.n_layers, dense_config.d_model, cfg.n_experts), deltas
 
 
@@ -139,13 +142,15 @@ def _load_or_error(store_dir: Path, dense_config, cfg: RouterConfig):
 
 
 def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig, *, rebuild: bool = False,
-                  eval_fn=None, say=print) -> tuple[ExpertPartition, Routers, MLPDeltas | DownRefit | None]:
+                  eval_fn=None,
+                  say=print) -> tuple[ExpertPartition, Routers, MLPDeltas | DownRefit | RefitThenDeltas | None]:
     """The stored MoE for `cfg` (cache, then shipped; a mismatching cache store with no matching shipped one
     raises), else build and store it. The third element is the MLP edit `moe.moe_source` applies: the distilled
     corrections, the refitted w_down, or None.
 
     `text_fn(max_chars) -> str` supplies calibration text (e.g. `vorch_jax.corpus.kjv_text`); models/ does not
-    import the corpus itself. `eval_fn(partition, routers) -> (delta_tree -> str)`, if given, reports held-out
+    import the corpus itself. `eval_fn(source, partition, routers) -> (delta_tree -> str)` (source: the dense one,
+    or the refitted one a distillation starts from), if given, reports held-out
     quality during the distillation.
     """
     store, shipped = default_store_dir(cfg), SHIPPED_DIR / store_name(cfg)
@@ -168,21 +173,24 @@ def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig,
         say(f"the shipped MoE does not fit this config, building instead ({found})")
     text = text_fn(calibration_chars(cfg))
     partition, routers, stats = build_moe(dense_source, tokenizer, text, bos, cfg, say=say)
-    deltas = None
+    refit = deltas = None
+    if cfg.refit_lambda:
+        ids = calibration_ids(tokenizer, text, bos, cfg, n_seq=cfg.distill_seqs)[:cfg.refit_seqs]
+        refit, more = refit_down(dense_source, partition, routers, ids, top_k=cfg.target_top_k,
+                                 lam=cfg.refit_lambda, say=say)
+        stats.update(more)
     if cfg.distill_steps:
+        base = dense_source if refit is None else RefitSource(dense_source, refit)
         ids = calibration_ids(tokenizer, text, bos, cfg, n_seq=cfg.distill_seqs)
         say(f"distilling the dense model into the top-{cfg.target_top_k} MoE: {cfg.distill_steps} steps of "
-            f"{cfg.distill_batch} x {cfg.calib_seq_len} tokens, rank {cfg.distill_rank}")
-        deltas, more = distill(dense_source, partition, routers, ids, top_k=cfg.target_top_k,
+            f"{cfg.distill_batch} x {cfg.calib_seq_len} tokens, rank {cfg.distill_rank}"
+            f"{', on top of the refit' if refit is not None else ''}")
+        deltas, more = distill(base, partition, routers, ids, top_k=cfg.target_top_k,
                                steps=cfg.distill_steps, rank=cfg.distill_rank, batch=cfg.distill_batch,
                                learning_rate=cfg.distill_learning_rate, seed=cfg.seed,
-                               eval_fn=eval_fn(partition, routers) if eval_fn else None, say=say)
+                               eval_fn=eval_fn(base, partition, routers) if eval_fn else None, say=say)
         stats.update(more)
-    elif cfg.refit_lambda:
-        ids = calibration_ids(tokenizer, text, bos, cfg, n_seq=cfg.distill_seqs)[:cfg.refit_seqs]
-        deltas, more = refit_down(dense_source, partition, routers, ids, top_k=cfg.target_top_k,
-                                  lam=cfg.refit_lambda, say=say)
-        stats.update(more)
+    deltas = refit if deltas is None else deltas if refit is None else RefitThenDeltas(refit, deltas)
     save_moe(store, dense_source.config, cfg, partition, routers, stats, deltas)
     say(f"stored MoE in {store}")
     return partition, routers, deltas

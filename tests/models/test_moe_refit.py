@@ -13,11 +13,13 @@ import pytest
 
 from vorch_jax.models import moe
 from vorch_jax.models import moe_build as mb
+from vorch_jax.models import moe_distill as md
 from vorch_jax.models import moe_refit as mr
 from vorch_jax.models import moe_store as store
 from vorch_jax.models.errors import MoEError, RouterConfigError
 
 E, LAYERS = 8, 2  # tests/models/conftest.py's two and parts
+IDS = jnp.asarray([[0, 1030, 15, 1100, 28, 355, 17, 9, 4400, 312, 12, 60]], jnp.int32)
 SHARED_32 = 1 / 48  # shared_neurons: round(f * 1536 / 16) * 16 = 32
 
 
@@ -74,6 +76,47 @@ def test_store_keeps_the_refit_and_refuses_a_store_without_it(tmp_path, two, par
         store.load_moe(where_plain, two.config, cfg)
 
 
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _small_deltas(cfg, rank=4, scale=0.02):
+    rng = np.random.default_rng(5)
+    shapes = {"ga": (cfg.d_model, rank), "gb": (rank, cfg.d_ff), "ua": (cfg.d_model, rank), "ub": (rank, cfg.d_ff),
+              "da": (cfg.d_ff, rank), "db": (rank, cfg.d_model)}
+    return md.MLPDeltas.from_tree({k: scale * rng.normal(size=(LAYERS,) + s) for k, s in shapes.items()})
+
+
+def _runtime_logits(two, parts, edit):
+    ms = moe.moe_source(two, *parts, edit)
+    return moe.moe_forward(two.config, {b: ms(b) for b in moe.moe_block_ids(LAYERS, E)}, IDS, top_k=2)
+
+
+def test_a_distillation_on_top_trains_the_refitted_model(two, parts, refit):
+    """The distillation's forward over the refitted source is the runtime's refitted MoE; with corrections, the
+    runtime's MoE of the refit then the corrections."""
+    weights = md.stacked_weights(mr.RefitSource(two, refit[0]), *parts)
+    start = md.routed_logits(two.config, weights, None, IDS, 2)
+    assert _rel(start, _runtime_logits(two, parts, refit[0])) < 1e-5
+    assert _rel(start, _runtime_logits(two, parts, None)) > 1e-3
+    deltas = _small_deltas(two.config)
+    tree = {k: jnp.asarray(v) for k, v in deltas.tree().items()}
+    both = md.routed_logits(two.config, weights, tree, IDS, 2)
+    assert _rel(both, _runtime_logits(two, parts, mr.RefitThenDeltas(refit[0], deltas))) < 1e-5
+    assert _rel(both, start) > 1e-3
+
+
+def test_store_keeps_the_refit_and_the_corrections_on_top(tmp_path, two, parts, refit):
+    cfg = mb.RouterConfig(out_dir=str(tmp_path / "b"), shared_fraction=SHARED_32, refit_lambda=0.03,
+                          distill_steps=5, distill_rank=4)
+    edit = mr.RefitThenDeltas(refit[0], _small_deltas(two.config))
+    got = store.load_moe(store.save_moe(store.default_store_dir(cfg), two.config, cfg, *parts, None, edit),
+                         two.config, cfg)[2]
+    assert isinstance(got, mr.RefitThenDeltas) and np.array_equal(got.refit.w_down_LxFxD, refit[0].w_down_LxFxD)
+    assert all(np.array_equal(a, b) for a, b in zip(got.deltas.tree().values(), edit.deltas.tree().values()))
+
+
 def test_a_refit_of_the_wrong_shape_is_refused(two):
     cfg = two.config
     with pytest.raises(MoEError, match="does not fit"):
@@ -98,7 +141,6 @@ def test_coactivation_groups_neurons_that_fire_together():
 @pytest.mark.parametrize("text, match", [
     ("partition_by: neighbours\n", "partition_by"),
     ("refit_lambda: -1\n", "refit_lambda"),
-    ("refit_lambda: 0.03\ndistill_steps: 5\n", "cannot both be set"),
     ("refit_lambda: 0.03\nrefit_seqs: 300\n", "refit_seqs"),
 ])
 def test_bad_refit_and_partition_keys_fail_naming_the_key(tmp_path, text, match):
