@@ -25,14 +25,15 @@ from .moe_refit import DownRefit, RefitSource, RefitThenDeltas, refit_down
 from .user_cache import cache_root
 
 FORMAT_VERSION = 1
+MLPEdit = MLPDeltas | DownRefit | RefitThenDeltas  # what `moe.moe_source` applies to each dense MLP it reads
 SHIPPED_DIR = Path(__file__).resolve().parent / "shipped" / "moe"
 
 
 def store_name(cfg: RouterConfig) -> str:
-    """`{model}-E{n_experts}`, `-distilled` or `-refit` added where the config distils or refits w_down: the three
-    never share a store."""
-    return f"{cfg.model}-E{cfg.n_experts}" + ("-distilled" if cfg.distill_steps else "-refit" if cfg.refit_lambda
-                                               else "")
+    """`{model}-E{n_experts}`, `-refit` added where the config refits w_down and `-distilled` where it distils: no
+    two kinds of build share a store."""
+    return f"{cfg.model}-E{cfg.n_experts}" + ("-refit" if cfg.refit_lambda else "") + ("-distilled" if cfg.distill_steps
+                                                                                       else "")
 
 
 def default_store_dir(cfg: RouterConfig) -> Path:
@@ -56,7 +57,7 @@ def _expected_meta(dense_config, cfg: RouterConfig) -> dict:
 
 
 def save_moe(store_dir: str | Path, dense_config, cfg: RouterConfig, partition: ExpertPartition,
-             routers: Routers, stats: dict | None = None, deltas: MLPDeltas | DownRefit | None = None) -> Path:
+             routers: Routers, stats: dict | None = None, deltas: MLPEdit | None = None) -> Path:
     """Write `meta.json` and an orbax checkpoint `state/` (neurons, router_w, router_b; shared and the MLP edit,
     the distilled corrections or the refitted w_down, where they exist) under store_dir."""
     import orbax.checkpoint as ocp
@@ -67,10 +68,9 @@ def save_moe(store_dir: str | Path, dense_config, cfg: RouterConfig, partition: 
             "router_w": np.asarray(routers.w_LxDxE, np.float32), "router_b": np.asarray(routers.b_LxE, np.float32)}
     if partition.shared_LxFs is not None:
         tree["shared"] = np.asarray(partition.shared_LxFs, np.int32)
-    if isinstance(deltas, RefitThenDeltas):
-        tree["refit"], tree["delta"] = deltas.refit.tree(), deltas.deltas.tree()
-    elif deltas is not None:
-        tree["refit" if isinstance(deltas, DownRefit) else "delta"] = deltas.tree()
+    for edit in (deltas.refit, deltas.deltas) if isinstance(deltas, RefitThenDeltas) else (deltas,):
+        if edit is not None:
+            tree["refit" if isinstance(edit, DownRefit) else "delta"] = edit.tree()
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(store_dir / "state", tree, force=True)
     meta = _expected_meta(dense_config, cfg)
@@ -81,7 +81,7 @@ def save_moe(store_dir: str | Path, dense_config, cfg: RouterConfig, partition: 
 
 
 def load_moe(store_dir: str | Path, dense_config,
-             cfg: RouterConfig) -> tuple[ExpertPartition, Routers, MLPDeltas | DownRefit | None]:
+             cfg: RouterConfig) -> tuple[ExpertPartition, Routers, MLPEdit | None]:
     """Read a stored MoE; MoEError (naming what differs) if it was built for another model, shape or training."""
     import orbax.checkpoint as ocp
 
@@ -142,16 +142,14 @@ def _load_or_error(store_dir: Path, dense_config, cfg: RouterConfig):
 
 
 def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig, *, rebuild: bool = False,
-                  eval_fn=None,
-                  say=print) -> tuple[ExpertPartition, Routers, MLPDeltas | DownRefit | RefitThenDeltas | None]:
+                  eval_fn=None, say=print) -> tuple[ExpertPartition, Routers, MLPEdit | None]:
     """The stored MoE for `cfg` (cache, then shipped; a mismatching cache store with no matching shipped one
     raises), else build and store it. The third element is the MLP edit `moe.moe_source` applies: the distilled
-    corrections, the refitted w_down, or None.
+    corrections, the refitted w_down, the refit then the corrections, or None.
 
     `text_fn(max_chars) -> str` supplies calibration text (e.g. `vorch_jax.corpus.kjv_text`); models/ does not
     import the corpus itself. `eval_fn(source, partition, routers) -> (delta_tree -> str)` (source: the dense one,
-    or the refitted one a distillation starts from), if given, reports held-out
-    quality during the distillation.
+    or the refitted one a distillation starts from), if given, reports held-out quality during the distillation.
     """
     store, shipped = default_store_dir(cfg), SHIPPED_DIR / store_name(cfg)
     use_shipped = not cfg.out_dir and not rebuild and (shipped / "meta.json").is_file()

@@ -65,6 +65,7 @@ def test_refit_lowers_every_layers_error_and_keeps_the_blocks(two, parts, refit)
 def test_store_keeps_the_refit_and_refuses_a_store_without_it(tmp_path, two, parts, refit):
     cfg = mb.RouterConfig(out_dir=str(tmp_path / "s"), shared_fraction=SHARED_32, refit_lambda=0.03)
     assert store.store_name(cfg).endswith("-refit")
+    assert store.store_name(dataclasses.replace(cfg, distill_steps=5)).endswith("-refit-distilled")
     where = store.save_moe(store.default_store_dir(cfg), two.config, cfg, *parts, {"seconds": 1.0}, refit[0])
     got = store.load_moe(where, two.config, cfg)[2]
     assert isinstance(got, mr.DownRefit) and np.array_equal(got.w_down_LxFxD, refit[0].w_down_LxFxD)
