@@ -211,3 +211,19 @@ def test_what_the_solver_prints_to_file_descriptor_1_is_dropped_and_the_descript
         os.write(1, b"from C++\n")
     os.write(1, b"after\n")
     assert capfd.readouterr().out == "after\n"
+
+
+@pytest.mark.parametrize("leave_order", [(0, 1), (1, 0)], ids=["first-in-first-out", "last-in-first-out"])
+def test_overlapping_solves_leave_the_descriptor_as_it_was(capfd, leave_order):
+    """Two solves that overlap (a mesh run's device threads): whichever leaves first, fd 1 is silenced until both
+    have left and then restored (each restoring what it saved left it at /dev/null when the first in left last)."""
+    from vorch_jax.policies.lower_bound import _stdout_silenced
+
+    solves = [_stdout_silenced(), _stdout_silenced()]
+    for s in solves:
+        s.__enter__()
+    solves[leave_order[0]].__exit__(None, None, None)
+    os.write(1, b"while one solve runs\n")
+    solves[leave_order[1]].__exit__(None, None, None)
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out == "after\n"

@@ -31,6 +31,7 @@ import dataclasses
 import math
 import os
 import sys
+import threading
 import time
 
 import numpy as np
@@ -174,23 +175,36 @@ def _integral(A, b_ub, reload, scale, **options):
                     integrality=np.ones(len(reload)), bounds=Bounds(0, 1), options={**options, "mip_rel_gap": 1e-6})
 
 
+_SILENCE_LOCK = threading.Lock()
+_silence = {"depth": 0, "saved": None}  # solves silencing at once (a mesh's device threads) and fd 1 as it was
+
+
 @contextlib.contextmanager
 def _stdout_silenced():
     """File descriptor 1 points at /dev/null within (Python's own stdout flushed first); where the process has no
-    such descriptor (an embedding host), nothing changes."""
-    sys.stdout.flush()
+    such descriptor (an embedding host), nothing changes. Safe across threads: the first solve in saves the
+    descriptor and the last one out restores it. (Each saving and restoring its own, two device threads of a mesh
+    run that overlapped left fd 1 at /dev/null for good: `experiments/mesh_real.py` then printed nothing.)"""
+    with _SILENCE_LOCK:
+        if _silence["depth"] == 0:
+            sys.stdout.flush()
+            try:
+                _silence["saved"] = os.dup(1)
+            except OSError:
+                _silence["saved"] = None
+            if _silence["saved"] is not None:
+                with open(os.devnull, "w") as null:
+                    os.dup2(null.fileno(), 1)
+        _silence["depth"] += 1
     try:
-        saved = os.dup(1)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 1)
         yield
     finally:
-        os.dup2(saved, 1)
-        os.close(saved)
+        with _SILENCE_LOCK:
+            _silence["depth"] -= 1
+            if _silence["depth"] == 0 and _silence["saved"] is not None:
+                os.dup2(_silence["saved"], 1)
+                os.close(_silence["saved"])
+                _silence["saved"] = None
 
 
 def _problem(stream, gaps, first, device_bytes, budget_bytes, pinned, load, access_bytes=None):
