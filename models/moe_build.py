@@ -94,10 +94,10 @@ class RouterConfig:
         skip = {"log_every", "out_dir", "eval_tokens", "eval_top_ks", "eval_windows"}
         if not self.distill_steps:
             skip |= {k for k in dataclasses.asdict(self) if k.startswith("distill_") and k != "distill_steps"}
-        if not self.refit_lambda:
-            skip |= {"refit_seqs"}
         if self.refit_lambda:  # the refit draws from the distillation's pool of sequences
             skip -= {"distill_seqs"}
+        else:
+            skip |= {"refit_seqs"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -217,9 +217,14 @@ def activation_mass(act_NxF, w_down_FxD) -> np.ndarray:
     return act.mean(0) * np.linalg.norm(np.asarray(w_down_FxD, np.float64), axis=1)
 
 
+def swiglu_activations(mlp_w: dict, h_NxD):
+    """[N, F]: each neuron's activation silu(h·g_n)·(h·u_n) on the tokens h (what reaches w_down)."""
+    return jax.nn.silu(h_NxD @ mlp_w["w_gate"]) * (h_NxD @ mlp_w["w_up"])
+
+
 def neuron_mass(mlp_w: dict, h_NxD) -> np.ndarray:
     """float64 [F]: each neuron's mean activation mass |silu(h·g_n)·(h·u_n)|·‖w_down[n]‖ over the tokens h."""
-    return activation_mass(jax.nn.silu(h_NxD @ mlp_w["w_gate"]) * (h_NxD @ mlp_w["w_up"]), mlp_w["w_down"])
+    return activation_mass(swiglu_activations(mlp_w, h_NxD), mlp_w["w_down"])
 
 
 def most_massive(mass_F: np.ndarray, n_shared: int) -> np.ndarray:
@@ -279,7 +284,7 @@ def partition_layer(dense_mlp: dict, n_experts: int, seed: int, iters: int, shar
     if h_NxD is None:
         feats_FxK = np.concatenate([dense_mlp["w_gate"].T[rest], dense_mlp["w_up"].T[rest]], axis=1)
     else:
-        act_NxF = np.abs(np.asarray(jax.nn.silu(h_NxD @ dense_mlp["w_gate"]) * (h_NxD @ dense_mlp["w_up"])))
+        act_NxF = np.abs(np.asarray(swiglu_activations(dense_mlp, h_NxD)))
         feats_FxK = act_NxF[:, rest].T * np.linalg.norm(np.asarray(dense_mlp["w_down"])[rest], axis=1)[:, None]
     assign = balanced_kmeans(feats_FxK, n_experts, seed, iters)
     return np.stack([rest[assign == e] for e in range(n_experts)]).astype(np.int32)
@@ -330,8 +335,7 @@ def dense_mlp_inputs(cfg, blocks: dict, ids_BxT) -> list:
 @jax.jit
 def expert_mass(mlp_w: dict, neurons_ExFe, h_NxD):
     """float32 [N, E]: Σ_{n in expert e} |silu(h·w_gate[:, n]) · (h·w_up[:, n])| per token."""
-    act_NxF = jnp.abs(jax.nn.silu(h_NxD @ mlp_w["w_gate"]) * (h_NxD @ mlp_w["w_up"]))
-    return act_NxF[:, neurons_ExFe].sum(-1)
+    return jnp.abs(swiglu_activations(mlp_w, h_NxD))[:, neurons_ExFe].sum(-1)
 
 
 # ------------------------------------------------------------------------------------------------ router training
