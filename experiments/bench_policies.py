@@ -2,6 +2,7 @@
 
 Run:   .venv/bin/python experiments/bench_policies.py [--model smollm2-135m] [--budgets 0.3 0.5 0.8] [--rounds 3]
                                                       [--policies static static-prefetch lru scored belady]
+                                                      [--bytes-weights 0 4]
 Takes: about 6 minutes for SmolLM2 with the defaults on 2 CPU cores (Gemma 3: about 20, two optimum rows included).
 
 Every run is a real `vorch run` (the demo config with `--tokens` decode tokens: prefetch depth 2 for
@@ -23,6 +24,10 @@ The lower bound is the LP's; where scored's bytes exceed 1.03x of it, the integr
 bound proved (no schedule of these passes loads fewer bytes, prefetching or not). The verdict takes the tighter lower
 bound and prints both, with the best schedule HiGHS found (an upper bound on the optimum). Run it with the Makefile's
 GLIBC_TUNABLES exported (README, "Huge pages on CPU"): its header says whether the heap used huge pages.
+
+`--bytes-weights` runs scored once per weight of a load's bytes beside its link seconds (`score.bytes_weight`; rows
+'scored b=W' beside 'scored', weight 0), each with its own verdict: the trade between the bytes target and the speed
+target, measured in one command.
 """
 
 from __future__ import annotations
@@ -50,19 +55,33 @@ POLICIES = ("static", "static-prefetch", "lru", "scored", "belady")
 
 
 def measure(base, policies, budgets, rounds, out: Path) -> dict:
-    """(budget, policy) -> list of the rounds' summaries."""
+    """(budget, row) -> list of the rounds' summaries; `policies` names the rows (`row_config`)."""
     setup = build_setup(base)
     reference = resident_reference(setup, jnp.float32, base.new_tokens)
     runs: dict = {}
     for b in budgets:
         for r in range(rounds):
-            for pol in policies:
-                cfg = dataclasses.replace(base, policy=pol, hbm_budget=b)
-                s = run(cfg, out / f"{b}" / pol / f"round{r}", reference=reference)
-                s["two_lanes_share"] = two_lanes_share(out / f"{b}" / pol / f"round{r}" / "trace.jsonl")
+            for row in policies:
+                cfg = dataclasses.replace(row_config(base, row), hbm_budget=b)
+                where = out / f"{b}" / row.replace(" ", "_") / f"round{r}"
+                s = run(cfg, where, reference=reference)
+                s["two_lanes_share"] = two_lanes_share(where / "trace.jsonl")
                 s["reference_stream"] = reference.stream  # the blocks the generation reads, for `integral_bound`
-                runs.setdefault((b, pol), []).append(s)
+                runs.setdefault((b, row), []).append(s)
     return runs
+
+
+def weighted_rows(weights) -> list[str]:
+    """The scored rows of `--bytes-weights`: 'scored' for weight 0, 'scored b=W' for the others."""
+    return ["scored" if w == 0 else f"scored b={w:g}" for w in weights]
+
+
+def row_config(base, row: str):
+    """The config of a bench row: a policy, or 'scored b=W' (scored with `score.bytes_weight` W)."""
+    if row.startswith("scored b="):
+        score = dataclasses.replace(base.score, bytes_weight=float(row.split("=", 1)[1]))
+        return dataclasses.replace(base, policy="scored", score=score)
+    return dataclasses.replace(base, policy=row)
 
 
 def two_lanes_share(trace_path: Path) -> float:
@@ -119,11 +138,11 @@ def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> 
                          f"{link_over_bound(rs):12.3f} {rs[0]['misses']:6d} {100 * ctrl:6.2f} {choice_s:6.1f} {100 * lanes:6.0f}% "
                          f"{window or '-':>6} {plan:>26s} {str(match):>5s}   "
                          + " ".join(f"{t:.2f}" for t in tok))
-        if "scored" in med:
-            paired = ([x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[(b, "scored")],
+        for row in (p for p in policies if p.startswith("scored")):
+            paired = ([x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[(b, row)],
                                                                            runs[(b, "static-prefetch")])]
                       if "static-prefetch" in med else [])
-            verdicts += scored_verdict(b, runs[(b, "scored")], med, base, optimum_s, paired)
+            verdicts += scored_verdict(b, runs[(b, row)], med, base, optimum_s, paired, row)
     return lines + [""] + verdicts
 
 
@@ -134,7 +153,8 @@ def link_over_bound(rs: list) -> float:
                              else s["link_seconds"]["over_bound"] for s in rs)
 
 
-def scored_verdict(b: float, scored_runs: list, med: dict, base, optimum_s: float, paired=()) -> list[str]:
+def scored_verdict(b: float, scored_runs: list, med: dict, base, optimum_s: float, paired=(),
+                   row: str = "scored") -> list[str]:
     """Scored at budget `b` against the controller issue's targets: bytes within 1.03x the tightest lower bound
     (the LP's, or the integral problem's proven one where the LP's is not met), tok/s at least static-prefetch's
     (medians), controller <= 1%. `paired`: scored's tok/s over static-prefetch's in each round, printed beside the
@@ -148,7 +168,8 @@ def scored_verdict(b: float, scored_runs: list, med: dict, base, optimum_s: floa
             ratio /= proven
             bytes_part += f", {ratio:.3f}x the integral problem's proven bound"
     ctrl = max(x["controller_s"] / x["wall_s"] for x in scored_runs)
-    vs = med["scored"] / med["static-prefetch"] if "static-prefetch" in med else float("nan")
+    vs = med[row] / med["static-prefetch"] if "static-prefetch" in med else float("nan")
+    bytes_part = bytes_part.replace("scored", row, 1)
     return [f"budget {b}: {bytes_part} ({'ok' if ratio <= 1.03 else 'over 1.03'}), link seconds "
             f"{link_over_bound(scored_runs):.3f}x their LP bound, "
             f"tok/s {vs:.3f}x static-prefetch's ({'ok' if vs >= 1 else 'below'}"
@@ -180,6 +201,8 @@ def main(argv=None):
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--budgets", nargs="+", type=float, default=[0.3, 0.5, 0.8])
     ap.add_argument("--policies", nargs="+", default=["static", "static-prefetch", "lru", "scored", "belady"])
+    ap.add_argument("--bytes-weights", nargs="+", type=float, default=[0.0],
+                    help="scored once per weight of a load's bytes beside its link seconds (score.bytes_weight)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--optimum-s", type=float, default=60.0,
@@ -193,6 +216,11 @@ def main(argv=None):
         base = load_config("configs/demo.yaml", over)
         if not set(args.policies) <= set(POLICIES) or min(args.budgets) <= 0 or max(args.budgets) > 1:
             raise ConfigError(f"--policies must be among {', '.join(POLICIES)} and --budgets in (0, 1]")
+        if min(args.bytes_weights) < 0 or len(set(args.bytes_weights)) < len(args.bytes_weights):
+            raise ConfigError("--bytes-weights must be distinct numbers >= 0")
+        if "scored" in args.policies:
+            i = args.policies.index("scored")
+            args.policies[i:i + 1] = weighted_rows(args.bytes_weights)
     except VorchError as e:
         print(f"bench_policies: {e}", file=sys.stderr)
         return 2

@@ -111,10 +111,12 @@ class ScoreConfig:
     w4: float = 1.0
     alpha: float = 1.0
     beta: float = 1.0
+    bytes_weight: float = 0.0  # what the dense plans minimise: link seconds + this x bytes at the mean rate
+    # (`prefetch_window.Timing.with_bytes_weight`): 0 the link time, large the bytes moved
 
     def __post_init__(self) -> None:
         F.check_types(self)
-        F.finite(self, "w1", "w2", "w3", "w4", min_value=0.0)
+        F.finite(self, "w1", "w2", "w3", "w4", "bytes_weight", min_value=0.0)
         F.finite(self, "alpha", "beta")
 
 

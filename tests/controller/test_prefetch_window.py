@@ -82,6 +82,24 @@ def test_where_loads_cost_seconds_not_bytes_the_choice_follows_the_plan_priced_i
     assert not (bytes_plan and bytes_plan.by_time)
 
 
+def test_a_bytes_weight_trades_link_seconds_for_bytes():
+    """The same blocks over 4 passes in room for 12: priced in link seconds alone, the choice moves 42 bytes in
+    102 s; with bytes weighed 100x a second at the mean rate, 39 bytes in 111 s. The weight changes what plans
+    minimise and what candidates are compared by, not the clock, and a weight of 0 is the seconds' choice."""
+    blocks, size = list("Labcd"), {"L": 6, "a": 3, "b": 3, "c": 3, "d": 3}
+    timing = Timing({"L": 1.0, "a": 10.0, "b": 10.0, "c": 10.0, "d": 10.0}, dict.fromkeys(size, 0.1))
+    assert timing.with_bytes_weight(0.0, size) == timing
+    by_seconds, seconds_replays, _ = choose_eviction_rule(blocks, size, 12, frozenset(), blocks, 1, 4, timing=timing)
+    weighed = timing.with_bytes_weight(100.0, size)
+    assert weighed.byte_price_s == pytest.approx(100.0 * 41.0 / 18)  # the mean link seconds per byte, x100
+    by_bytes, replays, _ = choose_eviction_rule(blocks, size, 12, frozenset(), blocks, 1, 4, timing=weighed)
+    assert (by_seconds.bytes_moved, by_seconds.load_s) == (42, 102.0)
+    assert (by_bytes.bytes_moved, by_bytes.load_s) == (39, 111.0)
+    assert by_bytes.bytes_moved == min(r.bytes_moved for r in replays)
+    size_rules = lambda rs: {(r.window, r.size_power, r.counts): r for r in rs if not r.plan}  # noqa: E731
+    assert size_rules(replays) == size_rules(seconds_replays)  # replayed alike: same bytes, seconds and clock
+
+
 def test_a_load_after_dropping_a_block_of_its_size_is_priced_as_landing_in_held_memory():
     """The engine lands a load in the memory of a dropped block of the same shapes where it holds one (`DevicePool`),
     several times faster on this CPU than in new memory: the replay prices each load so, one second held, ten fresh."""

@@ -58,3 +58,16 @@ def test_two_lanes_share_is_the_busy_time_with_two_loads_under_way(tmp_path):
     assert bench.two_lanes_share(path) == pytest.approx(2 / 6)
     path.write_text("")
     assert bench.two_lanes_share(path) == 0.0
+
+
+def test_a_bytes_weight_row_runs_scored_with_that_weight_and_gets_its_own_verdict():
+    from vorch_jax.config import load_config
+
+    assert bench.weighted_rows([0.0, 4.0, 0.5]) == ["scored", "scored b=4", "scored b=0.5"]
+    base = load_config("configs/demo.yaml")
+    cfg = bench.row_config(base, "scored b=4")
+    assert cfg.policy == "scored" and cfg.score.bytes_weight == 4.0 and cfg.score.w1 == base.score.w1
+    assert bench.row_config(base, "static-prefetch").policy == "static-prefetch"
+    (line,) = bench.scored_verdict(0.5, [_run(1.02)], {**MEDIANS, "scored b=4": 9.0}, base=None, optimum_s=0,
+                                   row="scored b=4")
+    assert line.startswith("budget 0.5: scored b=4 bytes 1.020x") and "0.909x static-prefetch's (below)" in line

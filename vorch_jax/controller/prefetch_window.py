@@ -98,6 +98,8 @@ class Timing:
     load_s: dict  # block -> seconds (landing in the memory of a dropped block of its size, where the run holds it)
     compute_s: dict  # block -> seconds
     fresh_load_s: dict | None = None  # block -> seconds landing in new memory (None: the run holds no dropped memory)
+    byte_price_s: float = 0.0  # seconds each byte a load moves adds to its price (`with_bytes_weight`; 0: a load
+    # is priced by its link seconds alone)
 
     def __post_init__(self):
         """A landing in new memory is never quicker than one in held memory (it allocates, then copies as much); a
@@ -111,6 +113,25 @@ class Timing:
     def at_rate(cls, bytes_per_s: float, device_bytes: dict, compute_s: dict) -> "Timing":
         """Every load priced by its bytes alone, over one link rate."""
         return cls({b: n / bytes_per_s for b, n in device_bytes.items()}, compute_s)
+
+    def with_bytes_weight(self, weight: float, device_bytes: dict) -> "Timing":
+        """Loads priced at their link seconds plus `weight` times their bytes at the mean link seconds per byte of
+        the blocks in `load_s` (`score.bytes_weight`): 0 is link time alone, 1 weighs a byte moved as much as a
+        second on the link at the mean rate, and a large weight ranks schedules by their bytes first. The clock
+        (`Replay.modelled_s`) stays in seconds; only the price that plans minimise and candidates are compared by
+        (`cost`) changes."""
+        common = [b for b in self.load_s if b in device_bytes]
+        total = sum(device_bytes[b] for b in common)
+        per_byte = sum(self.load_s[b] for b in common) / total if total else 0.0
+        return dataclasses.replace(self, byte_price_s=weight * per_byte)
+
+    def price(self, seconds: float, nbytes: float) -> float:
+        """What loads taking `seconds` on the link and moving `nbytes` cost."""
+        return seconds + self.byte_price_s * nbytes
+
+    def load_prices(self, device_bytes: dict) -> dict:
+        """{block: what a load of it costs}, landing in held memory (what plans and the bound of prices take)."""
+        return {b: self.price(s, device_bytes[b]) for b, s in self.load_s.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,11 +318,12 @@ def choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, 
 
 
 def cost(timing: Timing | None):
-    """What candidates are compared by first: their loads' link seconds where the run priced them (`Timing`), else
-    their bytes. Not the clock: it takes a load beside compute as free, and on this project's 2-core CPU it is
-    not (Gemma 3 at 0.5, 2026-12-07: near the least in bytes or in seconds, the clock chose the byte optimum, 1.42x
-    the bound of link seconds, 7.4 tok/s; first by seconds, 1.03x and 8.5 tok/s)."""
-    return (lambda r: r.bytes_moved) if timing is None else (lambda r: r.load_s)
+    """What candidates are compared by first: their loads' price where the run priced them (`Timing.price`: link
+    seconds, plus bytes where `score.bytes_weight` says so), else their bytes. Not the clock: it takes a load
+    beside compute as free, and on this project's 2-core CPU it is not (Gemma 3 at 0.5, 2026-12-07: near the least
+    in bytes or in seconds, the clock chose the byte optimum, 1.42x the bound of link seconds, 7.4 tok/s; first by
+    seconds, 1.03x and 8.5 tok/s)."""
+    return (lambda r: r.bytes_moved) if timing is None else (lambda r: timing.price(r.load_s, r.bytes_moved))
 
 
 def near_least(replays: list[Replay], measure, bound: float) -> list[Replay]:
@@ -313,13 +335,14 @@ def near_least(replays: list[Replay], measure, bound: float) -> list[Replay]:
 
 
 def lower_bounds(stream, device_bytes, budget, protected, timing: Timing | None = None) -> tuple[float, float]:
-    """The LP lower bounds on the bytes the loads of `stream` move and, under `timing`, on their link seconds (each
-    0 where the LP found none), each load priced at its held-memory probe, the cheaper of the two (`Timing`)."""
+    """The LP lower bounds on the bytes the loads of `stream` move and, under `timing`, on their price (link
+    seconds, plus bytes at `Timing.byte_price_s`; each 0 where the LP found none), each load priced at its
+    held-memory probe, the cheaper of the two (`Timing`)."""
     from vorch_jax.policies.lower_bound import lower_bound, lower_bound_seconds
 
     bound = lower_bound(stream, device_bytes, budget, pinned=protected)
-    seconds = 0.0 if timing is None else lower_bound_seconds(stream, device_bytes, budget, timing.load_s,
-                                                             pinned=protected)
+    seconds = 0.0 if timing is None else lower_bound_seconds(stream, device_bytes, budget,
+                                                             timing.load_prices(device_bytes), pinned=protected)
     return (bound.bytes if bound.status == "optimal" else 0.0), seconds or 0.0
 
 
@@ -339,7 +362,7 @@ def choose_eviction_rule(pass_blocks, device_bytes, budget, protected, initial, 
     misses."""
     stream = list(pass_blocks) * max(1, min(passes, MAX_REPLAY_PASSES))
     bounds = lower_bounds(stream, device_bytes, budget, protected, timing)
-    load_cost = None if timing is None else timing.load_s
+    load_cost = None if timing is None else timing.load_prices(device_bytes)
     plans = pass_plans(pass_blocks, device_bytes, budget, protected, load_cost=load_cost)
     best, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes, plans,
                                   timing=timing, bounds=bounds)

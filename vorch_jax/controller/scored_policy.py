@@ -107,6 +107,7 @@ class ScoredPolicy(Policy):
         self.pass_compute_s = pass_compute_s  # a resident decode pass's compute seconds (None: unmeasured)
         self.prefetch_depth = cfg.prefetch_depth
         self.passes = cfg.new_tokens  # passes the run will make (the prompt's, then one a decoded token after the first)
+        self.bytes_weight = cfg.score.bytes_weight  # the price of a load's bytes beside its seconds (`_timing`)
         self.ids = list(ctx.block_ids)
         self.index = {b: i for i, b in enumerate(self.ids)}
         self.state_bytes = state_bytes
@@ -296,9 +297,9 @@ class ScoredPolicy(Policy):
             return None
         total = sum(device_bytes[b] for b in pass_blocks)
         compute_s = {b: self.pass_compute_s * device_bytes[b] / total for b in set(pass_blocks)}
-        if self.load_s is not None:
-            return Timing(dict(self.load_s), compute_s, self.fresh_load_s)
-        return Timing.at_rate(self.h2d_bytes_per_s, device_bytes, compute_s)
+        timing = (Timing(dict(self.load_s), compute_s, self.fresh_load_s) if self.load_s is not None
+                  else Timing.at_rate(self.h2d_bytes_per_s, device_bytes, compute_s))
+        return timing.with_bytes_weight(self.bytes_weight, device_bytes)
 
     def _kept(self, block) -> bool:
         return kept_by_plan(self._plan, block, self._plan_read.get(block), self._victim_bytes[block])
