@@ -62,28 +62,9 @@ from vorch_jax.errors import ConfigError
 from vorch_jax.strict_yaml import StrictLoader, read_yaml, yaml_error
 
 __all__ = [
-    "ConfigError",
-    "ScoreConfig",
-    "GuardrailConfig",
-    "QuantConfig",
-    "QualityConfig",
-    "PlacementRule",
-    "RunConfig",
-    "MoEConfig",
-    "MeshConfig",
-    "POLICIES",
-    "IN_PLACE",
-    "EXECUTORS",
-    "DTYPES",
-    "GROUP_SIZES",
-    "STATES",
-    "RULE_STATES",
-    "LOSSY_STATES",
-    "QUALITY_RANK",
-    "load_config",
-    "apply_overrides",
-    "config_from_dict",
-    "config_to_dict",
+    "ConfigError", "ScoreConfig", "GuardrailConfig", "QuantConfig", "QualityConfig", "PlacementRule", "RunConfig",
+    "MoEConfig", "MeshConfig", "POLICIES", "IN_PLACE", "EXECUTORS", "DTYPES", "GROUP_SIZES", "STATES", "RULE_STATES",
+    "LOSSY_STATES", "QUALITY_RANK", "load_config", "apply_overrides", "config_from_dict", "config_to_dict",
 ]
 
 POLICIES = ("resident", "static", "static-prefetch", "lru", "lfu", "scored", "belady")
@@ -111,8 +92,7 @@ class ScoreConfig:
     w4: float = 1.0
     alpha: float = 1.0
     beta: float = 1.0
-    bytes_weight: float = 0.0  # what the dense plans minimise: link seconds + this x bytes at the mean rate
-    # (`prefetch_window.Timing.with_bytes_weight`): 0 the link time, large the bytes moved
+    bytes_weight: float = 0.0  # plans minimise link s + this x bytes at the mean rate (`Timing.with_bytes_weight`)
 
     def __post_init__(self) -> None:
         F.check_types(self)
