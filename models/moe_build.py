@@ -24,7 +24,8 @@ against the multi-hot target / k). All layers train at once (vmap), full batch, 
 routers.
 
 Where the config asks, `moe_store.build_or_load` then refits each layer's w_down by least squares
-(`refit_lambda` > 0, `moe_refit.py`, about two minutes) and/or distils the dense model's logits into
+(`refit_lambda` > 0, `moe_refit.py`, about two minutes; with `refit_routers`, each layer's router trained again on
+the MoE's own hidden states first) and/or distils the dense model's logits into
 low-rank MLP corrections (`moe_distill.py`, on top of the refit where both are asked); storing and loading a
 built MoE is `moe_store.py`'s.
 
@@ -87,6 +88,7 @@ class RouterConfig:
     refit_lambda: float = 0.0  # > 0: refit each layer's w_down by least squares, this ridge (models/moe_refit.py);
     # a distillation (distill_steps > 0) then starts from the refitted weights
     refit_seqs: int = 96  # calibration sequences of calib_seq_len the refit solves over (from the distillation's pool)
+    refit_routers: bool = False  # with the refit: each layer's router trained again on the MoE's own stream first
 
     def training_key(self) -> dict:
         """What a stored result must agree on to be reused (evaluation keys excluded; the distillation's keys only
@@ -98,6 +100,8 @@ class RouterConfig:
             skip -= {"distill_seqs"}
         else:
             skip |= {"refit_seqs"}
+        if not self.refit_routers:  # stores built before the key existed keep matching
+            skip |= {"refit_routers"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -121,6 +125,8 @@ def _check_router_config(cfg: RouterConfig, where: str) -> RouterConfig:
         raise bad("partition_by", f"must be one of {', '.join(PARTITIONS)}, got {cfg.partition_by!r}")
     if not cfg.refit_lambda >= 0:
         raise bad("refit_lambda", f"must be >= 0 (0: no refit), got {cfg.refit_lambda}")
+    if cfg.refit_routers and not cfg.refit_lambda:
+        raise bad("refit_routers", "trains the routers again inside the refit: set refit_lambda > 0 too")
     if cfg.refit_lambda and cfg.refit_seqs > cfg.distill_seqs:
         raise bad("refit_seqs", f"must be <= distill_seqs ({cfg.distill_seqs}), the pool it draws from, got "
                                 f"{cfg.refit_seqs}")
@@ -152,6 +158,9 @@ def _coerce(key: str, value, tp, where: str):
         value = float(value)
     elif tp is str:
         if not isinstance(value, str):
+            raise bad()
+    elif tp is bool:
+        if not isinstance(value, bool):
             raise bad()
     elif typing.get_origin(tp) is tuple:
         if not isinstance(value, (list, tuple)) or any(isinstance(v, bool) or not isinstance(v, int) for v in value):

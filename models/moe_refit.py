@@ -14,6 +14,12 @@ fits every layer). Layers are solved in order on the MoE's own residual stream: 
 refitted layers before it, so each solve sees the errors that reach it. Each row of w_down belongs to one neuron,
 hence to one expert or the shared part: a refitted MoE keeps every block's shape, bytes and compute.
 
+With `router_steps` > 0, each layer's router is trained again before its solve, on the same stream: the routers were
+trained on the dense model's hidden states, and the MoE's own states, which the routers see at run time, drift from
+them layer by layer. Each router learns each token's top-k experts by the dense MLP's activation mass at the MoE's
+own hidden state (`moe_build.train_routers`, on up to ROUTER_TOKENS of the refit's tokens), then the layer's keep
+masks and w_down follow from it.
+
 It costs minutes where the distillation costs most of an hour on this CPU; what it recovers is measured in
 experiments/results/moe_quality_coact_refit.txt. A low-rank truncation of the change keeps little of it (measured
 while choosing the design), so the refit is stored whole: 106 MB float32 in the cache store, nothing ships.
@@ -33,9 +39,12 @@ import numpy as np
 from . import llama_layers as Lay
 from .block_ids import layer_block_id, parse_block_id
 from .errors import MoEError
+from .moe import Routers
+from .moe_build import expert_mass, train_routers
 from .moe_distill import MLPDeltas, kept_activations, neuron_masks
 
 SEQS_PER_BATCH = 8  # calibration sequences run at once (memory: activations of 8 x T x F float32)
+ROUTER_TOKENS = 8192  # tokens of the MoE's own stream a router is trained on again (`router_steps`), drawn at random
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +122,13 @@ def _kept(mlp, router_w, router_b, shared_F, experts_ExF, x_BxTxD, top_k: int, e
     return kept_activations(h, mlp["w_gate"], mlp["w_up"], router_w, router_b, shared_F, experts_ExF, top_k)
 
 
-def refit_down(dense_source, partition, routers, ids_NxT: np.ndarray, *, top_k: int, lam: float,
-               say=print) -> tuple[DownRefit, dict]:
-    """Solve every layer's w_down in order on the calibration sequences ids_NxT (see the module docstring).
-    Returns (refit, stats: per-layer relative output error before and after, seconds)."""
+def refit_down(dense_source, partition, routers: Routers, ids_NxT: np.ndarray, *, top_k: int, lam: float,
+               router_steps: int = 0, router_learning_rate: float = 3e-3, seed: int = 0,
+               say=print) -> tuple[DownRefit, Routers, dict]:
+    """Solve every layer's w_down in order on the calibration sequences ids_NxT (see the module docstring), each
+    layer's router first trained again on the MoE's own stream where `router_steps` > 0. Returns (refit, the
+    routers the keep masks came from: `routers` or the retrained ones, stats: per-layer relative output error
+    before and after, the retrained routers' top-k recall on their tokens, seconds)."""
     cfg = dense_source.config
     if lam <= 0:
         raise MoEError(f"the refit's ridge must be > 0, got {lam}")
@@ -143,13 +155,18 @@ def refit_down(dense_source, partition, routers, ids_NxT: np.ndarray, *, top_k: 
     embed = {k: jnp.asarray(v) for k, v in dense_source("embed").items()}
     xs = [Lay.embed_tokens(embed, jnp.asarray(ids_NxT[r:r + SEQS_PER_BATCH]), jnp.float32)
           for r in range(0, len(ids_NxT), SEQS_PER_BATCH)]
-    t0, out, err_before, err_after = time.perf_counter(), [], [], []
+    t0, out, err_before, err_after, recall = time.perf_counter(), [], [], [], []
+    w_LxDxE, b_LxE = np.array(routers.w_LxDxE, np.float32), np.array(routers.b_LxE, np.float32)
     for i in range(cfg.n_layers):
         attn = {k: jnp.asarray(v) for k, v in dense_source(layer_block_id(i, "attn")).items()}
         mlp = {k: jnp.asarray(v) for k, v in dense_source(layer_block_id(i, "mlp")).items()}
-        masks = (jnp.asarray(routers.w_LxDxE[i]), jnp.asarray(routers.b_LxE[i]), jnp.asarray(shared_LxF[i]),
-                 jnp.asarray(experts_LxExF[i]))
         xs = [attend(attn, x) for x in xs]
+        if router_steps:
+            w_LxDxE[i], b_LxE[i], r = _router_on_stream(mlp, partition.neurons_LxExFe[i], xs, eps, top_k,
+                                                        router_steps, router_learning_rate, seed + i)
+            recall.append(r)
+        masks = (jnp.asarray(w_LxDxE[i]), jnp.asarray(b_LxE[i]), jnp.asarray(shared_LxF[i]),
+                 jnp.asarray(experts_LxExF[i]))
         gram, cross, yy = 0.0, 0.0, 0.0
         for x in xs:
             g, c, e = moments(mlp, *masks, x)
@@ -163,6 +180,23 @@ def refit_down(dense_source, partition, routers, ids_NxT: np.ndarray, *, top_k: 
         xs = [advance(mlp, *masks, x, w_down) for x in xs]
     seconds = time.perf_counter() - t0
     say(f"refit w_down of {cfg.n_layers} layers on {ids_NxT.size} tokens, λ {lam:g}: relative MLP output error "
-        f"mean {np.mean(err_before):.3f} -> {np.mean(err_after):.3f} ({seconds:.0f} s)")
-    return DownRefit(np.stack(out)), {"refit_error_before_L": err_before, "refit_error_after_L": err_after,
-                                      "refit_seconds": seconds}
+        f"mean {np.mean(err_before):.3f} -> {np.mean(err_after):.3f}"
+        + (f"; routers trained again on the MoE's own stream, top-{top_k} recall mean {np.mean(recall):.3f}"
+           if recall else "") + f" ({seconds:.0f} s)")
+    stats = {"refit_error_before_L": err_before, "refit_error_after_L": err_after, "refit_seconds": seconds}
+    if recall:
+        stats["refit_router_recall_L"] = recall
+    return DownRefit(np.stack(out)), Routers(w_LxDxE, b_LxE) if recall else routers, stats
+
+
+def _router_on_stream(mlp, neurons_ExFe, xs: list, eps: float, top_k: int, steps: int, learning_rate: float,
+                      seed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """(w [D, E], b [E], top-k recall) of a router trained on up to ROUTER_TOKENS of the residual stream `xs`
+    (the MoE's own, at this layer's MLP), toward each token's top-k experts by the dense MLP's activation mass."""
+    h_NxD = jnp.concatenate([Lay.rms_norm(x, mlp["ffn_norm"], eps).reshape(-1, x.shape[-1]) for x in xs])
+    rows = np.random.default_rng(seed).permutation(h_NxD.shape[0])[:ROUTER_TOKENS]
+    h_NxD = h_NxD[jnp.asarray(np.sort(rows))]
+    mass_NxE = expert_mass(mlp, neurons_ExFe, h_NxD)
+    r, st = train_routers(np.asarray(h_NxD)[None], np.asarray(mass_NxE)[None], top_k=top_k, steps=steps,
+                          learning_rate=learning_rate, seed=seed, log_every=steps, say=lambda _: None)
+    return r.w_LxDxE[0], r.b_LxE[0], float(st["recall_L"][0])

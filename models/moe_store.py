@@ -174,8 +174,9 @@ def build_or_load(dense_source, tokenizer, text_fn, bos: int, cfg: RouterConfig,
     refit = deltas = None
     if cfg.refit_lambda:
         ids = calibration_ids(tokenizer, text, bos, cfg, n_seq=cfg.distill_seqs)[:cfg.refit_seqs]
-        refit, more = refit_down(dense_source, partition, routers, ids, top_k=cfg.target_top_k,
-                                 lam=cfg.refit_lambda, say=say)
+        refit, routers, more = refit_down(dense_source, partition, routers, ids, top_k=cfg.target_top_k,
+                                          lam=cfg.refit_lambda, router_steps=cfg.steps if cfg.refit_routers else 0,
+                                          router_learning_rate=cfg.learning_rate, seed=cfg.seed, say=say)
         stats.update(more)
     if cfg.distill_steps:
         base = dense_source if refit is None else RefitSource(dense_source, refit)

@@ -27,7 +27,9 @@ SHARED_32 = 1 / 48  # shared_neurons: round(f * 1536 / 16) * 16 = 32
 def refit(two, parts):
     rng = np.random.default_rng(1)
     ids = np.concatenate([np.zeros((12, 1), np.int32), rng.integers(10, 20000, (12, 63))], axis=1).astype(np.int32)
-    return mr.refit_down(two, *parts, ids, top_k=2, lam=0.03, say=lambda _: None)
+    got, routers, stats = mr.refit_down(two, *parts, ids, top_k=2, lam=0.03, say=lambda _: None)
+    assert routers is parts[1]  # no router steps: the routers it was given
+    return got, stats
 
 
 def test_ridge_solve_is_least_squares_pulled_toward_w0():
@@ -60,6 +62,23 @@ def test_refit_lowers_every_layers_error_and_keeps_the_blocks(two, parts, refit)
     assert np.array_equal(expert["w_gate"], plain(moe.expert_block_id(layer, e))["w_gate"])
     gate = ms(moe.gate_block_id(layer))
     assert np.array_equal(gate["shared_w_down"], got.w_down_LxFxD[layer][partition.shared_LxFs[layer]])
+
+
+def test_routers_trained_again_on_the_moes_own_stream_set_the_keep_masks(two, parts):
+    """With router steps, each layer's router is trained again before its solve (on the MoE's own stream): new
+    routers of the same shapes, each learning its tokens' top-2 experts well above chance (2/8), and the refit
+    still lowers every layer's error with the keep masks those routers choose."""
+    ids = np.random.default_rng(1).integers(10, 20000, (12, 64)).astype(np.int32)
+    got, routers, stats = mr.refit_down(two, *parts, ids, top_k=2, lam=0.03, router_steps=60, say=lambda _: None)
+    given = parts[1]
+    assert routers.w_LxDxE.shape == given.w_LxDxE.shape and routers.b_LxE.shape == given.b_LxE.shape
+    assert not np.allclose(routers.w_LxDxE, given.w_LxDxE)
+    assert len(stats["refit_router_recall_L"]) == LAYERS and min(stats["refit_router_recall_L"]) > 0.5
+    for before, after in zip(stats["refit_error_before_L"], stats["refit_error_after_L"]):
+        assert 0 <= after < 0.8 * before, (before, after)
+    cfg = mb.RouterConfig(shared_fraction=SHARED_32, refit_lambda=0.03)
+    assert "refit_routers" not in cfg.training_key()  # stores built before the key existed still match
+    assert dataclasses.replace(cfg, refit_routers=True).training_key()["refit_routers"] is True
 
 
 def test_store_keeps_the_refit_and_refuses_a_store_without_it(tmp_path, two, parts, refit):
@@ -143,6 +162,8 @@ def test_coactivation_groups_neurons_that_fire_together():
     ("partition_by: neighbours\n", "partition_by"),
     ("refit_lambda: -1\n", "refit_lambda"),
     ("refit_lambda: 0.03\nrefit_seqs: 300\n", "refit_seqs"),
+    ("refit_routers: true\n", "refit_routers.*refit_lambda"),
+    ("refit_lambda: 0.03\nrefit_routers: 1\n", "refit_routers' expects bool"),
 ])
 def test_bad_refit_and_partition_keys_fail_naming_the_key(tmp_path, text, match):
     path = tmp_path / "r.yaml"
