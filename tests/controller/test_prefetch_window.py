@@ -92,7 +92,8 @@ def test_a_bytes_weight_trades_link_seconds_for_bytes():
     by_seconds, seconds_replays, _ = choose_eviction_rule(blocks, size, 12, frozenset(), blocks, 1, 4, timing=timing)
     weighed = timing.with_bytes_weight(100.0, size)
     assert weighed.byte_price_s == pytest.approx(100.0 * 41.0 / 18)  # the mean link seconds per byte, x100
-    by_bytes, replays, _ = choose_eviction_rule(blocks, size, 12, frozenset(), blocks, 1, 4, timing=weighed)
+    by_bytes, replays, plan = choose_eviction_rule(blocks, size, 12, frozenset(), blocks, 1, 4, timing=weighed)
+    assert plan is not None and plan.name == by_bytes.plan == "4-pass to the end by time and bytes"
     assert (by_seconds.bytes_moved, by_seconds.load_s) == (42, 102.0)
     assert (by_bytes.bytes_moved, by_bytes.load_s) == (39, 111.0)
     assert by_bytes.bytes_moved == min(r.bytes_moved for r in replays)

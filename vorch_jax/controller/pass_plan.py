@@ -25,11 +25,13 @@ class PassPlan:
     passes: int
     streamed_below: int = 0
     by_time: bool = False  # the optimum of the loads' link seconds (measured per block), not of their bytes
+    with_bytes: bool = False  # ... plus their bytes (`score.bytes_weight` > 0: `Timing.with_bytes_weight`)
     to_end: bool = False  # the optimum of the run's own passes, to its last (`horizon_plan`), not a steady state
 
     @property
     def name(self) -> str:
-        return (f"{self.passes}-pass" + (" to the end" if self.to_end else "") + (" by time" if self.by_time else "")
+        priced = " by time and bytes" if self.with_bytes else " by time"
+        return (f"{self.passes}-pass" + (" to the end" if self.to_end else "") + (priced if self.by_time else "")
                 + (f", streams < {self.streamed_below} B" if self.streamed_below else ""))
 
     def kept(self, block: str, last_read: int | None, nbytes: int) -> bool:
@@ -44,11 +46,12 @@ class PassPlan:
 
 
 def pass_plans(pass_blocks: list[str], device_bytes: dict, budget: int, protected, passes: int = 1,
-               load_cost: dict | None = None) -> list[PassPlan]:
+               load_cost: dict | None = None, with_bytes: bool = False) -> list[PassPlan]:
     """The plans of a cycle of `passes` passes: the optimum's, and with one pass also the one that streams the
     blocks under STREAMED_FRACTION of the largest unprotected one; none where the solver found no schedule. With
     `load_cost` ({block: link seconds of a load}), also the optimum of the loads' seconds where it keeps other
-    blocks: where a small block's load takes more per byte than a large one's, it streams the large blocks."""
+    blocks: where a small block's load takes more per byte than a large one's, it streams the large blocks.
+    `with_bytes`: `load_cost` prices the bytes too (the plans' names say so)."""
     from vorch_jax.policies.lower_bound import cyclic_keeps
 
     cycle = list(pass_blocks) * passes
@@ -60,7 +63,7 @@ def pass_plans(pass_blocks: list[str], device_bytes: dict, budget: int, protecte
     if load_cost is not None:
         timed = cyclic_keeps(cycle, device_bytes, budget, pinned=protected, load_cost=load_cost)
         if timed is not None and timed != keeps:
-            plans.append(PassPlan(timed, n, passes, by_time=True))
+            plans.append(PassPlan(timed, n, passes, by_time=True, with_bytes=with_bytes))
     sizes = {device_bytes[b] for b in pass_blocks if b not in protected}
     below = int(STREAMED_FRACTION * max(sizes, default=0))
     if passes == 1 and any(x < below for x in sizes):
@@ -69,7 +72,7 @@ def pass_plans(pass_blocks: list[str], device_bytes: dict, budget: int, protecte
 
 
 def horizon_plan(pass_blocks: list[str], device_bytes: dict, budget: int, protected, passes: int,
-                 load_cost: dict | None = None) -> PassPlan | None:
+                 load_cost: dict | None = None, with_bytes: bool = False) -> PassPlan | None:
     """The plan of the run's own `passes` passes to their end (`lower_bound.horizon_keeps`), priced by `load_cost`
     where given (then named "by time"), else by bytes; None where the solver found no schedule. A steady-state
     plan keeps, in the last passes too, what a next pass would need; this one does not, so the passes before the
@@ -84,7 +87,8 @@ def horizon_plan(pass_blocks: list[str], device_bytes: dict, budget: int, protec
     keeps.update({(b, t): False for b, t in last_read.items()})  # nothing after the run needs it: let go, so that a
     # prefetch in the last pass may evict it (kept by default, the blocks read early in the last pass left the
     # later ones no victim: 9-16 misses, all in the last pass, replayed on Gemma 3 and SmolLM2; let go: none)
-    return PassPlan(keeps, len(stream), passes, by_time=load_cost is not None, to_end=True)
+    return PassPlan(keeps, len(stream), passes, by_time=load_cost is not None, to_end=True,
+                    with_bytes=with_bytes and load_cost is not None)
 
 
 def kept_by_plan(plan: PassPlan | None, block: str, last_read: int | None, nbytes: int) -> bool:

@@ -363,17 +363,19 @@ def choose_eviction_rule(pass_blocks, device_bytes, budget, protected, initial, 
     stream = list(pass_blocks) * max(1, min(passes, MAX_REPLAY_PASSES))
     bounds = lower_bounds(stream, device_bytes, budget, protected, timing)
     load_cost = None if timing is None else timing.load_prices(device_bytes)
-    plans = pass_plans(pass_blocks, device_bytes, budget, protected, load_cost=load_cost)
+    with_bytes = timing is not None and timing.byte_price_s > 0
+    plans = pass_plans(pass_blocks, device_bytes, budget, protected, load_cost=load_cost, with_bytes=with_bytes)
     best, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes, plans,
                                   timing=timing, bounds=bounds)
     bound = bounds[timing is not None]
     if min(map(cost(timing), replays)) > PLAN_MORE_OVER_BOUND * bound > 0:
-        longer = pass_plans(pass_blocks, device_bytes, budget, protected, passes=3, load_cost=load_cost)
+        longer = pass_plans(pass_blocks, device_bytes, budget, protected, passes=3, load_cost=load_cost,
+                            with_bytes=with_bytes)
         plans += longer
         best, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes, longer,
                                       replays, timing=timing, bounds=bounds)
     if min(map(cost(timing), replays)) > PLAN_MORE_OVER_BOUND * bound > 0 and passes <= MAX_REPLAY_PASSES:
-        to_end = horizon_plan(pass_blocks, device_bytes, budget, protected, passes, load_cost)
+        to_end = horizon_plan(pass_blocks, device_bytes, budget, protected, passes, load_cost, with_bytes)
         if to_end is not None:
             chosen, replays = choose_window(pass_blocks, device_bytes, budget, protected, initial, depth, passes,
                                             [to_end], replays, timing=timing, bounds=bounds)
