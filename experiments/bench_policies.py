@@ -119,7 +119,7 @@ def integral_bound(base, budget: float, summary: dict, time_limit_s: float) -> t
 
 def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> list[str]:
     lines = [f"{'budget':>6s} {'policy':16s} {'tok/s':>7s} {'bytes/bound':>11s} {'link s/bound':>12s} {'misses':>6s} "
-             f"{'ctrl %':>6s} {'plan s':>6s} {'2 lanes':>7s} {'window':>6s} {'plan':>26s} {'match':>5s}   rounds tok/s"]
+             f"{'ctrl %':>6s} {'plan s':>6s} {'2 lanes':>7s} {'window':>6s} {'plan':>36s} {'match':>5s}   rounds tok/s"]
     verdicts = []
     for b in budgets:
         med = {}
@@ -136,7 +136,7 @@ def report(runs: dict, policies, budgets, base=None, optimum_s: float = 0.0) -> 
             choice_s = statistics.median(s["prefetch"].get("choice_s", 0.0) for s in rs)  # before the first pass
             lines.append(f"{b:6.2f} {pol:16s} {med[pol]:7.2f} {rs[0]['moved_over_lower_bound']:11.3f} "
                          f"{link_over_bound(rs):12.3f} {rs[0]['misses']:6d} {100 * ctrl:6.2f} {choice_s:6.1f} {100 * lanes:6.0f}% "
-                         f"{window or '-':>6} {plan:>26s} {str(match):>5s}   "
+                         f"{window or '-':>6} {plan:>36s} {str(match):>5s}   "
                          + " ".join(f"{t:.2f}" for t in tok))
         for row in (p for p in policies if p.startswith("scored")):
             paired = ([x["decode_tok_s"] / y["decode_tok_s"] for x, y in zip(runs[(b, row)],
