@@ -3,8 +3,8 @@
 No training and an oracle router, so that neither weights nor router error enter: each layer keeps the shared part of
 the router config's MoE (its stored partition's shared neurons) and splits the other neurons into E equal experts
 (balanced spherical k-means on [w_gate; w_up] columns, `moe_build.partition_layer`); each token runs the shared part
-and the k experts carrying the most activation mass for that token. E = 8, 16, 29, 58 at k = E/8, E/4, E/2 (about
-47%, 55% and 70% of the dense MLP's neurons), then the finest grouping, one neuron per expert: each token keeps
+and the k experts carrying the most activation mass for that token. E = 8, 16, then experts of 32 and 16 neurons
+(`groupings`) at k = E/8, E/4, E/2, then the finest grouping, one neuron per expert: each token keeps
 the routed neurons of largest |silu(h·g_n)·(h·u_n)|·‖w_down[n]‖, with the shared part fixed, and with no shared part
 at all (any neurons, as many as the E = 8, top-2 MoE runs).
 
@@ -39,7 +39,13 @@ from vorch_jax.models.moe import topk_mask  # noqa: E402
 from vorch_jax.models.smollm2 import bos_id  # noqa: E402
 from vorch_jax.models.tokenizer import tokenizer_from_gguf_metadata  # noqa: E402
 
-GROUPINGS = (8, 16, 29, 58)  # experts per layer; (1536 - 608 shared) / E neurons each
+GROUPINGS = (8, 16)  # experts per layer, then as many as give experts of 32 and of 16 neurons
+
+
+def groupings(routed: int) -> list[int]:
+    """Experts per layer to try for `routed` neurons outside the shared part: GROUPINGS, then experts of 32 and 16
+    neurons (608 shared of 1536: E = 8, 16, 29, 58; 704: 8, 16, 26, 52); only those that divide `routed`."""
+    return [E for E in dict.fromkeys(GROUPINGS + (routed // 32, routed // 16)) if E and routed % E == 0]
 
 
 def oracle_logits(cfg, weights, shared_LxF, experts_LxExF, ids_BxT, k: int, per_neuron: int = 0):
@@ -92,9 +98,7 @@ def main(argv=None) -> int:
     print(f"{args.config}: {len(windows)} held-out windows of {windows.shape[1] - 1} tokens from KJV character "
           f"{start:,} on; dense ppl {math.exp(dense):.3f}; shared part {fs} of {F} neurons; oracle routing, no training")
     print(f"{'experts':>8} {'neurons':>7} {'top-k':>5} {'MLP compute':>11} {'ppl':>8} {'x dense':>7}")
-    for E in GROUPINGS:
-        if (F - fs) % E:
-            continue
+    for E in groupings(F - fs):
         part = mb.build_partition(src, E, rcfg.seed, rcfg.kmeans_iters, None, partition.shared_LxFs)
         shared_LxF, experts_LxExF = (jnp.asarray(a) for a in md.neuron_masks(part, F))
         fe = part.neurons_LxExFe.shape[2]
