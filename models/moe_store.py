@@ -2,7 +2,7 @@
 
 `build_or_load` looks in three places, in order: the cache store of the router config (`default_store_dir`, or its
 `out_dir`), the store shipped in the repository (`SHIPPED_DIR`, for builds too heavy for a fresh machine: the
-distilled MoE trains for about half an hour on a 2-core CPU; the plain 8-expert one, 630 KB, builds in 20-30 s, which
+distilled MoE trains for about an hour and a half on a 2-core CPU; the plain 8-expert one, 630 KB, builds in 20-30 s, which
 every fresh clone's test suite paid), and otherwise builds (partition, routers, and the
 distillation where the config asks for it) and writes the cache store. A store is used only if its meta says it was
 built from the same dense model with the same training settings; a shipped store that does not match is passed
