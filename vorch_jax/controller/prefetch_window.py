@@ -322,7 +322,8 @@ def cost(timing: Timing | None):
     seconds, plus bytes where `score.bytes_weight` says so), else their bytes. Not the clock: it takes a load
     beside compute as free, and on this project's 2-core CPU it is not (Gemma 3 at 0.5, 2026-12-07: near the least
     in bytes or in seconds, the clock chose the byte optimum, 1.42x the bound of link seconds, 7.4 tok/s; first by
-    seconds, 1.03x and 8.5 tok/s)."""
+    seconds, 1.03x and 8.5 tok/s). Why: a CPU backend's compiled copies wait for the compute dispatched before them
+    (`experiments/copy_overlap.py`), so there a step costs about its compute plus its loads' link seconds."""
     return (lambda r: r.bytes_moved) if timing is None else (lambda r: timing.price(r.load_s, r.bytes_moved))
 
 
